@@ -1,0 +1,1453 @@
+//! The interception certificate authority: loads (or creates on first run) the
+//! local CA that edgepool uses to terminate TLS inside `CONNECT` tunnels, and
+//! mints short-lived per-host leaf certificates signed by it, each wrapped in a
+//! ready-to-use, cached [`rustls::ServerConfig`].
+//!
+//! Files live in the data directory: `ca.pem` (the certificate, to be trusted by
+//! the workers) and `ca-key.pem` (the private key, mode `0600`, refused if group
+//! or others can access it).
+
+#![deny(missing_docs)]
+
+use std::fmt;
+use std::fs::{self, File, OpenOptions, Permissions};
+use std::io::{self, Read, Write};
+use std::net::IpAddr;
+use std::num::NonZeroUsize;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use lru::LruCache;
+use parking_lot::Mutex;
+use rcgen::{
+    BasicConstraints, BmpString, CertificateParams, DistinguishedName, DnType, DnValue,
+    ExtendedKeyUsagePurpose, Ia5String, IsCa, KeyIdMethod, KeyPair, KeyUsagePurpose,
+    PrintableString, SanType, SerialNumber, TeletexString, UniversalString,
+};
+use rustls::crypto::CryptoProvider;
+use rustls::server::{ProducesTickets, ServerSessionMemoryCache, StoresServerSessions};
+use rustls::ServerConfig;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, DnsName, PrivateKeyDer, PrivatePkcs8KeyDer};
+use time::OffsetDateTime;
+use tokio::sync::OnceCell;
+
+/// File name of the CA certificate inside the data directory.
+const CERT_FILE: &str = "ca.pem";
+/// File name of the CA private key inside the data directory.
+const KEY_FILE: &str = "ca-key.pem";
+/// Lifetime of a newly created CA (10 years).
+const CA_VALIDITY: time::Duration = time::Duration::days(3650);
+/// How far a new CA's `notBefore` is set in the past, to tolerate client clock skew.
+const CA_BACKDATE: time::Duration = time::Duration::days(1);
+/// How far a leaf's `notBefore` is set in the past, to tolerate client clock skew.
+const LEAF_BACKDATE: time::Duration = time::Duration::hours(1);
+/// Upper bound (RFC 5280 `ub-common-name`) for the leaf's CN; longer hosts get no CN.
+const MAX_CN_LEN: usize = 64;
+/// Number of TLS 1.2 session-id entries shared by all leaf configs.
+const SESSION_CACHE_SIZE: usize = 4096;
+
+/// Errors from the CA module; messages name the file and what is wrong.
+#[derive(Debug, thiserror::Error)]
+pub enum CaError {
+    /// Reading, writing or creating a file or directory failed (this includes a
+    /// CA certificate whose key file is missing, and vice versa).
+    #[error("{}: {source}", path.display())]
+    Io {
+        /// The file or directory concerned.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: io::Error,
+    },
+    /// The CA key file can be accessed by group or others.
+    #[error(
+        "{}: private key is accessible by group or others (mode {mode:04o}); \
+         run `chmod 600 {}` and restart",
+        path.display(),
+        path.display()
+    )]
+    InsecureKeyPermissions {
+        /// The key file.
+        path: PathBuf,
+        /// Its permission bits (e.g. `0o644`).
+        mode: u32,
+    },
+    /// A CA file exists but its content is unusable (malformed PEM/DER, key not
+    /// matching the certificate, not a CA, expired...).
+    #[error("{}: {reason}", path.display())]
+    Parse {
+        /// The file concerned.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// Generating a key, a certificate or a TLS server config failed.
+    #[error("certificate generation failed: {0}")]
+    Generate(String),
+    /// The host given to [`LeafCache::server_config`] is neither a valid DNS name
+    /// nor an IP literal.
+    #[error("cannot issue a certificate for host {host:?}: {reason}")]
+    InvalidHost {
+        /// The host as given.
+        host: String,
+        /// Why it was rejected.
+        reason: String,
+    },
+}
+
+/// The local certificate authority used to sign interception leaves.
+pub struct CertAuthority {
+    cert_pem: String,
+    cert_der: CertificateDer<'static>,
+    /// rcgen handle carrying the CA's subject name and key identifier, used as
+    /// issuer when signing leaves. When the CA was loaded from disk this is a
+    /// re-signed copy whose own DER is never published.
+    issuer: rcgen::Certificate,
+    key: KeyPair,
+    not_after: OffsetDateTime,
+}
+
+impl fmt::Debug for CertAuthority {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CertAuthority")
+            .field(
+                "subject_cn",
+                &self
+                    .issuer
+                    .params()
+                    .distinguished_name
+                    .get(&DnType::CommonName),
+            )
+            .field("not_after", &self.not_after)
+            .finish_non_exhaustive()
+    }
+}
+
+impl CertAuthority {
+    /// Path of the CA certificate inside a data dir: `<dir>/ca.pem`.
+    pub fn cert_path(data_dir: &Path) -> PathBuf {
+        data_dir.join(CERT_FILE)
+    }
+
+    /// Path of the key: `<dir>/ca-key.pem`.
+    pub fn key_path(data_dir: &Path) -> PathBuf {
+        data_dir.join(KEY_FILE)
+    }
+
+    /// Loads the CA from the data dir, or creates it on first run (creating the
+    /// dir, mode 0700).
+    ///
+    /// The key file is written with mode 0600 (created with that mode, never
+    /// world-readable even briefly); both files are written to a temporary name
+    /// and renamed into place. Refuses
+    /// ([`CaError::InsecureKeyPermissions`]) to load a key file accessible by
+    /// group or others. If only one of the two files exists, nothing is
+    /// overwritten and an error says which file is missing.
+    ///
+    /// The CA: ECDSA P-256, basicConstraints CA:TRUE pathlen:0, keyUsage
+    /// keyCertSign+cRLSign (critical), a unique subject per install
+    /// (CN "edgepool interception CA <8 random hex chars>", O "edgepool"),
+    /// valid 10 years, backdated 1 day.
+    ///
+    /// Not safe against two processes creating the CA in the same empty
+    /// directory at the same moment (the last one wins on disk).
+    pub fn load_or_create(data_dir: &Path) -> Result<Self, CaError> {
+        let cert_path = Self::cert_path(data_dir);
+        let key_path = Self::key_path(data_dir);
+        match (path_exists(&cert_path)?, path_exists(&key_path)?) {
+            (true, true) => Self::load(&cert_path, &key_path),
+            (false, false) => Self::create(data_dir, &cert_path, &key_path),
+            (true, false) => Err(CaError::Io {
+                source: io::Error::new(
+                    io::ErrorKind::NotFound,
+                    format!(
+                        "CA private key is missing although {} exists; restore the key, \
+                         or delete {} to create a new CA (workers must then trust the new one)",
+                        cert_path.display(),
+                        cert_path.display()
+                    ),
+                ),
+                path: key_path,
+            }),
+            (false, true) => Err(CaError::Io {
+                source: io::Error::new(
+                    io::ErrorKind::NotFound,
+                    format!(
+                        "CA certificate is missing although {} exists; restore the certificate, \
+                         or delete {} to create a new CA (workers must then trust the new one)",
+                        key_path.display(),
+                        key_path.display()
+                    ),
+                ),
+                path: cert_path,
+            }),
+        }
+    }
+
+    /// The CA certificate, PEM.
+    pub fn cert_pem(&self) -> &str {
+        &self.cert_pem
+    }
+
+    /// The CA certificate, DER.
+    pub fn cert_der(&self) -> &CertificateDer<'static> {
+        &self.cert_der
+    }
+
+    fn create(data_dir: &Path, cert_path: &Path, key_path: &Path) -> Result<Self, CaError> {
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(data_dir)
+            .map_err(|source| CaError::Io {
+                path: data_dir.to_owned(),
+                source,
+            })?;
+
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
+            .map_err(|e| CaError::Generate(format!("CA key: {e}")))?;
+        let mut suffix = [0u8; 4];
+        random_fill(&mut suffix)?;
+        let mut dn = DistinguishedName::new();
+        dn.push(
+            DnType::CommonName,
+            format!("edgepool interception CA {}", hex(&suffix)),
+        );
+        dn.push(DnType::OrganizationName, "edgepool");
+        let now = now_utc_secs();
+        let params = ca_params(
+            dn,
+            now - CA_BACKDATE,
+            now + CA_VALIDITY,
+            KeyIdMethod::Sha256,
+        )?;
+        let not_after = params.not_after;
+        let cert = params
+            .self_signed(&key)
+            .map_err(|e| CaError::Generate(format!("CA certificate: {e}")))?;
+        let cert_der = cert.der().clone();
+        let cert_pem = pem_encode_cert(&cert_der);
+
+        // Key first: a crash in between leaves a key without certificate,
+        // which is reported on the next start rather than silently replaced.
+        write_new_file(key_path, key.serialize_pem().as_bytes(), 0o600)?;
+        write_new_file(cert_path, cert_pem.as_bytes(), 0o644)?;
+        // Best effort: make the renames durable.
+        if let Ok(dir) = File::open(data_dir) {
+            let _ = dir.sync_all();
+        }
+
+        Ok(Self {
+            cert_pem,
+            cert_der,
+            issuer: cert,
+            key,
+            not_after,
+        })
+    }
+
+    fn load(cert_path: &Path, key_path: &Path) -> Result<Self, CaError> {
+        let key_io = |source| CaError::Io {
+            path: key_path.to_owned(),
+            source,
+        };
+        let key_err = |reason: String| CaError::Parse {
+            path: key_path.to_owned(),
+            reason,
+        };
+        let cert_err = |reason: String| CaError::Parse {
+            path: cert_path.to_owned(),
+            reason,
+        };
+
+        // Check the permissions on the opened file itself (no check/open race).
+        let mut key_file = File::open(key_path).map_err(key_io)?;
+        let meta = key_file.metadata().map_err(key_io)?;
+        if !meta.is_file() {
+            return Err(key_err("not a regular file".into()));
+        }
+        let mode = meta.permissions().mode() & 0o7777;
+        if mode & 0o077 != 0 {
+            return Err(CaError::InsecureKeyPermissions {
+                path: key_path.to_owned(),
+                mode,
+            });
+        }
+        let mut key_pem = String::new();
+        key_file.read_to_string(&mut key_pem).map_err(key_io)?;
+        let key = KeyPair::from_pem(&key_pem)
+            .map_err(|e| key_err(format!("not a usable PEM private key: {e}")))?;
+
+        let cert_bytes = fs::read(cert_path).map_err(|source| CaError::Io {
+            path: cert_path.to_owned(),
+            source,
+        })?;
+        let certs = CertificateDer::pem_slice_iter(&cert_bytes)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| cert_err(format!("invalid PEM: {e}")))?;
+        let cert_der = match <[CertificateDer<'static>; 1]>::try_from(certs) {
+            Ok([der]) => der,
+            Err(certs) => {
+                return Err(cert_err(format!(
+                    "expected exactly one CERTIFICATE block, found {}",
+                    certs.len()
+                )))
+            }
+        };
+        let parsed = ParsedCert::parse(&cert_der)
+            .map_err(|e| cert_err(format!("invalid certificate: {e}")))?;
+
+        if parsed.spki != key.public_key_der().as_slice() {
+            return Err(cert_err(format!(
+                "certificate does not match the private key in {}",
+                key_path.display()
+            )));
+        }
+        match parsed.basic_constraints().map_err(&cert_err)? {
+            Some((true, _)) => {}
+            _ => {
+                return Err(cert_err(
+                    "not a CA certificate (basicConstraints CA:FALSE or missing)".into(),
+                ))
+            }
+        }
+        if parsed.not_after <= OffsetDateTime::now_utc() {
+            return Err(cert_err(format!(
+                "CA certificate expired on {}; delete {} and {} to create a new CA \
+                 (workers must then trust the new one)",
+                parsed.not_after,
+                cert_path.display(),
+                key_path.display()
+            )));
+        }
+
+        // Rebuild an rcgen issuer handle with the same subject and key identifier.
+        let dn = parse_name(parsed.subject).map_err(|e| cert_err(format!("subject: {e}")))?;
+        let key_id = match parsed.subject_key_id().map_err(&cert_err)? {
+            Some(id) => KeyIdMethod::PreSpecified(id.to_vec()),
+            None => KeyIdMethod::Sha256,
+        };
+        let issuer = ca_params(dn, parsed.not_before, parsed.not_after, key_id)?
+            .self_signed(&key)
+            .map_err(|e| CaError::Generate(format!("CA issuer handle: {e}")))?;
+        // Leaves carry the issuer name re-encoded by rcgen; it must be
+        // byte-identical to the stored certificate's subject or chains break.
+        let reencoded = ParsedCert::parse(issuer.der())
+            .map_err(|e| CaError::Generate(format!("CA issuer handle: {e}")))?;
+        if reencoded.subject != parsed.subject {
+            return Err(cert_err(
+                "subject name uses an encoding this tool cannot reproduce".into(),
+            ));
+        }
+
+        let not_after = parsed.not_after;
+        Ok(Self {
+            cert_pem: pem_encode_cert(&cert_der),
+            cert_der,
+            issuer,
+            key,
+            not_after,
+        })
+    }
+}
+
+/// Parameters shared by a newly created CA and by the issuer handle rebuilt
+/// when loading one.
+fn ca_params(
+    dn: DistinguishedName,
+    not_before: OffsetDateTime,
+    not_after: OffsetDateTime,
+    key_id: KeyIdMethod,
+) -> Result<CertificateParams, CaError> {
+    let mut params = CertificateParams::default();
+    params.distinguished_name = dn;
+    params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    params.not_before = not_before;
+    params.not_after = not_after;
+    params.serial_number = Some(random_serial()?);
+    params.key_identifier_method = key_id;
+    Ok(params)
+}
+
+/// Leaf certificates for intercepted hosts, each wrapped in a ready rustls
+/// `ServerConfig`.
+pub struct LeafCache {
+    factory: Arc<LeafFactory>,
+    entries: Mutex<LruCache<String, Arc<Slot>>>,
+}
+
+/// One cache entry; initialised once by whichever caller gets there first,
+/// the others await the same initialisation.
+type Slot = OnceCell<Leaf>;
+
+struct Leaf {
+    config: Arc<ServerConfig>,
+    /// From this instant on the entry is stale and a new leaf is generated.
+    refresh_at: OffsetDateTime,
+}
+
+/// Everything needed to mint a leaf; shared with blocking generation tasks.
+struct LeafFactory {
+    ca: Arc<CertAuthority>,
+    provider: Arc<CryptoProvider>,
+    validity: Duration,
+    alpn: Vec<Vec<u8>>,
+    session_storage: Arc<dyn StoresServerSessions>,
+    ticketer: Option<Arc<dyn ProducesTickets>>,
+    generated: AtomicU64,
+}
+
+impl fmt::Debug for LeafCache {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let entries = self.entries.lock();
+        f.debug_struct("LeafCache")
+            .field("len", &entries.len())
+            .field("capacity", &entries.cap())
+            .field("validity", &self.factory.validity)
+            .field("generated", &self.generated())
+            .finish_non_exhaustive()
+    }
+}
+
+impl LeafCache {
+    /// capacity: max hosts kept (LRU; 0 is treated as 1). validity: leaf
+    /// lifetime (short, callers typically pass 7 days; never beyond the CA's
+    /// own expiry); leaves are backdated 1 hour.
+    /// alpn: protocols offered to workers, e.g.
+    /// `vec![b"h2".to_vec(), b"http/1.1".to_vec()]`.
+    ///
+    /// All configs share one TLS 1.2 session cache and one rotating ticket key
+    /// (rustls refuses to resume a session under a different SNI).
+    pub fn new(
+        ca: Arc<CertAuthority>,
+        capacity: usize,
+        validity: Duration,
+        alpn: Vec<Vec<u8>>,
+    ) -> Self {
+        let capacity = NonZeroUsize::new(capacity).unwrap_or(NonZeroUsize::MIN);
+        // Ticketer::new only fails if the system RNG fails; then tickets are
+        // simply not offered (stateful resumption still works).
+        let ticketer = rustls::crypto::ring::Ticketer::new().ok();
+        Self {
+            factory: Arc::new(LeafFactory {
+                ca,
+                provider: Arc::new(rustls::crypto::ring::default_provider()),
+                validity,
+                alpn,
+                session_storage: ServerSessionMemoryCache::new(SESSION_CACHE_SIZE),
+                ticketer,
+                generated: AtomicU64::new(0),
+            }),
+            entries: Mutex::new(LruCache::new(capacity)),
+        }
+    }
+
+    /// The server config for `host` (a DNS name or an IP literal; IPv6 may come
+    /// with or without brackets; no port). DNS names are matched
+    /// case-insensitively and a trailing dot is ignored.
+    ///
+    /// Generated once per host even when many tasks ask at once: concurrent
+    /// callers await the same generation, which runs on tokio's blocking pool
+    /// (so this must be called within a tokio runtime). A cached leaf that
+    /// expires within validity/10 is regenerated. Bounded LRU by `capacity`.
+    ///
+    /// Leaf: SAN = DNS name or IP address, CN = host (omitted if longer than 64
+    /// bytes), O = "edgepool", EKU serverAuth, keyUsage digitalSignature,
+    /// basicConstraints CA:FALSE, random serial, ECDSA P-256, signed by the CA;
+    /// chain sent = [leaf, CA].
+    pub async fn server_config(&self, host: &str) -> Result<Arc<ServerConfig>, CaError> {
+        let name = LeafName::parse(host)?;
+        let slot = {
+            let mut entries = self.entries.lock();
+            let now = OffsetDateTime::now_utc();
+            match entries.get(&name.key) {
+                // A slot still being generated counts as fresh: wait for it.
+                Some(slot) if slot.get().is_none_or(|leaf| now < leaf.refresh_at) => {
+                    Arc::clone(slot)
+                }
+                _ => {
+                    let slot = Arc::new(Slot::new());
+                    entries.put(name.key.clone(), Arc::clone(&slot));
+                    slot
+                }
+            }
+        };
+        let leaf = slot
+            .get_or_try_init(|| {
+                let factory = Arc::clone(&self.factory);
+                async move {
+                    tokio::task::spawn_blocking(move || factory.generate(&name))
+                        .await
+                        .map_err(|e| CaError::Generate(format!("leaf generation task: {e}")))?
+                }
+            })
+            .await?;
+        Ok(Arc::clone(&leaf.config))
+    }
+
+    /// How many leaves have been generated since start (for metrics and tests).
+    pub fn generated(&self) -> u64 {
+        self.factory.generated.load(Ordering::Relaxed)
+    }
+
+    /// How many hosts are cached now.
+    pub fn len(&self) -> usize {
+        self.entries.lock().len()
+    }
+
+    /// Whether no host is cached.
+    pub fn is_empty(&self) -> bool {
+        self.entries.lock().is_empty()
+    }
+}
+
+impl LeafFactory {
+    /// Mints a key and certificate for `name` and wraps them in a server config.
+    fn generate(&self, name: &LeafName) -> Result<Leaf, CaError> {
+        let gen_err = |what: &str, e: &dyn fmt::Display| CaError::Generate(format!("{what}: {e}"));
+        let now = now_utc_secs();
+        let validity = time::Duration::try_from(self.validity).unwrap_or(time::Duration::MAX);
+        let wanted_not_after = now.checked_add(validity).unwrap_or(self.ca.not_after);
+        let clamped = wanted_not_after >= self.ca.not_after;
+        let not_after = wanted_not_after.min(self.ca.not_after);
+
+        let mut params = CertificateParams::default();
+        let mut dn = DistinguishedName::new();
+        if name.cn.len() <= MAX_CN_LEN {
+            dn.push(DnType::CommonName, name.cn.as_str());
+        }
+        dn.push(DnType::OrganizationName, "edgepool");
+        params.distinguished_name = dn;
+        params.subject_alt_names = vec![name.san.clone()];
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        params.use_authority_key_identifier_extension = true;
+        params.serial_number = Some(random_serial()?);
+        params.not_before = now - LEAF_BACKDATE;
+        params.not_after = not_after;
+
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
+            .map_err(|e| gen_err("leaf key", &e))?;
+        let cert = params
+            .signed_by(&key, &self.ca.issuer, &self.ca.key)
+            .map_err(|e| gen_err("leaf certificate", &e))?;
+
+        let mut config = ServerConfig::builder_with_provider(Arc::clone(&self.provider))
+            .with_safe_default_protocol_versions()
+            .map_err(|e| gen_err("TLS versions", &e))?
+            .with_no_client_auth()
+            .with_single_cert(
+                vec![cert.der().clone(), self.ca.cert_der.clone()],
+                PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
+            )
+            .map_err(|e| gen_err("TLS server config", &e))?;
+        config.alpn_protocols = self.alpn.clone();
+        config.session_storage = Arc::clone(&self.session_storage);
+        if let Some(ticketer) = &self.ticketer {
+            config.ticketer = Arc::clone(ticketer);
+        }
+
+        // When the CA itself expires soon, regenerating cannot help: keep the
+        // leaf until it actually expires instead of regenerating on every call.
+        let margin = time::Duration::try_from(self.validity / 10).unwrap_or(time::Duration::MAX);
+        let refresh_at = if clamped {
+            not_after
+        } else {
+            not_after.checked_sub(margin).unwrap_or(now)
+        };
+        self.generated.fetch_add(1, Ordering::Relaxed);
+        Ok(Leaf {
+            config: Arc::new(config),
+            refresh_at,
+        })
+    }
+}
+
+/// A validated, normalised leaf host.
+struct LeafName {
+    /// Cache key: lowercase DNS name without trailing dot, or canonical IP text.
+    key: String,
+    san: SanType,
+    cn: String,
+}
+
+impl LeafName {
+    fn parse(host: &str) -> Result<Self, CaError> {
+        let invalid = |reason: &str| CaError::InvalidHost {
+            host: host.to_owned(),
+            reason: reason.to_owned(),
+        };
+        if let Some(inner) = host.strip_prefix('[') {
+            let inner = inner
+                .strip_suffix(']')
+                .ok_or_else(|| invalid("unbalanced '['"))?;
+            let ip: std::net::Ipv6Addr = inner
+                .parse()
+                .map_err(|_| invalid("bracketed host is not an IPv6 address"))?;
+            return Ok(Self::ip(IpAddr::V6(ip)));
+        }
+        if let Ok(ip) = host.parse::<IpAddr>() {
+            return Ok(Self::ip(ip));
+        }
+        let name = host.strip_suffix('.').unwrap_or(host).to_ascii_lowercase();
+        DnsName::try_from(name.as_str()).map_err(|_| {
+            invalid("not a valid DNS name or IP address (no port, no wildcard, A-labels only)")
+        })?;
+        let ia5 = Ia5String::try_from(name.as_str()).map_err(|_| invalid("not ASCII"))?;
+        Ok(Self {
+            cn: name.clone(),
+            san: SanType::DnsName(ia5),
+            key: name,
+        })
+    }
+
+    fn ip(ip: IpAddr) -> Self {
+        let text = ip.to_string();
+        Self {
+            key: text.clone(),
+            san: SanType::IpAddress(ip),
+            cn: text,
+        }
+    }
+}
+
+/// `Ok(false)` if nothing exists at `path` (a dangling symlink counts as existing).
+fn path_exists(path: &Path) -> Result<bool, CaError> {
+    match fs::symlink_metadata(path) {
+        Ok(_) => Ok(true),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+        Err(source) => Err(CaError::Io {
+            path: path.to_owned(),
+            source,
+        }),
+    }
+}
+
+/// Writes `contents` to a temporary file created with `mode` (never wider),
+/// syncs it and renames it to `path`.
+fn write_new_file(path: &Path, contents: &[u8], mode: u32) -> Result<(), CaError> {
+    let file_name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = path.with_file_name(format!(".{file_name}.tmp-{}", std::process::id()));
+    // Leftover of an earlier crashed run that had the same pid.
+    let _ = fs::remove_file(&tmp);
+    let result = (|| {
+        let mut file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(mode)
+            .open(&tmp)?;
+        // The umask may have narrowed `mode`; make it exact.
+        file.set_permissions(Permissions::from_mode(mode))?;
+        file.write_all(contents)?;
+        file.sync_all()?;
+        fs::rename(&tmp, path)
+    })();
+    result.map_err(|source| {
+        let _ = fs::remove_file(&tmp);
+        CaError::Io {
+            path: path.to_owned(),
+            source,
+        }
+    })
+}
+
+fn random_fill(buf: &mut [u8]) -> Result<(), CaError> {
+    rustls::crypto::ring::default_provider()
+        .secure_random
+        .fill(buf)
+        .map_err(|_| CaError::Generate("system random number generator failed".into()))
+}
+
+/// A random positive 128-bit serial number.
+fn random_serial() -> Result<SerialNumber, CaError> {
+    let mut bytes = [0u8; 16];
+    random_fill(&mut bytes)?;
+    bytes[0] &= 0x7f;
+    bytes[0] |= 0x01 << 6; // keep the full length (no leading zero byte to strip)
+    Ok(SerialNumber::from_slice(&bytes))
+}
+
+/// Current time truncated to whole seconds, as X.509 encodes it.
+fn now_utc_secs() -> OffsetDateTime {
+    let now = OffsetDateTime::now_utc();
+    now.replace_nanosecond(0).unwrap_or(now)
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn pem_encode_cert(der: &[u8]) -> String {
+    use base64::Engine as _;
+    let b64 = base64::engine::general_purpose::STANDARD.encode(der);
+    let mut out = String::with_capacity(b64.len() + b64.len() / 64 + 64);
+    out.push_str("-----BEGIN CERTIFICATE-----\n");
+    for line in b64.as_bytes().chunks(64) {
+        // base64 output is ASCII, so every chunk is valid UTF-8.
+        out.push_str(std::str::from_utf8(line).unwrap_or_default());
+        out.push('\n');
+    }
+    out.push_str("-----END CERTIFICATE-----\n");
+    out
+}
+
+/// Parses an X.509 `Name` (raw DER) into an rcgen `DistinguishedName`.
+/// Only single-valued RDNs with distinct attribute types are supported (what
+/// rcgen can represent); the caller checks the re-encoding is identical.
+fn parse_name(name_der: &[u8]) -> Result<DistinguishedName, String> {
+    let mut input = name_der;
+    let name = der::expect(&mut input, der::SEQUENCE, "name")?;
+    let mut rdns = name.value;
+    let mut dn = DistinguishedName::new();
+    while !rdns.is_empty() {
+        let set = der::expect(&mut rdns, der::SET, "RDN")?;
+        let mut set_items = set.value;
+        let atv = der::expect(&mut set_items, der::SEQUENCE, "attribute")?;
+        if !set_items.is_empty() {
+            return Err("multi-valued RDNs are not supported".into());
+        }
+        let mut atv_items = atv.value;
+        let oid = der::expect(&mut atv_items, der::OID, "attribute type")?;
+        let value = der::next(&mut atv_items)?;
+        let ty = DnType::from_oid(&der::oid_arcs(oid.value)?);
+        let text = || {
+            std::str::from_utf8(value.value).map_err(|_| "attribute value is not UTF-8".to_owned())
+        };
+        let bad = |e: rcgen::Error| format!("attribute value: {e}");
+        let dn_value = match value.tag {
+            0x0c => DnValue::Utf8String(text()?.to_owned()),
+            0x13 => DnValue::PrintableString(PrintableString::try_from(text()?).map_err(bad)?),
+            0x16 => DnValue::Ia5String(Ia5String::try_from(text()?).map_err(bad)?),
+            0x14 => DnValue::TeletexString(TeletexString::try_from(text()?).map_err(bad)?),
+            0x1c => DnValue::UniversalString(
+                UniversalString::from_utf32be(value.value.to_vec()).map_err(bad)?,
+            ),
+            0x1e => DnValue::BmpString(BmpString::from_utf16be(value.value.to_vec()).map_err(bad)?),
+            tag => {
+                return Err(format!(
+                    "unsupported attribute string type (DER tag 0x{tag:02x})"
+                ))
+            }
+        };
+        if dn.get(&ty).is_some() {
+            return Err("repeated attribute types are not supported".into());
+        }
+        dn.push(ty, dn_value);
+    }
+    Ok(dn)
+}
+
+/// The parts of an X.509 certificate this module needs, borrowed from its DER.
+struct ParsedCert<'a> {
+    /// Raw DER of the issuer `Name` (tag and length included).
+    #[cfg_attr(not(test), allow(dead_code))]
+    issuer: &'a [u8],
+    /// Raw DER of the subject `Name`.
+    subject: &'a [u8],
+    /// Raw DER of the `SubjectPublicKeyInfo`.
+    spki: &'a [u8],
+    not_before: OffsetDateTime,
+    not_after: OffsetDateTime,
+    extensions: Vec<Extension<'a>>,
+}
+
+struct Extension<'a> {
+    /// OID content octets (e.g. `55 1d 13` for basicConstraints).
+    oid: &'a [u8],
+    #[cfg_attr(not(test), allow(dead_code))]
+    critical: bool,
+    /// Content of the `extnValue` OCTET STRING (the DER of the extension value).
+    value: &'a [u8],
+}
+
+const OID_SUBJECT_KEY_ID: &[u8] = &[0x55, 0x1d, 0x0e];
+const OID_BASIC_CONSTRAINTS: &[u8] = &[0x55, 0x1d, 0x13];
+
+impl<'a> ParsedCert<'a> {
+    fn parse(cert_der: &'a [u8]) -> Result<Self, String> {
+        let mut input = cert_der;
+        let cert = der::expect(&mut input, der::SEQUENCE, "certificate")?;
+        if !input.is_empty() {
+            return Err("trailing data after the certificate".into());
+        }
+        let mut cert_items = cert.value;
+        let tbs = der::expect(&mut cert_items, der::SEQUENCE, "tbsCertificate")?;
+        let mut t = tbs.value;
+        let mut serial = der::next(&mut t)?;
+        if serial.tag == 0xa0 {
+            serial = der::next(&mut t)?; // skip [0] version
+        }
+        if serial.tag != der::INTEGER {
+            return Err("serial number: expected INTEGER".into());
+        }
+        der::expect(&mut t, der::SEQUENCE, "signature algorithm")?;
+        let issuer = der::expect(&mut t, der::SEQUENCE, "issuer")?;
+        let validity = der::expect(&mut t, der::SEQUENCE, "validity")?;
+        let subject = der::expect(&mut t, der::SEQUENCE, "subject")?;
+        let spki = der::expect(&mut t, der::SEQUENCE, "subjectPublicKeyInfo")?;
+        let mut extensions = Vec::new();
+        while !t.is_empty() {
+            let item = der::next(&mut t)?;
+            if item.tag != 0xa3 {
+                continue; // issuerUniqueID / subjectUniqueID
+            }
+            let mut wrapper = item.value;
+            let list = der::expect(&mut wrapper, der::SEQUENCE, "extensions")?;
+            let mut exts = list.value;
+            while !exts.is_empty() {
+                let ext = der::expect(&mut exts, der::SEQUENCE, "extension")?;
+                let mut e = ext.value;
+                let oid = der::expect(&mut e, der::OID, "extension id")?;
+                let mut field = der::next(&mut e)?;
+                let mut critical = false;
+                if field.tag == der::BOOLEAN {
+                    critical = field.value == [0xff];
+                    field = der::next(&mut e)?;
+                }
+                if field.tag != der::OCTET_STRING {
+                    return Err("extension value: expected OCTET STRING".into());
+                }
+                extensions.push(Extension {
+                    oid: oid.value,
+                    critical,
+                    value: field.value,
+                });
+            }
+        }
+        let mut times = validity.value;
+        let not_before = der::time(der::next(&mut times)?)?;
+        let not_after = der::time(der::next(&mut times)?)?;
+        Ok(Self {
+            issuer: issuer.raw,
+            subject: subject.raw,
+            spki: spki.raw,
+            not_before,
+            not_after,
+            extensions,
+        })
+    }
+
+    fn extension(&self, oid: &[u8]) -> Option<&Extension<'a>> {
+        self.extensions.iter().find(|e| e.oid == oid)
+    }
+
+    /// `(cA, pathLenConstraint)` from basicConstraints, if present.
+    fn basic_constraints(&self) -> Result<Option<(bool, Option<u64>)>, String> {
+        let Some(ext) = self.extension(OID_BASIC_CONSTRAINTS) else {
+            return Ok(None);
+        };
+        let mut input = ext.value;
+        let seq = der::expect(&mut input, der::SEQUENCE, "basicConstraints")?;
+        let mut items = seq.value;
+        let mut ca = false;
+        let mut path_len = None;
+        while !items.is_empty() {
+            let item = der::next(&mut items)?;
+            match item.tag {
+                der::BOOLEAN => ca = item.value == [0xff],
+                der::INTEGER if item.value.len() <= 8 => {
+                    path_len = Some(
+                        item.value
+                            .iter()
+                            .fold(0u64, |acc, &b| (acc << 8) | u64::from(b)),
+                    )
+                }
+                _ => return Err("basicConstraints: unexpected field".into()),
+            }
+        }
+        Ok(Some((ca, path_len)))
+    }
+
+    /// The subjectKeyIdentifier octets, if present.
+    fn subject_key_id(&self) -> Result<Option<&'a [u8]>, String> {
+        let Some(ext) = self.extension(OID_SUBJECT_KEY_ID) else {
+            return Ok(None);
+        };
+        let mut input = ext.value;
+        Ok(Some(
+            der::expect(&mut input, der::OCTET_STRING, "subjectKeyIdentifier")?.value,
+        ))
+    }
+}
+
+/// A minimal DER reader: just enough of X.509 for this module (and its tests).
+mod der {
+    use time::{Date, Month, OffsetDateTime, Time};
+
+    pub(super) const BOOLEAN: u8 = 0x01;
+    pub(super) const INTEGER: u8 = 0x02;
+    #[cfg_attr(not(test), allow(dead_code))]
+    pub(super) const BIT_STRING: u8 = 0x03;
+    pub(super) const OCTET_STRING: u8 = 0x04;
+    pub(super) const OID: u8 = 0x06;
+    pub(super) const SEQUENCE: u8 = 0x30;
+    pub(super) const SET: u8 = 0x31;
+    const UTC_TIME: u8 = 0x17;
+    const GENERALIZED_TIME: u8 = 0x18;
+
+    /// One DER element.
+    #[derive(Clone, Copy)]
+    pub(super) struct Tlv<'a> {
+        pub(super) tag: u8,
+        /// Content octets.
+        pub(super) value: &'a [u8],
+        /// The whole element, tag and length included.
+        pub(super) raw: &'a [u8],
+    }
+
+    /// Reads one element from the front of `input` and advances it.
+    pub(super) fn next<'a>(input: &mut &'a [u8]) -> Result<Tlv<'a>, String> {
+        let data: &'a [u8] = input;
+        let (&tag, rest) = data.split_first().ok_or("truncated DER (tag)")?;
+        if tag & 0x1f == 0x1f {
+            return Err("unsupported DER multi-byte tag".into());
+        }
+        let (&first, rest) = rest.split_first().ok_or("truncated DER (length)")?;
+        let (len, rest) = if first < 0x80 {
+            (usize::from(first), rest)
+        } else {
+            let n = usize::from(first & 0x7f);
+            if n == 0 || n > 4 || rest.len() < n {
+                return Err("invalid DER length".into());
+            }
+            let len = rest[..n]
+                .iter()
+                .fold(0usize, |acc, &b| (acc << 8) | usize::from(b));
+            (len, &rest[n..])
+        };
+        if rest.len() < len {
+            return Err("truncated DER (value)".into());
+        }
+        let header = data.len() - rest.len();
+        *input = &rest[len..];
+        Ok(Tlv {
+            tag,
+            value: &rest[..len],
+            raw: &data[..header + len],
+        })
+    }
+
+    /// Like [`next`], requiring `tag`; `what` names the field in errors.
+    pub(super) fn expect<'a>(input: &mut &'a [u8], tag: u8, what: &str) -> Result<Tlv<'a>, String> {
+        let tlv = next(input).map_err(|e| format!("{what}: {e}"))?;
+        if tlv.tag != tag {
+            return Err(format!(
+                "{what}: expected DER tag 0x{tag:02x}, found 0x{:02x}",
+                tlv.tag
+            ));
+        }
+        Ok(tlv)
+    }
+
+    /// Decodes OID content octets into arcs.
+    pub(super) fn oid_arcs(content: &[u8]) -> Result<Vec<u64>, String> {
+        if content.is_empty() || content[content.len() - 1] & 0x80 != 0 {
+            return Err("malformed OID".into());
+        }
+        let mut arcs = Vec::new();
+        let mut acc: u64 = 0;
+        for &b in content {
+            if acc > u64::MAX >> 7 {
+                return Err("OID arc too large".into());
+            }
+            acc = (acc << 7) | u64::from(b & 0x7f);
+            if b & 0x80 == 0 {
+                if arcs.is_empty() {
+                    let first = (acc / 40).min(2);
+                    arcs.push(first);
+                    arcs.push(acc - first * 40);
+                } else {
+                    arcs.push(acc);
+                }
+                acc = 0;
+            }
+        }
+        Ok(arcs)
+    }
+
+    /// Decodes a UTCTime or GeneralizedTime of the form X.509 mandates (`...Z`).
+    pub(super) fn time(tlv: Tlv<'_>) -> Result<OffsetDateTime, String> {
+        let text = std::str::from_utf8(tlv.value).map_err(|_| "time is not ASCII")?;
+        let digits = text.strip_suffix('Z').ok_or("time must end in Z")?;
+        if !digits.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(format!("malformed time {text:?}"));
+        }
+        let num = |s: &str| {
+            s.parse::<u16>()
+                .map_err(|_| format!("malformed time {text:?}"))
+        };
+        let (year, rest) = match (tlv.tag, digits.len()) {
+            (UTC_TIME, 12) => {
+                let yy = num(&digits[..2])?;
+                (if yy < 50 { 2000 + yy } else { 1900 + yy }, &digits[2..])
+            }
+            (GENERALIZED_TIME, 14) => (num(&digits[..4])?, &digits[4..]),
+            _ => return Err(format!("unsupported time encoding {text:?}")),
+        };
+        let field = |i: usize| -> Result<u8, String> {
+            num(&rest[i..i + 2]).map(|v| v as u8) // two digits always fit
+        };
+        let bad = |_| format!("invalid time {text:?}");
+        let month = Month::try_from(field(0)?).map_err(bad)?;
+        let date = Date::from_calendar_date(i32::from(year), month, field(2)?).map_err(bad)?;
+        let time = Time::from_hms(field(4)?, field(6)?, field(8)?).map_err(bad)?;
+        Ok(date.with_time(time).assume_utc())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Instant;
+
+    use rustls::pki_types::ServerName;
+    use rustls::{CertificateError, ClientConfig, RootCertStore};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio_rustls::{TlsAcceptor, TlsConnector};
+
+    const WEEK: Duration = Duration::from_secs(7 * 24 * 3600);
+
+    fn new_ca() -> (tempfile::TempDir, Arc<CertAuthority>) {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = CertAuthority::load_or_create(&dir.path().join("data")).unwrap();
+        (dir, Arc::new(ca))
+    }
+
+    fn alpn() -> Vec<Vec<u8>> {
+        vec![b"h2".to_vec(), b"http/1.1".to_vec()]
+    }
+
+    fn mode_of(path: &Path) -> u32 {
+        fs::metadata(path).unwrap().permissions().mode() & 0o7777
+    }
+
+    fn common_name(cert_der: &[u8]) -> String {
+        let parsed = ParsedCert::parse(cert_der).unwrap();
+        let dn = parse_name(parsed.subject).unwrap();
+        match dn.get(&DnType::CommonName) {
+            Some(DnValue::Utf8String(s)) => s.clone(),
+            other => panic!("unexpected CN {other:?}"),
+        }
+    }
+
+    /// Client and server handshake over an in-memory pipe; returns the
+    /// client's result (negotiated ALPN and peer chain) or its error.
+    async fn handshake(
+        server: Arc<ServerConfig>,
+        trusted: &CertificateDer<'static>,
+        name: &str,
+        offer_alpn: Vec<Vec<u8>>,
+    ) -> Result<(Option<Vec<u8>>, Vec<CertificateDer<'static>>), io::Error> {
+        let mut roots = RootCertStore::empty();
+        roots.add(trusted.clone()).unwrap();
+        let mut client =
+            ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+                .with_safe_default_protocol_versions()
+                .unwrap()
+                .with_root_certificates(roots)
+                .with_no_client_auth();
+        client.alpn_protocols = offer_alpn;
+        let server_name = ServerName::try_from(name.to_owned()).unwrap();
+        let (client_io, server_io) = tokio::io::duplex(64 * 1024);
+        let server_side = async move {
+            let mut tls = TlsAcceptor::from(server).accept(server_io).await?;
+            let mut buf = [0u8; 4];
+            tls.read_exact(&mut buf).await?;
+            tls.write_all(&buf).await?;
+            tls.flush().await?;
+            Ok::<_, io::Error>(())
+        };
+        let client_side = async move {
+            let mut tls = TlsConnector::from(Arc::new(client))
+                .connect(server_name, client_io)
+                .await?;
+            tls.write_all(b"ping").await?;
+            tls.flush().await?;
+            let mut buf = [0u8; 4];
+            tls.read_exact(&mut buf).await?;
+            assert_eq!(&buf, b"ping");
+            let conn = tls.get_ref().1;
+            Ok::<_, io::Error>((
+                conn.alpn_protocol().map(<[u8]>::to_vec),
+                conn.peer_certificates().unwrap_or_default().to_vec(),
+            ))
+        };
+        let (client_result, _server_result) = tokio::join!(client_side, server_side);
+        client_result
+    }
+
+    fn rustls_error(err: &io::Error) -> &rustls::Error {
+        err.get_ref()
+            .and_then(|e| e.downcast_ref::<rustls::Error>())
+            .unwrap_or_else(|| panic!("not a rustls error: {err:?}"))
+    }
+
+    #[test]
+    fn create_writes_files_with_safe_modes_and_reload_is_identical() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("nested").join("data");
+        let created = CertAuthority::load_or_create(&data).unwrap();
+        assert_eq!(mode_of(&data), 0o700);
+        let key_path = CertAuthority::key_path(&data);
+        let cert_path = CertAuthority::cert_path(&data);
+        assert_eq!(key_path, data.join("ca-key.pem"));
+        assert_eq!(cert_path, data.join("ca.pem"));
+        assert_eq!(mode_of(&key_path), 0o600);
+        assert_eq!(fs::read_to_string(&cert_path).unwrap(), created.cert_pem());
+        assert!(created
+            .cert_pem()
+            .starts_with("-----BEGIN CERTIFICATE-----\n"));
+        // No temporary files left behind.
+        assert_eq!(fs::read_dir(&data).unwrap().count(), 2);
+
+        let loaded = CertAuthority::load_or_create(&data).unwrap();
+        assert_eq!(loaded.cert_der(), created.cert_der());
+        assert_eq!(loaded.cert_pem(), created.cert_pem());
+    }
+
+    #[test]
+    fn group_or_world_readable_key_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        CertAuthority::load_or_create(dir.path()).unwrap();
+        let key_path = CertAuthority::key_path(dir.path());
+        fs::set_permissions(&key_path, Permissions::from_mode(0o644)).unwrap();
+        match CertAuthority::load_or_create(dir.path()) {
+            Err(CaError::InsecureKeyPermissions { path, mode }) => {
+                assert_eq!(path, key_path);
+                assert_eq!(mode, 0o644);
+            }
+            other => panic!("expected InsecureKeyPermissions, got {other:?}"),
+        }
+        fs::set_permissions(&key_path, Permissions::from_mode(0o640)).unwrap();
+        assert!(matches!(
+            CertAuthority::load_or_create(dir.path()),
+            Err(CaError::InsecureKeyPermissions { mode: 0o640, .. })
+        ));
+        fs::set_permissions(&key_path, Permissions::from_mode(0o400)).unwrap();
+        CertAuthority::load_or_create(dir.path()).unwrap();
+    }
+
+    #[test]
+    fn half_present_or_mismatched_files_are_refused_not_overwritten() {
+        let (dir_a, ca_a) = new_ca();
+        let (dir_b, _ca_b) = new_ca();
+        let data_a = dir_a.path().join("data");
+        let data_b = dir_b.path().join("data");
+
+        // Key from another install: certificate does not match.
+        fs::copy(
+            CertAuthority::key_path(&data_b),
+            CertAuthority::key_path(&data_a),
+        )
+        .unwrap();
+        match CertAuthority::load_or_create(&data_a) {
+            Err(CaError::Parse { path, reason }) => {
+                assert_eq!(path, CertAuthority::cert_path(&data_a));
+                assert!(reason.contains("does not match"), "{reason}");
+            }
+            other => panic!("expected Parse error, got {other:?}"),
+        }
+
+        // Key missing: error, and ca.pem is left untouched.
+        fs::remove_file(CertAuthority::key_path(&data_a)).unwrap();
+        match CertAuthority::load_or_create(&data_a) {
+            Err(CaError::Io { path, source }) => {
+                assert_eq!(path, CertAuthority::key_path(&data_a));
+                assert_eq!(source.kind(), io::ErrorKind::NotFound);
+            }
+            other => panic!("expected Io error, got {other:?}"),
+        }
+        assert_eq!(
+            fs::read_to_string(CertAuthority::cert_path(&data_a)).unwrap(),
+            ca_a.cert_pem()
+        );
+    }
+
+    #[test]
+    fn two_installs_have_different_subjects() {
+        let (_d1, ca1) = new_ca();
+        let (_d2, ca2) = new_ca();
+        let cn1 = common_name(ca1.cert_der());
+        let cn2 = common_name(ca2.cert_der());
+        assert_ne!(cn1, cn2);
+        for cn in [&cn1, &cn2] {
+            let suffix = cn.strip_prefix("edgepool interception CA ").unwrap();
+            assert_eq!(suffix.len(), 8, "{cn}");
+            assert!(suffix.bytes().all(|b| b.is_ascii_hexdigit()), "{cn}");
+        }
+        let p1 = ParsedCert::parse(ca1.cert_der()).unwrap();
+        let p2 = ParsedCert::parse(ca2.cert_der()).unwrap();
+        assert_ne!(p1.subject, p2.subject);
+        let dn = parse_name(p1.subject).unwrap();
+        assert_eq!(
+            dn.get(&DnType::OrganizationName),
+            Some(&DnValue::Utf8String("edgepool".into()))
+        );
+    }
+
+    #[test]
+    fn ca_certificate_constraints_and_validity() {
+        let (_dir, ca) = new_ca();
+        let parsed = ParsedCert::parse(ca.cert_der()).unwrap();
+        // basicConstraints: critical, CA:TRUE, pathlen 0.
+        let bc = parsed.extension(OID_BASIC_CONSTRAINTS).unwrap();
+        assert!(bc.critical);
+        assert_eq!(parsed.basic_constraints().unwrap(), Some((true, Some(0))));
+        // keyUsage: critical, exactly keyCertSign (bit 5) and cRLSign (bit 6).
+        let ku = parsed.extension(&[0x55, 0x1d, 0x0f]).unwrap();
+        assert!(ku.critical);
+        let mut input = ku.value;
+        let bits = der::expect(&mut input, der::BIT_STRING, "keyUsage").unwrap();
+        let flags: Vec<u8> = bits.value[1..].to_vec();
+        assert_eq!(flags[0], 0x06, "{flags:?}");
+        assert!(flags[1..].iter().all(|&b| b == 0), "{flags:?}");
+        // ECDSA P-256 key: id-ecPublicKey + prime256v1 inside the SPKI.
+        let p256_oid: &[u8] = &[0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07];
+        assert!(parsed.spki.windows(p256_oid.len()).any(|w| w == p256_oid));
+        // Self-issued, backdated one day, valid for ten years.
+        assert_eq!(parsed.issuer, parsed.subject);
+        let now = OffsetDateTime::now_utc();
+        let backdate = now - parsed.not_before;
+        assert!(backdate >= time::Duration::hours(23) && backdate <= time::Duration::hours(25));
+        let lifetime = parsed.not_after - parsed.not_before;
+        assert_eq!(lifetime, CA_VALIDITY + CA_BACKDATE);
+        assert!(parsed.subject_key_id().unwrap().is_some());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn concurrent_requests_generate_one_leaf() {
+        let (_dir, ca) = new_ca();
+        let cache = Arc::new(LeafCache::new(ca, 100, WEEK, alpn()));
+        let tasks: Vec<_> = (0..50)
+            .map(|_| {
+                let cache = Arc::clone(&cache);
+                tokio::spawn(async move { cache.server_config("example.com").await.unwrap() })
+            })
+            .collect();
+        let mut configs = Vec::new();
+        for task in tasks {
+            configs.push(task.await.unwrap());
+        }
+        assert_eq!(cache.generated(), 1);
+        assert_eq!(cache.len(), 1);
+        assert!(configs.iter().all(|c| Arc::ptr_eq(c, &configs[0])));
+        // Same host spelled differently hits the same entry.
+        let again = cache.server_config("EXAMPLE.com.").await.unwrap();
+        assert!(Arc::ptr_eq(&again, &configs[0]));
+        assert_eq!(cache.generated(), 1);
+    }
+
+    #[tokio::test]
+    async fn lru_is_bounded_by_capacity() {
+        let (_dir, ca) = new_ca();
+        let cache = LeafCache::new(ca, 2, WEEK, alpn());
+        assert!(cache.is_empty());
+        for host in ["a.example", "b.example", "c.example"] {
+            cache.server_config(host).await.unwrap();
+        }
+        assert_eq!(cache.len(), 2);
+        assert_eq!(cache.generated(), 3);
+        cache.server_config("c.example").await.unwrap(); // still cached
+        assert_eq!(cache.generated(), 3);
+        cache.server_config("a.example").await.unwrap(); // was evicted
+        assert_eq!(cache.generated(), 4);
+        assert_eq!(cache.len(), 2);
+    }
+
+    #[tokio::test]
+    async fn leaf_close_to_expiry_is_regenerated() {
+        let (_dir, ca) = new_ca();
+        let cache = LeafCache::new(ca, 10, Duration::from_secs(1), alpn());
+        let first = cache.server_config("shop.example").await.unwrap();
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        let second = cache.server_config("shop.example").await.unwrap();
+        assert_eq!(cache.generated(), 2);
+        assert!(!Arc::ptr_eq(&first, &second));
+    }
+
+    #[tokio::test]
+    async fn invalid_hosts_are_rejected_and_not_cached() {
+        let (_dir, ca) = new_ca();
+        let cache = LeafCache::new(ca, 10, WEEK, alpn());
+        for host in [
+            "",
+            "exa mple.com",
+            "example.com:443",
+            "*.example.com",
+            "[example.com]",
+            "[::1",
+        ] {
+            assert!(
+                matches!(
+                    cache.server_config(host).await,
+                    Err(CaError::InvalidHost { .. })
+                ),
+                "{host:?}"
+            );
+        }
+        assert!(cache.is_empty());
+        assert_eq!(cache.generated(), 0);
+    }
+
+    #[tokio::test]
+    async fn tls_handshake_verifies_against_our_ca_only() {
+        let (_dir, ca) = new_ca();
+        let cache = LeafCache::new(Arc::clone(&ca), 10, WEEK, alpn());
+        let config = cache.server_config("shop.example").await.unwrap();
+
+        // ALPN h2 negotiated; chain is [leaf, CA].
+        let (alpn, chain) = handshake(
+            Arc::clone(&config),
+            ca.cert_der(),
+            "shop.example",
+            vec![b"h2".to_vec(), b"http/1.1".to_vec()],
+        )
+        .await
+        .unwrap();
+        assert_eq!(alpn.as_deref(), Some(&b"h2"[..]));
+        assert_eq!(chain.len(), 2);
+        assert_eq!(&chain[1], ca.cert_der());
+
+        // Leaf contents.
+        let leaf = ParsedCert::parse(&chain[0]).unwrap();
+        let ca_parsed = ParsedCert::parse(ca.cert_der()).unwrap();
+        assert_eq!(leaf.issuer, ca_parsed.subject);
+        assert_eq!(leaf.basic_constraints().unwrap(), Some((false, None)));
+        let eku = leaf.extension(&[0x55, 0x1d, 0x25]).unwrap();
+        let server_auth: &[u8] = &[0x06, 0x08, 0x2b, 0x06, 0x01, 0x05, 0x05, 0x07, 0x03, 0x01];
+        assert_eq!(&eku.value[2..], server_auth);
+        assert_eq!(common_name(&chain[0]), "shop.example");
+        assert_eq!(
+            leaf.not_after - leaf.not_before,
+            time::Duration::try_from(WEEK).unwrap() + LEAF_BACKDATE
+        );
+
+        // Only http/1.1 offered: that is what is negotiated.
+        let (alpn, _) = handshake(
+            Arc::clone(&config),
+            ca.cert_der(),
+            "shop.example",
+            vec![b"http/1.1".to_vec()],
+        )
+        .await
+        .unwrap();
+        assert_eq!(alpn.as_deref(), Some(&b"http/1.1"[..]));
+
+        // Wrong name: verification fails.
+        let err = handshake(
+            Arc::clone(&config),
+            ca.cert_der(),
+            "other.example",
+            alpn_none(),
+        )
+        .await
+        .unwrap_err();
+        assert!(
+            matches!(
+                rustls_error(&err),
+                rustls::Error::InvalidCertificate(
+                    CertificateError::NotValidForName
+                        | CertificateError::NotValidForNameContext { .. }
+                )
+            ),
+            "{err:?}"
+        );
+
+        // A client trusting a different CA rejects the chain.
+        let (_dir2, other_ca) = new_ca();
+        let err = handshake(config, other_ca.cert_der(), "shop.example", alpn_none())
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(
+                rustls_error(&err),
+                rustls::Error::InvalidCertificate(CertificateError::UnknownIssuer)
+            ),
+            "{err:?}"
+        );
+    }
+
+    fn alpn_none() -> Vec<Vec<u8>> {
+        Vec::new()
+    }
+
+    #[tokio::test]
+    async fn tls_handshake_for_ip_literals() {
+        let (_dir, ca) = new_ca();
+        let cache = LeafCache::new(Arc::clone(&ca), 10, WEEK, alpn());
+        let v4 = cache.server_config("127.0.0.1").await.unwrap();
+        handshake(v4, ca.cert_der(), "127.0.0.1", alpn_none())
+            .await
+            .unwrap();
+
+        let v6 = cache.server_config("[::1]").await.unwrap();
+        let same = cache.server_config("::1").await.unwrap();
+        assert!(Arc::ptr_eq(&v6, &same));
+        assert_eq!(cache.generated(), 2);
+        handshake(v6, ca.cert_der(), "::1", alpn_none())
+            .await
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn leaves_from_reloaded_ca_chain_to_the_original_certificate() {
+        let dir = tempfile::tempdir().unwrap();
+        let original = CertAuthority::load_or_create(dir.path()).unwrap();
+        let reloaded = Arc::new(CertAuthority::load_or_create(dir.path()).unwrap());
+        let cache = LeafCache::new(Arc::clone(&reloaded), 10, WEEK, alpn());
+        let config = cache.server_config("shop.example").await.unwrap();
+        let (_, chain) = handshake(config, original.cert_der(), "shop.example", alpn_none())
+            .await
+            .unwrap();
+        assert_eq!(&chain[1], original.cert_der());
+    }
+
+    /// Not an assertion: prints how long minting one leaf takes.
+    /// `cargo test --lib ca::tests::leaf_generation_timing -- --nocapture`
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn leaf_generation_timing() {
+        let (_dir, ca) = new_ca();
+        let cache = LeafCache::new(ca, 1000, WEEK, alpn());
+        const N: u32 = 200;
+        let name = LeafName::parse("warmup.example").unwrap();
+        cache.factory.generate(&name).unwrap();
+
+        let start = Instant::now();
+        for i in 0..N {
+            let name = LeafName::parse(&format!("host{i}.example")).unwrap();
+            cache.factory.generate(&name).unwrap();
+        }
+        let inline = start.elapsed() / N;
+
+        let start = Instant::now();
+        for i in 0..N {
+            cache
+                .server_config(&format!("async{i}.example"))
+                .await
+                .unwrap();
+        }
+        let via_cache = start.elapsed() / N;
+
+        let start = Instant::now();
+        for i in 0..N {
+            cache
+                .server_config(&format!("async{i}.example"))
+                .await
+                .unwrap();
+        }
+        let hit = start.elapsed() / N;
+        println!(
+            "leaf generation: {inline:?}/leaf inline; {via_cache:?}/miss via server_config \
+             (spawn_blocking); {hit:?}/hit"
+        );
+    }
+}

@@ -1,0 +1,1244 @@
+//! config: the typed configuration, its embedded defaults, loading from TOML and validation
+//! that names the bad key.
+//!
+//! The configuration is one TOML document with one table per subsystem (`[listen]`, `[pool]`,
+//! `[upstream]`, `[intercept]`, `[limits]`, `[targets]`) plus the top-level `data_dir`. Every key
+//! is optional: a missing key (or table, or the whole file) takes its embedded default, which is
+//! a named `pub const` in this module (or in [`crate::pool`] for the pool limits). An unknown key
+//! is an error (every struct is `deny_unknown_fields`), so a typo such as `max_idel_total` is
+//! reported with its line, column and name instead of being silently ignored.
+//!
+//! Durations are humantime strings: `"500ms"`, `"90s"`, `"2m"`, `"1h 30m"`, `"7d"`. Sizes are
+//! plain integers in bytes.
+//!
+//! [`Config::from_toml_str`] parses and then [`Config::validate`]s; validation reports the first
+//! inconsistent value as [`ConfigError::Invalid`] with its dotted key (`"pool.max_idle_total"`)
+//! and the reason. `config/example.toml` documents every key and equals [`Config::default`].
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ipnet::IpNet;
+use serde::Deserialize;
+
+use crate::pool::{
+    PoolConfig, DEFAULT_IDLE_TIMEOUT, DEFAULT_KEEPALIVE_MARGIN, DEFAULT_MAX_IDLE_TOTAL,
+    DEFAULT_MAX_PER_KEY, DEFAULT_MAX_TOTAL,
+};
+
+const KIB: u64 = 1024;
+const MIB: u64 = 1024 * KIB;
+
+/// Default [`ListenConfig::proxy`]: `127.0.0.1:8080`. Loopback only, so a fresh install is not
+/// an open proxy; the conventional HTTP proxy port.
+pub const DEFAULT_LISTEN_PROXY: SocketAddr =
+    SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 8080));
+/// Default [`ListenConfig::admin`]: `127.0.0.1:9180`. Loopback only: the admin endpoint
+/// exposes metrics and the CA certificate and has no authentication.
+pub const DEFAULT_LISTEN_ADMIN: SocketAddr =
+    SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 9180));
+
+/// Default [`PoolSection::learn_idle_timeout`]: `true`. Most servers close idle connections
+/// silently after a fixed time; learning it avoids sending requests onto connections that are
+/// about to be closed.
+pub const DEFAULT_LEARN_IDLE_TIMEOUT: bool = true;
+/// Default [`PoolSection::queue_timeout`]: 30 s. Long enough to ride out a burst at
+/// `max_per_key`, short enough that a worker gets a clear 503 instead of hanging.
+pub const DEFAULT_QUEUE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Default [`UpstreamConfig::connect_timeout`]: 10 s. A TCP connect that takes longer than this
+/// is almost always a dead or filtering host.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default [`UpstreamConfig::tls_handshake_timeout`]: 10 s, for the same reason as the connect
+/// timeout.
+pub const DEFAULT_TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default [`UpstreamConfig::response_header_timeout`]: 60 s. Generous, because slow dynamic
+/// pages are common among scraping targets; bounded, so a stuck server frees its connection.
+pub const DEFAULT_RESPONSE_HEADER_TIMEOUT: Duration = Duration::from_secs(60);
+/// Default [`UpstreamConfig::http2`]: `true`. One multiplexed HTTP/2 connection replaces many
+/// HTTP/1.1 ones, which is the point of a pool.
+pub const DEFAULT_UPSTREAM_HTTP2: bool = true;
+/// Default [`UpstreamConfig::dns_min_ttl`]: 1 s. Stops answers with TTL 0 from costing a DNS
+/// query per connection.
+pub const DEFAULT_DNS_MIN_TTL: Duration = Duration::from_secs(1);
+/// Default [`UpstreamConfig::dns_max_ttl`]: 300 s. Bounds how long a moved target is dialed at
+/// its old address.
+pub const DEFAULT_DNS_MAX_TTL: Duration = Duration::from_secs(300);
+
+/// Default [`InterceptConfig::enabled`]: `true`. Pooling and reuse accounting need to see the
+/// requests inside CONNECT, which only interception allows.
+pub const DEFAULT_INTERCEPT_ENABLED: bool = true;
+/// Default [`InterceptConfig::leaf_cache_size`]: 1000 host certificates. Covers a typical
+/// fleet's working set of hosts; a miss costs one key signature.
+pub const DEFAULT_LEAF_CACHE_SIZE: usize = 1000;
+/// Default [`InterceptConfig::leaf_validity`]: 7 days. Short-lived leaves limit the damage of a
+/// leaked one; cached leaves are regenerated before they expire.
+pub const DEFAULT_LEAF_VALIDITY: Duration = Duration::from_secs(7 * 24 * 3600);
+/// Default [`InterceptConfig::worker_http2`]: `true`. Lets workers multiplex their own requests
+/// over one intercepted connection.
+pub const DEFAULT_WORKER_HTTP2: bool = true;
+
+/// Default [`LimitsConfig::max_request_body`]: 8 MiB. Request bodies are buffered so that a
+/// retry resends them exactly; scraping requests (forms, JSON queries) are far smaller.
+pub const DEFAULT_MAX_REQUEST_BODY: u64 = 8 * MIB;
+/// Default [`LimitsConfig::max_fetch_json`]: 12 MiB. Room for a base64-encoded body of
+/// [`DEFAULT_MAX_REQUEST_BODY`] plus its headers in a `POST /v1/fetch` document.
+pub const DEFAULT_MAX_FETCH_JSON: u64 = 12 * MIB;
+/// Default [`LimitsConfig::drain_max_bytes`]: 256 KiB. Reading that much is cheaper than a new
+/// TLS connection; beyond it, closing is cheaper.
+pub const DEFAULT_DRAIN_MAX_BYTES: u64 = 256 * KIB;
+/// Default [`LimitsConfig::drain_timeout`]: 2 s. About what a new connection costs on a slow
+/// link; longer drains are not worth the connection.
+pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Data directory used by [`Config::default_data_dir`] when the platform has no home directory
+/// (e.g. a container running as a user without a passwd entry): `./edgepool-data`.
+pub const FALLBACK_DATA_DIR: &str = "./edgepool-data";
+
+/// The whole configuration. `Default` is the embedded defaults (what an empty file gives).
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Listening addresses. Default: proxy on `127.0.0.1:8080`, admin on `127.0.0.1:9180`.
+    pub listen: ListenConfig,
+    /// Where the CA and state live; None = the XDG data dir (Config::default_data_dir()).
+    /// Default `None`, so a plain install keeps its CA across restarts without configuration.
+    /// A relative path is relative to the process's working directory.
+    pub data_dir: Option<PathBuf>,
+    /// Connection pool limits and timeouts. Default: [`PoolSection::default`].
+    pub pool: PoolSection,
+    /// How targets are dialed. Default: [`UpstreamConfig::default`].
+    pub upstream: UpstreamConfig,
+    /// TLS interception of CONNECT. Default: [`InterceptConfig::default`] (enabled).
+    pub intercept: InterceptConfig,
+    /// Size limits. Default: [`LimitsConfig::default`].
+    pub limits: LimitsConfig,
+    /// Which target addresses may be dialed. Default: [`TargetsConfig::default`] (no exceptions
+    /// to the private/loopback deny list).
+    pub targets: TargetsConfig,
+}
+
+/// `[listen]`: where edgepool accepts connections.
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ListenConfig {
+    /// The forward proxy (plain HTTP and CONNECT). Default [`DEFAULT_LISTEN_PROXY`]
+    /// (`127.0.0.1:8080`): loopback, so edgepool is not an open proxy until you say so.
+    /// Must be an IP address and port (`"0.0.0.0:8080"`, `"[::]:8080"`), not a host name.
+    pub proxy: SocketAddr,
+    /// The admin endpoint (metrics, health, CA certificate, `/v1/fetch`). Default
+    /// [`DEFAULT_LISTEN_ADMIN`] (`127.0.0.1:9180`): loopback, as it has no authentication.
+    /// Must differ from `proxy` (port 0, "any free port", may appear in both).
+    pub admin: SocketAddr,
+}
+
+impl Default for ListenConfig {
+    fn default() -> Self {
+        ListenConfig {
+            proxy: DEFAULT_LISTEN_PROXY,
+            admin: DEFAULT_LISTEN_ADMIN,
+        }
+    }
+}
+
+/// `[pool]`: the upstream connection pool. Mirrors [`PoolConfig`] (see
+/// [`PoolSection::to_pool_config`]) plus the request queue timeout.
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PoolSection {
+    /// Max connections (open + being dialed) per target. Default [`DEFAULT_MAX_PER_KEY`]: high
+    /// enough for a fleet hammering one site over HTTP/1.1, low enough not to look like an
+    /// attack. Must be ≥ 1 and ≤ `max_total`.
+    pub max_per_key: usize,
+    /// Max connections (open + being dialed) in the whole pool. Default [`DEFAULT_MAX_TOTAL`]:
+    /// well under common file-descriptor limits. Must be ≥ 1.
+    pub max_total: usize,
+    /// Max idle connections in the whole pool; past it the least recently used idle one is
+    /// closed. Default [`DEFAULT_MAX_IDLE_TOTAL`]: half of `max_total`, so idle connections
+    /// never starve new dials. Must be ≥ 1 and ≤ `max_total`.
+    pub max_idle_total: usize,
+    /// A connection idle this long is closed. Default [`DEFAULT_IDLE_TIMEOUT`] (90 s): longer
+    /// than most servers keep idle connections, so the server's timeout usually decides. Must
+    /// be longer than `keepalive_margin`.
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// A connection is retired after this many requests. Default absent: no limit of ours
+    /// (servers announce theirs with `Keep-Alive: max=`). Must be ≥ 1 when present.
+    pub max_requests: Option<u64>,
+    /// A connection is retired after this long, even if busy (it finishes what it carries).
+    /// Default absent: connections live as long as they are useful. Must be > 0 when present.
+    #[serde(with = "humantime_serde")]
+    pub max_lifetime: Option<Duration>,
+    /// Retire a connection this long before the server's announced or learned idle timeout, so
+    /// a request never races the server's close. Default [`DEFAULT_KEEPALIVE_MARGIN`] (1 s):
+    /// covers a round trip on slow links.
+    #[serde(with = "humantime_serde")]
+    pub keepalive_margin: Duration,
+    /// Learn a server's idle timeout from idle closes and retire connections before it.
+    /// Default [`DEFAULT_LEARN_IDLE_TIMEOUT`] (`true`).
+    pub learn_idle_timeout: bool,
+    /// How long a request waits for a connection (when the target is at `max_per_key` or the
+    /// pool at `max_total`) before the worker gets 503. Default [`DEFAULT_QUEUE_TIMEOUT`]
+    /// (30 s). Must be > 0.
+    #[serde(with = "humantime_serde")]
+    pub queue_timeout: Duration,
+}
+
+impl Default for PoolSection {
+    fn default() -> Self {
+        PoolSection {
+            max_per_key: DEFAULT_MAX_PER_KEY,
+            max_total: DEFAULT_MAX_TOTAL,
+            max_idle_total: DEFAULT_MAX_IDLE_TOTAL,
+            idle_timeout: DEFAULT_IDLE_TIMEOUT,
+            max_requests: None,
+            max_lifetime: None,
+            keepalive_margin: DEFAULT_KEEPALIVE_MARGIN,
+            learn_idle_timeout: DEFAULT_LEARN_IDLE_TIMEOUT,
+            queue_timeout: DEFAULT_QUEUE_TIMEOUT,
+        }
+    }
+}
+
+impl PoolSection {
+    /// The pool's own configuration: every field mapped one to one, and
+    /// [`PoolConfig::sweep_interval`] = min(`idle_timeout` / 4, the pool's default sweep
+    /// interval of 500 ms), at least 1 ms, so short idle timeouts are still enforced promptly.
+    /// `queue_timeout` is not part of [`PoolConfig`]: the proxy applies it around checkout.
+    pub fn to_pool_config(&self) -> PoolConfig {
+        let default_sweep = PoolConfig::default().sweep_interval;
+        let sweep_interval = (self.idle_timeout / 4)
+            .min(default_sweep)
+            .max(Duration::from_millis(1));
+        PoolConfig {
+            max_per_key: self.max_per_key,
+            max_total: self.max_total,
+            max_idle_total: self.max_idle_total,
+            idle_timeout: self.idle_timeout,
+            max_requests: self.max_requests,
+            max_lifetime: self.max_lifetime,
+            keepalive_margin: self.keepalive_margin,
+            sweep_interval,
+            learn_idle_timeout: self.learn_idle_timeout,
+        }
+    }
+}
+
+/// `[upstream]`: how edgepool dials targets.
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct UpstreamConfig {
+    /// TCP connect timeout, per address tried. Default [`DEFAULT_CONNECT_TIMEOUT`] (10 s).
+    /// Must be > 0.
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// TLS handshake timeout towards targets. Default [`DEFAULT_TLS_HANDSHAKE_TIMEOUT`] (10 s).
+    /// Must be > 0.
+    #[serde(with = "humantime_serde")]
+    pub tls_handshake_timeout: Duration,
+    /// How long to wait for a response's headers once the request is sent. Default
+    /// [`DEFAULT_RESPONSE_HEADER_TIMEOUT`] (60 s). Must be > 0.
+    #[serde(with = "humantime_serde")]
+    pub response_header_timeout: Duration,
+    /// Offer ALPN `h2` to targets. Default [`DEFAULT_UPSTREAM_HTTP2`] (`true`); turn off for
+    /// targets whose HTTP/2 is broken or fingerprinted differently.
+    pub http2: bool,
+    /// PEM files of extra root certificates trusted for targets, in addition to the webpki
+    /// roots (e.g. a corporate or test CA). Default empty. Each file must exist; a relative path
+    /// is relative to the process's working directory.
+    pub extra_ca_files: Vec<PathBuf>,
+    /// Target host names whose certificate is NOT verified (opt-in, logged at startup). Default
+    /// empty: verification is never skipped unless named here. Exact host names only (no
+    /// wildcards, ports or schemes); matched case-insensitively, ignoring a trailing dot.
+    pub insecure_skip_verify: Vec<String>,
+    /// Floor on how long a DNS answer is cached. Default [`DEFAULT_DNS_MIN_TTL`] (1 s). Must be
+    /// ≤ `dns_max_ttl`.
+    #[serde(with = "humantime_serde")]
+    pub dns_min_ttl: Duration,
+    /// Cap on how long a DNS answer is cached. Default [`DEFAULT_DNS_MAX_TTL`] (300 s).
+    #[serde(with = "humantime_serde")]
+    pub dns_max_ttl: Duration,
+}
+
+impl Default for UpstreamConfig {
+    fn default() -> Self {
+        UpstreamConfig {
+            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            tls_handshake_timeout: DEFAULT_TLS_HANDSHAKE_TIMEOUT,
+            response_header_timeout: DEFAULT_RESPONSE_HEADER_TIMEOUT,
+            http2: DEFAULT_UPSTREAM_HTTP2,
+            extra_ca_files: Vec::new(),
+            insecure_skip_verify: Vec::new(),
+            dns_min_ttl: DEFAULT_DNS_MIN_TTL,
+            dns_max_ttl: DEFAULT_DNS_MAX_TTL,
+        }
+    }
+}
+
+impl UpstreamConfig {
+    /// Whether `host` (a host name or IP address, without port) is listed in
+    /// [`insecure_skip_verify`](Self::insecure_skip_verify). Case-insensitive, ignores a
+    /// trailing dot and IPv6 brackets.
+    pub fn skips_verify(&self, host: &str) -> bool {
+        let host = normalize_host(host);
+        self.insecure_skip_verify
+            .iter()
+            .any(|name| normalize_host(name).eq_ignore_ascii_case(host))
+    }
+}
+
+/// `[intercept]`: TLS interception of CONNECT requests with edgepool's own CA.
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct InterceptConfig {
+    /// true: CONNECT is intercepted; false: every CONNECT is a blind tunnel. Default
+    /// [`DEFAULT_INTERCEPT_ENABLED`] (`true`): pooling needs to see the requests. Workers must
+    /// trust edgepool's CA certificate.
+    pub enabled: bool,
+    /// Host patterns getting a blind tunnel even when interception is enabled: `"example.com"`
+    /// (exactly that host) or `"*.example.com"` (any subdomain, not the apex). Default empty.
+    /// Use it for targets that pin certificates or must not be intercepted. No other wildcards,
+    /// no ports, no schemes.
+    pub passthrough: Vec<String>,
+    /// How many per-host leaf certificates are kept (LRU). Default [`DEFAULT_LEAF_CACHE_SIZE`]
+    /// (1000). Must be ≥ 1.
+    pub leaf_cache_size: usize,
+    /// Validity of generated leaf certificates (never beyond the CA's own). Default
+    /// [`DEFAULT_LEAF_VALIDITY`] (7 days). Must be > 0.
+    #[serde(with = "humantime_serde")]
+    pub leaf_validity: Duration,
+    /// true: offer h2 to workers inside intercepted TLS. Default [`DEFAULT_WORKER_HTTP2`]
+    /// (`true`).
+    pub worker_http2: bool,
+}
+
+impl Default for InterceptConfig {
+    fn default() -> Self {
+        InterceptConfig {
+            enabled: DEFAULT_INTERCEPT_ENABLED,
+            passthrough: Vec::new(),
+            leaf_cache_size: DEFAULT_LEAF_CACHE_SIZE,
+            leaf_validity: DEFAULT_LEAF_VALIDITY,
+            worker_http2: DEFAULT_WORKER_HTTP2,
+        }
+    }
+}
+
+impl InterceptConfig {
+    /// Whether `host` (from the CONNECT authority, without port) matches a
+    /// [`passthrough`](Self::passthrough) pattern: case-insensitive, ignoring a trailing dot
+    /// (and IPv6 brackets). `"*.example.com"` matches `a.example.com` and `a.b.example.com`, not
+    /// `example.com`. Does not consult [`enabled`](Self::enabled).
+    pub fn is_passthrough(&self, host: &str) -> bool {
+        let host = normalize_host(host);
+        self.passthrough
+            .iter()
+            .any(|pattern| pattern_matches(normalize_host(pattern), host))
+    }
+}
+
+/// `[limits]`: size limits on what workers send and on draining abandoned responses.
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Max worker request body, in bytes. Bodies are buffered (so retries are exact); larger
+    /// ones get 413. Default [`DEFAULT_MAX_REQUEST_BODY`] (8 MiB). Must be ≥ 1.
+    pub max_request_body: u64,
+    /// Max size of a `POST /v1/fetch` JSON document, in bytes. Default
+    /// [`DEFAULT_MAX_FETCH_JSON`] (12 MiB). Must be ≥ 1.
+    pub max_fetch_json: u64,
+    /// When a worker leaves mid-response, read at most this many more bytes to keep the
+    /// connection. Default [`DEFAULT_DRAIN_MAX_BYTES`] (256 KiB); 0 closes such connections.
+    pub drain_max_bytes: u64,
+    /// ... and for at most this long. Default [`DEFAULT_DRAIN_TIMEOUT`] (2 s). Must be > 0.
+    #[serde(with = "humantime_serde")]
+    pub drain_timeout: Duration,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            max_request_body: DEFAULT_MAX_REQUEST_BODY,
+            max_fetch_json: DEFAULT_MAX_FETCH_JSON,
+            drain_max_bytes: DEFAULT_DRAIN_MAX_BYTES,
+            drain_timeout: DEFAULT_DRAIN_TIMEOUT,
+        }
+    }
+}
+
+/// `[targets]`: which target addresses may be dialed.
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TargetsConfig {
+    /// CIDRs allowed in spite of the private/loopback deny list, e.g. `"10.20.0.0/16"` or
+    /// `"127.0.0.1/32"` for a single address. Default empty: a proxy reachable by workers must
+    /// not become a way into the internal network. Host bits must be zero (`"10.0.0.0/8"`, not
+    /// `"10.1.2.3/8"`), to catch typos.
+    pub allow: Vec<IpNet>,
+}
+
+impl Config {
+    /// Parses a TOML document and validates it. Missing keys take their defaults; an unknown
+    /// key or a wrong type is [`ConfigError::Parse`] (the message names the key, line and
+    /// column); an inconsistent value is [`ConfigError::Invalid`].
+    pub fn from_toml_str(text: &str) -> Result<Config, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse(e.to_string()))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Reads `path` ([`ConfigError::Read`] names it) and then [`Config::from_toml_str`].
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Config::from_toml_str(&text)
+    }
+
+    /// Checks ranges and consistency; the first problem found is returned as
+    /// [`ConfigError::Invalid`] with its dotted key. Checks that `upstream.extra_ca_files`
+    /// exist (it does not parse them).
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if let Some(dir) = &self.data_dir {
+            if dir.as_os_str().is_empty() {
+                return Err(invalid(
+                    "data_dir",
+                    "must not be empty; remove the key to use the default data directory",
+                ));
+            }
+        }
+        self.listen.validate()?;
+        self.pool.validate()?;
+        self.upstream.validate()?;
+        self.intercept.validate()?;
+        self.limits.validate()?;
+        self.targets.validate()?;
+        Ok(())
+    }
+
+    /// The platform data directory (`$XDG_DATA_HOME/edgepool`, usually
+    /// `~/.local/share/edgepool`, on Linux); [`FALLBACK_DATA_DIR`] when there is no home
+    /// directory.
+    pub fn default_data_dir() -> PathBuf {
+        directories::ProjectDirs::from("", "", "edgepool")
+            .map(|dirs| dirs.data_dir().to_path_buf())
+            .unwrap_or_else(|| PathBuf::from(FALLBACK_DATA_DIR))
+    }
+
+    /// The configured [`data_dir`](Self::data_dir), or [`Config::default_data_dir`].
+    pub fn data_dir(&self) -> PathBuf {
+        self.data_dir
+            .clone()
+            .unwrap_or_else(Config::default_data_dir)
+    }
+}
+
+impl ListenConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        let (p, a) = (self.proxy, self.admin);
+        let overlapping_ip = p.ip() == a.ip() || p.ip().is_unspecified() || a.ip().is_unspecified();
+        if p.port() != 0 && p.port() == a.port() && overlapping_ip {
+            return Err(invalid(
+                "listen.admin",
+                format!(
+                    "{a} conflicts with listen.proxy ({p}); the two listeners need different ports"
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl PoolSection {
+    fn validate(&self) -> Result<(), ConfigError> {
+        at_least_one(
+            "pool.max_per_key",
+            self.max_per_key as u64,
+            "no connection could ever be opened",
+        )?;
+        at_least_one(
+            "pool.max_total",
+            self.max_total as u64,
+            "no connection could ever be opened",
+        )?;
+        at_least_one(
+            "pool.max_idle_total",
+            self.max_idle_total as u64,
+            "no connection could ever be kept for reuse",
+        )?;
+        if self.max_per_key > self.max_total {
+            return Err(invalid(
+                "pool.max_per_key",
+                format!(
+                    "{} exceeds pool.max_total ({}); one target can never have more connections than the whole pool",
+                    self.max_per_key, self.max_total
+                ),
+            ));
+        }
+        if self.max_idle_total > self.max_total {
+            return Err(invalid(
+                "pool.max_idle_total",
+                format!(
+                    "{} exceeds pool.max_total ({}); idle connections count towards the total",
+                    self.max_idle_total, self.max_total
+                ),
+            ));
+        }
+        positive("pool.idle_timeout", self.idle_timeout)?;
+        if self.idle_timeout <= self.keepalive_margin {
+            return Err(invalid(
+                "pool.idle_timeout",
+                format!(
+                    "{} must be longer than pool.keepalive_margin ({}); otherwise connections are retired as soon as they are idle",
+                    fmt_duration(self.idle_timeout),
+                    fmt_duration(self.keepalive_margin)
+                ),
+            ));
+        }
+        if self.max_requests == Some(0) {
+            return Err(invalid(
+                "pool.max_requests",
+                "must be at least 1 (a connection must carry a request); remove the key for no limit",
+            ));
+        }
+        if let Some(lifetime) = self.max_lifetime {
+            positive("pool.max_lifetime", lifetime)?;
+        }
+        positive("pool.queue_timeout", self.queue_timeout)?;
+        Ok(())
+    }
+}
+
+impl UpstreamConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        positive("upstream.connect_timeout", self.connect_timeout)?;
+        positive("upstream.tls_handshake_timeout", self.tls_handshake_timeout)?;
+        positive(
+            "upstream.response_header_timeout",
+            self.response_header_timeout,
+        )?;
+        for (i, path) in self.extra_ca_files.iter().enumerate() {
+            if !path.is_file() {
+                let what = if path.exists() {
+                    "is not a file"
+                } else {
+                    "does not exist"
+                };
+                return Err(invalid(
+                    "upstream.extra_ca_files",
+                    format!("entry {i} ({}) {what}", path.display()),
+                ));
+            }
+        }
+        for (i, name) in self.insecure_skip_verify.iter().enumerate() {
+            if let Err(why) = check_host(name) {
+                return Err(invalid(
+                    "upstream.insecure_skip_verify",
+                    format!("entry {i} ({name:?}): {why}; expected an exact host name"),
+                ));
+            }
+        }
+        if self.dns_min_ttl > self.dns_max_ttl {
+            return Err(invalid(
+                "upstream.dns_min_ttl",
+                format!(
+                    "{} exceeds upstream.dns_max_ttl ({}); the floor must not be above the cap",
+                    fmt_duration(self.dns_min_ttl),
+                    fmt_duration(self.dns_max_ttl)
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl InterceptConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        for (i, pattern) in self.passthrough.iter().enumerate() {
+            if let Err(why) = check_pattern(pattern) {
+                return Err(invalid(
+                    "intercept.passthrough",
+                    format!(
+                        "entry {i} ({pattern:?}): {why}; expected \"host.name\" or \"*.host.name\""
+                    ),
+                ));
+            }
+        }
+        at_least_one(
+            "intercept.leaf_cache_size",
+            self.leaf_cache_size as u64,
+            "the certificate being served must fit in the cache",
+        )?;
+        positive("intercept.leaf_validity", self.leaf_validity)?;
+        Ok(())
+    }
+}
+
+impl LimitsConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        at_least_one(
+            "limits.max_request_body",
+            self.max_request_body,
+            "0 would refuse every request with a body",
+        )?;
+        at_least_one(
+            "limits.max_fetch_json",
+            self.max_fetch_json,
+            "0 would refuse every fetch document",
+        )?;
+        positive("limits.drain_timeout", self.drain_timeout)?;
+        Ok(())
+    }
+}
+
+impl TargetsConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        for (i, net) in self.allow.iter().enumerate() {
+            if net.addr() != net.network() {
+                return Err(invalid(
+                    "targets.allow",
+                    format!(
+                        "entry {i} ({net}) has host bits set; write {} (or /{} for a single address)",
+                        net.trunc(),
+                        net.max_prefix_len()
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Why a configuration could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// File could not be read.
+    #[error("cannot read configuration file {}: {source}", path.display())]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// TOML syntax or type error; message from toml includes line/column and the key.
+    #[error("{0}")]
+    Parse(String),
+    /// A value is out of range or inconsistent; `key` is the dotted path, e.g. "pool.max_idle_total".
+    #[error("invalid configuration value for `{key}`: {reason}")]
+    Invalid {
+        /// Dotted path of the offending key.
+        key: String,
+        /// What is wrong and why.
+        reason: String,
+    },
+}
+
+impl ConfigError {
+    /// The dotted key of an [`Invalid`](ConfigError::Invalid) value; `None` for read and parse
+    /// errors (a parse error names its key in the message).
+    pub fn key(&self) -> Option<&str> {
+        match self {
+            ConfigError::Invalid { key, .. } => Some(key),
+            ConfigError::Read { .. } | ConfigError::Parse(_) => None,
+        }
+    }
+}
+
+fn invalid(key: &str, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.to_owned(),
+        reason: reason.into(),
+    }
+}
+
+fn positive(key: &str, value: Duration) -> Result<(), ConfigError> {
+    if value.is_zero() {
+        return Err(invalid(key, "must be longer than 0s"));
+    }
+    Ok(())
+}
+
+fn at_least_one(key: &str, value: u64, why: &str) -> Result<(), ConfigError> {
+    if value == 0 {
+        return Err(invalid(key, format!("must be at least 1: {why}")));
+    }
+    Ok(())
+}
+
+fn fmt_duration(d: Duration) -> humantime::FormattedDuration {
+    humantime::format_duration(d)
+}
+
+/// Strips IPv6 brackets and one trailing dot.
+fn normalize_host(host: &str) -> &str {
+    let host = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host);
+    host.strip_suffix('.').unwrap_or(host)
+}
+
+/// Whether normalized `host` matches normalized `pattern` (see [`InterceptConfig::is_passthrough`]).
+fn pattern_matches(pattern: &str, host: &str) -> bool {
+    match pattern.strip_prefix("*.") {
+        Some(suffix) => {
+            let (h, s) = (host.as_bytes(), suffix.as_bytes());
+            // At least one character, then a dot, then the suffix.
+            h.len() >= s.len() + 2
+                && h[h.len() - s.len()..].eq_ignore_ascii_case(s)
+                && h[h.len() - s.len() - 1] == b'.'
+        }
+        None => pattern.eq_ignore_ascii_case(host),
+    }
+}
+
+/// Checks a passthrough pattern: a host (see [`check_host`]) or `*.` + a host name.
+fn check_pattern(pattern: &str) -> Result<(), String> {
+    if pattern == "*" {
+        return Err(
+            "a lone \"*\" would match every host; set intercept.enabled = false instead".into(),
+        );
+    }
+    match pattern.strip_prefix("*.") {
+        Some(rest) => {
+            check_host(rest)?;
+            if normalize_host(rest).parse::<IpAddr>().is_ok() {
+                return Err("a wildcard cannot apply to an IP address".into());
+            }
+            Ok(())
+        }
+        None => check_host(pattern),
+    }
+}
+
+/// Checks an exact host: an IP address, or a DNS name of letters, digits, '-' and '_' labels
+/// (optionally with one trailing dot). Says what is wrong otherwise.
+fn check_host(host: &str) -> Result<(), String> {
+    if host.is_empty() {
+        return Err("empty".into());
+    }
+    if host.contains("://") {
+        return Err("a scheme is not allowed, write the bare host name".into());
+    }
+    if host.contains('/') {
+        return Err("a path is not allowed".into());
+    }
+    if host.contains('*') {
+        return Err("only a leading \"*.\" wildcard is allowed".into());
+    }
+    let bare = normalize_host(host);
+    if bare.parse::<Ipv6Addr>().is_ok() {
+        return Ok(());
+    }
+    if host.contains(':') {
+        return Err("a port is not allowed (patterns apply to every port)".into());
+    }
+    if bare.len() > 253 {
+        return Err("longer than 253 characters".into());
+    }
+    for label in bare.split('.') {
+        if label.is_empty() {
+            return Err("empty label (\"..\" or a leading dot)".into());
+        }
+        if label.len() > 63 {
+            return Err(format!("label {label:?} is longer than 63 characters"));
+        }
+        if let Some(c) = label
+            .chars()
+            .find(|c| !(c.is_ascii_alphanumeric() || *c == '-' || *c == '_'))
+        {
+            return Err(format!("character {c:?} is not allowed in a host name"));
+        }
+        if label.starts_with('-') || label.ends_with('-') {
+            return Err(format!("label {label:?} starts or ends with '-'"));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const EXAMPLE: &str = include_str!("../config/example.toml");
+
+    fn parse_err(text: &str) -> ConfigError {
+        match Config::from_toml_str(text) {
+            Ok(c) => panic!("expected an error for {text:?}, got {c:?}"),
+            Err(e) => e,
+        }
+    }
+
+    #[test]
+    fn example_parses_validates_and_equals_defaults() {
+        let config = Config::from_toml_str(EXAMPLE).expect("example.toml is valid");
+        assert_eq!(config, Config::default());
+    }
+
+    #[test]
+    fn empty_document_gives_defaults() {
+        assert_eq!(Config::from_toml_str("").unwrap(), Config::default());
+        Config::default().validate().unwrap();
+    }
+
+    #[test]
+    fn empty_tables_give_defaults() {
+        let text = "[listen]\n[pool]\n[upstream]\n[intercept]\n[limits]\n[targets]\n";
+        assert_eq!(Config::from_toml_str(text).unwrap(), Config::default());
+    }
+
+    #[test]
+    fn defaults_match_documented_values() {
+        let c = Config::default();
+        assert_eq!(c.listen.proxy, "127.0.0.1:8080".parse().unwrap());
+        assert_eq!(c.listen.admin, "127.0.0.1:9180".parse().unwrap());
+        assert_eq!(c.data_dir, None);
+        assert_eq!(c.pool.idle_timeout, Duration::from_secs(90));
+        assert_eq!(c.pool.queue_timeout, Duration::from_secs(30));
+        assert_eq!(c.pool.keepalive_margin, Duration::from_secs(1));
+        assert!(c.pool.learn_idle_timeout);
+        assert_eq!(c.pool.max_requests, None);
+        assert_eq!(c.pool.max_lifetime, None);
+        assert_eq!(c.upstream.dns_max_ttl, Duration::from_secs(300));
+        assert_eq!(c.intercept.leaf_validity, Duration::from_secs(7 * 86400));
+        assert_eq!(c.limits.max_request_body, 8 * 1024 * 1024);
+        assert_eq!(c.limits.max_fetch_json, 12 * 1024 * 1024);
+        assert_eq!(c.limits.drain_max_bytes, 256 * 1024);
+        assert!(c.targets.allow.is_empty());
+    }
+
+    #[test]
+    fn unknown_key_is_rejected_naming_it() {
+        let e = parse_err("[pool]\nmax_idel_total = 3");
+        assert!(matches!(e, ConfigError::Parse(_)), "{e:?}");
+        assert!(e.to_string().contains("max_idel_total"), "{e}");
+        assert_eq!(e.key(), None);
+
+        for (text, name) in [
+            ("pooll = 1", "pooll"),
+            ("[poool]\nmax_total = 3", "poool"),
+            ("[listen]\nproxi = \"127.0.0.1:1\"", "proxi"),
+            ("[upstream]\nhttp3 = true", "http3"),
+            ("[intercept]\npass_through = []", "pass_through"),
+            ("[limits]\nmax_body = 1", "max_body"),
+            ("[targets]\ndeny = []", "deny"),
+        ] {
+            let e = parse_err(text);
+            assert!(e.to_string().contains(name), "{text:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn type_errors_name_the_key_and_line() {
+        let e = parse_err("[pool]\n\nmax_total = \"many\"");
+        let msg = e.to_string();
+        assert!(msg.contains("max_total") && msg.contains("line 3"), "{msg}");
+        let e = parse_err("[pool]\nidle_timeout = \"5 parsecs\"");
+        assert!(e.to_string().contains("idle_timeout"), "{e}");
+        let e = parse_err("[pool]\nmax_total = -1");
+        assert!(e.to_string().contains("max_total"), "{e}");
+        let e = parse_err("[listen]\nproxy = \"localhost:8080\"");
+        assert!(e.to_string().contains("proxy"), "{e}");
+    }
+
+    #[test]
+    fn durations_parse_as_humantime() {
+        let c = Config::from_toml_str(
+            r#"
+            [pool]
+            idle_timeout = "2m"
+            queue_timeout = "1h 30m"
+            keepalive_margin = "250ms"
+            max_lifetime = "7d"
+            [upstream]
+            connect_timeout = "90s"
+            dns_min_ttl = "0s"
+            [intercept]
+            leaf_validity = "2days"
+            "#,
+        )
+        .unwrap();
+        assert_eq!(c.pool.idle_timeout, Duration::from_secs(120));
+        assert_eq!(c.pool.queue_timeout, Duration::from_secs(5400));
+        assert_eq!(c.pool.keepalive_margin, Duration::from_millis(250));
+        assert_eq!(c.pool.max_lifetime, Some(Duration::from_secs(7 * 86400)));
+        assert_eq!(c.upstream.connect_timeout, Duration::from_secs(90));
+        assert_eq!(c.upstream.dns_min_ttl, Duration::ZERO);
+        assert_eq!(c.intercept.leaf_validity, Duration::from_secs(2 * 86400));
+    }
+
+    #[test]
+    fn every_value_parses() {
+        let c = Config::from_toml_str(
+            r#"
+            data_dir = "/var/lib/edgepool"
+            [listen]
+            proxy = "0.0.0.0:3128"
+            admin = "[::1]:9000"
+            [pool]
+            max_per_key = 10
+            max_total = 100
+            max_idle_total = 50
+            max_requests = 1000
+            learn_idle_timeout = false
+            [upstream]
+            http2 = false
+            insecure_skip_verify = ["self-signed.test", "10.0.0.5"]
+            [intercept]
+            enabled = false
+            passthrough = ["bank.example", "*.bank.example"]
+            leaf_cache_size = 5
+            worker_http2 = false
+            [limits]
+            max_request_body = 1
+            max_fetch_json = 2
+            drain_max_bytes = 0
+            drain_timeout = "1s"
+            [targets]
+            allow = ["127.0.0.0/8", "::1/128", "10.20.0.0/16"]
+            "#,
+        )
+        .unwrap();
+        assert_eq!(c.data_dir, Some(PathBuf::from("/var/lib/edgepool")));
+        assert_eq!(c.data_dir(), PathBuf::from("/var/lib/edgepool"));
+        assert_eq!(c.listen.proxy, "0.0.0.0:3128".parse().unwrap());
+        assert_eq!(c.listen.admin, "[::1]:9000".parse().unwrap());
+        assert_eq!(
+            (c.pool.max_per_key, c.pool.max_total, c.pool.max_idle_total),
+            (10, 100, 50)
+        );
+        assert_eq!(c.pool.max_requests, Some(1000));
+        assert!(!c.pool.learn_idle_timeout);
+        assert!(!c.upstream.http2);
+        assert!(c.upstream.skips_verify("Self-Signed.test."));
+        assert!(c.upstream.skips_verify("10.0.0.5"));
+        assert!(!c.upstream.skips_verify("a.self-signed.test"));
+        assert!(!c.intercept.enabled);
+        assert_eq!(c.intercept.leaf_cache_size, 5);
+        assert!(!c.intercept.worker_http2);
+        assert_eq!(c.limits.drain_max_bytes, 0);
+        assert_eq!(c.targets.allow.len(), 3);
+        assert!(c.targets.allow[0].contains(&"127.1.2.3".parse::<IpAddr>().unwrap()));
+    }
+
+    #[test]
+    fn each_validation_rule_names_its_key() {
+        let cases: &[(&str, &str)] = &[
+            ("data_dir = \"\"", "data_dir"),
+            (
+                "[listen]\nproxy = \"127.0.0.1:7000\"\nadmin = \"127.0.0.1:7000\"",
+                "listen.admin",
+            ),
+            (
+                "[listen]\nproxy = \"0.0.0.0:7000\"\nadmin = \"127.0.0.1:7000\"",
+                "listen.admin",
+            ),
+            ("[pool]\nmax_per_key = 0", "pool.max_per_key"),
+            ("[pool]\nmax_total = 0", "pool.max_total"),
+            ("[pool]\nmax_idle_total = 0", "pool.max_idle_total"),
+            (
+                "[pool]\nmax_total = 10\nmax_per_key = 11\nmax_idle_total = 5",
+                "pool.max_per_key",
+            ),
+            (
+                "[pool]\nmax_total = 10\nmax_per_key = 10\nmax_idle_total = 11",
+                "pool.max_idle_total",
+            ),
+            ("[pool]\nidle_timeout = \"0s\"", "pool.idle_timeout"),
+            (
+                "[pool]\nidle_timeout = \"1s\"\nkeepalive_margin = \"1s\"",
+                "pool.idle_timeout",
+            ),
+            (
+                "[pool]\nidle_timeout = \"5s\"\nkeepalive_margin = \"10s\"",
+                "pool.idle_timeout",
+            ),
+            ("[pool]\nmax_requests = 0", "pool.max_requests"),
+            ("[pool]\nmax_lifetime = \"0s\"", "pool.max_lifetime"),
+            ("[pool]\nqueue_timeout = \"0s\"", "pool.queue_timeout"),
+            (
+                "[upstream]\nconnect_timeout = \"0s\"",
+                "upstream.connect_timeout",
+            ),
+            (
+                "[upstream]\ntls_handshake_timeout = \"0ms\"",
+                "upstream.tls_handshake_timeout",
+            ),
+            (
+                "[upstream]\nresponse_header_timeout = \"0s\"",
+                "upstream.response_header_timeout",
+            ),
+            (
+                "[upstream]\nextra_ca_files = [\"/nonexistent/edgepool-test-ca.pem\"]",
+                "upstream.extra_ca_files",
+            ),
+            (
+                "[upstream]\nextra_ca_files = [\"/\"]",
+                "upstream.extra_ca_files",
+            ),
+            (
+                "[upstream]\ninsecure_skip_verify = [\"*.example.com\"]",
+                "upstream.insecure_skip_verify",
+            ),
+            (
+                "[upstream]\ninsecure_skip_verify = [\"example.com:443\"]",
+                "upstream.insecure_skip_verify",
+            ),
+            (
+                "[upstream]\ndns_min_ttl = \"10m\"\ndns_max_ttl = \"5m\"",
+                "upstream.dns_min_ttl",
+            ),
+            ("[intercept]\npassthrough = [\"\"]", "intercept.passthrough"),
+            (
+                "[intercept]\npassthrough = [\"*\"]",
+                "intercept.passthrough",
+            ),
+            (
+                "[intercept]\npassthrough = [\"*.\"]",
+                "intercept.passthrough",
+            ),
+            (
+                "[intercept]\npassthrough = [\"a.*.example.com\"]",
+                "intercept.passthrough",
+            ),
+            (
+                "[intercept]\npassthrough = [\"*example.com\"]",
+                "intercept.passthrough",
+            ),
+            (
+                "[intercept]\npassthrough = [\"**.example.com\"]",
+                "intercept.passthrough",
+            ),
+            (
+                "[intercept]\npassthrough = [\"example.*\"]",
+                "intercept.passthrough",
+            ),
+            (
+                "[intercept]\npassthrough = [\"example.com:443\"]",
+                "intercept.passthrough",
+            ),
+            (
+                "[intercept]\npassthrough = [\"https://example.com\"]",
+                "intercept.passthrough",
+            ),
+            (
+                "[intercept]\npassthrough = [\"example.com/path\"]",
+                "intercept.passthrough",
+            ),
+            (
+                "[intercept]\npassthrough = [\"exa mple.com\"]",
+                "intercept.passthrough",
+            ),
+            (
+                "[intercept]\npassthrough = [\"example..com\"]",
+                "intercept.passthrough",
+            ),
+            (
+                "[intercept]\npassthrough = [\"-example.com\"]",
+                "intercept.passthrough",
+            ),
+            (
+                "[intercept]\npassthrough = [\"*.10.0.0.1\"]",
+                "intercept.passthrough",
+            ),
+            (
+                "[intercept]\npassthrough = [\"ok.example\", \"bad:1\"]",
+                "intercept.passthrough",
+            ),
+            (
+                "[intercept]\nleaf_cache_size = 0",
+                "intercept.leaf_cache_size",
+            ),
+            (
+                "[intercept]\nleaf_validity = \"0s\"",
+                "intercept.leaf_validity",
+            ),
+            ("[limits]\nmax_request_body = 0", "limits.max_request_body"),
+            ("[limits]\nmax_fetch_json = 0", "limits.max_fetch_json"),
+            ("[limits]\ndrain_timeout = \"0s\"", "limits.drain_timeout"),
+            ("[targets]\nallow = [\"10.1.2.3/8\"]", "targets.allow"),
+        ];
+        for (text, key) in cases {
+            let e = parse_err(text);
+            assert_eq!(e.key(), Some(*key), "{text:?}: {e}");
+            let msg = e.to_string();
+            assert!(
+                msg.contains(key),
+                "{text:?}: message does not name the key: {msg}"
+            );
+        }
+    }
+
+    #[test]
+    fn boundary_values_are_accepted() {
+        for text in [
+            "[pool]\nmax_per_key = 1\nmax_total = 1\nmax_idle_total = 1",
+            "[pool]\nidle_timeout = \"1001ms\"\nkeepalive_margin = \"1s\"",
+            "[pool]\nkeepalive_margin = \"0s\"",
+            "[pool]\nmax_requests = 1",
+            "[upstream]\ndns_min_ttl = \"0s\"\ndns_max_ttl = \"0s\"",
+            "[listen]\nproxy = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"",
+            "[listen]\nproxy = \"127.0.0.1:7000\"\nadmin = \"127.0.0.2:7000\"",
+            "[limits]\ndrain_max_bytes = 0",
+            "[intercept]\npassthrough = [\"com\", \"*.com\", \"Example.COM.\", \"10.0.0.1\", \"[::1]\", \"::1\", \"_svc.example\"]",
+            "[upstream]\ninsecure_skip_verify = [\"10.0.0.1\", \"[::1]\", \"host.internal\"]",
+            "[targets]\nallow = [\"10.1.2.3/32\", \"0.0.0.0/0\"]",
+        ] {
+            if let Err(e) = Config::from_toml_str(text) {
+                panic!("{text:?} rejected: {e}");
+            }
+        }
+    }
+
+    #[test]
+    fn extra_ca_files_must_exist() {
+        let dir = tempfile::tempdir().unwrap();
+        let pem = dir.path().join("corp-root.pem");
+        std::fs::write(&pem, "not checked here").unwrap();
+        let mut c = Config::default();
+        c.upstream.extra_ca_files = vec![pem.clone()];
+        c.validate().unwrap();
+        c.upstream
+            .extra_ca_files
+            .push(dir.path().join("missing.pem"));
+        let e = c.validate().unwrap_err();
+        assert_eq!(e.key(), Some("upstream.extra_ca_files"));
+        assert!(e.to_string().contains("missing.pem"), "{e}");
+    }
+
+    #[test]
+    fn load_reads_the_file_and_names_it_on_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("edgepool.toml");
+        std::fs::write(
+            &path,
+            "[pool]\nmax_total = 20\nmax_per_key = 2\nmax_idle_total = 10\n",
+        )
+        .unwrap();
+        let c = Config::load(&path).unwrap();
+        assert_eq!((c.pool.max_total, c.pool.max_per_key), (20, 2));
+
+        let missing = dir.path().join("nope.toml");
+        let e = Config::load(&missing).unwrap_err();
+        assert!(matches!(e, ConfigError::Read { .. }), "{e:?}");
+        assert!(e.to_string().contains("nope.toml"), "{e}");
+        assert_eq!(e.key(), None);
+
+        std::fs::write(&path, "[pool]\nmax_total = 0\n").unwrap();
+        assert_eq!(
+            Config::load(&path).unwrap_err().key(),
+            Some("pool.max_total")
+        );
+    }
+
+    #[test]
+    fn passthrough_matching() {
+        let ic = InterceptConfig {
+            passthrough: vec![
+                "exact.example".into(),
+                "*.wild.example".into(),
+                "Mixed.Example.".into(),
+                "[::1]".into(),
+            ],
+            ..InterceptConfig::default()
+        };
+        // exact
+        assert!(ic.is_passthrough("exact.example"));
+        assert!(!ic.is_passthrough("sub.exact.example"));
+        assert!(!ic.is_passthrough("notexact.example"));
+        // wildcard: any subdomain, any depth, not the apex
+        assert!(ic.is_passthrough("a.wild.example"));
+        assert!(ic.is_passthrough("a.b.wild.example"));
+        assert!(!ic.is_passthrough("wild.example"));
+        assert!(!ic.is_passthrough("notwild.example"));
+        assert!(!ic.is_passthrough(".wild.example"));
+        // case-insensitive, both ways
+        assert!(ic.is_passthrough("EXACT.Example"));
+        assert!(ic.is_passthrough("A.WILD.EXAMPLE"));
+        assert!(ic.is_passthrough("mixed.example"));
+        // trailing dot on host or pattern
+        assert!(ic.is_passthrough("exact.example."));
+        assert!(ic.is_passthrough("a.wild.example."));
+        assert!(!ic.is_passthrough("wild.example."));
+        assert!(ic.is_passthrough("mixed.example."));
+        // IPv6, with or without brackets
+        assert!(ic.is_passthrough("::1"));
+        assert!(ic.is_passthrough("[::1]"));
+        // nothing else; non-ASCII does not panic
+        assert!(!ic.is_passthrough("other.example"));
+        assert!(!ic.is_passthrough(""));
+        assert!(!ic.is_passthrough("é.wild.exampleé"));
+        assert!(!InterceptConfig::default().is_passthrough("exact.example"));
+    }
+
+    #[test]
+    fn to_pool_config_maps_every_field() {
+        let section = PoolSection {
+            max_per_key: 3,
+            max_total: 30,
+            max_idle_total: 20,
+            idle_timeout: Duration::from_secs(1),
+            max_requests: Some(7),
+            max_lifetime: Some(Duration::from_secs(600)),
+            keepalive_margin: Duration::from_millis(100),
+            learn_idle_timeout: false,
+            queue_timeout: Duration::from_secs(5),
+        };
+        let pc = section.to_pool_config();
+        assert_eq!(pc.max_per_key, 3);
+        assert_eq!(pc.max_total, 30);
+        assert_eq!(pc.max_idle_total, 20);
+        assert_eq!(pc.idle_timeout, Duration::from_secs(1));
+        assert_eq!(pc.max_requests, Some(7));
+        assert_eq!(pc.max_lifetime, Some(Duration::from_secs(600)));
+        assert_eq!(pc.keepalive_margin, Duration::from_millis(100));
+        assert!(!pc.learn_idle_timeout);
+        // idle_timeout / 4 when that is below the pool's default sweep interval
+        assert_eq!(pc.sweep_interval, Duration::from_millis(250));
+        // floor of 1 ms
+        let tiny = PoolSection {
+            idle_timeout: Duration::from_micros(2),
+            ..section
+        };
+        assert_eq!(
+            tiny.to_pool_config().sweep_interval,
+            Duration::from_millis(1)
+        );
+    }
+
+    #[test]
+    fn default_pool_section_equals_pool_defaults() {
+        let ours = PoolSection::default().to_pool_config();
+        let pool = PoolConfig::default();
+        assert_eq!(ours.max_per_key, pool.max_per_key);
+        assert_eq!(ours.max_total, pool.max_total);
+        assert_eq!(ours.max_idle_total, pool.max_idle_total);
+        assert_eq!(ours.idle_timeout, pool.idle_timeout);
+        assert_eq!(ours.max_requests, pool.max_requests);
+        assert_eq!(ours.max_lifetime, pool.max_lifetime);
+        assert_eq!(ours.keepalive_margin, pool.keepalive_margin);
+        assert_eq!(ours.sweep_interval, pool.sweep_interval);
+        assert_eq!(ours.learn_idle_timeout, pool.learn_idle_timeout);
+    }
+
+    #[test]
+    fn data_dir_defaults_to_platform_dir() {
+        let c = Config::default();
+        assert_eq!(c.data_dir(), Config::default_data_dir());
+        assert!(
+            Config::default_data_dir().ends_with("edgepool")
+                || Config::default_data_dir() == Path::new(FALLBACK_DATA_DIR)
+        );
+    }
+
+    #[test]
+    fn error_display_and_key() {
+        let e = invalid("pool.max_total", "must be at least 1");
+        assert_eq!(
+            e.to_string(),
+            "invalid configuration value for `pool.max_total`: must be at least 1"
+        );
+        assert_eq!(e.key(), Some("pool.max_total"));
+    }
+}

@@ -1,0 +1,784 @@
+//! dial: opens upstream connections — cached DNS, TCP (`TCP_NODELAY`), rustls (webpki roots
+//! plus extra CAs, session resumption, ALPN h2/http1.1) and the HTTP/1.1 or HTTP/2
+//! handshake — timing every phase, and watches each connection for the pool.
+//!
+//! Every connection's bytes pass through [`WatchedIo`], which counts them, remembers how the
+//! read side ended (EOF, reset) and, for HTTP/2, reads frame headers so the pool learns the
+//! server's `SETTINGS_MAX_CONCURRENT_STREAMS` the moment it arrives and sees GOAWAY at once.
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper_util::rt::TokioIo;
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls_pki_types::pem::PemObject;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+use crate::pool::{BoxFuture, ConnWatch, Connected, Connector, EndCause, PoolConn};
+
+/// `http` or `https` target.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Scheme {
+    /// Plain HTTP.
+    Http,
+    /// HTTP over TLS.
+    Https,
+}
+
+impl Scheme {
+    /// `"http"` / `"https"`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Scheme::Http => "http",
+            Scheme::Https => "https",
+        }
+    }
+    /// 80 / 443.
+    pub fn default_port(self) -> u16 {
+        match self {
+            Scheme::Http => 80,
+            Scheme::Https => 443,
+        }
+    }
+}
+
+/// Everything that makes two upstream connections interchangeable. Two requests may share a
+/// connection only if every field is equal:
+/// - `scheme`, `host`, `port`: the origin (host is also the TLS SNI and what the certificate
+///   is verified against);
+/// - `addr`: the resolved address actually connected to (a new DNS answer is a new key);
+/// - `exit`: the egress path (`direct` today; a proxy node + credentials + session later);
+/// - `verify`: whether the certificate was verified (an insecure connection never serves a
+///   request that asked for verification).
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct UpstreamKey {
+    /// Target scheme.
+    pub scheme: Scheme,
+    /// Target host, lower-case, without brackets for IPv6.
+    pub host: Arc<str>,
+    /// Target port.
+    pub port: u16,
+    /// The checked address connected to.
+    pub addr: SocketAddr,
+    /// Exit id (`direct`).
+    pub exit: Arc<str>,
+    /// Certificate verification on.
+    pub verify: bool,
+}
+
+impl UpstreamKey {
+    /// `host:port` (IPv6 in brackets): the per-target label for status and metrics.
+    pub fn target(&self) -> String {
+        authority(&self.host, self.port)
+    }
+}
+
+/// `host:port` with IPv6 hosts in brackets.
+pub fn authority(host: &str, port: u16) -> String {
+    if host.contains(':') {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
+    }
+}
+
+/// Why a dial failed. Each variant maps to one worker-facing error.
+#[derive(Debug, thiserror::Error)]
+pub enum DialError {
+    /// TCP connect failed (refused, unreachable, ...).
+    #[error("connect to {addr} failed: {source}")]
+    Connect {
+        /// Address.
+        addr: SocketAddr,
+        /// Cause.
+        source: io::Error,
+    },
+    /// TCP connect did not finish in time.
+    #[error("connect to {addr} timed out after {after:?}")]
+    ConnectTimeout {
+        /// Address.
+        addr: SocketAddr,
+        /// The timeout.
+        after: Duration,
+    },
+    /// TLS handshake failed (including certificate verification).
+    #[error("TLS handshake with {host} failed: {reason}")]
+    Tls {
+        /// SNI host.
+        host: String,
+        /// rustls' reason.
+        reason: String,
+    },
+    /// TLS handshake did not finish in time.
+    #[error("TLS handshake with {host} timed out after {after:?}")]
+    TlsTimeout {
+        /// SNI host.
+        host: String,
+        /// The timeout.
+        after: Duration,
+    },
+    /// The HTTP/1.1 or HTTP/2 connection setup failed.
+    #[error("HTTP handshake with {host} failed: {reason}")]
+    Handshake {
+        /// Host.
+        host: String,
+        /// Reason.
+        reason: String,
+    },
+}
+
+/// How long each phase of opening a connection took.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DialTimings {
+    /// TCP connect.
+    pub tcp: Duration,
+    /// TLS handshake (zero for plain HTTP).
+    pub tls: Duration,
+}
+
+const READ_NONE: u8 = 0;
+const READ_EOF: u8 = 1;
+const READ_RESET: u8 = 2;
+const READ_ERROR: u8 = 3;
+
+/// State shared between a connection's handles, its driver task and its [`WatchedIo`].
+#[derive(Debug)]
+pub struct ConnShared {
+    alive: AtomicBool,
+    bytes_in: AtomicU64,
+    bytes_out: AtomicU64,
+    read_end: AtomicU8,
+    /// The server's stream limit from its SETTINGS (0 until they arrive).
+    max_streams: AtomicUsize,
+    /// How the connection was opened.
+    pub timings: DialTimings,
+    /// `h2` or `http/1.1`.
+    pub protocol: &'static str,
+}
+
+impl ConnShared {
+    fn new(timings: DialTimings, protocol: &'static str) -> Self {
+        ConnShared {
+            alive: AtomicBool::new(true),
+            bytes_in: AtomicU64::new(0),
+            bytes_out: AtomicU64::new(0),
+            read_end: AtomicU8::new(READ_NONE),
+            max_streams: AtomicUsize::new(0),
+            timings,
+            protocol,
+        }
+    }
+    /// Bytes read from the server so far (after TLS).
+    pub fn bytes_in(&self) -> u64 {
+        self.bytes_in.load(Ordering::Relaxed)
+    }
+    /// Bytes written to the server so far (before TLS).
+    pub fn bytes_out(&self) -> u64 {
+        self.bytes_out.load(Ordering::Relaxed)
+    }
+    /// False once the connection's driver has finished.
+    pub fn is_alive(&self) -> bool {
+        self.alive.load(Ordering::Acquire)
+    }
+}
+
+/// An upstream connection handle.
+pub enum UpstreamConn {
+    /// HTTP/1.1: exclusive.
+    H1 {
+        /// hyper's request sender.
+        send: hyper::client::conn::http1::SendRequest<Full<Bytes>>,
+        /// Shared state.
+        shared: Arc<ConnShared>,
+    },
+    /// HTTP/2: shared by streams.
+    H2 {
+        /// h2's request sender.
+        send: h2::client::SendRequest<Bytes>,
+        /// Shared state.
+        shared: Arc<ConnShared>,
+    },
+}
+
+impl UpstreamConn {
+    /// Shared state of the connection.
+    pub fn shared(&self) -> &Arc<ConnShared> {
+        match self {
+            UpstreamConn::H1 { shared, .. } | UpstreamConn::H2 { shared, .. } => shared,
+        }
+    }
+}
+
+impl PoolConn for UpstreamConn {
+    fn share(&self) -> Option<Self> {
+        match self {
+            UpstreamConn::H1 { .. } => None,
+            UpstreamConn::H2 { send, shared } => Some(UpstreamConn::H2 {
+                send: send.clone(),
+                shared: shared.clone(),
+            }),
+        }
+    }
+    fn is_open(&self) -> bool {
+        match self {
+            UpstreamConn::H1 { send, shared } => shared.is_alive() && !send.is_closed(),
+            UpstreamConn::H2 { shared, .. } => shared.is_alive(),
+        }
+    }
+}
+
+/// Resolves target names with a TTL-respecting cache (hickory), `/etc/hosts` included.
+/// IP literals skip DNS.
+pub struct Resolver {
+    inner: hickory_resolver::TokioAsyncResolver,
+}
+
+impl Resolver {
+    /// A resolver from the system configuration, TTLs clamped to `[min_ttl, max_ttl]`.
+    pub fn new(min_ttl: Duration, max_ttl: Duration) -> Self {
+        let (config, mut opts) =
+            hickory_resolver::system_conf::read_system_conf().unwrap_or_else(|e| {
+                tracing::warn!("no usable system DNS configuration ({e}); using defaults");
+                (Default::default(), Default::default())
+            });
+        opts.positive_min_ttl = Some(min_ttl);
+        opts.positive_max_ttl = Some(max_ttl);
+        opts.cache_size = 4096;
+        opts.use_hosts_file = true;
+        Resolver {
+            inner: hickory_resolver::TokioAsyncResolver::tokio(config, opts),
+        }
+    }
+
+    /// All addresses of `host` (an IP literal resolves to itself).
+    pub async fn resolve(&self, host: &str) -> Result<Vec<IpAddr>, String> {
+        if let Ok(ip) = host.parse::<IpAddr>() {
+            return Ok(vec![ip]);
+        }
+        if host.eq_ignore_ascii_case("localhost") {
+            return Ok(vec![IpAddr::from([127, 0, 0, 1])]);
+        }
+        let lookup = self
+            .inner
+            .lookup_ip(host)
+            .await
+            .map_err(|e| e.to_string())?;
+        let ips: Vec<IpAddr> = lookup.iter().collect();
+        if ips.is_empty() {
+            return Err("no addresses".into());
+        }
+        Ok(ips)
+    }
+}
+
+/// Settings for dialing.
+#[derive(Clone, Debug)]
+pub struct DialConfig {
+    /// TCP connect timeout.
+    pub connect_timeout: Duration,
+    /// TLS handshake timeout.
+    pub tls_handshake_timeout: Duration,
+    /// Offer h2 by ALPN.
+    pub http2: bool,
+    /// Extra PEM roots for targets.
+    pub extra_ca_files: Vec<PathBuf>,
+    /// Stream limit assumed when a server's SETTINGS set none.
+    pub default_max_streams: usize,
+}
+
+/// The pool's [`Connector`]: dials [`UpstreamKey`]s.
+pub struct Dialer {
+    cfg: DialConfig,
+    tls_verify: Arc<rustls::ClientConfig>,
+    tls_insecure: Arc<rustls::ClientConfig>,
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+impl Dialer {
+    /// Builds the TLS client configurations. Fails if an extra CA file cannot be read.
+    pub fn new(cfg: DialConfig) -> Result<Self, String> {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+        for path in &cfg.extra_ca_files {
+            let certs = CertificateDer::pem_file_iter(path)
+                .map_err(|e| format!("upstream CA file {}: {e}", path.display()))?;
+            let mut n = 0;
+            for c in certs {
+                let c = c.map_err(|e| format!("upstream CA file {}: {e}", path.display()))?;
+                roots
+                    .add(c)
+                    .map_err(|e| format!("upstream CA file {}: {e}", path.display()))?;
+                n += 1;
+            }
+            if n == 0 {
+                return Err(format!(
+                    "upstream CA file {}: no certificates in it",
+                    path.display()
+                ));
+            }
+        }
+        let alpn: Vec<Vec<u8>> = if cfg.http2 {
+            vec![b"h2".to_vec(), b"http/1.1".to_vec()]
+        } else {
+            vec![b"http/1.1".to_vec()]
+        };
+        let builder = || {
+            rustls::ClientConfig::builder_with_provider(provider())
+                .with_safe_default_protocol_versions()
+                .expect("ring supports the default protocol versions")
+        };
+        let mut verify = builder()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        verify.alpn_protocols = alpn.clone();
+        verify.resumption = rustls::client::Resumption::in_memory_sessions(4096);
+        let mut insecure = builder()
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(NoVerify(provider())))
+            .with_no_client_auth();
+        insecure.alpn_protocols = alpn;
+        insecure.resumption = rustls::client::Resumption::in_memory_sessions(1024);
+        Ok(Dialer {
+            cfg,
+            tls_verify: Arc::new(verify),
+            tls_insecure: Arc::new(insecure),
+        })
+    }
+
+    async fn dial(
+        cfg: DialConfig,
+        tls: Arc<rustls::ClientConfig>,
+        key: UpstreamKey,
+        watch: ConnWatch<Dialer>,
+    ) -> Result<Connected<UpstreamConn>, DialError> {
+        let t0 = Instant::now();
+        let tcp =
+            match tokio::time::timeout(cfg.connect_timeout, TcpStream::connect(key.addr)).await {
+                Err(_) => {
+                    return Err(DialError::ConnectTimeout {
+                        addr: key.addr,
+                        after: cfg.connect_timeout,
+                    })
+                }
+                Ok(Err(source)) => {
+                    return Err(DialError::Connect {
+                        addr: key.addr,
+                        source,
+                    })
+                }
+                Ok(Ok(s)) => s,
+            };
+        let _ = tcp.set_nodelay(true);
+        let tcp_time = t0.elapsed();
+        let host = key.host.to_string();
+        match key.scheme {
+            Scheme::Http => {
+                let shared = Arc::new(ConnShared::new(
+                    DialTimings {
+                        tcp: tcp_time,
+                        tls: Duration::ZERO,
+                    },
+                    "http/1.1",
+                ));
+                let io = WatchedIo::new(tcp, shared.clone(), None);
+                h1_handshake(io, shared, watch, host).await
+            }
+            Scheme::Https => {
+                let t1 = Instant::now();
+                let name = ServerName::try_from(host.clone()).map_err(|e| DialError::Tls {
+                    host: host.clone(),
+                    reason: format!("invalid server name: {e}"),
+                })?;
+                let connector = tokio_rustls::TlsConnector::from(tls);
+                let stream = match tokio::time::timeout(
+                    cfg.tls_handshake_timeout,
+                    connector.connect(name, tcp),
+                )
+                .await
+                {
+                    Err(_) => {
+                        return Err(DialError::TlsTimeout {
+                            host,
+                            after: cfg.tls_handshake_timeout,
+                        })
+                    }
+                    Ok(Err(e)) => {
+                        return Err(DialError::Tls {
+                            host,
+                            reason: e.to_string(),
+                        })
+                    }
+                    Ok(Ok(s)) => s,
+                };
+                let timings = DialTimings {
+                    tcp: tcp_time,
+                    tls: t1.elapsed(),
+                };
+                let is_h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
+                if is_h2 {
+                    let shared = Arc::new(ConnShared::new(timings, "h2"));
+                    let tracker = FrameTracker::new(watch.clone(), cfg.default_max_streams);
+                    let io = WatchedIo::new(stream, shared.clone(), Some(tracker));
+                    h2_handshake(io, shared, watch, host).await
+                } else {
+                    let shared = Arc::new(ConnShared::new(timings, "http/1.1"));
+                    let io = WatchedIo::new(stream, shared.clone(), None);
+                    h1_handshake(io, shared, watch, host).await
+                }
+            }
+        }
+    }
+}
+
+async fn h1_handshake<T>(
+    io: WatchedIo<T>,
+    shared: Arc<ConnShared>,
+    watch: ConnWatch<Dialer>,
+    host: String,
+) -> Result<Connected<UpstreamConn>, DialError>
+where
+    T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (send, conn) = hyper::client::conn::http1::Builder::new()
+        .handshake::<_, Full<Bytes>>(TokioIo::new(io))
+        .await
+        .map_err(|e| DialError::Handshake {
+            host,
+            reason: e.to_string(),
+        })?;
+    let s2 = shared.clone();
+    tokio::spawn(async move {
+        let res = conn.await;
+        s2.alive.store(false, Ordering::Release);
+        let read_end = s2.read_end.load(Ordering::Acquire);
+        let cause = match res {
+            _ if read_end == READ_RESET => EndCause::Reset,
+            Ok(()) => EndCause::Fin,
+            Err(e) if e.to_string().contains("unexpected message") => EndCause::StrayBytes,
+            Err(e) if e.is_parse() => EndCause::StrayBytes,
+            Err(_) if read_end == READ_EOF => EndCause::Fin,
+            Err(_) => EndCause::Error,
+        };
+        watch.closed(cause);
+    });
+    Ok(Connected {
+        conn: UpstreamConn::H1 { send, shared },
+        multiplexed: false,
+        max_streams: Some(1),
+    })
+}
+
+async fn h2_handshake<T>(
+    io: WatchedIo<T>,
+    shared: Arc<ConnShared>,
+    watch: ConnWatch<Dialer>,
+    host: String,
+) -> Result<Connected<UpstreamConn>, DialError>
+where
+    T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (send, conn) = h2::client::Builder::new()
+        .enable_push(false)
+        .initial_window_size(1 << 20)
+        .initial_connection_window_size(4 << 20)
+        .max_header_list_size(256 * 1024)
+        .handshake::<_, Bytes>(io)
+        .await
+        .map_err(|e| DialError::Handshake {
+            host,
+            reason: e.to_string(),
+        })?;
+    let s2 = shared.clone();
+    tokio::spawn(async move {
+        let res = conn.await;
+        s2.alive.store(false, Ordering::Release);
+        let read_end = s2.read_end.load(Ordering::Acquire);
+        let cause = match res {
+            _ if read_end == READ_RESET => EndCause::Reset,
+            Ok(()) => EndCause::Fin,
+            Err(e) if e.is_go_away() => EndCause::Goaway,
+            Err(_) if read_end == READ_EOF => EndCause::Fin,
+            Err(_) => EndCause::Error,
+        };
+        watch.closed(cause);
+    });
+    let known = shared.max_streams.load(Ordering::Acquire);
+    Ok(Connected {
+        conn: UpstreamConn::H2 { send, shared },
+        multiplexed: true,
+        max_streams: (known > 0).then_some(known),
+    })
+}
+
+impl Connector for Dialer {
+    type Key = UpstreamKey;
+    type Conn = UpstreamConn;
+    type Error = DialError;
+
+    fn connect(
+        &self,
+        key: &UpstreamKey,
+        watch: ConnWatch<Self>,
+    ) -> BoxFuture<Result<Connected<UpstreamConn>, DialError>> {
+        let tls = if key.verify {
+            self.tls_verify.clone()
+        } else {
+            self.tls_insecure.clone()
+        };
+        Box::pin(Self::dial(self.cfg.clone(), tls, key.clone(), watch))
+    }
+
+    fn may_multiplex(&self, key: &UpstreamKey) -> bool {
+        self.cfg.http2 && key.scheme == Scheme::Https
+    }
+}
+
+/// Accepts any server certificate. Used only for hosts listed in
+/// `upstream.insecure_skip_verify` (an explicit, logged opt-in).
+#[derive(Debug)]
+struct NoVerify(Arc<rustls::crypto::CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for NoVerify {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// Reads HTTP/2 frame headers off the incoming byte stream (after TLS) to see the server's
+/// SETTINGS and GOAWAY as they arrive, before h2 hands them to anyone.
+struct FrameTracker {
+    watch: ConnWatch<Dialer>,
+    default_max_streams: usize,
+    header: [u8; 9],
+    header_len: usize,
+    remaining: usize,
+    kind: u8,
+    flags: u8,
+    payload: Vec<u8>,
+    settled: bool,
+    current_max: usize,
+}
+
+const FRAME_SETTINGS: u8 = 0x4;
+const FRAME_GOAWAY: u8 = 0x7;
+const SETTINGS_MAX_CONCURRENT_STREAMS: u16 = 0x3;
+
+impl FrameTracker {
+    fn new(watch: ConnWatch<Dialer>, default_max_streams: usize) -> Self {
+        FrameTracker {
+            watch,
+            default_max_streams,
+            header: [0; 9],
+            header_len: 0,
+            remaining: 0,
+            kind: 0,
+            flags: 0,
+            payload: Vec::new(),
+            settled: false,
+            current_max: 0,
+        }
+    }
+
+    fn feed(&mut self, mut buf: &[u8], shared: &ConnShared) {
+        while !buf.is_empty() {
+            if self.header_len < 9 {
+                let n = (9 - self.header_len).min(buf.len());
+                self.header[self.header_len..self.header_len + n].copy_from_slice(&buf[..n]);
+                self.header_len += n;
+                buf = &buf[n..];
+                if self.header_len == 9 {
+                    let h = &self.header;
+                    self.remaining =
+                        ((h[0] as usize) << 16) | ((h[1] as usize) << 8) | h[2] as usize;
+                    self.kind = h[3];
+                    self.flags = h[4];
+                    self.payload.clear();
+                    if self.remaining == 0 {
+                        self.frame_done(shared);
+                    }
+                }
+                continue;
+            }
+            let n = self.remaining.min(buf.len());
+            if matches!(self.kind, FRAME_SETTINGS | FRAME_GOAWAY) && self.payload.len() < 4096 {
+                let take = n.min(4096 - self.payload.len());
+                self.payload.extend_from_slice(&buf[..take]);
+            }
+            self.remaining -= n;
+            buf = &buf[n..];
+            if self.remaining == 0 {
+                self.frame_done(shared);
+            }
+        }
+    }
+
+    fn frame_done(&mut self, shared: &ConnShared) {
+        self.header_len = 0;
+        match self.kind {
+            FRAME_SETTINGS if self.flags & 0x1 == 0 => {
+                let mut max = None;
+                for entry in self.payload.chunks_exact(6) {
+                    let id = u16::from_be_bytes([entry[0], entry[1]]);
+                    if id == SETTINGS_MAX_CONCURRENT_STREAMS {
+                        let v = u32::from_be_bytes([entry[2], entry[3], entry[4], entry[5]]);
+                        max = Some(v as usize);
+                    }
+                }
+                let value = match (max, self.settled) {
+                    (Some(v), _) => v.min(self.default_max_streams.max(1) * 16).max(1),
+                    (None, false) => self.default_max_streams,
+                    (None, true) => self.current_max,
+                };
+                if !self.settled || value != self.current_max {
+                    self.settled = true;
+                    self.current_max = value;
+                    shared.max_streams.store(value, Ordering::Release);
+                    self.watch.settled(value);
+                }
+            }
+            FRAME_GOAWAY => self.watch.goaway(),
+            _ => {}
+        }
+    }
+}
+
+/// The socket (or TLS stream) of an upstream connection, counting bytes and noting how the
+/// read side ended; for HTTP/2 it also feeds a [`FrameTracker`].
+pub struct WatchedIo<T> {
+    inner: T,
+    shared: Arc<ConnShared>,
+    tracker: Option<FrameTracker>,
+}
+
+impl<T> WatchedIo<T> {
+    fn new(inner: T, shared: Arc<ConnShared>, tracker: Option<FrameTracker>) -> Self {
+        WatchedIo {
+            inner,
+            shared,
+            tracker,
+        }
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for WatchedIo<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let this = &mut *self;
+        let res = Pin::new(&mut this.inner).poll_read(cx, buf);
+        match &res {
+            Poll::Ready(Ok(())) => {
+                let new = &buf.filled()[before..];
+                if new.is_empty() {
+                    this.shared.read_end.store(READ_EOF, Ordering::Release);
+                } else {
+                    this.shared
+                        .bytes_in
+                        .fetch_add(new.len() as u64, Ordering::Relaxed);
+                    if let Some(t) = this.tracker.as_mut() {
+                        t.feed(new, &this.shared);
+                    }
+                }
+            }
+            Poll::Ready(Err(e)) => {
+                let end = match e.kind() {
+                    io::ErrorKind::ConnectionReset | io::ErrorKind::ConnectionAborted => READ_RESET,
+                    io::ErrorKind::UnexpectedEof => READ_EOF,
+                    _ => READ_ERROR,
+                };
+                this.shared.read_end.store(end, Ordering::Release);
+            }
+            Poll::Pending => {}
+        }
+        res
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for WatchedIo<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let res = Pin::new(&mut self.inner).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = &res {
+            self.shared
+                .bytes_out
+                .fetch_add(*n as u64, Ordering::Relaxed);
+        }
+        res
+    }
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let res = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        if let Poll::Ready(Ok(n)) = &res {
+            self.shared
+                .bytes_out
+                .fetch_add(*n as u64, Ordering::Relaxed);
+        }
+        res
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}

@@ -1,0 +1,303 @@
+//! error: edgepool's own errors — which side failed, the status and one-token
+//! `X-Edgepool-Error` they map to, and the response a worker gets for them.
+use bytes::Bytes;
+use http::{HeaderValue, Response, StatusCode};
+
+use crate::forward::{full_body, ProxyBody};
+
+/// Which party a failure belongs to. It picks the status code and the metric label.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Side {
+    /// The worker sent something we cannot serve.
+    Worker,
+    /// The target site (DNS, connect, TLS, response) failed.
+    Target,
+    /// edgepool itself (overload, internal).
+    Edgepool,
+}
+
+impl Side {
+    /// Lower-case name for JSON and logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Side::Worker => "worker",
+            Side::Target => "target",
+            Side::Edgepool => "edgepool",
+        }
+    }
+}
+
+/// Whether the request may have reached the target, as far as edgepool knows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Sent {
+    /// No byte of it was written upstream.
+    None,
+    /// Some or all of it was written; the target may have acted on it.
+    Maybe,
+    /// It was written completely.
+    Complete,
+}
+
+impl Sent {
+    /// Lower-case name for JSON and headers.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Sent::None => "none",
+            Sent::Maybe => "maybe",
+            Sent::Complete => "complete",
+        }
+    }
+}
+
+/// An error produced by edgepool (never a target's own response).
+#[derive(Clone, Debug)]
+pub struct EdgeError {
+    /// HTTP status for the worker.
+    pub status: StatusCode,
+    /// One token for `X-Edgepool-Error`, the reason phrase and the metric label.
+    pub token: &'static str,
+    /// RFC 9209 `Proxy-Status` error type.
+    pub proxy_status: &'static str,
+    /// Who failed.
+    pub side: Side,
+    /// Human explanation (never contains credentials).
+    pub detail: String,
+    /// Whether the request may have reached the target.
+    pub sent: Option<Sent>,
+    /// `Retry-After` seconds, for 503s.
+    pub retry_after: Option<u32>,
+}
+
+impl EdgeError {
+    fn new(
+        status: StatusCode,
+        token: &'static str,
+        proxy_status: &'static str,
+        side: Side,
+        detail: impl Into<String>,
+    ) -> Self {
+        EdgeError {
+            status,
+            token,
+            proxy_status,
+            side,
+            detail: detail.into(),
+            sent: None,
+            retry_after: None,
+        }
+    }
+    /// 400: the worker's request is not something a proxy can forward.
+    pub fn bad_request(token: &'static str, detail: impl Into<String>) -> Self {
+        Self::new(
+            StatusCode::BAD_REQUEST,
+            token,
+            "http_request_error",
+            Side::Worker,
+            detail,
+        )
+    }
+    /// 400 `target_forbidden`: the target resolves to an address policy refuses (loopback,
+    /// private, metadata, ...). Deliberately not 403: scrapers read 403 as a target's block.
+    pub fn target_forbidden(detail: impl Into<String>) -> Self {
+        Self::new(
+            StatusCode::BAD_REQUEST,
+            "target_forbidden",
+            "destination_ip_prohibited",
+            Side::Worker,
+            detail,
+        )
+    }
+    /// 413: the request body is over the limit.
+    pub fn body_too_large(limit: u64) -> Self {
+        Self::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "request_body_too_large",
+            "http_request_error",
+            Side::Worker,
+            format!("request body is larger than limits.max_request_body ({limit} bytes)"),
+        )
+    }
+    /// 502 `dns_failed`.
+    pub fn dns_failed(host: &str, why: impl std::fmt::Display) -> Self {
+        Self::new(
+            StatusCode::BAD_GATEWAY,
+            "dns_failed",
+            "dns_error",
+            Side::Target,
+            format!("could not resolve {host}: {why}"),
+        )
+    }
+    /// 502 `upstream_connect_failed`.
+    pub fn connect_failed(detail: impl Into<String>) -> Self {
+        Self::new(
+            StatusCode::BAD_GATEWAY,
+            "upstream_connect_failed",
+            "connection_refused",
+            Side::Target,
+            detail,
+        )
+    }
+    /// 504 `upstream_connect_timeout`.
+    pub fn connect_timeout(detail: impl Into<String>) -> Self {
+        Self::new(
+            StatusCode::GATEWAY_TIMEOUT,
+            "upstream_connect_timeout",
+            "connection_timeout",
+            Side::Target,
+            detail,
+        )
+    }
+    /// 502 `upstream_tls_failed` (never retried; never hidden behind our CA).
+    pub fn tls_failed(detail: impl Into<String>) -> Self {
+        Self::new(
+            StatusCode::BAD_GATEWAY,
+            "upstream_tls_failed",
+            "tls_protocol_error",
+            Side::Target,
+            detail,
+        )
+    }
+    /// 504 `upstream_response_timeout`.
+    pub fn response_timeout(detail: impl Into<String>) -> Self {
+        Self::new(
+            StatusCode::GATEWAY_TIMEOUT,
+            "upstream_response_timeout",
+            "http_response_timeout",
+            Side::Target,
+            detail,
+        )
+    }
+    /// 502 `upstream_request_failed`: the upstream connection failed during the request.
+    pub fn request_failed(detail: impl Into<String>, sent: Sent) -> Self {
+        let mut e = Self::new(
+            StatusCode::BAD_GATEWAY,
+            "upstream_request_failed",
+            "connection_terminated",
+            Side::Target,
+            detail,
+        );
+        e.sent = Some(sent);
+        e
+    }
+    /// 502 `upstream_failed_not_replayed`: a non-idempotent request failed on a reused
+    /// connection after it may have reached the target; edgepool does not replay it.
+    pub fn not_replayed(detail: impl Into<String>) -> Self {
+        let mut e = Self::new(
+            StatusCode::BAD_GATEWAY,
+            "upstream_failed_not_replayed",
+            "connection_terminated",
+            Side::Target,
+            detail,
+        );
+        e.sent = Some(Sent::Maybe);
+        e
+    }
+    /// 502 `upstream_bad_response`: the response could not be parsed.
+    pub fn bad_response(detail: impl Into<String>) -> Self {
+        Self::new(
+            StatusCode::BAD_GATEWAY,
+            "upstream_bad_response",
+            "http_protocol_error",
+            Side::Target,
+            detail,
+        )
+    }
+    /// 503 `pool_queue_timeout`: no connection became free in time.
+    pub fn queue_timeout(detail: impl Into<String>) -> Self {
+        let mut e = Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "pool_queue_timeout",
+            "connection_limit_reached",
+            Side::Edgepool,
+            detail,
+        );
+        e.retry_after = Some(1);
+        e.sent = Some(Sent::None);
+        e
+    }
+    /// 503 `shutting_down`.
+    pub fn shutting_down() -> Self {
+        let mut e = Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "shutting_down",
+            "proxy_internal_error",
+            Side::Edgepool,
+            "edgepool is shutting down",
+        );
+        e.retry_after = Some(1);
+        e
+    }
+    /// 500 `internal_error`.
+    pub fn internal(detail: impl Into<String>) -> Self {
+        Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal_error",
+            "proxy_internal_error",
+            Side::Edgepool,
+            detail,
+        )
+    }
+    /// With the request-sent state set.
+    pub fn with_sent(mut self, sent: Sent) -> Self {
+        self.sent = Some(sent);
+        self
+    }
+
+    /// The JSON body.
+    pub fn json(&self) -> serde_json::Value {
+        let mut v = serde_json::json!({
+            "error": self.token,
+            "side": self.side.as_str(),
+            "detail": self.detail,
+        });
+        if let Some(s) = self.sent {
+            v["request_sent"] = s.as_str().into();
+        }
+        v
+    }
+
+    /// The response a worker gets: status, `X-Edgepool-Error`, `Proxy-Status`, the token as
+    /// reason phrase (HTTP/1.1) and a short JSON body.
+    pub fn to_response(&self) -> Response<ProxyBody> {
+        let body = Bytes::from(self.json().to_string() + "\n");
+        let mut res = Response::new(full_body(body));
+        *res.status_mut() = self.status;
+        let h = res.headers_mut();
+        h.insert("x-edgepool-error", HeaderValue::from_static(self.token));
+        let detail = self.detail.replace(['"', '\\'], "'");
+        let ps = format!(
+            "edgepool; error={}; details=\"{}\"",
+            self.proxy_status, detail
+        );
+        if let Ok(v) = HeaderValue::from_str(&ps) {
+            h.insert("proxy-status", v);
+        }
+        h.insert("content-type", HeaderValue::from_static("application/json"));
+        if let Some(s) = self.sent {
+            h.insert(
+                "x-edgepool-request-sent",
+                HeaderValue::from_static(s.as_str()),
+            );
+        }
+        if let Some(r) = self.retry_after {
+            h.insert("retry-after", HeaderValue::from(r));
+        }
+        res.extensions_mut()
+            .insert(hyper::ext::ReasonPhrase::from_static(self.token.as_bytes()));
+        res
+    }
+}
+
+impl std::fmt::Display for EdgeError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} ({}): {}",
+            self.token,
+            self.status.as_u16(),
+            self.detail
+        )
+    }
+}
+
+impl std::error::Error for EdgeError {}

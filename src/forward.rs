@@ -1,0 +1,865 @@
+//! forward: sends one worker request upstream over a pooled connection — resolve and check
+//! the target, check out a connection, send, retry once when that is safe, and stream the
+//! response back with the connection returned to the pool when the body ends.
+//!
+//! Retry rule (RFC 9110 §9.2.2): a request that fails on a *reused* connection before any
+//! response byte arrived is retried once on a fresh connection if its method is idempotent
+//! (or it carries `Idempotency-Key`), if no byte of it was written, or if an HTTP/2 server
+//! refused the stream (REFUSED_STREAM / GOAWAY above the last stream id). Anything else is
+//! never replayed: the worker gets a 502 saying whether the request may have been sent.
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, Response, Version};
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::{BodyExt, Full};
+use tokio::time::Instant;
+
+use crate::dial::{authority, DialError, Resolver, Scheme, UpstreamConn, UpstreamKey};
+use crate::error::{EdgeError, Sent};
+use crate::guard::TargetPolicy;
+use crate::pool::{
+    CheckoutError, CheckoutOpts, CloseReason, Hints, Lease, NewReason, Pool, Release,
+};
+use crate::telemetry::{RequestRecord, Telemetry};
+
+/// Error type of response bodies handed to workers.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+/// The body type of every response edgepool gives a worker.
+pub type ProxyBody = http_body_util::combinators::UnsyncBoxBody<Bytes, BoxError>;
+
+/// A whole body from bytes.
+pub fn full_body(b: impl Into<Bytes>) -> ProxyBody {
+    Full::new(b.into())
+        .map_err(|never| match never {})
+        .boxed_unsync()
+}
+
+/// The exit every request takes until upstream proxies exist.
+pub const EXIT_DIRECT: &str = "direct";
+
+/// Settings of the forwarder.
+#[derive(Clone, Debug)]
+pub struct ForwardConfig {
+    /// How long a request waits for a connection.
+    pub queue_timeout: Duration,
+    /// How long to wait for the response head once the request is sent.
+    pub response_header_timeout: Duration,
+    /// When a worker leaves mid-response, read at most this many more bytes to keep the
+    /// connection.
+    pub drain_max_bytes: u64,
+    /// ... for at most this long.
+    pub drain_timeout: Duration,
+    /// Hosts whose certificates are not verified (explicit opt-in).
+    pub insecure_hosts: Vec<String>,
+}
+
+/// A request ready to go upstream: hop-by-hop and `X-Edgepool-*` headers already removed,
+/// body buffered (so a retry sends exactly the same bytes).
+#[derive(Clone, Debug)]
+pub struct Outgoing {
+    /// Method.
+    pub method: Method,
+    /// Target scheme.
+    pub scheme: Scheme,
+    /// Target host (lower-case; IPv6 without brackets).
+    pub host: String,
+    /// Target port.
+    pub port: u16,
+    /// Origin-form path and query (`/x?y`).
+    pub path: String,
+    /// Headers to send.
+    pub headers: HeaderMap,
+    /// Body.
+    pub body: Bytes,
+}
+
+impl Outgoing {
+    /// `host:port` label.
+    pub fn target(&self) -> String {
+        authority(&self.host, self.port)
+    }
+    fn idempotent(&self) -> bool {
+        matches!(
+            self.method,
+            Method::GET
+                | Method::HEAD
+                | Method::OPTIONS
+                | Method::TRACE
+                | Method::PUT
+                | Method::DELETE
+        ) || self.headers.contains_key("idempotency-key")
+    }
+}
+
+/// What happened to a forwarded request, for the fetch API, headers and logs.
+#[derive(Clone, Debug, Default)]
+pub struct Meta {
+    /// Rode a warm connection.
+    pub reused: bool,
+    /// Why its connection was opened, if new.
+    pub new_reason: Option<NewReason>,
+    /// Exit id.
+    pub exit: &'static str,
+    /// `h2` / `http/1.1`.
+    pub protocol: &'static str,
+    /// DNS resolution.
+    pub dns: Duration,
+    /// TCP connect of its connection (zero if reused).
+    pub tcp_connect: Duration,
+    /// TLS handshake of its connection (zero if reused).
+    pub tls_handshake: Duration,
+    /// Waiting for a connection (includes dialing).
+    pub queue: Duration,
+    /// From sending the request to the response head.
+    pub ttfb: Duration,
+    /// Retried once on a fresh connection.
+    pub retried: bool,
+}
+
+/// Sends requests upstream through the pool.
+pub struct Forwarder {
+    pool: Pool<crate::dial::Dialer>,
+    resolver: Resolver,
+    policy: TargetPolicy,
+    telemetry: Arc<Telemetry>,
+    cfg: ForwardConfig,
+}
+
+/// How a send attempt failed.
+struct SendFailure {
+    sent: Sent,
+    response_started: bool,
+    /// The server says it did not process the request (HTTP/2 refused stream).
+    unprocessed: bool,
+    timeout: bool,
+    bad_response: bool,
+    message: String,
+}
+
+impl Forwarder {
+    /// A forwarder over `pool`.
+    pub fn new(
+        pool: Pool<crate::dial::Dialer>,
+        resolver: Resolver,
+        policy: TargetPolicy,
+        telemetry: Arc<Telemetry>,
+        cfg: ForwardConfig,
+    ) -> Self {
+        Forwarder {
+            pool,
+            resolver,
+            policy,
+            telemetry,
+            cfg,
+        }
+    }
+
+    /// The pool.
+    pub fn pool(&self) -> &Pool<crate::dial::Dialer> {
+        &self.pool
+    }
+
+    /// Resolves `host` and checks every address against the target policy; returns the
+    /// address to connect to (the checked one — never re-resolved).
+    pub async fn resolve_checked(
+        &self,
+        host: &str,
+        port: u16,
+    ) -> Result<(SocketAddr, Duration), EdgeError> {
+        let t0 = Instant::now();
+        let ips = self
+            .resolver
+            .resolve(host)
+            .await
+            .map_err(|e| EdgeError::dns_failed(host, e))?;
+        for ip in &ips {
+            if let Err(why) = self.policy.check(*ip) {
+                return Err(EdgeError::target_forbidden(format!(
+                    "{host} resolves to {ip}, a {why} address; edgepool refuses it unless it is allowed (--allow-target / targets.allow)"
+                )));
+            }
+        }
+        Ok((SocketAddr::new(ips[0], port), t0.elapsed()))
+    }
+
+    /// Forwards one request; the response body returns the connection to the pool when it
+    /// ends. Records the request in telemetry.
+    pub async fn forward(&self, out: Outgoing) -> Result<(Response<ProxyBody>, Meta), EdgeError> {
+        let target = out.target();
+        let res = self.forward_inner(&out, &target).await;
+        if let Err(e) = &res {
+            self.telemetry.record_error(Some(&target), e.token);
+        }
+        res
+    }
+
+    async fn forward_inner(
+        &self,
+        out: &Outgoing,
+        target: &str,
+    ) -> Result<(Response<ProxyBody>, Meta), EdgeError> {
+        let (addr, dns) = self.resolve_checked(&out.host, out.port).await?;
+        let verify = !self
+            .cfg
+            .insecure_hosts
+            .iter()
+            .any(|h| h.eq_ignore_ascii_case(&out.host));
+        let key = UpstreamKey {
+            scheme: out.scheme,
+            host: Arc::from(out.host.as_str()),
+            port: out.port,
+            addr,
+            exit: Arc::from(EXIT_DIRECT),
+            verify,
+        };
+        let mut meta = Meta {
+            exit: EXIT_DIRECT,
+            dns,
+            ..Default::default()
+        };
+        for attempt in 0..2 {
+            let t_queue = Instant::now();
+            let opts = CheckoutOpts {
+                deadline: t_queue + self.cfg.queue_timeout,
+                fresh: attempt > 0,
+            };
+            let mut lease = match self.pool.checkout(&key, opts).await {
+                Ok(l) => l,
+                Err(e) => return Err(checkout_error(e, target, self.cfg.queue_timeout)),
+            };
+            meta.queue += t_queue.elapsed();
+            let shared = lease.conn().shared().clone();
+            meta.reused = lease.reused();
+            meta.new_reason = lease.new_reason();
+            meta.protocol = shared.protocol;
+            let handshake = (!lease.reused()).then(|| shared.timings.tcp + shared.timings.tls);
+            if !lease.reused() {
+                meta.tcp_connect = shared.timings.tcp;
+                meta.tls_handshake = shared.timings.tls;
+            }
+            let t_send = Instant::now();
+            let sent = match lease.conn() {
+                UpstreamConn::H1 { .. } => self.send_h1(&mut lease, out).await,
+                UpstreamConn::H2 { .. } => self.send_h2(&mut lease, out).await,
+            };
+            match sent {
+                Ok(resp) => {
+                    meta.ttfb = t_send.elapsed();
+                    self.telemetry.record_request(&RequestRecord {
+                        target,
+                        reused: meta.reused,
+                        protocol: meta.protocol,
+                        handshake,
+                        retried: meta.retried,
+                    });
+                    let resp = self.finish_response(resp, lease, &meta);
+                    return Ok((resp, meta));
+                }
+                Err(f) => {
+                    // The request reached an upstream connection: count it either way.
+                    self.telemetry.record_request(&RequestRecord {
+                        target,
+                        reused: meta.reused,
+                        protocol: meta.protocol,
+                        handshake,
+                        retried: meta.retried,
+                    });
+                    let reused = lease.reused();
+                    lease.release(Release::Close(CloseReason::Error));
+                    let safe = f.sent == Sent::None || out.idempotent() || f.unprocessed;
+                    let retry = attempt == 0
+                        && !f.response_started
+                        && !f.timeout
+                        && !f.bad_response
+                        && (reused && safe || f.unprocessed);
+                    if retry {
+                        tracing::debug!(target = %target, error = %f.message, "retrying on a fresh connection");
+                        meta.retried = true;
+                        continue;
+                    }
+                    return Err(send_error(
+                        f,
+                        out,
+                        reused,
+                        target,
+                        self.cfg.response_header_timeout,
+                    ));
+                }
+            }
+        }
+        unreachable!("the second attempt always returns")
+    }
+
+    async fn send_h1(
+        &self,
+        lease: &mut Lease<crate::dial::Dialer>,
+        out: &Outgoing,
+    ) -> Result<Upstream, SendFailure> {
+        let shared = lease.conn().shared().clone();
+        let (before_in, before_out) = (shared.bytes_in(), shared.bytes_out());
+        let UpstreamConn::H1 { send, .. } = lease.conn() else {
+            unreachable!("send_h1 is called for HTTP/1.1 connections")
+        };
+        if let Err(e) = send.ready().await {
+            return Err(SendFailure {
+                sent: Sent::None,
+                response_started: false,
+                unprocessed: true,
+                timeout: false,
+                bad_response: false,
+                message: format!("connection not usable: {e}"),
+            });
+        }
+        let mut req = Request::builder()
+            .method(out.method.clone())
+            .uri(out.path.as_str())
+            .version(Version::HTTP_11)
+            .body(Full::new(out.body.clone()))
+            .map_err(|e| SendFailure {
+                sent: Sent::None,
+                response_started: false,
+                unprocessed: true,
+                timeout: false,
+                bad_response: false,
+                message: format!("invalid request: {e}"),
+            })?;
+        *req.headers_mut() = out.headers.clone();
+        if !req.headers().contains_key(header::HOST) {
+            let host = if out.port == out.scheme.default_port() {
+                bracket(&out.host)
+            } else {
+                authority(&out.host, out.port)
+            };
+            if let Ok(v) = HeaderValue::from_str(&host) {
+                req.headers_mut().insert(header::HOST, v);
+            }
+        }
+        lease.mark_sent();
+        let UpstreamConn::H1 { send, .. } = lease.conn() else {
+            unreachable!()
+        };
+        let fut = send.try_send_request(req);
+        match tokio::time::timeout(self.cfg.response_header_timeout, fut).await {
+            Err(_) => Err(SendFailure {
+                sent: Sent::Complete,
+                response_started: shared.bytes_in() > before_in,
+                unprocessed: false,
+                timeout: true,
+                bad_response: false,
+                message: "no response head in time".into(),
+            }),
+            Ok(Ok(resp)) => Ok(Upstream::H1(resp)),
+            Ok(Err(mut e)) => {
+                let never_sent = e.take_message().is_some() || shared.bytes_out() == before_out;
+                let err = e.into_error();
+                Err(SendFailure {
+                    sent: if never_sent { Sent::None } else { Sent::Maybe },
+                    response_started: shared.bytes_in() > before_in,
+                    unprocessed: never_sent,
+                    timeout: false,
+                    bad_response: err.is_parse() && shared.bytes_in() > before_in,
+                    message: err.to_string(),
+                })
+            }
+        }
+    }
+
+    async fn send_h2(
+        &self,
+        lease: &mut Lease<crate::dial::Dialer>,
+        out: &Outgoing,
+    ) -> Result<Upstream, SendFailure> {
+        let fail = |sent: Sent, unprocessed: bool, message: String| SendFailure {
+            sent,
+            response_started: false,
+            unprocessed,
+            timeout: false,
+            bad_response: false,
+            message,
+        };
+        let UpstreamConn::H2 { send, .. } = lease.conn() else {
+            unreachable!("send_h2 is called for HTTP/2 connections")
+        };
+        let send = send.clone();
+        let mut send = send
+            .ready()
+            .await
+            .map_err(|e| fail(Sent::None, true, format!("connection not usable: {e}")))?;
+        let uri = format!("https://{}{}", authority(&out.host, out.port), out.path);
+        let mut req = Request::builder()
+            .method(out.method.clone())
+            .uri(uri)
+            .version(Version::HTTP_2)
+            .body(())
+            .map_err(|e| fail(Sent::None, true, format!("invalid request: {e}")))?;
+        let mut headers = out.headers.clone();
+        headers.remove(header::HOST);
+        *req.headers_mut() = headers;
+        let end = out.body.is_empty();
+        let (resp_fut, mut stream) = send
+            .send_request(req, end)
+            .map_err(|e| fail(Sent::None, true, format!("could not open a stream: {e}")))?;
+        lease.mark_sent();
+        if !end {
+            stream
+                .send_data(out.body.clone(), true)
+                .map_err(|e| fail(Sent::Maybe, false, format!("sending the body failed: {e}")))?;
+        }
+        match tokio::time::timeout(self.cfg.response_header_timeout, resp_fut).await {
+            Err(_) => Err(SendFailure {
+                sent: Sent::Complete,
+                response_started: false,
+                unprocessed: false,
+                timeout: true,
+                bad_response: false,
+                message: "no response head in time".into(),
+            }),
+            Ok(Ok(resp)) => Ok(Upstream::H2(resp, stream)),
+            Ok(Err(e)) => {
+                let refused = e.reason() == Some(h2::Reason::REFUSED_STREAM)
+                    || (e.is_go_away() && e.reason() == Some(h2::Reason::NO_ERROR));
+                Err(fail(
+                    if refused { Sent::None } else { Sent::Maybe },
+                    refused,
+                    e.to_string(),
+                ))
+            }
+        }
+    }
+
+    /// Turns the upstream response into the worker's: hop-by-hop headers out, edgepool's
+    /// headers in, and a body that returns the connection when it ends.
+    fn finish_response(
+        &self,
+        up: Upstream,
+        lease: Lease<crate::dial::Dialer>,
+        meta: &Meta,
+    ) -> Response<ProxyBody> {
+        let (mut parts, body, plan) = match up {
+            Upstream::H1(resp) => {
+                let plan = h1_release_plan(resp.version(), resp.headers(), lease.index());
+                let (parts, body) = resp.into_parts();
+                (parts, BodyKind::H1(body), plan)
+            }
+            Upstream::H2(resp, stream) => {
+                let (parts, body) = resp.into_parts();
+                (
+                    parts,
+                    BodyKind::H2(body, Some(stream)),
+                    Release::Keep(Hints::default()),
+                )
+            }
+        };
+        strip_hop_by_hop(&mut parts.headers);
+        parts.version = Version::HTTP_11;
+        parts.headers.insert(
+            "x-edgepool-reused",
+            HeaderValue::from_static(if meta.reused { "1" } else { "0" }),
+        );
+        parts
+            .headers
+            .insert("x-edgepool-exit", HeaderValue::from_static(meta.exit));
+        let body = UpstreamBody {
+            kind: body,
+            lease: Some(lease),
+            plan,
+            drain_max: self.cfg.drain_max_bytes,
+            drain_timeout: self.cfg.drain_timeout,
+        };
+        Response::from_parts(parts, body.boxed_unsync())
+    }
+}
+
+fn bracket(host: &str) -> String {
+    if host.contains(':') {
+        format!("[{host}]")
+    } else {
+        host.to_string()
+    }
+}
+
+fn checkout_error(e: CheckoutError<DialError>, target: &str, queue: Duration) -> EdgeError {
+    match e {
+        CheckoutError::Timeout => EdgeError::queue_timeout(format!(
+            "no connection to {target} became free within pool.queue_timeout ({queue:?})"
+        )),
+        CheckoutError::Closed => EdgeError::shutting_down(),
+        CheckoutError::Dial(d) => {
+            let msg = d.to_string();
+            match &*d {
+                DialError::Connect { .. } => EdgeError::connect_failed(msg),
+                DialError::ConnectTimeout { .. } => EdgeError::connect_timeout(msg),
+                DialError::Tls { .. } => EdgeError::tls_failed(msg),
+                DialError::TlsTimeout { .. } => EdgeError::connect_timeout(msg),
+                DialError::Handshake { .. } => EdgeError::connect_failed(msg),
+            }
+            .with_sent(Sent::None)
+        }
+    }
+}
+
+fn send_error(
+    f: SendFailure,
+    out: &Outgoing,
+    reused: bool,
+    target: &str,
+    rht: Duration,
+) -> EdgeError {
+    if f.timeout {
+        return EdgeError::response_timeout(format!(
+            "{target} sent no response head within upstream.response_header_timeout ({rht:?})"
+        ))
+        .with_sent(f.sent);
+    }
+    if f.bad_response {
+        return EdgeError::bad_response(format!(
+            "{target} sent an invalid response: {}",
+            f.message
+        ))
+        .with_sent(f.sent);
+    }
+    if reused && f.sent != Sent::None && !out.idempotent() && !f.response_started {
+        return EdgeError::not_replayed(format!(
+            "{} {target}: the reused connection failed ({}) after the request may have reached the target; \
+             {} is not idempotent, so edgepool did not replay it",
+            out.method, f.message, out.method
+        ));
+    }
+    EdgeError::request_failed(format!("{target}: {}", f.message), f.sent)
+}
+
+enum Upstream {
+    H1(Response<hyper::body::Incoming>),
+    H2(Response<h2::RecvStream>, h2::SendStream<Bytes>),
+}
+
+/// What the response head says about the connection's future (HTTP/1.1).
+fn h1_release_plan(version: Version, headers: &HeaderMap, index: u64) -> Release {
+    let conn_tokens: Vec<String> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|t| t.trim().to_ascii_lowercase())
+        .collect();
+    let close = conn_tokens.iter().any(|t| t == "close")
+        || (version == Version::HTTP_10 && !conn_tokens.iter().any(|t| t == "keep-alive"));
+    if close {
+        // On a connection's first response it means "no keep-alive here"; later it is almost
+        // always the server's requests-per-connection limit.
+        return Release::Close(if index > 1 {
+            CloseReason::MaxRequests
+        } else {
+            CloseReason::ServerClose
+        });
+    }
+    let hints = headers
+        .get("keep-alive")
+        .and_then(|v| v.to_str().ok())
+        .map(parse_keep_alive)
+        .unwrap_or_default();
+    Release::Keep(hints)
+}
+
+/// Parses `Keep-Alive: timeout=5, max=100` (case-insensitive, any order, junk ignored).
+pub fn parse_keep_alive(v: &str) -> Hints {
+    let mut h = Hints::default();
+    for part in v.split(',') {
+        let mut kv = part.splitn(2, '=');
+        let k = kv.next().unwrap_or("").trim().to_ascii_lowercase();
+        let Some(val) = kv.next().map(|s| s.trim().trim_matches('"')) else {
+            continue;
+        };
+        match k.as_str() {
+            "timeout" => {
+                if let Ok(n) = val.parse::<u64>() {
+                    h.idle_timeout = Some(Duration::from_secs(n));
+                }
+            }
+            "max" => {
+                if let Ok(n) = val.parse::<u64>() {
+                    h.remaining_requests = Some(n);
+                }
+            }
+            _ => {}
+        }
+    }
+    h
+}
+
+/// Removes hop-by-hop headers (RFC 9110 §7.6.1), including those named by `Connection`.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .collect();
+    for n in named {
+        headers.remove(n);
+    }
+    for n in [
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+    ] {
+        headers.remove(n);
+    }
+}
+
+/// Removes hop-by-hop and every `X-Edgepool-*` header from a worker's request.
+pub fn clean_request_headers(headers: &mut HeaderMap) {
+    strip_hop_by_hop(headers);
+    let ours: Vec<HeaderName> = headers
+        .keys()
+        .filter(|k| k.as_str().starts_with("x-edgepool-"))
+        .cloned()
+        .collect();
+    for k in ours {
+        headers.remove(k);
+    }
+}
+
+enum BodyKind {
+    H1(hyper::body::Incoming),
+    /// The send half is held (never read) so the request stream stays open until the
+    /// response ends.
+    H2(
+        h2::RecvStream,
+        #[allow(dead_code)] Option<h2::SendStream<Bytes>>,
+    ),
+    Done,
+}
+
+/// A response body that holds its connection's lease and returns it when the body ends
+/// (early, on the last data frame, so the worker's next request finds it idle). If the
+/// worker goes away first, the rest is drained within bounds to keep the connection.
+struct UpstreamBody {
+    kind: BodyKind,
+    lease: Option<Lease<crate::dial::Dialer>>,
+    plan: Release,
+    drain_max: u64,
+    drain_timeout: Duration,
+}
+
+impl UpstreamBody {
+    fn release(&mut self, how: Release) {
+        if let Some(l) = self.lease.take() {
+            l.release(how);
+        }
+    }
+}
+
+impl Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        let res = match &mut this.kind {
+            BodyKind::Done => return Poll::Ready(None),
+            BodyKind::H1(b) => match Pin::new(&mut *b).poll_frame(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(None) => None,
+                Poll::Ready(Some(Ok(f))) => {
+                    let ended = b.is_end_stream();
+                    Some(Ok((f, ended)))
+                }
+                Poll::Ready(Some(Err(e))) => Some(Err(BoxError::from(e))),
+            },
+            BodyKind::H2(b, _) => match b.poll_data(cx) {
+                Poll::Pending => {
+                    // Data is done: trailers may follow.
+                    return Poll::Pending;
+                }
+                Poll::Ready(Some(Ok(data))) => {
+                    let _ = b.flow_control().release_capacity(data.len());
+                    let ended = b.is_end_stream();
+                    Some(Ok((Frame::data(data), ended)))
+                }
+                Poll::Ready(Some(Err(e))) => Some(Err(BoxError::from(e))),
+                Poll::Ready(None) => match b.poll_trailers(cx) {
+                    Poll::Pending => return Poll::Pending,
+                    Poll::Ready(Ok(Some(t))) => Some(Ok((Frame::trailers(t), true))),
+                    Poll::Ready(Ok(None)) => None,
+                    Poll::Ready(Err(e)) => Some(Err(BoxError::from(e))),
+                },
+            },
+        };
+        match res {
+            None => {
+                let plan = this.plan;
+                this.release(plan);
+                this.kind = BodyKind::Done;
+                Poll::Ready(None)
+            }
+            Some(Ok((frame, ended))) => {
+                if ended {
+                    let plan = this.plan;
+                    this.release(plan);
+                    this.kind = BodyKind::Done;
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Some(Err(e)) => {
+                this.release(Release::Close(CloseReason::Error));
+                this.kind = BodyKind::Done;
+                Poll::Ready(Some(Err(e)))
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.kind {
+            BodyKind::Done => true,
+            BodyKind::H1(b) => b.is_end_stream(),
+            BodyKind::H2(b, _) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.kind {
+            BodyKind::Done => SizeHint::with_exact(0),
+            BodyKind::H1(b) => b.size_hint(),
+            BodyKind::H2(..) => SizeHint::new(),
+        }
+    }
+}
+
+impl Drop for UpstreamBody {
+    fn drop(&mut self) {
+        let Some(lease) = self.lease.take() else {
+            return;
+        };
+        let plan = self.plan;
+        match std::mem::replace(&mut self.kind, BodyKind::Done) {
+            BodyKind::Done => lease.release(plan),
+            BodyKind::H1(body) if body.is_end_stream() => lease.release(plan),
+            // Dropping an HTTP/2 stream resets only that stream; the connection is fine.
+            BodyKind::H2(..) => lease.release(plan),
+            BodyKind::H1(body) => {
+                let (max, limit) = (self.drain_max, self.drain_timeout);
+                match tokio::runtime::Handle::try_current() {
+                    Ok(rt) => {
+                        rt.spawn(drain(body, lease, plan, max, limit));
+                    }
+                    Err(_) => lease.release(Release::Close(CloseReason::Abandoned)),
+                }
+            }
+        }
+    }
+}
+
+/// Reads the rest of an abandoned HTTP/1.1 response so its connection can be reused.
+async fn drain(
+    mut body: hyper::body::Incoming,
+    lease: Lease<crate::dial::Dialer>,
+    plan: Release,
+    max: u64,
+    limit: Duration,
+) {
+    let read_all = async {
+        let mut n = 0u64;
+        while let Some(frame) = body.frame().await {
+            match frame {
+                Ok(f) => {
+                    if let Some(d) = f.data_ref() {
+                        n += d.len() as u64;
+                        if n > max {
+                            return false;
+                        }
+                    }
+                }
+                Err(_) => return false,
+            }
+        }
+        true
+    };
+    match tokio::time::timeout(limit, read_all).await {
+        Ok(true) => lease.release(plan),
+        _ => lease.release(Release::Close(CloseReason::Abandoned)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keep_alive_header_gives_timeout_and_max() {
+        assert_eq!(
+            parse_keep_alive("timeout=5, max=100"),
+            Hints {
+                idle_timeout: Some(Duration::from_secs(5)),
+                remaining_requests: Some(100)
+            }
+        );
+        assert_eq!(
+            parse_keep_alive("MAX=3,Timeout=\"7\""),
+            Hints {
+                idle_timeout: Some(Duration::from_secs(7)),
+                remaining_requests: Some(3)
+            }
+        );
+        assert_eq!(parse_keep_alive("garbage, timeout=x"), Hints::default());
+    }
+
+    #[test]
+    fn connection_close_means_limit_after_first_response_and_no_keepalive_on_first() {
+        let mut h = HeaderMap::new();
+        h.insert("connection", HeaderValue::from_static("close"));
+        assert_eq!(
+            h1_release_plan(Version::HTTP_11, &h, 1),
+            Release::Close(CloseReason::ServerClose)
+        );
+        assert_eq!(
+            h1_release_plan(Version::HTTP_11, &h, 100),
+            Release::Close(CloseReason::MaxRequests)
+        );
+        let empty = HeaderMap::new();
+        assert_eq!(
+            h1_release_plan(Version::HTTP_10, &empty, 1),
+            Release::Close(CloseReason::ServerClose)
+        );
+        assert!(matches!(
+            h1_release_plan(Version::HTTP_11, &empty, 1),
+            Release::Keep(_)
+        ));
+    }
+
+    #[test]
+    fn hop_by_hop_and_edgepool_headers_are_removed() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            "connection",
+            HeaderValue::from_static("keep-alive, x-secret"),
+        );
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert(
+            "proxy-authorization",
+            HeaderValue::from_static("Basic eA=="),
+        );
+        h.insert("x-edgepool-session", HeaderValue::from_static("s1"));
+        h.insert("accept", HeaderValue::from_static("*/*"));
+        clean_request_headers(&mut h);
+        assert_eq!(h.len(), 1);
+        assert!(h.contains_key("accept"));
+    }
+}

@@ -1,0 +1,182 @@
+//! gateway: builds every part from a [`Config`] and runs the proxy and admin listeners until
+//! shutdown. `serve` takes bound listeners and a shutdown future, so tests run the real
+//! gateway in-process on port 0.
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+
+use crate::ca::{CertAuthority, LeafCache};
+use crate::config::Config;
+use crate::dial::{DialConfig, Dialer, Resolver};
+use crate::forward::{ForwardConfig, Forwarder};
+use crate::guard::TargetPolicy;
+use crate::pool::Pool;
+use crate::telemetry::Telemetry;
+
+/// How long in-flight worker connections get to finish after shutdown starts.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// Stream limit assumed for an HTTP/2 server whose SETTINGS set none.
+pub const DEFAULT_H2_MAX_STREAMS: usize = 100;
+
+/// Why the gateway could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The CA could not be loaded or created.
+    #[error("interception CA: {0}")]
+    Ca(#[from] crate::ca::CaError),
+    /// TLS client setup failed (e.g. an unreadable upstream CA file).
+    #[error("{0}")]
+    Tls(String),
+}
+
+/// The running gateway's shared parts.
+pub struct Gateway {
+    cfg: Config,
+    ca: Arc<CertAuthority>,
+    leaves: LeafCache,
+    forwarder: Forwarder,
+    telemetry: Arc<Telemetry>,
+    started: Instant,
+    shutting_down: AtomicBool,
+}
+
+impl Gateway {
+    /// Builds the gateway (loads or creates the CA in the data dir). Must run inside a tokio
+    /// runtime (the pool starts its sweep task).
+    pub fn new(cfg: Config) -> Result<Arc<Gateway>, StartError> {
+        let data_dir = cfg.data_dir();
+        let ca = Arc::new(CertAuthority::load_or_create(&data_dir)?);
+        let alpn = if cfg.intercept.worker_http2 {
+            vec![b"h2".to_vec(), b"http/1.1".to_vec()]
+        } else {
+            vec![b"http/1.1".to_vec()]
+        };
+        let leaves = LeafCache::new(
+            ca.clone(),
+            cfg.intercept.leaf_cache_size,
+            cfg.intercept.leaf_validity,
+            alpn,
+        );
+        for host in &cfg.upstream.insecure_skip_verify {
+            tracing::warn!(host = %host, "certificate verification is OFF for this target (upstream.insecure_skip_verify)");
+        }
+        let dialer = Dialer::new(DialConfig {
+            connect_timeout: cfg.upstream.connect_timeout,
+            tls_handshake_timeout: cfg.upstream.tls_handshake_timeout,
+            http2: cfg.upstream.http2,
+            extra_ca_files: cfg.upstream.extra_ca_files.clone(),
+            default_max_streams: DEFAULT_H2_MAX_STREAMS,
+        })
+        .map_err(StartError::Tls)?;
+        let telemetry = Arc::new(Telemetry::new());
+        let pool = Pool::new(cfg.pool.to_pool_config(), dialer, telemetry.clone());
+        let resolver = Resolver::new(cfg.upstream.dns_min_ttl, cfg.upstream.dns_max_ttl);
+        let forwarder = Forwarder::new(
+            pool,
+            resolver,
+            TargetPolicy::new(cfg.targets.allow.clone()),
+            telemetry.clone(),
+            ForwardConfig {
+                queue_timeout: cfg.pool.queue_timeout,
+                response_header_timeout: cfg.upstream.response_header_timeout,
+                drain_max_bytes: cfg.limits.drain_max_bytes,
+                drain_timeout: cfg.limits.drain_timeout,
+                insecure_hosts: cfg.upstream.insecure_skip_verify.clone(),
+            },
+        );
+        Ok(Arc::new(Gateway {
+            cfg,
+            ca,
+            leaves,
+            forwarder,
+            telemetry,
+            started: Instant::now(),
+            shutting_down: AtomicBool::new(false),
+        }))
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+    /// The interception CA.
+    pub fn ca(&self) -> &CertAuthority {
+        &self.ca
+    }
+    /// Leaf certificates for intercepted hosts.
+    pub fn leaves(&self) -> &LeafCache {
+        &self.leaves
+    }
+    /// The forwarder (and through it, the pool).
+    pub fn forwarder(&self) -> &Forwarder {
+        &self.forwarder
+    }
+    /// Metrics and reuse accounting.
+    pub fn telemetry(&self) -> &Telemetry {
+        &self.telemetry
+    }
+    /// Time since start.
+    pub fn uptime(&self) -> Duration {
+        self.started.elapsed()
+    }
+    /// True once shutdown started.
+    pub fn is_shutting_down(&self) -> bool {
+        self.shutting_down.load(Ordering::Relaxed)
+    }
+
+    /// Serves workers on `proxy` and operators on `admin` until `shutdown` completes; then
+    /// stops accepting, lets in-flight connections finish for up to [`SHUTDOWN_GRACE`], and
+    /// closes the pool.
+    pub async fn serve(
+        self: Arc<Self>,
+        proxy: TcpListener,
+        admin: TcpListener,
+        shutdown: impl Future<Output = ()>,
+    ) {
+        let mut conns = JoinSet::new();
+        let mut admin_conns = JoinSet::new();
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                _ = &mut shutdown => break,
+                accepted = proxy.accept() => match accepted {
+                    Ok((stream, _)) => {
+                        conns.spawn(crate::ingress::serve_worker(self.clone(), stream));
+                    }
+                    Err(e) => {
+                        // EMFILE and friends: back off instead of spinning.
+                        tracing::warn!("accept failed on the proxy listener: {e}");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                },
+                accepted = admin.accept() => match accepted {
+                    Ok((stream, _)) => {
+                        admin_conns.spawn(crate::admin::serve_admin(self.clone(), stream));
+                    }
+                    Err(e) => {
+                        tracing::warn!("accept failed on the admin listener: {e}");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                },
+                Some(_) = conns.join_next(), if !conns.is_empty() => {}
+                Some(_) = admin_conns.join_next(), if !admin_conns.is_empty() => {}
+            }
+        }
+        self.shutting_down.store(true, Ordering::Relaxed);
+        drop(proxy);
+        drop(admin);
+        admin_conns.abort_all();
+        let _ = tokio::time::timeout(SHUTDOWN_GRACE, async {
+            while conns.join_next().await.is_some() {}
+        })
+        .await;
+        conns.abort_all();
+        self.forwarder.pool().shutdown();
+    }
+}

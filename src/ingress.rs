@@ -1,0 +1,513 @@
+//! ingress: the worker-facing listener. Absolute-form `http://` requests, `CONNECT` with TLS
+//! interception (or a blind tunnel for passthrough hosts) and `POST /v1/fetch`, all routed
+//! per request — one worker connection may carry requests for many targets.
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64::Engine;
+use bytes::Bytes;
+use http::header::{HeaderName, HeaderValue};
+use http::{HeaderMap, Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Limited};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use serde::Deserialize;
+use tokio::net::TcpStream;
+
+use crate::dial::Scheme;
+use crate::error::EdgeError;
+use crate::forward::{clean_request_headers, full_body, Outgoing, ProxyBody};
+use crate::gateway::Gateway;
+
+/// How long a worker has to finish the TLS handshake inside an intercepted CONNECT.
+const WORKER_TLS_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Serves one accepted worker connection until it closes.
+pub async fn serve_worker(gw: Arc<Gateway>, stream: TcpStream) {
+    let _ = stream.set_nodelay(true);
+    let svc = service_fn(move |req: Request<Incoming>| {
+        let gw = gw.clone();
+        async move { Ok::<_, Infallible>(handle(gw, req).await) }
+    });
+    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    if let Err(e) = builder
+        .serve_connection_with_upgrades(TokioIo::new(stream), svc)
+        .await
+    {
+        tracing::debug!("worker connection ended: {e}");
+    }
+}
+
+async fn handle(gw: Arc<Gateway>, req: Request<Incoming>) -> Response<ProxyBody> {
+    if req.method() == Method::CONNECT {
+        return handle_connect(gw, req).await;
+    }
+    let uri = req.uri().clone();
+    let scheme = uri.scheme_str().map(|s| match s {
+        "http" => Ok(Scheme::Http),
+        "https" => Ok(Scheme::Https),
+        other => Err(other.to_string()),
+    });
+    let host = uri.host().map(normalize_host);
+    match scheme {
+        Some(Err(other)) => error(
+            &gw,
+            EdgeError::bad_request(
+                "unsupported_scheme",
+                format!("edgepool forwards http:// and https:// URLs, not {other}://"),
+            ),
+        ),
+        Some(Ok(scheme)) => {
+            let Some(host) = host else {
+                return error(
+                    &gw,
+                    EdgeError::bad_request("bad_target", "the request URL has no host"),
+                );
+            };
+            let port = uri.port_u16().unwrap_or(scheme.default_port());
+            forward_worker_request(gw, req, scheme, host, port).await
+        }
+        None if req.uri().path() == "/v1/fetch" => {
+            if req.method() != Method::POST {
+                return error(
+                    &gw,
+                    EdgeError::bad_request(
+                        "method_not_allowed",
+                        "use POST /v1/fetch with a JSON body",
+                    ),
+                );
+            }
+            fetch(gw, req).await
+        }
+        None => error(
+            &gw,
+            EdgeError::bad_request(
+                "not_a_proxy_request",
+                "edgepool is a forward proxy: send absolute-form requests (http://host/path), \
+                 CONNECT host:port, or POST /v1/fetch",
+            ),
+        ),
+    }
+}
+
+fn error(gw: &Gateway, e: EdgeError) -> Response<ProxyBody> {
+    gw.telemetry().record_error(None, e.token);
+    e.to_response()
+}
+
+/// Lower-case, brackets and a trailing dot removed.
+fn normalize_host(host: &str) -> String {
+    host.trim_start_matches('[')
+        .trim_end_matches(']')
+        .trim_end_matches('.')
+        .to_ascii_lowercase()
+}
+
+/// Buffers the worker's body (bounded), cleans headers and forwards.
+async fn forward_worker_request(
+    gw: Arc<Gateway>,
+    req: Request<Incoming>,
+    scheme: Scheme,
+    host: String,
+    port: u16,
+) -> Response<ProxyBody> {
+    let (parts, body) = req.into_parts();
+    let limit = gw.config().limits.max_request_body;
+    let body = match Limited::new(body, limit as usize).collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(e) => {
+            let err = if e
+                .downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some()
+            {
+                EdgeError::body_too_large(limit)
+            } else {
+                EdgeError::bad_request(
+                    "worker_body_failed",
+                    format!("reading the request body failed: {e}"),
+                )
+            };
+            return error(&gw, err);
+        }
+    };
+    let mut headers = parts.headers;
+    clean_request_headers(&mut headers);
+    // The body is already here: the target must not wait for a 100-continue.
+    headers.remove(http::header::EXPECT);
+    let path = parts
+        .uri
+        .path_and_query()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_else(|| "/".into());
+    let out = Outgoing {
+        method: parts.method,
+        scheme,
+        host,
+        port,
+        path,
+        headers,
+        body,
+    };
+    match gw.forwarder().forward(out).await {
+        Ok((resp, _meta)) => resp,
+        Err(e) => e.to_response(),
+    }
+}
+
+async fn handle_connect(gw: Arc<Gateway>, req: Request<Incoming>) -> Response<ProxyBody> {
+    let Some(auth) = req.uri().authority().cloned() else {
+        return error(
+            &gw,
+            EdgeError::bad_request("bad_connect_target", "CONNECT needs host:port"),
+        );
+    };
+    let Some(port) = auth.port_u16() else {
+        return error(
+            &gw,
+            EdgeError::bad_request(
+                "bad_connect_target",
+                "CONNECT needs an explicit port (host:port)",
+            ),
+        );
+    };
+    let host = normalize_host(auth.host());
+    // Resolve and check now, so a forbidden or unknown target fails at CONNECT with a clear
+    // status instead of inside TLS.
+    let addr = match gw.forwarder().resolve_checked(&host, port).await {
+        Ok((addr, _)) => addr,
+        Err(e) => return error(&gw, e),
+    };
+    let icfg = &gw.config().intercept;
+    if !icfg.enabled || icfg.is_passthrough(&host) {
+        return tunnel(gw, req, addr).await;
+    }
+    let server_cfg = match gw.leaves().server_config(&host).await {
+        Ok(c) => c,
+        Err(e) => {
+            return error(
+                &gw,
+                EdgeError::internal(format!("leaf certificate for {host}: {e}")),
+            )
+        }
+    };
+    let gw2 = gw.clone();
+    tokio::spawn(async move {
+        let upgraded = match hyper::upgrade::on(req).await {
+            Ok(u) => u,
+            Err(e) => {
+                tracing::debug!("CONNECT upgrade failed: {e}");
+                return;
+            }
+        };
+        let acceptor = tokio_rustls::TlsAcceptor::from(server_cfg);
+        let tls =
+            match tokio::time::timeout(WORKER_TLS_TIMEOUT, acceptor.accept(TokioIo::new(upgraded)))
+                .await
+            {
+                Ok(Ok(t)) => t,
+                Ok(Err(e)) => {
+                    tracing::debug!(host = %host, "worker TLS handshake failed: {e}");
+                    return;
+                }
+                Err(_) => {
+                    tracing::debug!(host = %host, "worker TLS handshake timed out");
+                    return;
+                }
+            };
+        let host = Arc::new(host);
+        let svc = service_fn(move |req: Request<Incoming>| {
+            let gw = gw2.clone();
+            let host = host.clone();
+            async move {
+                let resp = if req.method() == Method::CONNECT {
+                    error(
+                        &gw,
+                        EdgeError::bad_request(
+                            "nested_connect",
+                            "CONNECT inside an intercepted tunnel",
+                        ),
+                    )
+                } else {
+                    forward_worker_request(gw, req, Scheme::Https, (*host).clone(), port).await
+                };
+                Ok::<_, Infallible>(resp)
+            }
+        });
+        let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+        if let Err(e) = builder.serve_connection(TokioIo::new(tls), svc).await {
+            tracing::debug!("intercepted connection ended: {e}");
+        }
+    });
+    Response::new(full_body(Bytes::new()))
+}
+
+/// A blind tunnel: bytes both ways, no pooling (counted apart).
+async fn tunnel(
+    gw: Arc<Gateway>,
+    req: Request<Incoming>,
+    addr: std::net::SocketAddr,
+) -> Response<ProxyBody> {
+    let timeout = gw.config().upstream.connect_timeout;
+    let upstream = match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            return error(
+                &gw,
+                EdgeError::connect_failed(format!("tunnel to {addr}: {e}")),
+            )
+        }
+        Err(_) => {
+            return error(
+                &gw,
+                EdgeError::connect_timeout(format!(
+                    "tunnel to {addr}: no connection within {timeout:?}"
+                )),
+            )
+        }
+    };
+    let _ = upstream.set_nodelay(true);
+    gw.telemetry().record_tunnel();
+    tokio::spawn(async move {
+        match hyper::upgrade::on(req).await {
+            Ok(up) => {
+                let mut up = TokioIo::new(up);
+                let mut upstream = upstream;
+                let _ = tokio::io::copy_bidirectional(&mut up, &mut upstream).await;
+            }
+            Err(e) => tracing::debug!("CONNECT upgrade failed: {e}"),
+        }
+    });
+    Response::new(full_body(Bytes::new()))
+}
+
+/// `POST /v1/fetch` request document.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FetchRequest {
+    url: String,
+    #[serde(default)]
+    method: Option<String>,
+    #[serde(default)]
+    headers: Option<FetchHeaders>,
+    #[serde(default)]
+    body: Option<String>,
+    #[serde(default)]
+    body_base64: Option<String>,
+    #[serde(default)]
+    timeout_ms: Option<u64>,
+}
+
+/// Headers as an object (`{"a": "b"}`) or a list of pairs (`[["a","b"]]`, repeats allowed).
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum FetchHeaders {
+    Map(std::collections::BTreeMap<String, String>),
+    List(Vec<(String, String)>),
+}
+
+async fn fetch(gw: Arc<Gateway>, req: Request<Incoming>) -> Response<ProxyBody> {
+    let limit = gw.config().limits.max_fetch_json;
+    let raw =
+        match Limited::new(req.into_body(), limit as usize)
+            .collect()
+            .await
+        {
+            Ok(b) => b.to_bytes(),
+            Err(_) => return error(
+                &gw,
+                EdgeError::bad_request(
+                    "fetch_too_large",
+                    format!(
+                        "the JSON document is larger than limits.max_fetch_json ({limit} bytes)"
+                    ),
+                ),
+            ),
+        };
+    let doc: FetchRequest = match serde_json::from_slice(&raw) {
+        Ok(d) => d,
+        Err(e) => {
+            return error(
+                &gw,
+                EdgeError::bad_request("fetch_bad_json", format!("invalid fetch request: {e}")),
+            )
+        }
+    };
+    let out = match fetch_outgoing(&doc, gw.config().limits.max_request_body) {
+        Ok(o) => o,
+        Err(e) => return error(&gw, e),
+    };
+    let started = tokio::time::Instant::now();
+    let work = async {
+        let (resp, meta) = gw.forwarder().forward(out).await?;
+        let (parts, body) = resp.into_parts();
+        let body = collect_response(body, limit).await?;
+        Ok::<_, EdgeError>((parts, body, meta))
+    };
+    let result = match doc.timeout_ms {
+        Some(ms) => match tokio::time::timeout(Duration::from_millis(ms), work).await {
+            Ok(r) => r,
+            Err(_) => Err(EdgeError::response_timeout(format!(
+                "fetch did not finish within timeout_ms ({ms})"
+            ))),
+        },
+        None => work.await,
+    };
+    let (parts, body, meta) = match result {
+        Ok(x) => x,
+        Err(e) => return e.to_response(),
+    };
+    let mut headers = serde_json::Map::new();
+    for (k, v) in parts.headers.iter() {
+        if k.as_str().starts_with("x-edgepool-") {
+            continue;
+        }
+        let v = String::from_utf8_lossy(v.as_bytes()).into_owned();
+        match headers.get_mut(k.as_str()) {
+            Some(serde_json::Value::String(prev)) => {
+                prev.push_str(", ");
+                prev.push_str(&v);
+            }
+            _ => {
+                headers.insert(k.as_str().to_string(), v.into());
+            }
+        }
+    }
+    let ms = |d: Duration| (d.as_secs_f64() * 1000.0 * 1000.0).round() / 1000.0;
+    let mut doc = serde_json::json!({
+        "status": parts.status.as_u16(),
+        "headers": headers,
+        "reused": meta.reused,
+        "exit": meta.exit,
+        "protocol": meta.protocol,
+        "new_connection_reason": meta.new_reason.map(|r| r.as_str()),
+        "timings": {
+            "dns_ms": ms(meta.dns),
+            "queue_ms": ms(meta.queue),
+            "tcp_connect_ms": ms(meta.tcp_connect),
+            "tls_handshake_ms": ms(meta.tls_handshake),
+            "ttfb_ms": ms(meta.ttfb),
+            "total_ms": ms(started.elapsed()),
+        },
+    });
+    match std::str::from_utf8(&body) {
+        Ok(s) => doc["body"] = s.into(),
+        Err(_) => {
+            doc["body_base64"] = base64::engine::general_purpose::STANDARD
+                .encode(&body)
+                .into()
+        }
+    }
+    let mut resp = Response::new(full_body(doc.to_string()));
+    resp.headers_mut()
+        .insert("content-type", HeaderValue::from_static("application/json"));
+    resp.headers_mut().insert(
+        "x-edgepool-reused",
+        HeaderValue::from_static(if meta.reused { "1" } else { "0" }),
+    );
+    *resp.status_mut() = StatusCode::OK;
+    resp
+}
+
+fn fetch_outgoing(doc: &FetchRequest, max_body: u64) -> Result<Outgoing, EdgeError> {
+    let url = url::Url::parse(&doc.url)
+        .map_err(|e| EdgeError::bad_request("fetch_bad_url", format!("url {:?}: {e}", doc.url)))?;
+    let scheme = match url.scheme() {
+        "http" => Scheme::Http,
+        "https" => Scheme::Https,
+        s => {
+            return Err(EdgeError::bad_request(
+                "unsupported_scheme",
+                format!("url scheme {s} is not http or https"),
+            ))
+        }
+    };
+    let host = url
+        .host_str()
+        .map(normalize_host)
+        .ok_or_else(|| EdgeError::bad_request("fetch_bad_url", "url has no host"))?;
+    let port = url.port().unwrap_or(scheme.default_port());
+    let mut path = url.path().to_string();
+    if let Some(q) = url.query() {
+        path.push('?');
+        path.push_str(q);
+    }
+    let method = match &doc.method {
+        Some(m) => Method::from_bytes(m.to_ascii_uppercase().as_bytes()).map_err(|_| {
+            EdgeError::bad_request("fetch_bad_method", format!("method {m:?} is not valid"))
+        })?,
+        None => Method::GET,
+    };
+    let mut headers = HeaderMap::new();
+    let pairs: Vec<(String, String)> = match &doc.headers {
+        None => Vec::new(),
+        Some(FetchHeaders::Map(m)) => m.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+        Some(FetchHeaders::List(l)) => l.clone(),
+    };
+    for (k, v) in pairs {
+        let name = HeaderName::from_bytes(k.as_bytes()).map_err(|_| {
+            EdgeError::bad_request(
+                "fetch_bad_header",
+                format!("header name {k:?} is not valid"),
+            )
+        })?;
+        let value = HeaderValue::from_str(&v).map_err(|_| {
+            EdgeError::bad_request(
+                "fetch_bad_header",
+                format!("header {k} has an invalid value"),
+            )
+        })?;
+        headers.append(name, value);
+    }
+    clean_request_headers(&mut headers);
+    headers.remove(http::header::CONTENT_LENGTH);
+    let body = match (&doc.body, &doc.body_base64) {
+        (Some(_), Some(_)) => {
+            return Err(EdgeError::bad_request(
+                "fetch_bad_body",
+                "give either body or body_base64, not both",
+            ))
+        }
+        (Some(s), None) => Bytes::from(s.clone()),
+        (None, Some(b)) => Bytes::from(
+            base64::engine::general_purpose::STANDARD
+                .decode(b)
+                .map_err(|e| {
+                    EdgeError::bad_request("fetch_bad_body", format!("body_base64: {e}"))
+                })?,
+        ),
+        (None, None) => Bytes::new(),
+    };
+    if body.len() as u64 > max_body {
+        return Err(EdgeError::body_too_large(max_body));
+    }
+    Ok(Outgoing {
+        method,
+        scheme,
+        host,
+        port,
+        path,
+        headers,
+        body,
+    })
+}
+
+/// Reads a whole response body, at most `limit` bytes.
+async fn collect_response(mut body: ProxyBody, limit: u64) -> Result<Bytes, EdgeError> {
+    let mut buf = bytes::BytesMut::new();
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| {
+            EdgeError::bad_response(format!("reading the target's response failed: {e}"))
+        })?;
+        if let Ok(data) = frame.into_data() {
+            if (buf.len() + data.len()) as u64 > limit {
+                return Err(EdgeError::bad_response(format!(
+                    "the target's response is larger than limits.max_fetch_json ({limit} bytes)"
+                )));
+            }
+            buf.extend_from_slice(&data);
+        }
+    }
+    Ok(buf.freeze())
+}

@@ -1,0 +1,34 @@
+//! edgepool: an egress connection pool for web-scraping fleets. Workers point their proxy
+//! setting at it; it keeps upstream connections warm per target, sends every request over one
+//! and accounts for reuse: R = 1 − new_connections / requests, and why each new connection
+//! was needed.
+//!
+//! Modules, one job each (data flow: ingress → forward → pool → dial; telemetry watches):
+//! - [`config`]: typed configuration, embedded defaults, TOML loading and validation.
+//! - [`gateway`]: builds the parts from a config and runs the listeners until shutdown.
+//! - [`ingress`]: worker side — absolute-form HTTP, CONNECT (TLS interception or blind tunnel),
+//!   `POST /v1/fetch`; routes per request.
+//! - [`forward`]: one request upstream — resolve and check, checkout, send, safe retry, stream
+//!   the response back and return the connection when the body ends.
+//! - [`pool`]: the heart — warm connections per key, HTTP/1.1 exclusive, HTTP/2 shared up to
+//!   the server's stream limit, expiry, waiters, and one reason per new connection. Depends on
+//!   no other edgepool module.
+//! - [`dial`]: DNS cache, TCP, TLS, HTTP/1.1 / HTTP/2 handshakes, connection watching.
+//! - [`guard`]: which target addresses may be reached (SSRF deny list + allow CIDRs).
+//! - [`ca`]: the interception CA and the per-host leaf certificate cache.
+//! - [`telemetry`]: reuse accounting per target and Prometheus metrics.
+//! - [`admin`]: `/metrics`, `/status`, `/healthz`, `/readyz`, `/ca.pem`.
+//! - [`error`]: edgepool's own errors: side, status, `X-Edgepool-Error`, `Proxy-Status`.
+#![warn(missing_docs)]
+
+pub mod admin;
+pub mod ca;
+pub mod config;
+pub mod dial;
+pub mod error;
+pub mod forward;
+pub mod gateway;
+pub mod guard;
+pub mod ingress;
+pub mod pool;
+pub mod telemetry;

@@ -1,0 +1,278 @@
+//! The `edgepool` command: parses arguments and calls the library.
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use edgepool::ca::CertAuthority;
+use edgepool::config::Config;
+use edgepool::gateway::Gateway;
+
+#[derive(Parser)]
+#[command(
+    name = "edgepool",
+    version,
+    about = "Egress connection pool for web-scraping fleets"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the gateway (embedded defaults when no --config is given).
+    Serve {
+        /// TOML configuration file.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Worker-facing proxy address (overrides listen.proxy).
+        #[arg(long)]
+        listen: Option<SocketAddr>,
+        /// Admin address (overrides listen.admin).
+        #[arg(long)]
+        admin: Option<SocketAddr>,
+        /// Data directory: CA and state (overrides data_dir).
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        /// Allow targets in this CIDR despite the private/loopback deny list (repeatable).
+        #[arg(long = "allow-target", value_name = "CIDR")]
+        allow_target: Vec<ipnet::IpNet>,
+        /// Extra PEM roots trusted for target certificates (repeatable).
+        #[arg(long = "upstream-ca", value_name = "FILE")]
+        upstream_ca: Vec<PathBuf>,
+    },
+    /// Validate a configuration file; exits non-zero naming the bad key.
+    Check {
+        /// TOML configuration file.
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// The interception CA certificate workers must trust.
+    Ca {
+        #[command(subcommand)]
+        what: CaCommand,
+    },
+    /// Print the per-target reuse table from a running gateway.
+    Status {
+        /// Admin address of the gateway.
+        #[arg(long, default_value = "127.0.0.1:9180")]
+        admin: SocketAddr,
+        /// Print the raw JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum CaCommand {
+    /// Print the path of the CA certificate (creating the CA if needed).
+    Path {
+        /// Data directory.
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+    },
+    /// Print the CA certificate (PEM), creating the CA if needed.
+    Export {
+        /// Data directory.
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match cli.command {
+        Command::Serve {
+            config,
+            listen,
+            admin,
+            data_dir,
+            allow_target,
+            upstream_ca,
+        } => {
+            let mut cfg = match config {
+                Some(p) => match Config::load(&p) {
+                    Ok(c) => c,
+                    Err(e) => return fail(&format!("{}: {e}", p.display())),
+                },
+                None => Config::default(),
+            };
+            if let Some(a) = listen {
+                cfg.listen.proxy = a;
+            }
+            if let Some(a) = admin {
+                cfg.listen.admin = a;
+            }
+            if let Some(d) = data_dir {
+                cfg.data_dir = Some(d);
+            }
+            cfg.targets.allow.extend(allow_target);
+            cfg.upstream.extra_ca_files.extend(upstream_ca);
+            if let Err(e) = cfg.validate() {
+                return fail(&e.to_string());
+            }
+            serve(cfg)
+        }
+        Command::Check { config } => match Config::load(&config) {
+            Ok(_) => {
+                println!("{}: ok", config.display());
+                ExitCode::SUCCESS
+            }
+            Err(e) => fail(&format!("{}: {e}", config.display())),
+        },
+        Command::Ca { what } => {
+            let (dir, export) = match what {
+                CaCommand::Path { data_dir } => (data_dir, false),
+                CaCommand::Export { data_dir } => (data_dir, true),
+            };
+            let dir = dir.unwrap_or_else(Config::default_data_dir);
+            match CertAuthority::load_or_create(&dir) {
+                Ok(ca) => {
+                    if export {
+                        print!("{}", ca.cert_pem());
+                    } else {
+                        println!("{}", CertAuthority::cert_path(&dir).display());
+                    }
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail(&e.to_string()),
+            }
+        }
+        Command::Status { admin, json } => status(admin, json),
+    }
+}
+
+fn fail(msg: &str) -> ExitCode {
+    eprintln!("edgepool: {msg}");
+    ExitCode::FAILURE
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime")
+}
+
+fn serve(cfg: Config) -> ExitCode {
+    runtime().block_on(async move {
+        let proxy = match tokio::net::TcpListener::bind(cfg.listen.proxy).await {
+            Ok(l) => l,
+            Err(e) => {
+                return fail(&format!(
+                    "cannot listen on {} (listen.proxy): {e}",
+                    cfg.listen.proxy
+                ))
+            }
+        };
+        let admin = match tokio::net::TcpListener::bind(cfg.listen.admin).await {
+            Ok(l) => l,
+            Err(e) => {
+                return fail(&format!(
+                    "cannot listen on {} (listen.admin): {e}",
+                    cfg.listen.admin
+                ))
+            }
+        };
+        let data_dir = cfg.data_dir();
+        let gw = match Gateway::new(cfg) {
+            Ok(g) => g,
+            Err(e) => return fail(&e.to_string()),
+        };
+        tracing::info!(
+            proxy = %proxy.local_addr().map(|a| a.to_string()).unwrap_or_default(),
+            admin = %admin.local_addr().map(|a| a.to_string()).unwrap_or_default(),
+            ca = %CertAuthority::cert_path(&data_dir).display(),
+            "edgepool is serving; point workers at http://<proxy> and trust the CA"
+        );
+        gw.serve(proxy, admin, shutdown_signal()).await;
+        tracing::info!("edgepool stopped");
+        ExitCode::SUCCESS
+    })
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("SIGTERM handler");
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+}
+
+fn status(admin: SocketAddr, json: bool) -> ExitCode {
+    let body = runtime().block_on(async move {
+        use http_body_util::BodyExt;
+        let stream = tokio::net::TcpStream::connect(admin)
+            .await
+            .map_err(|e| format!("cannot reach the admin listener at {admin}: {e}"))?;
+        let (mut send, conn) = hyper::client::conn::http1::handshake::<
+            _,
+            http_body_util::Empty<bytes::Bytes>,
+        >(hyper_util::rt::TokioIo::new(stream))
+        .await
+        .map_err(|e| e.to_string())?;
+        tokio::spawn(conn);
+        let req = http::Request::get("/status")
+            .header("host", admin.to_string())
+            .body(http_body_util::Empty::new())
+            .expect("static request");
+        let resp = send.send_request(req).await.map_err(|e| e.to_string())?;
+        let bytes = resp
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| e.to_string())?
+            .to_bytes();
+        Ok::<_, String>(bytes)
+    });
+    let body = match body {
+        Ok(b) => b,
+        Err(e) => return fail(&e),
+    };
+    if json {
+        println!("{}", String::from_utf8_lossy(&body));
+        return ExitCode::SUCCESS;
+    }
+    let v: serde_json::Value = match serde_json::from_slice(&body) {
+        Ok(v) => v,
+        Err(e) => return fail(&format!("unexpected /status answer: {e}")),
+    };
+    println!(
+        "{:<40} {:>10} {:>8} {:>8} {:>7} {:>6} {:>9}",
+        "target", "requests", "new", "R", "active", "idle", "protocol"
+    );
+    let row = |t: &serde_json::Value| {
+        println!(
+            "{:<40} {:>10} {:>8} {:>8.4} {:>7} {:>6} {:>9}",
+            t["target"].as_str().unwrap_or(""),
+            t["requests"].as_u64().unwrap_or(0),
+            t["new_connections"].as_u64().unwrap_or(0),
+            t["reuse_rate"].as_f64().unwrap_or(0.0),
+            t["active"].as_u64().unwrap_or(0),
+            t["idle"].as_u64().unwrap_or(0),
+            t["protocol"].as_str().unwrap_or(""),
+        )
+    };
+    for t in v["targets"].as_array().into_iter().flatten() {
+        row(t);
+    }
+    row(&v["fleet"]);
+    ExitCode::SUCCESS
+}

@@ -1,0 +1,2055 @@
+//! pool: keeps upstream connections warm per key and hands them out, HTTP/1.1 exclusively and
+//! HTTP/2 shared up to the server's stream limit, and says why every new connection was needed.
+//!
+//! The pool depends on no other edgepool module. It is generic over a [`Connector`], which says
+//! what a key is, how to dial one and what a connection is, and reports through [`PoolEvents`].
+//!
+//! # Concurrency
+//! All state lives behind one short `parking_lot::Mutex` ([`Inner::state`]); it is never held
+//! across an `.await` and never held while calling the connector or dropping a [`Lease`].
+//! A request that finds no usable connection becomes a *waiter* (a oneshot sender in the key's
+//! FIFO queue) and, when the key needs more capacity, a dial starts in its own task. Whatever
+//! becomes usable first — a released connection or a finished dial — goes to the oldest waiter;
+//! the loser of that race stays in the pool (it is not thrown away). A dial is never cancelled
+//! by its requester going away.
+//!
+//! # Reuse accounting
+//! Every lease says whether it is the first request on its connection (`reused() == false`).
+//! Every dial carries exactly one [`NewReason`], derived from the key's state when it started:
+//! the key was never seen, all its connections were busy, or a connection of the key was lost
+//! for a recorded [`CloseReason`] (which maps to a new-connection reason).
+//!
+//! # Time
+//! The pool reads `tokio::time::Instant`, so tests pause and advance time.
+use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::fmt::Debug;
+use std::future::Future;
+use std::hash::Hash;
+use std::pin::Pin;
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use tokio::sync::oneshot;
+use tokio::time::Instant;
+
+/// A boxed future, as returned by [`Connector::connect`].
+pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
+
+/// Identifies one connection for its whole life (unique per pool).
+pub type ConnId = u64;
+
+/// One upstream connection as the pool sees it.
+pub trait PoolConn: Send + 'static {
+    /// Another handle onto the same connection, for protocols that carry concurrent requests
+    /// (HTTP/2). `None` for exclusive connections (HTTP/1.1).
+    fn share(&self) -> Option<Self>
+    where
+        Self: Sized;
+    /// False once the connection can take no new request (closed by either side).
+    fn is_open(&self) -> bool;
+}
+
+/// What a dial produced.
+pub struct Connected<C> {
+    /// The connection.
+    pub conn: C,
+    /// True when the connection carries concurrent requests (HTTP/2).
+    pub multiplexed: bool,
+    /// The server's concurrent stream limit, when already known. For a multiplexed connection
+    /// whose first SETTINGS has not arrived, pass `None` and call [`ConnWatch::settled`] later;
+    /// until then the connection carries at most the key's last known limit (1 on a new key).
+    pub max_streams: Option<usize>,
+}
+
+/// Dials connections for keys. Implemented by `dial`; tests implement it with fakes.
+pub trait Connector: Send + Sync + 'static {
+    /// Everything that makes two connections interchangeable.
+    type Key: Clone + Eq + Hash + Ord + Debug + Send + Sync + 'static;
+    /// The connection handle.
+    type Conn: PoolConn;
+    /// Why a dial failed.
+    type Error: Send + Sync + 'static;
+    /// Opens a connection for `key`. `watch` lets the connection's driver report its end,
+    /// its stream limit and a GOAWAY to the pool.
+    fn connect(
+        &self,
+        key: &Self::Key,
+        watch: ConnWatch<Self>,
+    ) -> BoxFuture<Result<Connected<Self::Conn>, Self::Error>>
+    where
+        Self: Sized;
+    /// Whether a connection for `key` may turn out multiplexed (TLS with ALPN h2 offered).
+    /// While the first dial of such a key is under way, further requests wait for it instead
+    /// of dialing: a burst of connections before the first SETTINGS is what we avoid.
+    fn may_multiplex(&self, key: &Self::Key) -> bool;
+}
+
+/// Why a new connection was opened. Exactly one per connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum NewReason {
+    /// The key had no connection and lost none: first contact (or after a long quiet spell).
+    ColdKey,
+    /// HTTP/1.1: every connection of the key was busy.
+    AllBusy,
+    /// HTTP/2: every connection was at the server's stream limit.
+    H2Saturated,
+    /// A connection was retired for being idle too long (ours or the server's announced timeout).
+    IdleExpired,
+    /// The server closed (FIN, RST or stray bytes) a connection while it sat idle.
+    ServerClosedIdle,
+    /// A connection was found dead when it was checked out.
+    StaleAtCheckout,
+    /// The server sent GOAWAY.
+    Goaway,
+    /// A connection reached a request limit (ours, `Keep-Alive: max`, or the server's
+    /// `Connection: close` after more than one request).
+    MaxRequests,
+    /// The server answered `Connection: close` on a connection's first response (no keep-alive).
+    ServerClose,
+    /// A connection reached its maximum lifetime.
+    MaxLifetime,
+    /// A connection was evicted to respect a pool-wide limit.
+    Evicted,
+    /// A request failed on a reused connection and is retried on a fresh one, or a connection
+    /// broke with an error.
+    AfterError,
+}
+
+impl NewReason {
+    /// All reasons, in a stable order (for metrics and reports).
+    pub const ALL: [NewReason; 12] = [
+        NewReason::ColdKey,
+        NewReason::AllBusy,
+        NewReason::H2Saturated,
+        NewReason::IdleExpired,
+        NewReason::ServerClosedIdle,
+        NewReason::StaleAtCheckout,
+        NewReason::Goaway,
+        NewReason::MaxRequests,
+        NewReason::ServerClose,
+        NewReason::MaxLifetime,
+        NewReason::Evicted,
+        NewReason::AfterError,
+    ];
+    /// The metric label / JSON name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NewReason::ColdKey => "cold_key",
+            NewReason::AllBusy => "all_busy",
+            NewReason::H2Saturated => "h2_saturated",
+            NewReason::IdleExpired => "idle_expired",
+            NewReason::ServerClosedIdle => "server_closed_idle",
+            NewReason::StaleAtCheckout => "stale_at_checkout",
+            NewReason::Goaway => "goaway",
+            NewReason::MaxRequests => "max_requests",
+            NewReason::ServerClose => "server_close",
+            NewReason::MaxLifetime => "max_lifetime",
+            NewReason::Evicted => "evicted",
+            NewReason::AfterError => "after_error",
+        }
+    }
+}
+
+/// Why a connection left the pool.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum CloseReason {
+    /// Idle longer than the pool's idle timeout.
+    IdleExpired,
+    /// Retired a safety margin before the server's announced (`Keep-Alive: timeout=`) or
+    /// observed idle timeout.
+    KeepAliveTimeout,
+    /// The server closed it (FIN) while idle.
+    ServerClosedIdle,
+    /// The server reset it (RST) while idle.
+    ResetIdle,
+    /// The server sent bytes nobody asked for while it was idle.
+    StrayBytes,
+    /// Found closed at checkout.
+    StaleAtCheckout,
+    /// The server sent GOAWAY.
+    Goaway,
+    /// A request limit was reached (ours, the server's `Keep-Alive: max=`, or `Connection:
+    /// close` after the first response).
+    MaxRequests,
+    /// The server answered `Connection: close` on the first response.
+    ServerClose,
+    /// Reached its maximum lifetime.
+    MaxLifetime,
+    /// Evicted to respect a pool-wide limit.
+    Evicted,
+    /// Broke with an error during a request.
+    Error,
+    /// A worker went away mid-response and the rest could not be drained within bounds.
+    Abandoned,
+    /// The pool shut down.
+    Shutdown,
+}
+
+impl CloseReason {
+    /// All reasons, in a stable order.
+    pub const ALL: [CloseReason; 14] = [
+        CloseReason::IdleExpired,
+        CloseReason::KeepAliveTimeout,
+        CloseReason::ServerClosedIdle,
+        CloseReason::ResetIdle,
+        CloseReason::StrayBytes,
+        CloseReason::StaleAtCheckout,
+        CloseReason::Goaway,
+        CloseReason::MaxRequests,
+        CloseReason::ServerClose,
+        CloseReason::MaxLifetime,
+        CloseReason::Evicted,
+        CloseReason::Error,
+        CloseReason::Abandoned,
+        CloseReason::Shutdown,
+    ];
+    /// The metric label / JSON name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CloseReason::IdleExpired => "idle_expired",
+            CloseReason::KeepAliveTimeout => "keepalive_timeout",
+            CloseReason::ServerClosedIdle => "server_closed_idle",
+            CloseReason::ResetIdle => "reset_idle",
+            CloseReason::StrayBytes => "stray_bytes",
+            CloseReason::StaleAtCheckout => "stale_at_checkout",
+            CloseReason::Goaway => "goaway",
+            CloseReason::MaxRequests => "max_requests",
+            CloseReason::ServerClose => "server_close",
+            CloseReason::MaxLifetime => "max_lifetime",
+            CloseReason::Evicted => "evicted",
+            CloseReason::Error => "error",
+            CloseReason::Abandoned => "abandoned",
+            CloseReason::Shutdown => "shutdown",
+        }
+    }
+    /// The reason the *next* connection of the key will carry, because this one was lost.
+    pub fn next_new_reason(self) -> NewReason {
+        match self {
+            CloseReason::IdleExpired | CloseReason::KeepAliveTimeout => NewReason::IdleExpired,
+            CloseReason::ServerClosedIdle | CloseReason::ResetIdle | CloseReason::StrayBytes => {
+                NewReason::ServerClosedIdle
+            }
+            CloseReason::StaleAtCheckout => NewReason::StaleAtCheckout,
+            CloseReason::Goaway => NewReason::Goaway,
+            CloseReason::MaxRequests => NewReason::MaxRequests,
+            CloseReason::ServerClose => NewReason::ServerClose,
+            CloseReason::MaxLifetime => NewReason::MaxLifetime,
+            CloseReason::Evicted => NewReason::Evicted,
+            CloseReason::Error | CloseReason::Abandoned => NewReason::AfterError,
+            CloseReason::Shutdown => NewReason::ColdKey,
+        }
+    }
+}
+
+/// How a connection's driver saw it end (reported through [`ConnWatch::closed`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EndCause {
+    /// Orderly close by the server (FIN / clean EOF).
+    Fin,
+    /// Connection reset.
+    Reset,
+    /// The server sent bytes that were not a response to anything.
+    StrayBytes,
+    /// A GOAWAY finished the connection.
+    Goaway,
+    /// Any other error.
+    Error,
+    /// We closed it (pool dropped the handle).
+    Local,
+}
+
+/// What happens to a connection when a request on it is done.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Release {
+    /// The connection can carry another request. The hints are the server's `Keep-Alive`
+    /// parameters from this response, if it sent any.
+    Keep(Hints),
+    /// The connection must not be used again.
+    Close(CloseReason),
+}
+
+/// What a server announced about how long it keeps a connection.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Hints {
+    /// `Keep-Alive: timeout=N`: the server closes the connection after N seconds idle.
+    pub idle_timeout: Option<Duration>,
+    /// `Keep-Alive: max=M`: the server serves at most M more requests on it.
+    pub remaining_requests: Option<u64>,
+}
+
+/// Limits and timeouts. Defaults are the documented constants below.
+#[derive(Clone, Debug)]
+pub struct PoolConfig {
+    /// Max connections (open + being dialed) per key.
+    pub max_per_key: usize,
+    /// Max connections (open + being dialed) in the whole pool.
+    pub max_total: usize,
+    /// Max idle connections in the whole pool; past it the least recently used idle one goes.
+    pub max_idle_total: usize,
+    /// A connection idle this long is closed.
+    pub idle_timeout: Duration,
+    /// A connection is retired after this many requests (`None`: no limit of ours).
+    pub max_requests: Option<u64>,
+    /// A connection is retired after this long, even if busy (it finishes what it carries).
+    pub max_lifetime: Option<Duration>,
+    /// Retire this long before the server's announced or observed idle timeout.
+    pub keepalive_margin: Duration,
+    /// Background sweep period for idle expiry.
+    pub sweep_interval: Duration,
+    /// Learn a server's idle timeout from idle closes and retire connections before it.
+    pub learn_idle_timeout: bool,
+}
+
+/// Default [`PoolConfig::max_per_key`].
+pub const DEFAULT_MAX_PER_KEY: usize = 256;
+/// Default [`PoolConfig::max_total`].
+pub const DEFAULT_MAX_TOTAL: usize = 8192;
+/// Default [`PoolConfig::max_idle_total`].
+pub const DEFAULT_MAX_IDLE_TOTAL: usize = 4096;
+/// Default [`PoolConfig::idle_timeout`].
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+/// Default [`PoolConfig::keepalive_margin`].
+pub const DEFAULT_KEEPALIVE_MARGIN: Duration = Duration::from_millis(1000);
+
+impl Default for PoolConfig {
+    fn default() -> Self {
+        PoolConfig {
+            max_per_key: DEFAULT_MAX_PER_KEY,
+            max_total: DEFAULT_MAX_TOTAL,
+            max_idle_total: DEFAULT_MAX_IDLE_TOTAL,
+            idle_timeout: DEFAULT_IDLE_TIMEOUT,
+            max_requests: None,
+            max_lifetime: None,
+            keepalive_margin: DEFAULT_KEEPALIVE_MARGIN,
+            sweep_interval: Duration::from_millis(500),
+            learn_idle_timeout: true,
+        }
+    }
+}
+
+/// Where the pool reports what happens to connections. Methods are called with no lock held.
+pub trait PoolEvents<K>: Send + Sync + 'static {
+    /// A dial started for `key`, for `reason`.
+    fn dial_started(&self, _key: &K, _reason: NewReason) {}
+    /// A dial succeeded: a new connection joined the pool.
+    fn connection_opened(&self, _key: &K, _reason: NewReason) {}
+    /// A dial failed.
+    fn dial_failed(&self, _key: &K) {}
+    /// A connection left the pool after carrying `requests` requests.
+    fn connection_closed(&self, _key: &K, _reason: CloseReason, _requests: u64) {}
+}
+
+/// A [`PoolEvents`] that ignores everything.
+pub struct NoEvents;
+impl<K> PoolEvents<K> for NoEvents {}
+
+/// Options for one checkout.
+#[derive(Clone, Copy, Debug)]
+pub struct CheckoutOpts {
+    /// Give up waiting for a connection at this instant.
+    pub deadline: Instant,
+    /// Demand a brand-new connection (a retry after a failure on a reused one).
+    pub fresh: bool,
+}
+
+/// Why a checkout produced no connection.
+#[derive(Debug)]
+pub enum CheckoutError<E> {
+    /// The dial made for this request (or the only dial the key had) failed.
+    Dial(Arc<E>),
+    /// No connection became available before the deadline.
+    Timeout,
+    /// The pool is shut down.
+    Closed,
+}
+
+impl<E> Clone for CheckoutError<E> {
+    fn clone(&self) -> Self {
+        match self {
+            CheckoutError::Dial(e) => CheckoutError::Dial(e.clone()),
+            CheckoutError::Timeout => CheckoutError::Timeout,
+            CheckoutError::Closed => CheckoutError::Closed,
+        }
+    }
+}
+
+/// Counts of the pool as a whole, for status pages.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PoolStats {
+    /// Connections open or being dialed.
+    pub total: usize,
+    /// Connections being dialed.
+    pub connecting: usize,
+    /// Open connections carrying no request.
+    pub idle: usize,
+    /// Requests waiting for a connection.
+    pub waiting: usize,
+    /// Keys with any state.
+    pub keys: usize,
+}
+
+/// Per-key counts.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KeyStats<K> {
+    /// The key.
+    pub key: K,
+    /// Open connections.
+    pub open: usize,
+    /// Open connections carrying no request.
+    pub idle: usize,
+    /// Being dialed.
+    pub connecting: usize,
+    /// Requests in flight.
+    pub in_flight: usize,
+    /// Waiters queued.
+    pub waiting: usize,
+    /// Whether the key's connections are multiplexed (HTTP/2), once known.
+    pub multiplexed: Option<bool>,
+}
+
+type Grant<X> = Result<Lease<X>, CheckoutError<<X as Connector>::Error>>;
+
+struct Waiter<X: Connector> {
+    id: u64,
+    fresh: bool,
+    tx: oneshot::Sender<Grant<X>>,
+}
+
+/// One connection's bookkeeping.
+struct Entry<C> {
+    id: ConnId,
+    /// The connection while it is in the pool. Exclusive connections are taken out by their
+    /// lease; shared ones stay here and leases carry clones.
+    conn: Option<C>,
+    multiplexed: bool,
+    /// Requests in flight on it.
+    in_flight: usize,
+    /// Concurrent request limit: 1 for HTTP/1.1, the server's SETTINGS for HTTP/2.
+    max_streams: usize,
+    /// For HTTP/2: whether the server's first SETTINGS has arrived.
+    settled: bool,
+    /// Requests granted on it so far.
+    requests: u64,
+    created: Instant,
+    /// When it last became idle (no request in flight).
+    idle_since: Instant,
+    /// Its own idle limit from the server's `Keep-Alive: timeout=` (already minus the margin).
+    server_idle: Option<Duration>,
+    /// How many more requests the server allows (`Keep-Alive: max=`).
+    remaining: Option<u64>,
+    /// Takes no new requests (GOAWAY, lifetime); removed once its last request ends.
+    draining: Option<CloseReason>,
+    /// Its driver reported it ended while a request was on it.
+    dead: Option<CloseReason>,
+    /// Why it was opened (reported on its first lease).
+    new_reason: NewReason,
+}
+
+impl<C: PoolConn> Entry<C> {
+    fn is_idle(&self) -> bool {
+        self.in_flight == 0
+    }
+    fn has_capacity(&self) -> bool {
+        self.draining.is_none()
+            && self.dead.is_none()
+            && self.in_flight < self.max_streams
+            && (self.multiplexed || self.conn.is_some())
+            && self.remaining != Some(0)
+    }
+}
+
+/// One key's connections and waiters.
+struct KeyState<X: Connector> {
+    conns: Vec<Entry<X::Conn>>,
+    connecting: usize,
+    /// Dials started for a key that may be multiplexed but whose protocol is not yet known.
+    waiters: VecDeque<Waiter<X>>,
+    /// Learned from the first connection: whether the key's connections are multiplexed.
+    multiplexed: Option<bool>,
+    /// The last stream limit a server of this key announced.
+    known_max_streams: Option<usize>,
+    /// Why the key last lost a connection, consumed by the next dial.
+    last_loss: Option<CloseReason>,
+    /// The server's idle timeout as observed from idle closes (minus the margin).
+    learned_idle: Option<Duration>,
+    /// Last time anything happened on the key (for forgetting empty keys).
+    touched: Instant,
+    /// SETTINGS that arrived while their connection's dial had not returned yet.
+    early_settle: Vec<(ConnId, usize)>,
+}
+
+impl<X: Connector> KeyState<X> {
+    fn new(now: Instant) -> Self {
+        KeyState {
+            conns: Vec::new(),
+            connecting: 0,
+            waiters: VecDeque::new(),
+            multiplexed: None,
+            known_max_streams: None,
+            last_loss: None,
+            learned_idle: None,
+            touched: now,
+            early_settle: Vec::new(),
+        }
+    }
+    fn in_flight(&self) -> usize {
+        self.conns.iter().map(|e| e.in_flight).sum()
+    }
+}
+
+struct State<X: Connector> {
+    keys: HashMap<X::Key, KeyState<X>>,
+    /// Open + connecting connections, all keys.
+    total: usize,
+    /// Idle connections by (idle since, id) for pool-wide LRU eviction.
+    idle_lru: BTreeSet<(Instant, ConnId, X::Key)>,
+    /// Keys that wait for a dial the pool-wide limit blocked.
+    blocked: VecDeque<X::Key>,
+    next_id: u64,
+    closed: bool,
+}
+
+/// The shared core; [`Pool`] is a cheap handle to it.
+struct Inner<X: Connector> {
+    /// Every map of the pool. Held briefly; never across `.await`.
+    state: Mutex<State<X>>,
+    cfg: PoolConfig,
+    connector: X,
+    events: Arc<dyn PoolEvents<X::Key>>,
+}
+
+/// Side effects collected under the lock and run after it is released.
+struct Effects<X: Connector> {
+    dials: Vec<(X::Key, ConnId, Option<u64>, NewReason)>,
+    closed: Vec<(X::Key, CloseReason, u64, Option<X::Conn>)>,
+    /// Leases whose receiver was gone; dropped after unlock (they carry no lock-taking drop
+    /// because they were disarmed).
+    dead_leases: Vec<Lease<X>>,
+}
+
+impl<X: Connector> Effects<X> {
+    fn new() -> Self {
+        Effects {
+            dials: Vec::new(),
+            closed: Vec::new(),
+            dead_leases: Vec::new(),
+        }
+    }
+}
+
+/// The connection pool. Clone is cheap (an `Arc`).
+pub struct Pool<X: Connector> {
+    inner: Arc<Inner<X>>,
+}
+
+impl<X: Connector> Clone for Pool<X> {
+    fn clone(&self) -> Self {
+        Pool {
+            inner: self.inner.clone(),
+        }
+    }
+}
+
+/// A connection checked out for one request. Release it with [`Lease::release`]; a lease
+/// dropped before [`Lease::mark_sent`] returns its connection unused, one dropped after goes
+/// away as [`CloseReason::Abandoned`] (its state is unknown).
+pub struct Lease<X: Connector> {
+    conn: Option<X::Conn>,
+    key: X::Key,
+    id: ConnId,
+    reused: bool,
+    new_reason: Option<NewReason>,
+    index: u64,
+    pool: Weak<Inner<X>>,
+    sent: bool,
+    armed: bool,
+}
+
+impl<X: Connector> Debug for Lease<X> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Lease")
+            .field("key", &self.key)
+            .field("id", &self.id)
+            .field("reused", &self.reused)
+            .field("index", &self.index)
+            .finish()
+    }
+}
+
+/// Lets a connection's driver tell the pool what it sees. Holds only a `Weak` to the pool.
+pub struct ConnWatch<X: Connector> {
+    pool: Weak<Inner<X>>,
+    key: X::Key,
+    id: ConnId,
+}
+
+impl<X: Connector> Clone for ConnWatch<X> {
+    fn clone(&self) -> Self {
+        ConnWatch {
+            pool: self.pool.clone(),
+            key: self.key.clone(),
+            id: self.id,
+        }
+    }
+}
+
+impl<X: Connector> ConnWatch<X> {
+    /// The connection's id (also on its leases).
+    pub fn id(&self) -> ConnId {
+        self.id
+    }
+    /// The connection ended. An idle connection leaves the pool at once and its cause is
+    /// counted (server closed idle / reset / stray bytes); a busy one leaves when its request
+    /// ends.
+    pub fn closed(&self, cause: EndCause) {
+        if let Some(inner) = self.pool.upgrade() {
+            inner.conn_ended(&self.key, self.id, cause);
+        }
+    }
+    /// The server's SETTINGS arrived with this concurrent stream limit.
+    pub fn settled(&self, max_streams: usize) {
+        if let Some(inner) = self.pool.upgrade() {
+            inner.conn_settled(&self.key, self.id, max_streams);
+        }
+    }
+    /// The server sent GOAWAY: no new requests on this connection; in-flight ones finish.
+    pub fn goaway(&self) {
+        if let Some(inner) = self.pool.upgrade() {
+            inner.conn_draining(&self.key, self.id, CloseReason::Goaway);
+        }
+    }
+}
+
+impl<X: Connector> Lease<X> {
+    /// The connection.
+    pub fn conn(&mut self) -> &mut X::Conn {
+        self.conn
+            .as_mut()
+            .expect("lease holds its connection until released")
+    }
+    /// The key.
+    pub fn key(&self) -> &X::Key {
+        &self.key
+    }
+    /// The connection's id.
+    pub fn id(&self) -> ConnId {
+        self.id
+    }
+    /// False when this is the first request on a new connection.
+    pub fn reused(&self) -> bool {
+        self.reused
+    }
+    /// Why the connection was opened, on its first request.
+    pub fn new_reason(&self) -> Option<NewReason> {
+        self.new_reason
+    }
+    /// 1-based index of this request on its connection.
+    pub fn index(&self) -> u64 {
+        self.index
+    }
+    /// Marks that request bytes may have reached the connection: from now on, dropping the
+    /// lease discards the connection.
+    pub fn mark_sent(&mut self) {
+        self.sent = true;
+    }
+    /// Returns the connection to the pool, or closes it.
+    pub fn release(mut self, how: Release) {
+        self.finish(how, true);
+    }
+    fn finish(&mut self, how: Release, counted: bool) {
+        if !self.armed {
+            return;
+        }
+        self.armed = false;
+        let conn = self.conn.take();
+        if let Some(inner) = self.pool.upgrade() {
+            inner.release(&self.key, self.id, conn, how, counted);
+        }
+    }
+    fn disarm(&mut self) -> Option<X::Conn> {
+        self.armed = false;
+        self.conn.take()
+    }
+}
+
+impl<X: Connector> Drop for Lease<X> {
+    fn drop(&mut self) {
+        if self.sent {
+            self.finish(Release::Close(CloseReason::Abandoned), true);
+        } else {
+            self.finish(Release::Keep(Hints::default()), false);
+        }
+    }
+}
+
+impl<X: Connector> Pool<X> {
+    /// A new pool; starts its background sweep (which dies with the pool).
+    pub fn new(cfg: PoolConfig, connector: X, events: Arc<dyn PoolEvents<X::Key>>) -> Self {
+        let inner = Arc::new(Inner {
+            state: Mutex::new(State {
+                keys: HashMap::new(),
+                total: 0,
+                idle_lru: BTreeSet::new(),
+                blocked: VecDeque::new(),
+                next_id: 1,
+                closed: false,
+            }),
+            cfg,
+            connector,
+            events,
+        });
+        let weak = Arc::downgrade(&inner);
+        let period = inner.cfg.sweep_interval;
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(period);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let Some(inner) = weak.upgrade() else { break };
+                if !inner.sweep() {
+                    break;
+                }
+            }
+        });
+        Pool { inner }
+    }
+
+    /// The connector.
+    pub fn connector(&self) -> &X {
+        &self.inner.connector
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &PoolConfig {
+        &self.inner.cfg
+    }
+
+    /// Checks out a connection for `key`: an idle (or, for HTTP/2, unsaturated) one if there
+    /// is one, else waits in the key's queue while a dial runs or a connection comes back.
+    pub async fn checkout(&self, key: &X::Key, opts: CheckoutOpts) -> Grant<X> {
+        let inner = &self.inner;
+        let now = Instant::now();
+        let mut fx = Effects::new();
+        enum Step<G, R> {
+            Got(G),
+            Wait(R, u64),
+        }
+        let step = {
+            let mut st = inner.state.lock();
+            if st.closed {
+                return Err(CheckoutError::Closed);
+            }
+            let st = &mut *st;
+            let ks = st
+                .keys
+                .entry(key.clone())
+                .or_insert_with(|| KeyState::new(now));
+            ks.touched = now;
+            inner.prune_key(key, ks, &mut st.idle_lru, &mut st.total, now, &mut fx);
+            let found = if opts.fresh {
+                None
+            } else {
+                inner.grant_from(key, ks, &mut st.idle_lru)
+            };
+            match found {
+                Some(lease) => Step::Got(Ok(lease)),
+                None => {
+                    let id = st.next_id;
+                    st.next_id += 1;
+                    let (tx, rx) = oneshot::channel();
+                    let ks = st.keys.get_mut(key).expect("inserted above");
+                    ks.waiters.push_back(Waiter {
+                        id,
+                        fresh: opts.fresh,
+                        tx,
+                    });
+                    if opts.fresh {
+                        if !inner.start_dial(
+                            st,
+                            key,
+                            Some(id),
+                            Some(NewReason::AfterError),
+                            &mut fx,
+                        ) {
+                            // Limits leave no room for a new connection: take any usable one.
+                            if let Some(w) = st
+                                .keys
+                                .get_mut(key)
+                                .and_then(|ks| ks.waiters.iter_mut().find(|w| w.id == id))
+                            {
+                                w.fresh = false;
+                            }
+                            inner.serve_waiters(st, key, &mut fx);
+                        }
+                    } else {
+                        inner.dial_if_needed(st, key, Some(id), &mut fx);
+                    }
+                    Step::Wait(rx, id)
+                }
+            }
+        };
+        inner.run_effects(fx);
+        let (rx, waiter_id) = match step {
+            Step::Got(grant) => return grant,
+            Step::Wait(rx, id) => (rx, id),
+        };
+        // `let` so the receiver (and any grant that raced into it) drops before we lock again.
+        let res = tokio::time::timeout_at(opts.deadline, rx).await;
+        match res {
+            Ok(Ok(grant)) => grant,
+            Ok(Err(_)) => Err(CheckoutError::Closed),
+            Err(_) => {
+                let mut st = inner.state.lock();
+                if let Some(ks) = st.keys.get_mut(key) {
+                    ks.waiters.retain(|w| w.id != waiter_id);
+                }
+                Err(CheckoutError::Timeout)
+            }
+        }
+    }
+
+    /// Pool-wide counts.
+    pub fn stats(&self) -> PoolStats {
+        let st = self.inner.state.lock();
+        let mut s = PoolStats {
+            total: st.total,
+            idle: st.idle_lru.len(),
+            keys: st.keys.len(),
+            ..Default::default()
+        };
+        for ks in st.keys.values() {
+            s.connecting += ks.connecting;
+            s.waiting += ks.waiters.len();
+        }
+        s
+    }
+
+    /// Per-key counts for every key with any state.
+    pub fn key_stats(&self) -> Vec<KeyStats<X::Key>> {
+        let st = self.inner.state.lock();
+        st.keys
+            .iter()
+            .map(|(k, ks)| KeyStats {
+                key: k.clone(),
+                open: ks.conns.len(),
+                idle: ks.conns.iter().filter(|e| e.is_idle()).count(),
+                connecting: ks.connecting,
+                in_flight: ks.in_flight(),
+                waiting: ks.waiters.len(),
+                multiplexed: ks.multiplexed,
+            })
+            .collect()
+    }
+
+    /// Runs expiry now (the background sweep does this periodically).
+    pub fn sweep_now(&self) {
+        self.inner.sweep();
+    }
+
+    /// Closes every idle connection and refuses new checkouts; in-flight requests finish.
+    pub fn shutdown(&self) {
+        let mut fx = Effects::new();
+        {
+            let mut st = self.inner.state.lock();
+            st.closed = true;
+            let st = &mut *st;
+            for (k, ks) in st.keys.iter_mut() {
+                for w in ks.waiters.drain(..) {
+                    let _ = w.tx.send(Err(CheckoutError::Closed));
+                }
+                let mut i = 0;
+                while i < ks.conns.len() {
+                    if ks.conns[i].is_idle() {
+                        let e = ks.conns.swap_remove(i);
+                        st.idle_lru.remove(&(e.idle_since, e.id, k.clone()));
+                        st.total -= 1;
+                        fx.closed
+                            .push((k.clone(), CloseReason::Shutdown, e.requests, e.conn));
+                    } else {
+                        ks.conns[i].draining = Some(CloseReason::Shutdown);
+                        i += 1;
+                    }
+                }
+            }
+        }
+        self.inner.run_effects(fx);
+    }
+}
+
+impl<X: Connector> Inner<X> {
+    /// Effective idle limit of an entry.
+    fn idle_limit(&self, e: &Entry<X::Conn>, learned: Option<Duration>) -> (Duration, CloseReason) {
+        let mut limit = (self.cfg.idle_timeout, CloseReason::IdleExpired);
+        for d in [e.server_idle, learned].into_iter().flatten() {
+            if d < limit.0 {
+                limit = (d, CloseReason::KeepAliveTimeout);
+            }
+        }
+        limit
+    }
+
+    /// Removes a key's expired or dead idle connections and drains old busy ones.
+    fn prune_key(
+        &self,
+        key: &X::Key,
+        ks: &mut KeyState<X>,
+        idle_lru: &mut BTreeSet<(Instant, ConnId, X::Key)>,
+        total: &mut usize,
+        now: Instant,
+        fx: &mut Effects<X>,
+    ) {
+        let mut i = 0;
+        while i < ks.conns.len() {
+            let e = &mut ks.conns[i];
+            let aged = self
+                .cfg
+                .max_lifetime
+                .is_some_and(|l| now.saturating_duration_since(e.created) >= l);
+            if aged && e.draining.is_none() {
+                e.draining = Some(CloseReason::MaxLifetime);
+            }
+            let reason = if e.is_idle() {
+                let (limit, why) = self.idle_limit(e, ks.learned_idle);
+                if let Some(r) = e.dead.or(e.draining) {
+                    Some(r)
+                } else if e.conn.as_ref().is_some_and(|c| !c.is_open()) {
+                    Some(CloseReason::StaleAtCheckout)
+                } else if now.saturating_duration_since(e.idle_since) >= limit {
+                    Some(why)
+                } else if e.remaining == Some(0) {
+                    Some(CloseReason::MaxRequests)
+                } else {
+                    None
+                }
+            } else {
+                None
+            };
+            if let Some(r) = reason {
+                let e = ks.conns.swap_remove(i);
+                idle_lru.remove(&(e.idle_since, e.id, key.clone()));
+                *total -= 1;
+                ks.last_loss = Some(r);
+                fx.closed.push((key.clone(), r, e.requests, e.conn));
+            } else {
+                i += 1;
+            }
+        }
+    }
+
+    /// Picks a usable connection of the key and makes a lease for it.
+    fn grant_from(
+        self: &Arc<Self>,
+        key: &X::Key,
+        ks: &mut KeyState<X>,
+        idle_lru: &mut BTreeSet<(Instant, ConnId, X::Key)>,
+    ) -> Option<Lease<X>> {
+        // Exclusive: most recently idle first. Shared: the busiest one with room, so load packs
+        // onto few connections and spare ones can idle out.
+        let mut best: Option<usize> = None;
+        for (i, e) in ks.conns.iter().enumerate() {
+            if !e.has_capacity() || e.conn.as_ref().is_some_and(|c| !c.is_open()) {
+                continue;
+            }
+            best = match best {
+                None => Some(i),
+                Some(b) => {
+                    let cur = &ks.conns[b];
+                    let better = if e.multiplexed {
+                        e.in_flight > cur.in_flight
+                    } else {
+                        e.idle_since > cur.idle_since
+                    };
+                    Some(if better { i } else { b })
+                }
+            };
+        }
+        let i = best?;
+        Some(self.lease_on(key, &mut ks.conns[i], idle_lru))
+    }
+
+    fn lease_on(
+        self: &Arc<Self>,
+        key: &X::Key,
+        e: &mut Entry<X::Conn>,
+        idle_lru: &mut BTreeSet<(Instant, ConnId, X::Key)>,
+    ) -> Lease<X> {
+        if e.in_flight == 0 {
+            idle_lru.remove(&(e.idle_since, e.id, key.clone()));
+        }
+        let conn = if e.multiplexed {
+            e.conn.as_ref().and_then(|c| c.share())
+        } else {
+            e.conn.take()
+        };
+        e.in_flight += 1;
+        e.requests += 1;
+        if let Some(r) = e.remaining.as_mut() {
+            *r = r.saturating_sub(1);
+        }
+        let reused = e.requests > 1;
+        Lease {
+            conn,
+            key: key.clone(),
+            id: e.id,
+            reused,
+            new_reason: if reused { None } else { Some(e.new_reason) },
+            index: e.requests,
+            pool: Arc::downgrade(self),
+            sent: false,
+            armed: true,
+        }
+    }
+
+    /// Starts dials so that the key's waiters can be served, within limits.
+    fn dial_if_needed(
+        self: &Arc<Self>,
+        st: &mut State<X>,
+        key: &X::Key,
+        owner: Option<u64>,
+        fx: &mut Effects<X>,
+    ) {
+        let Some(ks) = st.keys.get(key) else { return };
+        let waiting = ks.waiters.iter().filter(|w| !w.fresh).count();
+        if waiting == 0 {
+            return;
+        }
+        let may_mux = ks
+            .multiplexed
+            .unwrap_or_else(|| self.connector.may_multiplex(key));
+        let needed = if may_mux {
+            // Never dial while a connection of the key is still being set up: its SETTINGS
+            // tell how much it carries.
+            let unsettled = ks.conns.iter().any(|e| e.multiplexed && !e.settled);
+            if ks.connecting > 0 && ks.multiplexed.is_none() || unsettled {
+                0
+            } else {
+                let per_conn = ks.known_max_streams.unwrap_or(1).max(1);
+                let coming = ks.connecting * per_conn;
+                let spare: usize = ks
+                    .conns
+                    .iter()
+                    .filter(|e| e.has_capacity())
+                    .map(|e| e.max_streams - e.in_flight)
+                    .sum();
+                let uncovered = waiting.saturating_sub(coming + spare);
+                if ks.multiplexed.is_none() {
+                    // First contact: one probe dial tells the protocol.
+                    uncovered.min(1)
+                } else {
+                    uncovered.div_ceil(per_conn)
+                }
+            }
+        } else {
+            let spare = ks.conns.iter().filter(|e| e.has_capacity()).count();
+            waiting.saturating_sub(ks.connecting + spare)
+        };
+        let mut owner = owner;
+        for _ in 0..needed {
+            if !self.start_dial(st, key, owner.take(), None, fx) {
+                break;
+            }
+        }
+    }
+
+    /// Starts one dial if the limits allow (evicting an idle connection of another key when
+    /// only the pool-wide limit stands in the way). Returns false when blocked.
+    fn start_dial(
+        self: &Arc<Self>,
+        st: &mut State<X>,
+        key: &X::Key,
+        owner: Option<u64>,
+        reason: Option<NewReason>,
+        fx: &mut Effects<X>,
+    ) -> bool {
+        let per_key = {
+            let ks = st.keys.get(key).expect("key state exists when dialing");
+            ks.conns.len() + ks.connecting
+        };
+        if per_key >= self.cfg.max_per_key {
+            return false;
+        }
+        if st.total >= self.cfg.max_total && !self.evict_one_idle(st, fx) {
+            if !st.blocked.contains(key) {
+                st.blocked.push_back(key.clone());
+            }
+            return false;
+        }
+        let id = st.next_id;
+        st.next_id += 1;
+        st.total += 1;
+        let ks = st.keys.get_mut(key).expect("key state exists when dialing");
+        let reason = reason.unwrap_or_else(|| {
+            if ks
+                .conns
+                .iter()
+                .any(|e| e.dead.is_none() && e.draining.is_none())
+                || ks.connecting > 0
+            {
+                if ks.multiplexed == Some(true) {
+                    NewReason::H2Saturated
+                } else {
+                    NewReason::AllBusy
+                }
+            } else if let Some(loss) = ks.last_loss.take() {
+                loss.next_new_reason()
+            } else {
+                NewReason::ColdKey
+            }
+        });
+        ks.connecting += 1;
+        fx.dials.push((key.clone(), id, owner, reason));
+        true
+    }
+
+    /// Evicts the pool's least recently used idle connection. False if there is none.
+    fn evict_one_idle(&self, st: &mut State<X>, fx: &mut Effects<X>) -> bool {
+        let Some((since, id, key)) = st.idle_lru.iter().next().cloned() else {
+            return false;
+        };
+        st.idle_lru.remove(&(since, id, key.clone()));
+        if let Some(ks) = st.keys.get_mut(&key) {
+            if let Some(pos) = ks.conns.iter().position(|e| e.id == id) {
+                let e = ks.conns.swap_remove(pos);
+                st.total -= 1;
+                ks.last_loss = Some(CloseReason::Evicted);
+                fx.closed
+                    .push((key, CloseReason::Evicted, e.requests, e.conn));
+                return true;
+            }
+        }
+        false
+    }
+
+    /// Hands usable connections of the key to its waiters, oldest first.
+    fn serve_waiters(self: &Arc<Self>, st: &mut State<X>, key: &X::Key, fx: &mut Effects<X>) {
+        let now = Instant::now();
+        let State { keys, idle_lru, .. } = st;
+        let Some(ks) = keys.get_mut(key) else { return };
+        loop {
+            let Some(pos) = ks.waiters.iter().position(|w| !w.fresh) else {
+                break;
+            };
+            if ks.waiters[pos].tx.is_closed() {
+                ks.waiters.remove(pos);
+                continue;
+            }
+            let Some(lease) = self.grant_from(key, ks, idle_lru) else {
+                break;
+            };
+            let w = ks.waiters.remove(pos).expect("position is valid");
+            if let Err(Ok(mut lease)) = w.tx.send(Ok(lease)) {
+                // The waiter left between our check and the send: undo the grant.
+                let conn = lease.disarm();
+                undo_grant(ks, idle_lru, key, lease.id, conn, now);
+                fx.dead_leases.push(lease);
+            }
+        }
+    }
+
+    /// A dial finished.
+    fn dial_done(
+        self: &Arc<Self>,
+        key: &X::Key,
+        id: ConnId,
+        owner: Option<u64>,
+        reason: NewReason,
+        result: Result<Connected<X::Conn>, X::Error>,
+    ) {
+        let now = Instant::now();
+        let mut fx = Effects::new();
+        let mut failed = false;
+        let mut opened = false;
+        {
+            let mut st = self.state.lock();
+            let st = &mut *st;
+            let closed = st.closed;
+            let ks = st
+                .keys
+                .entry(key.clone())
+                .or_insert_with(|| KeyState::new(now));
+            ks.connecting -= 1;
+            ks.touched = now;
+            match result {
+                Ok(mut c) if !closed => {
+                    if let Some(pos) = ks.early_settle.iter().position(|(i, _)| *i == id) {
+                        c.max_streams = Some(ks.early_settle.swap_remove(pos).1);
+                    }
+                    if ks.connecting == 0 {
+                        ks.early_settle.clear();
+                    }
+                    opened = true;
+                    ks.multiplexed = Some(c.multiplexed);
+                    if let Some(m) = c.max_streams {
+                        ks.known_max_streams = Some(m);
+                    }
+                    let max_streams = if c.multiplexed {
+                        c.max_streams.or(ks.known_max_streams).unwrap_or(1).max(1)
+                    } else {
+                        1
+                    };
+                    ks.conns.push(Entry {
+                        id,
+                        conn: Some(c.conn),
+                        multiplexed: c.multiplexed,
+                        in_flight: 0,
+                        max_streams,
+                        settled: !c.multiplexed || c.max_streams.is_some(),
+                        requests: 0,
+                        created: now,
+                        idle_since: now,
+                        server_idle: None,
+                        remaining: None,
+                        draining: None,
+                        dead: None,
+                        new_reason: reason,
+                    });
+                    let idx = ks.conns.len() - 1;
+                    // The requester that caused the dial gets it first, if still waiting.
+                    if let Some(pos) = owner.and_then(|o| ks.waiters.iter().position(|w| w.id == o))
+                    {
+                        let w = ks.waiters.remove(pos).expect("position is valid");
+                        let lease = self.lease_on(key, &mut ks.conns[idx], &mut st.idle_lru);
+                        if let Err(Ok(mut lease)) = w.tx.send(Ok(lease)) {
+                            let conn = lease.disarm();
+                            undo_grant(ks, &mut st.idle_lru, key, id, conn, now);
+                            fx.dead_leases.push(lease);
+                        }
+                    }
+                    self.serve_waiters(st, key, &mut fx);
+                    if let Some(ks) = st.keys.get(key) {
+                        if let Some(e) = ks.conns.iter().find(|e| e.id == id) {
+                            if e.in_flight == 0 {
+                                st.idle_lru.insert((e.idle_since, e.id, key.clone()));
+                            }
+                        }
+                    }
+                    self.enforce_idle_limit(st, &mut fx);
+                    // A first dial may have taught us the key is HTTP/1.1: dial for the rest.
+                    self.dial_if_needed(st, key, None, &mut fx);
+                }
+                Ok(c) => {
+                    // Shut down meanwhile.
+                    st.total -= 1;
+                    fx.closed
+                        .push((key.clone(), CloseReason::Shutdown, 0, Some(c.conn)));
+                }
+                Err(e) => {
+                    failed = true;
+                    st.total -= 1;
+                    let err = Arc::new(e);
+                    if let Some(pos) = owner.and_then(|o| ks.waiters.iter().position(|w| w.id == o))
+                    {
+                        let w = ks.waiters.remove(pos).expect("position is valid");
+                        let _ = w.tx.send(Err(CheckoutError::Dial(err.clone())));
+                    }
+                    let usable = ks
+                        .conns
+                        .iter()
+                        .any(|e| e.dead.is_none() && e.draining.is_none());
+                    if !usable && ks.connecting == 0 {
+                        // Nothing else is coming for them: tell them now, not at their deadline.
+                        for w in ks.waiters.drain(..) {
+                            let _ = w.tx.send(Err(CheckoutError::Dial(err.clone())));
+                        }
+                    }
+                    self.kick_blocked(st, &mut fx);
+                }
+            }
+        }
+        if failed {
+            self.events.dial_failed(key);
+        }
+        if opened {
+            self.events.connection_opened(key, reason);
+        }
+        self.run_effects(fx);
+    }
+
+    /// Keeps the number of idle connections within `max_idle_total`.
+    fn enforce_idle_limit(&self, st: &mut State<X>, fx: &mut Effects<X>) {
+        while st.idle_lru.len() > self.cfg.max_idle_total {
+            if !self.evict_one_idle(st, fx) {
+                break;
+            }
+        }
+    }
+
+    /// Gives keys blocked by the pool-wide limit a chance to dial.
+    fn kick_blocked(self: &Arc<Self>, st: &mut State<X>, fx: &mut Effects<X>) {
+        let n = st.blocked.len();
+        for _ in 0..n {
+            if st.total >= self.cfg.max_total && st.idle_lru.is_empty() {
+                break;
+            }
+            let Some(k) = st.blocked.pop_front() else {
+                break;
+            };
+            if st.keys.contains_key(&k) {
+                self.dial_if_needed(st, &k, None, fx);
+            }
+        }
+    }
+
+    /// A lease came back.
+    fn release(
+        self: &Arc<Self>,
+        key: &X::Key,
+        id: ConnId,
+        conn: Option<X::Conn>,
+        how: Release,
+        counted: bool,
+    ) {
+        let now = Instant::now();
+        let mut fx = Effects::new();
+        {
+            let mut st = self.state.lock();
+            let st = &mut *st;
+            let Some(ks) = st.keys.get_mut(key) else {
+                return;
+            };
+            ks.touched = now;
+            let Some(pos) = ks.conns.iter().position(|e| e.id == id) else {
+                // Already gone (its driver reported it dead, or the pool shut down).
+                return;
+            };
+            let learned = ks.learned_idle;
+            let e = &mut ks.conns[pos];
+            e.in_flight -= 1;
+            if !counted {
+                e.requests -= 1;
+                if let Some(r) = e.remaining.as_mut() {
+                    *r += 1;
+                }
+            }
+            if !e.multiplexed {
+                e.conn = conn;
+            }
+            let mut close = match how {
+                Release::Close(r) => Some(r),
+                Release::Keep(h) => {
+                    if let Some(t) = h.idle_timeout {
+                        e.server_idle = Some(t.saturating_sub(self.cfg.keepalive_margin));
+                    }
+                    if let Some(m) = h.remaining_requests {
+                        e.remaining = Some(m);
+                    }
+                    None
+                }
+            };
+            if close.is_none() {
+                close = e.dead;
+            }
+            if close.is_none() && !e.multiplexed && e.conn.as_ref().is_none_or(|c| !c.is_open()) {
+                close = Some(CloseReason::Error);
+            }
+            if close.is_none() && self.cfg.max_requests.is_some_and(|m| e.requests >= m) {
+                close = Some(CloseReason::MaxRequests);
+            }
+            if close.is_none() && e.remaining == Some(0) {
+                close = Some(CloseReason::MaxRequests);
+            }
+            if close.is_none() && e.in_flight == 0 {
+                if let Some(r) = e.draining {
+                    close = Some(r);
+                }
+                let (limit, _) = self.idle_limit(e, learned);
+                if limit.is_zero() {
+                    close = Some(CloseReason::KeepAliveTimeout);
+                }
+            }
+            if let Some(r) = close {
+                if e.multiplexed && e.in_flight > 0 {
+                    // Other streams still run on it: stop new ones, close when they end.
+                    if e.draining.is_none() {
+                        e.draining = Some(r);
+                    }
+                } else {
+                    let e = ks.conns.swap_remove(pos);
+                    st.total -= 1;
+                    ks.last_loss = Some(r);
+                    fx.closed.push((key.clone(), r, e.requests, e.conn));
+                }
+                self.serve_waiters(st, key, &mut fx);
+                self.dial_if_needed(st, key, None, &mut fx);
+                self.kick_blocked(st, &mut fx);
+            } else {
+                if e.in_flight == 0 {
+                    e.idle_since = now;
+                }
+                self.serve_waiters(st, key, &mut fx);
+                if let Some(ks) = st.keys.get(key) {
+                    if let Some(e) = ks.conns.iter().find(|e| e.id == id) {
+                        if e.in_flight == 0 {
+                            st.idle_lru.insert((e.idle_since, e.id, key.clone()));
+                        }
+                    }
+                }
+                if !st.blocked.is_empty() {
+                    self.kick_blocked(st, &mut fx);
+                }
+                self.enforce_idle_limit(st, &mut fx);
+            }
+        }
+        self.run_effects(fx);
+    }
+
+    fn conn_ended(self: &Arc<Self>, key: &X::Key, id: ConnId, cause: EndCause) {
+        let now = Instant::now();
+        let mut fx = Effects::new();
+        {
+            let mut st = self.state.lock();
+            let st = &mut *st;
+            let Some(ks) = st.keys.get_mut(key) else {
+                return;
+            };
+            let Some(pos) = ks.conns.iter().position(|e| e.id == id) else {
+                return;
+            };
+            let e = &mut ks.conns[pos];
+            let reason = match cause {
+                EndCause::Fin => CloseReason::ServerClosedIdle,
+                EndCause::Reset => CloseReason::ResetIdle,
+                EndCause::StrayBytes => CloseReason::StrayBytes,
+                EndCause::Goaway => CloseReason::Goaway,
+                EndCause::Error | EndCause::Local => CloseReason::Error,
+            };
+            let idle_for = now.saturating_duration_since(e.idle_since);
+            if e.is_idle() && (e.multiplexed || e.conn.is_some()) {
+                let reason = e.draining.unwrap_or(reason);
+                let e = ks.conns.swap_remove(pos);
+                st.idle_lru.remove(&(e.idle_since, e.id, key.clone()));
+                st.total -= 1;
+                ks.last_loss = Some(reason);
+                if cause == EndCause::Fin
+                    && self.cfg.learn_idle_timeout
+                    && e.requests > 0
+                    && idle_for >= Duration::from_secs(1)
+                    && idle_for < self.cfg.idle_timeout
+                {
+                    // The server closes idle connections after about this long: retire ours
+                    // a margin before it, so no request races the server's close.
+                    ks.learned_idle = Some(idle_for.saturating_sub(self.cfg.keepalive_margin));
+                }
+                fx.closed.push((key.clone(), reason, e.requests, e.conn));
+                self.dial_if_needed(st, key, None, &mut fx);
+                self.kick_blocked(st, &mut fx);
+            } else {
+                // A request is on it; the request sees the failure and releases it.
+                let r = if cause == EndCause::Goaway {
+                    CloseReason::Goaway
+                } else {
+                    CloseReason::Error
+                };
+                e.dead.get_or_insert(r);
+            }
+        }
+        self.run_effects(fx);
+    }
+
+    fn conn_settled(self: &Arc<Self>, key: &X::Key, id: ConnId, max_streams: usize) {
+        let mut fx = Effects::new();
+        {
+            let mut st = self.state.lock();
+            let st = &mut *st;
+            let Some(ks) = st.keys.get_mut(key) else {
+                return;
+            };
+            let max_streams = max_streams.max(1);
+            ks.known_max_streams = Some(max_streams);
+            if let Some(e) = ks.conns.iter_mut().find(|e| e.id == id) {
+                e.settled = true;
+                e.max_streams = max_streams;
+            } else if ks.connecting > 0 {
+                ks.early_settle.push((id, max_streams));
+            }
+            self.serve_waiters(st, key, &mut fx);
+            self.dial_if_needed(st, key, None, &mut fx);
+        }
+        self.run_effects(fx);
+    }
+
+    fn conn_draining(self: &Arc<Self>, key: &X::Key, id: ConnId, why: CloseReason) {
+        let mut fx = Effects::new();
+        {
+            let mut st = self.state.lock();
+            let st = &mut *st;
+            let Some(ks) = st.keys.get_mut(key) else {
+                return;
+            };
+            let Some(pos) = ks.conns.iter().position(|e| e.id == id) else {
+                return;
+            };
+            let e = &mut ks.conns[pos];
+            e.draining.get_or_insert(why);
+            if e.is_idle() && (e.multiplexed || e.conn.is_some()) {
+                let e = ks.conns.swap_remove(pos);
+                st.idle_lru.remove(&(e.idle_since, e.id, key.clone()));
+                st.total -= 1;
+                ks.last_loss = Some(why);
+                fx.closed.push((key.clone(), why, e.requests, e.conn));
+            } else {
+                ks.last_loss = Some(why);
+            }
+            self.dial_if_needed(st, key, None, &mut fx);
+        }
+        self.run_effects(fx);
+    }
+
+    /// Periodic expiry. Returns false once the pool is closed and empty.
+    fn sweep(self: &Arc<Self>) -> bool {
+        let now = Instant::now();
+        let mut fx = Effects::new();
+        let keep_going;
+        {
+            let mut st = self.state.lock();
+            let st = &mut *st;
+            let State {
+                keys,
+                idle_lru,
+                total,
+                ..
+            } = st;
+            for (k, ks) in keys.iter_mut() {
+                self.prune_key(k, ks, idle_lru, total, now, &mut fx);
+            }
+            // Forget keys with nothing in them after a quiet spell (their learned facts go too).
+            let forget_after = self.cfg.idle_timeout.max(Duration::from_secs(600));
+            keys.retain(|_, ks| {
+                !(ks.conns.is_empty()
+                    && ks.connecting == 0
+                    && ks.waiters.is_empty()
+                    && now.saturating_duration_since(ks.touched) >= forget_after)
+            });
+            let blocked: Vec<X::Key> = st.blocked.iter().cloned().collect();
+            for k in blocked {
+                self.dial_if_needed(st, &k, None, &mut fx);
+            }
+            keep_going = !(st.closed && st.total == 0);
+        }
+        self.run_effects(fx);
+        keep_going
+    }
+
+    /// Runs what was decided under the lock: close events and dials.
+    fn run_effects(self: &Arc<Self>, fx: Effects<X>) {
+        for (key, reason, requests, conn) in fx.closed {
+            drop(conn);
+            self.events.connection_closed(&key, reason, requests);
+        }
+        drop(fx.dead_leases);
+        for (key, id, owner, reason) in fx.dials {
+            self.events.dial_started(&key, reason);
+            let watch = ConnWatch {
+                pool: Arc::downgrade(self),
+                key: key.clone(),
+                id,
+            };
+            let fut = self.connector.connect(&key, watch);
+            let weak = Arc::downgrade(self);
+            tokio::spawn(async move {
+                let result = fut.await;
+                match weak.upgrade() {
+                    Some(inner) => inner.dial_done(&key, id, owner, reason, result),
+                    None => drop(result),
+                }
+            });
+        }
+    }
+}
+
+/// Puts back a grant whose waiter left before receiving it.
+fn undo_grant<X: Connector>(
+    ks: &mut KeyState<X>,
+    idle_lru: &mut BTreeSet<(Instant, ConnId, X::Key)>,
+    key: &X::Key,
+    id: ConnId,
+    conn: Option<X::Conn>,
+    now: Instant,
+) {
+    if let Some(e) = ks.conns.iter_mut().find(|e| e.id == id) {
+        e.in_flight -= 1;
+        e.requests -= 1;
+        if let Some(r) = e.remaining.as_mut() {
+            *r += 1;
+        }
+        if !e.multiplexed {
+            e.conn = conn;
+        }
+        if e.in_flight == 0 {
+            e.idle_since = now;
+            idle_lru.insert((now, e.id, key.clone()));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+    #[derive(Debug)]
+    struct FakeConn {
+        open: Arc<AtomicBool>,
+        mux: bool,
+    }
+    impl PoolConn for FakeConn {
+        fn share(&self) -> Option<Self> {
+            self.mux.then(|| FakeConn {
+                open: self.open.clone(),
+                mux: true,
+            })
+        }
+        fn is_open(&self) -> bool {
+            self.open.load(Ordering::SeqCst)
+        }
+    }
+
+    #[derive(Default)]
+    struct Fake {
+        dials: AtomicUsize,
+        fail: AtomicBool,
+        mux: bool,
+        max_streams: Option<usize>,
+        delay: Duration,
+        watches: Mutex<Vec<(ConnWatch<Arc<Fake>>, Arc<AtomicBool>)>>,
+        claim_mux: bool,
+    }
+    impl Connector for Arc<Fake> {
+        type Key = &'static str;
+        type Conn = FakeConn;
+        type Error = String;
+        fn connect(
+            &self,
+            _key: &&'static str,
+            watch: ConnWatch<Self>,
+        ) -> BoxFuture<Result<Connected<FakeConn>, String>> {
+            let me = self.clone();
+            Box::pin(async move {
+                me.dials.fetch_add(1, Ordering::SeqCst);
+                tokio::time::sleep(me.delay).await;
+                if me.fail.load(Ordering::SeqCst) {
+                    return Err("refused".to_string());
+                }
+                let open = Arc::new(AtomicBool::new(true));
+                me.watches.lock().push((watch, open.clone()));
+                Ok(Connected {
+                    conn: FakeConn { open, mux: me.mux },
+                    multiplexed: me.mux,
+                    max_streams: me.max_streams,
+                })
+            })
+        }
+        fn may_multiplex(&self, _key: &&'static str) -> bool {
+            self.mux || self.claim_mux
+        }
+    }
+    #[derive(Default)]
+    struct Recorder {
+        opened: Mutex<Vec<NewReason>>,
+        closed: Mutex<Vec<CloseReason>>,
+    }
+    impl PoolEvents<&'static str> for Recorder {
+        fn dial_started(&self, _: &&'static str, r: NewReason) {
+            self.opened.lock().push(r);
+        }
+        fn connection_closed(&self, _: &&'static str, r: CloseReason, _: u64) {
+            self.closed.lock().push(r);
+        }
+    }
+
+    fn opts() -> CheckoutOpts {
+        CheckoutOpts {
+            deadline: Instant::now() + Duration::from_secs(5),
+            fresh: false,
+        }
+    }
+
+    fn setup(fake: Fake, cfg: PoolConfig) -> (Pool<Arc<Fake>>, Arc<Fake>, Arc<Recorder>) {
+        let fake = Arc::new(fake);
+        let rec = Arc::new(Recorder::default());
+        (Pool::new(cfg, fake.clone(), rec.clone()), fake, rec)
+    }
+
+    async fn used(pool: &Pool<Arc<Fake>>, key: &'static str) -> Lease<Arc<Fake>> {
+        let mut l = pool.checkout(&key, opts()).await.expect("checkout");
+        l.mark_sent();
+        l
+    }
+
+    fn keep() -> Release {
+        Release::Keep(Hints::default())
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn reuses_idle_connection_for_same_target() {
+        let (pool, fake, rec) = setup(Fake::default(), PoolConfig::default());
+        let l = used(&pool, "a").await;
+        assert!(!l.reused());
+        assert_eq!(l.new_reason(), Some(NewReason::ColdKey));
+        l.release(keep());
+        let l = used(&pool, "a").await;
+        assert!(l.reused(), "second request rides the warm connection");
+        assert_eq!(l.index(), 2);
+        l.release(keep());
+        assert_eq!(fake.dials.load(Ordering::SeqCst), 1);
+        assert_eq!(*rec.opened.lock(), vec![NewReason::ColdKey]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn concurrent_http1_requests_each_get_a_connection_then_reuse_them() {
+        let (pool, fake, rec) = setup(Fake::default(), PoolConfig::default());
+        let a = used(&pool, "a").await;
+        let b = used(&pool, "a").await;
+        let c = used(&pool, "a").await;
+        assert_eq!(fake.dials.load(Ordering::SeqCst), 3);
+        assert_eq!(
+            *rec.opened.lock(),
+            vec![NewReason::ColdKey, NewReason::AllBusy, NewReason::AllBusy]
+        );
+        for l in [a, b, c] {
+            l.release(keep());
+        }
+        for _ in 0..3 {
+            let l = used(&pool, "a").await;
+            assert!(l.reused());
+            l.release(keep());
+        }
+        assert_eq!(fake.dials.load(Ordering::SeqCst), 3);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn most_recently_used_idle_connection_goes_first() {
+        let (pool, _fake, _rec) = setup(Fake::default(), PoolConfig::default());
+        let a = used(&pool, "a").await;
+        let b = used(&pool, "a").await;
+        let (ida, idb) = (a.id(), b.id());
+        b.release(keep());
+        tokio::time::advance(Duration::from_millis(10)).await;
+        a.release(keep());
+        let l = used(&pool, "a").await;
+        assert_eq!(l.id(), ida, "a was returned last, so it is warmest");
+        assert_ne!(ida, idb);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn idle_connection_expires_and_next_dial_says_why() {
+        let (pool, fake, rec) = setup(Fake::default(), PoolConfig::default());
+        used(&pool, "a").await.release(keep());
+        tokio::time::advance(DEFAULT_IDLE_TIMEOUT + Duration::from_secs(1)).await;
+        pool.sweep_now();
+        assert_eq!(*rec.closed.lock(), vec![CloseReason::IdleExpired]);
+        let l = used(&pool, "a").await;
+        assert!(!l.reused());
+        assert_eq!(l.new_reason(), Some(NewReason::IdleExpired));
+        assert_eq!(fake.dials.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn server_keepalive_timeout_retires_connection_a_margin_early() {
+        let (pool, _fake, rec) = setup(Fake::default(), PoolConfig::default());
+        let hints = Hints {
+            idle_timeout: Some(Duration::from_secs(5)),
+            remaining_requests: None,
+        };
+        used(&pool, "a").await.release(Release::Keep(hints));
+        tokio::time::advance(Duration::from_millis(3500)).await;
+        let l = used(&pool, "a").await;
+        assert!(
+            l.reused(),
+            "3.5 s idle is inside the server's 5 s minus 1 s margin"
+        );
+        l.release(Release::Keep(hints));
+        tokio::time::advance(Duration::from_millis(4100)).await;
+        let l = used(&pool, "a").await;
+        assert!(
+            !l.reused(),
+            "4.1 s idle is past 5 s minus the margin: retired before the server closes"
+        );
+        assert_eq!(l.new_reason(), Some(NewReason::IdleExpired));
+        assert_eq!(*rec.closed.lock(), vec![CloseReason::KeepAliveTimeout]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn keepalive_max_and_own_max_requests_retire_connection() {
+        let cfg = PoolConfig {
+            max_requests: Some(3),
+            ..Default::default()
+        };
+        let (pool, fake, rec) = setup(Fake::default(), cfg);
+        for _ in 0..3 {
+            used(&pool, "a").await.release(keep());
+        }
+        assert_eq!(*rec.closed.lock(), vec![CloseReason::MaxRequests]);
+        let hints = Hints {
+            idle_timeout: None,
+            remaining_requests: Some(1),
+        };
+        used(&pool, "a").await.release(Release::Keep(hints));
+        let l = used(&pool, "a").await;
+        assert!(l.reused(), "server allowed one more");
+        l.release(keep());
+        let l = used(&pool, "a").await;
+        assert!(!l.reused());
+        assert_eq!(l.new_reason(), Some(NewReason::MaxRequests));
+        assert_eq!(fake.dials.load(Ordering::SeqCst), 3);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn server_close_of_idle_connection_is_seen_at_once_and_counted() {
+        let (pool, fake, rec) = setup(Fake::default(), PoolConfig::default());
+        used(&pool, "a").await.release(keep());
+        tokio::time::advance(Duration::from_secs(2)).await;
+        let (watch, open) = fake.watches.lock()[0].clone();
+        open.store(false, Ordering::SeqCst);
+        // Drive the real watch (typed for Arc<Fake>) through the pool's inner handle.
+        pool.inner.conn_ended(&watch.key, watch.id, EndCause::Fin);
+        assert_eq!(
+            pool.stats().idle,
+            0,
+            "removed without waiting for a checkout"
+        );
+        assert_eq!(*rec.closed.lock(), vec![CloseReason::ServerClosedIdle]);
+        let l = used(&pool, "a").await;
+        assert_eq!(l.new_reason(), Some(NewReason::ServerClosedIdle));
+        l.release(keep());
+        // The server closed after ~2 s idle: the pool learned it and retires before that.
+        tokio::time::advance(Duration::from_millis(1100)).await;
+        let l = used(&pool, "a").await;
+        assert!(
+            !l.reused(),
+            "retired before the server's observed idle close"
+        );
+        assert_eq!(l.new_reason(), Some(NewReason::IdleExpired));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn stale_connection_found_at_checkout_is_replaced() {
+        let (pool, fake, rec) = setup(Fake::default(), PoolConfig::default());
+        used(&pool, "a").await.release(keep());
+        fake.watches.lock()[0].1.store(false, Ordering::SeqCst);
+        let l = used(&pool, "a").await;
+        assert!(!l.reused());
+        assert_eq!(l.new_reason(), Some(NewReason::StaleAtCheckout));
+        assert_eq!(*rec.closed.lock(), vec![CloseReason::StaleAtCheckout]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn http2_opens_one_connection_until_settings_then_only_what_streams_need() {
+        let fake = Fake {
+            mux: true,
+            delay: Duration::from_millis(50),
+            ..Default::default()
+        };
+        let (pool, fake, rec) = setup(fake, PoolConfig::default());
+        let mut tasks = Vec::new();
+        for _ in 0..32 {
+            let pool = pool.clone();
+            tasks.push(tokio::spawn(async move { used(&pool, "h2").await }));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(
+            fake.dials.load(Ordering::SeqCst),
+            1,
+            "no burst before SETTINGS"
+        );
+        let (watch, _) = fake.watches.lock()[0].clone();
+        pool.inner.conn_settled(&watch.key, watch.id, 8);
+        let mut leases = Vec::new();
+        for t in tasks {
+            leases.push(t.await.unwrap());
+        }
+        assert_eq!(
+            fake.dials.load(Ordering::SeqCst),
+            4,
+            "32 streams / 8 per connection"
+        );
+        let opened = rec.opened.lock().clone();
+        assert_eq!(opened[0], NewReason::ColdKey);
+        assert!(opened[1..].iter().all(|r| *r == NewReason::H2Saturated));
+        let new = leases.iter().filter(|l| !l.reused()).count();
+        assert_eq!(new, 4, "one new request per connection, the rest reuse");
+        for l in leases {
+            l.release(keep());
+        }
+        // All 4 stay, now idle; the next request packs onto one of them.
+        let l = used(&pool, "h2").await;
+        assert!(l.reused());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn goaway_stops_new_streams_and_in_flight_ones_finish() {
+        let fake = Fake {
+            mux: true,
+            max_streams: Some(100),
+            ..Default::default()
+        };
+        let (pool, fake, rec) = setup(fake, PoolConfig::default());
+        let a = used(&pool, "h2").await;
+        let (watch, _) = fake.watches.lock()[0].clone();
+        pool.inner
+            .conn_draining(&watch.key, watch.id, CloseReason::Goaway);
+        let b = used(&pool, "h2").await;
+        assert_ne!(
+            a.id(),
+            b.id(),
+            "no new stream on a connection that got GOAWAY"
+        );
+        assert_eq!(b.new_reason(), Some(NewReason::Goaway));
+        a.release(keep());
+        assert_eq!(*rec.closed.lock(), vec![CloseReason::Goaway]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn waiter_gives_up_at_its_deadline_when_key_is_at_its_limit() {
+        let cfg = PoolConfig {
+            max_per_key: 1,
+            ..Default::default()
+        };
+        let (pool, _fake, _rec) = setup(Fake::default(), cfg);
+        let held = used(&pool, "a").await;
+        let o = CheckoutOpts {
+            deadline: Instant::now() + Duration::from_secs(1),
+            fresh: false,
+        };
+        let err = pool.checkout(&"a", o).await.unwrap_err();
+        assert!(matches!(err, CheckoutError::Timeout));
+        assert_eq!(pool.stats().waiting, 0, "the waiter left the queue");
+        // A waiter that is there when the connection comes back gets it.
+        let p2 = pool.clone();
+        let t = tokio::spawn(async move { used(&p2, "a").await });
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        held.release(keep());
+        let l = t.await.unwrap();
+        assert!(l.reused());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn dial_failure_reaches_the_requester_and_waiters_at_once() {
+        let fake = Fake {
+            mux: true,
+            delay: Duration::from_millis(20),
+            ..Default::default()
+        };
+        fake.fail.store(true, Ordering::SeqCst);
+        let (pool, _fake, _rec) = setup(fake, PoolConfig::default());
+        let p2 = pool.clone();
+        let t = tokio::spawn(async move { p2.checkout(&"h2", opts()).await });
+        let r = pool.checkout(&"h2", opts()).await;
+        assert!(matches!(r, Err(CheckoutError::Dial(ref e)) if e.as_str() == "refused"));
+        let r2 = t.await.unwrap();
+        assert!(
+            matches!(r2, Err(CheckoutError::Dial(_))),
+            "waiter is not left hanging"
+        );
+        assert_eq!(pool.stats().total, 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn fresh_checkout_dials_even_with_an_idle_connection() {
+        let (pool, fake, rec) = setup(Fake::default(), PoolConfig::default());
+        used(&pool, "a").await.release(keep());
+        let o = CheckoutOpts {
+            deadline: Instant::now() + Duration::from_secs(5),
+            fresh: true,
+        };
+        let l = pool.checkout(&"a", o).await.unwrap();
+        assert!(!l.reused());
+        assert_eq!(l.new_reason(), Some(NewReason::AfterError));
+        assert_eq!(fake.dials.load(Ordering::SeqCst), 2);
+        assert_eq!(rec.opened.lock()[1], NewReason::AfterError);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn idle_limit_evicts_least_recently_used_across_keys() {
+        let cfg = PoolConfig {
+            max_idle_total: 1,
+            ..Default::default()
+        };
+        let (pool, _fake, rec) = setup(Fake::default(), cfg);
+        used(&pool, "a").await.release(keep());
+        tokio::time::advance(Duration::from_millis(5)).await;
+        used(&pool, "b").await.release(keep());
+        assert_eq!(*rec.closed.lock(), vec![CloseReason::Evicted]);
+        assert_eq!(pool.stats().idle, 1);
+        let l = used(&pool, "a").await;
+        assert_eq!(l.new_reason(), Some(NewReason::Evicted));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn total_limit_evicts_an_idle_connection_of_another_key() {
+        let cfg = PoolConfig {
+            max_total: 1,
+            ..Default::default()
+        };
+        let (pool, _fake, rec) = setup(Fake::default(), cfg);
+        used(&pool, "a").await.release(keep());
+        let l = used(&pool, "b").await;
+        assert!(!l.reused());
+        assert_eq!(*rec.closed.lock(), vec![CloseReason::Evicted]);
+        assert_eq!(pool.stats().total, 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn lease_dropped_unsent_returns_connection_and_sent_one_is_discarded() {
+        let (pool, fake, rec) = setup(Fake::default(), PoolConfig::default());
+        let l = pool.checkout(&"a", opts()).await.unwrap();
+        drop(l);
+        let l = used(&pool, "a").await;
+        assert_eq!(
+            fake.dials.load(Ordering::SeqCst),
+            1,
+            "unsent lease came back"
+        );
+        assert_eq!(l.index(), 1, "the unsent lease did not count as a request");
+        drop(l);
+        assert_eq!(*rec.closed.lock(), vec![CloseReason::Abandoned]);
+        assert_eq!(pool.stats().total, 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn max_lifetime_retires_even_busy_connection_after_its_request() {
+        let cfg = PoolConfig {
+            max_lifetime: Some(Duration::from_secs(60)),
+            ..Default::default()
+        };
+        let (pool, _fake, rec) = setup(Fake::default(), cfg);
+        let a = used(&pool, "a").await;
+        tokio::time::advance(Duration::from_secs(61)).await;
+        let b = used(&pool, "a").await;
+        assert_ne!(a.id(), b.id());
+        a.release(keep());
+        assert_eq!(*rec.closed.lock(), vec![CloseReason::MaxLifetime]);
+        b.release(keep());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn first_dial_of_an_h2_capable_key_that_turns_out_http1_dials_for_the_rest() {
+        let fake = Fake {
+            mux: false,
+            claim_mux: true,
+            delay: Duration::from_millis(30),
+            ..Default::default()
+        };
+        let (pool, fake, _rec) = setup(fake, PoolConfig::default());
+        let mut tasks = Vec::new();
+        for _ in 0..4 {
+            let p = pool.clone();
+            tasks.push(tokio::spawn(async move { used(&p, "a").await }));
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert_eq!(
+            fake.dials.load(Ordering::SeqCst),
+            1,
+            "one probe while the protocol is unknown"
+        );
+        for t in tasks {
+            t.await.unwrap();
+        }
+        assert_eq!(
+            fake.dials.load(Ordering::SeqCst),
+            4,
+            "HTTP/1.1 learned: one per request"
+        );
+    }
+}

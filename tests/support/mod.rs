@@ -1,0 +1,92 @@
+//! Shared integration-test support: real loopback origin servers (HTTP/1.1 and
+//! HTTP/2, plain or TLS) that end-to-end tests run edgepool against, a
+//! throw-away certificate authority, and small environment helpers.
+//!
+//! Use it from an integration test with `mod support;`.
+//!
+//! Not every test binary uses every item, hence the blanket `dead_code`
+//! allowance for this module tree.
+#![allow(dead_code, unused_imports)]
+
+mod h1;
+mod h2srv;
+pub mod origin;
+pub mod raw;
+mod routes;
+pub mod tls;
+
+use std::net::TcpListener;
+use std::path::Path;
+
+pub use origin::{Origin, OriginConfig, Recorded};
+pub use raw::{RawEvent, RawHttp1, RawResponse};
+pub use routes::pattern_bytes;
+pub use tls::TestCa;
+
+/// A TCP port on 127.0.0.1 that was free a moment ago.
+///
+/// Binds `127.0.0.1:0`, reads the port the kernel picked and drops the
+/// listener. Another process may grab the port in between, so prefer binding
+/// port 0 directly wherever the code under test allows it.
+pub fn free_port() -> u16 {
+    let listener = TcpListener::bind(("127.0.0.1", 0)).expect("bind 127.0.0.1:0");
+    listener.local_addr().expect("local_addr").port()
+}
+
+/// True when running under CI (environment variable `CI` is exactly `"true"`).
+pub fn ci() -> bool {
+    std::env::var("CI").map(|v| v == "true").unwrap_or(false)
+}
+
+/// Whether the executable `name` is available on `PATH`.
+///
+/// Returns `true` if found. If not found, prints a loud
+/// `SKIPPED: <name> not installed ...` line to stderr and returns `false`, so
+/// the calling test can return early. Under CI (`CI=true`) a missing tool is
+/// a hard failure instead: this function panics with a clear message, so
+/// skipped coverage cannot go unnoticed there.
+///
+/// ```ignore
+/// if !support::require_tool("curl") { return; }
+/// ```
+pub fn require_tool(name: &str) -> bool {
+    if find_on_path(name) {
+        return true;
+    }
+    if ci() {
+        panic!(
+            "required tool `{name}` is not installed (not found on PATH) and CI=true; \
+             install it in the CI image instead of skipping this test"
+        );
+    }
+    eprintln!(
+        "SKIPPED: {name} not installed (not found on PATH); this test did not run. \
+         Install {name} to run it (under CI=true this is a failure)."
+    );
+    false
+}
+
+fn find_on_path(name: &str) -> bool {
+    let candidate = Path::new(name);
+    if candidate.components().count() > 1 {
+        return is_executable(candidate);
+    }
+    let Some(path) = std::env::var_os("PATH") else {
+        return false;
+    };
+    std::env::split_paths(&path).any(|dir| is_executable(&dir.join(name)))
+}
+
+#[cfg(unix)]
+fn is_executable(path: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    match std::fs::metadata(path) {
+        Ok(meta) => meta.is_file() && meta.permissions().mode() & 0o111 != 0,
+        Err(_) => false,
+    }
+}
+
+#[cfg(not(unix))]
+fn is_executable(path: &Path) -> bool {
+    path.is_file() || path.with_extension("exe").is_file()
+}

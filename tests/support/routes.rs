@@ -1,0 +1,206 @@
+//! Request routing shared by the HTTP/1.1 and HTTP/2 origin servers.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+
+/// Largest body `/bytes/N` and `/chunked/N` will produce (1 GiB).
+pub(crate) const MAX_GENERATED: u64 = 1 << 30;
+/// Longest `/slow?ms=N` delay honoured (60 s).
+const MAX_SLOW_MS: u64 = 60_000;
+
+/// `n` bytes of the deterministic pattern served by `GET /bytes/N`:
+/// byte `i` is `(i % 251) as u8`.
+pub fn pattern_bytes(n: usize) -> Vec<u8> {
+    pattern_chunk(0, n)
+}
+
+/// `len` pattern bytes starting at absolute offset `offset`.
+pub(crate) fn pattern_chunk(offset: u64, len: usize) -> Vec<u8> {
+    let start = offset % 251;
+    (0..len as u64).map(|i| ((start + i) % 251) as u8).collect()
+}
+
+/// A fully received request, as seen by the router.
+pub(crate) struct Incoming<'a> {
+    pub method: &'a str,
+    /// Request target as received (origin-form path plus query, or
+    /// absolute-form for requests sent in proxy form).
+    pub target: &'a str,
+    pub headers: &'a [(String, String)],
+    pub body: &'a [u8],
+    pub version: &'a str,
+    pub conn_id: u64,
+    pub index_on_conn: u64,
+}
+
+/// Response body to produce.
+pub(crate) enum Body {
+    Full(Bytes),
+    /// `N` bytes of the deterministic pattern.
+    Pattern(u64),
+}
+
+impl Body {
+    pub fn len(&self) -> u64 {
+        match self {
+            Body::Full(b) => b.len() as u64,
+            Body::Pattern(n) => *n,
+        }
+    }
+
+    /// `len` bytes of the body starting at `offset`.
+    pub fn piece(&self, offset: u64, len: usize) -> Vec<u8> {
+        match self {
+            Body::Full(bytes) => bytes[offset as usize..offset as usize + len].to_vec(),
+            Body::Pattern(_) => pattern_chunk(offset, len),
+        }
+    }
+}
+
+/// What the server should do with a request.
+pub(crate) enum Action {
+    Respond(Planned),
+    /// `/rst`: h1 closes the socket with RST, h2 resets the stream.
+    Reset,
+}
+
+pub(crate) struct Planned {
+    pub status: u16,
+    /// End-to-end headers (lowercase names), excluding framing headers.
+    pub headers: Vec<(&'static str, String)>,
+    pub body: Body,
+    /// `/close`: h1 `Connection: close`, h2 GOAWAY after the response.
+    pub close: bool,
+    /// `/chunked/N`: use chunked transfer-encoding (h1 only).
+    pub chunked: bool,
+    /// Extra delay from `/slow?ms=N`.
+    pub delay: Option<Duration>,
+}
+
+impl Planned {
+    fn new(status: u16, content_type: &str, body: Body) -> Planned {
+        Planned {
+            status,
+            headers: vec![("content-type", content_type.to_string())],
+            body,
+            close: false,
+            chunked: false,
+            delay: None,
+        }
+    }
+
+    fn text(status: u16, text: String) -> Planned {
+        Planned::new(status, "text/plain", Body::Full(Bytes::from(text)))
+    }
+}
+
+/// Whether a response with this status may carry a body.
+pub(crate) fn status_has_body(status: u16) -> bool {
+    !(status < 200 || status == 204 || status == 304)
+}
+
+/// Strips the scheme and authority of an absolute-form target and splits off
+/// the query: `http://h/a/b?x=1` -> (`/a/b`, `Some("x=1")`).
+fn split_target(target: &str) -> (&str, Option<&str>) {
+    let mut path = target;
+    if let Some(pos) = path.find("://") {
+        let rest = &path[pos + 3..];
+        path = match rest.find('/') {
+            Some(slash) => &rest[slash..],
+            None => "/",
+        };
+    }
+    match path.split_once('?') {
+        Some((p, q)) => (p, Some(q)),
+        None => (path, None),
+    }
+}
+
+fn query_param<'q>(query: Option<&'q str>, name: &str) -> Option<&'q str> {
+    query?
+        .split('&')
+        .filter_map(|kv| kv.split_once('='))
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| v)
+}
+
+pub(crate) fn route(req: &Incoming<'_>) -> Action {
+    let (path, query) = split_target(req.target);
+    if let Some(n) = path.strip_prefix("/bytes/") {
+        return match n.parse::<u64>() {
+            Ok(n) if n <= MAX_GENERATED => Action::Respond(Planned::new(
+                200,
+                "application/octet-stream",
+                Body::Pattern(n),
+            )),
+            _ => Action::Respond(Planned::text(400, format!("bad byte count {n:?}\n"))),
+        };
+    }
+    if let Some(n) = path.strip_prefix("/chunked/") {
+        return match n.parse::<u64>() {
+            Ok(n) if n <= MAX_GENERATED => {
+                let mut planned = Planned::new(200, "application/octet-stream", Body::Pattern(n));
+                planned.chunked = true;
+                Action::Respond(planned)
+            }
+            _ => Action::Respond(Planned::text(400, format!("bad byte count {n:?}\n"))),
+        };
+    }
+    if let Some(code) = path.strip_prefix("/status/") {
+        return match code.parse::<u16>() {
+            Ok(code) if (200..=599).contains(&code) => {
+                let body = if status_has_body(code) {
+                    Bytes::from(format!("status {code}\n"))
+                } else {
+                    Bytes::new()
+                };
+                Action::Respond(Planned::new(code, "text/plain", Body::Full(body)))
+            }
+            _ => Action::Respond(Planned::text(400, format!("bad status {code:?}\n"))),
+        };
+    }
+    match path {
+        "/rst" => Action::Reset,
+        "/close" => {
+            let mut planned = echo(req);
+            planned.close = true;
+            Action::Respond(planned)
+        }
+        "/slow" => {
+            let ms = query_param(query, "ms")
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(0)
+                .min(MAX_SLOW_MS);
+            let mut planned = echo(req);
+            planned.delay = Some(Duration::from_millis(ms));
+            Action::Respond(planned)
+        }
+        // `/echo` and everything else.
+        _ => Action::Respond(echo(req)),
+    }
+}
+
+/// The JSON echo of a request.
+fn echo(req: &Incoming<'_>) -> Planned {
+    let mut headers = serde_json::Map::new();
+    for (name, value) in req.headers {
+        let name = name.to_ascii_lowercase();
+        let merged = match headers.remove(&name) {
+            Some(serde_json::Value::String(prev)) => format!("{prev}, {value}"),
+            _ => value.clone(),
+        };
+        headers.insert(name, serde_json::Value::String(merged));
+    }
+    let json = serde_json::json!({
+        "method": req.method,
+        "path": req.target,
+        "headers": headers,
+        "body": String::from_utf8_lossy(req.body),
+        "conn_id": req.conn_id,
+        "index_on_conn": req.index_on_conn,
+        "version": req.version,
+    });
+    let body = serde_json::to_vec(&json).expect("serialize echo");
+    Planned::new(200, "application/json", Body::Full(Bytes::from(body)))
+}
