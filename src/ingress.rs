@@ -309,13 +309,13 @@ enum FetchHeaders {
 
 async fn fetch(gw: Arc<Gateway>, req: Request<Incoming>) -> Response<ProxyBody> {
     let limit = gw.config().limits.max_fetch_json;
-    let raw =
-        match Limited::new(req.into_body(), limit as usize)
-            .collect()
-            .await
-        {
-            Ok(b) => b.to_bytes(),
-            Err(_) => return error(
+    let raw = match Limited::new(req.into_body(), limit as usize)
+        .collect()
+        .await
+    {
+        Ok(b) => b.to_bytes(),
+        Err(_) => {
+            return error(
                 &gw,
                 EdgeError::bad_request(
                     "fetch_too_large",
@@ -323,8 +323,9 @@ async fn fetch(gw: Arc<Gateway>, req: Request<Incoming>) -> Response<ProxyBody> 
                         "the JSON document is larger than limits.max_fetch_json ({limit} bytes)"
                     ),
                 ),
-            ),
-        };
+            )
+        }
+    };
     let doc: FetchRequest = match serde_json::from_slice(&raw) {
         Ok(d) => d,
         Err(e) => {

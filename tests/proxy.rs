@@ -1,0 +1,470 @@
+//! End-to-end: real workers (reqwest) through the real gateway to real loopback origins.
+mod gw;
+mod support;
+
+use std::time::Duration;
+
+use gw::TestGateway;
+use support::{pattern_bytes, Origin, OriginConfig};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+fn h1() -> OriginConfig {
+    OriginConfig::default()
+}
+
+fn tls_h1() -> OriginConfig {
+    OriginConfig {
+        tls: true,
+        ..Default::default()
+    }
+}
+
+fn tls_h2(streams: u32) -> OriginConfig {
+    OriginConfig {
+        tls: true,
+        h2: true,
+        max_concurrent_streams: Some(streams),
+        ..Default::default()
+    }
+}
+
+#[tokio::test]
+async fn plain_http_requests_reuse_one_upstream_connection() {
+    let origin = Origin::start(h1()).await;
+    let gw = TestGateway::start(&[]).await;
+    let worker = gw.client();
+    let mut reused = Vec::new();
+    for _ in 0..20 {
+        let r = worker.get(origin.url("/echo")).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        reused.push(
+            r.headers()["x-edgepool-reused"]
+                .to_str()
+                .unwrap()
+                .to_string(),
+        );
+        assert_eq!(r.headers()["x-edgepool-exit"], "direct");
+        r.bytes().await.unwrap();
+    }
+    assert_eq!(reused[0], "0", "first request opens the connection");
+    assert!(reused[1..].iter().all(|r| r == "1"), "{reused:?}");
+    assert_eq!(
+        origin.accepted(),
+        1,
+        "one upstream connection for 20 requests"
+    );
+    let row = gw.target_status(&origin.authority()).await;
+    assert_eq!(row["requests"], 20);
+    assert_eq!(row["new_connections"], 1);
+    assert_eq!(row["reuse_rate"], 0.95);
+    assert_eq!(row["new_by_reason"]["cold_key"], 1);
+}
+
+#[tokio::test]
+async fn intercepted_https_reuses_connections_and_bodies_are_byte_identical() {
+    let origin = Origin::start(tls_h1()).await;
+    let gw = TestGateway::start(&[origin.ca().cert_path.clone()]).await;
+    let worker = gw.client();
+    for _ in 0..10 {
+        let r = worker
+            .get(origin.url("/bytes/100000"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        let body = r.bytes().await.unwrap();
+        assert_eq!(&body[..], &pattern_bytes(100_000)[..]);
+    }
+    assert_eq!(origin.accepted(), 1);
+    let log = origin.log();
+    assert!(
+        log.iter().all(|r| r.header("proxy-authorization").is_none()
+            && r.header("x-edgepool-session").is_none()),
+        "no proxy headers reach the target"
+    );
+}
+
+#[tokio::test]
+async fn http2_target_with_8_streams_and_32_concurrent_workers_gets_4_connections() {
+    let origin = Origin::start(tls_h2(8)).await;
+    let gw = TestGateway::start(&[origin.ca().cert_path.clone()]).await;
+    let mut tasks = Vec::new();
+    for _ in 0..32 {
+        let worker = gw.client();
+        let url = origin.url("/slow?ms=400");
+        tasks.push(tokio::spawn(async move {
+            let r = worker.get(url).send().await.unwrap();
+            assert_eq!(r.status(), 200);
+            r.bytes().await.unwrap();
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    assert_eq!(
+        origin
+            .log()
+            .iter()
+            .filter(|r| r.version == "HTTP/2")
+            .count(),
+        32
+    );
+    assert_eq!(
+        origin.peak_in_flight(),
+        32,
+        "all 32 requests ran at once, so 4 connections of 8 streams are needed"
+    );
+    assert_eq!(origin.accepted(), 4, "4 connections, not 32");
+    let row = gw.target_status(&origin.authority()).await;
+    assert_eq!(row["protocol"], "h2");
+    assert_eq!(row["new_by_reason"]["cold_key"], 1);
+    assert_eq!(row["new_by_reason"]["h2_saturated"], 3);
+}
+
+#[tokio::test]
+async fn server_request_limit_retires_connections_without_errors() {
+    let origin = Origin::start(OriginConfig {
+        max_requests_per_conn: Some(5),
+        ..h1()
+    })
+    .await;
+    let gw = TestGateway::start(&[]).await;
+    let worker = gw.client();
+    for _ in 0..20 {
+        let r = worker.get(origin.url("/echo")).send().await.unwrap();
+        assert_eq!(r.status(), 200, "no worker-visible error");
+        assert!(r.headers().get("x-edgepool-error").is_none());
+    }
+    assert_eq!(origin.accepted(), 4, "20 requests / 5 per connection");
+    let row = gw.target_status(&origin.authority()).await;
+    assert_eq!(row["new_by_reason"]["max_requests"], 3);
+    assert_eq!(row["closed_by_reason"]["max_requests"], 4);
+    assert_eq!(row["errors"], 0);
+}
+
+#[tokio::test]
+async fn server_idle_close_is_seen_at_once_and_next_request_succeeds() {
+    let origin = Origin::start(OriginConfig {
+        idle_timeout: Some(Duration::from_millis(1500)),
+        ..h1()
+    })
+    .await;
+    let gw = TestGateway::start(&[]).await;
+    let worker = gw.client();
+    worker
+        .get(origin.url("/echo"))
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    assert!(
+        origin
+            .wait_until(Duration::from_secs(5), |o| o.open_connections() == 0)
+            .await
+    );
+    // The gateway noticed the FIN while the connection sat idle, before any checkout.
+    let mut seen = false;
+    for _ in 0..50 {
+        let s = gw.status().await;
+        if s["fleet"]["closed_by_reason"]["server_closed_idle"] == 1 {
+            seen = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(seen, "idle close counted without a checkout");
+    let r = worker.get(origin.url("/echo")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["x-edgepool-reused"], "0");
+    let row = gw.target_status(&origin.authority()).await;
+    assert_eq!(row["new_by_reason"]["server_closed_idle"], 1);
+}
+
+#[tokio::test]
+async fn keep_alive_timeout_header_retires_connection_before_the_server_does() {
+    let origin = Origin::start(OriginConfig {
+        keep_alive_header: Some("timeout=2, max=100".into()),
+        idle_timeout: Some(Duration::from_secs(2)),
+        ..h1()
+    })
+    .await;
+    let gw = TestGateway::start(&[]).await;
+    let worker = gw.client();
+    worker
+        .get(origin.url("/echo"))
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    // 2 s minus the 1 s margin: retired after ~1 s idle, while the server still holds it.
+    tokio::time::sleep(Duration::from_millis(1300)).await;
+    gw.gw.forwarder().pool().sweep_now();
+    let s = gw.status().await;
+    assert_eq!(
+        s["fleet"]["closed_by_reason"]["keepalive_timeout"], 1,
+        "{s:#}"
+    );
+    let r = worker.get(origin.url("/echo")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["x-edgepool-reused"], "0");
+    let row = gw.target_status(&origin.authority()).await;
+    assert_eq!(row["new_by_reason"]["idle_expired"], 1);
+}
+
+#[tokio::test]
+async fn reset_on_reused_connection_retries_get_once_but_never_replays_post() {
+    let origin = Origin::start(h1()).await;
+    let gw = TestGateway::start(&[]).await;
+    let worker = gw.client();
+    // Warm a connection, then hit a path whose request makes the server reset it.
+    worker
+        .get(origin.url("/echo"))
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    let r = worker.get(origin.url("/rst")).send().await.unwrap();
+    assert_eq!(
+        r.status(),
+        502,
+        "the fresh connection is reset too; no second retry"
+    );
+    assert_eq!(r.headers()["x-edgepool-error"], "upstream_request_failed");
+    let gets = origin.log().iter().filter(|x| x.path == "/rst").count();
+    assert_eq!(
+        gets, 2,
+        "GET was retried exactly once on a fresh connection"
+    );
+
+    worker
+        .get(origin.url("/echo"))
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    let r = worker
+        .post(origin.url("/rst"))
+        .body("order=1")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 502);
+    assert_eq!(
+        r.headers()["x-edgepool-error"],
+        "upstream_failed_not_replayed"
+    );
+    assert_eq!(r.headers()["x-edgepool-request-sent"], "maybe");
+    let posts = origin
+        .log()
+        .iter()
+        .filter(|x| x.path == "/rst" && x.method == "POST")
+        .count();
+    assert_eq!(posts, 1, "a non-idempotent request is never replayed");
+}
+
+#[tokio::test]
+async fn stray_bytes_on_idle_connection_discard_it() {
+    let origin = Origin::start(OriginConfig {
+        stray_bytes_idle_after: Some(Duration::from_millis(300)),
+        ..h1()
+    })
+    .await;
+    let gw = TestGateway::start(&[]).await;
+    let worker = gw.client();
+    worker
+        .get(origin.url("/echo"))
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    let mut seen = false;
+    for _ in 0..100 {
+        let s = gw.status().await;
+        if s["fleet"]["closed_by_reason"]["stray_bytes"] == 1 {
+            seen = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        seen,
+        "stray bytes on an idle connection are counted and it is dropped"
+    );
+    let r = worker.get(origin.url("/echo")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let body = r.text().await.unwrap();
+    assert!(!body.contains("JUNK"), "no junk in another response");
+}
+
+#[tokio::test]
+async fn private_targets_are_refused_by_default_with_an_edgepool_error() {
+    let origin = Origin::start(h1()).await;
+    let gw = TestGateway::start_with(&[], |c| c.targets.allow.clear()).await;
+    let r = gw.client().get(origin.url("/echo")).send().await.unwrap();
+    assert_eq!(r.status(), 400);
+    assert_eq!(r.headers()["x-edgepool-error"], "target_forbidden");
+    assert!(r.headers()["proxy-status"]
+        .to_str()
+        .unwrap()
+        .contains("destination_ip_prohibited"));
+    assert_eq!(origin.accepted(), 0, "nothing reached the target");
+    // CONNECT is refused too, before any tunnel exists.
+    let err = gw.client().get("https://127.0.0.1:9/").send().await;
+    assert!(err.is_err(), "CONNECT to a loopback target fails");
+}
+
+#[tokio::test]
+async fn fetch_api_returns_json_with_timings_and_reuse() {
+    let origin = Origin::start(tls_h1()).await;
+    let gw = TestGateway::start(&[origin.ca().cert_path.clone()]).await;
+    let http = reqwest::Client::builder().no_proxy().build().unwrap();
+    let mut last = serde_json::Value::Null;
+    for i in 0..2 {
+        let doc: serde_json::Value = http
+            .post(format!("http://{}/v1/fetch", gw.proxy))
+            .json(&serde_json::json!({
+                "url": origin.url("/echo?x=1"),
+                "method": "POST",
+                "headers": {"x-test": "yes"},
+                "body": "hello",
+                "timeout_ms": 5000
+            }))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(doc["status"], 200, "{doc:#}");
+        assert_eq!(doc["reused"], i == 1);
+        assert_eq!(doc["exit"], "direct");
+        assert!(doc["timings"]["total_ms"].as_f64().unwrap() > 0.0);
+        let echoed: serde_json::Value =
+            serde_json::from_str(doc["body"].as_str().unwrap()).unwrap();
+        assert_eq!(echoed["body"], "hello");
+        assert_eq!(echoed["headers"]["x-test"], "yes");
+        last = doc;
+    }
+    assert!(
+        last["timings"]["tls_handshake_ms"].as_f64().unwrap() == 0.0,
+        "reused: no handshake"
+    );
+    let bad = http
+        .post(format!("http://{}/v1/fetch", gw.proxy))
+        .body("{\"url\": 3}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bad.status(), 400);
+    assert_eq!(bad.headers()["x-edgepool-error"], "fetch_bad_json");
+}
+
+#[tokio::test]
+async fn worker_leaving_mid_response_keeps_the_connection_reusable() {
+    let origin = Origin::start(h1()).await;
+    let gw = TestGateway::start(&[]).await;
+    // A raw worker asks for 200 kB and hangs up after the head.
+    let mut s = tokio::net::TcpStream::connect(gw.proxy).await.unwrap();
+    let req = format!(
+        "GET {} HTTP/1.1\r\nHost: {}\r\n\r\n",
+        origin.url("/bytes/200000"),
+        origin.authority()
+    );
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut buf = vec![0u8; 1024];
+    let n = s.read(&mut buf).await.unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+    drop(s);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let r = gw.client().get(origin.url("/echo")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        r.headers()["x-edgepool-reused"],
+        "1",
+        "drained and returned to the pool"
+    );
+    assert_eq!(origin.accepted(), 1);
+}
+
+#[tokio::test]
+async fn untrusted_target_certificate_is_a_502_never_hidden_behind_our_ca() {
+    let origin = Origin::start(tls_h1()).await;
+    let gw = TestGateway::start(&[]).await; // origin's CA not trusted
+    let r = gw.client().get(origin.url("/echo")).send().await.unwrap();
+    assert_eq!(r.status(), 502);
+    assert_eq!(r.headers()["x-edgepool-error"], "upstream_tls_failed");
+    assert_eq!(origin.requests(), 0);
+}
+
+#[tokio::test]
+async fn passthrough_hosts_get_a_blind_tunnel_with_the_targets_own_certificate() {
+    let origin = Origin::start(tls_h1()).await;
+    let gw =
+        TestGateway::start_with(&[], |c| c.intercept.passthrough = vec!["localhost".into()]).await;
+    // The worker trusts only the origin's CA: it works only if edgepool does not intercept.
+    let worker = reqwest::Client::builder()
+        .proxy(reqwest::Proxy::all(gw.proxy_url()).unwrap())
+        .tls_built_in_root_certs(false)
+        .add_root_certificate(origin.ca().reqwest_certificate())
+        .build()
+        .unwrap();
+    let r = worker.get(origin.url("/echo")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(r.headers().get("x-edgepool-reused").is_none(), "not pooled");
+    assert!(gw.metrics().await.contains("edgepool_tunnels_total 1"));
+}
+
+#[tokio::test]
+async fn admin_serves_metrics_status_health_and_the_ca() {
+    let origin = Origin::start(h1()).await;
+    let gw = TestGateway::start(&[]).await;
+    gw.client().get(origin.url("/echo")).send().await.unwrap();
+    let m = gw.metrics().await;
+    assert!(
+        m.contains("edgepool_requests_total{reused=\"0\",protocol=\"http/1.1\"} 1"),
+        "{m}"
+    );
+    assert!(m.contains("edgepool_upstream_connections_opened_total{reason=\"cold_key\"} 1"));
+    assert!(m.contains("edgepool_handshake_seconds_total"));
+    assert_eq!(gw.admin_get("/healthz").await.status(), 200);
+    assert_eq!(gw.admin_get("/readyz").await.status(), 200);
+    let pem = gw.admin_get("/ca.pem").await.text().await.unwrap();
+    assert_eq!(pem, std::fs::read_to_string(gw.ca_path()).unwrap());
+    assert!(gw
+        .admin_get("/")
+        .await
+        .text()
+        .await
+        .unwrap()
+        .contains(&origin.authority()));
+}
+
+#[tokio::test]
+async fn one_worker_connection_carries_requests_for_many_targets() {
+    let a = Origin::start(h1()).await;
+    let b = Origin::start(tls_h1()).await;
+    let gw = TestGateway::start(&[b.ca().cert_path.clone()]).await;
+    let worker = gw.client();
+    for _ in 0..3 {
+        assert_eq!(
+            worker.get(a.url("/echo")).send().await.unwrap().status(),
+            200
+        );
+        assert_eq!(
+            worker.get(b.url("/echo")).send().await.unwrap().status(),
+            200
+        );
+    }
+    assert_eq!((a.accepted(), b.accepted()), (1, 1));
+    assert_eq!((a.requests(), b.requests()), (3, 3));
+}
