@@ -377,7 +377,7 @@ fn ca_params(
 /// Leaf certificates for intercepted hosts, each wrapped in a ready rustls
 /// `ServerConfig`.
 pub struct LeafCache {
-    factory: Arc<LeafFactory>,
+    factory: LeafFactory,
     entries: Mutex<LruCache<String, Arc<Slot>>>,
 }
 
@@ -391,7 +391,7 @@ struct Leaf {
     refresh_at: OffsetDateTime,
 }
 
-/// Everything needed to mint a leaf; shared with blocking generation tasks.
+/// Everything needed to mint a leaf.
 struct LeafFactory {
     ca: Arc<CertAuthority>,
     provider: Arc<CryptoProvider>,
@@ -434,7 +434,7 @@ impl LeafCache {
         // simply not offered (stateful resumption still works).
         let ticketer = rustls::crypto::ring::Ticketer::new().ok();
         Self {
-            factory: Arc::new(LeafFactory {
+            factory: LeafFactory {
                 ca,
                 provider: Arc::new(rustls::crypto::ring::default_provider()),
                 validity,
@@ -442,7 +442,7 @@ impl LeafCache {
                 session_storage: ServerSessionMemoryCache::new(SESSION_CACHE_SIZE),
                 ticketer,
                 generated: AtomicU64::new(0),
-            }),
+            },
             entries: Mutex::new(LruCache::new(capacity)),
         }
     }
@@ -452,9 +452,10 @@ impl LeafCache {
     /// case-insensitively and a trailing dot is ignored.
     ///
     /// Generated once per host even when many tasks ask at once: concurrent
-    /// callers await the same generation, which runs on tokio's blocking pool
-    /// (so this must be called within a tokio runtime). A cached leaf that
-    /// expires within validity/10 is regenerated. Bounded LRU by `capacity`.
+    /// callers await the same generation (about 0.1 ms of CPU, done inline;
+    /// no particular runtime is required). A cached leaf that expires within
+    /// validity/10 is regenerated. Bounded LRU by `capacity`; after a failed
+    /// generation the next call for that host tries again.
     ///
     /// Leaf: SAN = DNS name or IP address, CN = host (omitted if longer than 64
     /// bytes), O = "edgepool", EKU serverAuth, keyUsage digitalSignature,
@@ -477,15 +478,13 @@ impl LeafCache {
                 }
             }
         };
+        // Generation is done inline: ~0.1 ms of CPU in release builds, the
+        // same order as the server side of the TLS handshake that follows
+        // (which tokio-rustls also runs inline); a blocking-pool hop measured
+        // at ~0.2 ms extra latency per miss. Being synchronous, it cannot be
+        // abandoned half-way by a cancelled caller.
         let leaf = slot
-            .get_or_try_init(|| {
-                let factory = Arc::clone(&self.factory);
-                async move {
-                    tokio::task::spawn_blocking(move || factory.generate(&name))
-                        .await
-                        .map_err(|e| CaError::Generate(format!("leaf generation task: {e}")))?
-                }
-            })
+            .get_or_try_init(|| async { self.factory.generate(&name) })
             .await?;
         Ok(Arc::clone(&leaf.config))
     }
@@ -1435,7 +1434,7 @@ mod tests {
                 .await
                 .unwrap();
         }
-        let via_cache = start.elapsed() / N;
+        let miss = start.elapsed() / N;
 
         let start = Instant::now();
         for i in 0..N {
@@ -1446,8 +1445,8 @@ mod tests {
         }
         let hit = start.elapsed() / N;
         println!(
-            "leaf generation: {inline:?}/leaf inline; {via_cache:?}/miss via server_config \
-             (spawn_blocking); {hit:?}/hit"
+            "leaf generation: {inline:?}/leaf (generate only); server_config: \
+             {miss:?}/miss, {hit:?}/hit"
         );
     }
 }

@@ -33,8 +33,8 @@ const MIB: u64 = 1024 * KIB;
 /// an open proxy; the conventional HTTP proxy port.
 pub const DEFAULT_LISTEN_PROXY: SocketAddr =
     SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 8080));
-/// Default [`ListenConfig::admin`]: `127.0.0.1:9180`. Loopback only: the admin endpoint
-/// exposes metrics and the CA certificate and has no authentication.
+/// Default [`ListenConfig::admin`]: `127.0.0.1:9180`. Loopback only: the admin endpoint is for
+/// operators on the same host, not for workers or the network.
 pub const DEFAULT_LISTEN_ADMIN: SocketAddr =
     SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 9180));
 
@@ -43,7 +43,7 @@ pub const DEFAULT_LISTEN_ADMIN: SocketAddr =
 /// about to be closed.
 pub const DEFAULT_LEARN_IDLE_TIMEOUT: bool = true;
 /// Default [`PoolSection::queue_timeout`]: 30 s. Long enough to ride out a burst at
-/// `max_per_key`, short enough that a worker gets a clear 503 instead of hanging.
+/// `max_per_key`, short enough that a worker gets a clear error instead of hanging.
 pub const DEFAULT_QUEUE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Default [`UpstreamConfig::connect_timeout`]: 10 s. A TCP connect that takes longer than this
@@ -126,8 +126,8 @@ pub struct ListenConfig {
     /// (`127.0.0.1:8080`): loopback, so edgepool is not an open proxy until you say so.
     /// Must be an IP address and port (`"0.0.0.0:8080"`, `"[::]:8080"`), not a host name.
     pub proxy: SocketAddr,
-    /// The admin endpoint (metrics, health, CA certificate, `/v1/fetch`). Default
-    /// [`DEFAULT_LISTEN_ADMIN`] (`127.0.0.1:9180`): loopback, as it has no authentication.
+    /// The admin endpoint (operators: metrics and control). Default [`DEFAULT_LISTEN_ADMIN`]
+    /// (`127.0.0.1:9180`): loopback, so only the local host reaches it.
     /// Must differ from `proxy` (port 0, "any free port", may appear in both).
     pub admin: SocketAddr,
 }
@@ -147,15 +147,14 @@ impl Default for ListenConfig {
 #[serde(default, deny_unknown_fields)]
 pub struct PoolSection {
     /// Max connections (open + being dialed) per target. Default [`DEFAULT_MAX_PER_KEY`]: high
-    /// enough for a fleet hammering one site over HTTP/1.1, low enough not to look like an
-    /// attack. Must be ≥ 1 and ≤ `max_total`.
+    /// enough for a fleet busy on one site over HTTP/1.1, while bounding the load on that site. Must be ≥ 1 and ≤ `max_total`.
     pub max_per_key: usize,
     /// Max connections (open + being dialed) in the whole pool. Default [`DEFAULT_MAX_TOTAL`]:
     /// well under common file-descriptor limits. Must be ≥ 1.
     pub max_total: usize,
     /// Max idle connections in the whole pool; past it the least recently used idle one is
-    /// closed. Default [`DEFAULT_MAX_IDLE_TOTAL`]: half of `max_total`, so idle connections
-    /// never starve new dials. Must be ≥ 1 and ≤ `max_total`.
+    /// closed. Default [`DEFAULT_MAX_IDLE_TOTAL`]: half of `max_total`, leaving room for busy
+    /// connections. Must be ≥ 1 and ≤ `max_total`.
     pub max_idle_total: usize,
     /// A connection idle this long is closed. Default [`DEFAULT_IDLE_TIMEOUT`] (90 s): longer
     /// than most servers keep idle connections, so the server's timeout usually decides. Must
@@ -178,7 +177,7 @@ pub struct PoolSection {
     /// Default [`DEFAULT_LEARN_IDLE_TIMEOUT`] (`true`).
     pub learn_idle_timeout: bool,
     /// How long a request waits for a connection (when the target is at `max_per_key` or the
-    /// pool at `max_total`) before the worker gets 503. Default [`DEFAULT_QUEUE_TIMEOUT`]
+    /// pool at `max_total`) before the worker gets an error. Default [`DEFAULT_QUEUE_TIMEOUT`]
     /// (30 s). Must be > 0.
     #[serde(with = "humantime_serde")]
     pub queue_timeout: Duration,
@@ -241,13 +240,13 @@ pub struct UpstreamConfig {
     #[serde(with = "humantime_serde")]
     pub response_header_timeout: Duration,
     /// Offer ALPN `h2` to targets. Default [`DEFAULT_UPSTREAM_HTTP2`] (`true`); turn off for
-    /// targets whose HTTP/2 is broken or fingerprinted differently.
+    /// targets whose HTTP/2 misbehaves.
     pub http2: bool,
     /// PEM files of extra root certificates trusted for targets, in addition to the webpki
     /// roots (e.g. a corporate or test CA). Default empty. Each file must exist; a relative path
     /// is relative to the process's working directory.
     pub extra_ca_files: Vec<PathBuf>,
-    /// Target host names whose certificate is NOT verified (opt-in, logged at startup). Default
+    /// Target host names whose certificate is NOT verified (opt-in, logged). Default
     /// empty: verification is never skipped unless named here. Exact host names only (no
     /// wildcards, ports or schemes); matched case-insensitively, ignoring a trailing dot.
     pub insecure_skip_verify: Vec<String>,
@@ -382,7 +381,8 @@ impl Config {
     /// key or a wrong type is [`ConfigError::Parse`] (the message names the key, line and
     /// column); an inconsistent value is [`ConfigError::Invalid`].
     pub fn from_toml_str(text: &str) -> Result<Config, ConfigError> {
-        let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse(e.to_string()))?;
+        let config: Config = toml::from_str(text)
+            .map_err(|e| ConfigError::Parse(e.to_string().trim_end().to_owned()))?;
         config.validate()?;
         Ok(config)
     }
@@ -437,7 +437,12 @@ impl Config {
 impl ListenConfig {
     fn validate(&self) -> Result<(), ConfigError> {
         let (p, a) = (self.proxy, self.admin);
-        let overlapping_ip = p.ip() == a.ip() || p.ip().is_unspecified() || a.ip().is_unspecified();
+        // An unspecified address binds every address of its family; `[::]` is dual-stack on
+        // most systems, so count it as covering IPv4 too.
+        let covers = |wild: IpAddr, other: IpAddr| {
+            wild.is_unspecified() && (wild.is_ipv6() || other.is_ipv4())
+        };
+        let overlapping_ip = p.ip() == a.ip() || covers(p.ip(), a.ip()) || covers(a.ip(), p.ip());
         if p.port() != 0 && p.port() == a.port() && overlapping_ip {
             return Err(invalid(
                 "listen.admin",
@@ -934,6 +939,14 @@ mod tests {
                 "[listen]\nproxy = \"0.0.0.0:7000\"\nadmin = \"127.0.0.1:7000\"",
                 "listen.admin",
             ),
+            (
+                "[listen]\nproxy = \"[::1]:7000\"\nadmin = \"[::]:7000\"",
+                "listen.admin",
+            ),
+            (
+                "[listen]\nproxy = \"[::]:7000\"\nadmin = \"127.0.0.1:7000\"",
+                "listen.admin",
+            ),
             ("[pool]\nmax_per_key = 0", "pool.max_per_key"),
             ("[pool]\nmax_total = 0", "pool.max_total"),
             ("[pool]\nmax_idle_total = 0", "pool.max_idle_total"),
@@ -1080,6 +1093,7 @@ mod tests {
             "[upstream]\ndns_min_ttl = \"0s\"\ndns_max_ttl = \"0s\"",
             "[listen]\nproxy = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"",
             "[listen]\nproxy = \"127.0.0.1:7000\"\nadmin = \"127.0.0.2:7000\"",
+            "[listen]\nproxy = \"0.0.0.0:7000\"\nadmin = \"[::1]:7000\"",
             "[limits]\ndrain_max_bytes = 0",
             "[intercept]\npassthrough = [\"com\", \"*.com\", \"Example.COM.\", \"10.0.0.1\", \"[::1]\", \"::1\", \"_svc.example\"]",
             "[upstream]\ninsecure_skip_verify = [\"10.0.0.1\", \"[::1]\", \"host.internal\"]",

@@ -185,6 +185,12 @@ async fn handle_connect(gw: Arc<Gateway>, req: Request<Incoming>) -> Response<Pr
     }
     let server_cfg = match gw.leaves().server_config(&host).await {
         Ok(c) => c,
+        Err(e @ crate::ca::CaError::InvalidHost { .. }) => {
+            return error(
+                &gw,
+                EdgeError::bad_request("bad_connect_target", e.to_string()),
+            )
+        }
         Err(e) => {
             return error(
                 &gw,

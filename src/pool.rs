@@ -519,10 +519,18 @@ struct Inner<X: Connector> {
     events: Arc<dyn PoolEvents<X::Key>>,
 }
 
+/// A connection that left the pool: key, reason, requests it carried, the handle to drop.
+type Closed<X> = (
+    <X as Connector>::Key,
+    CloseReason,
+    u64,
+    Option<<X as Connector>::Conn>,
+);
+
 /// Side effects collected under the lock and run after it is released.
 struct Effects<X: Connector> {
     dials: Vec<(X::Key, ConnId, Option<u64>, NewReason)>,
-    closed: Vec<(X::Key, CloseReason, u64, Option<X::Conn>)>,
+    closed: Vec<Closed<X>>,
     /// Leases whose receiver was gone; dropped after unlock (they carry no lock-taking drop
     /// because they were disarmed).
     dead_leases: Vec<Lease<X>>,
@@ -1079,20 +1087,21 @@ impl<X: Connector> Inner<X> {
         st.next_id += 1;
         st.total += 1;
         let ks = st.keys.get_mut(key).expect("key state exists when dialing");
+        // A connection the key lost is why it needs another, even when others exist (a
+        // retired connection's replacement is not "all busy"); otherwise busy or cold.
         let reason = reason.unwrap_or_else(|| {
-            if ks
+            let live = ks
                 .conns
                 .iter()
-                .any(|e| e.dead.is_none() && e.draining.is_none())
-                || ks.connecting > 0
-            {
+                .any(|e| e.dead.is_none() && e.draining.is_none());
+            if let Some(loss) = ks.last_loss.take() {
+                loss.next_new_reason()
+            } else if live || ks.connecting > 0 {
                 if ks.multiplexed == Some(true) {
                     NewReason::H2Saturated
                 } else {
                     NewReason::AllBusy
                 }
-            } else if let Some(loss) = ks.last_loss.take() {
-                loss.next_new_reason()
             } else {
                 NewReason::ColdKey
             }
@@ -1126,10 +1135,7 @@ impl<X: Connector> Inner<X> {
         let now = Instant::now();
         let State { keys, idle_lru, .. } = st;
         let Some(ks) = keys.get_mut(key) else { return };
-        loop {
-            let Some(pos) = ks.waiters.iter().position(|w| !w.fresh) else {
-                break;
-            };
+        while let Some(pos) = ks.waiters.iter().position(|w| !w.fresh) {
             if ks.waiters[pos].tx.is_closed() {
                 ks.waiters.remove(pos);
                 continue;
@@ -1605,6 +1611,8 @@ mod tests {
         }
     }
 
+    type Watched = (ConnWatch<Arc<Fake>>, Arc<AtomicBool>);
+
     #[derive(Default)]
     struct Fake {
         dials: AtomicUsize,
@@ -1612,7 +1620,7 @@ mod tests {
         mux: bool,
         max_streams: Option<usize>,
         delay: Duration,
-        watches: Mutex<Vec<(ConnWatch<Arc<Fake>>, Arc<AtomicBool>)>>,
+        watches: Mutex<Vec<Watched>>,
         claim_mux: bool,
     }
     impl Connector for Arc<Fake> {

@@ -28,8 +28,10 @@ impl TestGateway {
     /// Starts after `tweak` adjusts the configuration.
     pub async fn start_with(extra_ca: &[PathBuf], tweak: impl FnOnce(&mut Config)) -> TestGateway {
         let data_dir = tempfile::tempdir().expect("tempdir");
-        let mut cfg = Config::default();
-        cfg.data_dir = Some(data_dir.path().to_path_buf());
+        let mut cfg = Config {
+            data_dir: Some(data_dir.path().to_path_buf()),
+            ..Default::default()
+        };
         cfg.targets.allow = vec!["127.0.0.0/8".parse().unwrap(), "::1/128".parse().unwrap()];
         cfg.upstream.extra_ca_files = extra_ca.to_vec();
         tweak(&mut cfg);

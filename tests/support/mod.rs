@@ -6,7 +6,7 @@
 //!
 //! Not every test binary uses every item, hence the blanket `dead_code`
 //! allowance for this module tree.
-#![allow(dead_code, unused_imports)]
+#![allow(dead_code)]
 
 mod h1;
 mod h2srv;
@@ -18,10 +18,15 @@ pub mod tls;
 use std::net::TcpListener;
 use std::path::Path;
 
+// Re-exports for test files; each test binary uses a different subset.
+#[allow(unused_imports)]
 pub use origin::{Origin, OriginConfig, Recorded};
+#[allow(unused_imports)]
 pub use raw::{RawEvent, RawHttp1, RawResponse};
+#[allow(unused_imports)]
 pub use routes::pattern_bytes;
-pub use tls::TestCa;
+#[allow(unused_imports)]
+pub use tls::{Leaf, TestCa};
 
 /// A TCP port on 127.0.0.1 that was free a moment ago.
 ///
