@@ -135,8 +135,14 @@ pub struct Forwarder {
 struct SendFailure {
     sent: Sent,
     response_started: bool,
-    /// The server says it did not process the request (HTTP/2 refused stream).
+    /// The server says it did not process the request (HTTP/2 refused stream / GOAWAY).
     unprocessed: bool,
+    /// HTTP/2 GOAWAY: the connection takes no new streams.
+    goaway: bool,
+    /// HTTP/2 REFUSED_STREAM: only this stream was refused; the connection is fine.
+    refused: bool,
+    /// The request could not even be built: a worker error, not the connection's.
+    invalid: bool,
     timeout: bool,
     bad_response: bool,
     message: String,
@@ -223,11 +229,12 @@ impl Forwarder {
             dns,
             ..Default::default()
         };
+        let mut fresh_retry = false;
         for attempt in 0..2 {
             let t_queue = Instant::now();
             let opts = CheckoutOpts {
                 deadline: t_queue + self.cfg.queue_timeout,
-                fresh: attempt > 0,
+                fresh: attempt > 0 && fresh_retry,
             };
             let mut lease = match self.pool.checkout(&key, opts).await {
                 Ok(l) => l,
@@ -271,7 +278,16 @@ impl Forwarder {
                         retried: meta.retried,
                     });
                     let reused = lease.reused();
-                    lease.release(Release::Close(CloseReason::Error));
+                    lease.release(if f.goaway {
+                        Release::Close(CloseReason::Goaway)
+                    } else if f.refused || f.invalid {
+                        Release::Keep(Hints::default())
+                    } else {
+                        Release::Close(CloseReason::Error)
+                    });
+                    if f.invalid {
+                        return Err(EdgeError::bad_request("invalid_request", f.message));
+                    }
                     let safe = f.sent == Sent::None || out.idempotent() || f.unprocessed;
                     let retry = attempt == 0
                         && !f.response_started
@@ -279,8 +295,11 @@ impl Forwarder {
                         && !f.bad_response
                         && (reused && safe || f.unprocessed);
                     if retry {
-                        tracing::debug!(target = %target, error = %f.message, "retrying on a fresh connection");
+                        tracing::debug!(target = %target, error = %f.message, "retrying once");
                         meta.retried = true;
+                        // A refused or GOAWAY'd stream may go to any other usable connection;
+                        // a failure on a reused connection retries on a brand-new one.
+                        fresh_retry = !(f.goaway || f.refused);
                         continue;
                     }
                     return Err(send_error(
@@ -311,6 +330,9 @@ impl Forwarder {
                 sent: Sent::None,
                 response_started: false,
                 unprocessed: true,
+                goaway: false,
+                refused: false,
+                invalid: false,
                 timeout: false,
                 bad_response: false,
                 message: format!("connection not usable: {e}"),
@@ -325,6 +347,9 @@ impl Forwarder {
                 sent: Sent::None,
                 response_started: false,
                 unprocessed: true,
+                goaway: false,
+                refused: false,
+                invalid: true,
                 timeout: false,
                 bad_response: false,
                 message: format!("invalid request: {e}"),
@@ -350,6 +375,9 @@ impl Forwarder {
                 sent: Sent::Complete,
                 response_started: shared.bytes_in() > before_in,
                 unprocessed: false,
+                goaway: false,
+                refused: false,
+                invalid: false,
                 timeout: true,
                 bad_response: false,
                 message: "no response head in time".into(),
@@ -362,6 +390,9 @@ impl Forwarder {
                     sent: if never_sent { Sent::None } else { Sent::Maybe },
                     response_started: shared.bytes_in() > before_in,
                     unprocessed: never_sent,
+                    goaway: false,
+                    refused: false,
+                    invalid: false,
                     timeout: false,
                     bad_response: err.is_parse() && shared.bytes_in() > before_in,
                     message: err.to_string(),
@@ -379,6 +410,9 @@ impl Forwarder {
             sent,
             response_started: false,
             unprocessed,
+            goaway: false,
+            refused: false,
+            invalid: false,
             timeout: false,
             bad_response: false,
             message,
@@ -387,24 +421,28 @@ impl Forwarder {
             unreachable!("send_h2 is called for HTTP/2 connections")
         };
         let send = send.clone();
-        let mut send = send
-            .ready()
-            .await
-            .map_err(|e| fail(Sent::None, true, format!("connection not usable: {e}")))?;
+        let mut send = send.ready().await.map_err(|e| SendFailure {
+            goaway: e.is_go_away(),
+            ..fail(Sent::None, true, format!("connection not usable: {e}"))
+        })?;
         let uri = format!("https://{}{}", authority(&out.host, out.port), out.path);
         let mut req = Request::builder()
             .method(out.method.clone())
             .uri(uri)
             .version(Version::HTTP_2)
             .body(())
-            .map_err(|e| fail(Sent::None, true, format!("invalid request: {e}")))?;
+            .map_err(|e| SendFailure {
+                invalid: true,
+                ..fail(Sent::None, false, format!("invalid request: {e}"))
+            })?;
         let mut headers = out.headers.clone();
         headers.remove(header::HOST);
         *req.headers_mut() = headers;
         let end = out.body.is_empty();
-        let (resp_fut, mut stream) = send
-            .send_request(req, end)
-            .map_err(|e| fail(Sent::None, true, format!("could not open a stream: {e}")))?;
+        let (resp_fut, mut stream) = send.send_request(req, end).map_err(|e| SendFailure {
+            goaway: e.is_go_away(),
+            ..fail(Sent::None, true, format!("could not open a stream: {e}"))
+        })?;
         lease.mark_sent();
         if !end {
             stream
@@ -416,19 +454,29 @@ impl Forwarder {
                 sent: Sent::Complete,
                 response_started: false,
                 unprocessed: false,
+                goaway: false,
+                refused: false,
+                invalid: false,
                 timeout: true,
                 bad_response: false,
                 message: "no response head in time".into(),
             }),
             Ok(Ok(resp)) => Ok(Upstream::H2(resp, stream)),
             Ok(Err(e)) => {
-                let refused = e.reason() == Some(h2::Reason::REFUSED_STREAM)
-                    || (e.is_go_away() && e.reason() == Some(h2::Reason::NO_ERROR));
-                Err(fail(
-                    if refused { Sent::None } else { Sent::Maybe },
+                // Streams above a graceful GOAWAY's last stream id and refused streams were
+                // not processed by the server: safe to send again, whatever the method.
+                let refused = e.reason() == Some(h2::Reason::REFUSED_STREAM);
+                let goaway = e.is_go_away() && e.reason() == Some(h2::Reason::NO_ERROR);
+                let unprocessed = refused || goaway;
+                Err(SendFailure {
+                    goaway,
                     refused,
-                    e.to_string(),
-                ))
+                    ..fail(
+                        if unprocessed { Sent::None } else { Sent::Maybe },
+                        unprocessed,
+                        e.to_string(),
+                    )
+                })
             }
         }
     }

@@ -1441,11 +1441,12 @@ impl<X: Connector> Inner<X> {
                 self.dial_if_needed(st, key, None, &mut fx);
                 self.kick_blocked(st, &mut fx);
             } else {
-                // A request is on it; the request sees the failure and releases it.
-                let r = if cause == EndCause::Goaway {
-                    CloseReason::Goaway
-                } else {
-                    CloseReason::Error
+                // A request is on it; the request sees the end and releases it. A GOAWAY
+                // that came first explains the end better than the end itself.
+                let r = match (e.draining, cause) {
+                    (Some(d), _) => d,
+                    (None, EndCause::Goaway) => CloseReason::Goaway,
+                    _ => CloseReason::Error,
                 };
                 e.dead.get_or_insert(r);
             }
@@ -1906,6 +1907,25 @@ mod tests {
         assert_eq!(b.new_reason(), Some(NewReason::Goaway));
         a.release(keep());
         assert_eq!(*rec.closed.lock(), vec![CloseReason::Goaway]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn connection_ending_after_goaway_is_counted_as_goaway_not_error() {
+        let fake = Fake {
+            mux: true,
+            max_streams: Some(100),
+            ..Default::default()
+        };
+        let (pool, fake, rec) = setup(fake, PoolConfig::default());
+        let a = used(&pool, "h2").await;
+        let (watch, _) = fake.watches.lock()[0].clone();
+        pool.inner
+            .conn_draining(&watch.key, watch.id, CloseReason::Goaway);
+        pool.inner.conn_ended(&watch.key, watch.id, EndCause::Fin);
+        a.release(keep());
+        assert_eq!(*rec.closed.lock(), vec![CloseReason::Goaway]);
+        let b = used(&pool, "h2").await;
+        assert_eq!(b.new_reason(), Some(NewReason::Goaway));
     }
 
     #[tokio::test(start_paused = true)]

@@ -468,3 +468,113 @@ async fn one_worker_connection_carries_requests_for_many_targets() {
     assert_eq!((a.accepted(), b.accepted()), (1, 1));
     assert_eq!((a.requests(), b.requests()), (3, 3));
 }
+
+#[tokio::test]
+async fn http2_goaway_moves_traffic_to_a_new_connection_without_errors() {
+    let origin = Origin::start(OriginConfig {
+        max_requests_per_conn: Some(5),
+        ..tls_h2(100)
+    })
+    .await;
+    let gw = TestGateway::start(&[origin.ca().cert_path.clone()]).await;
+    let worker = gw.client();
+    for _ in 0..20 {
+        let r = worker.get(origin.url("/echo")).send().await.unwrap();
+        assert_eq!(
+            r.status(),
+            200,
+            "GOAWAY never reaches the worker as an error"
+        );
+        r.bytes().await.unwrap();
+    }
+    let row = gw.target_status(&origin.authority()).await;
+    assert_eq!(row["protocol"], "h2");
+    assert!(
+        row["new_by_reason"]["goaway"].as_u64().unwrap_or(0) >= 3,
+        "{row:#}"
+    );
+    assert_eq!(row["errors"], 0);
+    assert_eq!(row["new_connections"].as_u64().unwrap(), origin.accepted());
+}
+
+#[tokio::test]
+async fn reset_of_an_idle_connection_is_counted_and_the_next_request_is_clean() {
+    let origin = Origin::start(OriginConfig {
+        rst_idle_after: Some(Duration::from_millis(300)),
+        ..h1()
+    })
+    .await;
+    let gw = TestGateway::start(&[]).await;
+    let worker = gw.client();
+    worker
+        .get(origin.url("/echo"))
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    let mut seen = false;
+    for _ in 0..100 {
+        if gw.status().await["fleet"]["closed_by_reason"]["reset_idle"] == 1 {
+            seen = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(seen, "RST on an idle connection is seen without a checkout");
+    let r = worker.get(origin.url("/echo")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["x-edgepool-reused"], "0");
+}
+
+#[tokio::test]
+async fn worker_headers_pass_through_and_edgepool_headers_do_not() {
+    let origin = Origin::start(h1()).await;
+    let gw = TestGateway::start(&[]).await;
+    let r = gw
+        .client()
+        .get(origin.url("/echo"))
+        .header("x-edgepool-session", "abc")
+        .header("x-custom", "kept")
+        .header("user-agent", "scraper/1.0")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let rec = origin.log().pop().unwrap();
+    assert_eq!(rec.header("x-custom"), Some("kept"));
+    assert_eq!(rec.header("user-agent"), Some("scraper/1.0"));
+    assert!(rec.header("x-edgepool-session").is_none());
+    assert!(rec.header("proxy-connection").is_none());
+    assert_eq!(rec.header("host"), Some(origin.authority().as_str()));
+}
+
+#[tokio::test]
+async fn post_bodies_arrive_exactly_once_and_oversized_bodies_get_413() {
+    let origin = Origin::start(h1()).await;
+    let gw = TestGateway::start_with(&[], |c| c.limits.max_request_body = 1024).await;
+    let worker = gw.client();
+    let r = worker
+        .post(origin.url("/echo"))
+        .body("a=1&b=2")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let rec = origin.log().pop().unwrap();
+    assert_eq!(rec.body, b"a=1&b=2");
+    let r = worker
+        .post(origin.url("/echo"))
+        .body(vec![b'x'; 4096])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 413);
+    assert_eq!(r.headers()["x-edgepool-error"], "request_body_too_large");
+    assert_eq!(
+        origin.requests(),
+        1,
+        "the oversized request never reached the target"
+    );
+}
