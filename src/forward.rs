@@ -191,7 +191,10 @@ impl Forwarder {
                 )));
             }
         }
-        Ok((SocketAddr::new(ips[0], port), t0.elapsed()))
+        // IPv4 first: many scraping hosts have no working IPv6 route, and edgepool connects to
+        // one checked address (no happy-eyeballs fallback yet).
+        let ip = ips.iter().find(|ip| ip.is_ipv4()).unwrap_or(&ips[0]);
+        Ok((SocketAddr::new(*ip, port), t0.elapsed()))
     }
 
     /// Forwards one request; the response body returns the connection to the pool when it
