@@ -8,6 +8,14 @@ use gw::TestGateway;
 use support::{pattern_bytes, Origin, OriginConfig};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+/// One GET through the worker, body read; panics on transport errors.
+async fn get(worker: &reqwest::Client, url: &str) -> reqwest::StatusCode {
+    let r = worker.get(url).send().await.unwrap();
+    let status = r.status();
+    r.bytes().await.unwrap();
+    status
+}
+
 fn h1() -> OriginConfig {
     OriginConfig::default()
 }
@@ -151,29 +159,14 @@ async fn server_idle_close_is_seen_at_once_and_next_request_succeeds() {
     .await;
     let gw = TestGateway::start(&[]).await;
     let worker = gw.client();
-    worker
-        .get(origin.url("/echo"))
-        .send()
-        .await
-        .unwrap()
-        .bytes()
-        .await
-        .unwrap();
+    get(&worker, &origin.url("/echo")).await;
     assert!(
         origin
             .wait_until(Duration::from_secs(5), |o| o.open_connections() == 0)
             .await
     );
     // The gateway noticed the FIN while the connection sat idle, before any checkout.
-    let mut seen = false;
-    for _ in 0..50 {
-        let s = gw.status().await;
-        if s["fleet"]["closed_by_reason"]["server_closed_idle"] == 1 {
-            seen = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let seen = gw.wait_closed("server_closed_idle", 1).await;
     assert!(seen, "idle close counted without a checkout");
     let r = worker.get(origin.url("/echo")).send().await.unwrap();
     assert_eq!(r.status(), 200);
@@ -192,14 +185,7 @@ async fn keep_alive_timeout_header_retires_connection_before_the_server_does() {
     .await;
     let gw = TestGateway::start(&[]).await;
     let worker = gw.client();
-    worker
-        .get(origin.url("/echo"))
-        .send()
-        .await
-        .unwrap()
-        .bytes()
-        .await
-        .unwrap();
+    get(&worker, &origin.url("/echo")).await;
     // 2 s minus the 1 s margin: retired after ~1 s idle, while the server still holds it.
     tokio::time::sleep(Duration::from_millis(1300)).await;
     gw.gw.forwarder().pool().sweep_now();
@@ -221,14 +207,7 @@ async fn reset_on_reused_connection_retries_get_once_but_never_replays_post() {
     let gw = TestGateway::start(&[]).await;
     let worker = gw.client();
     // Warm a connection, then hit a path whose request makes the server reset it.
-    worker
-        .get(origin.url("/echo"))
-        .send()
-        .await
-        .unwrap()
-        .bytes()
-        .await
-        .unwrap();
+    get(&worker, &origin.url("/echo")).await;
     let r = worker.get(origin.url("/rst")).send().await.unwrap();
     assert_eq!(
         r.status(),
@@ -242,14 +221,7 @@ async fn reset_on_reused_connection_retries_get_once_but_never_replays_post() {
         "GET was retried exactly once on a fresh connection"
     );
 
-    worker
-        .get(origin.url("/echo"))
-        .send()
-        .await
-        .unwrap()
-        .bytes()
-        .await
-        .unwrap();
+    get(&worker, &origin.url("/echo")).await;
     let r = worker
         .post(origin.url("/rst"))
         .body("order=1")
@@ -279,23 +251,8 @@ async fn stray_bytes_on_idle_connection_discard_it() {
     .await;
     let gw = TestGateway::start(&[]).await;
     let worker = gw.client();
-    worker
-        .get(origin.url("/echo"))
-        .send()
-        .await
-        .unwrap()
-        .bytes()
-        .await
-        .unwrap();
-    let mut seen = false;
-    for _ in 0..100 {
-        let s = gw.status().await;
-        if s["fleet"]["closed_by_reason"]["stray_bytes"] == 1 {
-            seen = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    get(&worker, &origin.url("/echo")).await;
+    let seen = gw.wait_closed("stray_bytes", 1).await;
     assert!(
         seen,
         "stray bytes on an idle connection are counted and it is dropped"
@@ -506,22 +463,8 @@ async fn reset_of_an_idle_connection_is_counted_and_the_next_request_is_clean() 
     .await;
     let gw = TestGateway::start(&[]).await;
     let worker = gw.client();
-    worker
-        .get(origin.url("/echo"))
-        .send()
-        .await
-        .unwrap()
-        .bytes()
-        .await
-        .unwrap();
-    let mut seen = false;
-    for _ in 0..100 {
-        if gw.status().await["fleet"]["closed_by_reason"]["reset_idle"] == 1 {
-            seen = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    get(&worker, &origin.url("/echo")).await;
+    let seen = gw.wait_closed("reset_idle", 1).await;
     assert!(seen, "RST on an idle connection is seen without a checkout");
     let r = worker.get(origin.url("/echo")).send().await.unwrap();
     assert_eq!(r.status(), 200);

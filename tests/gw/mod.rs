@@ -105,6 +105,17 @@ impl TestGateway {
             .unwrap_or_else(|| panic!("no status row for {target} in {s:#}"))
     }
 
+    /// Waits (up to 2 s) until `/status` counts `n` connections closed for `reason`.
+    pub async fn wait_closed(&self, reason: &str, n: u64) -> bool {
+        for _ in 0..100 {
+            if self.status().await["fleet"]["closed_by_reason"][reason] == n {
+                return true;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        false
+    }
+
     pub async fn metrics(&self) -> String {
         self.admin_get("/metrics").await.text().await.unwrap()
     }
