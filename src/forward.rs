@@ -143,6 +143,8 @@ struct SendFailure {
     refused: bool,
     /// The request could not even be built: a worker error, not the connection's.
     invalid: bool,
+    /// Only this HTTP/2 stream failed (reset, timeout); the connection is fine.
+    stream_only: bool,
     timeout: bool,
     bad_response: bool,
     message: String,
@@ -268,7 +270,7 @@ impl Forwarder {
                         handshake,
                         retried: meta.retried,
                     });
-                    let resp = self.finish_response(resp, lease, &meta);
+                    let resp = self.finish_response(&out.method, resp, lease, &meta);
                     return Ok((resp, meta));
                 }
                 Err(f) => {
@@ -283,7 +285,7 @@ impl Forwarder {
                     let reused = lease.reused();
                     lease.release(if f.goaway {
                         Release::Close(CloseReason::Goaway)
-                    } else if f.refused || f.invalid {
+                    } else if f.refused || f.invalid || f.stream_only {
                         Release::Keep(Hints::default())
                     } else {
                         Release::Close(CloseReason::Error)
@@ -328,7 +330,16 @@ impl Forwarder {
         let UpstreamConn::H1 { send, .. } = lease.conn() else {
             unreachable!("send_h1 is called for HTTP/1.1 connections")
         };
-        if let Err(e) = send.ready().await {
+        // Bounded: a connection whose previous request is still being written (a server that
+        // answered early and stopped reading) must not hold this request forever.
+        let ready = match tokio::time::timeout(self.cfg.queue_timeout, send.ready()).await {
+            Ok(r) => r.map_err(|e| e.to_string()),
+            Err(_) => Err(format!(
+                "not ready for a new request within pool.queue_timeout ({:?})",
+                self.cfg.queue_timeout
+            )),
+        };
+        if let Err(e) = ready {
             return Err(SendFailure {
                 sent: Sent::None,
                 response_started: false,
@@ -336,6 +347,7 @@ impl Forwarder {
                 goaway: false,
                 refused: false,
                 invalid: false,
+                stream_only: false,
                 timeout: false,
                 bad_response: false,
                 message: format!("connection not usable: {e}"),
@@ -353,6 +365,7 @@ impl Forwarder {
                 goaway: false,
                 refused: false,
                 invalid: true,
+                stream_only: false,
                 timeout: false,
                 bad_response: false,
                 message: format!("invalid request: {e}"),
@@ -381,6 +394,7 @@ impl Forwarder {
                 goaway: false,
                 refused: false,
                 invalid: false,
+                stream_only: false,
                 timeout: true,
                 bad_response: false,
                 message: "no response head in time".into(),
@@ -396,6 +410,7 @@ impl Forwarder {
                     goaway: false,
                     refused: false,
                     invalid: false,
+                    stream_only: false,
                     timeout: false,
                     bad_response: err.is_parse() && shared.bytes_in() > before_in,
                     message: err.to_string(),
@@ -416,6 +431,7 @@ impl Forwarder {
             goaway: false,
             refused: false,
             invalid: false,
+            stream_only: false,
             timeout: false,
             bad_response: false,
             message,
@@ -436,6 +452,7 @@ impl Forwarder {
             .body(())
             .map_err(|e| SendFailure {
                 invalid: true,
+                stream_only: false,
                 ..fail(Sent::None, false, format!("invalid request: {e}"))
             })?;
         let mut headers = out.headers.clone();
@@ -460,6 +477,7 @@ impl Forwarder {
                 goaway: false,
                 refused: false,
                 invalid: false,
+                stream_only: true,
                 timeout: true,
                 bad_response: false,
                 message: "no response head in time".into(),
@@ -469,11 +487,13 @@ impl Forwarder {
                 // Streams above a graceful GOAWAY's last stream id and refused streams were
                 // not processed by the server: safe to send again, whatever the method.
                 let refused = e.reason() == Some(h2::Reason::REFUSED_STREAM);
-                let goaway = e.is_go_away() && e.reason() == Some(h2::Reason::NO_ERROR);
+                let goaway =
+                    e.is_go_away() && e.is_remote() && e.reason() == Some(h2::Reason::NO_ERROR);
                 let unprocessed = refused || goaway;
                 Err(SendFailure {
                     goaway,
                     refused,
+                    stream_only: e.is_reset() && !e.is_go_away(),
                     ..fail(
                         if unprocessed { Sent::None } else { Sent::Maybe },
                         unprocessed,
@@ -488,13 +508,18 @@ impl Forwarder {
     /// headers in, and a body that returns the connection when it ends.
     fn finish_response(
         &self,
+        method: &Method,
         up: Upstream,
         lease: Lease<crate::dial::Dialer>,
         meta: &Meta,
     ) -> Response<ProxyBody> {
         let (mut parts, body, plan) = match up {
             Upstream::H1(resp) => {
-                let plan = h1_release_plan(resp.version(), resp.headers(), lease.index());
+                let mut plan = h1_release_plan(resp.version(), resp.headers(), lease.index());
+                if close_delimited(&method, resp.status(), resp.headers()) {
+                    // The body ends when the server closes: the connection cannot be reused.
+                    plan = Release::Close(CloseReason::ServerClose);
+                }
                 let (parts, body) = resp.into_parts();
                 (parts, BodyKind::H1(body), plan)
             }
@@ -616,6 +641,25 @@ fn h1_release_plan(version: Version, headers: &HeaderMap, index: u64) -> Release
         .map(parse_keep_alive)
         .unwrap_or_default();
     Release::Keep(hints)
+}
+
+/// True when an HTTP/1.x response body is delimited by the connection closing (no
+/// Content-Length, not chunked, and a body is expected).
+fn close_delimited(method: &Method, status: http::StatusCode, headers: &HeaderMap) -> bool {
+    if method == Method::HEAD
+        || status.is_informational()
+        || status == http::StatusCode::NO_CONTENT
+        || status == http::StatusCode::NOT_MODIFIED
+        || (method == Method::CONNECT && status.is_success())
+    {
+        return false;
+    }
+    let chunked = headers
+        .get_all(header::TRANSFER_ENCODING)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| v.to_ascii_lowercase().contains("chunked"));
+    !chunked && !headers.contains_key(header::CONTENT_LENGTH)
 }
 
 /// Parses `Keep-Alive: timeout=5, max=100` (case-insensitive, any order, junk ignored).
@@ -802,6 +846,8 @@ impl Drop for UpstreamBody {
         match std::mem::replace(&mut self.kind, BodyKind::Done) {
             BodyKind::Done => lease.release(plan),
             BodyKind::H1(body) if body.is_end_stream() => lease.release(plan),
+            // The connection goes anyway: nothing to save by reading the rest.
+            BodyKind::H1(_) if matches!(plan, Release::Close(_)) => lease.release(plan),
             // Dropping an HTTP/2 stream resets only that stream; the connection is fine.
             BodyKind::H2(..) => lease.release(plan),
             BodyKind::H1(body) => {
@@ -891,6 +937,30 @@ mod tests {
         assert!(matches!(
             h1_release_plan(Version::HTTP_11, &empty, 1),
             Release::Keep(_)
+        ));
+    }
+
+    #[test]
+    fn responses_without_length_or_chunking_are_close_delimited() {
+        let none = HeaderMap::new();
+        let mut cl = HeaderMap::new();
+        cl.insert("content-length", HeaderValue::from_static("5"));
+        let mut te = HeaderMap::new();
+        te.insert("transfer-encoding", HeaderValue::from_static("chunked"));
+        let ok = http::StatusCode::OK;
+        assert!(close_delimited(&Method::GET, ok, &none));
+        assert!(!close_delimited(&Method::GET, ok, &cl));
+        assert!(!close_delimited(&Method::GET, ok, &te));
+        assert!(!close_delimited(&Method::HEAD, ok, &none));
+        assert!(!close_delimited(
+            &Method::GET,
+            http::StatusCode::NO_CONTENT,
+            &none
+        ));
+        assert!(!close_delimited(
+            &Method::GET,
+            http::StatusCode::NOT_MODIFIED,
+            &none
         ));
     }
 

@@ -340,6 +340,22 @@ pub trait PoolEvents<K>: Send + Sync + 'static {
     fn connection_closed(&self, _key: &K, _reason: CloseReason, _requests: u64) {}
 }
 
+/// Removes a waiter from its key's queue when its checkout ends, however it ends.
+struct WaiterGuard<'a, X: Connector> {
+    inner: &'a Arc<Inner<X>>,
+    key: &'a X::Key,
+    id: u64,
+}
+
+impl<X: Connector> Drop for WaiterGuard<'_, X> {
+    fn drop(&mut self) {
+        let mut st = self.inner.state.lock();
+        if let Some(ks) = st.keys.get_mut(self.key) {
+            ks.waiters.retain(|w| w.id != self.id);
+        }
+    }
+}
+
 /// A [`PoolEvents`] that ignores everything.
 pub struct NoEvents;
 impl<K> PoolEvents<K> for NoEvents {}
@@ -459,6 +475,47 @@ impl<C: PoolConn> Entry<C> {
     }
 }
 
+/// How long a learned idle timeout is trusted before it must be observed again.
+const LEARNED_IDLE_TTL: Duration = Duration::from_secs(600);
+/// Idle closes shorter than this are not taken as a server's idle timeout.
+const MIN_LEARNABLE_IDLE: Duration = Duration::from_secs(1);
+
+/// Learns a server's unannounced idle timeout (nginx's `keepalive_timeout` sends no header)
+/// from idle closes. One observation is not enough — a restart or a one-off close would
+/// otherwise shrink reuse for good — so two consecutive idle closes within 20% (or 250 ms) of
+/// each other set it; it then holds for [`LEARNED_IDLE_TTL`] and must be seen again.
+#[derive(Clone, Copy, Debug, Default)]
+struct IdleLearning {
+    /// The previous idle close's idle time.
+    last: Option<Duration>,
+    /// The learned limit (already minus the margin) and when it was learned.
+    learned: Option<(Duration, Instant)>,
+}
+
+impl IdleLearning {
+    fn observe(&mut self, idle_for: Duration, margin: Duration, now: Instant) {
+        if idle_for < MIN_LEARNABLE_IDLE {
+            return;
+        }
+        if let Some(prev) = self.last {
+            let diff = prev.max(idle_for) - prev.min(idle_for);
+            let tolerance = (prev.min(idle_for) / 5).max(Duration::from_millis(250));
+            let limit = prev.min(idle_for).saturating_sub(margin);
+            if diff <= tolerance && limit >= MIN_LEARNABLE_IDLE / 2 {
+                self.learned = Some((limit, now));
+            }
+        }
+        self.last = Some(idle_for);
+    }
+
+    /// The learned limit, while it is fresh.
+    fn current(&self, now: Instant) -> Option<Duration> {
+        self.learned
+            .filter(|(_, at)| now.saturating_duration_since(*at) < LEARNED_IDLE_TTL)
+            .map(|(d, _)| d)
+    }
+}
+
 /// One key's connections and waiters.
 struct KeyState<X: Connector> {
     conns: Vec<Entry<X::Conn>>,
@@ -471,8 +528,8 @@ struct KeyState<X: Connector> {
     known_max_streams: Option<usize>,
     /// Why the key last lost a connection, consumed by the next dial.
     last_loss: Option<CloseReason>,
-    /// The server's idle timeout as observed from idle closes (minus the margin).
-    learned_idle: Option<Duration>,
+    /// The server's unannounced idle timeout, as observed from idle closes.
+    idle_learning: IdleLearning,
     /// Last time anything happened on the key (for forgetting empty keys).
     touched: Instant,
     /// SETTINGS that arrived while their connection's dial had not returned yet.
@@ -488,7 +545,7 @@ impl<X: Connector> KeyState<X> {
             multiplexed: None,
             known_max_streams: None,
             last_loss: None,
-            learned_idle: None,
+            idle_learning: IdleLearning::default(),
             touched: now,
             early_settle: Vec::new(),
         }
@@ -572,6 +629,7 @@ pub struct Lease<X: Connector> {
     pool: Weak<Inner<X>>,
     sent: bool,
     armed: bool,
+    multiplexed: bool,
 }
 
 impl<X: Connector> Debug for Lease<X> {
@@ -657,7 +715,7 @@ impl<X: Connector> Lease<X> {
         self.index
     }
     /// Marks that request bytes may have reached the connection: from now on, dropping the
-    /// lease discards the connection.
+    /// lease discards an exclusive connection (a shared one only loses the stream).
     pub fn mark_sent(&mut self) {
         self.sent = true;
     }
@@ -683,7 +741,9 @@ impl<X: Connector> Lease<X> {
 
 impl<X: Connector> Drop for Lease<X> {
     fn drop(&mut self) {
-        if self.sent {
+        // A shared (HTTP/2) connection loses only the stream, which h2 resets; an exclusive
+        // one whose request may be half-sent has an unknown state and goes.
+        if self.sent && !self.multiplexed {
             self.finish(Release::Close(CloseReason::Abandoned), true);
         } else {
             self.finish(Release::Keep(Hints::default()), false);
@@ -802,18 +862,20 @@ impl<X: Connector> Pool<X> {
             Step::Got(grant) => return grant,
             Step::Wait(rx, id) => (rx, id),
         };
-        // `let` so the receiver (and any grant that raced into it) drops before we lock again.
+        // If this future is dropped (the worker went away, a fetch timed out) or the deadline
+        // passes, the guard takes the waiter out of the queue so it no longer asks for dials.
+        let guard = WaiterGuard {
+            inner,
+            key,
+            id: waiter_id,
+        };
+        // `let` so the receiver (and any grant that raced into it) drops here, unlocked.
         let res = tokio::time::timeout_at(opts.deadline, rx).await;
+        drop(guard);
         match res {
             Ok(Ok(grant)) => grant,
             Ok(Err(_)) => Err(CheckoutError::Closed),
-            Err(_) => {
-                let mut st = inner.state.lock();
-                if let Some(ks) = st.keys.get_mut(key) {
-                    ks.waiters.retain(|w| w.id != waiter_id);
-                }
-                Err(CheckoutError::Timeout)
-            }
+            Err(_) => Err(CheckoutError::Timeout),
         }
     }
 
@@ -918,7 +980,7 @@ impl<X: Connector> Inner<X> {
                 e.draining = Some(CloseReason::MaxLifetime);
             }
             let reason = if e.is_idle() {
-                let (limit, why) = self.idle_limit(e, ks.learned_idle);
+                let (limit, why) = self.idle_limit(e, ks.idle_learning.current(now));
                 if let Some(r) = e.dead.or(e.draining) {
                     Some(r)
                 } else if e.conn.as_ref().is_some_and(|c| !c.is_open()) {
@@ -1006,6 +1068,7 @@ impl<X: Connector> Inner<X> {
             pool: Arc::downgrade(self),
             sent: false,
             armed: true,
+            multiplexed: e.multiplexed,
         }
     }
 
@@ -1018,7 +1081,11 @@ impl<X: Connector> Inner<X> {
         fx: &mut Effects<X>,
     ) {
         let Some(ks) = st.keys.get(key) else { return };
-        let waiting = ks.waiters.iter().filter(|w| !w.fresh).count();
+        let waiting = ks
+            .waiters
+            .iter()
+            .filter(|w| !w.fresh && !w.tx.is_closed())
+            .count();
         if waiting == 0 {
             return;
         }
@@ -1028,7 +1095,10 @@ impl<X: Connector> Inner<X> {
         let needed = if may_mux {
             // Never dial while a connection of the key is still being set up: its SETTINGS
             // tell how much it carries.
-            let unsettled = ks.conns.iter().any(|e| e.multiplexed && !e.settled);
+            let unsettled = ks
+                .conns
+                .iter()
+                .any(|e| e.multiplexed && !e.settled && e.dead.is_none() && e.draining.is_none());
             if ks.connecting > 0 && ks.multiplexed.is_none() || unsettled {
                 0
             } else {
@@ -1319,7 +1389,7 @@ impl<X: Connector> Inner<X> {
                 // Already gone (its driver reported it dead, or the pool shut down).
                 return;
             };
-            let learned = ks.learned_idle;
+            let learned = ks.idle_learning.current(now);
             let e = &mut ks.conns[pos];
             e.in_flight -= 1;
             if !counted {
@@ -1430,12 +1500,10 @@ impl<X: Connector> Inner<X> {
                 if cause == EndCause::Fin
                     && self.cfg.learn_idle_timeout
                     && e.requests > 0
-                    && idle_for >= Duration::from_secs(1)
                     && idle_for < self.cfg.idle_timeout
                 {
-                    // The server closes idle connections after about this long: retire ours
-                    // a margin before it, so no request races the server's close.
-                    ks.learned_idle = Some(idle_for.saturating_sub(self.cfg.keepalive_margin));
+                    ks.idle_learning
+                        .observe(idle_for, self.cfg.keepalive_margin, now);
                 }
                 fx.closed.push((key.clone(), reason, e.requests, e.conn));
                 self.dial_if_needed(st, key, None, &mut fx);
@@ -1804,15 +1872,19 @@ mod tests {
         assert_eq!(fake.dials.load(Ordering::SeqCst), 3);
     }
 
+    /// Simulates the server closing the key's only idle connection (FIN) after `idle`.
+    async fn server_closes_idle(pool: &Pool<Arc<Fake>>, fake: &Fake, idle: Duration) {
+        tokio::time::advance(idle).await;
+        let (watch, open) = fake.watches.lock().last().unwrap().clone();
+        open.store(false, Ordering::SeqCst);
+        pool.inner.conn_ended(&watch.key, watch.id, EndCause::Fin);
+    }
+
     #[tokio::test(start_paused = true)]
     async fn server_close_of_idle_connection_is_seen_at_once_and_counted() {
         let (pool, fake, rec) = setup(Fake::default(), PoolConfig::default());
         used(&pool, "a").await.release(keep());
-        tokio::time::advance(Duration::from_secs(2)).await;
-        let (watch, open) = fake.watches.lock()[0].clone();
-        open.store(false, Ordering::SeqCst);
-        // Drive the real watch (typed for Arc<Fake>) through the pool's inner handle.
-        pool.inner.conn_ended(&watch.key, watch.id, EndCause::Fin);
+        server_closes_idle(&pool, &fake, Duration::from_secs(2)).await;
         assert_eq!(
             pool.stats().idle,
             0,
@@ -1822,14 +1894,57 @@ mod tests {
         let l = used(&pool, "a").await;
         assert_eq!(l.new_reason(), Some(NewReason::ServerClosedIdle));
         l.release(keep());
-        // The server closed after ~2 s idle: the pool learned it and retires before that.
+        // One observation is not a pattern: 1.1 s idle still reuses.
         tokio::time::advance(Duration::from_millis(1100)).await;
+        let l = used(&pool, "a").await;
+        assert!(
+            l.reused(),
+            "a single idle close does not shrink the idle limit"
+        );
+        l.release(keep());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn two_consistent_idle_closes_teach_the_pool_to_retire_before_the_server() {
+        let (pool, fake, _rec) = setup(Fake::default(), PoolConfig::default());
+        used(&pool, "a").await.release(keep());
+        server_closes_idle(&pool, &fake, Duration::from_secs(5)).await;
+        used(&pool, "a").await.release(keep());
+        server_closes_idle(&pool, &fake, Duration::from_millis(5100)).await;
+        // Learned: about 5 s minus the 1 s margin.
+        let l = used(&pool, "a").await;
+        l.release(keep());
+        tokio::time::advance(Duration::from_millis(4100)).await;
         let l = used(&pool, "a").await;
         assert!(
             !l.reused(),
             "retired before the server's observed idle close"
         );
         assert_eq!(l.new_reason(), Some(NewReason::IdleExpired));
+        l.release(keep());
+        // The lesson expires: after LEARNED_IDLE_TTL the pool trusts its own limit again.
+        tokio::time::advance(LEARNED_IDLE_TTL).await;
+        let l = used(&pool, "a").await;
+        l.release(keep());
+        tokio::time::advance(Duration::from_millis(4100)).await;
+        assert!(used(&pool, "a").await.reused());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn idle_closes_shorter_than_the_margin_never_zero_the_idle_limit() {
+        let cfg = PoolConfig {
+            keepalive_margin: Duration::from_secs(2),
+            ..Default::default()
+        };
+        let (pool, fake, _rec) = setup(Fake::default(), cfg);
+        for _ in 0..2 {
+            used(&pool, "a").await.release(keep());
+            server_closes_idle(&pool, &fake, Duration::from_millis(1500)).await;
+        }
+        let l = used(&pool, "a").await;
+        l.release(keep());
+        let l = used(&pool, "a").await;
+        assert!(l.reused(), "back-to-back requests still reuse");
     }
 
     #[tokio::test(start_paused = true)]
@@ -1926,6 +2041,34 @@ mod tests {
         assert_eq!(*rec.closed.lock(), vec![CloseReason::Goaway]);
         let b = used(&pool, "h2").await;
         assert_eq!(b.new_reason(), Some(NewReason::Goaway));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn cancelled_checkouts_leave_the_queue_and_cause_no_dials() {
+        let fake = Fake {
+            claim_mux: true,
+            delay: Duration::from_millis(50),
+            ..Default::default()
+        };
+        let (pool, fake, _rec) = setup(fake, PoolConfig::default());
+        let mut tasks = Vec::new();
+        for _ in 0..20 {
+            let p = pool.clone();
+            tasks.push(tokio::spawn(async move { used(&p, "a").await }));
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        for t in tasks.drain(4..) {
+            t.abort();
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        assert_eq!(pool.stats().waiting, 4, "aborted checkouts left the queue");
+        let leases: Vec<_> = futures_util::future::join_all(tasks).await;
+        assert_eq!(leases.len(), 4);
+        assert_eq!(
+            fake.dials.load(Ordering::SeqCst),
+            4,
+            "one probe + 3, not 20"
+        );
     }
 
     #[tokio::test(start_paused = true)]
