@@ -516,7 +516,7 @@ impl Forwarder {
         let (mut parts, body, plan) = match up {
             Upstream::H1(resp) => {
                 let mut plan = h1_release_plan(resp.version(), resp.headers(), lease.index());
-                if close_delimited(&method, resp.status(), resp.headers()) {
+                if close_delimited(method, resp.status(), resp.headers()) {
                     // The body ends when the server closes: the connection cannot be reused.
                     plan = Release::Close(CloseReason::ServerClose);
                 }
