@@ -14,6 +14,7 @@ use tokio::net::TcpStream;
 
 use crate::forward::{full_body, ProxyBody};
 use crate::gateway::Gateway;
+use crate::telemetry::{TargetCounts, Verdict};
 
 /// Serves one admin connection.
 pub async fn serve_admin(gw: Arc<Gateway>, stream: TcpStream) {
@@ -35,6 +36,21 @@ fn respond(status: StatusCode, ctype: &'static str, body: impl Into<Bytes>) -> R
     r
 }
 
+fn json(value: &impl Serialize) -> Response<ProxyBody> {
+    let body = serde_json::to_string_pretty(value).expect("admin documents serialize");
+    respond(StatusCode::OK, "application/json", body + "\n")
+}
+
+/// The live dashboard: one self-contained page (inline CSS/JS/SVG, no CDN).
+const DASHBOARD: &str = include_str!("dashboard.html");
+
+fn query_param<'a>(req: &'a Request<Incoming>, name: &str) -> Option<&'a str> {
+    req.uri().query()?.split('&').find_map(|kv| {
+        let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+        (k == name).then_some(v)
+    })
+}
+
 fn route(gw: &Gateway, req: &Request<Incoming>) -> Response<ProxyBody> {
     if req.method() != Method::GET && req.method() != Method::HEAD {
         return respond(
@@ -49,10 +65,12 @@ fn route(gw: &Gateway, req: &Request<Incoming>) -> Response<ProxyBody> {
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
             gw.telemetry().encode(gw.forwarder().pool().stats()),
         ),
-        "/status" => {
-            let body = serde_json::to_string_pretty(&status(gw)).expect("status serializes");
-            respond(StatusCode::OK, "application/json", body + "\n")
-        }
+        "/status" => json(&status(gw)),
+        "/status/history" => json(&serde_json::json!({
+            "interval_seconds": crate::gateway::HISTORY_INTERVAL.as_secs(),
+            "points": gw.telemetry().history(),
+        })),
+        "/trace" => trace_stream(gw, query_param(req, "target").map(str::to_string)),
         "/healthz" => respond(StatusCode::OK, "text/plain", "ok\n"),
         "/readyz" => {
             if gw.is_shutting_down() {
@@ -70,19 +88,67 @@ fn route(gw: &Gateway, req: &Request<Incoming>) -> Response<ProxyBody> {
             "application/x-pem-file",
             gw.ca().cert_pem().to_string(),
         ),
-        "/" => respond(StatusCode::OK, "text/html; charset=utf-8", index_page(gw)),
+        "/" => respond(StatusCode::OK, "text/html; charset=utf-8", DASHBOARD),
         _ => respond(
             StatusCode::NOT_FOUND,
             "text/plain",
-            "not found; try /status, /metrics, /healthz, /readyz, /ca.pem\n",
+            "not found; try /, /status, /status/history, /metrics, /trace, /healthz, /readyz, /ca.pem\n",
         ),
     }
+}
+
+/// Streams the trace log as JSON lines until the client goes away. `target` filters on the
+/// host (with or without port).
+fn trace_stream(gw: &Gateway, target: Option<String>) -> Response<ProxyBody> {
+    use http_body_util::BodyExt;
+    let mut rx = gw.telemetry().subscribe_trace();
+    let (tx, body_rx) = tokio::sync::mpsc::channel::<Bytes>(256);
+    tokio::spawn(async move {
+        loop {
+            let line = match rx.recv().await {
+                Ok(l) => l,
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                    Arc::from(format!("{{\"kind\":\"lagged\",\"dropped\":{n}}}"))
+                }
+                Err(_) => break,
+            };
+            if let Some(t) = &target {
+                let host = serde_json::from_str::<serde_json::Value>(&line)
+                    .ok()
+                    .and_then(|v| v["target"].as_str().map(str::to_string))
+                    .unwrap_or_default();
+                if host != *t && host.rsplit_once(':').map(|(h, _)| h) != Some(t.as_str()) {
+                    continue;
+                }
+            }
+            let mut b = line.as_bytes().to_vec();
+            b.push(b'\n');
+            if tx.send(Bytes::from(b)).await.is_err() {
+                break;
+            }
+        }
+    });
+    let stream = futures_util::stream::unfold(body_rx, |mut rx| async move {
+        rx.recv().await.map(|b| {
+            (
+                Ok::<_, crate::forward::BoxError>(http_body::Frame::data(b)),
+                rx,
+            )
+        })
+    });
+    let body = http_body_util::StreamBody::new(stream).boxed_unsync();
+    let mut r = Response::new(body);
+    r.headers_mut().insert(
+        "content-type",
+        HeaderValue::from_static("application/x-ndjson"),
+    );
+    r
 }
 
 /// One row of `/status`.
 #[derive(Debug, Serialize)]
 pub struct TargetStatus {
-    /// `host:port`.
+    /// `host:port` (`*` for the fleet).
     pub target: String,
     /// Requests that reached an upstream connection.
     pub requests: u64,
@@ -90,16 +156,28 @@ pub struct TargetStatus {
     pub new_connections: u64,
     /// R = 1 − new_connections / requests.
     pub reuse_rate: f64,
+    /// Against the SLO: optimal, monitor, breach, idle.
+    pub verdict: Verdict,
+    /// The objective this row is judged against.
+    pub reuse_target: f64,
     /// Connections carrying a request now.
     pub active: usize,
     /// Idle connections now.
     pub idle: usize,
     /// `h2` / `http/1.1`.
     pub protocol: &'static str,
-    /// Handshake seconds paid.
+    /// Handshake seconds paid (O = new connections × measured TCP + TLS time).
     pub handshake_seconds: f64,
+    /// Handshake seconds saved (reused requests × mean handshake cost).
+    pub handshake_saved_seconds: f64,
+    /// Saved handshake time extrapolated to a day from the time edgepool has run, in hours.
+    pub tls_overhead_saved_hours_per_day: f64,
+    /// Connections closed per second since start (any reason but shutdown).
+    pub evictions_per_second: f64,
     /// edgepool errors answered for this target.
     pub errors: u64,
+    /// The exit carrying most of its traffic.
+    pub top_exit: &'static str,
     /// New connections by reason.
     pub new_by_reason: BTreeMap<&'static str, u64>,
     /// Closed connections by reason.
@@ -113,14 +191,54 @@ pub struct Status {
     pub version: &'static str,
     /// Seconds since start.
     pub uptime_seconds: u64,
+    /// The objective.
+    pub slo: serde_json::Value,
     /// Fleet totals.
     pub fleet: TargetStatus,
     /// Requests queued for a connection now.
     pub waiting: usize,
     /// Connections being dialed now.
     pub connecting: usize,
-    /// Blind tunnels are not pooled and not in these counts.
+    /// Per target, busiest first. Blind tunnels are not pooled and not in these counts.
     pub targets: Vec<TargetStatus>,
+}
+
+fn row(
+    target: String,
+    c: &TargetCounts,
+    (active, idle): (usize, usize),
+    objective: f64,
+    uptime: f64,
+) -> TargetStatus {
+    let r = c.reuse_rate();
+    let closed: u64 = c
+        .closed_by_reason
+        .iter()
+        .filter(|(k, _)| **k != "shutdown")
+        .map(|(_, v)| v)
+        .sum();
+    let uptime = uptime.max(1.0);
+    TargetStatus {
+        target,
+        requests: c.requests,
+        new_connections: c.new_connections,
+        reuse_rate: round4(r),
+        verdict: Verdict::of(r, c.requests, objective),
+        reuse_target: objective,
+        active,
+        idle,
+        protocol: c.protocol,
+        handshake_seconds: round4(c.handshake_seconds),
+        handshake_saved_seconds: round4(c.handshake_saved_seconds),
+        tls_overhead_saved_hours_per_day: round4(
+            c.handshake_saved_seconds / uptime * 86_400.0 / 3_600.0,
+        ),
+        evictions_per_second: round4(closed as f64 / uptime),
+        errors: c.errors,
+        top_exit: crate::forward::EXIT_DIRECT,
+        new_by_reason: c.new_by_reason.clone(),
+        closed_by_reason: c.closed_by_reason.clone(),
+    }
 }
 
 /// Builds the status document.
@@ -132,43 +250,32 @@ pub fn status(gw: &Gateway) -> Status {
         e.0 += ks.open - ks.idle;
         e.1 += ks.idle;
     }
-    let counts = gw.telemetry().targets();
-    let mut targets = Vec::new();
-    for (t, c) in counts {
-        let (active, idle) = live.get(&t).copied().unwrap_or_default();
-        targets.push(TargetStatus {
-            target: t,
-            requests: c.requests,
-            new_connections: c.new_connections,
-            reuse_rate: round4(c.reuse_rate()),
-            active,
-            idle,
-            protocol: c.protocol,
-            handshake_seconds: round4(c.handshake_seconds),
-            errors: c.errors,
-            new_by_reason: c.new_by_reason,
-            closed_by_reason: c.closed_by_reason,
-        });
-    }
+    let uptime = gw.uptime().as_secs_f64();
+    let slo = gw.telemetry().slo();
+    let mut targets: Vec<TargetStatus> = gw
+        .telemetry()
+        .targets()
+        .into_iter()
+        .map(|(t, c)| {
+            let l = live.get(&t).copied().unwrap_or_default();
+            let objective = slo.target_for(&t);
+            row(t, &c, l, objective, uptime)
+        })
+        .collect();
     targets.sort_by(|a, b| b.requests.cmp(&a.requests).then(a.target.cmp(&b.target)));
-    let tot = gw.telemetry().totals();
     let stats = pool.stats();
+    let active = stats.total.saturating_sub(stats.idle + stats.connecting);
     Status {
         version: env!("CARGO_PKG_VERSION"),
         uptime_seconds: gw.uptime().as_secs(),
-        fleet: TargetStatus {
-            target: "*".into(),
-            requests: tot.requests,
-            new_connections: tot.new_connections,
-            reuse_rate: round4(tot.reuse_rate()),
-            active: stats.total.saturating_sub(stats.idle + stats.connecting),
-            idle: stats.idle,
-            protocol: "",
-            handshake_seconds: round4(tot.handshake_seconds),
-            errors: tot.errors,
-            new_by_reason: tot.new_by_reason,
-            closed_by_reason: tot.closed_by_reason,
-        },
+        slo: serde_json::json!({ "reuse_target": slo.reuse_target, "targets": slo.targets }),
+        fleet: row(
+            "*".into(),
+            &gw.telemetry().totals(),
+            (active, stats.idle),
+            slo.reuse_target,
+            uptime,
+        ),
         waiting: stats.waiting,
         connecting: stats.connecting,
         targets,
@@ -177,34 +284,4 @@ pub fn status(gw: &Gateway) -> Status {
 
 fn round4(x: f64) -> f64 {
     (x * 10_000.0).round() / 10_000.0
-}
-
-fn index_page(gw: &Gateway) -> String {
-    let s = status(gw);
-    let mut rows = String::new();
-    for t in &s.targets {
-        rows.push_str(&format!(
-            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{:.4}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
-            html_escape(&t.target),
-            t.requests,
-            t.new_connections,
-            t.reuse_rate,
-            t.active,
-            t.idle,
-            t.protocol
-        ));
-    }
-    format!(
-        "<!doctype html><meta charset=utf-8><title>edgepool</title>\
-         <h1>edgepool {}</h1><p>fleet R = {:.4} over {} requests, {} new connections</p>\
-         <table border=1><tr><th>target</th><th>requests</th><th>new</th><th>R</th><th>active</th><th>idle</th><th>protocol</th></tr>{}</table>\
-         <p><a href=/status>/status</a> · <a href=/metrics>/metrics</a> · <a href=/ca.pem>/ca.pem</a></p>",
-        s.version, s.fleet.reuse_rate, s.fleet.requests, s.fleet.new_connections, rows
-    )
-}
-
-fn html_escape(s: &str) -> String {
-    s.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
 }

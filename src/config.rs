@@ -116,6 +116,98 @@ pub struct Config {
     /// Which target addresses may be dialed. Default: [`TargetsConfig::default`] (no exceptions
     /// to the private/loopback deny list).
     pub targets: TargetsConfig,
+    /// Reuse-rate objective. Default: [`SloConfig::default`] (0.92 fleet-wide).
+    pub slo: SloConfig,
+    /// Per-request trace log. Default: [`TraceConfig::default`].
+    pub trace: TraceConfig,
+}
+
+/// Default [`SloConfig::reuse_target`]: 0.92, the fleet SLO from the domain note
+/// (R_fleet > 0.92).
+pub const DEFAULT_REUSE_TARGET: f64 = 0.92;
+/// Default [`TraceConfig::sample_rate`]: 1% of reused requests; errors and requests on new
+/// connections are always traced.
+pub const DEFAULT_TRACE_SAMPLE_RATE: f64 = 0.01;
+
+/// `[slo]`: the reuse-rate objective that `/status` verdicts and the breach gauge use.
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SloConfig {
+    /// R at or above this is `optimal`; within 5 points below, `monitor`; lower, `breach`.
+    /// Default [`DEFAULT_REUSE_TARGET`].
+    pub reuse_target: f64,
+    /// Per-target overrides, keyed by `host:port` (e.g. residential targets that rotate by
+    /// design). Default none.
+    pub targets: std::collections::BTreeMap<String, f64>,
+}
+
+impl Default for SloConfig {
+    fn default() -> Self {
+        SloConfig {
+            reuse_target: DEFAULT_REUSE_TARGET,
+            targets: Default::default(),
+        }
+    }
+}
+
+impl SloConfig {
+    /// The objective for `target` (`host:port`).
+    pub fn target_for(&self, target: &str) -> f64 {
+        self.targets
+            .get(target)
+            .copied()
+            .unwrap_or(self.reuse_target)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        if !(0.0..=1.0).contains(&self.reuse_target) {
+            return Err(invalid("slo.reuse_target", "must be between 0 and 1"));
+        }
+        for (t, v) in &self.targets {
+            if !(0.0..=1.0).contains(v) {
+                return Err(invalid(
+                    "slo.targets",
+                    format!("{t} = {v}: must be between 0 and 1"),
+                ));
+            }
+            if !t.contains(':') {
+                return Err(invalid(
+                    "slo.targets",
+                    format!("{t:?}: keys are host:port, e.g. \"api.example.com:443\""),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `[trace]`: one JSON record per upstream request, for `edgepool trace` and an optional file.
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TraceConfig {
+    /// Fraction of reused requests traced (0 to 1). Requests on new connections and errors are
+    /// always traced. Default [`DEFAULT_TRACE_SAMPLE_RATE`].
+    pub sample_rate: f64,
+    /// Also append the records (JSON lines) to this file. Default none.
+    pub file: Option<PathBuf>,
+}
+
+impl Default for TraceConfig {
+    fn default() -> Self {
+        TraceConfig {
+            sample_rate: DEFAULT_TRACE_SAMPLE_RATE,
+            file: None,
+        }
+    }
+}
+
+impl TraceConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        if !(0.0..=1.0).contains(&self.sample_rate) {
+            return Err(invalid("trace.sample_rate", "must be between 0 and 1"));
+        }
+        Ok(())
+    }
 }
 
 /// `[listen]`: where edgepool accepts connections.
@@ -414,6 +506,8 @@ impl Config {
         self.intercept.validate()?;
         self.limits.validate()?;
         self.targets.validate()?;
+        self.slo.validate()?;
+        self.trace.validate()?;
         Ok(())
     }
 

@@ -26,7 +26,7 @@ use crate::guard::TargetPolicy;
 use crate::pool::{
     CheckoutError, CheckoutOpts, CloseReason, Hints, Lease, NewReason, Pool, Release,
 };
-use crate::telemetry::{RequestRecord, Telemetry};
+use crate::telemetry::{ms, RequestRecord, Telemetry, TraceRecord};
 
 /// Error type of response bodies handed to workers.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -203,9 +203,22 @@ impl Forwarder {
     /// ends. Records the request in telemetry.
     pub async fn forward(&self, out: Outgoing) -> Result<(Response<ProxyBody>, Meta), EdgeError> {
         let target = out.target();
-        let res = self.forward_inner(&out, &target).await;
+        let started = Instant::now();
+        let res = self.forward_inner(&out, &target, started).await;
         if let Err(e) = &res {
             self.telemetry.record_error(Some(&target), e.token);
+            if self.telemetry.should_trace(false, true) {
+                self.telemetry.trace(TraceRecord {
+                    kind: "request",
+                    target: target.clone(),
+                    exit: EXIT_DIRECT,
+                    method: out.method.to_string(),
+                    status: Some(e.status.as_u16()),
+                    error: Some(e.token),
+                    total_ms: Some(ms(started.elapsed())),
+                    ..Default::default()
+                });
+            }
         }
         res
     }
@@ -214,6 +227,7 @@ impl Forwarder {
         &self,
         out: &Outgoing,
         target: &str,
+        started: Instant,
     ) -> Result<(Response<ProxyBody>, Meta), EdgeError> {
         let (addr, dns) = self.resolve_checked(&out.host, out.port).await?;
         let verify = !self
@@ -235,6 +249,7 @@ impl Forwarder {
             ..Default::default()
         };
         let mut fresh_retry = false;
+        let mut retry_reason: Option<&'static str> = None;
         for attempt in 0..2 {
             let t_queue = Instant::now();
             let opts = CheckoutOpts {
@@ -254,7 +269,23 @@ impl Forwarder {
             if !lease.reused() {
                 meta.tcp_connect = shared.timings.tcp;
                 meta.tls_handshake = shared.timings.tls;
+                self.telemetry
+                    .record_handshake(shared.timings.tcp, shared.timings.tls);
             }
+            let record = RequestRecord {
+                target,
+                reused: meta.reused,
+                protocol: meta.protocol,
+                handshake,
+                retry_reason,
+                dns: if attempt == 0 {
+                    meta.dns
+                } else {
+                    Duration::ZERO
+                },
+                queue: meta.queue,
+                bytes_up: out.body.len() as u64,
+            };
             let t_send = Instant::now();
             let sent = match lease.conn() {
                 UpstreamConn::H1 { .. } => self.send_h1(&mut lease, out).await,
@@ -263,25 +294,39 @@ impl Forwarder {
             match sent {
                 Ok(resp) => {
                     meta.ttfb = t_send.elapsed();
-                    self.telemetry.record_request(&RequestRecord {
-                        target,
-                        reused: meta.reused,
-                        protocol: meta.protocol,
-                        handshake,
-                        retried: meta.retried,
-                    });
-                    let resp = self.finish_response(&out.method, resp, lease, &meta);
+                    self.telemetry.record_request(&record);
+                    self.telemetry.record_ttfb(meta.ttfb);
+                    let trace =
+                        self.telemetry
+                            .should_trace(meta.reused, false)
+                            .then(|| TraceRecord {
+                                kind: "request",
+                                target: target.to_string(),
+                                exit: meta.exit,
+                                method: out.method.to_string(),
+                                reused: Some(meta.reused),
+                                new_reason: meta.new_reason.map(|r| r.as_str()),
+                                dns_ms: Some(ms(meta.dns)),
+                                queue_ms: Some(ms(meta.queue)),
+                                tcp_connect_ms: (!meta.reused).then(|| ms(meta.tcp_connect)),
+                                tls_handshake_ms: (!meta.reused).then(|| ms(meta.tls_handshake)),
+                                ttfb_ms: Some(ms(meta.ttfb)),
+                                retried: meta.retried,
+                                pool: (!meta.reused).then(|| "connection added".to_string()),
+                                ..Default::default()
+                            });
+                    let done = Completion {
+                        telemetry: self.telemetry.clone(),
+                        started,
+                        bytes: 0,
+                        trace,
+                    };
+                    let resp = self.finish_response(&out.method, resp, lease, &meta, done);
                     return Ok((resp, meta));
                 }
                 Err(f) => {
                     // The request reached an upstream connection: count it either way.
-                    self.telemetry.record_request(&RequestRecord {
-                        target,
-                        reused: meta.reused,
-                        protocol: meta.protocol,
-                        handshake,
-                        retried: meta.retried,
-                    });
+                    self.telemetry.record_request(&record);
                     let reused = lease.reused();
                     lease.release(if f.goaway {
                         Release::Close(CloseReason::Goaway)
@@ -305,6 +350,13 @@ impl Forwarder {
                         // A refused or GOAWAY'd stream may go to any other usable connection;
                         // a failure on a reused connection retries on a brand-new one.
                         fresh_retry = !(f.goaway || f.refused);
+                        retry_reason = Some(if f.goaway {
+                            "goaway"
+                        } else if f.refused {
+                            "refused_stream"
+                        } else {
+                            "reused_connection_failed"
+                        });
                         continue;
                     }
                     return Err(send_error(
@@ -512,6 +564,7 @@ impl Forwarder {
         up: Upstream,
         lease: Lease<crate::dial::Dialer>,
         meta: &Meta,
+        done: Completion,
     ) -> Response<ProxyBody> {
         let (mut parts, body, plan) = match up {
             Upstream::H1(resp) => {
@@ -541,12 +594,17 @@ impl Forwarder {
         parts
             .headers
             .insert("x-edgepool-exit", HeaderValue::from_static(meta.exit));
+        let mut done = done;
+        if let Some(t) = done.trace.as_mut() {
+            t.status = Some(parts.status.as_u16());
+        }
         let body = UpstreamBody {
             kind: body,
             lease: Some(lease),
             plan,
             drain_max: self.cfg.drain_max_bytes,
             drain_timeout: self.cfg.drain_timeout,
+            done: Some(done),
         };
         Response::from_parts(parts, body.boxed_unsync())
     }
@@ -739,6 +797,26 @@ enum BodyKind {
     Done,
 }
 
+/// What to record when a response body ends: total time, bytes, and the trace record.
+struct Completion {
+    telemetry: Arc<Telemetry>,
+    started: Instant,
+    bytes: u64,
+    trace: Option<TraceRecord>,
+}
+
+impl Completion {
+    fn finish(self) {
+        let total = self.started.elapsed();
+        self.telemetry.record_done(total, self.bytes);
+        if let Some(mut t) = self.trace {
+            t.total_ms = Some(ms(total));
+            t.bytes = Some(self.bytes);
+            self.telemetry.trace(t);
+        }
+    }
+}
+
 /// A response body that holds its connection's lease and returns it when the body ends
 /// (early, on the last data frame, so the worker's next request finds it idle). If the
 /// worker goes away first, the rest is drained within bounds to keep the connection.
@@ -748,12 +826,16 @@ struct UpstreamBody {
     plan: Release,
     drain_max: u64,
     drain_timeout: Duration,
+    done: Option<Completion>,
 }
 
 impl UpstreamBody {
     fn release(&mut self, how: Release) {
         if let Some(l) = self.lease.take() {
             l.release(how);
+        }
+        if let Some(d) = self.done.take() {
+            d.finish();
         }
     }
 }
@@ -805,6 +887,9 @@ impl Body for UpstreamBody {
                 Poll::Ready(None)
             }
             Some(Ok((frame, ended))) => {
+                if let (Some(d), Some(data)) = (this.done.as_mut(), frame.data_ref()) {
+                    d.bytes += data.len() as u64;
+                }
                 if ended {
                     let plan = this.plan;
                     this.release(plan);
@@ -839,6 +924,9 @@ impl Body for UpstreamBody {
 
 impl Drop for UpstreamBody {
     fn drop(&mut self) {
+        if let Some(d) = self.done.take() {
+            d.finish();
+        }
         let Some(lease) = self.lease.take() else {
             return;
         };

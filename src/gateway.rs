@@ -21,6 +21,9 @@ use crate::telemetry::Telemetry;
 /// How long in-flight worker connections get to finish after shutdown starts.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
+/// Interval of the dashboard time series (`/status/history`) and of SLO re-evaluation.
+pub const HISTORY_INTERVAL: Duration = Duration::from_secs(5);
+
 /// Stream limit assumed for an HTTP/2 server whose SETTINGS set none.
 pub const DEFAULT_H2_MAX_STREAMS: usize = 100;
 
@@ -74,7 +77,7 @@ impl Gateway {
             default_max_streams: DEFAULT_H2_MAX_STREAMS,
         })
         .map_err(StartError::Tls)?;
-        let telemetry = Arc::new(Telemetry::new());
+        let telemetry = Arc::new(Telemetry::new(cfg.slo.clone(), cfg.trace.clone()));
         let pool = Pool::new(cfg.pool.to_pool_config(), dialer, telemetry.clone());
         let resolver = Resolver::new(cfg.upstream.dns_min_ttl, cfg.upstream.dns_max_ttl);
         let forwarder = Forwarder::new(
@@ -130,6 +133,57 @@ impl Gateway {
         self.shutting_down.load(Ordering::Relaxed)
     }
 
+    /// Periodic work that lives as long as `serve`: the time series / SLO tick and the trace
+    /// file writer.
+    fn spawn_background(self: Arc<Self>) -> JoinSet<()> {
+        let mut set = JoinSet::new();
+        let gw = self.clone();
+        set.spawn(async move {
+            let mut tick = tokio::time::interval(HISTORY_INTERVAL);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                gw.telemetry.tick();
+            }
+        });
+        if let Some(path) = self.cfg.trace.file.clone() {
+            let mut rx = self.telemetry.subscribe_trace();
+            set.spawn(async move {
+                use tokio::io::AsyncWriteExt;
+                let file = tokio::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&path)
+                    .await;
+                let mut file = match file {
+                    Ok(f) => f,
+                    Err(e) => {
+                        tracing::error!(path = %path.display(), "cannot open trace.file: {e}");
+                        return;
+                    }
+                };
+                loop {
+                    match rx.recv().await {
+                        Ok(line) => {
+                            let mut b = line.as_bytes().to_vec();
+                            b.push(b'\n');
+                            if let Err(e) = file.write_all(&b).await {
+                                tracing::error!(path = %path.display(), "writing trace.file: {e}");
+                                return;
+                            }
+                        }
+                        Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                            tracing::warn!("trace.file fell behind; {n} records dropped");
+                        }
+                        Err(_) => return,
+                    }
+                }
+            });
+        }
+        set
+    }
+
     /// Serves workers on `proxy` and operators on `admin` until `shutdown` completes; then
     /// stops accepting, lets in-flight connections finish for up to [`SHUTDOWN_GRACE`], and
     /// closes the pool.
@@ -141,6 +195,7 @@ impl Gateway {
     ) {
         let mut conns = JoinSet::new();
         let mut admin_conns = JoinSet::new();
+        let mut background = self.clone().spawn_background();
         tokio::pin!(shutdown);
         loop {
             tokio::select! {
@@ -177,6 +232,7 @@ impl Gateway {
         })
         .await;
         conns.abort_all();
+        background.abort_all();
         self.forwarder.pool().shutdown();
     }
 }

@@ -61,6 +61,21 @@ enum Command {
         /// Print the raw JSON.
         #[arg(long)]
         json: bool,
+        /// Refresh in place every 2 s until interrupted.
+        #[arg(long)]
+        watch: bool,
+    },
+    /// Stream the per-request trace log from a running gateway.
+    Trace {
+        /// Admin address of the gateway.
+        #[arg(long, default_value = "127.0.0.1:9180")]
+        admin: SocketAddr,
+        /// Only this target host (or host:port).
+        #[arg(long)]
+        target: Option<String>,
+        /// JSON lines instead of the human format.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -146,7 +161,25 @@ fn main() -> ExitCode {
                 Err(e) => fail(&e.to_string()),
             }
         }
-        Command::Status { admin, json } => status(admin, json),
+        Command::Status { admin, json, watch } => {
+            if !watch {
+                return status(admin, json);
+            }
+            loop {
+                // Clear the screen and home the cursor, then redraw.
+                print!("\x1b[2J\x1b[H");
+                let code = status(admin, json);
+                if code != ExitCode::SUCCESS {
+                    return code;
+                }
+                std::thread::sleep(std::time::Duration::from_secs(2));
+            }
+        }
+        Command::Trace {
+            admin,
+            target,
+            json,
+        } => trace(admin, target, json),
     }
 }
 
@@ -216,8 +249,13 @@ async fn shutdown_signal() {
     }
 }
 
-fn status(admin: SocketAddr, json: bool) -> ExitCode {
-    let body = runtime().block_on(async move {
+/// GETs `path` from the admin listener and hands each body chunk to `each`.
+fn admin_get(
+    admin: SocketAddr,
+    path: &str,
+    mut each: impl FnMut(&[u8]) -> bool,
+) -> Result<(), String> {
+    runtime().block_on(async move {
         use http_body_util::BodyExt;
         let stream = tokio::net::TcpStream::connect(admin)
             .await
@@ -229,23 +267,35 @@ fn status(admin: SocketAddr, json: bool) -> ExitCode {
         .await
         .map_err(|e| e.to_string())?;
         tokio::spawn(conn);
-        let req = http::Request::get("/status")
+        let req = http::Request::get(path)
             .header("host", admin.to_string())
             .body(http_body_util::Empty::new())
-            .expect("static request");
+            .map_err(|e| e.to_string())?;
         let resp = send.send_request(req).await.map_err(|e| e.to_string())?;
-        let bytes = resp
-            .into_body()
-            .collect()
-            .await
-            .map_err(|e| e.to_string())?
-            .to_bytes();
-        Ok::<_, String>(bytes)
-    });
-    let body = match body {
-        Ok(b) => b,
-        Err(e) => return fail(&e),
-    };
+        if !resp.status().is_success() {
+            return Err(format!("{path}: the gateway answered {}", resp.status()));
+        }
+        let mut body = resp.into_body();
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|e| e.to_string())?;
+            if let Some(d) = frame.data_ref() {
+                if !each(d) {
+                    break;
+                }
+            }
+        }
+        Ok(())
+    })
+}
+
+fn status(admin: SocketAddr, json: bool) -> ExitCode {
+    let mut body = Vec::new();
+    if let Err(e) = admin_get(admin, "/status", |d| {
+        body.extend_from_slice(d);
+        true
+    }) {
+        return fail(&e);
+    }
     if json {
         println!("{}", String::from_utf8_lossy(&body));
         return ExitCode::SUCCESS;
@@ -255,19 +305,37 @@ fn status(admin: SocketAddr, json: bool) -> ExitCode {
         Err(e) => return fail(&format!("unexpected /status answer: {e}")),
     };
     println!(
-        "{:<40} {:>10} {:>8} {:>8} {:>7} {:>6} {:>9}",
-        "target", "requests", "new", "R", "active", "idle", "protocol"
+        "edge-pool.status   (objective R >= {})",
+        v["slo"]["reuse_target"]
+    );
+    println!(
+        "{:<36} {:>9} {:>7} {:>7} {:>8} {:<8} {:>12} {:>9} {:>9} {:>8}",
+        "target",
+        "requests",
+        "new",
+        "active",
+        "R",
+        "verdict",
+        "saved h/day",
+        "evict/s",
+        "protocol",
+        "exit"
     );
     let row = |t: &serde_json::Value| {
         println!(
-            "{:<40} {:>10} {:>8} {:>8.4} {:>7} {:>6} {:>9}",
+            "{:<36} {:>9} {:>7} {:>7} {:>8.4} {:<8} {:>12.2} {:>9.3} {:>9} {:>8}",
             t["target"].as_str().unwrap_or(""),
             t["requests"].as_u64().unwrap_or(0),
             t["new_connections"].as_u64().unwrap_or(0),
-            t["reuse_rate"].as_f64().unwrap_or(0.0),
             t["active"].as_u64().unwrap_or(0),
-            t["idle"].as_u64().unwrap_or(0),
+            t["reuse_rate"].as_f64().unwrap_or(0.0),
+            t["verdict"].as_str().unwrap_or(""),
+            t["tls_overhead_saved_hours_per_day"]
+                .as_f64()
+                .unwrap_or(0.0),
+            t["evictions_per_second"].as_f64().unwrap_or(0.0),
             t["protocol"].as_str().unwrap_or(""),
+            t["top_exit"].as_str().unwrap_or(""),
         )
     };
     for t in v["targets"].as_array().into_iter().flatten() {
@@ -275,4 +343,78 @@ fn status(admin: SocketAddr, json: bool) -> ExitCode {
     }
     row(&v["fleet"]);
     ExitCode::SUCCESS
+}
+
+fn trace(admin: SocketAddr, target: Option<String>, json: bool) -> ExitCode {
+    let path = match &target {
+        Some(t) => format!("/trace?target={t}"),
+        None => "/trace".to_string(),
+    };
+    let mut pending = Vec::new();
+    let res = admin_get(admin, &path, |d| {
+        pending.extend_from_slice(d);
+        while let Some(pos) = pending.iter().position(|b| *b == b'\n') {
+            let line: Vec<u8> = pending.drain(..=pos).collect();
+            let line = String::from_utf8_lossy(&line[..line.len() - 1]).into_owned();
+            if json {
+                println!("{line}");
+            } else if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
+                print!("{}", human_trace(&v));
+            }
+        }
+        true
+    });
+    match res {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(&e),
+    }
+}
+
+/// The domain note's trace format (§04), one block per record.
+fn human_trace(v: &serde_json::Value) -> String {
+    let f = |k: &str| v[k].as_f64();
+    let ms = |x: Option<f64>| x.map(|x| format!("{x:.1}ms")).unwrap_or_else(|| "-".into());
+    let mut out = String::new();
+    if v["kind"] == "pool" {
+        out.push_str(&format!(
+            "// {} {}\npool.status: {}\n\n",
+            v["ts"].as_str().unwrap_or(""),
+            v["target"].as_str().unwrap_or(""),
+            v["pool"].as_str().unwrap_or("")
+        ));
+        return out;
+    }
+    let reused = v["reused"].as_bool() == Some(true);
+    out.push_str(&format!(
+        "// {} {} {} -> {}{}\n",
+        v["ts"].as_str().unwrap_or(""),
+        v["method"].as_str().unwrap_or(""),
+        v["target"].as_str().unwrap_or(""),
+        v["status"],
+        match v["new_reason"].as_str() {
+            Some(r) => format!(" (new connection: {r})"),
+            None => String::new(),
+        }
+    ));
+    if let Some(e) = v["error"].as_str() {
+        out.push_str(&format!("error: {e}\n"));
+    }
+    if reused {
+        out.push_str("tcp.connect: 0ms (reused)\ntls.handshake: 0ms (reused)\n");
+    } else if v.get("tcp_connect_ms").is_some() {
+        out.push_str(&format!(
+            "tcp.connect: {}\ntls.handshake: {}\n",
+            ms(f("tcp_connect_ms")),
+            ms(f("tls_handshake_ms"))
+        ));
+    }
+    if f("ttfb_ms").is_some() {
+        out.push_str(&format!("http.ttfb: {}\n", ms(f("ttfb_ms"))));
+    }
+    out.push_str(&format!("total_latency: {}\n", ms(f("total_ms"))));
+    if let Some(p) = v["pool"].as_str() {
+        out.push_str(&format!("pool.status: {p}\n"));
+    }
+    out.push('\n');
+    out
 }

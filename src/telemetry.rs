@@ -1,18 +1,21 @@
 //! telemetry: folds every upstream request and pool event into reuse accounting — per-target
-//! counts for `/status` and Prometheus metrics for `/metrics`.
+//! counts and verdicts for `/status`, a time series for the dashboard, Prometheus metrics for
+//! `/metrics`, and the sampled per-request trace log.
 //!
 //! R = 1 − new_connections / requests, where a *new connection* is a dial that succeeded
 //! (what a target sees as an accepted connection) and a *request* is a request that reached
 //! an upstream connection. Every new connection carries exactly one [`NewReason`].
-use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::AtomicU64;
-use std::time::Duration;
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use parking_lot::Mutex;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 use serde::Serialize;
 
@@ -40,6 +43,158 @@ struct StateLabels {
     state: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PhaseLabels {
+    phase: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DirectionLabels {
+    direction: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TargetLabels {
+    target: String,
+}
+
+/// How many targets get their own label in per-target metrics; the rest are `other`.
+pub const TOP_TARGETS: usize = 20;
+/// Points kept in the dashboard time series.
+pub const HISTORY_POINTS: usize = 720;
+
+fn phase_histogram() -> Histogram {
+    // 100 µs .. ~26 s.
+    Histogram::new(exponential_buckets(0.0001, 2.0, 19))
+}
+
+fn per_conn_histogram() -> Histogram {
+    Histogram::new(
+        [
+            1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0, 2000.0, 5000.0, 10000.0,
+        ]
+        .into_iter(),
+    )
+}
+
+/// `optimal` at or above the SLO, `monitor` within 5 points below, `breach` lower, `idle`
+/// with no requests yet.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Verdict {
+    /// R ≥ target.
+    Optimal,
+    /// target − 0.05 ≤ R < target.
+    Monitor,
+    /// R < target − 0.05.
+    Breach,
+    /// No requests.
+    Idle,
+}
+
+impl Verdict {
+    /// The verdict for `r` over `requests` against `target`.
+    pub fn of(r: f64, requests: u64, target: f64) -> Verdict {
+        if requests == 0 {
+            Verdict::Idle
+        } else if r >= target {
+            Verdict::Optimal
+        } else if r >= target - 0.05 {
+            Verdict::Monitor
+        } else {
+            Verdict::Breach
+        }
+    }
+}
+
+/// One point of the dashboard time series: what happened during one interval.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct HistoryPoint {
+    /// Unix seconds at the end of the interval.
+    pub t: u64,
+    /// Requests in the interval.
+    pub requests: u64,
+    /// New connections in the interval.
+    pub new_connections: u64,
+    /// R over the interval (1.0 with no requests).
+    pub reuse_rate: f64,
+    /// New connections by reason in the interval.
+    pub new_by_reason: BTreeMap<&'static str, u64>,
+}
+
+/// One upstream request's trace record (a JSON line).
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct TraceRecord {
+    /// RFC 3339 time.
+    pub ts: String,
+    /// `request` or a pool event (`connection closed`).
+    pub kind: &'static str,
+    /// `host:port`.
+    pub target: String,
+    /// Exit id.
+    pub exit: &'static str,
+    /// Method.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub method: String,
+    /// Response status (0 for an edgepool error).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub status: Option<u16>,
+    /// Rode a warm connection.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reused: Option<bool>,
+    /// Why its connection was opened.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub new_reason: Option<&'static str>,
+    /// Phase timings in milliseconds.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dns_ms: Option<f64>,
+    /// Waiting for a connection.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub queue_ms: Option<f64>,
+    /// TCP connect of a new connection.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tcp_connect_ms: Option<f64>,
+    /// TLS handshake of a new connection.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_handshake_ms: Option<f64>,
+    /// Time to the response head.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ttfb_ms: Option<f64>,
+    /// Until the response body ended.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub total_ms: Option<f64>,
+    /// Response body bytes.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bytes: Option<u64>,
+    /// Retried once.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub retried: bool,
+    /// edgepool error token.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<&'static str>,
+    /// Pool event: `connection added`, `connection closed`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pool: Option<String>,
+}
+
+/// Milliseconds with microsecond precision, for trace records.
+pub fn ms(d: Duration) -> f64 {
+    (d.as_secs_f64() * 1_000_000.0).round() / 1000.0
+}
+
+fn now_unix() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn rfc3339_now() -> String {
+    time::OffsetDateTime::now_utc()
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
+}
+
 /// One finished upstream request, as the forwarder saw it.
 #[derive(Clone, Debug)]
 pub struct RequestRecord<'a> {
@@ -51,8 +206,14 @@ pub struct RequestRecord<'a> {
     pub protocol: &'static str,
     /// Handshake time paid for this request's new connection (TCP + TLS), if new.
     pub handshake: Option<Duration>,
-    /// It was retried on a fresh connection after failing on a reused one.
-    pub retried: bool,
+    /// It was retried once; why (`reused_connection_failed`, `refused_stream`, `goaway`).
+    pub retry_reason: Option<&'static str>,
+    /// DNS resolution.
+    pub dns: Duration,
+    /// Waiting for a connection.
+    pub queue: Duration,
+    /// Request body bytes sent.
+    pub bytes_up: u64,
 }
 
 /// Per-target counters.
@@ -72,6 +233,10 @@ pub struct TargetCounts {
     pub closed_by_reason: BTreeMap<&'static str, u64>,
     /// Handshake seconds paid (TCP + TLS of new connections).
     pub handshake_seconds: f64,
+    /// New connections whose handshake was measured (the mean cost's denominator).
+    pub handshakes: u64,
+    /// Handshake seconds saved: each reused request × the target's mean handshake cost.
+    pub handshake_saved_seconds: f64,
     /// Requests edgepool answered with its own error.
     pub errors: u64,
     /// Last protocol seen.
@@ -89,6 +254,14 @@ impl TargetCounts {
     }
 }
 
+/// The trace log: sampling and fan-out to `edgepool trace` clients (and the trace file).
+struct TraceLog {
+    tx: tokio::sync::broadcast::Sender<Arc<str>>,
+    /// Trace every `every`-th reused request (0: none). Deterministic, no RNG.
+    every: u64,
+    seen: AtomicU64,
+}
+
 /// Metrics and counters. One per gateway; passed down, never global.
 pub struct Telemetry {
     registry: Registry,
@@ -97,23 +270,41 @@ pub struct Telemetry {
     closed: Family<ReasonLabels, Counter>,
     dial_failures: Counter,
     handshake_seconds: Counter<f64, AtomicU64>,
+    handshake_saved: Counter<f64, AtomicU64>,
     errors: Family<ErrorLabels, Counter>,
-    retries: Counter,
+    retries: Family<ReasonLabels, Counter>,
     tunnels: Counter,
     connections: Family<StateLabels, Gauge>,
     waiting: Gauge,
+    phases: Family<PhaseLabels, Histogram, fn() -> Histogram>,
+    per_connection: Histogram,
+    bytes: Family<DirectionLabels, Counter>,
+    reuse_ratio: Family<TargetLabels, Gauge<f64, AtomicU64>>,
+    slo_breach: Family<TargetLabels, Gauge>,
+    ports_used: Gauge<f64, AtomicU64>,
     targets: Mutex<HashMap<String, TargetCounts>>,
+    history: Mutex<History>,
+    slo: crate::config::SloConfig,
+    trace: TraceLog,
+}
+
+/// The dashboard time series and the last verdict per target (for breach warnings).
+#[derive(Default)]
+struct History {
+    points: VecDeque<HistoryPoint>,
+    last: TargetCounts,
+    verdicts: HashMap<String, Verdict>,
 }
 
 impl Default for Telemetry {
     fn default() -> Self {
-        Self::new()
+        Self::new(Default::default(), Default::default())
     }
 }
 
 impl Telemetry {
     /// Registers every metric.
-    pub fn new() -> Self {
+    pub fn new(slo: crate::config::SloConfig, trace: crate::config::TraceConfig) -> Self {
         let mut registry = Registry::default();
         let requests = Family::<RequestLabels, Counter>::default();
         registry.register(
@@ -145,16 +336,22 @@ impl Telemetry {
             "TCP + TLS handshake time paid for new upstream connections",
             handshake_seconds.clone(),
         );
+        let handshake_saved = Counter::<f64, AtomicU64>::default();
+        registry.register(
+            "edgepool_handshake_saved_seconds",
+            "Handshake time saved: reused requests x the mean handshake cost of their target",
+            handshake_saved.clone(),
+        );
         let errors = Family::<ErrorLabels, Counter>::default();
         registry.register(
             "edgepool_errors",
             "Requests answered with an edgepool error, by X-Edgepool-Error token",
             errors.clone(),
         );
-        let retries = Counter::default();
+        let retries = Family::<ReasonLabels, Counter>::default();
         registry.register(
             "edgepool_retries",
-            "Requests retried on a fresh connection after failing on a reused one",
+            "Requests sent a second time, by why it was safe",
             retries.clone(),
         );
         let tunnels = Counter::default();
@@ -175,11 +372,55 @@ impl Telemetry {
             "Requests queued for a connection now",
             waiting.clone(),
         );
+        let phases = Family::<PhaseLabels, Histogram, fn() -> Histogram>::new_with_constructor(
+            phase_histogram as fn() -> Histogram,
+        );
+        registry.register(
+            "edgepool_phase_seconds",
+            "Time spent per phase: dns, queue, tcp_connect, tls_handshake, ttfb, total",
+            phases.clone(),
+        );
+        let per_connection = per_conn_histogram();
+        registry.register(
+            "edgepool_requests_per_connection",
+            "Requests a connection carried before it closed",
+            per_connection.clone(),
+        );
+        let bytes = Family::<DirectionLabels, Counter>::default();
+        registry.register(
+            "edgepool_bytes",
+            "Body bytes forwarded: up (worker to target) and down",
+            bytes.clone(),
+        );
+        let reuse_ratio = Family::<TargetLabels, Gauge<f64, AtomicU64>>::default();
+        registry.register(
+            "edgepool_reuse_ratio",
+            "R = 1 - new_connections / requests since start, per target (top targets, rest other) and fleet (*)",
+            reuse_ratio.clone(),
+        );
+        let slo_breach = Family::<TargetLabels, Gauge>::default();
+        registry.register(
+            "edgepool_slo_breach",
+            "1 while a target's R is more than 5 points below its objective",
+            slo_breach.clone(),
+        );
+        let ports_used = Gauge::<f64, AtomicU64>::default();
+        registry.register(
+            "edgepool_ephemeral_ports_used_ratio",
+            "Share of the local ephemeral port range held by sockets (TIME_WAIT included)",
+            ports_used.clone(),
+        );
         for r in NewReason::ALL {
             let _ = opened.get_or_create(&ReasonLabels {
                 reason: r.as_str().into(),
             });
         }
+        let every = if trace.sample_rate <= 0.0 {
+            0
+        } else {
+            (1.0 / trace.sample_rate).round().max(1.0) as u64
+        };
+        let (tx, _) = tokio::sync::broadcast::channel(4096);
         Telemetry {
             registry,
             requests,
@@ -187,16 +428,41 @@ impl Telemetry {
             closed,
             dial_failures,
             handshake_seconds,
+            handshake_saved,
             errors,
             retries,
             tunnels,
             connections,
             waiting,
+            phases,
+            per_connection,
+            bytes,
+            reuse_ratio,
+            slo_breach,
+            ports_used,
             targets: Mutex::new(HashMap::new()),
+            history: Mutex::new(History::default()),
+            slo,
+            trace: TraceLog {
+                tx,
+                every,
+                seen: AtomicU64::new(0),
+            },
         }
     }
 
-    /// Records one upstream request.
+    /// The reuse objective configuration.
+    pub fn slo(&self) -> &crate::config::SloConfig {
+        &self.slo
+    }
+
+    fn phase(&self, phase: &'static str, d: Duration) {
+        self.phases
+            .get_or_create(&PhaseLabels { phase })
+            .observe(d.as_secs_f64());
+    }
+
+    /// Records one upstream request (at its response head, or its failure).
     pub fn record_request(&self, r: &RequestRecord<'_>) {
         self.requests
             .get_or_create(&RequestLabels {
@@ -204,21 +470,59 @@ impl Telemetry {
                 protocol: r.protocol.into(),
             })
             .inc();
+        self.phase("dns", r.dns);
+        self.phase("queue", r.queue);
+        if r.bytes_up > 0 {
+            self.bytes
+                .get_or_create(&DirectionLabels { direction: "up" })
+                .inc_by(r.bytes_up);
+        }
         if let Some(h) = r.handshake {
             self.handshake_seconds.inc_by(h.as_secs_f64());
         }
-        if r.retried {
-            self.retries.inc();
+        if let Some(why) = r.retry_reason {
+            self.retries
+                .get_or_create(&ReasonLabels { reason: why.into() })
+                .inc();
         }
         let mut t = self.targets.lock();
         let c = t.entry(r.target.to_string()).or_default();
         c.requests += 1;
         if r.reused {
             c.reused += 1;
+            if c.handshakes > 0 {
+                let mean = c.handshake_seconds / c.handshakes as f64;
+                c.handshake_saved_seconds += mean;
+                self.handshake_saved.inc_by(mean);
+            }
         }
         c.protocol = r.protocol;
         if let Some(h) = r.handshake {
             c.handshake_seconds += h.as_secs_f64();
+            c.handshakes += 1;
+        }
+    }
+
+    /// Records the phases of a new connection (once, with its first request).
+    pub fn record_handshake(&self, tcp: Duration, tls: Duration) {
+        self.phase("tcp_connect", tcp);
+        if !tls.is_zero() {
+            self.phase("tls_handshake", tls);
+        }
+    }
+
+    /// Records a response head's arrival.
+    pub fn record_ttfb(&self, ttfb: Duration) {
+        self.phase("ttfb", ttfb);
+    }
+
+    /// Records the end of a response body.
+    pub fn record_done(&self, total: Duration, bytes_down: u64) {
+        self.phase("total", total);
+        if bytes_down > 0 {
+            self.bytes
+                .get_or_create(&DirectionLabels { direction: "down" })
+                .inc_by(bytes_down);
         }
     }
 
@@ -237,6 +541,40 @@ impl Telemetry {
     /// Records a blind tunnel.
     pub fn record_tunnel(&self) {
         self.tunnels.inc();
+    }
+
+    /// Sets the ephemeral-port budget gauge.
+    pub fn set_ports_used(&self, ratio: f64) {
+        self.ports_used.set(ratio);
+    }
+
+    /// Whether a trace record for a request should be written: always for new connections
+    /// and errors, else one in `1 / trace.sample_rate`.
+    pub fn should_trace(&self, reused: bool, error: bool) -> bool {
+        if self.trace.tx.receiver_count() == 0 {
+            return false;
+        }
+        if !reused || error {
+            return true;
+        }
+        let every = self.trace.every;
+        every != 0 && self.trace.seen.fetch_add(1, Ordering::Relaxed) % every == 0
+    }
+
+    /// Writes a trace record to every trace subscriber.
+    pub fn trace(&self, mut rec: TraceRecord) {
+        if self.trace.tx.receiver_count() == 0 {
+            return;
+        }
+        rec.ts = rfc3339_now();
+        if let Ok(line) = serde_json::to_string(&rec) {
+            let _ = self.trace.tx.send(Arc::from(line));
+        }
+    }
+
+    /// A new subscription to the trace log (JSON lines).
+    pub fn subscribe_trace(&self) -> tokio::sync::broadcast::Receiver<Arc<str>> {
+        self.trace.tx.subscribe()
     }
 
     /// Per-target counts, sorted by target.
@@ -259,6 +597,8 @@ impl Telemetry {
             sum.dial_failures += c.dial_failures;
             sum.errors += c.errors;
             sum.handshake_seconds += c.handshake_seconds;
+            sum.handshakes += c.handshakes;
+            sum.handshake_saved_seconds += c.handshake_saved_seconds;
             for (k, v) in &c.new_by_reason {
                 *sum.new_by_reason.entry(k).or_default() += v;
             }
@@ -267,6 +607,60 @@ impl Telemetry {
             }
         }
         sum
+    }
+
+    /// Closes one interval of the time series (the gateway calls this every few seconds) and
+    /// re-evaluates SLO verdicts, warning when a target enters `breach`.
+    pub fn tick(&self) {
+        let totals = self.totals();
+        let targets = self.targets();
+        let mut h = self.history.lock();
+        let mut by_reason = BTreeMap::new();
+        for (k, v) in &totals.new_by_reason {
+            let before = h.last.new_by_reason.get(k).copied().unwrap_or(0);
+            if *v > before {
+                by_reason.insert(*k, v - before);
+            }
+        }
+        let requests = totals.requests.saturating_sub(h.last.requests);
+        let new_connections = totals
+            .new_connections
+            .saturating_sub(h.last.new_connections);
+        let reuse_rate = if requests == 0 {
+            1.0
+        } else {
+            (1.0 - new_connections as f64 / requests as f64).max(0.0)
+        };
+        h.points.push_back(HistoryPoint {
+            t: now_unix(),
+            requests,
+            new_connections,
+            reuse_rate,
+            new_by_reason: by_reason,
+        });
+        while h.points.len() > HISTORY_POINTS {
+            h.points.pop_front();
+        }
+        h.last = totals;
+        for (t, c) in &targets {
+            let v = Verdict::of(c.reuse_rate(), c.requests, self.slo.target_for(t));
+            let prev = h.verdicts.insert(t.clone(), v);
+            if v == Verdict::Breach && prev != Some(Verdict::Breach) {
+                tracing::warn!(
+                    target = %t,
+                    reuse_rate = c.reuse_rate(),
+                    objective = self.slo.target_for(t),
+                    "reuse SLO breach"
+                );
+            } else if prev == Some(Verdict::Breach) && v != Verdict::Breach {
+                tracing::info!(target = %t, reuse_rate = c.reuse_rate(), "reuse SLO recovered");
+            }
+        }
+    }
+
+    /// The time series, oldest first.
+    pub fn history(&self) -> Vec<HistoryPoint> {
+        self.history.lock().points.iter().cloned().collect()
     }
 
     /// Prometheus text exposition, with the pool gauges refreshed from `stats`.
@@ -284,10 +678,39 @@ impl Telemetry {
                 .set(v as i64);
         }
         self.waiting.set(stats.waiting as i64);
+        // Per-target gauges: the busiest targets by name, the rest folded into `other`.
+        let targets = self.targets();
+        let mut ranked: Vec<(&String, &TargetCounts)> = targets.iter().collect();
+        ranked.sort_by(|a, b| b.1.requests.cmp(&a.1.requests).then(a.0.cmp(b.0)));
+        let mut other = TargetCounts::default();
+        for (i, (t, c)) in ranked.iter().enumerate() {
+            if i < TOP_TARGETS {
+                self.set_target_gauges(t, c);
+            } else {
+                other.requests += c.requests;
+                other.new_connections += c.new_connections;
+            }
+        }
+        if ranked.len() > TOP_TARGETS {
+            self.set_target_gauges("other", &other);
+        }
+        let fleet = self.totals();
+        self.set_target_gauges("*", &fleet);
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &self.registry)
             .expect("writing to a String cannot fail");
         out
+    }
+
+    fn set_target_gauges(&self, target: &str, c: &TargetCounts) {
+        let label = TargetLabels {
+            target: target.to_string(),
+        };
+        self.reuse_ratio.get_or_create(&label).set(c.reuse_rate());
+        let v = Verdict::of(c.reuse_rate(), c.requests, self.slo.target_for(target));
+        self.slo_breach
+            .get_or_create(&label)
+            .set(i64::from(v == Verdict::Breach));
     }
 }
 
@@ -311,17 +734,104 @@ impl PoolEvents<UpstreamKey> for Telemetry {
             .or_default()
             .dial_failures += 1;
     }
-    fn connection_closed(&self, key: &UpstreamKey, reason: CloseReason, _requests: u64) {
+    fn connection_closed(&self, key: &UpstreamKey, reason: CloseReason, requests: u64) {
         self.closed
             .get_or_create(&ReasonLabels {
                 reason: reason.as_str().into(),
             })
             .inc();
-        let mut t = self.targets.lock();
-        *t.entry(key.target())
-            .or_default()
-            .closed_by_reason
-            .entry(reason.as_str())
-            .or_default() += 1;
+        if requests > 0 {
+            self.per_connection.observe(requests as f64);
+        }
+        {
+            let mut t = self.targets.lock();
+            *t.entry(key.target())
+                .or_default()
+                .closed_by_reason
+                .entry(reason.as_str())
+                .or_default() += 1;
+        }
+        if self.trace.tx.receiver_count() > 0 {
+            self.trace(TraceRecord {
+                kind: "pool",
+                target: key.target(),
+                exit: crate::forward::EXIT_DIRECT,
+                pool: Some(format!(
+                    "connection closed ({}) after {requests} requests",
+                    reason.as_str()
+                )),
+                ..Default::default()
+            });
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn verdicts_follow_the_objective_with_a_five_point_monitor_band() {
+        assert_eq!(Verdict::of(0.95, 10, 0.92), Verdict::Optimal);
+        assert_eq!(Verdict::of(0.92, 10, 0.92), Verdict::Optimal);
+        assert_eq!(Verdict::of(0.90, 10, 0.92), Verdict::Monitor);
+        assert_eq!(Verdict::of(0.86, 10, 0.92), Verdict::Breach);
+        assert_eq!(Verdict::of(1.0, 0, 0.92), Verdict::Idle);
+    }
+
+    #[test]
+    fn tick_records_interval_deltas_not_totals() {
+        let t = Telemetry::default();
+        let rec = |reused| RequestRecord {
+            target: "a:443",
+            reused,
+            protocol: "h2",
+            handshake: (!reused).then(|| Duration::from_millis(100)),
+            retry_reason: None,
+            dns: Duration::ZERO,
+            queue: Duration::ZERO,
+            bytes_up: 0,
+        };
+        t.record_request(&rec(false));
+        for _ in 0..3 {
+            t.record_request(&rec(true));
+        }
+        t.tick();
+        for _ in 0..4 {
+            t.record_request(&rec(true));
+        }
+        t.tick();
+        let h = t.history();
+        assert_eq!(h.len(), 2);
+        assert_eq!((h[0].requests, h[1].requests), (4, 4));
+        assert_eq!(h[1].reuse_rate, 1.0);
+        // 7 reused requests saved the mean handshake (100 ms) each.
+        let saved = t.totals().handshake_saved_seconds;
+        assert!((saved - 0.7).abs() < 1e-9, "{saved}");
+    }
+
+    #[test]
+    fn per_target_gauges_are_bounded_to_the_top_targets_plus_other() {
+        let t = Telemetry::default();
+        for i in 0..(TOP_TARGETS + 5) {
+            let name = format!("t{i}:443");
+            t.record_request(&RequestRecord {
+                target: &name,
+                reused: false,
+                protocol: "http/1.1",
+                handshake: None,
+                retry_reason: None,
+                dns: Duration::ZERO,
+                queue: Duration::ZERO,
+                bytes_up: 0,
+            });
+        }
+        let text = t.encode(PoolStats::default());
+        let series = text
+            .lines()
+            .filter(|l| l.starts_with("edgepool_reuse_ratio{"))
+            .count();
+        assert_eq!(series, TOP_TARGETS + 2, "top targets + other + fleet");
+        assert!(text.contains("edgepool_reuse_ratio{target=\"other\"}"));
     }
 }

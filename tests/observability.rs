@@ -1,0 +1,285 @@
+//! Observability end-to-end: `/status` agrees with what origins saw, verdicts follow the SLO,
+//! `/metrics` carries phase histograms and bounded labels, `/trace` streams records, and
+//! `/status/history` fills.
+mod gw;
+mod support;
+
+use std::time::Duration;
+
+use gw::TestGateway;
+use support::{Origin, OriginConfig};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_reuse_rate_matches_what_the_origins_counted() {
+    // A lab-like mix: a friendly HTTPS target, one that closes after 7 requests, one that
+    // closes idle connections after 300 ms, and an HTTP/2 target.
+    let a = Origin::start(OriginConfig {
+        tls: true,
+        ..Default::default()
+    })
+    .await;
+    let b = Origin::start_with_ca(
+        OriginConfig {
+            tls: true,
+            max_requests_per_conn: Some(7),
+            ..Default::default()
+        },
+        a.ca(),
+    )
+    .await;
+    let c = Origin::start(OriginConfig {
+        idle_timeout: Some(Duration::from_millis(300)),
+        ..Default::default()
+    })
+    .await;
+    let d = Origin::start_with_ca(
+        OriginConfig {
+            tls: true,
+            h2: true,
+            max_concurrent_streams: Some(4),
+            ..Default::default()
+        },
+        a.ca(),
+    )
+    .await;
+    let gw = TestGateway::start(std::slice::from_ref(&a.ca().cert_path)).await;
+    let mut tasks = Vec::new();
+    for w in 0..6 {
+        let worker = gw.client();
+        let urls: Vec<String> = [&a, &b, &c, &d].iter().map(|o| o.url("/echo")).collect();
+        tasks.push(tokio::spawn(async move {
+            for i in 0..60 {
+                let url = &urls[(w + i) % urls.len()];
+                let r = worker.get(url).send().await.unwrap();
+                assert_eq!(r.status(), 200);
+                r.bytes().await.unwrap();
+                if i % 20 == 19 {
+                    tokio::time::sleep(Duration::from_millis(400)).await;
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    for o in [&a, &b, &c, &d] {
+        let row = gw.target_status(&o.authority()).await;
+        let origin_r = 1.0 - o.accepted() as f64 / o.requests() as f64;
+        let status_r = row["reuse_rate"].as_f64().unwrap();
+        assert!(
+            (origin_r - status_r).abs() <= 0.005,
+            "{}: /status R {status_r} vs origin R {origin_r}",
+            o.authority()
+        );
+        assert_eq!(row["requests"].as_u64().unwrap(), o.requests());
+        assert_eq!(row["new_connections"].as_u64().unwrap(), o.accepted());
+    }
+    // The top reuse killer per target is the one scripted into it.
+    let b_row = gw.target_status(&b.authority()).await;
+    assert!(b_row["new_by_reason"]["max_requests"].as_u64().unwrap() > 0);
+    let c_row = gw.target_status(&c.authority()).await;
+    let c_reasons = &c_row["new_by_reason"];
+    assert!(
+        c_reasons["server_closed_idle"].as_u64().unwrap_or(0)
+            + c_reasons["idle_expired"].as_u64().unwrap_or(0)
+            > 0,
+        "{c_row:#}"
+    );
+}
+
+#[tokio::test]
+async fn verdicts_follow_the_objective_and_breach_sets_the_gauge() {
+    let good = Origin::start(OriginConfig::default()).await;
+    let bad = Origin::start(OriginConfig {
+        max_requests_per_conn: Some(1),
+        ..Default::default()
+    })
+    .await;
+    let lenient = bad.authority();
+    let gw = TestGateway::start_with(&[], |c| {
+        c.slo.targets.insert(lenient.clone(), 0.0);
+    })
+    .await;
+    let bad2 = Origin::start(OriginConfig {
+        max_requests_per_conn: Some(2),
+        ..Default::default()
+    })
+    .await;
+    let worker = gw.client();
+    for _ in 0..20 {
+        for o in [&good, &bad, &bad2] {
+            worker
+                .get(o.url("/echo"))
+                .send()
+                .await
+                .unwrap()
+                .bytes()
+                .await
+                .unwrap();
+        }
+    }
+    let s = gw.status().await;
+    assert_eq!(s["slo"]["reuse_target"], 0.92);
+    let verdict = |o: &Origin| {
+        s["targets"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|t| t["target"] == o.authority())
+            .unwrap()["verdict"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    assert_eq!(verdict(&good), "optimal", "R = 0.95");
+    assert_eq!(verdict(&bad), "optimal", "R = 0 but its objective is 0");
+    assert_eq!(verdict(&bad2), "breach", "R = 0.5 against 0.92");
+    let m = gw.metrics().await;
+    let breach_line = format!("edgepool_slo_breach{{target=\"{}\"}} 1", bad2.authority());
+    assert!(m.contains(&breach_line), "{m}");
+    let ok_line = format!("edgepool_slo_breach{{target=\"{}\"}} 0", good.authority());
+    assert!(m.contains(&ok_line));
+}
+
+#[tokio::test]
+async fn metrics_carry_phase_histograms_bytes_and_saved_handshakes() {
+    let o = Origin::start(OriginConfig {
+        tls: true,
+        ..Default::default()
+    })
+    .await;
+    let gw = TestGateway::start(std::slice::from_ref(&o.ca().cert_path)).await;
+    let worker = gw.client();
+    for _ in 0..10 {
+        let r = worker.get(o.url("/bytes/1000")).send().await.unwrap();
+        r.bytes().await.unwrap();
+    }
+    worker
+        .post(o.url("/echo"))
+        .body("12345")
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    let m = gw.metrics().await;
+    for phase in [
+        "dns",
+        "queue",
+        "tcp_connect",
+        "tls_handshake",
+        "ttfb",
+        "total",
+    ] {
+        let line = format!("edgepool_phase_seconds_count{{phase=\"{phase}\"}}");
+        assert!(m.contains(&line), "missing {line}");
+    }
+    assert!(m.contains("edgepool_phase_seconds_count{phase=\"tls_handshake\"} 1"));
+    assert!(
+        m.contains("edgepool_phase_seconds_count{phase=\"total\"} 11"),
+        "{m}"
+    );
+    assert!(m.contains("edgepool_bytes_total{direction=\"up\"} 5"));
+    assert!(m.contains("edgepool_bytes_total{direction=\"down\"}"));
+    let row = gw.target_status(&o.authority()).await;
+    let paid = row["handshake_seconds"].as_f64().unwrap();
+    let saved = row["handshake_saved_seconds"].as_f64().unwrap();
+    assert!(paid > 0.0);
+    // 10 reused requests, each saving the one measured handshake.
+    assert!(
+        (saved - 10.0 * paid).abs() < 0.001 + paid * 0.01,
+        "paid {paid} saved {saved}"
+    );
+    assert!(m.contains("edgepool_handshake_saved_seconds_total"));
+    assert!(row["tls_overhead_saved_hours_per_day"].as_f64().unwrap() > 0.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trace_streams_new_connections_and_errors_with_phase_timings() {
+    let o = Origin::start(OriginConfig::default()).await;
+    let gw = TestGateway::start_with(&[], |c| c.trace.sample_rate = 0.0).await;
+    let admin = reqwest::Client::builder().no_proxy().build().unwrap();
+    let mut stream = admin
+        .get(format!("http://{}/trace?target=127.0.0.1", gw.admin))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(stream.headers()["content-type"], "application/x-ndjson");
+    let worker = gw.client();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    for _ in 0..5 {
+        worker
+            .get(o.url("/echo"))
+            .send()
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap();
+    }
+    // A refused target is an error record (always traced).
+    let r = worker.get("http://127.0.0.1:1/").send().await.unwrap();
+    assert_eq!(r.status(), 502);
+    let mut lines = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    let mut buf = String::new();
+    while lines.len() < 2 && tokio::time::Instant::now() < deadline {
+        match tokio::time::timeout(Duration::from_secs(1), stream.chunk()).await {
+            Ok(Ok(Some(c))) => {
+                buf.push_str(&String::from_utf8_lossy(&c));
+                while let Some(i) = buf.find('\n') {
+                    lines.push(serde_json::from_str::<serde_json::Value>(&buf[..i]).unwrap());
+                    buf.drain(..=i);
+                }
+            }
+            _ => continue,
+        }
+    }
+    assert_eq!(
+        lines.len(),
+        2,
+        "sample_rate 0: only the new connection and the error: {lines:?}"
+    );
+    let first = &lines[0];
+    assert_eq!(first["kind"], "request");
+    assert_eq!(first["reused"], false);
+    assert_eq!(first["new_reason"], "cold_key");
+    assert_eq!(first["pool"], "connection added");
+    assert_eq!(first["status"], 200);
+    for k in ["tcp_connect_ms", "ttfb_ms", "total_ms", "dns_ms"] {
+        assert!(first[k].as_f64().is_some(), "{k} in {first}");
+    }
+    assert_eq!(lines[1]["error"], "upstream_connect_failed");
+}
+
+#[tokio::test]
+async fn history_fills_once_per_interval() {
+    let o = Origin::start(OriginConfig::default()).await;
+    let gw = TestGateway::start(&[]).await;
+    let worker = gw.client();
+    for _ in 0..4 {
+        worker
+            .get(o.url("/echo"))
+            .send()
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap();
+    }
+    let mut points = Vec::new();
+    for _ in 0..70 {
+        let h: serde_json::Value = gw.admin_get("/status/history").await.json().await.unwrap();
+        assert_eq!(h["interval_seconds"], 5);
+        points = h["points"].as_array().unwrap().clone();
+        if !points.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(!points.is_empty(), "a point within one interval");
+    assert_eq!(points[0]["requests"], 4);
+    assert_eq!(points[0]["new_connections"], 1);
+    assert_eq!(points[0]["reuse_rate"], 0.75);
+}
