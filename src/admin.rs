@@ -20,7 +20,14 @@ use crate::telemetry::{TargetCounts, Verdict};
 pub async fn serve_admin(gw: Arc<Gateway>, stream: TcpStream) {
     let svc = service_fn(move |req: Request<Incoming>| {
         let gw = gw.clone();
-        async move { Ok::<_, Infallible>(route(&gw, &req)) }
+        async move {
+            let resp = if req.uri().path() == "/report" {
+                report(&gw, query_param(&req, "window").unwrap_or("7d")).await
+            } else {
+                route(&gw, &req)
+            };
+            Ok::<_, Infallible>(resp)
+        }
     });
     let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     if let Err(e) = builder.serve_connection(TokioIo::new(stream), svc).await {
@@ -92,7 +99,35 @@ fn route(gw: &Gateway, req: &Request<Incoming>) -> Response<ProxyBody> {
         _ => respond(
             StatusCode::NOT_FOUND,
             "text/plain",
-            "not found; try /, /status, /status/history, /metrics, /trace, /healthz, /readyz, /ca.pem\n",
+            "not found; try /, /status, /status/history, /report, /metrics, /trace, /healthz, /readyz, /ca.pem\n",
+        ),
+    }
+}
+
+/// `GET /report?window=7d`: the reuse-killers report from the embedded store, with the
+/// current partial minute included.
+async fn report(gw: &Arc<Gateway>, window: &str) -> Response<ProxyBody> {
+    let window = match crate::report::parse_window(window) {
+        Ok(w) => w,
+        Err(e) => return respond(StatusCode::BAD_REQUEST, "text/plain", format!("{e}\n")),
+    };
+    gw.flush_report(false).await;
+    let store = gw.report().clone();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    match tokio::task::spawn_blocking(move || store.query(window, now)).await {
+        Ok(Ok(r)) => json(&r),
+        Ok(Err(e)) => respond(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "text/plain",
+            format!("{e}\n"),
+        ),
+        Err(e) => respond(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "text/plain",
+            format!("{e}\n"),
         ),
     }
 }
@@ -199,6 +234,8 @@ pub struct Status {
     pub waiting: usize,
     /// Connections being dialed now.
     pub connecting: usize,
+    /// The ephemeral-port budget (local ports held by sockets, TIME_WAIT included).
+    pub ports: crate::portguard::PortBudget,
     /// Per target, busiest first. Blind tunnels are not pooled and not in these counts.
     pub targets: Vec<TargetStatus>,
 }
@@ -278,6 +315,7 @@ pub fn status(gw: &Gateway) -> Status {
         ),
         waiting: stats.waiting,
         connecting: stats.connecting,
+        ports: gw.ports().budget(),
         targets,
     }
 }

@@ -126,6 +126,9 @@ pub enum DialError {
         /// The timeout.
         after: Duration,
     },
+    /// The local ephemeral ports stayed nearly exhausted for the whole wait.
+    #[error("{0}; the dial was held for {1:?}")]
+    PortsExhausted(crate::portguard::PortsExhausted, Duration),
     /// The HTTP/1.1 or HTTP/2 connection setup failed.
     #[error("HTTP handshake with {host} failed: {reason}")]
     Handshake {
@@ -293,6 +296,8 @@ pub struct DialConfig {
     pub extra_ca_files: Vec<PathBuf>,
     /// Stream limit assumed when a server's SETTINGS set none.
     pub default_max_streams: usize,
+    /// The ephemeral-port budget: new dials wait while it is nearly used up.
+    pub ports: Option<crate::portguard::PortGuard>,
 }
 
 /// The pool's [`Connector`]: dials [`UpstreamKey`]s.
@@ -363,6 +368,13 @@ impl Dialer {
         key: UpstreamKey,
         watch: ConnWatch<Dialer>,
     ) -> Result<Connected<UpstreamConn>, DialError> {
+        if let Some(ports) = &cfg.ports {
+            // Hold the dial (bounded) rather than fail with EADDRNOTAVAIL.
+            ports
+                .admit(cfg.connect_timeout)
+                .await
+                .map_err(|e| DialError::PortsExhausted(e, cfg.connect_timeout))?;
+        }
         let t0 = Instant::now();
         let tcp =
             match tokio::time::timeout(cfg.connect_timeout, TcpStream::connect(key.addr)).await {
@@ -382,6 +394,9 @@ impl Dialer {
             };
         let _ = tcp.set_nodelay(true);
         let tcp_time = t0.elapsed();
+        if let Some(ports) = &cfg.ports {
+            ports.note_new_connection();
+        }
         let host = key.host.to_string();
         match key.scheme {
             Scheme::Http => {

@@ -215,6 +215,20 @@ impl EdgeError {
         e.sent = Some(Sent::None);
         e
     }
+    /// 503 `ephemeral_ports_exhausted`: the local port range stayed nearly full while the dial
+    /// was held.
+    pub fn ports_exhausted(detail: impl Into<String>) -> Self {
+        let mut e = Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "ephemeral_ports_exhausted",
+            "proxy_internal_error",
+            Side::Edgepool,
+            detail,
+        );
+        e.retry_after = Some(2);
+        e.sent = Some(Sent::None);
+        e
+    }
     /// 503 `shutting_down`.
     pub fn shutting_down() -> Self {
         let mut e = Self::new(

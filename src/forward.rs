@@ -278,6 +278,7 @@ impl Forwarder {
                 protocol: meta.protocol,
                 handshake,
                 retry_reason,
+                new_reason: meta.new_reason,
                 dns: if attempt == 0 {
                     meta.dns
                 } else {
@@ -632,6 +633,7 @@ fn checkout_error(e: CheckoutError<DialError>, target: &str, queue: Duration) ->
                 DialError::Tls { .. } => EdgeError::tls_failed(msg),
                 DialError::TlsTimeout { .. } => EdgeError::connect_timeout(msg),
                 DialError::Handshake { .. } => EdgeError::connect_failed(msg),
+                DialError::PortsExhausted(..) => EdgeError::ports_exhausted(msg),
             }
             .with_sent(Sent::None)
         }

@@ -16,10 +16,16 @@ use crate::dial::{DialConfig, Dialer, Resolver};
 use crate::forward::{ForwardConfig, Forwarder};
 use crate::guard::TargetPolicy;
 use crate::pool::Pool;
+use crate::portguard::PortGuard;
+use crate::report::ReportStore;
 use crate::telemetry::Telemetry;
 
 /// How long in-flight worker connections get to finish after shutdown starts.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// How long the reuse-killers store keeps its minute buckets: 8 days (a 7-day window plus a
+/// day of slack).
+pub const REPORT_KEEP_MINUTES: u64 = 8 * 24 * 60;
 
 /// Interval of the dashboard time series (`/status/history`) and of SLO re-evaluation.
 pub const HISTORY_INTERVAL: Duration = Duration::from_secs(5);
@@ -36,6 +42,9 @@ pub enum StartError {
     /// TLS client setup failed (e.g. an unreadable upstream CA file).
     #[error("{0}")]
     Tls(String),
+    /// The reuse report store could not be opened.
+    #[error("reuse report store: {0}")]
+    Report(#[from] crate::report::ReportError),
 }
 
 /// The running gateway's shared parts.
@@ -45,6 +54,10 @@ pub struct Gateway {
     leaves: LeafCache,
     forwarder: Forwarder,
     telemetry: Arc<Telemetry>,
+    report: Arc<ReportStore>,
+    /// Fleet totals at the last report flush (the next bucket is the difference).
+    report_last: tokio::sync::Mutex<crate::telemetry::TargetCounts>,
+    ports: PortGuard,
     started: Instant,
     shutting_down: AtomicBool,
 }
@@ -55,6 +68,8 @@ impl Gateway {
     pub fn new(cfg: Config) -> Result<Arc<Gateway>, StartError> {
         let data_dir = cfg.data_dir();
         let ca = Arc::new(CertAuthority::load_or_create(&data_dir)?);
+        let report = Arc::new(ReportStore::open(&data_dir)?);
+        let ports = PortGuard::new();
         let alpn = if cfg.intercept.worker_http2 {
             vec![b"h2".to_vec(), b"http/1.1".to_vec()]
         } else {
@@ -75,6 +90,7 @@ impl Gateway {
             http2: cfg.upstream.http2,
             extra_ca_files: cfg.upstream.extra_ca_files.clone(),
             default_max_streams: DEFAULT_H2_MAX_STREAMS,
+            ports: Some(ports.clone()),
         })
         .map_err(StartError::Tls)?;
         let telemetry = Arc::new(Telemetry::new(cfg.slo.clone(), cfg.trace.clone()));
@@ -99,6 +115,9 @@ impl Gateway {
             leaves,
             forwarder,
             telemetry,
+            report,
+            report_last: Default::default(),
+            ports,
             started: Instant::now(),
             shutting_down: AtomicBool::new(false),
         }))
@@ -124,6 +143,14 @@ impl Gateway {
     pub fn telemetry(&self) -> &Telemetry {
         &self.telemetry
     }
+    /// The reuse-killers store.
+    pub fn report(&self) -> &Arc<ReportStore> {
+        &self.report
+    }
+    /// The ephemeral-port budget.
+    pub fn ports(&self) -> &PortGuard {
+        &self.ports
+    }
     /// Time since start.
     pub fn uptime(&self) -> Duration {
         self.started.elapsed()
@@ -145,6 +172,35 @@ impl Gateway {
             loop {
                 tick.tick().await;
                 gw.telemetry.tick();
+            }
+        });
+        // Ephemeral-port budget: re-read the kernel's socket tables once a second.
+        let gw = self.clone();
+        set.spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tick.tick().await;
+                let ports = gw.ports.clone();
+                let budget = tokio::task::spawn_blocking(move || {
+                    ports.refresh();
+                    ports.budget()
+                })
+                .await;
+                if let Ok(b) = budget {
+                    gw.telemetry.set_ports_used(b.used_ratio);
+                }
+            }
+        });
+        // Reuse-killers store: one bucket per minute; old buckets pruned hourly.
+        let gw = self.clone();
+        set.spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(60));
+            tick.tick().await;
+            let mut n = 0u64;
+            loop {
+                tick.tick().await;
+                n += 1;
+                gw.flush_report(n % 60 == 0).await;
             }
         });
         if let Some(path) = self.cfg.trace.file.clone() {
@@ -182,6 +238,31 @@ impl Gateway {
             });
         }
         set
+    }
+
+    /// Writes what happened since the last flush into the report store (off the runtime
+    /// threads).
+    pub async fn flush_report(&self, prune: bool) {
+        let mut last = self.report_last.lock().await;
+        let counts = self.telemetry.minute_counts(&mut last);
+        let store = self.report.clone();
+        let now_minute = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs() / 60)
+            .unwrap_or(0);
+        let res = tokio::task::spawn_blocking(move || {
+            store.record(now_minute, &counts)?;
+            if prune {
+                store.prune(now_minute, REPORT_KEEP_MINUTES)?;
+            }
+            Ok::<_, crate::report::ReportError>(())
+        })
+        .await;
+        match res {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!("reuse report store: {e}"),
+            Err(e) => tracing::warn!("reuse report task: {e}"),
+        }
     }
 
     /// Serves workers on `proxy` and operators on `admin` until `shutdown` completes; then
@@ -234,5 +315,7 @@ impl Gateway {
         conns.abort_all();
         background.abort_all();
         self.forwarder.pool().shutdown();
+        // Keep the last partial minute: a restart must not lose the report's counts.
+        self.flush_report(false).await;
     }
 }

@@ -16,8 +16,12 @@
 //! - [`dial`]: DNS cache, TCP, TLS, HTTP/1.1 / HTTP/2 handshakes, connection watching.
 //! - [`guard`]: which target addresses may be reached (SSRF deny list + allow CIDRs).
 //! - [`ca`]: the interception CA and the per-host leaf certificate cache.
-//! - [`telemetry`]: reuse accounting per target and Prometheus metrics.
-//! - [`admin`]: `/metrics`, `/status`, `/healthz`, `/readyz`, `/ca.pem`.
+//! - [`telemetry`]: reuse accounting per target, SLO verdicts, the dashboard time series,
+//!   Prometheus metrics and the sampled trace log.
+//! - [`report`]: the reuse-killers report — per-minute reason counts in an embedded redb store.
+//! - [`portguard`]: the ephemeral-port budget; holds new dials when ports run out.
+//! - [`admin`]: `/` (dashboard), `/status`, `/status/history`, `/report`, `/trace`, `/metrics`,
+//!   `/healthz`, `/readyz`, `/ca.pem`.
 //! - [`error`]: edgepool's own errors: side, status, `X-Edgepool-Error`, `Proxy-Status`.
 #![warn(missing_docs)]
 
@@ -31,4 +35,6 @@ pub mod gateway;
 pub mod guard;
 pub mod ingress;
 pub mod pool;
+pub mod portguard;
+pub mod report;
 pub mod telemetry;

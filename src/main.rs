@@ -65,6 +65,18 @@ enum Command {
         #[arg(long)]
         watch: bool,
     },
+    /// Rank why new connections were needed (and why connections closed) over a window.
+    Report {
+        /// Admin address of the gateway.
+        #[arg(long, default_value = "127.0.0.1:9180")]
+        admin: SocketAddr,
+        /// The window: 1h, 24h, 7d, ... (kept for 8 days).
+        #[arg(long, default_value = "7d")]
+        window: String,
+        /// Print the raw JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Stream the per-request trace log from a running gateway.
     Trace {
         /// Admin address of the gateway.
@@ -180,6 +192,11 @@ fn main() -> ExitCode {
             target,
             json,
         } => trace(admin, target, json),
+        Command::Report {
+            admin,
+            window,
+            json,
+        } => report(admin, &window, json),
     }
 }
 
@@ -343,6 +360,30 @@ fn status(admin: SocketAddr, json: bool) -> ExitCode {
     }
     row(&v["fleet"]);
     ExitCode::SUCCESS
+}
+
+fn report(admin: SocketAddr, window: &str, json: bool) -> ExitCode {
+    if let Err(e) = edgepool::report::parse_window(window) {
+        return fail(&e.to_string());
+    }
+    let mut body = Vec::new();
+    if let Err(e) = admin_get(admin, &format!("/report?window={window}"), |d| {
+        body.extend_from_slice(d);
+        true
+    }) {
+        return fail(&e);
+    }
+    if json {
+        println!("{}", String::from_utf8_lossy(&body));
+        return ExitCode::SUCCESS;
+    }
+    match serde_json::from_slice::<edgepool::report::Report>(&body) {
+        Ok(r) => {
+            print!("{}", r.render_table());
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(&format!("unexpected /report answer: {e}")),
+    }
 }
 
 fn trace(admin: SocketAddr, target: Option<String>, json: bool) -> ExitCode {

@@ -116,8 +116,8 @@ pub struct HistoryPoint {
     pub requests: u64,
     /// New connections in the interval.
     pub new_connections: u64,
-    /// R over the interval (1.0 with no requests).
-    pub reuse_rate: f64,
+    /// R over the interval (`null` with no requests).
+    pub reuse_rate: Option<f64>,
     /// New connections by reason in the interval.
     pub new_by_reason: BTreeMap<&'static str, u64>,
 }
@@ -208,6 +208,8 @@ pub struct RequestRecord<'a> {
     pub handshake: Option<Duration>,
     /// It was retried once; why (`reused_connection_failed`, `refused_stream`, `goaway`).
     pub retry_reason: Option<&'static str>,
+    /// Why its connection was opened, when it is the connection's first request.
+    pub new_reason: Option<NewReason>,
     /// DNS resolution.
     pub dns: Duration,
     /// Waiting for a connection.
@@ -237,6 +239,8 @@ pub struct TargetCounts {
     pub handshakes: u64,
     /// Handshake seconds saved: each reused request × the target's mean handshake cost.
     pub handshake_saved_seconds: f64,
+    /// Handshake seconds paid, by why the connection was opened.
+    pub handshake_by_reason: BTreeMap<&'static str, f64>,
     /// Requests edgepool answered with its own error.
     pub errors: u64,
     /// Last protocol seen.
@@ -500,6 +504,9 @@ impl Telemetry {
         if let Some(h) = r.handshake {
             c.handshake_seconds += h.as_secs_f64();
             c.handshakes += 1;
+            if let Some(why) = r.new_reason {
+                *c.handshake_by_reason.entry(why.as_str()).or_default() += h.as_secs_f64();
+            }
         }
     }
 
@@ -599,6 +606,9 @@ impl Telemetry {
             sum.handshake_seconds += c.handshake_seconds;
             sum.handshakes += c.handshakes;
             sum.handshake_saved_seconds += c.handshake_saved_seconds;
+            for (k, v) in &c.handshake_by_reason {
+                *sum.handshake_by_reason.entry(k).or_default() += v;
+            }
             for (k, v) in &c.new_by_reason {
                 *sum.new_by_reason.entry(k).or_default() += v;
             }
@@ -626,11 +636,8 @@ impl Telemetry {
         let new_connections = totals
             .new_connections
             .saturating_sub(h.last.new_connections);
-        let reuse_rate = if requests == 0 {
-            1.0
-        } else {
-            (1.0 - new_connections as f64 / requests as f64).max(0.0)
-        };
+        let reuse_rate =
+            (requests > 0).then(|| (1.0 - new_connections as f64 / requests as f64).max(0.0));
         h.points.push_back(HistoryPoint {
             t: now_unix(),
             requests,
@@ -658,6 +665,33 @@ impl Telemetry {
         }
     }
 
+    /// What happened since `last` (a previous [`Telemetry::totals`]), as one report bucket;
+    /// `last` becomes the current totals.
+    pub fn minute_counts(&self, last: &mut TargetCounts) -> crate::report::MinuteCounts {
+        let now = self.totals();
+        let mut m = crate::report::MinuteCounts {
+            requests: now.requests.saturating_sub(last.requests),
+            new_connections: now.new_connections.saturating_sub(last.new_connections),
+            ..Default::default()
+        };
+        for (k, v) in &now.new_by_reason {
+            let n = v.saturating_sub(last.new_by_reason.get(k).copied().unwrap_or(0));
+            let secs = now.handshake_by_reason.get(k).copied().unwrap_or(0.0)
+                - last.handshake_by_reason.get(k).copied().unwrap_or(0.0);
+            if n > 0 {
+                m.new_by_reason.insert(k.to_string(), (n, secs.max(0.0)));
+            }
+        }
+        for (k, v) in &now.closed_by_reason {
+            let n = v.saturating_sub(last.closed_by_reason.get(k).copied().unwrap_or(0));
+            if n > 0 {
+                m.closed_by_reason.insert(k.to_string(), n);
+            }
+        }
+        *last = now;
+        m
+    }
+
     /// The time series, oldest first.
     pub fn history(&self) -> Vec<HistoryPoint> {
         self.history.lock().points.iter().cloned().collect()
@@ -680,7 +714,9 @@ impl Telemetry {
         self.waiting.set(stats.waiting as i64);
         // Per-target gauges: the busiest targets by name, the rest folded into `other`.
         let targets = self.targets();
-        let mut ranked: Vec<(&String, &TargetCounts)> = targets.iter().collect();
+        // Targets that only ever saw edgepool errors (refused, unresolvable) have no R.
+        let mut ranked: Vec<(&String, &TargetCounts)> =
+            targets.iter().filter(|(_, c)| c.requests > 0).collect();
         ranked.sort_by(|a, b| b.1.requests.cmp(&a.1.requests).then(a.0.cmp(b.0)));
         let mut other = TargetCounts::default();
         for (i, (t, c)) in ranked.iter().enumerate() {
@@ -788,6 +824,7 @@ mod tests {
             protocol: "h2",
             handshake: (!reused).then(|| Duration::from_millis(100)),
             retry_reason: None,
+            new_reason: (!reused).then_some(NewReason::ColdKey),
             dns: Duration::ZERO,
             queue: Duration::ZERO,
             bytes_up: 0,
@@ -804,7 +841,7 @@ mod tests {
         let h = t.history();
         assert_eq!(h.len(), 2);
         assert_eq!((h[0].requests, h[1].requests), (4, 4));
-        assert_eq!(h[1].reuse_rate, 1.0);
+        assert_eq!(h[1].reuse_rate, Some(1.0));
         // 7 reused requests saved the mean handshake (100 ms) each.
         let saved = t.totals().handshake_saved_seconds;
         assert!((saved - 0.7).abs() < 1e-9, "{saved}");
@@ -821,6 +858,7 @@ mod tests {
                 protocol: "http/1.1",
                 handshake: None,
                 retry_reason: None,
+                new_reason: None,
                 dns: Duration::ZERO,
                 queue: Duration::ZERO,
                 bytes_up: 0,

@@ -282,4 +282,111 @@ async fn history_fills_once_per_interval() {
     assert_eq!(points[0]["requests"], 4);
     assert_eq!(points[0]["new_connections"], 1);
     assert_eq!(points[0]["reuse_rate"], 0.75);
+    // An interval without requests has no R (null), not a perfect one.
+}
+
+async fn report(gw: &TestGateway, window: &str) -> serde_json::Value {
+    gw.admin_get(&format!("/report?window={window}"))
+        .await
+        .json()
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn reuse_killers_report_ranks_the_scripted_reason_first_and_survives_a_restart() {
+    let data = tempfile::tempdir().unwrap();
+    let dir = data.path().to_path_buf();
+    // Scenario 1: a target that closes after 3 requests → max_requests dominates.
+    let limited = Origin::start(OriginConfig {
+        max_requests_per_conn: Some(3),
+        ..Default::default()
+    })
+    .await;
+    let d = dir.clone();
+    let gw = TestGateway::start_with(&[], move |c| c.data_dir = Some(d)).await;
+    let worker = gw.client();
+    for _ in 0..30 {
+        worker
+            .get(limited.url("/echo"))
+            .send()
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap();
+    }
+    let r = report(&gw, "1h").await;
+    assert_eq!(r["sample_requests"], 30);
+    assert_eq!(r["new_reasons"][0]["reason"], "max_requests", "{r:#}");
+    assert_eq!(r["new_reasons"][0]["rank"], 1);
+    assert_eq!(r["close_reasons"][0]["reason"], "max_requests");
+    gw.stop().await;
+
+    // Restart on the same data dir: the counts are still there.
+    let d = dir.clone();
+    let gw = TestGateway::start_with(&[], move |c| c.data_dir = Some(d)).await;
+    let r = report(&gw, "1h").await;
+    assert_eq!(r["sample_requests"], 30, "counts survive a restart");
+
+    // Scenario 2: a target that closes idle connections after 200 ms, with paced traffic.
+    let idle = Origin::start(OriginConfig {
+        idle_timeout: Some(std::time::Duration::from_millis(200)),
+        ..Default::default()
+    })
+    .await;
+    let worker = gw.client();
+    for _ in 0..12 {
+        worker
+            .get(idle.url("/echo"))
+            .send()
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(350)).await;
+    }
+    let r = report(&gw, "1h").await;
+    let top = r["new_reasons"][0]["reason"].as_str().unwrap().to_string();
+    assert!(
+        top == "server_closed_idle" || top == "idle_expired",
+        "idle closes rank first: {r:#}"
+    );
+    let bad = gw.admin_get("/report?window=soon").await;
+    assert_eq!(bad.status(), 400);
+}
+
+#[tokio::test]
+async fn nearly_exhausted_ephemeral_ports_hold_the_dial_then_answer_503() {
+    let o = Origin::start(OriginConfig::default()).await;
+    let gw = TestGateway::start_with(&[], |c| {
+        c.upstream.connect_timeout = std::time::Duration::from_millis(600)
+    })
+    .await;
+    if !gw.gw.ports().budget().known {
+        eprintln!("SKIPPED: no /proc port data on this OS");
+        return;
+    }
+    let range = gw.gw.ports().budget().range_size;
+    gw.gw.ports().set_in_use_for_test(Some(range / 100 * 95));
+    let t = std::time::Instant::now();
+    let r = gw.client().get(o.url("/echo")).send().await.unwrap();
+    assert_eq!(r.status(), 503);
+    assert_eq!(r.headers()["x-edgepool-error"], "ephemeral_ports_exhausted");
+    assert!(r.headers().contains_key("retry-after"));
+    assert!(
+        t.elapsed() >= std::time::Duration::from_millis(500),
+        "the dial was held first"
+    );
+    assert_eq!(o.accepted(), 0);
+    gw.gw.ports().set_in_use_for_test(None);
+    let r = gw.client().get(o.url("/echo")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let s = gw.status().await;
+    assert!(s["ports"]["range_size"].as_u64().unwrap() > 0);
+    assert!(gw
+        .metrics()
+        .await
+        .contains("edgepool_ephemeral_ports_used_ratio"));
 }
