@@ -475,6 +475,9 @@ impl<C: PoolConn> Entry<C> {
     }
 }
 
+/// Every this many sweeps, one pass over all keys forgets the empty ones.
+const FORGET_EVERY_SWEEPS: u64 = 120;
+
 /// How long a learned idle timeout is trusted before it must be observed again.
 const LEARNED_IDLE_TTL: Duration = Duration::from_secs(600);
 /// Idle closes shorter than this are not taken as a server's idle timeout.
@@ -563,6 +566,12 @@ struct State<X: Connector> {
     idle_lru: BTreeSet<(Instant, ConnId, X::Key)>,
     /// Keys that wait for a dial the pool-wide limit blocked.
     blocked: VecDeque<X::Key>,
+    /// Keys whose connections have their own, shorter idle limits (a server's `Keep-Alive:
+    /// timeout=`, a learned idle timeout): the sweep prunes these keys fully; all others only
+    /// need the pool-wide idle timeout, which the sweep applies from the oldest idle entry.
+    hinted: std::collections::HashSet<X::Key>,
+    /// Sweeps since the last pass over every key (to forget empty keys).
+    sweeps: u64,
     next_id: u64,
     closed: bool,
 }
@@ -760,6 +769,8 @@ impl<X: Connector> Pool<X> {
                 total: 0,
                 idle_lru: BTreeSet::new(),
                 blocked: VecDeque::new(),
+                hinted: Default::default(),
+                sweeps: 0,
                 next_id: 1,
                 closed: false,
             }),
@@ -1406,6 +1417,9 @@ impl<X: Connector> Inner<X> {
                 Release::Keep(h) => {
                     if let Some(t) = h.idle_timeout {
                         e.server_idle = Some(t.saturating_sub(self.cfg.keepalive_margin));
+                        if !st.hinted.contains(key) {
+                            st.hinted.insert(key.clone());
+                        }
                     }
                     if let Some(m) = h.remaining_requests {
                         e.remaining = Some(m);
@@ -1504,6 +1518,9 @@ impl<X: Connector> Inner<X> {
                 {
                     ks.idle_learning
                         .observe(idle_for, self.cfg.keepalive_margin, now);
+                    if ks.idle_learning.current(now).is_some() && !st.hinted.contains(key) {
+                        st.hinted.insert(key.clone());
+                    }
                 }
                 fx.closed.push((key.clone(), reason, e.requests, e.conn));
                 self.dial_if_needed(st, key, None, &mut fx);
@@ -1579,23 +1596,59 @@ impl<X: Connector> Inner<X> {
         {
             let mut st = self.state.lock();
             let st = &mut *st;
+            // 1. Past the pool-wide idle timeout, oldest idle first: O(expired), not O(keys),
+            //    so a pool with 100k warm keys does not stall checkouts every sweep.
+            while let Some((since, id, key)) = st.idle_lru.first().cloned() {
+                if now.saturating_duration_since(since) < self.cfg.idle_timeout {
+                    break;
+                }
+                st.idle_lru.remove(&(since, id, key.clone()));
+                if let Some(ks) = st.keys.get_mut(&key) {
+                    if let Some(pos) = ks.conns.iter().position(|e| e.id == id) {
+                        let e = ks.conns.swap_remove(pos);
+                        st.total -= 1;
+                        ks.last_loss = Some(CloseReason::IdleExpired);
+                        fx.closed
+                            .push((key, CloseReason::IdleExpired, e.requests, e.conn));
+                    }
+                }
+            }
+            // 2. Keys with shorter per-connection limits, and every key when connections have
+            //    a maximum lifetime: full prune.
             let State {
                 keys,
                 idle_lru,
                 total,
+                hinted,
+                sweeps,
                 ..
             } = st;
-            for (k, ks) in keys.iter_mut() {
-                self.prune_key(k, ks, idle_lru, total, now, &mut fx);
+            *sweeps += 1;
+            if self.cfg.max_lifetime.is_some() {
+                for (k, ks) in keys.iter_mut() {
+                    self.prune_key(k, ks, idle_lru, total, now, &mut fx);
+                }
+            } else {
+                hinted.retain(|k| {
+                    let Some(ks) = keys.get_mut(k) else {
+                        return false;
+                    };
+                    self.prune_key(k, ks, idle_lru, total, now, &mut fx);
+                    ks.idle_learning.current(now).is_some()
+                        || ks.conns.iter().any(|e| e.server_idle.is_some())
+                });
             }
-            // Forget keys with nothing in them after a quiet spell (their learned facts go too).
-            let forget_after = self.cfg.idle_timeout.max(Duration::from_secs(600));
-            keys.retain(|_, ks| {
-                !(ks.conns.is_empty()
-                    && ks.connecting == 0
-                    && ks.waiters.is_empty()
-                    && now.saturating_duration_since(ks.touched) >= forget_after)
-            });
+            // 3. Forget keys with nothing in them after a quiet spell (their learned facts go
+            //    too); a pass over every key, so only about once a minute.
+            if *sweeps % FORGET_EVERY_SWEEPS == 0 {
+                let forget_after = self.cfg.idle_timeout.max(Duration::from_secs(600));
+                keys.retain(|_, ks| {
+                    !(ks.conns.is_empty()
+                        && ks.connecting == 0
+                        && ks.waiters.is_empty()
+                        && now.saturating_duration_since(ks.touched) >= forget_after)
+                });
+            }
             let blocked: Vec<X::Key> = st.blocked.iter().cloned().collect();
             for k in blocked {
                 self.dial_if_needed(st, &k, None, &mut fx);
