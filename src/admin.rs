@@ -22,7 +22,11 @@ pub async fn serve_admin(gw: Arc<Gateway>, stream: TcpStream) {
         let gw = gw.clone();
         async move {
             let resp = if req.uri().path() == "/report" {
-                report(&gw, query_param(&req, "window").unwrap_or("7d")).await
+                report(
+                    &gw,
+                    &query_param(&req, "window").unwrap_or_else(|| "7d".into()),
+                )
+                .await
             } else {
                 route(&gw, &req)
             };
@@ -51,11 +55,11 @@ fn json(value: &impl Serialize) -> Response<ProxyBody> {
 /// The live dashboard: one self-contained page (inline CSS/JS/SVG, no CDN).
 const DASHBOARD: &str = include_str!("dashboard.html");
 
-fn query_param<'a>(req: &'a Request<Incoming>, name: &str) -> Option<&'a str> {
-    req.uri().query()?.split('&').find_map(|kv| {
-        let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
-        (k == name).then_some(v)
-    })
+/// A query parameter, percent-decoded.
+fn query_param(req: &Request<Incoming>, name: &str) -> Option<String> {
+    url::form_urlencoded::parse(req.uri().query()?.as_bytes())
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v.into_owned())
 }
 
 fn route(gw: &Gateway, req: &Request<Incoming>) -> Response<ProxyBody> {
@@ -77,7 +81,7 @@ fn route(gw: &Gateway, req: &Request<Incoming>) -> Response<ProxyBody> {
             "interval_seconds": crate::gateway::HISTORY_INTERVAL.as_secs(),
             "points": gw.telemetry().history(),
         })),
-        "/trace" => trace_stream(gw, query_param(req, "target").map(str::to_string)),
+        "/trace" => trace_stream(gw, query_param(req, "target")),
         "/healthz" => respond(StatusCode::OK, "text/plain", "ok\n"),
         "/readyz" => {
             if gw.is_shutting_down() {
@@ -140,7 +144,12 @@ fn trace_stream(gw: &Gateway, target: Option<String>) -> Response<ProxyBody> {
     let (tx, body_rx) = tokio::sync::mpsc::channel::<Bytes>(256);
     tokio::spawn(async move {
         loop {
-            let line = match rx.recv().await {
+            // Stop as soon as the client goes away, even if no record passes the filter.
+            let next = tokio::select! {
+                r = rx.recv() => r,
+                _ = tx.closed() => break,
+            };
+            let line = match next {
                 Ok(l) => l,
                 Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
                     Arc::from(format!("{{\"kind\":\"lagged\",\"dropped\":{n}}}"))

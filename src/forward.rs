@@ -326,8 +326,11 @@ impl Forwarder {
                     return Ok((resp, meta));
                 }
                 Err(f) => {
-                    // The request reached an upstream connection: count it either way.
-                    self.telemetry.record_request(&record);
+                    // Count the attempt only if it may have reached the target: the origin
+                    // counts what it received, and R must agree with it.
+                    if f.sent != Sent::None && !f.unprocessed {
+                        self.telemetry.record_request(&record);
+                    }
                     let reused = lease.reused();
                     lease.release(if f.goaway {
                         Release::Close(CloseReason::Goaway)

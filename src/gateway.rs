@@ -244,7 +244,10 @@ impl Gateway {
     /// threads).
     pub async fn flush_report(&self, prune: bool) {
         let mut last = self.report_last.lock().await;
-        let counts = self.telemetry.minute_counts(&mut last);
+        // Advance the baseline only once the bucket is stored: a failed write keeps its counts
+        // for the next flush.
+        let mut next = last.clone();
+        let counts = self.telemetry.minute_counts(&mut next);
         let store = self.report.clone();
         let now_minute = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -259,7 +262,7 @@ impl Gateway {
         })
         .await;
         match res {
-            Ok(Ok(())) => {}
+            Ok(Ok(())) => *last = next,
             Ok(Err(e)) => tracing::warn!("reuse report store: {e}"),
             Err(e) => tracing::warn!("reuse report task: {e}"),
         }

@@ -178,12 +178,12 @@ fn main() -> ExitCode {
                 return status(admin, json);
             }
             loop {
-                // Clear the screen and home the cursor, then redraw.
-                print!("\x1b[2J\x1b[H");
-                let code = status(admin, json);
-                if code != ExitCode::SUCCESS {
-                    return code;
+                if !json {
+                    // Clear the screen and home the cursor, then redraw.
+                    print!("\x1b[2J\x1b[H");
                 }
+                // A failed fetch (gateway restarting) is reported and retried, not fatal.
+                let _ = status(admin, json);
                 std::thread::sleep(std::time::Duration::from_secs(2));
             }
         }
@@ -362,12 +362,17 @@ fn status(admin: SocketAddr, json: bool) -> ExitCode {
     ExitCode::SUCCESS
 }
 
+/// Percent-encodes a query value.
+fn encode(v: &str) -> String {
+    url::form_urlencoded::byte_serialize(v.as_bytes()).collect()
+}
+
 fn report(admin: SocketAddr, window: &str, json: bool) -> ExitCode {
     if let Err(e) = edgepool::report::parse_window(window) {
         return fail(&e.to_string());
     }
     let mut body = Vec::new();
-    if let Err(e) = admin_get(admin, &format!("/report?window={window}"), |d| {
+    if let Err(e) = admin_get(admin, &format!("/report?window={}", encode(window)), |d| {
         body.extend_from_slice(d);
         true
     }) {
@@ -388,7 +393,7 @@ fn report(admin: SocketAddr, window: &str, json: bool) -> ExitCode {
 
 fn trace(admin: SocketAddr, target: Option<String>, json: bool) -> ExitCode {
     let path = match &target {
-        Some(t) => format!("/trace?target={t}"),
+        Some(t) => format!("/trace?target={}", encode(t)),
         None => "/trace".to_string(),
     };
     let mut pending = Vec::new();
@@ -397,10 +402,23 @@ fn trace(admin: SocketAddr, target: Option<String>, json: bool) -> ExitCode {
         while let Some(pos) = pending.iter().position(|b| *b == b'\n') {
             let line: Vec<u8> = pending.drain(..=pos).collect();
             let line = String::from_utf8_lossy(&line[..line.len() - 1]).into_owned();
-            if json {
-                println!("{line}");
-            } else if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
-                print!("{}", human_trace(&v));
+            let text = if json {
+                format!("{line}\n")
+            } else {
+                match serde_json::from_str::<serde_json::Value>(&line) {
+                    Ok(v) => human_trace(&v),
+                    Err(_) => continue,
+                }
+            };
+            // A closed pipe (`edgepool trace | head`) ends the stream quietly.
+            use std::io::Write;
+            let mut out = std::io::stdout().lock();
+            if out
+                .write_all(text.as_bytes())
+                .and_then(|_| out.flush())
+                .is_err()
+            {
+                return false;
             }
         }
         true
@@ -416,6 +434,9 @@ fn human_trace(v: &serde_json::Value) -> String {
     let f = |k: &str| v[k].as_f64();
     let ms = |x: Option<f64>| x.map(|x| format!("{x:.1}ms")).unwrap_or_else(|| "-".into());
     let mut out = String::new();
+    if v["kind"] == "lagged" {
+        return format!("// trace fell behind: {} records dropped\n\n", v["dropped"]);
+    }
     if v["kind"] == "pool" {
         out.push_str(&format!(
             "// {} {}\npool.status: {}\n\n",

@@ -1624,20 +1624,22 @@ impl<X: Connector> Inner<X> {
                 ..
             } = st;
             *sweeps += 1;
-            if self.cfg.max_lifetime.is_some() {
+            let full = self.cfg.max_lifetime.is_some();
+            if full {
                 for (k, ks) in keys.iter_mut() {
                     self.prune_key(k, ks, idle_lru, total, now, &mut fx);
                 }
-            } else {
-                hinted.retain(|k| {
-                    let Some(ks) = keys.get_mut(k) else {
-                        return false;
-                    };
-                    self.prune_key(k, ks, idle_lru, total, now, &mut fx);
-                    ks.idle_learning.current(now).is_some()
-                        || ks.conns.iter().any(|e| e.server_idle.is_some())
-                });
             }
+            hinted.retain(|k| {
+                let Some(ks) = keys.get_mut(k) else {
+                    return false;
+                };
+                if !full {
+                    self.prune_key(k, ks, idle_lru, total, now, &mut fx);
+                }
+                ks.idle_learning.current(now).is_some()
+                    || ks.conns.iter().any(|e| e.server_idle.is_some())
+            });
             // 3. Forget keys with nothing in them after a quiet spell (their learned facts go
             //    too); a pass over every key, so only about once a minute.
             if *sweeps % FORGET_EVERY_SWEEPS == 0 {

@@ -286,6 +286,8 @@ pub struct Telemetry {
     reuse_ratio: Family<TargetLabels, Gauge<f64, AtomicU64>>,
     slo_breach: Family<TargetLabels, Gauge>,
     ports_used: Gauge<f64, AtomicU64>,
+    /// Serializes scrapes (per-target gauges are cleared and rebuilt on each).
+    scrape: Mutex<()>,
     targets: Mutex<HashMap<String, TargetCounts>>,
     history: Mutex<History>,
     slo: crate::config::SloConfig,
@@ -444,6 +446,7 @@ impl Telemetry {
             reuse_ratio,
             slo_breach,
             ports_used,
+            scrape: Mutex::new(()),
             targets: Mutex::new(HashMap::new()),
             history: Mutex::new(History::default()),
             slo,
@@ -678,7 +681,7 @@ impl Telemetry {
             let n = v.saturating_sub(last.new_by_reason.get(k).copied().unwrap_or(0));
             let secs = now.handshake_by_reason.get(k).copied().unwrap_or(0.0)
                 - last.handshake_by_reason.get(k).copied().unwrap_or(0.0);
-            if n > 0 {
+            if n > 0 || secs > 0.0 {
                 m.new_by_reason.insert(k.to_string(), (n, secs.max(0.0)));
             }
         }
@@ -712,7 +715,12 @@ impl Telemetry {
                 .set(v as i64);
         }
         self.waiting.set(stats.waiting as i64);
-        // Per-target gauges: the busiest targets by name, the rest folded into `other`.
+        // Per-target gauges: the busiest targets by name, the rest folded into `other`. Cleared
+        // first so a target that left the top does not keep a frozen series (or a stuck
+        // breach alert); the lock keeps two scrapes from interleaving clear and set.
+        let _scrape = self.scrape.lock();
+        self.reuse_ratio.clear();
+        self.slo_breach.clear();
         let targets = self.targets();
         // Targets that only ever saw edgepool errors (refused, unresolvable) have no R.
         let mut ranked: Vec<(&String, &TargetCounts)> =
@@ -871,5 +879,31 @@ mod tests {
             .count();
         assert_eq!(series, TOP_TARGETS + 2, "top targets + other + fleet");
         assert!(text.contains("edgepool_reuse_ratio{target=\"other\"}"));
+        // A target that climbs into the top pushes another out: no frozen series remain.
+        let late = format!("t{}:443", TOP_TARGETS + 4);
+        for _ in 0..5 {
+            t.record_request(&RequestRecord {
+                target: &late,
+                reused: true,
+                protocol: "http/1.1",
+                handshake: None,
+                retry_reason: None,
+                new_reason: None,
+                dns: Duration::ZERO,
+                queue: Duration::ZERO,
+                bytes_up: 0,
+            });
+        }
+        let text = t.encode(PoolStats::default());
+        let series = text
+            .lines()
+            .filter(|l| l.starts_with("edgepool_reuse_ratio{"))
+            .count();
+        assert_eq!(
+            series,
+            TOP_TARGETS + 2,
+            "still bounded after the ranking changed"
+        );
+        assert!(text.contains(&format!("edgepool_reuse_ratio{{target=\"{late}\"}}")));
     }
 }
