@@ -67,6 +67,10 @@ pub struct PortBudget {
     pub new_connections_per_second: f64,
     /// in_use / range_size; 0 when unknown.
     pub used_ratio: f64,
+    /// Sockets to the busiest single destination / range_size. Linux reuses a local port for
+    /// different destinations, so `connect()` fails only when *one* destination's share of the
+    /// range is used up: dials are held on this ratio, not on `used_ratio`.
+    pub busiest_destination_ratio: f64,
     /// false when /proc could not be read (non-Linux): then nothing is ever held.
     pub known: bool,
 }
@@ -80,6 +84,8 @@ pub struct Census {
     pub time_wait: u32,
     /// TIME_WAIT sockets per remote destination, rendered `1.2.3.4:443` / `[2001:db8::1]:443`.
     pub time_wait_by_dest: HashMap<String, u32>,
+    /// Sockets (any state but LISTEN) to the busiest single destination.
+    pub busiest_dest: u32,
 }
 
 /// [`PortGuard::admit`] waited its whole `max_wait` and the budget was still at or above
@@ -121,6 +127,8 @@ struct State {
     budget: PortBudget,
     /// in_use as last measured from /proc (the budget shows the override instead, if any).
     measured_in_use: u32,
+    /// Sockets to the busiest destination, as last measured.
+    measured_busiest: u32,
     in_use_override: Option<u32>,
     /// The warning at WARN_RATIO has been logged and not re-armed yet.
     warned: bool,
@@ -207,12 +215,14 @@ impl PortGuard {
                     Some(census) if st.budget.range_size > 0 => {
                         st.budget.known = true;
                         st.measured_in_use = census.in_use;
+                        st.measured_busiest = census.busiest_dest;
                         st.budget.time_wait = census.time_wait;
                         st.budget.time_wait_top = top_destinations(&census.time_wait_by_dest);
                     }
                     _ => {
                         st.budget.known = false;
                         st.measured_in_use = 0;
+                        st.measured_busiest = 0;
                         st.budget.time_wait = 0;
                         st.budget.time_wait_top.clear();
                     }
@@ -240,6 +250,7 @@ impl PortGuard {
     pub fn parse_proc_net_tcp(text: &str, ipv6: bool, low: u16, high: u16, into: &mut Census) {
         // Count by the raw hex field first; render each distinct destination once at the end.
         let mut raw: HashMap<&str, u32> = HashMap::new();
+        let mut per_dest: HashMap<&str, u32> = HashMap::new();
         for line in text.lines() {
             let mut fields = line.split_ascii_whitespace();
             // "sl" column: "0:", "1234:"; the header line has "sl".
@@ -265,11 +276,15 @@ impl PortGuard {
                 continue;
             }
             into.in_use += 1;
+            *per_dest.entry(remote).or_insert(0) += 1;
             if state == ST_TIME_WAIT {
                 into.time_wait += 1;
                 *raw.entry(remote).or_insert(0) += 1;
             }
         }
+        into.busiest_dest = into
+            .busiest_dest
+            .max(per_dest.values().copied().max().unwrap_or(0));
         let mut key = String::with_capacity(48);
         for (remote, n) in raw {
             key.clear();
@@ -336,7 +351,8 @@ impl PortGuard {
     fn holding(&self) -> Option<f64> {
         let st = self.inner.state.lock();
         let b = &st.budget;
-        (b.known && b.used_ratio >= HOLD_RATIO).then_some(b.used_ratio)
+        (b.known && b.busiest_destination_ratio >= HOLD_RATIO)
+            .then_some(b.busiest_destination_ratio)
     }
 
     /// Refresh unless another caller is refreshing right now or did so within [`RECHECK`].
@@ -412,6 +428,13 @@ fn apply(st: &mut State) {
     b.in_use = st.in_use_override.unwrap_or(st.measured_in_use);
     b.used_ratio = if b.known && b.range_size > 0 {
         f64::from(b.in_use) / f64::from(b.range_size)
+    } else {
+        0.0
+    };
+    // The test override simulates one destination using the ports.
+    let busiest = st.in_use_override.unwrap_or(st.measured_busiest);
+    b.busiest_destination_ratio = if b.known && b.range_size > 0 {
+        f64::from(busiest) / f64::from(b.range_size)
     } else {
         0.0
     };
@@ -576,6 +599,21 @@ mod tests {
                 ("[2001:db8::1]:443".to_string(), 1),
             ]
         );
+    }
+
+    #[test]
+    fn busiest_destination_is_what_limits_connect() {
+        // The fixture's busiest destination is 192.168.1.1:443 with its 2 TIME_WAIT sockets.
+        let c = census(TCP4, false);
+        assert_eq!(c.busiest_dest, 2, "{c:?}");
+        // Many destinations: total use is high, but no single destination is near the range.
+        let mut lines = String::from("  sl  local_address rem_address   st\n");
+        for i in 0..1000u32 {
+            let remote = format!("{:08X}:01BB", 0x0100_0001u32 + i);
+            lines.push_str(&format!(" {i}: 0100007F:{:04X} {remote} 06\n", 33000 + i));
+        }
+        let many = census(&lines, false);
+        assert_eq!((many.in_use, many.busiest_dest), (1000, 1));
     }
 
     #[test]
