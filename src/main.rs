@@ -305,14 +305,21 @@ fn admin_get(
     })
 }
 
-fn status(admin: SocketAddr, json: bool) -> ExitCode {
+/// The whole body of an admin GET.
+fn admin_body(admin: SocketAddr, path: &str) -> Result<Vec<u8>, String> {
     let mut body = Vec::new();
-    if let Err(e) = admin_get(admin, "/status", |d| {
+    admin_get(admin, path, |d| {
         body.extend_from_slice(d);
         true
-    }) {
-        return fail(&e);
-    }
+    })?;
+    Ok(body)
+}
+
+fn status(admin: SocketAddr, json: bool) -> ExitCode {
+    let body = match admin_body(admin, "/status") {
+        Ok(b) => b,
+        Err(e) => return fail(&e),
+    };
     if json {
         println!("{}", String::from_utf8_lossy(&body));
         return ExitCode::SUCCESS;
@@ -371,13 +378,10 @@ fn report(admin: SocketAddr, window: &str, json: bool) -> ExitCode {
     if let Err(e) = edgepool::report::parse_window(window) {
         return fail(&e.to_string());
     }
-    let mut body = Vec::new();
-    if let Err(e) = admin_get(admin, &format!("/report?window={}", encode(window)), |d| {
-        body.extend_from_slice(d);
-        true
-    }) {
-        return fail(&e);
-    }
+    let body = match admin_body(admin, &format!("/report?window={}", encode(window))) {
+        Ok(b) => b,
+        Err(e) => return fail(&e),
+    };
     if json {
         println!("{}", String::from_utf8_lossy(&body));
         return ExitCode::SUCCESS;

@@ -823,11 +823,10 @@ mod tests {
         assert_eq!(Verdict::of(1.0, 0, 0.92), Verdict::Idle);
     }
 
-    #[test]
-    fn tick_records_interval_deltas_not_totals() {
-        let t = Telemetry::default();
-        let rec = |reused| RequestRecord {
-            target: "a:443",
+    /// A request record for `target`; a new connection's handshake costs 100 ms.
+    fn rec(target: &str, reused: bool) -> RequestRecord<'_> {
+        RequestRecord {
+            target,
             reused,
             protocol: "h2",
             handshake: (!reused).then(|| Duration::from_millis(100)),
@@ -836,7 +835,13 @@ mod tests {
             dns: Duration::ZERO,
             queue: Duration::ZERO,
             bytes_up: 0,
-        };
+        }
+    }
+
+    #[test]
+    fn tick_records_interval_deltas_not_totals() {
+        let t = Telemetry::default();
+        let rec = |reused| rec("a:443", reused);
         t.record_request(&rec(false));
         for _ in 0..3 {
             t.record_request(&rec(true));
@@ -860,17 +865,7 @@ mod tests {
         let t = Telemetry::default();
         for i in 0..(TOP_TARGETS + 5) {
             let name = format!("t{i}:443");
-            t.record_request(&RequestRecord {
-                target: &name,
-                reused: false,
-                protocol: "http/1.1",
-                handshake: None,
-                retry_reason: None,
-                new_reason: None,
-                dns: Duration::ZERO,
-                queue: Duration::ZERO,
-                bytes_up: 0,
-            });
+            t.record_request(&rec(&name, false));
         }
         let text = t.encode(PoolStats::default());
         let series = text
@@ -882,17 +877,7 @@ mod tests {
         // A target that climbs into the top pushes another out: no frozen series remain.
         let late = format!("t{}:443", TOP_TARGETS + 4);
         for _ in 0..5 {
-            t.record_request(&RequestRecord {
-                target: &late,
-                reused: true,
-                protocol: "http/1.1",
-                handshake: None,
-                retry_reason: None,
-                new_reason: None,
-                dns: Duration::ZERO,
-                queue: Duration::ZERO,
-                bytes_up: 0,
-            });
+            t.record_request(&rec(&late, true));
         }
         let text = t.encode(PoolStats::default());
         let series = text

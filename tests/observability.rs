@@ -6,7 +6,7 @@ mod support;
 
 use std::time::Duration;
 
-use gw::TestGateway;
+use gw::{get, TestGateway};
 use support::{Origin, OriginConfig};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -108,14 +108,7 @@ async fn verdicts_follow_the_objective_and_breach_sets_the_gauge() {
     let worker = gw.client();
     for _ in 0..20 {
         for o in [&good, &bad, &bad2] {
-            worker
-                .get(o.url("/echo"))
-                .send()
-                .await
-                .unwrap()
-                .bytes()
-                .await
-                .unwrap();
+            get(&worker, &o.url("/echo")).await;
         }
     }
     let s = gw.status().await;
@@ -209,14 +202,7 @@ async fn trace_streams_new_connections_and_errors_with_phase_timings() {
     let worker = gw.client();
     tokio::time::sleep(Duration::from_millis(50)).await;
     for _ in 0..5 {
-        worker
-            .get(o.url("/echo"))
-            .send()
-            .await
-            .unwrap()
-            .bytes()
-            .await
-            .unwrap();
+        get(&worker, &o.url("/echo")).await;
     }
     // A refused target is an error record (always traced).
     let r = worker.get("http://127.0.0.1:1/").send().await.unwrap();
@@ -259,14 +245,7 @@ async fn history_fills_once_per_interval() {
     let gw = TestGateway::start(&[]).await;
     let worker = gw.client();
     for _ in 0..4 {
-        worker
-            .get(o.url("/echo"))
-            .send()
-            .await
-            .unwrap()
-            .bytes()
-            .await
-            .unwrap();
+        get(&worker, &o.url("/echo")).await;
     }
     let mut points = Vec::new();
     for _ in 0..70 {
@@ -307,14 +286,7 @@ async fn reuse_killers_report_ranks_the_scripted_reason_first_and_survives_a_res
     let gw = TestGateway::start_with(&[], move |c| c.data_dir = Some(d)).await;
     let worker = gw.client();
     for _ in 0..30 {
-        worker
-            .get(limited.url("/echo"))
-            .send()
-            .await
-            .unwrap()
-            .bytes()
-            .await
-            .unwrap();
+        get(&worker, &limited.url("/echo")).await;
     }
     let r = report(&gw, "1h").await;
     assert_eq!(r["sample_requests"], 30);
@@ -337,14 +309,7 @@ async fn reuse_killers_report_ranks_the_scripted_reason_first_and_survives_a_res
     .await;
     let worker = gw.client();
     for _ in 0..12 {
-        worker
-            .get(idle.url("/echo"))
-            .send()
-            .await
-            .unwrap()
-            .bytes()
-            .await
-            .unwrap();
+        get(&worker, &idle.url("/echo")).await;
         tokio::time::sleep(std::time::Duration::from_millis(350)).await;
     }
     let r = report(&gw, "1h").await;

@@ -4,17 +4,9 @@ mod support;
 
 use std::time::Duration;
 
-use gw::TestGateway;
+use gw::{get, TestGateway};
 use support::{pattern_bytes, Origin, OriginConfig};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-/// One GET through the worker, body read; panics on transport errors.
-async fn get(worker: &reqwest::Client, url: &str) -> reqwest::StatusCode {
-    let r = worker.get(url).send().await.unwrap();
-    let status = r.status();
-    r.bytes().await.unwrap();
-    status
-}
 
 fn h1() -> OriginConfig {
     OriginConfig::default()

@@ -9,6 +9,14 @@ use edgepool::gateway::Gateway;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 
+/// One GET through `worker`, body read; panics on transport errors.
+pub async fn get(worker: &reqwest::Client, url: &str) -> reqwest::StatusCode {
+    let r = worker.get(url).send().await.unwrap();
+    let status = r.status();
+    r.bytes().await.unwrap();
+    status
+}
+
 /// A gateway on loopback, allowed to reach loopback targets, trusting `extra_ca` for targets.
 pub struct TestGateway {
     pub proxy: SocketAddr,
