@@ -688,7 +688,7 @@ impl FrameTracker {
                     }
                 }
                 let value = match (max, self.settled) {
-                    (Some(v), _) => v.min(self.default_max_streams.max(1) * 16).max(1),
+                    (Some(v), _) => v.min(self.default_max_streams.max(1) * 16),
                     (None, false) => self.default_max_streams,
                     (None, true) => self.current_max,
                 };

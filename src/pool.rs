@@ -1271,7 +1271,8 @@ impl<X: Connector> Inner<X> {
                         ks.known_max_streams = Some(m);
                     }
                     let max_streams = if c.multiplexed {
-                        c.max_streams.or(ks.known_max_streams).unwrap_or(1).max(1)
+                        // 0 is legal: the server takes no new streams on it for now.
+                        c.max_streams.or(ks.known_max_streams).unwrap_or(1)
                     } else {
                         1
                     };
@@ -1547,8 +1548,9 @@ impl<X: Connector> Inner<X> {
             let Some(ks) = st.keys.get_mut(key) else {
                 return;
             };
-            let max_streams = max_streams.max(1);
-            ks.known_max_streams = Some(max_streams);
+            // A limit of 0 (no new streams for now) holds for this connection only; planning
+            // for the key's next connections assumes at least one stream.
+            ks.known_max_streams = Some(max_streams.max(1));
             if let Some(e) = ks.conns.iter_mut().find(|e| e.id == id) {
                 e.settled = true;
                 e.max_streams = max_streams;
@@ -2054,6 +2056,22 @@ mod tests {
         // All 4 stay, now idle; the next request packs onto one of them.
         let l = used(&pool, "h2").await;
         assert!(l.reused());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn http2_limit_of_zero_streams_sends_requests_elsewhere() {
+        let fake = Fake {
+            mux: true,
+            max_streams: Some(100),
+            ..Default::default()
+        };
+        let (pool, fake, _rec) = setup(fake, PoolConfig::default());
+        used(&pool, "h2").await.release(keep());
+        let (watch, _) = fake.watches.lock()[0].clone();
+        pool.inner.conn_settled(&watch.key, watch.id, 0);
+        let l = used(&pool, "h2").await;
+        assert_ne!(l.id(), watch.id, "no stream where the server allows none");
+        assert_eq!(fake.dials.load(Ordering::SeqCst), 2);
     }
 
     #[tokio::test(start_paused = true)]
