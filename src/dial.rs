@@ -268,7 +268,11 @@ impl Resolver {
             return Ok(vec![ip]);
         }
         if host.eq_ignore_ascii_case("localhost") {
-            return Ok(vec![IpAddr::from([127, 0, 0, 1])]);
+            // RFC 6761: always loopback, both families (never sent to DNS).
+            return Ok(vec![
+                IpAddr::from([127, 0, 0, 1]),
+                IpAddr::from(std::net::Ipv6Addr::LOCALHOST),
+            ]);
         }
         let lookup = self
             .inner

@@ -129,7 +129,14 @@ pub struct Forwarder {
     policy: TargetPolicy,
     telemetry: Arc<Telemetry>,
     cfg: ForwardConfig,
+    /// Addresses whose TCP connect recently failed, and when (tried last for [`BAD_ADDR_TTL`]).
+    bad_addrs: parking_lot::Mutex<std::collections::HashMap<std::net::IpAddr, Instant>>,
 }
+
+/// How long an address that refused or timed out a connect is tried after the others.
+pub const BAD_ADDR_TTL: Duration = Duration::from_secs(30);
+/// At most this many further addresses are tried when connecting to one fails.
+pub const MAX_ADDR_FAILOVER: usize = 2;
 
 /// How a send attempt failed.
 struct SendFailure {
@@ -165,6 +172,7 @@ impl Forwarder {
             policy,
             telemetry,
             cfg,
+            bad_addrs: Default::default(),
         }
     }
 
@@ -180,6 +188,19 @@ impl Forwarder {
         host: &str,
         port: u16,
     ) -> Result<(SocketAddr, Duration), EdgeError> {
+        let (addrs, took) = self.resolve_candidates(host, port).await?;
+        Ok((addrs[0], took))
+    }
+
+    /// Every address of `host`, all checked against the target policy (one forbidden address
+    /// refuses the target: a DNS answer mixing public and internal addresses is an attack),
+    /// in the order to try them: IPv4 first (many scraping hosts have no working IPv6 route),
+    /// addresses that recently refused or timed out a connect last.
+    async fn resolve_candidates(
+        &self,
+        host: &str,
+        port: u16,
+    ) -> Result<(Vec<SocketAddr>, Duration), EdgeError> {
         let t0 = Instant::now();
         let ips = self
             .resolver
@@ -193,10 +214,25 @@ impl Forwarder {
                 )));
             }
         }
-        // IPv4 first: many scraping hosts have no working IPv6 route, and edgepool connects to
-        // one checked address (no happy-eyeballs fallback yet).
-        let ip = ips.iter().find(|ip| ip.is_ipv4()).unwrap_or(&ips[0]);
-        Ok((SocketAddr::new(*ip, port), t0.elapsed()))
+        let now = Instant::now();
+        let bad = self.bad_addrs.lock();
+        let recently_failed = |ip: &std::net::IpAddr| {
+            bad.get(ip)
+                .is_some_and(|at| now.saturating_duration_since(*at) < BAD_ADDR_TTL)
+        };
+        let mut addrs: Vec<SocketAddr> = ips.iter().map(|ip| SocketAddr::new(*ip, port)).collect();
+        addrs.sort_by_key(|a| (recently_failed(&a.ip()), !a.is_ipv4()));
+        Ok((addrs, t0.elapsed()))
+    }
+
+    /// Remembers that connecting to `ip` failed, so the next requests try another address.
+    fn mark_failed(&self, ip: std::net::IpAddr) {
+        let now = Instant::now();
+        let mut bad = self.bad_addrs.lock();
+        if bad.len() >= 4096 {
+            bad.retain(|_, at| now.saturating_duration_since(*at) < BAD_ADDR_TTL);
+        }
+        bad.insert(ip, now);
     }
 
     /// Forwards one request; the response body returns the connection to the pool when it
@@ -229,17 +265,18 @@ impl Forwarder {
         target: &str,
         started: Instant,
     ) -> Result<(Response<ProxyBody>, Meta), EdgeError> {
-        let (addr, dns) = self.resolve_checked(&out.host, out.port).await?;
+        let (candidates, dns) = self.resolve_candidates(&out.host, out.port).await?;
+        let mut candidate = 0;
         let verify = !self
             .cfg
             .insecure_hosts
             .iter()
             .any(|h| h.eq_ignore_ascii_case(&out.host));
-        let key = UpstreamKey {
+        let mut key = UpstreamKey {
             scheme: out.scheme,
             host: Arc::from(out.host.as_str()),
             port: out.port,
-            addr,
+            addr: candidates[0],
             exit: Arc::from(EXIT_DIRECT),
             verify,
         };
@@ -250,7 +287,8 @@ impl Forwarder {
         };
         let mut fresh_retry = false;
         let mut retry_reason: Option<&'static str> = None;
-        for attempt in 0..2 {
+        let mut attempt = 0;
+        loop {
             let t_queue = Instant::now();
             let opts = CheckoutOpts {
                 deadline: t_queue + self.cfg.queue_timeout,
@@ -258,7 +296,30 @@ impl Forwarder {
             };
             let mut lease = match self.pool.checkout(&key, opts).await {
                 Ok(l) => l,
-                Err(e) => return Err(checkout_error(e, target, self.cfg.queue_timeout)),
+                // Nothing was sent: another address of the target is safe for any method.
+                Err(CheckoutError::Dial(d))
+                    if matches!(
+                        &*d,
+                        DialError::Connect { .. } | DialError::ConnectTimeout { .. }
+                    ) && candidate < MAX_ADDR_FAILOVER.min(candidates.len() - 1) =>
+                {
+                    self.mark_failed(key.addr.ip());
+                    candidate += 1;
+                    tracing::debug!(target = %target, failed = %key.addr, next = %candidates[candidate], "connect failed; trying the next address");
+                    key.addr = candidates[candidate];
+                    continue;
+                }
+                Err(e) => {
+                    if let CheckoutError::Dial(d) = &e {
+                        if matches!(
+                            &**d,
+                            DialError::Connect { .. } | DialError::ConnectTimeout { .. }
+                        ) {
+                            self.mark_failed(key.addr.ip());
+                        }
+                    }
+                    return Err(checkout_error(e, target, self.cfg.queue_timeout));
+                }
             };
             meta.queue += t_queue.elapsed();
             let shared = lease.conn().shared().clone();
@@ -361,6 +422,7 @@ impl Forwarder {
                         } else {
                             "reused_connection_failed"
                         });
+                        attempt += 1;
                         continue;
                     }
                     return Err(send_error(
@@ -373,7 +435,6 @@ impl Forwarder {
                 }
             }
         }
-        unreachable!("the second attempt always returns")
     }
 
     async fn send_h1(

@@ -512,3 +512,65 @@ async fn post_bodies_arrive_exactly_once_and_oversized_bodies_get_413() {
         "the oversized request never reached the target"
     );
 }
+
+#[tokio::test]
+async fn connect_failure_on_one_address_moves_to_the_next_for_any_method() {
+    // "localhost" is 127.0.0.1 then ::1. Listen on ::1 only: the IPv4 connect is refused, the
+    // request goes to the IPv6 address, and later requests start there.
+    let listener = match tokio::net::TcpListener::bind("[::1]:0").await {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("SKIPPED: no IPv6 loopback on this machine ({e}); address failover untested");
+            return;
+        }
+    };
+    let port = listener.local_addr().unwrap().port();
+    if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+        eprintln!("SKIPPED: 127.0.0.1:{port} is taken by something else");
+        return;
+    }
+    let served = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let count = served.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let count = count.clone();
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 4096];
+                loop {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) if buf[..n].windows(4).any(|w| w == b"\r\n\r\n") => {}
+                        Ok(_) => continue,
+                    }
+                    count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    let body = "v6";
+                    let resp = format!(
+                        "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{body}",
+                        body.len()
+                    );
+                    if s.write_all(resp.as_bytes()).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    let gw = TestGateway::start(&[]).await;
+    let worker = gw.client();
+    let url = format!("http://localhost:{port}/x");
+    let r = worker.post(&url).body("once").send().await.unwrap();
+    assert_eq!(
+        r.status(),
+        200,
+        "a refused address is not an error when another one works"
+    );
+    assert_eq!(r.text().await.unwrap(), "v6");
+    let r = worker.get(&url).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        r.headers()["x-edgepool-reused"],
+        "1",
+        "the next request starts at the working address"
+    );
+    assert_eq!(served.load(std::sync::atomic::Ordering::SeqCst), 2);
+}
