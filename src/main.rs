@@ -366,6 +366,18 @@ fn status(admin: SocketAddr, json: bool) -> ExitCode {
         row(t);
     }
     row(&v["fleet"]);
+    let p = &v["ports"];
+    if p["known"].as_bool() == Some(true) {
+        println!(
+            "ephemeral ports: {:.1}% of {}-{} held ({} TIME_WAIT), busiest destination {:.1}%, {:.1} new connections/s",
+            p["used_ratio"].as_f64().unwrap_or(0.0) * 100.0,
+            p["range_low"],
+            p["range_high"],
+            p["time_wait"],
+            p["busiest_destination_ratio"].as_f64().unwrap_or(0.0) * 100.0,
+            p["new_connections_per_second"].as_f64().unwrap_or(0.0),
+        );
+    }
     ExitCode::SUCCESS
 }
 
