@@ -95,15 +95,21 @@ enum Command {
 enum CaCommand {
     /// Print the path of the CA certificate (creating the CA if needed).
     Path {
-        /// Data directory.
+        /// Data directory (default: the config's data_dir, else the XDG data dir).
         #[arg(long)]
         data_dir: Option<PathBuf>,
+        /// Take data_dir from this configuration file.
+        #[arg(long)]
+        config: Option<PathBuf>,
     },
     /// Print the CA certificate (PEM), creating the CA if needed.
     Export {
-        /// Data directory.
+        /// Data directory (default: the config's data_dir, else the XDG data dir).
         #[arg(long)]
         data_dir: Option<PathBuf>,
+        /// Take data_dir from this configuration file.
+        #[arg(long)]
+        config: Option<PathBuf>,
     },
 }
 
@@ -156,11 +162,18 @@ fn main() -> ExitCode {
             Err(e) => fail(&format!("{}: {e}", config.display())),
         },
         Command::Ca { what } => {
-            let (dir, export) = match what {
-                CaCommand::Path { data_dir } => (data_dir, false),
-                CaCommand::Export { data_dir } => (data_dir, true),
+            let (dir, config, export) = match what {
+                CaCommand::Path { data_dir, config } => (data_dir, config, false),
+                CaCommand::Export { data_dir, config } => (data_dir, config, true),
             };
-            let dir = dir.unwrap_or_else(Config::default_data_dir);
+            let dir = match (dir, config) {
+                (Some(d), _) => d,
+                (None, Some(p)) => match Config::load(&p) {
+                    Ok(c) => c.data_dir(),
+                    Err(e) => return fail(&format!("{}: {e}", p.display())),
+                },
+                (None, None) => Config::default_data_dir(),
+            };
             match CertAuthority::load_or_create(&dir) {
                 Ok(ca) => {
                     if export {

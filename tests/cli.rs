@@ -104,3 +104,29 @@ fn serve_reports_a_bad_flag_value_and_an_unusable_listen_address() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("listen.proxy"));
 }
+
+#[test]
+fn ca_path_follows_the_config_data_dir() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("state");
+    let cfg = dir.path().join("edgepool.toml");
+    std::fs::write(
+        &cfg,
+        format!("data_dir = {:?}\n", data.display().to_string()),
+    )
+    .unwrap();
+    let out = edgepool()
+        .args(["ca", "path", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8(out.stdout).unwrap().trim(),
+        data.join("ca.pem").display().to_string()
+    );
+}
