@@ -157,6 +157,34 @@ struct SendFailure {
     message: String,
 }
 
+impl SendFailure {
+    /// A failure with every flag off but these.
+    fn new(sent: Sent, unprocessed: bool, message: String) -> Self {
+        SendFailure {
+            sent,
+            response_started: false,
+            unprocessed,
+            goaway: false,
+            refused: false,
+            invalid: false,
+            stream_only: false,
+            timeout: false,
+            bad_response: false,
+            message,
+        }
+    }
+
+    /// No response head within `upstream.response_header_timeout`.
+    fn timeout(response_started: bool, stream_only: bool) -> Self {
+        SendFailure {
+            response_started,
+            stream_only,
+            timeout: true,
+            ..Self::new(Sent::Complete, false, "no response head in time".into())
+        }
+    }
+}
+
 impl Forwarder {
     /// A forwarder over `pool`.
     pub fn new(
@@ -457,18 +485,11 @@ impl Forwarder {
             )),
         };
         if let Err(e) = ready {
-            return Err(SendFailure {
-                sent: Sent::None,
-                response_started: false,
-                unprocessed: true,
-                goaway: false,
-                refused: false,
-                invalid: false,
-                stream_only: false,
-                timeout: false,
-                bad_response: false,
-                message: format!("connection not usable: {e}"),
-            });
+            return Err(SendFailure::new(
+                Sent::None,
+                true,
+                format!("connection not usable: {e}"),
+            ));
         }
         let mut req = Request::builder()
             .method(out.method.clone())
@@ -476,16 +497,8 @@ impl Forwarder {
             .version(Version::HTTP_11)
             .body(Full::new(out.body.clone()))
             .map_err(|e| SendFailure {
-                sent: Sent::None,
-                response_started: false,
-                unprocessed: true,
-                goaway: false,
-                refused: false,
                 invalid: true,
-                stream_only: false,
-                timeout: false,
-                bad_response: false,
-                message: format!("invalid request: {e}"),
+                ..SendFailure::new(Sent::None, true, format!("invalid request: {e}"))
             })?;
         *req.headers_mut() = out.headers.clone();
         if !req.headers().contains_key(header::HOST) {
@@ -504,33 +517,20 @@ impl Forwarder {
         };
         let fut = send.try_send_request(req);
         match tokio::time::timeout(self.cfg.response_header_timeout, fut).await {
-            Err(_) => Err(SendFailure {
-                sent: Sent::Complete,
-                response_started: shared.bytes_in() > before_in,
-                unprocessed: false,
-                goaway: false,
-                refused: false,
-                invalid: false,
-                stream_only: false,
-                timeout: true,
-                bad_response: false,
-                message: "no response head in time".into(),
-            }),
+            Err(_) => Err(SendFailure::timeout(shared.bytes_in() > before_in, false)),
             Ok(Ok(resp)) => Ok(Upstream::H1(resp)),
             Ok(Err(mut e)) => {
                 let never_sent = e.take_message().is_some() || shared.bytes_out() == before_out;
                 let err = e.into_error();
+                let response_started = shared.bytes_in() > before_in;
                 Err(SendFailure {
-                    sent: if never_sent { Sent::None } else { Sent::Maybe },
-                    response_started: shared.bytes_in() > before_in,
-                    unprocessed: never_sent,
-                    goaway: false,
-                    refused: false,
-                    invalid: false,
-                    stream_only: false,
-                    timeout: false,
-                    bad_response: err.is_parse() && shared.bytes_in() > before_in,
-                    message: err.to_string(),
+                    response_started,
+                    bad_response: err.is_parse() && response_started,
+                    ..SendFailure::new(
+                        if never_sent { Sent::None } else { Sent::Maybe },
+                        never_sent,
+                        err.to_string(),
+                    )
                 })
             }
         }
@@ -541,18 +541,7 @@ impl Forwarder {
         lease: &mut Lease<crate::dial::Dialer>,
         out: &Outgoing,
     ) -> Result<Upstream, SendFailure> {
-        let fail = |sent: Sent, unprocessed: bool, message: String| SendFailure {
-            sent,
-            response_started: false,
-            unprocessed,
-            goaway: false,
-            refused: false,
-            invalid: false,
-            stream_only: false,
-            timeout: false,
-            bad_response: false,
-            message,
-        };
+        let fail = SendFailure::new;
         let UpstreamConn::H2 { send, .. } = lease.conn() else {
             unreachable!("send_h2 is called for HTTP/2 connections")
         };
@@ -587,18 +576,8 @@ impl Forwarder {
                 .map_err(|e| fail(Sent::Maybe, false, format!("sending the body failed: {e}")))?;
         }
         match tokio::time::timeout(self.cfg.response_header_timeout, resp_fut).await {
-            Err(_) => Err(SendFailure {
-                sent: Sent::Complete,
-                response_started: false,
-                unprocessed: false,
-                goaway: false,
-                refused: false,
-                invalid: false,
-                stream_only: true,
-                timeout: true,
-                bad_response: false,
-                message: "no response head in time".into(),
-            }),
+            // One slow stream; the shared connection is fine.
+            Err(_) => Err(SendFailure::timeout(false, true)),
             Ok(Ok(resp)) => Ok(Upstream::H2(resp, stream)),
             Ok(Err(e)) => {
                 // Streams above a graceful GOAWAY's last stream id and refused streams were
