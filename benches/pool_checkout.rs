@@ -48,6 +48,7 @@ fn opts() -> CheckoutOpts {
     CheckoutOpts {
         deadline: tokio::time::Instant::now() + Duration::from_secs(5),
         fresh: false,
+        cold_reason: None,
     }
 }
 

@@ -120,6 +120,235 @@ pub struct Config {
     pub slo: SloConfig,
     /// Per-request trace log. Default: [`TraceConfig::default`].
     pub trace: TraceConfig,
+    /// Worker authentication. Default: [`AuthConfig::default`] (no tokens: anyone who reaches
+    /// the listener may use it, which is why it listens on loopback by default).
+    pub auth: AuthConfig,
+    /// Upstream proxies (exits), sticky sessions and rotation. Default:
+    /// [`ExitsConfig::default`] (no pools: every request goes direct).
+    pub exits: ExitsConfig,
+}
+
+/// `[auth]`: worker tokens.
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthConfig {
+    /// Tokens workers put first in their proxy username (`<token>-session-abc`). When any is
+    /// set, every proxy request needs `Proxy-Authorization` with one of them (else 407).
+    /// Tokens are `[A-Za-z0-9_.~+/=]`, no `-` (it separates options). Default none.
+    pub tokens: Vec<String>,
+}
+
+impl AuthConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        for (i, t) in self.tokens.iter().enumerate() {
+            crate::worker::validate_token(t)
+                .map_err(|why| invalid(&format!("auth.tokens[{i}]"), why))?;
+        }
+        Ok(())
+    }
+}
+
+/// Default [`ExitsConfig::sticky_window`]: 2 min, the middle of the domain note's 1–3 minute
+/// window: long enough to push hundreds of requests through one warm connection, short enough
+/// for IP diversity.
+pub const DEFAULT_STICKY_WINDOW: Duration = Duration::from_secs(120);
+/// Default [`ExitsConfig::session_lifetime`]: 10 min (providers' usual sticky-session length).
+pub const DEFAULT_SESSION_LIFETIME: Duration = Duration::from_secs(600);
+/// Default [`ExitsConfig::session_idle`]: 60 s. A session nobody used for a minute is
+/// forgotten (its id starts a new one).
+pub const DEFAULT_SESSION_IDLE: Duration = Duration::from_secs(60);
+/// Default [`ExitsConfig::jitter`]: 0.1. Lifetimes vary by ±10% so windows and sessions do not
+/// all rotate at the same instant.
+pub const DEFAULT_JITTER: f64 = 0.1;
+/// Default [`ExitsConfig::max_connections_per_node`]: 256 concurrent connections through one
+/// proxy node, across all targets (providers cap concurrency per port/IP).
+pub const DEFAULT_MAX_CONNECTIONS_PER_NODE: usize = 256;
+/// Default [`ExitsConfig::circuit_failures`]: 3 consecutive failures open a node's circuit.
+pub const DEFAULT_CIRCUIT_FAILURES: u32 = 3;
+/// Default [`ExitsConfig::circuit_open_min`]: 2 s before the first probe.
+pub const DEFAULT_CIRCUIT_OPEN_MIN: Duration = Duration::from_secs(2);
+/// Default [`ExitsConfig::circuit_open_max`]: 60 s, the longest backoff between probes.
+pub const DEFAULT_CIRCUIT_OPEN_MAX: Duration = Duration::from_secs(60);
+
+/// `[exits]`: upstream proxy pools and the rotation policy.
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ExitsConfig {
+    /// Pool for workers that name none (`-pool-<name>`). Default none: the first pool in
+    /// `[[exits.pools]]`, or `direct` when there is none.
+    pub default_pool: Option<String>,
+    /// Session-less traffic keeps one exit per (target, pool) this long, then rotates.
+    /// Default [`DEFAULT_STICKY_WINDOW`].
+    #[serde(with = "humantime_serde")]
+    pub sticky_window: Duration,
+    /// A worker session keeps its exit this long (`-sesstime-<min>` overrides).
+    /// Default [`DEFAULT_SESSION_LIFETIME`].
+    #[serde(with = "humantime_serde")]
+    pub session_lifetime: Duration,
+    /// A session unused this long ends. Default [`DEFAULT_SESSION_IDLE`].
+    #[serde(with = "humantime_serde")]
+    pub session_idle: Duration,
+    /// Windows and lifetimes are scaled by a random factor in `[1 - jitter, 1 + jitter]`
+    /// (0 to 0.5). Default [`DEFAULT_JITTER`].
+    pub jitter: f64,
+    /// `flex`: a session whose exit dies moves to another (`X-Edgepool-Session-Renewed: 1`);
+    /// `strict`: it fails with 502 `session_exit_lost`. Default `flex`.
+    pub session_mode: crate::exits::SessionMode,
+    /// Concurrent connections through one proxy node, all targets together (pools may
+    /// override). Default [`DEFAULT_MAX_CONNECTIONS_PER_NODE`].
+    pub max_connections_per_node: usize,
+    /// Consecutive connect/handshake failures that open a node's circuit.
+    /// Default [`DEFAULT_CIRCUIT_FAILURES`].
+    pub circuit_failures: u32,
+    /// First open period of a circuit; it doubles per failed probe.
+    /// Default [`DEFAULT_CIRCUIT_OPEN_MIN`].
+    #[serde(with = "humantime_serde")]
+    pub circuit_open_min: Duration,
+    /// Longest open period. Default [`DEFAULT_CIRCUIT_OPEN_MAX`].
+    #[serde(with = "humantime_serde")]
+    pub circuit_open_max: Duration,
+    /// The pools, in order (`[[exits.pools]]`). Default none.
+    pub pools: Vec<ExitPoolConfig>,
+}
+
+impl Default for ExitsConfig {
+    fn default() -> Self {
+        ExitsConfig {
+            default_pool: None,
+            sticky_window: DEFAULT_STICKY_WINDOW,
+            session_lifetime: DEFAULT_SESSION_LIFETIME,
+            session_idle: DEFAULT_SESSION_IDLE,
+            jitter: DEFAULT_JITTER,
+            session_mode: crate::exits::SessionMode::Flex,
+            max_connections_per_node: DEFAULT_MAX_CONNECTIONS_PER_NODE,
+            circuit_failures: DEFAULT_CIRCUIT_FAILURES,
+            circuit_open_min: DEFAULT_CIRCUIT_OPEN_MIN,
+            circuit_open_max: DEFAULT_CIRCUIT_OPEN_MAX,
+            pools: Vec::new(),
+        }
+    }
+}
+
+/// One `[[exits.pools]]` entry.
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExitPoolConfig {
+    /// Name (`[A-Za-z0-9_]{1,64}`), used in `-pool-<name>`, metrics and `X-Edgepool-Exit`.
+    pub name: String,
+    /// Nodes: `direct`, `http://[user:pass@]host:port`, `socks5://[user:pass@]host:port`.
+    pub nodes: Vec<String>,
+    /// For a provider's rotating gateway: the proxy username per provider session, with
+    /// `{user}` (the node URL's username) and `{session}` (an id edgepool makes per session
+    /// or sticky window), e.g. `"{user}-session-{session}"`. Default none (a plain node list).
+    #[serde(default)]
+    pub session_template: Option<String>,
+    /// Overrides `exits.max_connections_per_node` for this pool's nodes.
+    #[serde(default)]
+    pub max_connections_per_node: Option<usize>,
+}
+
+impl ExitsConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        positive("exits.sticky_window", self.sticky_window)?;
+        positive("exits.session_lifetime", self.session_lifetime)?;
+        positive("exits.session_idle", self.session_idle)?;
+        positive("exits.circuit_open_min", self.circuit_open_min)?;
+        if !(0.0..=0.5).contains(&self.jitter) {
+            return Err(invalid("exits.jitter", "must be between 0 and 0.5"));
+        }
+        at_least_one(
+            "exits.max_connections_per_node",
+            self.max_connections_per_node as u64,
+            "no connection could ever go through a node",
+        )?;
+        at_least_one(
+            "exits.circuit_failures",
+            u64::from(self.circuit_failures),
+            "a circuit must allow at least one failure",
+        )?;
+        if self.circuit_open_max < self.circuit_open_min {
+            return Err(invalid(
+                "exits.circuit_open_max",
+                "must be at least exits.circuit_open_min",
+            ));
+        }
+        let mut names = std::collections::HashSet::new();
+        for (i, p) in self.pools.iter().enumerate() {
+            let key = |k: &str| format!("exits.pools[{i}].{k}");
+            crate::worker::validate_name(&p.name).map_err(|why| invalid(&key("name"), why))?;
+            if !names.insert(p.name.as_str()) {
+                return Err(invalid(
+                    &key("name"),
+                    format!("pool {:?} is defined twice", p.name),
+                ));
+            }
+            if p.nodes.is_empty() {
+                return Err(invalid(&key("nodes"), "a pool needs at least one node"));
+            }
+            for (j, n) in p.nodes.iter().enumerate() {
+                crate::exits::ExitSpec::parse(n)
+                    .map_err(|why| invalid(&format!("exits.pools[{i}].nodes[{j}]"), why))?;
+            }
+            if let Some(t) = &p.session_template {
+                if !t.contains("{session}") {
+                    return Err(invalid(
+                        &key("session_template"),
+                        "must contain {session} (e.g. \"{user}-session-{session}\")",
+                    ));
+                }
+            }
+            if p.max_connections_per_node == Some(0) {
+                return Err(invalid(
+                    &key("max_connections_per_node"),
+                    "must be at least 1: no connection could ever go through a node",
+                ));
+            }
+        }
+        if let Some(d) = &self.default_pool {
+            if d != crate::exits::DIRECT && !self.pools.iter().any(|p| &p.name == d) {
+                return Err(invalid(
+                    "exits.default_pool",
+                    format!("{d:?} is not a configured pool (nor direct)"),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The router settings.
+    pub fn settings(&self) -> crate::exits::ExitSettings {
+        crate::exits::ExitSettings {
+            sticky_window: self.sticky_window,
+            session_lifetime: self.session_lifetime,
+            session_idle: self.session_idle,
+            jitter: self.jitter,
+            session_mode: self.session_mode,
+            circuit_failures: self.circuit_failures,
+            circuit_open_min: self.circuit_open_min,
+            circuit_open_max: self.circuit_open_max,
+        }
+    }
+
+    /// The pools, parsed (call after validation).
+    pub fn pool_specs(&self) -> Result<Vec<crate::exits::PoolSpec>, String> {
+        self.pools
+            .iter()
+            .map(|p| {
+                Ok(crate::exits::PoolSpec {
+                    name: p.name.clone(),
+                    nodes: p
+                        .nodes
+                        .iter()
+                        .map(|n| crate::exits::ExitSpec::parse(n))
+                        .collect::<Result<_, _>>()?,
+                    session_template: p.session_template.clone(),
+                    max_connections_per_node: p
+                        .max_connections_per_node
+                        .unwrap_or(self.max_connections_per_node),
+                })
+            })
+            .collect()
+    }
 }
 
 /// Default [`SloConfig::reuse_target`]: 0.92, the fleet SLO from the domain note
@@ -508,6 +737,8 @@ impl Config {
         self.targets.validate()?;
         self.slo.validate()?;
         self.trace.validate()?;
+        self.auth.validate()?;
+        self.exits.validate()?;
         Ok(())
     }
 

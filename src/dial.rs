@@ -23,6 +23,8 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
+use crate::exitproto::HandshakeError;
+use crate::exits::{ExitKey, ExitKind, ExitNode};
 use crate::pool::{BoxFuture, ConnWatch, Connected, Connector, EndCause, PoolConn};
 
 /// `http` or `https` target.
@@ -56,7 +58,8 @@ impl Scheme {
 /// - `scheme`, `host`, `port`: the origin (host is also the TLS SNI and what the certificate
 ///   is verified against);
 /// - `addr`: the resolved address actually connected to (a new DNS answer is a new key);
-/// - `exit`: the egress path (`direct` today; a proxy node + credentials + session later);
+/// - `exit`: the egress node and isolation scope ([`ExitKey`]: a worker session or a
+///   provider session never shares a connection with another);
 /// - `verify`: whether the certificate was verified (an insecure connection never serves a
 ///   request that asked for verification).
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -69,16 +72,40 @@ pub struct UpstreamKey {
     pub port: u16,
     /// The checked address connected to.
     pub addr: SocketAddr,
-    /// Exit id (`direct`).
-    pub exit: Arc<str>,
+    /// Exit node and isolation scope.
+    pub exit: ExitKey,
     /// Certificate verification on.
     pub verify: bool,
 }
 
 impl UpstreamKey {
-    /// `host:port` (IPv6 in brackets): the per-target label for status and metrics.
+    /// `host:port` (IPv6 in brackets): the per-target label for status and metrics. For
+    /// [`via_proxy`](Self::via_proxy) keys, `via <exit>`.
     pub fn target(&self) -> String {
-        authority(&self.host, self.port)
+        if self.via_proxy() {
+            format!("via {}", self.exit.node.label)
+        } else {
+            authority(&self.host, self.port)
+        }
+    }
+
+    /// A connection to an HTTP proxy that carries plain-http requests for any target in
+    /// absolute form (`GET http://host/path`): one proxy connection serves many targets, so
+    /// the key has no target (empty host, port 0).
+    pub fn via_proxy(&self) -> bool {
+        self.scheme == Scheme::Http && self.exit.node.spec.kind == ExitKind::Http
+    }
+
+    /// The key of the proxy connection that carries plain-http requests through `exit`.
+    pub fn http_via(exit: ExitKey) -> UpstreamKey {
+        UpstreamKey {
+            scheme: Scheme::Http,
+            host: Arc::from(""),
+            port: 0,
+            addr: SocketAddr::from(([0, 0, 0, 0], 0)),
+            exit,
+            verify: true,
+        }
     }
 }
 
@@ -129,6 +156,42 @@ pub enum DialError {
     /// The local ephemeral ports stayed nearly exhausted for the whole wait.
     #[error("{0}; the dial was held for {1:?}")]
     PortsExhausted(crate::portguard::PortsExhausted, Duration),
+    /// The TCP connect to an exit (upstream proxy) failed or timed out, or the exit broke
+    /// its protocol (garbage, early close): the node's fault.
+    #[error("exit {exit}: {reason}")]
+    ExitConnect {
+        /// Exit label.
+        exit: String,
+        /// Why (never credentials).
+        reason: String,
+    },
+    /// The exit rejected our credentials (HTTP 407, SOCKS5 auth failure).
+    #[error("exit {exit} rejected the proxy credentials: {reason}")]
+    ExitAuth {
+        /// Exit label.
+        exit: String,
+        /// Why.
+        reason: String,
+    },
+    /// The exit answered but would not reach the target (CONNECT 403/502/..., SOCKS5 reply
+    /// error).
+    #[error("exit {exit} refused to reach the target: {reason}")]
+    ExitRefused {
+        /// Exit label.
+        exit: String,
+        /// Status / reply.
+        reason: String,
+    },
+    /// No connection budget left on the exit for the whole wait.
+    #[error("exit {exit} is at its connection budget ({budget}); waited {after:?}")]
+    ExitBudget {
+        /// Exit label.
+        exit: String,
+        /// The budget.
+        budget: usize,
+        /// How long we waited.
+        after: Duration,
+    },
     /// The HTTP/1.1 or HTTP/2 connection setup failed.
     #[error("HTTP handshake with {host} failed: {reason}")]
     Handshake {
@@ -142,8 +205,10 @@ pub enum DialError {
 /// How long each phase of opening a connection took.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct DialTimings {
-    /// TCP connect.
+    /// TCP connect (to the target, or to the exit).
     pub tcp: Duration,
+    /// Exit handshake (HTTP CONNECT / SOCKS5); zero when direct.
+    pub exit: Duration,
     /// TLS handshake (zero for plain HTTP).
     pub tls: Duration,
 }
@@ -166,10 +231,35 @@ pub struct ConnShared {
     pub timings: DialTimings,
     /// `h2` or `http/1.1`.
     pub protocol: &'static str,
+    /// Holds the connection's place in its exit's budget until the connection is gone.
+    _budget: Option<BudgetSlot>,
+}
+
+/// One connection's place in an exit node's budget; gives it back when dropped.
+#[derive(Debug)]
+pub struct BudgetSlot {
+    node: Arc<ExitNode>,
+    _permit: Option<tokio::sync::OwnedSemaphorePermit>,
+}
+
+impl BudgetSlot {
+    fn new(node: Arc<ExitNode>, permit: Option<tokio::sync::OwnedSemaphorePermit>) -> Self {
+        node.open.fetch_add(1, Ordering::Relaxed);
+        BudgetSlot {
+            node,
+            _permit: permit,
+        }
+    }
+}
+
+impl Drop for BudgetSlot {
+    fn drop(&mut self) {
+        self.node.open.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl ConnShared {
-    fn new(timings: DialTimings, protocol: &'static str) -> Self {
+    fn new(timings: DialTimings, protocol: &'static str, budget: Option<BudgetSlot>) -> Self {
         ConnShared {
             alive: AtomicBool::new(true),
             bytes_in: AtomicU64::new(0),
@@ -178,6 +268,7 @@ impl ConnShared {
             max_streams: AtomicUsize::new(0),
             timings,
             protocol,
+            _budget: budget,
         }
     }
     /// Bytes read from the server so far (after TLS).
@@ -366,12 +457,46 @@ impl Dialer {
         })
     }
 
-    async fn dial(
-        cfg: DialConfig,
-        tls: Arc<rustls::ClientConfig>,
-        key: UpstreamKey,
-        watch: ConnWatch<Dialer>,
-    ) -> Result<Connected<UpstreamConn>, DialError> {
+    /// Opens a TCP stream to `host:port` through `exit` (straight to `addr` when direct):
+    /// connects, then performs the exit's handshake (HTTP CONNECT / SOCKS5). With
+    /// `http_proxy_only`, stops after the TCP connect to an HTTP proxy (absolute-form use).
+    /// Takes a place in the exit's budget first (waiting up to the connect timeout).
+    pub async fn open_stream(
+        &self,
+        exit: &ExitKey,
+        host: &str,
+        port: u16,
+        addr: SocketAddr,
+    ) -> Result<(TcpStream, DialTimings, BudgetSlot), DialError> {
+        Self::open(&self.cfg, exit, host, port, addr, false).await
+    }
+
+    async fn open(
+        cfg: &DialConfig,
+        exit: &ExitKey,
+        host: &str,
+        port: u16,
+        addr: SocketAddr,
+        http_proxy_only: bool,
+    ) -> Result<(TcpStream, DialTimings, BudgetSlot), DialError> {
+        let node = &exit.node;
+        let label = || node.label.to_string();
+        let permit = match node.permits() {
+            None => None,
+            Some(sem) => {
+                match tokio::time::timeout(cfg.connect_timeout, sem.clone().acquire_owned()).await {
+                    Ok(Ok(p)) => Some(p),
+                    _ => {
+                        return Err(DialError::ExitBudget {
+                            exit: label(),
+                            budget: node.budget.unwrap_or(0),
+                            after: cfg.connect_timeout,
+                        })
+                    }
+                }
+            }
+        };
+        let slot = BudgetSlot::new(node.clone(), permit);
         if let Some(ports) = &cfg.ports {
             // Hold the dial (bounded) rather than fail with EADDRNOTAVAIL.
             ports
@@ -380,37 +505,128 @@ impl Dialer {
                 .map_err(|e| DialError::PortsExhausted(e, cfg.connect_timeout))?;
         }
         let t0 = Instant::now();
-        let tcp =
-            match tokio::time::timeout(cfg.connect_timeout, TcpStream::connect(key.addr)).await {
-                Err(_) => {
-                    return Err(DialError::ConnectTimeout {
-                        addr: key.addr,
-                        after: cfg.connect_timeout,
-                    })
+        let direct = node.spec.kind == ExitKind::Direct;
+        let connect = async {
+            if direct {
+                return TcpStream::connect(addr).await.map_err(|e| (addr, e));
+            }
+            let proxy = (node.spec.host.as_str(), node.spec.port);
+            let mut last = None;
+            let addrs = tokio::net::lookup_host(proxy)
+                .await
+                .map_err(|e| (SocketAddr::from(([0, 0, 0, 0], node.spec.port)), e))?;
+            for a in addrs {
+                match TcpStream::connect(a).await {
+                    Ok(s) => return Ok(s),
+                    Err(e) => last = Some((a, e)),
                 }
-                Ok(Err(source)) => {
-                    return Err(DialError::Connect {
-                        addr: key.addr,
-                        source,
-                    })
-                }
-                Ok(Ok(s)) => s,
-            };
+            }
+            Err(last.unwrap_or_else(|| {
+                (
+                    SocketAddr::from(([0, 0, 0, 0], node.spec.port)),
+                    io::Error::new(io::ErrorKind::NotFound, "the proxy host has no address"),
+                )
+            }))
+        };
+        let mut tcp = match tokio::time::timeout(cfg.connect_timeout, connect).await {
+            Err(_) if direct => {
+                return Err(DialError::ConnectTimeout {
+                    addr,
+                    after: cfg.connect_timeout,
+                })
+            }
+            Err(_) => {
+                return Err(DialError::ExitConnect {
+                    exit: label(),
+                    reason: format!("TCP connect timed out after {:?}", cfg.connect_timeout),
+                })
+            }
+            Ok(Err((addr, source))) if direct => return Err(DialError::Connect { addr, source }),
+            Ok(Err((_, source))) => {
+                return Err(DialError::ExitConnect {
+                    exit: label(),
+                    reason: format!("TCP connect failed: {source}"),
+                })
+            }
+            Ok(Ok(s)) => s,
+        };
         let _ = tcp.set_nodelay(true);
         let tcp_time = t0.elapsed();
         if let Some(ports) = &cfg.ports {
             ports.note_new_connection();
         }
+        let t1 = Instant::now();
+        if !direct && !http_proxy_only {
+            let auth = node.auth_for(exit.provider_session());
+            let hs = async {
+                match node.spec.kind {
+                    ExitKind::Http => {
+                        crate::exitproto::http_connect(&mut tcp, host, port, auth.as_ref()).await
+                    }
+                    ExitKind::Socks5 => {
+                        crate::exitproto::socks5_connect(&mut tcp, host, port, auth.as_ref()).await
+                    }
+                    ExitKind::Direct => Ok(()),
+                }
+            };
+            match tokio::time::timeout(cfg.connect_timeout, hs).await {
+                Err(_) => {
+                    return Err(DialError::ExitConnect {
+                        exit: label(),
+                        reason: format!(
+                            "no answer to the {} handshake within {:?}",
+                            node.spec.kind.as_str(),
+                            cfg.connect_timeout
+                        ),
+                    })
+                }
+                Ok(Err(e)) => {
+                    let reason = e.to_string();
+                    return Err(match e {
+                        HandshakeError::Auth(_) => DialError::ExitAuth {
+                            exit: label(),
+                            reason,
+                        },
+                        HandshakeError::Refused { .. } => DialError::ExitRefused {
+                            exit: label(),
+                            reason,
+                        },
+                        HandshakeError::Protocol(_) | HandshakeError::Io(_) => {
+                            DialError::ExitConnect {
+                                exit: label(),
+                                reason,
+                            }
+                        }
+                    });
+                }
+                Ok(Ok(())) => {}
+            }
+        }
+        let timings = DialTimings {
+            tcp: tcp_time,
+            exit: if direct || http_proxy_only {
+                Duration::ZERO
+            } else {
+                t1.elapsed()
+            },
+            tls: Duration::ZERO,
+        };
+        Ok((tcp, timings, slot))
+    }
+
+    async fn dial(
+        cfg: DialConfig,
+        tls: Arc<rustls::ClientConfig>,
+        key: UpstreamKey,
+        watch: ConnWatch<Dialer>,
+    ) -> Result<Connected<UpstreamConn>, DialError> {
+        let via = key.via_proxy();
+        let (tcp, mut timings, slot) =
+            Self::open(&cfg, &key.exit, &key.host, key.port, key.addr, via).await?;
         let host = key.host.to_string();
         match key.scheme {
             Scheme::Http => {
-                let shared = Arc::new(ConnShared::new(
-                    DialTimings {
-                        tcp: tcp_time,
-                        tls: Duration::ZERO,
-                    },
-                    "http/1.1",
-                ));
+                let shared = Arc::new(ConnShared::new(timings, "http/1.1", Some(slot)));
                 let io = WatchedIo::new(tcp, shared.clone(), None);
                 h1_handshake(io, shared, watch, host).await
             }
@@ -441,18 +657,15 @@ impl Dialer {
                     }
                     Ok(Ok(s)) => s,
                 };
-                let timings = DialTimings {
-                    tcp: tcp_time,
-                    tls: t1.elapsed(),
-                };
+                timings.tls = t1.elapsed();
                 let is_h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
                 if is_h2 {
-                    let shared = Arc::new(ConnShared::new(timings, "h2"));
+                    let shared = Arc::new(ConnShared::new(timings, "h2", Some(slot)));
                     let tracker = FrameTracker::new(watch.clone(), cfg.default_max_streams);
                     let io = WatchedIo::new(stream, shared.clone(), Some(tracker));
                     h2_handshake(io, shared, watch, host).await
                 } else {
-                    let shared = Arc::new(ConnShared::new(timings, "http/1.1"));
+                    let shared = Arc::new(ConnShared::new(timings, "http/1.1", Some(slot)));
                     let io = WatchedIo::new(stream, shared.clone(), None);
                     h1_handshake(io, shared, watch, host).await
                 }

@@ -14,6 +14,8 @@ pub enum Side {
     Target,
     /// edgepool itself (overload, internal).
     Edgepool,
+    /// An upstream proxy node (exit) failed or refused.
+    Exit,
 }
 
 impl Side {
@@ -23,6 +25,7 @@ impl Side {
             Side::Worker => "worker",
             Side::Target => "target",
             Side::Edgepool => "edgepool",
+            Side::Exit => "exit",
         }
     }
 }
@@ -66,6 +69,8 @@ pub struct EdgeError {
     pub sent: Option<Sent>,
     /// `Retry-After` seconds, for 503s.
     pub retry_after: Option<u32>,
+    /// Ask for proxy credentials (`Proxy-Authenticate`), for 407s.
+    pub proxy_authenticate: bool,
 }
 
 impl EdgeError {
@@ -84,7 +89,57 @@ impl EdgeError {
             detail: detail.into(),
             sent: None,
             retry_after: None,
+            proxy_authenticate: false,
         }
+    }
+    /// 407: the worker's proxy credentials are missing, wrong or carry a malformed option.
+    pub fn proxy_auth(token: &'static str, detail: impl Into<String>) -> Self {
+        let mut e = Self::new(
+            StatusCode::PROXY_AUTHENTICATION_REQUIRED,
+            token,
+            "http_request_denied",
+            Side::Worker,
+            detail,
+        );
+        e.proxy_authenticate = true;
+        e.sent = Some(Sent::None);
+        e
+    }
+    /// 502 from an exit (upstream proxy) failure: `exit_connect_failed` (unreachable, timed
+    /// out, broke the protocol), `exit_auth_failed` (rejected our credentials),
+    /// `exit_refused` (would not reach the target), `session_exit_lost` (a strict session's
+    /// exit is gone). Nothing was sent to the target.
+    pub fn exit_failed(token: &'static str, detail: impl Into<String>) -> Self {
+        let mut e = Self::new(
+            StatusCode::BAD_GATEWAY,
+            token,
+            if token == "exit_refused" {
+                "destination_unavailable"
+            } else {
+                "proxy_next_hop_connection"
+            },
+            Side::Exit,
+            detail,
+        );
+        e.sent = Some(Sent::None);
+        e
+    }
+    /// 503 + `Retry-After`: every exit of the pool is down (circuit open) or at its budget.
+    pub fn no_healthy_exit(
+        token: &'static str,
+        detail: impl Into<String>,
+        retry_after: u32,
+    ) -> Self {
+        let mut e = Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            token,
+            "proxy_next_hop_connection",
+            Side::Exit,
+            detail,
+        );
+        e.retry_after = Some(retry_after.max(1));
+        e.sent = Some(Sent::None);
+        e
     }
     /// 400: the worker's request is not something a proxy can forward.
     pub fn bad_request(token: &'static str, detail: impl Into<String>) -> Self {
@@ -295,6 +350,12 @@ impl EdgeError {
         }
         if let Some(r) = self.retry_after {
             h.insert("retry-after", HeaderValue::from(r));
+        }
+        if self.proxy_authenticate {
+            h.insert(
+                "proxy-authenticate",
+                HeaderValue::from_static("Basic realm=\"edgepool\""),
+            );
         }
         res.extensions_mut()
             .insert(hyper::ext::ReasonPhrase::from_static(self.token.as_bytes()));

@@ -40,8 +40,10 @@ pub fn full_body(b: impl Into<Bytes>) -> ProxyBody {
         .boxed_unsync()
 }
 
-/// The exit every request takes until upstream proxies exist.
-pub const EXIT_DIRECT: &str = "direct";
+/// The label of the direct exit (no upstream proxy).
+pub const EXIT_DIRECT: &str = crate::exits::DIRECT;
+/// At most this many exit nodes are tried for one request when nodes fail to connect.
+pub const MAX_EXIT_FAILOVER: usize = 3;
 
 /// Settings of the forwarder.
 #[derive(Clone, Debug)]
@@ -77,6 +79,8 @@ pub struct Outgoing {
     pub headers: HeaderMap,
     /// Body.
     pub body: Bytes,
+    /// Who sent it and what they asked for (session, pool, rotation).
+    pub worker: crate::worker::Worker,
 }
 
 impl Outgoing {
@@ -104,14 +108,18 @@ pub struct Meta {
     pub reused: bool,
     /// Why its connection was opened, if new.
     pub new_reason: Option<NewReason>,
-    /// Exit id.
-    pub exit: &'static str,
+    /// Exit label (`direct`, `pool/host:port`).
+    pub exit: Arc<str>,
+    /// The worker's session was moved to another exit (flex).
+    pub session_renewed: bool,
     /// `h2` / `http/1.1`.
     pub protocol: &'static str,
     /// DNS resolution.
     pub dns: Duration,
     /// TCP connect of its connection (zero if reused).
     pub tcp_connect: Duration,
+    /// Exit handshake (CONNECT / SOCKS5) of its connection (zero if reused or direct).
+    pub exit_handshake: Duration,
     /// TLS handshake of its connection (zero if reused).
     pub tls_handshake: Duration,
     /// Waiting for a connection (includes dialing).
@@ -125,6 +133,7 @@ pub struct Meta {
 /// Sends requests upstream through the pool.
 pub struct Forwarder {
     pool: Pool<crate::dial::Dialer>,
+    exits: Arc<crate::exits::Exits>,
     resolver: Resolver,
     policy: TargetPolicy,
     telemetry: Arc<Telemetry>,
@@ -189,6 +198,7 @@ impl Forwarder {
     /// A forwarder over `pool`.
     pub fn new(
         pool: Pool<crate::dial::Dialer>,
+        exits: Arc<crate::exits::Exits>,
         resolver: Resolver,
         policy: TargetPolicy,
         telemetry: Arc<Telemetry>,
@@ -196,6 +206,7 @@ impl Forwarder {
     ) -> Self {
         Forwarder {
             pool,
+            exits,
             resolver,
             policy,
             telemetry,
@@ -207,6 +218,43 @@ impl Forwarder {
     /// The pool.
     pub fn pool(&self) -> &Pool<crate::dial::Dialer> {
         &self.pool
+    }
+
+    /// The exits and their routing state.
+    pub fn exits(&self) -> &Arc<crate::exits::Exits> {
+        &self.exits
+    }
+
+    /// Routes a request for `host:port`: which exit, in which isolation scope.
+    pub fn route(
+        &self,
+        out_target: &str,
+        worker: &crate::worker::Worker,
+        exclude: &[usize],
+        warm_key: &dyn Fn(crate::exits::ExitKey) -> UpstreamKey,
+    ) -> Result<crate::exits::Route, EdgeError> {
+        let warm = |k: &crate::exits::ExitKey| self.pool.has_idle(&warm_key(k.clone()));
+        self.exits
+            .route(&crate::exits::RouteQuery {
+                target: out_target,
+                token: &worker.token,
+                options: &worker.options,
+                exclude,
+                warm: &warm,
+            })
+            .map_err(route_error)
+    }
+
+    /// Reports a dial error to the exits' health: node faults count against the node.
+    fn blame(&self, node: &crate::exits::ExitNode, e: &DialError) -> bool {
+        let fault = matches!(
+            e,
+            DialError::ExitConnect { .. } | DialError::ExitAuth { .. }
+        );
+        if fault {
+            self.exits.node_failed(node, &e.to_string());
+        }
+        fault
     }
 
     /// Resolves `host` and checks every address against the target policy; returns the
@@ -275,7 +323,7 @@ impl Forwarder {
                 self.telemetry.trace(TraceRecord {
                     kind: "request",
                     target: target.clone(),
-                    exit: EXIT_DIRECT,
+                    exit: EXIT_DIRECT.into(),
                     method: out.method.to_string(),
                     status: Some(e.status.as_u16()),
                     error: Some(e.token),
@@ -300,16 +348,30 @@ impl Forwarder {
             .insecure_hosts
             .iter()
             .any(|h| h.eq_ignore_ascii_case(&out.host));
-        let mut key = UpstreamKey {
-            scheme: out.scheme,
-            host: Arc::from(out.host.as_str()),
-            port: out.port,
-            addr: candidates[0],
-            exit: Arc::from(EXIT_DIRECT),
-            verify,
+        let key_for = |exit: crate::exits::ExitKey, addr: SocketAddr| {
+            let via =
+                out.scheme == Scheme::Http && exit.node.spec.kind == crate::exits::ExitKind::Http;
+            if via {
+                UpstreamKey::http_via(exit)
+            } else {
+                UpstreamKey {
+                    scheme: out.scheme,
+                    host: Arc::from(out.host.as_str()),
+                    port: out.port,
+                    addr,
+                    exit,
+                    verify,
+                }
+            }
         };
+        let mut failed_exits: Vec<usize> = Vec::new();
+        let mut route = self.route(target, &out.worker, &failed_exits, &|e| {
+            key_for(e, candidates[0])
+        })?;
+        let mut key = key_for(route.key.clone(), candidates[0]);
         let mut meta = Meta {
-            exit: EXIT_DIRECT,
+            exit: route.key.node.label.clone(),
+            session_renewed: route.renewed,
             dns,
             ..Default::default()
         };
@@ -321,6 +383,7 @@ impl Forwarder {
             let opts = CheckoutOpts {
                 deadline: t_queue + self.cfg.queue_timeout,
                 fresh: attempt > 0 && fresh_retry,
+                cold_reason: route.cold_reason,
             };
             let mut lease = match self.pool.checkout(&key, opts).await {
                 Ok(l) => l,
@@ -335,6 +398,39 @@ impl Forwarder {
                     candidate += 1;
                     tracing::debug!(target = %target, failed = %key.addr, next = %candidates[candidate], "connect failed; trying the next address");
                     key.addr = candidates[candidate];
+                    continue;
+                }
+                // The exit node failed before anything was sent: another node is safe for
+                // any method (a strict session fails instead).
+                Err(CheckoutError::Dial(d))
+                    if self.blame(&route.key.node, &d)
+                        && failed_exits.len() + 1 < MAX_EXIT_FAILOVER =>
+                {
+                    failed_exits.push(route.key.node.index);
+                    tracing::debug!(target = %target, exit = %route.key.node.label, error = %d, "exit failed; trying another");
+                    let renewed_before = meta.session_renewed;
+                    route = match self.route(target, &out.worker, &failed_exits, &|e| {
+                        key_for(e, candidates[candidate])
+                    }) {
+                        Ok(r) => r,
+                        Err(e) => {
+                            // Say what failed, not only that nothing is left.
+                            if e.token == "no_healthy_exit" {
+                                return Err(checkout_error(
+                                    CheckoutError::Dial(d),
+                                    target,
+                                    self.cfg.queue_timeout,
+                                ));
+                            }
+                            return Err(e);
+                        }
+                    };
+                    if route.cold_reason.is_none() && out.worker.options.session.is_none() {
+                        route.cold_reason = Some(NewReason::SessionChange);
+                    }
+                    meta.session_renewed = renewed_before || route.renewed;
+                    meta.exit = route.key.node.label.clone();
+                    key = key_for(route.key.clone(), candidates[candidate]);
                     continue;
                 }
                 Err(e) => {
@@ -354,12 +450,18 @@ impl Forwarder {
             meta.reused = lease.reused();
             meta.new_reason = lease.new_reason();
             meta.protocol = shared.protocol;
-            let handshake = (!lease.reused()).then(|| shared.timings.tcp + shared.timings.tls);
+            let handshake = (!lease.reused())
+                .then(|| shared.timings.tcp + shared.timings.exit + shared.timings.tls);
             if !lease.reused() {
+                self.exits.node_ok(&route.key.node);
                 meta.tcp_connect = shared.timings.tcp;
+                meta.exit_handshake = shared.timings.exit;
                 meta.tls_handshake = shared.timings.tls;
-                self.telemetry
-                    .record_handshake(shared.timings.tcp, shared.timings.tls);
+                self.telemetry.record_handshake(
+                    shared.timings.tcp,
+                    shared.timings.exit,
+                    shared.timings.tls,
+                );
             }
             let record = RequestRecord {
                 target,
@@ -375,6 +477,9 @@ impl Forwarder {
                 },
                 queue: meta.queue,
                 bytes_up: out.body.len() as u64,
+                exit: &route.key.node,
+                forced: route.forced,
+                via_proxy: key.via_proxy(),
             };
             let t_send = Instant::now();
             let sent = match lease.conn() {
@@ -392,7 +497,7 @@ impl Forwarder {
                             .then(|| TraceRecord {
                                 kind: "request",
                                 target: target.to_string(),
-                                exit: meta.exit,
+                                exit: meta.exit.to_string(),
                                 method: out.method.to_string(),
                                 reused: Some(meta.reused),
                                 new_reason: meta.new_reason.map(|r| r.as_str()),
@@ -491,9 +596,17 @@ impl Forwarder {
                 format!("connection not usable: {e}"),
             ));
         }
+        // Through an HTTP proxy, plain-http requests go in absolute form with the proxy's
+        // credentials (the worker's own Proxy-Authorization was removed at ingress).
+        let via = lease.key().via_proxy();
+        let uri = if via {
+            format!("http://{}{}", authority(&out.host, out.port), out.path)
+        } else {
+            out.path.clone()
+        };
         let mut req = Request::builder()
             .method(out.method.clone())
-            .uri(out.path.as_str())
+            .uri(uri)
             .version(Version::HTTP_11)
             .body(Full::new(out.body.clone()))
             .map_err(|e| SendFailure {
@@ -501,6 +614,13 @@ impl Forwarder {
                 ..SendFailure::new(Sent::None, true, format!("invalid request: {e}"))
             })?;
         *req.headers_mut() = out.headers.clone();
+        if via {
+            let exit = &lease.key().exit;
+            if let Some(auth) = exit.node.auth_for(exit.provider_session()) {
+                req.headers_mut()
+                    .insert(header::PROXY_AUTHORIZATION, auth.basic_header());
+            }
+        }
         if !req.headers().contains_key(header::HOST) {
             let host = if out.port == out.scheme.default_port() {
                 bracket(&out.host)
@@ -635,9 +755,14 @@ impl Forwarder {
             "x-edgepool-reused",
             HeaderValue::from_static(if meta.reused { "1" } else { "0" }),
         );
-        parts
-            .headers
-            .insert("x-edgepool-exit", HeaderValue::from_static(meta.exit));
+        if let Ok(v) = HeaderValue::from_str(&meta.exit) {
+            parts.headers.insert("x-edgepool-exit", v);
+        }
+        if meta.session_renewed {
+            parts
+                .headers
+                .insert("x-edgepool-session-renewed", HeaderValue::from_static("1"));
+        }
         let mut done = done;
         if let Some(t) = done.trace.as_mut() {
             t.status = Some(parts.status.as_u16());
@@ -668,18 +793,44 @@ fn checkout_error(e: CheckoutError<DialError>, target: &str, queue: Duration) ->
             "no connection to {target} became free within pool.queue_timeout ({queue:?})"
         )),
         CheckoutError::Closed => EdgeError::shutting_down(),
-        CheckoutError::Dial(d) => {
-            let msg = d.to_string();
-            match &*d {
-                DialError::Connect { .. } => EdgeError::connect_failed(msg),
-                DialError::ConnectTimeout { .. } => EdgeError::connect_timeout(msg),
-                DialError::Tls { .. } => EdgeError::tls_failed(msg),
-                DialError::TlsTimeout { .. } => EdgeError::connect_timeout(msg),
-                DialError::Handshake { .. } => EdgeError::connect_failed(msg),
-                DialError::PortsExhausted(..) => EdgeError::ports_exhausted(msg),
-            }
-            .with_sent(Sent::None)
-        }
+        CheckoutError::Dial(d) => dial_error_ref(&d),
+    }
+}
+
+/// The worker-facing error for a failed dial (nothing was sent).
+pub fn dial_error(e: DialError) -> EdgeError {
+    dial_error_ref(&e)
+}
+
+fn dial_error_ref(d: &DialError) -> EdgeError {
+    let msg = d.to_string();
+    match d {
+        DialError::Connect { .. } => EdgeError::connect_failed(msg),
+        DialError::ConnectTimeout { .. } => EdgeError::connect_timeout(msg),
+        DialError::Tls { .. } => EdgeError::tls_failed(msg),
+        DialError::TlsTimeout { .. } => EdgeError::connect_timeout(msg),
+        DialError::Handshake { .. } => EdgeError::connect_failed(msg),
+        DialError::PortsExhausted(..) => EdgeError::ports_exhausted(msg),
+        DialError::ExitConnect { .. } => EdgeError::exit_failed("exit_connect_failed", msg),
+        DialError::ExitAuth { .. } => EdgeError::exit_failed("exit_auth_failed", msg),
+        DialError::ExitRefused { .. } => EdgeError::exit_failed("exit_refused", msg),
+        DialError::ExitBudget { .. } => EdgeError::no_healthy_exit("exit_budget_exhausted", msg, 1),
+    }
+    .with_sent(Sent::None)
+}
+
+/// The worker-facing error for a routing failure.
+pub fn route_error(e: crate::exits::RouteError) -> EdgeError {
+    use crate::exits::RouteError;
+    let msg = e.to_string();
+    match e {
+        RouteError::UnknownPool(..) => EdgeError::bad_request("unknown_exit_pool", msg),
+        RouteError::NoHealthyExit { retry_after, .. } => EdgeError::no_healthy_exit(
+            "no_healthy_exit",
+            msg,
+            retry_after.as_secs_f64().ceil() as u32,
+        ),
+        RouteError::SessionExitLost { .. } => EdgeError::exit_failed("session_exit_lost", msg),
     }
 }
 

@@ -42,6 +42,9 @@ pub enum StartError {
     /// TLS client setup failed (e.g. an unreadable upstream CA file).
     #[error("{0}")]
     Tls(String),
+    /// The exit pools are inconsistent.
+    #[error("exits: {0}")]
+    Exits(String),
     /// The reuse report store could not be opened.
     #[error("reuse report store: {0}")]
     Report(#[from] crate::report::ReportError),
@@ -50,6 +53,7 @@ pub enum StartError {
 /// The running gateway's shared parts.
 pub struct Gateway {
     cfg: Config,
+    auth: crate::worker::WorkerAuth,
     ca: Arc<CertAuthority>,
     leaves: LeafCache,
     forwarder: Forwarder,
@@ -96,8 +100,20 @@ impl Gateway {
         let telemetry = Arc::new(Telemetry::new(cfg.slo.clone(), cfg.trace.clone()));
         let pool = Pool::new(cfg.pool.to_pool_config(), dialer, telemetry.clone());
         let resolver = Resolver::new(cfg.upstream.dns_min_ttl, cfg.upstream.dns_max_ttl);
+        let exits = Arc::new(
+            crate::exits::Exits::new(
+                &cfg.exits.pool_specs().map_err(StartError::Exits)?,
+                cfg.exits.default_pool.as_deref(),
+                cfg.exits.settings(),
+            )
+            .map_err(StartError::Exits)?,
+        );
+        for n in exits.nodes().iter().skip(1) {
+            tracing::info!(exit = %n.label, kind = n.spec.kind.as_str(), gateway = n.session_template.is_some(), "exit node");
+        }
         let forwarder = Forwarder::new(
             pool,
+            exits,
             resolver,
             TargetPolicy::new(cfg.targets.allow.clone()),
             telemetry.clone(),
@@ -109,7 +125,9 @@ impl Gateway {
                 insecure_hosts: cfg.upstream.insecure_skip_verify.clone(),
             },
         );
+        let auth = crate::worker::WorkerAuth::new(&cfg.auth.tokens);
         Ok(Arc::new(Gateway {
+            auth,
             cfg,
             ca,
             leaves,
@@ -123,6 +141,10 @@ impl Gateway {
         }))
     }
 
+    /// Worker authentication.
+    pub fn auth(&self) -> &crate::worker::WorkerAuth {
+        &self.auth
+    }
     /// The configuration.
     pub fn config(&self) -> &Config {
         &self.cfg
@@ -172,6 +194,8 @@ impl Gateway {
             loop {
                 tick.tick().await;
                 gw.telemetry.tick();
+                gw.forwarder.exits().sweep();
+                gw.telemetry.record_exit_states(gw.forwarder.exits());
             }
         });
         // Ephemeral-port budget: re-read the kernel's socket tables once a second.

@@ -41,8 +41,17 @@ pub async fn serve_worker(gw: Arc<Gateway>, stream: TcpStream) {
 }
 
 async fn handle(gw: Arc<Gateway>, req: Request<Incoming>) -> Response<ProxyBody> {
+    // Who is asking, and with which options (session, pool, rotation): from the proxy
+    // username. Checked before anything else, for every kind of request.
+    let worker = match gw
+        .auth()
+        .authenticate(req.headers().get(http::header::PROXY_AUTHORIZATION))
+    {
+        Ok(w) => w,
+        Err(e) => return error(&gw, EdgeError::proxy_auth(e.token(), e.to_string())),
+    };
     if req.method() == Method::CONNECT {
-        return handle_connect(gw, req).await;
+        return handle_connect(gw, req, worker).await;
     }
     let uri = req.uri().clone();
     let scheme = uri.scheme_str().map(|s| match s {
@@ -67,7 +76,7 @@ async fn handle(gw: Arc<Gateway>, req: Request<Incoming>) -> Response<ProxyBody>
                 );
             };
             let port = uri.port_u16().unwrap_or(scheme.default_port());
-            forward_worker_request(gw, req, scheme, host, port).await
+            forward_worker_request(gw, req, scheme, host, port, &worker).await
         }
         None if req.uri().path() == "/v1/fetch" => {
             if req.method() != Method::POST {
@@ -79,7 +88,7 @@ async fn handle(gw: Arc<Gateway>, req: Request<Incoming>) -> Response<ProxyBody>
                     ),
                 );
             }
-            fetch(gw, req).await
+            fetch(gw, req, worker).await
         }
         None => error(
             &gw,
@@ -105,6 +114,21 @@ fn normalize_host(host: &str) -> String {
         .to_ascii_lowercase()
 }
 
+/// The worker's options for one request: its connection's (proxy username) overlaid with the
+/// request's `X-Edgepool-Session` header, if any.
+fn request_worker(
+    base: &crate::worker::Worker,
+    headers: &HeaderMap,
+) -> Result<crate::worker::Worker, EdgeError> {
+    let mut w = base.clone();
+    if let Some(v) = headers.get(crate::worker::SESSION_HEADER) {
+        let o = crate::worker::parse_session_header(v.as_bytes())
+            .map_err(|e| EdgeError::bad_request(e.token(), e.to_string()))?;
+        w.options.overlay(&o);
+    }
+    Ok(w)
+}
+
 /// Buffers the worker's body (bounded), cleans headers and forwards.
 async fn forward_worker_request(
     gw: Arc<Gateway>,
@@ -112,7 +136,12 @@ async fn forward_worker_request(
     scheme: Scheme,
     host: String,
     port: u16,
+    worker: &crate::worker::Worker,
 ) -> Response<ProxyBody> {
+    let worker = match request_worker(worker, req.headers()) {
+        Ok(w) => w,
+        Err(e) => return error(&gw, e),
+    };
     let (parts, body) = req.into_parts();
     let limit = gw.config().limits.max_request_body;
     let body = match Limited::new(body, limit as usize).collect().await {
@@ -149,6 +178,7 @@ async fn forward_worker_request(
         path,
         headers,
         body,
+        worker,
     };
     match gw.forwarder().forward(out).await {
         Ok((resp, _meta)) => resp,
@@ -156,7 +186,11 @@ async fn forward_worker_request(
     }
 }
 
-async fn handle_connect(gw: Arc<Gateway>, req: Request<Incoming>) -> Response<ProxyBody> {
+async fn handle_connect(
+    gw: Arc<Gateway>,
+    req: Request<Incoming>,
+    worker: crate::worker::Worker,
+) -> Response<ProxyBody> {
     let Some(auth) = req.uri().authority().cloned() else {
         return error(
             &gw,
@@ -180,8 +214,8 @@ async fn handle_connect(gw: Arc<Gateway>, req: Request<Incoming>) -> Response<Pr
         Err(e) => return error(&gw, e),
     };
     let icfg = &gw.config().intercept;
-    if !icfg.enabled || icfg.is_passthrough(&host) {
-        return tunnel(gw, req, addr).await;
+    if !icfg.enabled || icfg.is_passthrough(&host) || worker.options.mitm_off {
+        return tunnel(gw, req, &host, port, addr, &worker).await;
     }
     let server_cfg = match gw.leaves().server_config(&host).await {
         Ok(c) => c,
@@ -223,9 +257,11 @@ async fn handle_connect(gw: Arc<Gateway>, req: Request<Incoming>) -> Response<Pr
                 }
             };
         let host = Arc::new(host);
+        let worker = Arc::new(worker);
         let svc = service_fn(move |req: Request<Incoming>| {
             let gw = gw2.clone();
             let host = host.clone();
+            let worker = worker.clone();
             async move {
                 let resp = if req.method() == Method::CONNECT {
                     error(
@@ -236,7 +272,8 @@ async fn handle_connect(gw: Arc<Gateway>, req: Request<Incoming>) -> Response<Pr
                         ),
                     )
                 } else {
-                    forward_worker_request(gw, req, Scheme::Https, (*host).clone(), port).await
+                    forward_worker_request(gw, req, Scheme::Https, (*host).clone(), port, &worker)
+                        .await
                 };
                 Ok::<_, Infallible>(resp)
             }
@@ -249,33 +286,56 @@ async fn handle_connect(gw: Arc<Gateway>, req: Request<Incoming>) -> Response<Pr
     Response::new(full_body(Bytes::new()))
 }
 
-/// A blind tunnel: bytes both ways, no pooling (counted apart).
+/// A blind tunnel: bytes both ways, no pooling (counted apart). It still leaves through the
+/// worker's exit (routed like a request to `host:port`), with the same failover on a dead
+/// node.
 async fn tunnel(
     gw: Arc<Gateway>,
     req: Request<Incoming>,
+    host: &str,
+    port: u16,
     addr: std::net::SocketAddr,
+    worker: &crate::worker::Worker,
 ) -> Response<ProxyBody> {
-    let timeout = gw.config().upstream.connect_timeout;
-    let upstream = match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
-        Ok(Ok(s)) => s,
-        Ok(Err(e)) => {
-            return error(
-                &gw,
-                EdgeError::connect_failed(format!("tunnel to {addr}: {e}")),
-            )
-        }
-        Err(_) => {
-            return error(
-                &gw,
-                EdgeError::connect_timeout(format!(
-                    "tunnel to {addr}: no connection within {timeout:?}"
-                )),
-            )
+    let fwd = gw.forwarder();
+    let target = crate::dial::authority(host, port);
+    let mut failed: Vec<usize> = Vec::new();
+    let no_warm = |e: crate::exits::ExitKey| crate::dial::UpstreamKey::http_via(e);
+    let (upstream, exit, slot) = loop {
+        let route = match fwd.route(&target, worker, &failed, &no_warm) {
+            Ok(r) => r,
+            Err(e) => return error(&gw, e),
+        };
+        match fwd
+            .pool()
+            .connector()
+            .open_stream(&route.key, host, port, addr)
+            .await
+        {
+            Ok((s, _timings, slot)) => {
+                fwd.exits().node_ok(&route.key.node);
+                break (s, route.key.node.label.clone(), slot);
+            }
+            Err(e) => {
+                let fault = matches!(
+                    e,
+                    crate::dial::DialError::ExitConnect { .. }
+                        | crate::dial::DialError::ExitAuth { .. }
+                );
+                if fault {
+                    fwd.exits().node_failed(&route.key.node, &e.to_string());
+                    failed.push(route.key.node.index);
+                    if failed.len() < crate::forward::MAX_EXIT_FAILOVER {
+                        continue;
+                    }
+                }
+                return error(&gw, crate::forward::dial_error(e));
+            }
         }
     };
-    let _ = upstream.set_nodelay(true);
     gw.telemetry().record_tunnel();
     tokio::spawn(async move {
+        let _slot = slot; // the exit's budget is held while the tunnel lives
         match hyper::upgrade::on(req).await {
             Ok(up) => {
                 let mut up = TokioIo::new(up);
@@ -285,7 +345,11 @@ async fn tunnel(
             Err(e) => tracing::debug!("CONNECT upgrade failed: {e}"),
         }
     });
-    Response::new(full_body(Bytes::new()))
+    let mut resp = Response::new(full_body(Bytes::new()));
+    if let Ok(v) = HeaderValue::from_str(&exit) {
+        resp.headers_mut().insert("x-edgepool-exit", v);
+    }
+    resp
 }
 
 /// `POST /v1/fetch` request document.
@@ -313,7 +377,15 @@ enum FetchHeaders {
     List(Vec<(String, String)>),
 }
 
-async fn fetch(gw: Arc<Gateway>, req: Request<Incoming>) -> Response<ProxyBody> {
+async fn fetch(
+    gw: Arc<Gateway>,
+    req: Request<Incoming>,
+    worker: crate::worker::Worker,
+) -> Response<ProxyBody> {
+    let worker = match request_worker(&worker, req.headers()) {
+        Ok(w) => w,
+        Err(e) => return error(&gw, e),
+    };
     let limit = gw.config().limits.max_fetch_json;
     let raw = match Limited::new(req.into_body(), limit as usize)
         .collect()
@@ -341,7 +413,7 @@ async fn fetch(gw: Arc<Gateway>, req: Request<Incoming>) -> Response<ProxyBody> 
             )
         }
     };
-    let out = match fetch_outgoing(&doc, gw.config().limits.max_request_body) {
+    let out = match fetch_outgoing(&doc, gw.config().limits.max_request_body, worker) {
         Ok(o) => o,
         Err(e) => return error(&gw, e),
     };
@@ -386,13 +458,15 @@ async fn fetch(gw: Arc<Gateway>, req: Request<Incoming>) -> Response<ProxyBody> 
         "status": parts.status.as_u16(),
         "headers": headers,
         "reused": meta.reused,
-        "exit": meta.exit,
+        "exit": &*meta.exit,
+        "session_renewed": meta.session_renewed,
         "protocol": meta.protocol,
         "new_connection_reason": meta.new_reason.map(|r| r.as_str()),
         "timings": {
             "dns_ms": ms(meta.dns),
             "queue_ms": ms(meta.queue),
             "tcp_connect_ms": ms(meta.tcp_connect),
+            "exit_handshake_ms": ms(meta.exit_handshake),
             "tls_handshake_ms": ms(meta.tls_handshake),
             "ttfb_ms": ms(meta.ttfb),
             "total_ms": ms(started.elapsed()),
@@ -417,7 +491,11 @@ async fn fetch(gw: Arc<Gateway>, req: Request<Incoming>) -> Response<ProxyBody> 
     resp
 }
 
-fn fetch_outgoing(doc: &FetchRequest, max_body: u64) -> Result<Outgoing, EdgeError> {
+fn fetch_outgoing(
+    doc: &FetchRequest,
+    max_body: u64,
+    worker: crate::worker::Worker,
+) -> Result<Outgoing, EdgeError> {
     let url = url::Url::parse(&doc.url)
         .map_err(|e| EdgeError::bad_request("fetch_bad_url", format!("url {:?}: {e}", doc.url)))?;
     let scheme = match url.scheme() {
@@ -497,6 +575,7 @@ fn fetch_outgoing(doc: &FetchRequest, max_body: u64) -> Result<Outgoing, EdgeErr
         path,
         headers,
         body,
+        worker,
     })
 }
 

@@ -23,6 +23,10 @@
 //! - [`admin`]: `/` (dashboard), `/status`, `/status/history`, `/report`, `/trace`, `/metrics`,
 //!   `/healthz`, `/readyz`, `/ca.pem`.
 //! - [`error`]: edgepool's own errors: side, status, `X-Edgepool-Error`, `Proxy-Status`.
+//! - [`worker`]: worker authentication — token and options in the proxy username.
+//! - [`exits`]: exit pools (direct, HTTP CONNECT / SOCKS5 proxies, rotating gateways), node
+//!   health (circuit breaker), sticky sessions and windows, reuse-aware node choice.
+//! - [`exitproto`]: client side of exit-proxy handshakes (HTTP `CONNECT`, SOCKS5).
 #![warn(missing_docs)]
 
 pub mod admin;
@@ -30,6 +34,8 @@ pub mod ca;
 pub mod config;
 pub mod dial;
 pub mod error;
+pub mod exitproto;
+pub mod exits;
 pub mod forward;
 pub mod gateway;
 pub mod guard;
@@ -38,3 +44,4 @@ pub mod pool;
 pub mod portguard;
 pub mod report;
 pub mod telemetry;
+pub mod worker;

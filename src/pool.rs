@@ -114,11 +114,20 @@ pub enum NewReason {
     /// A request failed on a reused connection and is retried on a fresh one, or a connection
     /// broke with an error.
     AfterError,
+    /// The sticky window of a (target, exit pool) ended and traffic rotated to another exit.
+    Rotation,
+    /// The worker asked for a new exit per request (`rotate-request`).
+    ForcedRotation,
+    /// A worker session started (sessions never share connections).
+    NewSession,
+    /// A session or window moved to another exit (its exit failed, its lifetime ended, or it
+    /// changed pool).
+    SessionChange,
 }
 
 impl NewReason {
     /// All reasons, in a stable order (for metrics and reports).
-    pub const ALL: [NewReason; 12] = [
+    pub const ALL: [NewReason; 16] = [
         NewReason::ColdKey,
         NewReason::AllBusy,
         NewReason::H2Saturated,
@@ -131,6 +140,10 @@ impl NewReason {
         NewReason::MaxLifetime,
         NewReason::Evicted,
         NewReason::AfterError,
+        NewReason::Rotation,
+        NewReason::ForcedRotation,
+        NewReason::NewSession,
+        NewReason::SessionChange,
     ];
     /// The metric label / JSON name.
     pub fn as_str(self) -> &'static str {
@@ -147,6 +160,10 @@ impl NewReason {
             NewReason::MaxLifetime => "max_lifetime",
             NewReason::Evicted => "evicted",
             NewReason::AfterError => "after_error",
+            NewReason::Rotation => "rotation",
+            NewReason::ForcedRotation => "forced_rotation",
+            NewReason::NewSession => "new_session",
+            NewReason::SessionChange => "session_change",
         }
     }
 }
@@ -367,6 +384,9 @@ pub struct CheckoutOpts {
     pub deadline: Instant,
     /// Demand a brand-new connection (a retry after a failure on a reused one).
     pub fresh: bool,
+    /// Why a connection would be needed if the key has none (routing knows better than the
+    /// pool: a rotation to another exit, a new worker session). `None`: `cold_key`.
+    pub cold_reason: Option<NewReason>,
 }
 
 /// Why a checkout produced no connection.
@@ -531,6 +551,8 @@ struct KeyState<X: Connector> {
     known_max_streams: Option<usize>,
     /// Why the key last lost a connection, consumed by the next dial.
     last_loss: Option<CloseReason>,
+    /// The routing's reason for the next cold dial ([`CheckoutOpts::cold_reason`]).
+    cold_reason: Option<NewReason>,
     /// The server's unannounced idle timeout, as observed from idle closes.
     idle_learning: IdleLearning,
     /// Last time anything happened on the key (for forgetting empty keys).
@@ -548,6 +570,7 @@ impl<X: Connector> KeyState<X> {
             multiplexed: None,
             known_max_streams: None,
             last_loss: None,
+            cold_reason: None,
             idle_learning: IdleLearning::default(),
             touched: now,
             early_settle: Vec::new(),
@@ -826,6 +849,9 @@ impl<X: Connector> Pool<X> {
                 .or_insert_with(|| KeyState::new(now));
             ks.touched = now;
             inner.prune_key(key, ks, &mut st.idle_lru, &mut st.total, now, &mut fx);
+            if opts.cold_reason.is_some() && ks.conns.is_empty() && ks.connecting == 0 {
+                ks.cold_reason = opts.cold_reason;
+            }
             let found = if opts.fresh {
                 None
             } else {
@@ -921,6 +947,16 @@ impl<X: Connector> Pool<X> {
                 multiplexed: ks.multiplexed,
             })
             .collect()
+    }
+
+    /// Whether `key` has an open connection carrying no request (cheap: one lookup).
+    pub fn has_idle(&self, key: &X::Key) -> bool {
+        let st = self.inner.state.lock();
+        st.keys.get(key).is_some_and(|ks| {
+            ks.conns
+                .iter()
+                .any(|e| e.is_idle() && e.dead.is_none() && e.draining.is_none())
+        })
     }
 
     /// Runs expiry now (the background sweep does this periodically).
@@ -1184,7 +1220,7 @@ impl<X: Connector> Inner<X> {
                     NewReason::AllBusy
                 }
             } else {
-                NewReason::ColdKey
+                ks.cold_reason.take().unwrap_or(NewReason::ColdKey)
             }
         });
         ks.connecting += 1;
@@ -1796,6 +1832,7 @@ mod tests {
         CheckoutOpts {
             deadline: Instant::now() + Duration::from_secs(5),
             fresh: false,
+            cold_reason: None,
         }
     }
 
@@ -2155,6 +2192,7 @@ mod tests {
         let o = CheckoutOpts {
             deadline: Instant::now() + Duration::from_secs(1),
             fresh: false,
+            cold_reason: None,
         };
         let err = pool.checkout(&"a", o).await.unwrap_err();
         assert!(matches!(err, CheckoutError::Timeout));
@@ -2196,6 +2234,7 @@ mod tests {
         let o = CheckoutOpts {
             deadline: Instant::now() + Duration::from_secs(5),
             fresh: true,
+            cold_reason: None,
         };
         let l = pool.checkout(&"a", o).await.unwrap();
         assert!(!l.reused());

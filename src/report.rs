@@ -522,8 +522,10 @@ pub fn explain(reason: &str) -> &'static str {
         "all_busy" => "client-side · HTTP/1.1: every connection to the target was carrying a request; concurrency outgrew the warm pool",
         "h2_saturated" => "server-side · HTTP/2: every connection was at the server's SETTINGS_MAX_CONCURRENT_STREAMS",
         "after_error" => "network · a reused connection failed mid-request (retried on a fresh one) or broke",
-        "forced_rotation" => "forces new IP · rotating to another upstream exit needs a new TCP/TLS handshake",
-        "session_change" => "forces new IP · the worker's sticky session moved to another exit; its connections cannot follow",
+        "forced_rotation" => "forces new IP · the worker asked for a new exit per request (rotate-request); every new exit needs a new TCP/TLS handshake",
+        "rotation" => "forces new IP · a sticky window (exits.sticky_window) ended and traffic rotated to another exit",
+        "new_session" => "isolation · a worker session started; sessions never share connections, so its first one is new",
+        "session_change" => "forces new IP · a session or window moved to another exit (its exit failed, its lifetime ended, or it changed pool)",
         // Shared by both sections.
         "idle_expired" => "idle · retired for idling: pool.idle_timeout, or the target's announced (Keep-Alive: timeout=) or learned idle timeout",
         "server_closed_idle" => "server-side · the target closed an idle connection (FIN; as a new-connection reason also RST or stray bytes) before we retired it",

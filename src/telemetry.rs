@@ -54,6 +54,19 @@ struct DirectionLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ExitLabels {
+    pool: String,
+    exit: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ExitReusedLabels {
+    pool: String,
+    exit: String,
+    reused: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct TargetLabels {
     target: String,
 }
@@ -131,8 +144,8 @@ pub struct TraceRecord {
     pub kind: &'static str,
     /// `host:port`.
     pub target: String,
-    /// Exit id.
-    pub exit: &'static str,
+    /// Exit label.
+    pub exit: String,
     /// Method.
     #[serde(skip_serializing_if = "String::is_empty")]
     pub method: String,
@@ -216,6 +229,13 @@ pub struct RequestRecord<'a> {
     pub queue: Duration,
     /// Request body bytes sent.
     pub bytes_up: u64,
+    /// The exit node.
+    pub exit: &'a crate::exits::ExitNode,
+    /// `rotate-request` traffic.
+    pub forced: bool,
+    /// Rode an HTTP proxy connection shared by all plain-http targets (its new connections
+    /// are counted per target here, not by the pool event).
+    pub via_proxy: bool,
 }
 
 /// Per-target counters.
@@ -245,6 +265,13 @@ pub struct TargetCounts {
     pub errors: u64,
     /// Last protocol seen.
     pub protocol: &'static str,
+    /// Requests with forced rotation (`rotate-request`).
+    pub forced_requests: u64,
+    /// Of those, on new connections.
+    pub forced_new: u64,
+    /// Requests per exit node (for the top exit).
+    #[serde(skip)]
+    pub by_exit: Vec<(Arc<str>, u64)>,
 }
 
 impl TargetCounts {
@@ -255,6 +282,26 @@ impl TargetCounts {
         } else {
             (1.0 - self.new_connections as f64 / self.requests as f64).max(0.0)
         }
+    }
+
+    /// R over the traffic that did not ask for forced rotation (`rotate-request`): the pool's
+    /// own misses.
+    pub fn reuse_rate_unforced(&self) -> f64 {
+        let req = self.requests.saturating_sub(self.forced_requests);
+        if req == 0 {
+            1.0
+        } else {
+            let new = self.new_connections.saturating_sub(self.forced_new);
+            (1.0 - new as f64 / req as f64).max(0.0)
+        }
+    }
+
+    /// The exit node that carried most requests.
+    pub fn top_exit(&self) -> Option<&str> {
+        self.by_exit
+            .iter()
+            .max_by_key(|(_, n)| *n)
+            .map(|(l, _)| &**l)
     }
 }
 
@@ -286,6 +333,10 @@ pub struct Telemetry {
     reuse_ratio: Family<TargetLabels, Gauge<f64, AtomicU64>>,
     slo_breach: Family<TargetLabels, Gauge>,
     ports_used: Gauge<f64, AtomicU64>,
+    exit_requests: Family<ExitReusedLabels, Counter>,
+    exit_opened: Family<ExitLabels, Counter>,
+    exit_forced: Family<ExitLabels, Counter>,
+    exit_state: Family<ExitLabels, Gauge>,
     /// Serializes scrapes (per-target gauges are cleared and rebuilt on each).
     scrape: Mutex<()>,
     targets: Mutex<HashMap<String, TargetCounts>>,
@@ -416,6 +467,30 @@ impl Telemetry {
             "Share of the local ephemeral port range held by sockets (TIME_WAIT included)",
             ports_used.clone(),
         );
+        let exit_requests = Family::<ExitReusedLabels, Counter>::default();
+        registry.register(
+            "edgepool_exit_requests",
+            "Upstream requests per exit node (pool/host:port) and pool, by whether they reused a warm connection",
+            exit_requests.clone(),
+        );
+        let exit_opened = Family::<ExitLabels, Counter>::default();
+        registry.register(
+            "edgepool_exit_connections_opened",
+            "New upstream connections per exit node",
+            exit_opened.clone(),
+        );
+        let exit_forced = Family::<ExitLabels, Counter>::default();
+        registry.register(
+            "edgepool_exit_forced_rotation_requests",
+            "Requests that asked for a new exit each time (rotate-request), per exit node",
+            exit_forced.clone(),
+        );
+        let exit_state = Family::<ExitLabels, Gauge>::default();
+        registry.register(
+            "edgepool_exit_circuit_state",
+            "Exit node circuit: 0 closed (healthy), 1 half-open (probing), 2 open (down)",
+            exit_state.clone(),
+        );
         for r in NewReason::ALL {
             let _ = opened.get_or_create(&ReasonLabels {
                 reason: r.as_str().into(),
@@ -446,6 +521,10 @@ impl Telemetry {
             reuse_ratio,
             slo_breach,
             ports_used,
+            exit_requests,
+            exit_opened,
+            exit_forced,
+            exit_state,
             scrape: Mutex::new(()),
             targets: Mutex::new(HashMap::new()),
             history: Mutex::new(History::default()),
@@ -492,9 +571,53 @@ impl Telemetry {
                 .get_or_create(&ReasonLabels { reason: why.into() })
                 .inc();
         }
+        let exit = r.exit;
+        self.exit_requests
+            .get_or_create(&ExitReusedLabels {
+                pool: exit.pool.to_string(),
+                exit: exit.label.to_string(),
+                reused: if r.reused { "1" } else { "0" }.into(),
+            })
+            .inc();
+        exit.counters.requests.fetch_add(1, Ordering::Relaxed);
+        if !r.reused {
+            exit.counters
+                .new_connections
+                .fetch_add(1, Ordering::Relaxed);
+        }
+        if r.forced {
+            self.exit_forced
+                .get_or_create(&ExitLabels {
+                    pool: exit.pool.to_string(),
+                    exit: exit.label.to_string(),
+                })
+                .inc();
+            exit.counters
+                .forced_requests
+                .fetch_add(1, Ordering::Relaxed);
+            if !r.reused {
+                exit.counters.forced_new.fetch_add(1, Ordering::Relaxed);
+            }
+        }
         let mut t = self.targets.lock();
         let c = t.entry(r.target.to_string()).or_default();
         c.requests += 1;
+        if r.forced {
+            c.forced_requests += 1;
+            if !r.reused {
+                c.forced_new += 1;
+            }
+        }
+        if r.via_proxy && !r.reused {
+            c.new_connections += 1;
+            if let Some(why) = r.new_reason {
+                *c.new_by_reason.entry(why.as_str()).or_default() += 1;
+            }
+        }
+        match c.by_exit.iter_mut().find(|(l, _)| **l == *exit.label) {
+            Some((_, n)) => *n += 1,
+            None => c.by_exit.push((exit.label.clone(), 1)),
+        }
         if r.reused {
             c.reused += 1;
             if c.handshakes > 0 {
@@ -514,8 +637,11 @@ impl Telemetry {
     }
 
     /// Records the phases of a new connection (once, with its first request).
-    pub fn record_handshake(&self, tcp: Duration, tls: Duration) {
+    pub fn record_handshake(&self, tcp: Duration, exit: Duration, tls: Duration) {
         self.phase("tcp_connect", tcp);
+        if !exit.is_zero() {
+            self.phase("exit_handshake", exit);
+        }
         if !tls.is_zero() {
             self.phase("tls_handshake", tls);
         }
@@ -524,6 +650,23 @@ impl Telemetry {
     /// Records a response head's arrival.
     pub fn record_ttfb(&self, ttfb: Duration) {
         self.phase("ttfb", ttfb);
+    }
+
+    /// Publishes exit nodes' circuit states (0 closed, 1 half-open, 2 open).
+    pub fn record_exit_states(&self, exits: &crate::exits::Exits) {
+        for n in exits.nodes() {
+            let v = match n.state() {
+                crate::exits::CircuitState::Closed => 0,
+                crate::exits::CircuitState::HalfOpen => 1,
+                crate::exits::CircuitState::Open => 2,
+            };
+            self.exit_state
+                .get_or_create(&ExitLabels {
+                    pool: n.pool.to_string(),
+                    exit: n.label.to_string(),
+                })
+                .set(v);
+        }
     }
 
     /// Records the end of a response body.
@@ -765,6 +908,17 @@ impl PoolEvents<UpstreamKey> for Telemetry {
                 reason: reason.as_str().into(),
             })
             .inc();
+        let node = &key.exit.node;
+        self.exit_opened
+            .get_or_create(&ExitLabels {
+                pool: node.pool.to_string(),
+                exit: node.label.to_string(),
+            })
+            .inc();
+        if key.via_proxy() {
+            // Counted per target with the request that rode it (the key has no target).
+            return;
+        }
         let mut t = self.targets.lock();
         let c = t.entry(key.target()).or_default();
         c.new_connections += 1;
@@ -799,7 +953,7 @@ impl PoolEvents<UpstreamKey> for Telemetry {
             self.trace(TraceRecord {
                 kind: "pool",
                 target: key.target(),
-                exit: crate::forward::EXIT_DIRECT,
+                exit: key.exit.node.label.to_string(),
                 pool: Some(format!(
                     "connection closed ({}) after {requests} requests",
                     reason.as_str()
@@ -823,9 +977,17 @@ mod tests {
         assert_eq!(Verdict::of(1.0, 0, 0.92), Verdict::Idle);
     }
 
+    static EXITS: std::sync::LazyLock<crate::exits::Exits> = std::sync::LazyLock::new(|| {
+        crate::exits::Exits::new(&[], None, crate::config::ExitsConfig::default().settings())
+            .unwrap()
+    });
+
     /// A request record for `target`; a new connection's handshake costs 100 ms.
     fn rec(target: &str, reused: bool) -> RequestRecord<'_> {
         RequestRecord {
+            exit: EXITS.direct(),
+            forced: false,
+            via_proxy: false,
             target,
             reused,
             protocol: "h2",

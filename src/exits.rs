@@ -1,0 +1,1119 @@
+//! exits: where requests leave from — exit pools (direct, HTTP CONNECT proxies, SOCKS5
+//! proxies, a provider's rotating gateway), node health (a circuit breaker per node), sticky
+//! worker sessions, sticky windows for session-less traffic, and the reuse-aware choice of a
+//! node when a session or window starts.
+//!
+//! Data flow: the forwarder asks [`Exits::route`] for a [`Route`] (which node, which isolation
+//! scope, why a connection would be new), builds the pool key with the route's [`ExitKey`], and
+//! reports what the node did ([`Exits::node_failed`], [`Exits::node_ok`]). The dialer reads the
+//! node's [`ExitSpec`] from the key to open the connection through it.
+//!
+//! Isolation: [`ExitKey`] is part of the pool key, so a connection is only ever shared by
+//! requests with the same node *and* the same session scope. Worker sessions get a scope of
+//! their own (token + session id + pin generation); provider sessions of a rotating gateway
+//! are the scope for gateway pools. Session-less requests on an ordinary node share the node's
+//! connections (scope `None`).
+use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use tokio::time::Instant;
+
+use crate::exitproto::ProxyAuth;
+use crate::pool::NewReason;
+use crate::worker::{Rotate, WorkerOptions};
+
+/// Name of the implicit pool (and node) that connects straight to targets.
+pub const DIRECT: &str = "direct";
+
+/// How a node reaches targets.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ExitKind {
+    /// Straight to the target.
+    Direct,
+    /// An HTTP proxy: CONNECT for https targets, absolute-form requests for http targets.
+    Http,
+    /// A SOCKS5 proxy (the proxy resolves names, like `socks5h`).
+    Socks5,
+}
+
+impl ExitKind {
+    /// `direct` / `http` / `socks5`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ExitKind::Direct => "direct",
+            ExitKind::Http => "http",
+            ExitKind::Socks5 => "socks5",
+        }
+    }
+}
+
+/// A node as configured: `direct`, `http://[user:pass@]host:port` or
+/// `socks5://[user:pass@]host:port` (`socks5h://` is accepted as a synonym).
+#[derive(Clone, PartialEq, Eq)]
+pub struct ExitSpec {
+    /// Kind.
+    pub kind: ExitKind,
+    /// Proxy host (empty for direct).
+    pub host: String,
+    /// Proxy port (0 for direct).
+    pub port: u16,
+    /// Credentials for the proxy.
+    pub auth: Option<ProxyAuth>,
+}
+
+impl std::fmt::Debug for ExitSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the credentials.
+        write!(f, "{}://{}:{}", self.kind.as_str(), self.host, self.port)?;
+        if self.auth.is_some() {
+            write!(f, " (with credentials)")?;
+        }
+        Ok(())
+    }
+}
+
+impl ExitSpec {
+    /// Parses a node URL. Errors never echo the credentials.
+    pub fn parse(s: &str) -> Result<ExitSpec, String> {
+        let s = s.trim();
+        if s.eq_ignore_ascii_case(DIRECT) {
+            return Ok(ExitSpec {
+                kind: ExitKind::Direct,
+                host: String::new(),
+                port: 0,
+                auth: None,
+            });
+        }
+        let url = url::Url::parse(s).map_err(|e| {
+            format!("not a proxy URL ({e}); expected direct, http://[user:pass@]host:port or socks5://[user:pass@]host:port")
+        })?;
+        let kind = match url.scheme() {
+            "http" => ExitKind::Http,
+            "socks5" | "socks5h" => ExitKind::Socks5,
+            "https" => return Err(
+                "https:// proxies (TLS to the proxy) are not supported; use http:// or socks5://"
+                    .into(),
+            ),
+            other => {
+                return Err(format!(
+                    "unsupported proxy scheme {other}://; use http:// or socks5://"
+                ))
+            }
+        };
+        let host = url
+            .host_str()
+            .ok_or("the proxy URL has no host")?
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_ascii_lowercase();
+        let port = url
+            .port()
+            .ok_or("the proxy URL needs an explicit port (http://host:3128)")?;
+        if url.path() != "/" && !url.path().is_empty() || url.query().is_some() {
+            return Err("a proxy URL has no path or query".into());
+        }
+        let decode = |v: &str| {
+            percent_decode(v).ok_or("the proxy credentials are not valid percent-encoded UTF-8")
+        };
+        let auth = if url.username().is_empty() && url.password().is_none() {
+            None
+        } else {
+            Some(ProxyAuth {
+                username: decode(url.username())?,
+                password: decode(url.password().unwrap_or(""))?,
+            })
+        };
+        Ok(ExitSpec {
+            kind,
+            host,
+            port,
+            auth,
+        })
+    }
+
+    /// `host:port` (IPv6 bracketed), or `direct`.
+    pub fn endpoint(&self) -> String {
+        match self.kind {
+            ExitKind::Direct => DIRECT.to_string(),
+            _ => crate::dial::authority(&self.host, self.port),
+        }
+    }
+}
+
+fn percent_decode(s: &str) -> Option<String> {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' && i + 3 <= bytes.len() {
+            let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).ok()?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+/// Circuit breaker state of a node.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CircuitState {
+    /// Healthy: traffic flows.
+    Closed,
+    /// Failing: no traffic until the backoff ends.
+    Open,
+    /// Backoff over: one probe request may try the node.
+    HalfOpen,
+}
+
+impl CircuitState {
+    /// `closed` / `open` / `half_open`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CircuitState::Closed => "closed",
+            CircuitState::Open => "open",
+            CircuitState::HalfOpen => "half_open",
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Circuit {
+    state: CircuitState,
+    /// Consecutive failures.
+    failures: u32,
+    /// Open until (when Open).
+    until: Instant,
+    /// The next open period.
+    backoff: Duration,
+    /// A half-open probe is in flight.
+    probing: bool,
+    /// The last failure, for /status (never contains credentials).
+    last_error: Option<String>,
+    /// Times the circuit opened.
+    opened: u64,
+}
+
+/// Per-node request accounting.
+#[derive(Debug, Default)]
+pub struct NodeCounters {
+    /// Requests sent through the node.
+    pub requests: AtomicU64,
+    /// Of which on new connections.
+    pub new_connections: AtomicU64,
+    /// Requests with forced rotation (`rotate-request`).
+    pub forced_requests: AtomicU64,
+    /// Of which on new connections.
+    pub forced_new: AtomicU64,
+    /// Dial failures blamed on the node.
+    pub failures: AtomicU64,
+}
+
+/// One exit node.
+pub struct ExitNode {
+    /// Index in [`Exits::nodes`].
+    pub index: usize,
+    /// `pool/host:port` (`direct` for the implicit direct node): the metric label and the
+    /// `X-Edgepool-Exit` value. Never contains credentials.
+    pub label: Arc<str>,
+    /// Pool name.
+    pub pool: Arc<str>,
+    /// How to reach it.
+    pub spec: ExitSpec,
+    /// For a provider's rotating gateway: the username template (`{user}`, `{session}`).
+    pub session_template: Option<Arc<str>>,
+    /// Max concurrent connections through the node (None: unlimited — direct).
+    pub budget: Option<usize>,
+    permits: Option<Arc<tokio::sync::Semaphore>>,
+    circuit: Mutex<Circuit>,
+    unhealthy: AtomicBool,
+    /// Sessions and windows currently pinned to the node (load for fair spreading).
+    pins: AtomicUsize,
+    /// Open connections through the node.
+    pub open: AtomicUsize,
+    /// Accounting.
+    pub counters: NodeCounters,
+}
+
+impl std::fmt::Debug for ExitNode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.label)
+    }
+}
+
+impl ExitNode {
+    /// The budget semaphore (None for unlimited).
+    pub fn permits(&self) -> Option<&Arc<tokio::sync::Semaphore>> {
+        self.permits.as_ref()
+    }
+
+    /// The credentials to present for `session` (a provider session id when the pool is a
+    /// rotating gateway).
+    pub fn auth_for(&self, session: Option<&str>) -> Option<ProxyAuth> {
+        let auth = self.spec.auth.as_ref()?;
+        match (&self.session_template, session) {
+            (Some(tpl), Some(s)) => Some(ProxyAuth {
+                username: tpl
+                    .replace("{user}", &auth.username)
+                    .replace("{session}", s),
+                password: auth.password.clone(),
+            }),
+            _ => Some(auth.clone()),
+        }
+    }
+
+    /// Whether the node may carry a request now; moves Open → HalfOpen when the backoff is
+    /// over and lets exactly one probe through.
+    fn admit(&self, now: Instant) -> bool {
+        if !self.unhealthy.load(Ordering::Acquire) {
+            return true;
+        }
+        let mut c = self.circuit.lock();
+        match c.state {
+            CircuitState::Closed => true,
+            CircuitState::Open if now >= c.until => {
+                c.state = CircuitState::HalfOpen;
+                c.probing = true;
+                true
+            }
+            CircuitState::Open => false,
+            CircuitState::HalfOpen if !c.probing => {
+                c.probing = true;
+                true
+            }
+            CircuitState::HalfOpen => false,
+        }
+    }
+
+    /// Whether [`admit`](Self::admit) would let a request through now (no state change).
+    fn admissible(&self, now: Instant) -> bool {
+        if !self.unhealthy.load(Ordering::Acquire) {
+            return true;
+        }
+        let c = self.circuit.lock();
+        match c.state {
+            CircuitState::Closed => true,
+            CircuitState::Open => now >= c.until,
+            CircuitState::HalfOpen => !c.probing,
+        }
+    }
+
+    /// When the node could next be tried (now if it can).
+    fn retry_at(&self, now: Instant) -> Instant {
+        let c = self.circuit.lock();
+        match c.state {
+            CircuitState::Open => c.until,
+            _ => now,
+        }
+    }
+
+    /// Current circuit state (Open turns HalfOpen in the view once the backoff is over).
+    pub fn state(&self) -> CircuitState {
+        let c = self.circuit.lock();
+        match c.state {
+            CircuitState::Open if Instant::now() >= c.until => CircuitState::HalfOpen,
+            s => s,
+        }
+    }
+
+    /// Snapshot for `/status`.
+    pub fn health(&self) -> NodeHealth {
+        let c = self.circuit.lock();
+        let now = Instant::now();
+        NodeHealth {
+            state: match c.state {
+                CircuitState::Open if now >= c.until => CircuitState::HalfOpen,
+                s => s,
+            },
+            consecutive_failures: c.failures,
+            opened_total: c.opened,
+            retry_in: (c.state == CircuitState::Open)
+                .then(|| c.until.saturating_duration_since(now)),
+            last_error: c.last_error.clone(),
+        }
+    }
+}
+
+/// A node's health for status pages.
+#[derive(Clone, Debug)]
+pub struct NodeHealth {
+    /// Circuit state.
+    pub state: CircuitState,
+    /// Consecutive failures.
+    pub consecutive_failures: u32,
+    /// Times the circuit opened.
+    pub opened_total: u64,
+    /// Time left before a probe is allowed (when open).
+    pub retry_in: Option<Duration>,
+    /// Last failure.
+    pub last_error: Option<String>,
+}
+
+/// The exit part of a pool key: node and isolation scope. Equal keys may share connections.
+#[derive(Clone)]
+pub struct ExitKey {
+    /// The node.
+    pub node: Arc<ExitNode>,
+    /// Isolation scope: a worker session (`token`, id, pin generation, hashed) or a provider
+    /// session (rotating gateways). `None`: the node's shared, session-less connections.
+    pub scope: Option<Arc<str>>,
+}
+
+impl ExitKey {
+    /// The direct node's shared key.
+    pub fn direct(node: Arc<ExitNode>) -> Self {
+        ExitKey { node, scope: None }
+    }
+    /// Provider session id to present, if the node is a rotating gateway.
+    pub fn provider_session(&self) -> Option<&str> {
+        self.node
+            .session_template
+            .as_ref()
+            .and(self.scope.as_deref())
+    }
+}
+
+impl PartialEq for ExitKey {
+    fn eq(&self, o: &Self) -> bool {
+        self.node.index == o.node.index && self.scope == o.scope
+    }
+}
+impl Eq for ExitKey {}
+impl Hash for ExitKey {
+    fn hash<H: Hasher>(&self, h: &mut H) {
+        self.node.index.hash(h);
+        self.scope.hash(h);
+    }
+}
+impl PartialOrd for ExitKey {
+    fn partial_cmp(&self, o: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(o))
+    }
+}
+impl Ord for ExitKey {
+    fn cmp(&self, o: &Self) -> std::cmp::Ordering {
+        (self.node.index, &self.scope).cmp(&(o.node.index, &o.scope))
+    }
+}
+impl std::fmt::Debug for ExitKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.scope {
+            Some(s) => write!(f, "{}[{}]", self.node.label, s),
+            None => f.write_str(&self.node.label),
+        }
+    }
+}
+
+/// Strict or flex sessions.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SessionMode {
+    /// A session whose exit dies is moved to another exit (`X-Edgepool-Session-Renewed: 1`).
+    Flex,
+    /// A session whose exit dies fails with 502 `session_exit_lost`.
+    Strict,
+}
+
+/// Router settings.
+#[derive(Clone, Debug)]
+pub struct ExitSettings {
+    /// Sticky window for session-less traffic per (target, pool).
+    pub sticky_window: Duration,
+    /// Default session lifetime.
+    pub session_lifetime: Duration,
+    /// A session unused this long is forgotten.
+    pub session_idle: Duration,
+    /// Lifetimes are scaled by a random factor in `[1 - jitter, 1 + jitter]`.
+    pub jitter: f64,
+    /// Strict or flex.
+    pub session_mode: SessionMode,
+    /// Consecutive failures that open a node's circuit.
+    pub circuit_failures: u32,
+    /// First open period.
+    pub circuit_open_min: Duration,
+    /// Longest open period (the backoff doubles up to it).
+    pub circuit_open_max: Duration,
+}
+
+/// A pool as configured.
+#[derive(Clone, Debug)]
+pub struct PoolSpec {
+    /// Name.
+    pub name: String,
+    /// Nodes.
+    pub nodes: Vec<ExitSpec>,
+    /// Rotating-gateway username template.
+    pub session_template: Option<String>,
+    /// Per-node connection budget.
+    pub max_connections_per_node: usize,
+}
+
+struct PoolEntry {
+    name: Arc<str>,
+    nodes: Vec<usize>,
+    gateway: bool,
+}
+
+/// A pinned exit for a session or a window.
+#[derive(Clone, Debug)]
+struct Pin {
+    node: usize,
+    pool: usize,
+    expires: Instant,
+    last_used: Instant,
+    idle: Duration,
+    generation: u32,
+    scope: Option<Arc<str>>,
+    /// Requests routed through this pin so far.
+    uses: u64,
+}
+
+#[derive(Default)]
+struct RouterState {
+    /// (worker token, session id) → pin.
+    sessions: HashMap<(Arc<str>, Arc<str>), Pin>,
+    /// (target, pool index) → pin.
+    windows: HashMap<(Arc<str>, usize), Pin>,
+    /// Last node used by forced rotation per (target, pool).
+    last_forced: HashMap<(Arc<str>, usize), usize>,
+    rng: u64,
+    seq: u64,
+}
+
+impl RouterState {
+    fn next_rand(&mut self) -> u64 {
+        // splitmix64
+        self.rng = self.rng.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.rng;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+}
+
+/// What a request asks of the router.
+pub struct RouteQuery<'a> {
+    /// `host:port` of the target.
+    pub target: &'a str,
+    /// The worker's token (session scope; empty when anonymous).
+    pub token: &'a str,
+    /// The worker's options.
+    pub options: &'a WorkerOptions,
+    /// Nodes that failed for this request already.
+    pub exclude: &'a [usize],
+    /// Whether `key` holds an idle connection to the target (reuse-aware choice).
+    pub warm: &'a dyn Fn(&ExitKey) -> bool,
+}
+
+/// The router's answer.
+#[derive(Clone, Debug)]
+pub struct Route {
+    /// Node and scope: goes into the pool key.
+    pub key: ExitKey,
+    /// Why a cold key would need a connection (rotation, session change) instead of
+    /// `cold_key`.
+    pub cold_reason: Option<NewReason>,
+    /// The session was moved to another exit (flex).
+    pub renewed: bool,
+    /// `rotate-request` traffic.
+    pub forced: bool,
+}
+
+/// Why no route.
+#[derive(Debug, thiserror::Error)]
+pub enum RouteError {
+    /// The worker named a pool that does not exist.
+    #[error("exit pool {0:?} does not exist (configured: {1})")]
+    UnknownPool(String, String),
+    /// Every node of the pool is down or excluded.
+    #[error("no healthy exit in pool {pool:?}: {why}")]
+    NoHealthyExit {
+        /// Pool.
+        pool: String,
+        /// Detail.
+        why: String,
+        /// When one could be tried again.
+        retry_after: Duration,
+    },
+    /// A strict session's exit is gone.
+    #[error("session {session:?} is strict and its exit {exit} is unavailable ({why})")]
+    SessionExitLost {
+        /// Session id.
+        session: String,
+        /// Exit label.
+        exit: String,
+        /// Detail.
+        why: String,
+    },
+}
+
+/// All exit nodes and the routing state.
+pub struct Exits {
+    nodes: Vec<Arc<ExitNode>>,
+    pools: Vec<PoolEntry>,
+    default_pool: usize,
+    settings: ExitSettings,
+    state: Mutex<RouterState>,
+    hash_key: std::collections::hash_map::RandomState,
+}
+
+impl Exits {
+    /// Builds the node table. `pools` in configuration order; `default_pool` names the pool
+    /// for workers that name none (None: the first pool, or direct if there is none). The
+    /// implicit `direct` pool always exists (node 0).
+    pub fn new(
+        pools: &[PoolSpec],
+        default_pool: Option<&str>,
+        settings: ExitSettings,
+    ) -> Result<Exits, String> {
+        let mut nodes = vec![Arc::new(Self::node(
+            0,
+            DIRECT,
+            DIRECT.into(),
+            ExitSpec::parse(DIRECT).expect("direct parses"),
+            None,
+            None,
+        ))];
+        let mut entries = Vec::new();
+        let has_direct = pools.iter().any(|p| p.name == DIRECT);
+        if !has_direct {
+            entries.push(PoolEntry {
+                name: DIRECT.into(),
+                nodes: vec![0],
+                gateway: false,
+            });
+        }
+        for p in pools {
+            let mut idx = Vec::new();
+            for spec in &p.nodes {
+                let i = nodes.len();
+                let label = if spec.kind == ExitKind::Direct {
+                    if p.name == DIRECT {
+                        DIRECT.to_string()
+                    } else {
+                        format!("{}/direct", p.name)
+                    }
+                } else {
+                    format!("{}/{}", p.name, spec.endpoint())
+                };
+                if nodes.iter().any(|n| *n.label == *label) {
+                    return Err(format!("exit {label} is listed twice in pool {:?}", p.name));
+                }
+                let budget = (spec.kind != ExitKind::Direct).then_some(p.max_connections_per_node);
+                nodes.push(Arc::new(Self::node(
+                    i,
+                    &p.name,
+                    label,
+                    spec.clone(),
+                    p.session_template.as_deref().map(Arc::from),
+                    budget,
+                )));
+                idx.push(i);
+            }
+            entries.push(PoolEntry {
+                name: p.name.as_str().into(),
+                nodes: idx,
+                gateway: p.session_template.is_some(),
+            });
+        }
+        let default_pool = match default_pool {
+            Some(name) => entries
+                .iter()
+                .position(|e| &*e.name == name)
+                .ok_or_else(|| format!("exits.default_pool {name:?} is not a configured pool"))?,
+            None => entries
+                .iter()
+                .position(|e| &*e.name != DIRECT || has_direct)
+                .unwrap_or(0),
+        };
+        let seed = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0x5eed);
+        Ok(Exits {
+            nodes,
+            pools: entries,
+            default_pool,
+            settings,
+            state: Mutex::new(RouterState {
+                rng: seed,
+                ..Default::default()
+            }),
+            hash_key: Default::default(),
+        })
+    }
+
+    fn node(
+        index: usize,
+        pool: &str,
+        label: String,
+        spec: ExitSpec,
+        session_template: Option<Arc<str>>,
+        budget: Option<usize>,
+    ) -> ExitNode {
+        ExitNode {
+            index,
+            label: label.into(),
+            pool: pool.into(),
+            spec,
+            session_template,
+            budget,
+            permits: budget.map(|b| Arc::new(tokio::sync::Semaphore::new(b))),
+            circuit: Mutex::new(Circuit {
+                state: CircuitState::Closed,
+                failures: 0,
+                until: Instant::now(),
+                backoff: Duration::ZERO,
+                probing: false,
+                last_error: None,
+                opened: 0,
+            }),
+            unhealthy: AtomicBool::new(false),
+            pins: AtomicUsize::new(0),
+            open: AtomicUsize::new(0),
+            counters: NodeCounters::default(),
+        }
+    }
+
+    /// Every node (index 0 is `direct`).
+    pub fn nodes(&self) -> &[Arc<ExitNode>] {
+        &self.nodes
+    }
+
+    /// The direct node.
+    pub fn direct(&self) -> &Arc<ExitNode> {
+        &self.nodes[0]
+    }
+
+    /// Name of the default pool.
+    pub fn default_pool(&self) -> &str {
+        &self.pools[self.default_pool].name
+    }
+
+    /// Pool names, configuration order (`direct` first when implicit).
+    pub fn pool_names(&self) -> Vec<String> {
+        self.pools.iter().map(|p| p.name.to_string()).collect()
+    }
+
+    /// True when only the direct node exists (no exits configured).
+    pub fn only_direct(&self) -> bool {
+        self.nodes.len() == 1
+    }
+
+    fn pool_index(&self, name: Option<&str>) -> Result<usize, RouteError> {
+        match name {
+            None => Ok(self.default_pool),
+            Some(n) => self
+                .pools
+                .iter()
+                .position(|p| &*p.name == n)
+                .ok_or_else(|| {
+                    RouteError::UnknownPool(n.to_string(), self.pool_names().join(", "))
+                }),
+        }
+    }
+
+    fn jittered(&self, st: &mut RouterState, d: Duration) -> Duration {
+        let j = self.settings.jitter;
+        if j <= 0.0 {
+            return d;
+        }
+        let r = (st.next_rand() >> 11) as f64 / (1u64 << 53) as f64; // [0, 1)
+        d.mul_f64((1.0 - j + 2.0 * j * r).max(0.0))
+    }
+
+    /// Chooses a node of `pool` for a new session or window: healthy, not excluded, not
+    /// `avoid` when another is possible; prefers nodes with an idle connection to the target
+    /// (`warm`) and then the least loaded (pins, open connections against budget); ties
+    /// broken at random.
+    fn choose(
+        &self,
+        st: &mut RouterState,
+        pool: usize,
+        exclude: &[usize],
+        avoid: Option<usize>,
+        warm: Option<&dyn Fn(&ExitKey) -> bool>,
+        now: Instant,
+    ) -> Result<usize, RouteError> {
+        let entry = &self.pools[pool];
+        let mut eligible: Vec<usize> = entry
+            .nodes
+            .iter()
+            .copied()
+            .filter(|i| !exclude.contains(i))
+            .filter(|i| self.nodes[*i].admissible(now))
+            .collect();
+        if eligible.is_empty() {
+            let retry = entry
+                .nodes
+                .iter()
+                .map(|i| self.nodes[*i].retry_at(now))
+                .min()
+                .map(|t| t.saturating_duration_since(now))
+                .unwrap_or(Duration::from_secs(1));
+            let why = if entry.nodes.iter().all(|i| exclude.contains(i)) {
+                "every node failed for this request".to_string()
+            } else {
+                "every node's circuit is open after repeated failures".to_string()
+            };
+            return Err(RouteError::NoHealthyExit {
+                pool: entry.name.to_string(),
+                why,
+                retry_after: retry.max(Duration::from_secs(1)),
+            });
+        }
+        if eligible.len() > 1 {
+            if let Some(a) = avoid {
+                eligible.retain(|i| *i != a);
+            }
+        }
+        // Below budget first.
+        let headroom: Vec<usize> = eligible
+            .iter()
+            .copied()
+            .filter(|i| {
+                let n = &self.nodes[*i];
+                n.budget.is_none_or(|b| n.open.load(Ordering::Relaxed) < b)
+            })
+            .collect();
+        if !headroom.is_empty() {
+            eligible = headroom;
+        }
+        if let Some(warm) = warm {
+            if !entry.gateway {
+                let w: Vec<usize> = eligible
+                    .iter()
+                    .copied()
+                    .filter(|i| warm(&ExitKey::direct(self.nodes[*i].clone())))
+                    .collect();
+                if !w.is_empty() {
+                    eligible = w;
+                }
+            }
+        }
+        let load = |i: usize| {
+            let n = &self.nodes[i];
+            let pins = n.pins.load(Ordering::Relaxed) as u64;
+            let open = n.open.load(Ordering::Relaxed) as u64;
+            (pins, open)
+        };
+        let best = eligible.iter().map(|i| load(*i)).min().expect("non-empty");
+        let tied: Vec<usize> = eligible.into_iter().filter(|i| load(*i) == best).collect();
+        let pick = tied[(st.next_rand() % tied.len() as u64) as usize];
+        Ok(pick)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn pin(
+        &self,
+        st: &mut RouterState,
+        node: usize,
+        pool: usize,
+        life: Duration,
+        idle: Duration,
+        generation: u32,
+        scope: Option<Arc<str>>,
+        now: Instant,
+    ) -> Pin {
+        self.nodes[node].pins.fetch_add(1, Ordering::Relaxed);
+        let life = self.jittered(st, life);
+        Pin {
+            node,
+            pool,
+            expires: now + life,
+            last_used: now,
+            idle,
+            generation,
+            scope,
+            uses: 0,
+        }
+    }
+
+    fn unpin(&self, p: &Pin) {
+        self.nodes[p.node].pins.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    fn gateway_scope(&self, st: &mut RouterState, tag: &str) -> Arc<str> {
+        st.seq += 1;
+        let r = st.next_rand();
+        format!("ep{tag}{:x}{:06x}", st.seq, r & 0xff_ffff).into()
+    }
+
+    /// Routes one request. See the module docs for the policy.
+    pub fn route(&self, q: &RouteQuery<'_>) -> Result<Route, RouteError> {
+        let now = Instant::now();
+        let pool = self.pool_index(q.options.pool.as_deref())?;
+        let gateway = self.pools[pool].gateway;
+        // Node circuits are locked under the router lock, never the other way round.
+        let mut guard = self.state.lock();
+        let st = &mut *guard;
+        if q.options.rotate == Some(Rotate::Request) {
+            // A new exit for every request: another node than last time; for a rotating
+            // gateway, a new provider session.
+            let fk = (Arc::<str>::from(q.target), pool);
+            let last = st.last_forced.get(&fk).copied();
+            let node = self.choose(st, pool, q.exclude, last, Some(q.warm), now)?;
+            self.nodes[node].admit(now);
+            st.last_forced.insert(fk, node);
+            let scope = if gateway {
+                Some(self.gateway_scope(st, "r"))
+            } else {
+                q.options
+                    .session
+                    .as_deref()
+                    .map(|s| self.session_scope(q.token, s, 0))
+            };
+            return Ok(Route {
+                key: ExitKey {
+                    node: self.nodes[node].clone(),
+                    scope,
+                },
+                cold_reason: Some(NewReason::ForcedRotation),
+                renewed: false,
+                forced: true,
+            });
+        }
+        if let Some(id) = q.options.session.as_deref() {
+            return self.route_session(st, q, pool, id, now);
+        }
+        // Session-less: the sticky window of (target, pool).
+        let wk = (Arc::<str>::from(q.target), pool);
+        let mut reason = None;
+        let mut avoid = None;
+        if let Some(p) = st.windows.get_mut(&wk) {
+            let node = &self.nodes[p.node];
+            let usable = !q.exclude.contains(&p.node) && node.admissible(now);
+            if usable && now < p.expires {
+                p.last_used = now;
+                p.uses += 1;
+                node.admit(now);
+                return Ok(Route {
+                    key: ExitKey {
+                        node: node.clone(),
+                        scope: p.scope.clone(),
+                    },
+                    cold_reason: None,
+                    renewed: false,
+                    forced: false,
+                });
+            }
+            // The window ended (rotate to another node) or its node is down (move).
+            reason = Some(if usable {
+                NewReason::Rotation
+            } else {
+                NewReason::SessionChange
+            });
+            avoid = Some(p.node);
+            let p = st.windows.remove(&wk).expect("present");
+            self.unpin(&p);
+        }
+        let node = self.choose(st, pool, q.exclude, avoid, Some(q.warm), now)?;
+        self.nodes[node].admit(now);
+        let scope = gateway.then(|| self.gateway_scope(st, "w"));
+        let window = self.settings.sticky_window;
+        let mut p = self.pin(st, node, pool, window, window, 0, scope.clone(), now);
+        p.uses = 1;
+        st.windows.insert(wk, p);
+        Ok(Route {
+            key: ExitKey {
+                node: self.nodes[node].clone(),
+                scope,
+            },
+            cold_reason: reason,
+            renewed: false,
+            forced: false,
+        })
+    }
+
+    fn route_session(
+        &self,
+        st: &mut RouterState,
+        q: &RouteQuery<'_>,
+        pool: usize,
+        id: &str,
+        now: Instant,
+    ) -> Result<Route, RouteError> {
+        let sk: (Arc<str>, Arc<str>) = (q.token.into(), id.into());
+        let life = q
+            .options
+            .session_minutes
+            .map(|m| Duration::from_secs(u64::from(m) * 60))
+            .unwrap_or(self.settings.session_lifetime);
+        let mut generation = 0;
+        let mut reason = NewReason::NewSession;
+        let mut renewed = false;
+        let mut avoid = None;
+        if let Some(p) = st.sessions.get_mut(&sk) {
+            let node = &self.nodes[p.node];
+            let alive = now < p.expires && now.saturating_duration_since(p.last_used) < p.idle;
+            let same_pool = p.pool == pool;
+            let node_ok = !q.exclude.contains(&p.node) && node.admissible(now);
+            if alive && same_pool && node_ok {
+                p.last_used = now;
+                p.uses += 1;
+                node.admit(now);
+                return Ok(Route {
+                    key: ExitKey {
+                        node: node.clone(),
+                        scope: p.scope.clone(),
+                    },
+                    // Only the pin's first request is the session's start.
+                    cold_reason: (p.uses == 1).then_some(NewReason::NewSession),
+                    renewed: false,
+                    forced: false,
+                });
+            }
+            if alive && same_pool {
+                if self.settings.session_mode == SessionMode::Strict {
+                    return Err(RouteError::SessionExitLost {
+                        session: id.to_string(),
+                        exit: node.label.to_string(),
+                        why: "its circuit is open or it failed for this request".into(),
+                    });
+                }
+                renewed = true;
+                avoid = Some(p.node);
+            }
+            generation = p.generation.wrapping_add(1);
+            reason = NewReason::SessionChange;
+            let p = st.sessions.remove(&sk).expect("present");
+            self.unpin(&p);
+        }
+        let node = self.choose(st, pool, q.exclude, avoid, None, now)?;
+        self.nodes[node].admit(now);
+        let scope = self.session_scope(&sk.0, &sk.1, generation);
+        let idle = self.settings.session_idle;
+        let mut p = self.pin(
+            st,
+            node,
+            pool,
+            life,
+            idle,
+            generation,
+            Some(scope.clone()),
+            now,
+        );
+        p.uses = 1;
+        st.sessions.insert(sk, p);
+        Ok(Route {
+            key: ExitKey {
+                node: self.nodes[node].clone(),
+                scope: Some(scope),
+            },
+            cold_reason: Some(reason),
+            renewed,
+            forced: false,
+        })
+    }
+
+    /// The isolation scope of a worker session: a keyed hash (per-process random key), so
+    /// tokens and session ids never appear in pool keys, logs or provider usernames.
+    fn session_scope(&self, token: &str, id: &str, generation: u32) -> Arc<str> {
+        use std::hash::BuildHasher;
+        let mut h = self.hash_key.build_hasher();
+        token.hash(&mut h);
+        id.hash(&mut h);
+        let a = h.finish();
+        generation.hash(&mut h);
+        let b = h.finish();
+        format!("s{a:016x}{:08x}", b as u32).into()
+    }
+
+    /// A dial through `node` failed in a way that is the node's fault (unreachable, broke
+    /// the protocol, rejected our credentials). Opens the circuit after
+    /// `circuit_failures` consecutive failures (at once when half-open).
+    pub fn node_failed(&self, node: &ExitNode, why: &str) {
+        node.counters.failures.fetch_add(1, Ordering::Relaxed);
+        if node.spec.kind == ExitKind::Direct {
+            return; // direct's health is the targets', not a node's
+        }
+        let now = Instant::now();
+        let mut c = node.circuit.lock();
+        c.failures += 1;
+        c.last_error = Some(why.to_string());
+        let trip =
+            c.state == CircuitState::HalfOpen || c.failures >= self.settings.circuit_failures;
+        if trip && c.state != CircuitState::Open {
+            c.backoff = if c.backoff.is_zero() {
+                self.settings.circuit_open_min
+            } else {
+                (c.backoff * 2).min(self.settings.circuit_open_max)
+            };
+            c.state = CircuitState::Open;
+            c.until = now + c.backoff;
+            c.probing = false;
+            c.opened += 1;
+            node.unhealthy.store(true, Ordering::Release);
+            tracing::warn!(exit = %node.label, backoff = ?c.backoff, error = %why, "exit circuit opened");
+        } else if c.state == CircuitState::HalfOpen {
+            c.probing = false;
+        }
+    }
+
+    /// A connection through `node` was opened (or a request through it succeeded): closes
+    /// the circuit.
+    pub fn node_ok(&self, node: &ExitNode) {
+        if !node.unhealthy.load(Ordering::Acquire) {
+            let mut c = node.circuit.lock();
+            c.failures = 0;
+            return;
+        }
+        let mut c = node.circuit.lock();
+        if c.state != CircuitState::Closed {
+            tracing::info!(exit = %node.label, "exit circuit closed");
+        }
+        c.state = CircuitState::Closed;
+        c.failures = 0;
+        c.backoff = Duration::ZERO;
+        c.probing = false;
+        node.unhealthy.store(false, Ordering::Release);
+    }
+
+    /// Forgets expired sessions and windows (called periodically).
+    pub fn sweep(&self) {
+        let now = Instant::now();
+        let mut st = self.state.lock();
+        let mut gone = Vec::new();
+        st.sessions.retain(|_, p| {
+            let keep = now < p.expires && now.saturating_duration_since(p.last_used) < p.idle;
+            if !keep {
+                gone.push(p.node);
+            }
+            keep
+        });
+        let mut gone_w = Vec::new();
+        st.windows.retain(|_, p| {
+            // Keep expired windows a while: the next request needs to know it rotates.
+            let keep = now.saturating_duration_since(p.last_used)
+                < p.idle.max(Duration::from_secs(60)) * 2;
+            if !keep {
+                gone_w.push(p.node);
+            }
+            keep
+        });
+        if st.last_forced.len() > 100_000 {
+            st.last_forced.clear();
+        }
+        drop(st);
+        for n in gone.into_iter().chain(gone_w) {
+            self.nodes[n].pins.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Live sessions and windows.
+    pub fn pinned(&self) -> (usize, usize) {
+        let st = self.state.lock();
+        (st.sessions.len(), st.windows.len())
+    }
+
+    /// Pins currently on `node`.
+    pub fn pins_of(&self, node: &ExitNode) -> usize {
+        node.pins.load(Ordering::Relaxed)
+    }
+}
