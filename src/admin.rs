@@ -200,6 +200,11 @@ pub struct TargetStatus {
     pub new_connections: u64,
     /// R = 1 − new_connections / requests.
     pub reuse_rate: f64,
+    /// R over the requests that did not ask for forced rotation (`rotate-request`): what
+    /// the pool itself missed.
+    pub reuse_rate_excluding_forced: f64,
+    /// Requests that asked for a new exit each time (`rotate-request`).
+    pub forced_rotation_requests: u64,
     /// Against the SLO: optimal, monitor, breach, idle.
     pub verdict: Verdict,
     /// The objective this row is judged against.
@@ -220,8 +225,8 @@ pub struct TargetStatus {
     pub evictions_per_second: f64,
     /// edgepool errors answered for this target.
     pub errors: u64,
-    /// The exit carrying most of its traffic.
-    pub top_exit: &'static str,
+    /// The exit carrying most of its traffic (`direct` when none has yet).
+    pub top_exit: String,
     /// New connections by reason.
     pub new_by_reason: BTreeMap<&'static str, u64>,
     /// Closed connections by reason.
@@ -247,6 +252,144 @@ pub struct Status {
     pub ports: crate::portguard::PortBudget,
     /// Per target, busiest first. Blind tunnels are not pooled and not in these counts.
     pub targets: Vec<TargetStatus>,
+    /// Exit nodes (the implicit `direct` first) with their health and reuse.
+    pub exits: Vec<ExitStatus>,
+    /// Exit pools: reuse per pool.
+    pub pools: Vec<PoolStatus>,
+    /// The pool used when a worker names none.
+    pub default_pool: String,
+    /// Live worker sessions and sticky windows.
+    pub sessions: usize,
+    /// Live sticky windows (target × pool).
+    pub windows: usize,
+}
+
+/// One exit node in `/status`.
+#[derive(Debug, Serialize)]
+pub struct ExitStatus {
+    /// `pool/host:port` (`direct`).
+    pub exit: String,
+    /// Pool.
+    pub pool: String,
+    /// `direct`, `http`, `socks5`.
+    pub kind: &'static str,
+    /// A provider's rotating gateway (username per session).
+    pub rotating_gateway: bool,
+    /// Circuit: `closed` (healthy), `half_open` (probing), `open` (down).
+    pub state: &'static str,
+    /// Consecutive failures.
+    pub consecutive_failures: u32,
+    /// Times the circuit opened.
+    pub circuit_opened_total: u64,
+    /// Seconds until a probe is allowed (open only).
+    pub retry_in_seconds: Option<f64>,
+    /// The last failure (never credentials).
+    pub last_error: Option<String>,
+    /// Requests through the node.
+    pub requests: u64,
+    /// Of which on new connections.
+    pub new_connections: u64,
+    /// R through the node.
+    pub reuse_rate: f64,
+    /// R through the node without forced-rotation traffic.
+    pub reuse_rate_excluding_forced: f64,
+    /// Forced-rotation requests.
+    pub forced_rotation_requests: u64,
+    /// Dial failures blamed on the node.
+    pub failures: u64,
+    /// Open connections through it now.
+    pub open_connections: usize,
+    /// Its connection budget (null: unlimited).
+    pub budget: Option<usize>,
+    /// Sessions and windows pinned to it.
+    pub pinned: usize,
+}
+
+/// One exit pool in `/status`.
+#[derive(Debug, Serialize)]
+pub struct PoolStatus {
+    /// Name.
+    pub pool: String,
+    /// Nodes.
+    pub nodes: usize,
+    /// Nodes whose circuit is closed.
+    pub healthy: usize,
+    /// Requests.
+    pub requests: u64,
+    /// New connections.
+    pub new_connections: u64,
+    /// R.
+    pub reuse_rate: f64,
+    /// R without forced-rotation traffic.
+    pub reuse_rate_excluding_forced: f64,
+}
+
+fn rate(requests: u64, new: u64) -> f64 {
+    if requests == 0 {
+        1.0
+    } else {
+        round4((1.0 - new as f64 / requests as f64).max(0.0))
+    }
+}
+
+fn exit_rows(gw: &Gateway) -> (Vec<ExitStatus>, Vec<PoolStatus>) {
+    use std::sync::atomic::Ordering::Relaxed;
+    let exits = gw.forwarder().exits();
+    let mut rows = Vec::new();
+    type PoolAcc = (String, usize, usize, u64, u64, u64, u64);
+    let mut acc: Vec<PoolAcc> = Vec::new();
+    for n in exits.nodes() {
+        let c = &n.counters;
+        let (req, new) = (c.requests.load(Relaxed), c.new_connections.load(Relaxed));
+        let (freq, fnew) = (c.forced_requests.load(Relaxed), c.forced_new.load(Relaxed));
+        let h = n.health();
+        rows.push(ExitStatus {
+            exit: n.label.to_string(),
+            pool: n.pool.to_string(),
+            kind: n.spec.kind.as_str(),
+            rotating_gateway: n.session_template.is_some(),
+            state: h.state.as_str(),
+            consecutive_failures: h.consecutive_failures,
+            circuit_opened_total: h.opened_total,
+            retry_in_seconds: h.retry_in.map(|d| round4(d.as_secs_f64())),
+            last_error: h.last_error,
+            requests: req,
+            new_connections: new,
+            reuse_rate: rate(req, new),
+            reuse_rate_excluding_forced: rate(req - freq.min(req), new - fnew.min(new)),
+            forced_rotation_requests: freq,
+            failures: c.failures.load(Relaxed),
+            open_connections: n.open.load(Relaxed),
+            budget: n.budget,
+            pinned: exits.pins_of(n),
+        });
+        let healthy = usize::from(h.state == crate::exits::CircuitState::Closed);
+        // (pool, nodes, healthy, requests, new, forced requests, forced new), config order.
+        match acc.iter_mut().find(|a| a.0 == *n.pool) {
+            Some(a) => {
+                a.1 += 1;
+                a.2 += healthy;
+                a.3 += req;
+                a.4 += new;
+                a.5 += freq;
+                a.6 += fnew;
+            }
+            None => acc.push((n.pool.to_string(), 1, healthy, req, new, freq, fnew)),
+        }
+    }
+    let pools = acc
+        .into_iter()
+        .map(|(pool, nodes, healthy, req, new, freq, fnew)| PoolStatus {
+            pool,
+            nodes,
+            healthy,
+            requests: req,
+            new_connections: new,
+            reuse_rate: rate(req, new),
+            reuse_rate_excluding_forced: rate(req - freq.min(req), new - fnew.min(new)),
+        })
+        .collect();
+    (rows, pools)
 }
 
 fn row(
@@ -269,6 +412,8 @@ fn row(
         requests: c.requests,
         new_connections: c.new_connections,
         reuse_rate: round4(r),
+        reuse_rate_excluding_forced: round4(c.reuse_rate_unforced()),
+        forced_rotation_requests: c.forced_requests,
         verdict: Verdict::of(r, c.requests, objective),
         reuse_target: objective,
         active,
@@ -281,7 +426,10 @@ fn row(
         ),
         evictions_per_second: round4(closed as f64 / uptime),
         errors: c.errors,
-        top_exit: crate::forward::EXIT_DIRECT,
+        top_exit: c
+            .top_exit()
+            .unwrap_or(crate::forward::EXIT_DIRECT)
+            .to_string(),
         new_by_reason: c.new_by_reason.clone(),
         closed_by_reason: c.closed_by_reason.clone(),
     }
@@ -311,6 +459,8 @@ pub fn status(gw: &Gateway) -> Status {
     targets.sort_by(|a, b| b.requests.cmp(&a.requests).then(a.target.cmp(&b.target)));
     let stats = pool.stats();
     let active = stats.total.saturating_sub(stats.idle + stats.connecting);
+    let exit_rows = exit_rows(gw);
+    let pinned = gw.forwarder().exits().pinned();
     Status {
         version: env!("CARGO_PKG_VERSION"),
         uptime_seconds: gw.uptime().as_secs(),
@@ -326,6 +476,11 @@ pub fn status(gw: &Gateway) -> Status {
         connecting: stats.connecting,
         ports: gw.ports().budget(),
         targets,
+        exits: exit_rows.0,
+        pools: exit_rows.1,
+        default_pool: gw.forwarder().exits().default_pool().to_string(),
+        sessions: pinned.0,
+        windows: pinned.1,
     }
 }
 

@@ -315,6 +315,27 @@ impl ExitsConfig {
         Ok(())
     }
 
+    /// Adds a node from the command line's `--exit POOL=URL`: to the pool of that name, or a
+    /// new pool at the end. Errors never echo credentials.
+    pub fn add_cli_exit(&mut self, arg: &str) -> Result<(), String> {
+        let (pool, url) = arg
+            .split_once('=')
+            .ok_or("expected POOL=URL, e.g. dc=http://user:pass@10.0.0.1:3128")?;
+        let pool = pool.trim();
+        crate::worker::validate_name(pool).map_err(|why| format!("pool name {pool:?}: {why}"))?;
+        crate::exits::ExitSpec::parse(url).map_err(|why| format!("pool {pool}: {why}"))?;
+        match self.pools.iter_mut().find(|p| p.name == pool) {
+            Some(p) => p.nodes.push(url.trim().to_string()),
+            None => self.pools.push(ExitPoolConfig {
+                name: pool.to_string(),
+                nodes: vec![url.trim().to_string()],
+                session_template: None,
+                max_connections_per_node: None,
+            }),
+        }
+        Ok(())
+    }
+
     /// The router settings.
     pub fn settings(&self) -> crate::exits::ExitSettings {
         crate::exits::ExitSettings {

@@ -1117,3 +1117,371 @@ impl Exits {
         node.pins.load(Ordering::Relaxed)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings() -> ExitSettings {
+        ExitSettings {
+            sticky_window: Duration::from_secs(120),
+            session_lifetime: Duration::from_secs(600),
+            session_idle: Duration::from_secs(60),
+            jitter: 0.0,
+            session_mode: SessionMode::Flex,
+            circuit_failures: 3,
+            circuit_open_min: Duration::from_secs(2),
+            circuit_open_max: Duration::from_secs(60),
+        }
+    }
+
+    fn pool(name: &str, n: usize, template: Option<&str>) -> PoolSpec {
+        PoolSpec {
+            name: name.into(),
+            nodes: (0..n)
+                .map(|i| ExitSpec::parse(&format!("http://u:p@10.0.0.{}:3128", i + 1)).unwrap())
+                .collect(),
+            session_template: template.map(str::to_string),
+            max_connections_per_node: 100,
+        }
+    }
+
+    fn exits(n: usize, s: ExitSettings) -> Exits {
+        Exits::new(&[pool("dc", n, None)], None, s).unwrap()
+    }
+
+    fn cold(_: &ExitKey) -> bool {
+        false
+    }
+
+    fn route(x: &Exits, target: &str, token: &str, o: &WorkerOptions) -> Result<Route, RouteError> {
+        route_ex(x, target, token, o, &[])
+    }
+
+    fn route_ex(
+        x: &Exits,
+        target: &str,
+        token: &str,
+        o: &WorkerOptions,
+        exclude: &[usize],
+    ) -> Result<Route, RouteError> {
+        x.route(&RouteQuery {
+            target,
+            token,
+            options: o,
+            exclude,
+            warm: &cold,
+        })
+    }
+
+    fn session(id: &str) -> WorkerOptions {
+        WorkerOptions {
+            session: Some(id.into()),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn node_urls_parse_and_errors_never_echo_credentials() {
+        let s = ExitSpec::parse("http://us%40er:p%3Ass@proxy.example:3128").unwrap();
+        assert_eq!(s.kind, ExitKind::Http);
+        assert_eq!((s.host.as_str(), s.port), ("proxy.example", 3128));
+        let a = s.auth.as_ref().unwrap();
+        assert_eq!(
+            (a.username.as_str(), a.password.as_str()),
+            ("us@er", "p:ss")
+        );
+        assert!(
+            !format!("{s:?}").contains("p:ss"),
+            "Debug hides credentials"
+        );
+        let s = ExitSpec::parse("socks5h://[::1]:1080").unwrap();
+        assert_eq!(
+            (s.kind, s.host.as_str(), s.auth.is_none()),
+            (ExitKind::Socks5, "::1", true)
+        );
+        assert_eq!(s.endpoint(), "[::1]:1080");
+        assert_eq!(ExitSpec::parse("DIRECT").unwrap().kind, ExitKind::Direct);
+        for bad in [
+            "https://u:secretpw@h:1",
+            "ftp://u:secretpw@h:1",
+            "http://u:secretpw@h",
+            "http://u:secretpw@h:1/path",
+            "not a url secretpw",
+        ] {
+            let e = ExitSpec::parse(bad).unwrap_err();
+            assert!(!e.contains("secretpw"), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn labels_name_pool_and_endpoint_and_duplicates_are_refused() {
+        let x = exits(2, settings());
+        let labels: Vec<&str> = x.nodes().iter().map(|n| &*n.label).collect();
+        assert_eq!(labels, ["direct", "dc/10.0.0.1:3128", "dc/10.0.0.2:3128"]);
+        assert_eq!(
+            x.default_pool(),
+            "dc",
+            "the first configured pool is the default"
+        );
+        let mut p = pool("dc", 1, None);
+        p.nodes.push(p.nodes[0].clone());
+        assert!(Exits::new(&[p], None, settings()).is_err());
+        let none = Exits::new(&[], None, settings()).unwrap();
+        assert_eq!(none.default_pool(), "direct");
+        assert!(none.only_direct());
+    }
+
+    #[test]
+    fn gateway_usernames_carry_the_provider_session() {
+        let x = Exits::new(
+            &[pool("resi", 1, Some("{user}-session-{session}"))],
+            None,
+            settings(),
+        )
+        .unwrap();
+        let n = &x.nodes()[1];
+        assert_eq!(n.auth_for(Some("abc")).unwrap().username, "u-session-abc");
+        assert_eq!(n.auth_for(None).unwrap().username, "u");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_window_keeps_its_exit_then_rotates_to_another() {
+        let x = exits(4, settings());
+        let o = WorkerOptions::default();
+        let first = route(&x, "a:443", "", &o).unwrap();
+        assert_eq!(first.cold_reason, None, "first contact is a plain cold key");
+        assert!(
+            first.key.scope.is_none(),
+            "session-less traffic shares the node's connections"
+        );
+        for _ in 0..50 {
+            let r = route(&x, "a:443", "", &o).unwrap();
+            assert_eq!(r.key, first.key, "same exit for the whole window");
+            assert_eq!(r.cold_reason, None);
+        }
+        tokio::time::advance(Duration::from_secs(121)).await;
+        let next = route(&x, "a:443", "", &o).unwrap();
+        assert_ne!(
+            next.key.node.index, first.key.node.index,
+            "rotated to another node"
+        );
+        assert_eq!(next.cold_reason, Some(NewReason::Rotation));
+        assert_eq!(route(&x, "a:443", "", &o).unwrap().key, next.key);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn rotation_prefers_a_node_with_a_warm_connection() {
+        let x = exits(8, settings());
+        let o = WorkerOptions::default();
+        let first = route(&x, "a:443", "", &o).unwrap();
+        tokio::time::advance(Duration::from_secs(121)).await;
+        let warm_node = if first.key.node.index == 5 { 6 } else { 5 };
+        let warm = |k: &ExitKey| k.node.index == warm_node;
+        let r = x
+            .route(&RouteQuery {
+                target: "a:443",
+                token: "",
+                options: &o,
+                exclude: &[],
+                warm: &warm,
+            })
+            .unwrap();
+        assert_eq!(r.key.node.index, warm_node);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn new_windows_spread_evenly_over_the_nodes() {
+        let x = exits(8, settings());
+        let o = WorkerOptions::default();
+        for t in 0..80 {
+            route(&x, &format!("t{t}:443"), "", &o).unwrap();
+        }
+        for n in &x.nodes()[1..] {
+            assert_eq!(x.pins_of(n), 10, "{}", n.label);
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn sessions_pin_an_exit_and_are_isolated_per_token_and_id() {
+        let x = exits(4, settings());
+        let a = route(&x, "a:443", "tok1", &session("s1")).unwrap();
+        assert_eq!(a.cold_reason, Some(NewReason::NewSession));
+        assert!(a.key.scope.is_some());
+        for target in ["a:443", "b:443", "c:80"] {
+            let r = route(&x, target, "tok1", &session("s1")).unwrap();
+            assert_eq!(r.key, a.key, "a session keeps its exit across targets");
+            assert_eq!(
+                r.cold_reason, None,
+                "only the session's first request starts it"
+            );
+        }
+        let other_id = route(&x, "a:443", "tok1", &session("s2")).unwrap();
+        let other_token = route(&x, "a:443", "tok2", &session("s1")).unwrap();
+        assert_ne!(other_id.key.scope, a.key.scope);
+        assert_ne!(
+            other_token.key.scope, a.key.scope,
+            "same id, other token: other session"
+        );
+        assert_ne!(other_id.key, a.key);
+        assert_ne!(other_token.key, a.key);
+        let scope = a.key.scope.as_deref().unwrap();
+        assert!(!scope.contains("tok1") && !scope.contains("s1"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_idle_or_expired_session_starts_over_as_a_session_change() {
+        let x = exits(4, settings());
+        let a = route(&x, "a:443", "t", &session("s")).unwrap();
+        tokio::time::advance(Duration::from_secs(61)).await;
+        let b = route(&x, "a:443", "t", &session("s")).unwrap();
+        assert_eq!(b.cold_reason, Some(NewReason::SessionChange));
+        assert_ne!(
+            b.key.scope, a.key.scope,
+            "a new session never reuses the old one's connections"
+        );
+        let o = WorkerOptions {
+            session: Some("short".into()),
+            session_minutes: Some(1),
+            ..Default::default()
+        };
+        let c = route(&x, "a:443", "t", &o).unwrap();
+        for _ in 0..5 {
+            tokio::time::advance(Duration::from_secs(11)).await;
+            assert_eq!(route(&x, "a:443", "t", &o).unwrap().key, c.key);
+        }
+        tokio::time::advance(Duration::from_secs(11)).await;
+        let d = route(&x, "a:443", "t", &o).unwrap();
+        assert_ne!(d.key.scope, c.key.scope, "sesstime-1 ends after a minute");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn flex_sessions_move_off_a_failed_exit_and_strict_ones_fail() {
+        let x = exits(3, settings());
+        let a = route(&x, "a:443", "t", &session("s")).unwrap();
+        let moved = route_ex(&x, "a:443", "t", &session("s"), &[a.key.node.index]).unwrap();
+        assert!(moved.renewed);
+        assert_ne!(moved.key.node.index, a.key.node.index);
+        assert_eq!(moved.cold_reason, Some(NewReason::SessionChange));
+        let strict = exits(
+            3,
+            ExitSettings {
+                session_mode: SessionMode::Strict,
+                ..settings()
+            },
+        );
+        let a = route(&strict, "a:443", "t", &session("s")).unwrap();
+        let e = route_ex(&strict, "a:443", "t", &session("s"), &[a.key.node.index]).unwrap_err();
+        assert!(matches!(e, RouteError::SessionExitLost { .. }), "{e}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn forced_rotation_changes_exit_every_request() {
+        let x = exits(3, settings());
+        let o = WorkerOptions {
+            rotate: Some(Rotate::Request),
+            ..Default::default()
+        };
+        let mut last = None;
+        for _ in 0..20 {
+            let r = route(&x, "a:443", "", &o).unwrap();
+            assert!(r.forced);
+            assert_eq!(r.cold_reason, Some(NewReason::ForcedRotation));
+            assert_ne!(
+                Some(r.key.node.index),
+                last,
+                "never the same exit twice in a row"
+            );
+            last = Some(r.key.node.index);
+        }
+        let g = Exits::new(
+            &[pool("resi", 1, Some("{user}-s-{session}"))],
+            None,
+            settings(),
+        )
+        .unwrap();
+        let a = route(&g, "a:443", "", &o).unwrap();
+        let b = route(&g, "a:443", "", &o).unwrap();
+        assert_ne!(
+            a.key.scope, b.key.scope,
+            "a gateway gets a new provider session per request"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_circuit_opens_after_failures_probes_once_and_closes_on_success() {
+        let x = exits(2, settings());
+        let n = x.nodes()[1].clone();
+        for _ in 0..2 {
+            x.node_failed(&n, "connect refused");
+        }
+        assert_eq!(n.state(), CircuitState::Closed, "below the threshold");
+        x.node_failed(&n, "connect refused");
+        assert_eq!(n.state(), CircuitState::Open);
+        let o = WorkerOptions::default();
+        for t in 0..10 {
+            let r = route(&x, &format!("t{t}:443"), "", &o).unwrap();
+            assert_eq!(r.key.node.index, 2, "an open node gets no traffic");
+        }
+        tokio::time::advance(Duration::from_secs(2)).await;
+        assert_eq!(n.state(), CircuitState::HalfOpen);
+        assert!(n.admit(Instant::now()), "one probe");
+        assert!(!n.admit(Instant::now()), "only one probe at a time");
+        x.node_failed(&n, "still down");
+        assert_eq!(n.state(), CircuitState::Open);
+        assert_eq!(
+            n.health().retry_in,
+            Some(Duration::from_secs(4)),
+            "backoff doubled"
+        );
+        tokio::time::advance(Duration::from_secs(4)).await;
+        assert!(n.admit(Instant::now()));
+        x.node_ok(&n);
+        assert_eq!(n.state(), CircuitState::Closed);
+        assert_eq!(n.health().consecutive_failures, 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn no_healthy_exit_says_when_to_retry() {
+        let x = exits(2, settings());
+        for n in &x.nodes()[1..] {
+            for _ in 0..3 {
+                x.node_failed(n, "down");
+            }
+        }
+        match route(&x, "a:443", "", &WorkerOptions::default()) {
+            Err(RouteError::NoHealthyExit { retry_after, .. }) => {
+                assert_eq!(retry_after, Duration::from_secs(2))
+            }
+            other => panic!("{other:?}"),
+        }
+        let bad = WorkerOptions {
+            pool: Some("nope".into()),
+            ..Default::default()
+        };
+        assert!(matches!(
+            route(&x, "a:443", "", &bad),
+            Err(RouteError::UnknownPool(..))
+        ));
+        let direct = WorkerOptions {
+            pool: Some("direct".into()),
+            ..Default::default()
+        };
+        assert_eq!(
+            &*route(&x, "a:443", "", &direct).unwrap().key.node.label,
+            "direct"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn sweep_forgets_idle_sessions_and_releases_their_pins() {
+        let x = exits(1, settings());
+        route(&x, "a:443", "t", &session("s")).unwrap();
+        assert_eq!(x.pinned().0, 1);
+        assert_eq!(x.pins_of(&x.nodes()[1]), 1);
+        tokio::time::advance(Duration::from_secs(61)).await;
+        x.sweep();
+        assert_eq!(x.pinned().0, 0);
+        assert_eq!(x.pins_of(&x.nodes()[1]), 0);
+    }
+}

@@ -41,6 +41,15 @@ enum Command {
         /// Extra PEM roots trusted for target certificates (repeatable).
         #[arg(long = "upstream-ca", value_name = "FILE")]
         upstream_ca: Vec<PathBuf>,
+        /// Add an exit node to a pool: POOL=URL with URL `http://user:pass@host:port`,
+        /// `socks5://user:pass@host:port` or `direct` (repeatable; repeat a pool name to add
+        /// nodes; the first pool named is the default unless the config names one).
+        #[arg(long = "exit", value_name = "POOL=URL")]
+        exit: Vec<String>,
+        /// A worker token (repeatable): workers must send it as the first part of their proxy
+        /// username (adds to auth.tokens).
+        #[arg(long = "token", value_name = "TOKEN")]
+        token: Vec<String>,
     },
     /// Validate a configuration file; exits non-zero naming the bad key.
     Check {
@@ -130,6 +139,8 @@ fn main() -> ExitCode {
             data_dir,
             allow_target,
             upstream_ca,
+            exit,
+            token,
         } => {
             let mut cfg = match config {
                 Some(p) => match Config::load(&p) {
@@ -149,6 +160,12 @@ fn main() -> ExitCode {
             }
             cfg.targets.allow.extend(allow_target);
             cfg.upstream.extra_ca_files.extend(upstream_ca);
+            for e in &exit {
+                if let Err(why) = cfg.exits.add_cli_exit(e) {
+                    return fail(&format!("--exit: {why}"));
+                }
+            }
+            cfg.auth.tokens.extend(token);
             if let Err(e) = cfg.validate() {
                 return fail(&e.to_string());
             }

@@ -752,6 +752,14 @@ impl Telemetry {
             sum.handshake_seconds += c.handshake_seconds;
             sum.handshakes += c.handshakes;
             sum.handshake_saved_seconds += c.handshake_saved_seconds;
+            sum.forced_requests += c.forced_requests;
+            sum.forced_new += c.forced_new;
+            for (l, n) in &c.by_exit {
+                match sum.by_exit.iter_mut().find(|(x, _)| x == l) {
+                    Some((_, m)) => *m += n,
+                    None => sum.by_exit.push((l.clone(), *n)),
+                }
+            }
             for (k, v) in &c.handshake_by_reason {
                 *sum.handshake_by_reason.entry(k).or_default() += v;
             }
