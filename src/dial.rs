@@ -487,11 +487,12 @@ impl Dialer {
                 match tokio::time::timeout(cfg.connect_timeout, sem.clone().acquire_owned()).await {
                     Ok(Ok(p)) => Some(p),
                     _ => {
+                        node.release_probe();
                         return Err(DialError::ExitBudget {
                             exit: label(),
                             budget: node.budget.unwrap_or(0),
                             after: cfg.connect_timeout,
-                        })
+                        });
                     }
                 }
             }
@@ -499,10 +500,10 @@ impl Dialer {
         let slot = BudgetSlot::new(node.clone(), permit);
         if let Some(ports) = &cfg.ports {
             // Hold the dial (bounded) rather than fail with EADDRNOTAVAIL.
-            ports
-                .admit(cfg.connect_timeout)
-                .await
-                .map_err(|e| DialError::PortsExhausted(e, cfg.connect_timeout))?;
+            if let Err(e) = ports.admit(cfg.connect_timeout).await {
+                node.release_probe();
+                return Err(DialError::PortsExhausted(e, cfg.connect_timeout));
+            }
         }
         let t0 = Instant::now();
         let direct = node.spec.kind == ExitKind::Direct;
@@ -587,10 +588,14 @@ impl Dialer {
                             exit: label(),
                             reason,
                         },
-                        HandshakeError::Refused { .. } => DialError::ExitRefused {
-                            exit: label(),
-                            reason,
-                        },
+                        HandshakeError::Refused { .. } => {
+                            // The node works; it will not reach this target.
+                            node.mark_ok();
+                            DialError::ExitRefused {
+                                exit: label(),
+                                reason,
+                            }
+                        }
                         HandshakeError::Protocol(_) | HandshakeError::Io(_) => {
                             DialError::ExitConnect {
                                 exit: label(),
@@ -599,7 +604,7 @@ impl Dialer {
                         }
                     });
                 }
-                Ok(Ok(())) => {}
+                Ok(Ok(())) => node.mark_ok(),
             }
         }
         let timings = DialTimings {

@@ -269,7 +269,8 @@ impl ExitNode {
     }
 
     /// Whether the node may carry a request now; moves Open → HalfOpen when the backoff is
-    /// over and lets exactly one probe through.
+    /// over and lets exactly one probe through. (`unhealthy` is set while the node has
+    /// failures or an open circuit; a healthy node costs one atomic load.)
     fn admit(&self, now: Instant) -> bool {
         if !self.unhealthy.load(Ordering::Acquire) {
             return true;
@@ -288,6 +289,31 @@ impl ExitNode {
                 true
             }
             CircuitState::HalfOpen => false,
+        }
+    }
+
+    /// The node answered properly (a tunnel came up, or it refused a target in protocol):
+    /// closes the circuit and clears the failure count. Cheap when the node is healthy.
+    pub fn mark_ok(&self) {
+        if !self.unhealthy.load(Ordering::Acquire) {
+            return;
+        }
+        let mut c = self.circuit.lock();
+        if c.state != CircuitState::Closed {
+            tracing::info!(exit = %self.label, "exit circuit closed");
+        }
+        c.state = CircuitState::Closed;
+        c.failures = 0;
+        c.backoff = Duration::ZERO;
+        c.probing = false;
+        self.unhealthy.store(false, Ordering::Release);
+    }
+
+    /// A dial through the node ended before reaching it for reasons of our own (budget,
+    /// local ports): a half-open probe slot is given back, nothing else changes.
+    pub fn release_probe(&self) {
+        if self.unhealthy.load(Ordering::Acquire) {
+            self.circuit.lock().probing = false;
         }
     }
 
@@ -1035,6 +1061,7 @@ impl Exits {
         }
         let now = Instant::now();
         let mut c = node.circuit.lock();
+        node.unhealthy.store(true, Ordering::Release);
         c.failures += 1;
         c.last_error = Some(why.to_string());
         let trip =
@@ -1059,20 +1086,7 @@ impl Exits {
     /// A connection through `node` was opened (or a request through it succeeded): closes
     /// the circuit.
     pub fn node_ok(&self, node: &ExitNode) {
-        if !node.unhealthy.load(Ordering::Acquire) {
-            let mut c = node.circuit.lock();
-            c.failures = 0;
-            return;
-        }
-        let mut c = node.circuit.lock();
-        if c.state != CircuitState::Closed {
-            tracing::info!(exit = %node.label, "exit circuit closed");
-        }
-        c.state = CircuitState::Closed;
-        c.failures = 0;
-        c.backoff = Duration::ZERO;
-        c.probing = false;
-        node.unhealthy.store(false, Ordering::Release);
+        node.mark_ok();
     }
 
     /// Forgets expired sessions and windows (called periodically).

@@ -452,8 +452,9 @@ impl Forwarder {
             meta.protocol = shared.protocol;
             let handshake = (!lease.reused())
                 .then(|| shared.timings.tcp + shared.timings.exit + shared.timings.tls);
+            // A probe of a half-open exit may ride a connection that outlived the failures.
+            self.exits.node_ok(&route.key.node);
             if !lease.reused() {
-                self.exits.node_ok(&route.key.node);
                 meta.tcp_connect = shared.timings.tcp;
                 meta.exit_handshake = shared.timings.exit;
                 meta.tls_handshake = shared.timings.tls;

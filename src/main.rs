@@ -396,6 +396,41 @@ fn status(admin: SocketAddr, json: bool) -> ExitCode {
         row(t);
     }
     row(&v["fleet"]);
+    let fleet = &v["fleet"];
+    if fleet["forced_rotation_requests"].as_u64().unwrap_or(0) > 0 {
+        println!(
+            "forced rotation: {} requests asked for a new exit each time; R without them {:.4}",
+            fleet["forced_rotation_requests"],
+            fleet["reuse_rate_excluding_forced"].as_f64().unwrap_or(0.0)
+        );
+    }
+    let exits: Vec<&serde_json::Value> = v["exits"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|e| e["kind"] != "direct" || e["requests"].as_u64().unwrap_or(0) > 0)
+        .collect();
+    if !exits.is_empty() {
+        println!();
+        println!(
+            "{:<36} {:<10} {:>9} {:>7} {:>8} {:>8} {:>6} {:>7}  last error",
+            "exit", "state", "requests", "new", "R", "R unforc", "open", "pinned"
+        );
+        for e in exits {
+            println!(
+                "{:<36} {:<10} {:>9} {:>7} {:>8.4} {:>8.4} {:>6} {:>7}  {}",
+                e["exit"].as_str().unwrap_or(""),
+                e["state"].as_str().unwrap_or(""),
+                e["requests"].as_u64().unwrap_or(0),
+                e["new_connections"].as_u64().unwrap_or(0),
+                e["reuse_rate"].as_f64().unwrap_or(0.0),
+                e["reuse_rate_excluding_forced"].as_f64().unwrap_or(0.0),
+                e["open_connections"].as_u64().unwrap_or(0),
+                e["pinned"].as_u64().unwrap_or(0),
+                e["last_error"].as_str().unwrap_or(""),
+            );
+        }
+    }
     let p = &v["ports"];
     if p["known"].as_bool() == Some(true) {
         println!(
