@@ -267,8 +267,10 @@ pub struct Status {
 /// One exit node in `/status`.
 #[derive(Debug, Serialize)]
 pub struct ExitStatus {
-    /// `pool/host:port` (`direct`).
+    /// `pool/N` (`direct`): the `X-Edgepool-Exit` value and metric label.
     pub exit: String,
+    /// The node's `host:port` (`direct`); credentials are never shown.
+    pub endpoint: String,
     /// Pool.
     pub pool: String,
     /// `direct`, `http`, `socks5`.
@@ -345,6 +347,7 @@ fn exit_rows(gw: &Gateway) -> (Vec<ExitStatus>, Vec<PoolStatus>) {
         let h = n.health();
         rows.push(ExitStatus {
             exit: n.label.to_string(),
+            endpoint: n.spec.endpoint(),
             pool: n.pool.to_string(),
             kind: n.spec.kind.as_str(),
             rotating_gateway: n.session_template.is_some(),

@@ -276,6 +276,12 @@ impl ExitsConfig {
         for (i, p) in self.pools.iter().enumerate() {
             let key = |k: &str| format!("exits.pools[{i}].{k}");
             crate::worker::validate_name(&p.name).map_err(|why| invalid(&key("name"), why))?;
+            if p.name == crate::exits::DIRECT {
+                return Err(invalid(
+                    &key("name"),
+                    "\"direct\" is the built-in pool (no proxy); name yours differently",
+                ));
+            }
             if !names.insert(p.name.as_str()) {
                 return Err(invalid(
                     &key("name"),

@@ -230,6 +230,14 @@ where
                 }
                 return Ok(());
             }
+            // Some proxies (tinyproxy 1.11) answer wrong credentials with 401, not 407.
+            401 if auth.is_some() => {
+                return Err(HandshakeError::Auth(
+                    format!("HTTP 401 {reason} (credentials rejected)")
+                        .trim_end()
+                        .to_owned(),
+                ))
+            }
             407 => {
                 return Err(HandshakeError::Auth(if auth.is_some() {
                     format!("HTTP 407 {reason}").trim_end().to_owned()
@@ -553,6 +561,31 @@ mod tests {
             .await
             .unwrap();
         drop(srv.await.unwrap());
+    }
+
+    #[tokio::test]
+    async fn connect_401_with_credentials_is_auth() {
+        let auth = ProxyAuth {
+            username: "u".into(),
+            password: "p".into(),
+        };
+        let (mut client, mut server) = tokio::io::duplex(4096);
+        let srv = tokio::spawn(async move {
+            let mut buf = [0u8; 1024];
+            let _ = server.read(&mut buf).await;
+            server
+                .write_all(b"HTTP/1.1 401 Unauthorized\r\nWWW-Authenticate: Basic\r\n\r\n")
+                .await
+                .unwrap();
+        });
+        let e = http_connect(&mut client, "example.com", 443, Some(&auth))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&e, HandshakeError::Auth(m) if m.contains("401")),
+            "{e}"
+        );
+        srv.await.unwrap();
     }
 
     #[tokio::test]

@@ -219,8 +219,9 @@ pub struct NodeCounters {
 pub struct ExitNode {
     /// Index in [`Exits::nodes`].
     pub index: usize,
-    /// `pool/host:port` (`direct` for the implicit direct node): the metric label and the
-    /// `X-Edgepool-Exit` value. Never contains credentials.
+    /// `pool/N` (the N-th node of the pool, 1-based; `direct` for the implicit direct node):
+    /// the metric label and the `X-Edgepool-Exit` value. Contains no address and no
+    /// credentials ([`ExitSpec::endpoint`] is the address, shown only in `/status`).
     pub label: Arc<str>,
     /// Pool name.
     pub pool: Arc<str>,
@@ -607,29 +608,27 @@ impl Exits {
             None,
         ))];
         let mut entries = Vec::new();
-        let has_direct = pools.iter().any(|p| p.name == DIRECT);
-        if !has_direct {
-            entries.push(PoolEntry {
-                name: DIRECT.into(),
-                nodes: vec![0],
-                gateway: false,
-            });
-        }
+        entries.push(PoolEntry {
+            name: DIRECT.into(),
+            nodes: vec![0],
+            gateway: false,
+        });
         for p in pools {
-            let mut idx = Vec::new();
-            for spec in &p.nodes {
+            if p.name == DIRECT {
+                return Err("\"direct\" is the built-in pool; name yours differently".into());
+            }
+            let mut idx: Vec<usize> = Vec::new();
+            for (k, spec) in p.nodes.iter().enumerate() {
                 let i = nodes.len();
-                let label = if spec.kind == ExitKind::Direct {
-                    if p.name == DIRECT {
-                        DIRECT.to_string()
-                    } else {
-                        format!("{}/direct", p.name)
-                    }
-                } else {
-                    format!("{}/{}", p.name, spec.endpoint())
-                };
-                if nodes.iter().any(|n| *n.label == *label) {
-                    return Err(format!("exit {label} is listed twice in pool {:?}", p.name));
+                // `pool/N` (1-based): stable, and free of addresses and credentials, so it can
+                // be a metric label and a response header.
+                let label = format!("{}/{}", p.name, k + 1);
+                if idx.iter().any(|j| nodes[*j].spec == *spec) {
+                    return Err(format!(
+                        "pool {:?} lists the node {} twice",
+                        p.name,
+                        spec.endpoint()
+                    ));
                 }
                 let budget = (spec.kind != ExitKind::Direct).then_some(p.max_connections_per_node);
                 nodes.push(Arc::new(Self::node(
@@ -653,10 +652,7 @@ impl Exits {
                 .iter()
                 .position(|e| &*e.name == name)
                 .ok_or_else(|| format!("exits.default_pool {name:?} is not a configured pool"))?,
-            None => entries
-                .iter()
-                .position(|e| &*e.name != DIRECT || has_direct)
-                .unwrap_or(0),
+            None => usize::from(entries.len() > 1),
         };
         let seed = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -1232,7 +1228,7 @@ mod tests {
     fn labels_name_pool_and_endpoint_and_duplicates_are_refused() {
         let x = exits(2, settings());
         let labels: Vec<&str> = x.nodes().iter().map(|n| &*n.label).collect();
-        assert_eq!(labels, ["direct", "dc/10.0.0.1:3128", "dc/10.0.0.2:3128"]);
+        assert_eq!(labels, ["direct", "dc/1", "dc/2"]);
         assert_eq!(
             x.default_pool(),
             "dc",
@@ -1339,8 +1335,12 @@ mod tests {
         );
         assert_ne!(other_id.key, a.key);
         assert_ne!(other_token.key, a.key);
-        let scope = a.key.scope.as_deref().unwrap();
-        assert!(!scope.contains("tok1") && !scope.contains("s1"));
+        let secret = route(&x, "a:443", "token_xyz", &session("my_session")).unwrap();
+        let scope = secret.key.scope.as_deref().unwrap();
+        assert!(
+            !scope.contains("token_xyz") && !scope.contains("my_session"),
+            "{scope}"
+        );
     }
 
     #[tokio::test(start_paused = true)]

@@ -108,10 +108,12 @@ pub struct Meta {
     pub reused: bool,
     /// Why its connection was opened, if new.
     pub new_reason: Option<NewReason>,
-    /// Exit label (`direct`, `pool/host:port`).
+    /// Exit label (`direct`, `pool/N`).
     pub exit: Arc<str>,
     /// The worker's session was moved to another exit (flex).
     pub session_renewed: bool,
+    /// The worker's session id, if it named one (echoed in `X-Edgepool-Session`).
+    pub session: Option<String>,
     /// `h2` / `http/1.1`.
     pub protocol: &'static str,
     /// DNS resolution.
@@ -372,6 +374,7 @@ impl Forwarder {
         let mut meta = Meta {
             exit: route.key.node.label.clone(),
             session_renewed: route.renewed,
+            session: out.worker.options.session.clone(),
             dns,
             ..Default::default()
         };
@@ -538,11 +541,15 @@ impl Forwarder {
                         return Err(EdgeError::bad_request("invalid_request", f.message));
                     }
                     let safe = f.sent == Sent::None || out.idempotent() || f.unprocessed;
+                    // Through a proxy exit, a brand-new connection can also die because the
+                    // exit died: a safe request gets the same one retry (which fails over to
+                    // another exit if this one is gone).
+                    let via_exit = route.key.node.spec.kind != crate::exits::ExitKind::Direct;
                     let retry = attempt == 0
                         && !f.response_started
                         && !f.timeout
                         && !f.bad_response
-                        && (reused && safe || f.unprocessed);
+                        && ((reused || via_exit) && safe || f.unprocessed);
                     if retry {
                         tracing::debug!(target = %target, error = %f.message, "retrying once");
                         meta.retried = true;
@@ -758,6 +765,13 @@ impl Forwarder {
         );
         if let Ok(v) = HeaderValue::from_str(&meta.exit) {
             parts.headers.insert("x-edgepool-exit", v);
+        }
+        if let Some(v) = meta
+            .session
+            .as_deref()
+            .and_then(|s| HeaderValue::from_str(s).ok())
+        {
+            parts.headers.insert("x-edgepool-session", v);
         }
         if meta.session_renewed {
             parts

@@ -470,7 +470,7 @@ impl Telemetry {
         let exit_requests = Family::<ExitReusedLabels, Counter>::default();
         registry.register(
             "edgepool_exit_requests",
-            "Upstream requests per exit node (pool/host:port) and pool, by whether they reused a warm connection",
+            "Upstream requests per exit node (pool/N) and pool, by whether they reused a warm connection",
             exit_requests.clone(),
         );
         let exit_opened = Family::<ExitLabels, Counter>::default();

@@ -2,6 +2,7 @@
 //! handling (keep-alive, `Connection: close`, idle FIN/RST, stray bytes).
 
 use std::fmt::Write as _;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -63,7 +64,7 @@ enum Timer {
 }
 
 /// Serves HTTP/1.x requests on `io` until either side closes.
-pub(crate) async fn serve<S>(mut io: S, conn_id: u64, shared: Arc<Shared>)
+pub(crate) async fn serve<S>(mut io: S, conn_id: u64, peer: SocketAddr, shared: Arc<Shared>)
 where
     S: AsyncRead + AsyncWrite + Unpin + HasTcp,
 {
@@ -80,7 +81,7 @@ where
         let req = match timeout(REQUEST_TIMEOUT, read_request(&mut io, &mut buf)).await {
             Err(_) | Ok(Err(ReadError::Io)) => return,
             Ok(Err(ReadError::Bad(status, msg))) => {
-                let _ = write_error(&mut io, status, msg, conn_id, index + 1).await;
+                let _ = write_error(&mut io, status, msg, conn_id, index + 1, peer).await;
                 return close(io).await;
             }
             Ok(Ok(req)) => req,
@@ -95,6 +96,7 @@ where
             headers: req.headers.clone(),
             body: req.body.clone(),
             version: req.version.clone(),
+            peer,
         });
         let action = routes::route(&Incoming {
             method: &req.method,
@@ -104,6 +106,7 @@ where
             version: &req.version,
             conn_id,
             index_on_conn: index,
+            peer,
         });
         let planned = match action {
             Action::Reset => return reset(io),
@@ -116,8 +119,15 @@ where
         let close_after = planned.close
             || !req.keep_alive
             || cfg.max_requests_per_conn.is_some_and(|n| index >= n);
-        let written =
-            write_response(&mut io, &req, &planned, conn_id, index, close_after, cfg).await;
+        let written = write_response(
+            &mut io,
+            &req,
+            &planned,
+            (conn_id, index, peer),
+            close_after,
+            cfg,
+        )
+        .await;
         drop(in_flight);
         if written.is_err() {
             return;
@@ -387,8 +397,7 @@ async fn write_response<S>(
     io: &mut S,
     req: &Request,
     planned: &Planned,
-    conn_id: u64,
-    index: u64,
+    (conn_id, index, peer): (u64, u64, SocketAddr),
     close: bool,
     cfg: &OriginConfig,
 ) -> std::io::Result<()>
@@ -403,9 +412,10 @@ where
     let mut head = String::with_capacity(256);
     let _ = write!(
         head,
-        "HTTP/1.1 {} {}\r\nServer: edgepool-test-origin\r\nx-origin-conn: {conn_id}\r\nx-origin-index: {index}\r\n",
+        "HTTP/1.1 {} {}\r\nServer: edgepool-test-origin\r\nx-origin-conn: {conn_id}\r\nx-origin-index: {index}\r\nx-origin-peer: {}\r\n",
         planned.status,
-        reason(planned.status)
+        reason(planned.status),
+        peer.ip()
     );
     for (name, value) in &planned.headers {
         let _ = write!(head, "{name}: {value}\r\n");
@@ -469,14 +479,16 @@ async fn write_error<S>(
     msg: &str,
     conn_id: u64,
     index: u64,
+    peer: SocketAddr,
 ) -> std::io::Result<()>
 where
     S: AsyncWrite + Unpin,
 {
     let body = format!("{msg}\n");
     let head = format!(
-        "HTTP/1.1 {status} {}\r\nServer: edgepool-test-origin\r\nx-origin-conn: {conn_id}\r\nx-origin-index: {index}\r\ncontent-type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        "HTTP/1.1 {status} {}\r\nServer: edgepool-test-origin\r\nx-origin-conn: {conn_id}\r\nx-origin-index: {index}\r\nx-origin-peer: {}\r\ncontent-type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         reason(status),
+        peer.ip(),
         body.len()
     );
     io.write_all(head.as_bytes()).await?;

@@ -2,6 +2,7 @@
 //! its own task.
 
 use std::future::poll_fn;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -27,7 +28,7 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 const WRITE_CHUNK: usize = 64 * 1024;
 
 /// Serves HTTP/2 on `io` until the connection ends.
-pub(crate) async fn serve<S>(io: S, conn_id: u64, shared: Arc<Shared>)
+pub(crate) async fn serve<S>(io: S, conn_id: u64, peer: SocketAddr, shared: Arc<Shared>)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -60,8 +61,7 @@ where
                     streams.spawn(serve_stream(
                         req,
                         respond,
-                        conn_id,
-                        index,
+                        (conn_id, index, peer),
                         shared.clone(),
                         close_tx.clone(),
                     ));
@@ -95,8 +95,7 @@ where
 async fn serve_stream(
     req: http::Request<RecvStream>,
     mut respond: SendResponse<Bytes>,
-    conn_id: u64,
-    index: u64,
+    (conn_id, index, peer): (u64, u64, SocketAddr),
     shared: Arc<Shared>,
     close_tx: mpsc::UnboundedSender<()>,
 ) {
@@ -146,6 +145,7 @@ async fn serve_stream(
         headers: headers.clone(),
         body: body.clone(),
         version: "HTTP/2".to_string(),
+        peer,
     });
     let action = routes::route(&Incoming {
         method,
@@ -155,6 +155,7 @@ async fn serve_stream(
         version: "HTTP/2",
         conn_id,
         index_on_conn: index,
+        peer,
     });
     let planned = match action {
         Action::Reset => return respond.send_reset(Reason::INTERNAL_ERROR),
@@ -172,7 +173,8 @@ async fn serve_stream(
         .status(planned.status)
         .header("server", "edgepool-test-origin")
         .header("x-origin-conn", conn_id)
-        .header("x-origin-index", index);
+        .header("x-origin-index", index)
+        .header("x-origin-peer", peer.ip().to_string());
     for (name, value) in &planned.headers {
         builder = builder.header(*name, value.as_str());
     }

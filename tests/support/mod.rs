@@ -1,6 +1,8 @@
 //! Shared integration-test support: real loopback origin servers (HTTP/1.1 and
-//! HTTP/2, plain or TLS) that end-to-end tests run edgepool against, a
-//! throw-away certificate authority, and small environment helpers.
+//! HTTP/2, plain or TLS) that end-to-end tests run edgepool against, fake
+//! upstream proxies ("exits", HTTP and SOCKS5) that tag the traffic they
+//! carry with their own loopback source address, a throw-away certificate
+//! authority, and small environment helpers.
 //!
 //! Use it from an integration test with `mod support;`.
 //!
@@ -8,6 +10,7 @@
 //! allowance for this module tree.
 #![allow(dead_code)]
 
+pub mod exits;
 mod h1;
 mod h2srv;
 pub mod origin;
@@ -19,6 +22,8 @@ use std::net::TcpListener;
 use std::path::Path;
 
 // Re-exports for test files; each test binary uses a different subset.
+#[allow(unused_imports)]
+pub use exits::{ConnectReply, ExitKind, FakeExit, FakeExitConfig};
 #[allow(unused_imports)]
 pub use origin::{Origin, OriginConfig, Recorded};
 #[allow(unused_imports)]

@@ -73,6 +73,10 @@ pub struct Recorded {
     pub body: Vec<u8>,
     /// `"HTTP/1.1"`, `"HTTP/1.0"` or `"HTTP/2"`.
     pub version: String,
+    /// The TCP peer address of the connection the request arrived on, i.e.
+    /// the source address the origin saw. Requests carried by a fake exit
+    /// (see [`super::exits`]) come from that exit's `bind_ip`.
+    pub peer: SocketAddr,
 }
 
 impl Recorded {
@@ -184,8 +188,10 @@ impl HasTcp for tokio_rustls::server::TlsStream<TcpStream> {
 /// * `/chunked/N` – HTTP/1.1: `N` pattern bytes, chunked transfer-encoding,
 ///   several chunks (HTTP/2: plain DATA frames; HTTP/1.0: Content-Length).
 ///
-/// Every response carries `x-origin-conn: <conn_id>` and
-/// `x-origin-index: <index_on_conn>`.
+/// Every response carries `x-origin-conn: <conn_id>`,
+/// `x-origin-index: <index_on_conn>` and `x-origin-peer: <peer ip>` (the
+/// source IP address of the connection, see [`Recorded::peer`]); the JSON
+/// echo has the same IP address as `"peer"`.
 ///
 /// The server stops on [`Origin::shutdown`] or when the `Origin` is dropped.
 pub struct Origin {
@@ -380,12 +386,13 @@ async fn accept_loop(
     loop {
         tokio::select! {
             res = listener.accept() => match res {
-                Ok((tcp, _peer)) => {
+                Ok((tcp, peer)) => {
                     shared.accepted.fetch_add(1, Ordering::SeqCst);
                     next_conn_id += 1;
                     let guard = OpenGuard::new(&shared);
                     conns.spawn(serve_conn(
                         tcp,
+                        peer,
                         next_conn_id,
                         shared.clone(),
                         acceptor.clone(),
@@ -405,6 +412,7 @@ async fn accept_loop(
 
 async fn serve_conn(
     tcp: TcpStream,
+    peer: SocketAddr,
     conn_id: u64,
     shared: Arc<Shared>,
     acceptor: Option<TlsAcceptor>,
@@ -412,8 +420,8 @@ async fn serve_conn(
 ) {
     let _ = tcp.set_nodelay(true);
     match acceptor {
-        None if shared.cfg.h2 => h2srv::serve(tcp, conn_id, shared).await,
-        None => h1::serve(tcp, conn_id, shared).await,
+        None if shared.cfg.h2 => h2srv::serve(tcp, conn_id, peer, shared).await,
+        None => h1::serve(tcp, conn_id, peer, shared).await,
         Some(acceptor) => {
             let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                 Ok(Ok(tls)) => tls,
@@ -421,9 +429,9 @@ async fn serve_conn(
             };
             let is_h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
             if is_h2 {
-                h2srv::serve(tls, conn_id, shared).await
+                h2srv::serve(tls, conn_id, peer, shared).await
             } else {
-                h1::serve(tls, conn_id, shared).await
+                h1::serve(tls, conn_id, peer, shared).await
             }
         }
     }

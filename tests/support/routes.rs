@@ -1,5 +1,6 @@
 //! Request routing shared by the HTTP/1.1 and HTTP/2 origin servers.
 
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -32,6 +33,8 @@ pub(crate) struct Incoming<'a> {
     pub version: &'a str,
     pub conn_id: u64,
     pub index_on_conn: u64,
+    /// TCP peer address of the connection.
+    pub peer: SocketAddr,
 }
 
 /// Response body to produce.
@@ -200,6 +203,7 @@ fn echo(req: &Incoming<'_>) -> Planned {
         "conn_id": req.conn_id,
         "index_on_conn": req.index_on_conn,
         "version": req.version,
+        "peer": req.peer.ip().to_string(),
     });
     let body = serde_json::to_vec(&json).expect("serialize echo");
     Planned::new(200, "application/json", Body::Full(Bytes::from(body)))
