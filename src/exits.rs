@@ -831,6 +831,35 @@ impl Exits {
         Ok(pick)
     }
 
+    /// The pool's next usable node after `last` in configuration order (forced rotation).
+    fn next_in_turn(
+        &self,
+        pool: usize,
+        last: Option<usize>,
+        exclude: &[usize],
+        now: Instant,
+    ) -> Result<usize, RouteError> {
+        let nodes = &self.pools[pool].nodes;
+        let start = last
+            .and_then(|l| nodes.iter().position(|n| *n == l))
+            .map_or(0, |p| p + 1);
+        let usable = |i: usize| !exclude.contains(&i) && self.nodes[i].admissible(now);
+        let below_budget = |i: usize| {
+            let n = &self.nodes[i];
+            n.budget.is_none_or(|b| n.open.load(Ordering::Relaxed) < b)
+        };
+        let order = (0..nodes.len()).map(|k| nodes[(start + k) % nodes.len()]);
+        if let Some(i) = order.clone().find(|i| usable(*i) && below_budget(*i)) {
+            return Ok(i);
+        }
+        if let Some(i) = order.clone().find(|i| usable(*i)) {
+            return Ok(i);
+        }
+        // Nothing usable: let `choose` explain why and when to retry.
+        let mut st = RouterState::default();
+        self.choose(&mut st, pool, exclude, None, None, now)
+    }
+
     #[allow(clippy::too_many_arguments)]
     fn pin(
         &self,
@@ -876,11 +905,13 @@ impl Exits {
         let mut guard = self.state.lock();
         let st = &mut *guard;
         if q.options.rotate == Some(Rotate::Request) {
-            // A new exit for every request: another node than last time; for a rotating
-            // gateway, a new provider session.
+            // A new exit for every request, round-robin over the pool's usable nodes per
+            // target (every node in turn: most IP diversity, and each node's connection to
+            // the target is warm again on the next lap); for a rotating gateway, a new
+            // provider session.
             let fk = (Arc::<str>::from(q.target), pool);
             let last = st.last_forced.get(&fk).copied();
-            let node = self.choose(st, pool, q.exclude, last, Some(q.warm), now)?;
+            let node = self.next_in_turn(pool, last, q.exclude, now)?;
             self.nodes[node].admit(now);
             st.last_forced.insert(fk, node);
             let scope = if gateway {

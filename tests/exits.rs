@@ -593,3 +593,38 @@ async fn mitm_off_tunnels_blindly_through_the_exit() {
     );
     gw.stop().await;
 }
+
+#[tokio::test]
+async fn the_reuse_killers_report_ranks_forced_rotation_first_for_rotating_traffic() {
+    let origin = Origin::start(tls()).await;
+    let e1 = http_exit(91).await;
+    let e2 = http_exit(92).await;
+    let e3 = http_exit(93).await;
+    let p = pool("dc", &[&e1, &e2, &e3]);
+    let gw =
+        TestGateway::start_with(&[origin.ca().cert_path.clone()], |c| c.exits.pools.push(p)).await;
+    let rotating = worker(&gw, "t-rotate-request", None);
+    let sticky = worker(&gw, "t", None);
+    for _ in 0..30 {
+        assert_eq!(fetch(&rotating, &origin.url("/echo")).await.status, 200);
+        assert_eq!(fetch(&sticky, &origin.url("/echo")).await.status, 200);
+    }
+    let r: serde_json::Value = gw
+        .admin_get("/report?window=1h")
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(r["new_reasons"][0]["reason"], "forced_rotation", "{r:#}");
+    assert_eq!(r["new_reasons"][0]["count"], 3, "{r:#}");
+    // Forced rotation took every exit in turn, and each exit's connection was warm again on
+    // the next lap: one tunnel per exit. The sticky traffic's window chose a warm exit.
+    for e in [&e1, &e2, &e3] {
+        assert_eq!(e.tunnels(), 1);
+    }
+    let t = gw.target_status(&origin.authority()).await;
+    assert_eq!(t["forced_rotation_requests"], 30, "{t:#}");
+    assert_eq!(t["reuse_rate_excluding_forced"], 1.0, "{t:#}");
+    assert_eq!(t["reuse_rate"], 0.95, "{t:#}");
+    gw.stop().await;
+}
