@@ -258,7 +258,7 @@ pub struct Status {
     pub pools: Vec<PoolStatus>,
     /// The pool used when a worker names none.
     pub default_pool: String,
-    /// Live worker sessions and sticky windows.
+    /// Live worker sessions.
     pub sessions: usize,
     /// Live sticky windows (target × pool).
     pub windows: usize,

@@ -10,7 +10,7 @@
 //!
 //! Isolation: [`ExitKey`] is part of the pool key, so a connection is only ever shared by
 //! requests with the same node *and* the same session scope. Worker sessions get a scope of
-//! their own (token + session id + pin generation); provider sessions of a rotating gateway
+//! their own (token + session id + a per-pin serial); provider sessions of a rotating gateway
 //! are the scope for gateway pools. Session-less requests on an ordinary node share the node's
 //! connections (scope `None`).
 use std::collections::HashMap;
@@ -25,6 +25,9 @@ use tokio::time::Instant;
 use crate::exitproto::ProxyAuth;
 use crate::pool::NewReason;
 use crate::worker::{Rotate, WorkerOptions};
+
+/// The session-scope serial of forced-rotation traffic within a session.
+const FORCED_SERIAL: u64 = u64::MAX;
 
 /// Name of the implicit pool (and node) that connects straight to targets.
 pub const DIRECT: &str = "direct";
@@ -387,7 +390,7 @@ pub struct NodeHealth {
 pub struct ExitKey {
     /// The node.
     pub node: Arc<ExitNode>,
-    /// Isolation scope: a worker session (`token`, id, pin generation, hashed) or a provider
+    /// Isolation scope: a worker session (`token`, id, per-pin serial, hashed) or a provider
     /// session (rotating gateways). `None`: the node's shared, session-less connections.
     pub scope: Option<Arc<str>>,
 }
@@ -920,7 +923,7 @@ impl Exits {
                 q.options
                     .session
                     .as_deref()
-                    .map(|s| self.session_scope(q.token, s, 0))
+                    .map(|s| self.session_scope(q.token, s, FORCED_SERIAL))
             };
             return Ok(Route {
                 key: ExitKey {
@@ -1040,7 +1043,8 @@ impl Exits {
         }
         let node = self.choose(st, pool, q.exclude, avoid, None, now)?;
         self.nodes[node].admit(now);
-        let scope = self.session_scope(&sk.0, &sk.1, generation);
+        st.seq += 1;
+        let scope = self.session_scope(&sk.0, &sk.1, st.seq);
         let idle = self.settings.session_idle;
         let mut p = self.pin(
             st,
@@ -1066,14 +1070,17 @@ impl Exits {
     }
 
     /// The isolation scope of a worker session: a keyed hash (per-process random key), so
-    /// tokens and session ids never appear in pool keys, logs or provider usernames.
-    fn session_scope(&self, token: &str, id: &str, generation: u32) -> Arc<str> {
+    /// tokens and session ids never appear in pool keys, logs or provider usernames. `serial`
+    /// is unique per pin (a session that ended and starts again under the same id never
+    /// inherits the old one's connections or provider session); [`FORCED_SERIAL`] is the
+    /// stable scope of a session's forced-rotation traffic.
+    fn session_scope(&self, token: &str, id: &str, serial: u64) -> Arc<str> {
         use std::hash::BuildHasher;
         let mut h = self.hash_key.build_hasher();
         token.hash(&mut h);
         id.hash(&mut h);
         let a = h.finish();
-        generation.hash(&mut h);
+        serial.hash(&mut h);
         let b = h.finish();
         format!("s{a:016x}{:08x}", b as u32).into()
     }
@@ -1521,12 +1528,16 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn sweep_forgets_idle_sessions_and_releases_their_pins() {
         let x = exits(1, settings());
-        route(&x, "a:443", "t", &session("s")).unwrap();
+        let first = route(&x, "a:443", "t", &session("s")).unwrap();
         assert_eq!(x.pinned().0, 1);
         assert_eq!(x.pins_of(&x.nodes()[1]), 1);
         tokio::time::advance(Duration::from_secs(61)).await;
         x.sweep();
         assert_eq!(x.pinned().0, 0);
         assert_eq!(x.pins_of(&x.nodes()[1]), 0);
+        // The id starts a new session: same node (the only one), never the old connections.
+        let again = route(&x, "a:443", "t", &session("s")).unwrap();
+        assert_eq!(again.key.node.index, first.key.node.index);
+        assert_ne!(again.key.scope, first.key.scope);
     }
 }

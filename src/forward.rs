@@ -247,6 +247,27 @@ impl Forwarder {
             .map_err(route_error)
     }
 
+    /// Routes again after `failed` exits failed for this request (nothing was sent to the
+    /// target): updates the route and the response metadata.
+    fn reroute(
+        &self,
+        out: &Outgoing,
+        target: &str,
+        failed: &[usize],
+        route: &mut crate::exits::Route,
+        meta: &mut Meta,
+        warm_key: &dyn Fn(crate::exits::ExitKey) -> UpstreamKey,
+    ) -> Result<(), EdgeError> {
+        let next = self.route(target, &out.worker, failed, warm_key)?;
+        *route = next;
+        if route.cold_reason.is_none() && out.worker.options.session.is_none() {
+            route.cold_reason = Some(NewReason::SessionChange);
+        }
+        meta.session_renewed |= route.renewed;
+        meta.exit = route.key.node.label.clone();
+        Ok(())
+    }
+
     /// Reports a dial error to the exits' health: node faults count against the node.
     fn blame(&self, node: &crate::exits::ExitNode, e: &DialError) -> bool {
         let fault = matches!(
@@ -411,29 +432,23 @@ impl Forwarder {
                 {
                     failed_exits.push(route.key.node.index);
                     tracing::debug!(target = %target, exit = %route.key.node.label, error = %d, "exit failed; trying another");
-                    let renewed_before = meta.session_renewed;
-                    route = match self.route(target, &out.worker, &failed_exits, &|e| {
-                        key_for(e, candidates[candidate])
-                    }) {
-                        Ok(r) => r,
-                        Err(e) => {
-                            // Say what failed, not only that nothing is left.
-                            if e.token == "no_healthy_exit" {
-                                return Err(checkout_error(
-                                    CheckoutError::Dial(d),
-                                    target,
-                                    self.cfg.queue_timeout,
-                                ));
-                            }
-                            return Err(e);
+                    let addr = candidates[candidate];
+                    if let Err(e) =
+                        self.reroute(out, target, &failed_exits, &mut route, &mut meta, &|e| {
+                            key_for(e, addr)
+                        })
+                    {
+                        // Say what failed, not only that nothing is left.
+                        if e.token == "no_healthy_exit" {
+                            return Err(checkout_error(
+                                CheckoutError::Dial(d),
+                                target,
+                                self.cfg.queue_timeout,
+                            ));
                         }
-                    };
-                    if route.cold_reason.is_none() && out.worker.options.session.is_none() {
-                        route.cold_reason = Some(NewReason::SessionChange);
+                        return Err(e);
                     }
-                    meta.session_renewed = renewed_before || route.renewed;
-                    meta.exit = route.key.node.label.clone();
-                    key = key_for(route.key.clone(), candidates[candidate]);
+                    key = key_for(route.key.clone(), addr);
                     continue;
                 }
                 Err(e) => {
@@ -491,6 +506,35 @@ impl Forwarder {
                 UpstreamConn::H2 { .. } => self.send_h2(&mut lease, out).await,
             };
             match sent {
+                // An HTTP proxy answers absolute-form requests itself when it rejects our
+                // credentials: that 407 is the exit's failure, never the worker's business
+                // (the worker would read it as edgepool asking for its token). Nothing reached
+                // the target, so another node may take the request, whatever its method.
+                Ok(Upstream::H1(r))
+                    if key.via_proxy()
+                        && r.status() == http::StatusCode::PROXY_AUTHENTICATION_REQUIRED =>
+                {
+                    drop(r);
+                    lease.release(Release::Close(CloseReason::Error));
+                    let msg = format!(
+                        "exit {} rejected the proxy credentials (HTTP 407 to a forwarded request)",
+                        route.key.node.label
+                    );
+                    self.exits.node_failed(&route.key.node, &msg);
+                    failed_exits.push(route.key.node.index);
+                    let addr = candidates[candidate];
+                    if failed_exits.len() >= MAX_EXIT_FAILOVER
+                        || self
+                            .reroute(out, target, &failed_exits, &mut route, &mut meta, &|e| {
+                                key_for(e, addr)
+                            })
+                            .is_err()
+                    {
+                        return Err(EdgeError::exit_failed("exit_auth_failed", msg));
+                    }
+                    key = key_for(route.key.clone(), addr);
+                    continue;
+                }
                 Ok(resp) => {
                     meta.ttfb = t_send.elapsed();
                     self.telemetry.record_request(&record);

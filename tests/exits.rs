@@ -628,3 +628,48 @@ async fn the_reuse_killers_report_ranks_forced_rotation_first_for_rotating_traff
     assert_eq!(t["reuse_rate"], 0.95, "{t:#}");
     gw.stop().await;
 }
+
+#[tokio::test]
+async fn a_proxy_rejecting_credentials_on_plain_http_is_the_exits_failure_not_a_407() {
+    let origin = Origin::start(OriginConfig::default()).await;
+    let good = http_exit(95).await;
+    let pools = vec![
+        ExitPoolConfig {
+            name: "bad".into(),
+            nodes: vec![good.url_with("user95", "wrong")],
+            session_template: None,
+            max_connections_per_node: None,
+        },
+        ExitPoolConfig {
+            name: "mixed".into(),
+            nodes: vec![good.url_with("user95", "wrong"), good.url()],
+            session_template: None,
+            max_connections_per_node: None,
+        },
+    ];
+    let gw = TestGateway::start_with(&[], |c| c.exits.pools = pools).await;
+    let g = fetch(&worker(&gw, "t-pool-bad", None), &origin.url("/echo")).await;
+    assert_eq!(
+        (g.status, g.error.as_str()),
+        (502, "exit_auth_failed"),
+        "{}",
+        g.body
+    );
+    assert!(!g.body.contains("wrong"));
+    // With a good node in the pool, the request moves there, whatever node the window chose.
+    for i in 0..6 {
+        let g = fetch(
+            &worker(&gw, "t-pool-mixed", None),
+            &origin.url(&format!("/x{i}")),
+        )
+        .await;
+        assert_eq!(g.status, 200, "{}", g.body);
+        assert_eq!(g.exit, "mixed/2");
+    }
+    assert_eq!(
+        origin.requests(),
+        6,
+        "nothing reached the target through the bad node"
+    );
+    gw.stop().await;
+}
