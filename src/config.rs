@@ -207,6 +207,10 @@ pub struct ExitsConfig {
     /// Longest open period. Default [`DEFAULT_CIRCUIT_OPEN_MAX`].
     #[serde(with = "humantime_serde")]
     pub circuit_open_max: Duration,
+    /// Whether workers may choose `-pool-direct` (leave from edgepool's own address) while
+    /// exit pools are configured. Default none: only when no pool is configured (then direct
+    /// is all there is) — a fleet that pays for exits rarely wants workers to bypass them.
+    pub allow_direct: Option<bool>,
     /// The pools, in order (`[[exits.pools]]`). Default none.
     pub pools: Vec<ExitPoolConfig>,
 }
@@ -224,6 +228,7 @@ impl Default for ExitsConfig {
             circuit_failures: DEFAULT_CIRCUIT_FAILURES,
             circuit_open_min: DEFAULT_CIRCUIT_OPEN_MIN,
             circuit_open_max: DEFAULT_CIRCUIT_OPEN_MAX,
+            allow_direct: None,
             pools: Vec::new(),
         }
     }
@@ -296,6 +301,16 @@ impl ExitsConfig {
                     .map_err(|why| invalid(&format!("exits.pools[{i}].nodes[{j}]"), why))?;
             }
             if let Some(t) = &p.session_template {
+                let without_user = p.nodes.iter().any(|n| {
+                    crate::exits::ExitSpec::parse(n)
+                        .is_ok_and(|s| s.kind != crate::exits::ExitKind::Direct && s.auth.is_none())
+                });
+                if without_user {
+                    return Err(invalid(
+                        &key("session_template"),
+                        "a rotating gateway's nodes need user:pass in their URL: the template builds the username from it",
+                    ));
+                }
                 if !t.contains("{session}") {
                     return Err(invalid(
                         &key("session_template"),
@@ -311,6 +326,12 @@ impl ExitsConfig {
             }
         }
         if let Some(d) = &self.default_pool {
+            if d == crate::exits::DIRECT && self.allow_direct == Some(false) {
+                return Err(invalid(
+                    "exits.default_pool",
+                    "\"direct\" contradicts exits.allow_direct = false",
+                ));
+            }
             if d != crate::exits::DIRECT && !self.pools.iter().any(|p| &p.name == d) {
                 return Err(invalid(
                     "exits.default_pool",
@@ -328,7 +349,11 @@ impl ExitsConfig {
             .split_once('=')
             .ok_or("expected POOL=URL, e.g. dc=http://user:pass@10.0.0.1:3128")?;
         let pool = pool.trim();
-        crate::worker::validate_name(pool).map_err(|why| format!("pool name {pool:?}: {why}"))?;
+        // Never echo the part before '=': if POOL= was forgotten it holds a URL's userinfo.
+        crate::worker::validate_name(pool).map_err(|_| {
+            "the part before '=' must be a pool name ([A-Za-z0-9_]{1,64}): POOL=URL, e.g. dc=http://user:pass@10.0.0.1:3128"
+                .to_string()
+        })?;
         crate::exits::ExitSpec::parse(url).map_err(|why| format!("pool {pool}: {why}"))?;
         match self.pools.iter_mut().find(|p| p.name == pool) {
             Some(p) => p.nodes.push(url.trim().to_string()),
@@ -353,6 +378,7 @@ impl ExitsConfig {
             circuit_failures: self.circuit_failures,
             circuit_open_min: self.circuit_open_min,
             circuit_open_max: self.circuit_open_max,
+            allow_direct: self.allow_direct.unwrap_or(self.pools.is_empty()),
         }
     }
 

@@ -165,6 +165,15 @@ pub enum DialError {
         /// Why (never credentials).
         reason: String,
     },
+    /// The exit took our request to reach the target but did not answer in time: the target
+    /// is slow or unreachable from the exit (not counted against the node).
+    #[error("exit {exit} did not reach the target within {after:?}")]
+    ExitTargetTimeout {
+        /// Exit label.
+        exit: String,
+        /// The timeout.
+        after: Duration,
+    },
     /// The exit rejected our credentials (HTTP 407, SOCKS5 auth failure).
     #[error("exit {exit} rejected the proxy credentials: {reason}")]
     ExitAuth {
@@ -233,6 +242,62 @@ pub struct ConnShared {
     pub protocol: &'static str,
     /// Holds the connection's place in its exit's budget until the connection is gone.
     _budget: Option<BudgetSlot>,
+}
+
+/// A stream opened through an exit (or directly).
+pub struct Opened {
+    /// The socket, positioned at the tunnel's start.
+    pub stream: TcpStream,
+    /// How long each phase took.
+    pub timings: DialTimings,
+    /// Its place in the exit's budget; keep it as long as the stream lives.
+    pub slot: BudgetSlot,
+    /// Bytes of the tunnel that arrived with the proxy's answer (a server that speaks first).
+    pub early: Vec<u8>,
+}
+
+/// Records a node fault on its circuit and builds the error.
+fn node_fault(node: &ExitNode, reason: String) -> DialError {
+    node.record_failure(&reason);
+    DialError::ExitConnect {
+        exit: node.label.to_string(),
+        reason,
+    }
+}
+
+/// Counts the bytes read through it (did the proxy say anything at all?).
+struct ReadCounter<'a, S> {
+    inner: &'a mut S,
+    read: usize,
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for ReadCounter<'_, S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let res = Pin::new(&mut *self.inner).poll_read(cx, buf);
+        self.read += buf.filled().len() - before;
+        res
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for ReadCounter<'_, S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut *self.inner).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut *self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut *self.inner).poll_shutdown(cx)
+    }
 }
 
 /// One connection's place in an exit node's budget; gives it back when dropped.
@@ -460,14 +525,17 @@ impl Dialer {
     /// Opens a TCP stream to `host:port` through `exit` (straight to `addr` when direct):
     /// connects, then performs the exit's handshake (HTTP CONNECT / SOCKS5). With
     /// `http_proxy_only`, stops after the TCP connect to an HTTP proxy (absolute-form use).
-    /// Takes a place in the exit's budget first (waiting up to the connect timeout).
+    /// Takes a place in the exit's budget first (waiting up to the connect timeout). Returns
+    /// the tunnel's first bytes if the target spoke first and they came with the proxy's
+    /// answer: deliver them before reading the stream. Failures that are the node's fault are
+    /// reported to its circuit here, once per dial.
     pub async fn open_stream(
         &self,
         exit: &ExitKey,
         host: &str,
         port: u16,
         addr: SocketAddr,
-    ) -> Result<(TcpStream, DialTimings, BudgetSlot), DialError> {
+    ) -> Result<Opened, DialError> {
         Self::open(&self.cfg, exit, host, port, addr, false).await
     }
 
@@ -478,7 +546,7 @@ impl Dialer {
         port: u16,
         addr: SocketAddr,
         http_proxy_only: bool,
-    ) -> Result<(TcpStream, DialTimings, BudgetSlot), DialError> {
+    ) -> Result<Opened, DialError> {
         let node = &exit.node;
         let label = || node.label.to_string();
         let permit = match node.permits() {
@@ -537,17 +605,14 @@ impl Dialer {
                 })
             }
             Err(_) => {
-                return Err(DialError::ExitConnect {
-                    exit: label(),
-                    reason: format!("TCP connect timed out after {:?}", cfg.connect_timeout),
-                })
+                return Err(node_fault(
+                    node,
+                    format!("TCP connect timed out after {:?}", cfg.connect_timeout),
+                ))
             }
             Ok(Err((addr, source))) if direct => return Err(DialError::Connect { addr, source }),
             Ok(Err((_, source))) => {
-                return Err(DialError::ExitConnect {
-                    exit: label(),
-                    reason: format!("TCP connect failed: {source}"),
-                })
+                return Err(node_fault(node, format!("TCP connect failed: {source}")))
             }
             Ok(Ok(s)) => s,
         };
@@ -557,54 +622,86 @@ impl Dialer {
             ports.note_new_connection();
         }
         let t1 = Instant::now();
+        let mut early = Vec::new();
         if !direct && !http_proxy_only {
             let auth = node.auth_for(exit.provider_session());
-            let hs = async {
-                match node.spec.kind {
+            let kind = node.spec.kind;
+            let mut counted = ReadCounter {
+                inner: &mut tcp,
+                read: 0,
+            };
+            let res = tokio::time::timeout(cfg.connect_timeout, async {
+                match kind {
                     ExitKind::Http => {
-                        crate::exitproto::http_connect(&mut tcp, host, port, auth.as_ref()).await
+                        crate::exitproto::http_connect(&mut counted, host, port, auth.as_ref())
+                            .await
                     }
                     ExitKind::Socks5 => {
-                        crate::exitproto::socks5_connect(&mut tcp, host, port, auth.as_ref()).await
+                        crate::exitproto::socks5_connect(&mut counted, host, port, auth.as_ref())
+                            .await
+                            .map(|()| Vec::new())
                     }
-                    ExitKind::Direct => Ok(()),
+                    ExitKind::Direct => Ok(Vec::new()),
                 }
-            };
-            match tokio::time::timeout(cfg.connect_timeout, hs).await {
-                Err(_) => {
-                    return Err(DialError::ExitConnect {
+            })
+            .await;
+            let heard_from_proxy = counted.read > 0;
+            match res {
+                // An HTTP proxy answers CONNECT once it has reached the target (or given up);
+                // a SOCKS5 proxy that has answered the greeting is alive: a slow answer is the
+                // target's, not the node's.
+                Err(_) if kind == ExitKind::Http || heard_from_proxy => {
+                    node.release_probe();
+                    return Err(DialError::ExitTargetTimeout {
                         exit: label(),
-                        reason: format!(
+                        after: cfg.connect_timeout,
+                    });
+                }
+                Err(_) => {
+                    return Err(node_fault(
+                        node,
+                        format!(
                             "no answer to the {} handshake within {:?}",
-                            node.spec.kind.as_str(),
+                            kind.as_str(),
                             cfg.connect_timeout
                         ),
-                    })
+                    ))
                 }
                 Ok(Err(e)) => {
                     let reason = e.to_string();
                     return Err(match e {
-                        HandshakeError::Auth(_) => DialError::ExitAuth {
-                            exit: label(),
-                            reason,
-                        },
+                        HandshakeError::Auth(_) => {
+                            node.record_failure(&reason);
+                            DialError::ExitAuth {
+                                exit: label(),
+                                reason,
+                            }
+                        }
+                        // The node works; it will not reach this target (or the target name
+                        // cannot be put in a request).
                         HandshakeError::Refused { .. } => {
-                            // The node works; it will not reach this target.
                             node.mark_ok();
                             DialError::ExitRefused {
                                 exit: label(),
                                 reason,
                             }
                         }
-                        HandshakeError::Protocol(_) | HandshakeError::Io(_) => {
-                            DialError::ExitConnect {
+                        HandshakeError::Io(ref io) if io.kind() == io::ErrorKind::InvalidInput => {
+                            node.release_probe();
+                            DialError::ExitRefused {
                                 exit: label(),
                                 reason,
                             }
                         }
+                        HandshakeError::Protocol(_) | HandshakeError::Io(_) => {
+                            node_fault(node, reason)
+                        }
                     });
                 }
-                Ok(Ok(())) => node.mark_ok(),
+                Ok(Ok(bytes)) => {
+                    node.mark_ok();
+                    early = bytes;
+                }
             }
         }
         let timings = DialTimings {
@@ -616,7 +713,12 @@ impl Dialer {
             },
             tls: Duration::ZERO,
         };
-        Ok((tcp, timings, slot))
+        Ok(Opened {
+            stream: tcp,
+            timings,
+            slot,
+            early,
+        })
     }
 
     async fn dial(
@@ -626,9 +728,24 @@ impl Dialer {
         watch: ConnWatch<Dialer>,
     ) -> Result<Connected<UpstreamConn>, DialError> {
         let via = key.via_proxy();
-        let (tcp, mut timings, slot) =
-            Self::open(&cfg, &key.exit, &key.host, key.port, key.addr, via).await?;
+        let Opened {
+            stream: tcp,
+            mut timings,
+            slot,
+            early,
+        } = Self::open(&cfg, &key.exit, &key.host, key.port, key.addr, via).await?;
         let host = key.host.to_string();
+        if !early.is_empty() {
+            // A pooled connection's client always speaks first (TLS ClientHello, HTTP
+            // request): a target that talks before being asked is not an HTTP server.
+            return Err(DialError::Handshake {
+                host,
+                reason: format!(
+                    "the target sent {} bytes through the tunnel before any request",
+                    early.len()
+                ),
+            });
+        }
         match key.scheme {
             Scheme::Http => {
                 let shared = Arc::new(ConnShared::new(timings, "http/1.1", Some(slot)));

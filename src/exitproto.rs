@@ -60,7 +60,7 @@ pub enum HandshakeError {
         /// Reason phrase (HTTP) or reply code description (SOCKS5).
         reason: String,
     },
-    /// The proxy spoke something that is not the protocol, sent bytes after the `CONNECT`
+    /// The proxy spoke something that is not the protocol, cut the `CONNECT`
     /// response head, or closed before answering: a fault of the node.
     #[error("exit proxy protocol error: {0}")]
     Protocol(String),
@@ -151,15 +151,16 @@ fn clean_reason(reason: &str) -> String {
 
 /// Sends `CONNECT host:port HTTP/1.1` (IPv6 host in brackets) with `Host:` and, with auth,
 /// `Proxy-Authorization: Basic ...`; reads the response head (at most 16 KiB), skipping
-/// interim 1xx responses, and requires a 2xx. Bytes after a 2xx head are a
-/// [`HandshakeError::Protocol`] error: a tunnel to a TLS server never receives server bytes
-/// first. Never puts the credentials in an error message.
+/// interim 1xx responses, and requires a 2xx. Returns the bytes that arrived after the 2xx
+/// head: the tunnel's first bytes (a server that speaks first, such as SSH or SMTP, may share
+/// a segment with the proxy's answer); the caller must deliver them before reading the
+/// stream. Never puts the credentials in an error message.
 pub async fn http_connect<S>(
     stream: &mut S,
     host: &str,
     port: u16,
     auth: Option<&ProxyAuth>,
-) -> Result<(), HandshakeError>
+) -> Result<Vec<u8>, HandshakeError>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
@@ -222,13 +223,8 @@ where
                 continue;
             }
             200..=299 => {
-                if buf.len() > len {
-                    return Err(HandshakeError::Protocol(format!(
-                        "proxy sent {} bytes after the CONNECT {status} response head",
-                        buf.len() - len
-                    )));
-                }
-                return Ok(());
+                buf.drain(..len);
+                return Ok(buf);
             }
             // Some proxies (tinyproxy 1.11) answer wrong credentials with 401, not 407.
             401 if auth.is_some() => {
@@ -475,7 +471,7 @@ mod tests {
         auth: Option<&ProxyAuth>,
         response: &'static [u8],
         close: bool,
-    ) -> (Result<(), HandshakeError>, Vec<u8>) {
+    ) -> (Result<Vec<u8>, HandshakeError>, Vec<u8>) {
         let (mut client, mut server) = duplex(64 * 1024);
         let srv = tokio::spawn(async move {
             let head = read_head(&mut server).await;
@@ -561,6 +557,19 @@ mod tests {
             .await
             .unwrap();
         drop(srv.await.unwrap());
+    }
+
+    #[tokio::test]
+    async fn bytes_after_the_connect_answer_are_the_tunnels_first_bytes() {
+        let (res, _) = http_case(
+            "mail.example",
+            25,
+            None,
+            b"HTTP/1.1 200 Connection established\r\n\r\n220 mail ESMTP\r\n",
+            false,
+        )
+        .await;
+        assert_eq!(res.unwrap(), b"220 mail ESMTP\r\n");
     }
 
     #[tokio::test]
@@ -679,7 +688,7 @@ mod tests {
     #[tokio::test]
     async fn connect_protocol_errors() {
         let a = creds();
-        let cases: [(&'static [u8], bool, &str); 6] = [
+        let cases: [(&'static [u8], bool, &str); 4] = [
             (b"SSH-2.0-OpenSSH_9.6\r\n", false, "not HTTP"),
             (b"\x05\x00", true, "not HTTP"),
             (b"", true, "without answering"),
@@ -687,16 +696,6 @@ mod tests {
                 b"HTTP/1.1 200 OK\r\nX-Partial: y",
                 true,
                 "middle of the CONNECT response",
-            ),
-            (
-                b"HTTP/1.1 200 OK\r\n\r\n\x16\x03\x01",
-                false,
-                "3 bytes after",
-            ),
-            (
-                b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nhi",
-                false,
-                "2 bytes after",
             ),
         ];
         for (response, close, want) in cases {

@@ -4,9 +4,10 @@
 //! node when a session or window starts.
 //!
 //! Data flow: the forwarder asks [`Exits::route`] for a [`Route`] (which node, which isolation
-//! scope, why a connection would be new), builds the pool key with the route's [`ExitKey`], and
-//! reports what the node did ([`Exits::node_failed`], [`Exits::node_ok`]). The dialer reads the
-//! node's [`ExitSpec`] from the key to open the connection through it.
+//! scope, why a connection would be new) and builds the pool key with the route's [`ExitKey`].
+//! The dialer reads the node's [`ExitSpec`] from the key to open the connection through it and
+//! tells the node's circuit what happened, once per dial ([`ExitNode::record_failure`],
+//! [`ExitNode::mark_ok`]); the forwarder reports responses ([`ExitNode::note_success`]).
 //!
 //! Isolation: [`ExitKey`] is part of the pool key, so a connection is only ever shared by
 //! requests with the same node *and* the same session scope. Worker sessions get a scope of
@@ -25,6 +26,10 @@ use tokio::time::Instant;
 use crate::exitproto::ProxyAuth;
 use crate::pool::NewReason;
 use crate::worker::{Rotate, WorkerOptions};
+
+/// A half-open probe that has not reported back for this long is presumed lost and another
+/// request may probe (longer than a connect plus a TLS handshake at their default timeouts).
+pub const PROBE_STALE: Duration = Duration::from_secs(30);
 
 /// The session-scope serial of forced-rotation traffic within a session.
 const FORCED_SERIAL: u64 = u64::MAX;
@@ -113,9 +118,8 @@ impl ExitSpec {
             .trim_start_matches('[')
             .trim_end_matches(']')
             .to_ascii_lowercase();
-        let port = url
-            .port()
-            .ok_or("the proxy URL needs an explicit port (http://host:3128)")?;
+        // An omitted port is the scheme's default: 80 for http://, 1080 for socks5://.
+        let port = url.port_or_known_default().unwrap_or(1080);
         if url.path() != "/" && !url.path().is_empty() || url.query().is_some() {
             return Err("a proxy URL has no path or query".into());
         }
@@ -195,12 +199,23 @@ struct Circuit {
     until: Instant,
     /// The next open period.
     backoff: Duration,
-    /// A half-open probe is in flight.
+    /// A half-open probe is in flight (since `probe_at`).
     probing: bool,
+    /// When the probe was let through; a probe older than [`PROBE_STALE`] is presumed lost
+    /// (its requester went away, or it never dialed) and another may go.
+    probe_at: Instant,
     /// The last failure, for /status (never contains credentials).
     last_error: Option<String>,
     /// Times the circuit opened.
     opened: u64,
+}
+
+/// When a node's circuit opens and for how long.
+#[derive(Clone, Copy, Debug)]
+struct CircuitPolicy {
+    failures: u32,
+    open_min: Duration,
+    open_max: Duration,
 }
 
 /// Per-node request accounting.
@@ -236,6 +251,7 @@ pub struct ExitNode {
     pub budget: Option<usize>,
     permits: Option<Arc<tokio::sync::Semaphore>>,
     circuit: Mutex<Circuit>,
+    policy: CircuitPolicy,
     unhealthy: AtomicBool,
     /// Sessions and windows currently pinned to the node (load for fair spreading).
     pins: AtomicUsize,
@@ -280,19 +296,64 @@ impl ExitNode {
             return true;
         }
         let mut c = self.circuit.lock();
+        let free = !c.probing || now.saturating_duration_since(c.probe_at) >= PROBE_STALE;
         match c.state {
             CircuitState::Closed => true,
             CircuitState::Open if now >= c.until => {
                 c.state = CircuitState::HalfOpen;
                 c.probing = true;
+                c.probe_at = now;
                 true
             }
             CircuitState::Open => false,
-            CircuitState::HalfOpen if !c.probing => {
+            CircuitState::HalfOpen if free => {
                 c.probing = true;
+                c.probe_at = now;
                 true
             }
             CircuitState::HalfOpen => false,
+        }
+    }
+
+    /// One failure that is the node's fault (unreachable, broke the protocol, rejected our
+    /// credentials), reported once per failed dial. Opens the circuit after
+    /// `circuit_failures` consecutive failures, at once when half-open (the probe failed,
+    /// backoff doubled up to `circuit_open_max`). A failure while open changes nothing but the
+    /// counts.
+    pub fn record_failure(&self, why: &str) {
+        self.counters.failures.fetch_add(1, Ordering::Relaxed);
+        if self.spec.kind == ExitKind::Direct {
+            return; // direct's health is the targets', not a node's
+        }
+        let now = Instant::now();
+        let mut c = self.circuit.lock();
+        self.unhealthy.store(true, Ordering::Release);
+        c.failures += 1;
+        c.last_error = Some(why.to_string());
+        let trip = c.state == CircuitState::HalfOpen || c.failures >= self.policy.failures;
+        if trip && c.state != CircuitState::Open {
+            c.backoff = if c.backoff.is_zero() {
+                self.policy.open_min
+            } else {
+                (c.backoff * 2).min(self.policy.open_max)
+            };
+            c.state = CircuitState::Open;
+            c.until = now + c.backoff;
+            c.probing = false;
+            c.opened += 1;
+            tracing::warn!(exit = %self.label, backoff = ?c.backoff, error = %why, "exit circuit opened");
+        }
+    }
+
+    /// A request through the node got its response: on a new connection the node is healthy
+    /// (closes the circuit); on a reused one only a half-open probe's success counts (a warm
+    /// connection working says nothing about new tunnels).
+    pub fn note_success(&self, new_connection: bool) {
+        if !self.unhealthy.load(Ordering::Acquire) {
+            return;
+        }
+        if new_connection || self.circuit.lock().state == CircuitState::HalfOpen {
+            self.mark_ok();
         }
     }
 
@@ -330,7 +391,9 @@ impl ExitNode {
         match c.state {
             CircuitState::Closed => true,
             CircuitState::Open => now >= c.until,
-            CircuitState::HalfOpen => !c.probing,
+            CircuitState::HalfOpen => {
+                !c.probing || now.saturating_duration_since(c.probe_at) >= PROBE_STALE
+            }
         }
     }
 
@@ -469,6 +532,8 @@ pub struct ExitSettings {
     pub circuit_open_min: Duration,
     /// Longest open period (the backoff doubles up to it).
     pub circuit_open_max: Duration,
+    /// Whether workers may pick the `direct` pool (leave from edgepool's own address).
+    pub allow_direct: bool,
 }
 
 /// A pool as configured.
@@ -561,6 +626,9 @@ pub enum RouteError {
     /// The worker named a pool that does not exist.
     #[error("exit pool {0:?} does not exist (configured: {1})")]
     UnknownPool(String, String),
+    /// The worker asked for `direct` while exits are configured and direct egress is off.
+    #[error("direct egress (from edgepool's own address) is disabled while exit pools are configured; set exits.allow_direct = true to allow -pool-direct")]
+    DirectNotAllowed,
     /// Every node of the pool is down or excluded.
     #[error("no healthy exit in pool {pool:?}: {why}")]
     NoHealthyExit {
@@ -591,6 +659,8 @@ pub struct Exits {
     settings: ExitSettings,
     state: Mutex<RouterState>,
     hash_key: std::collections::hash_map::RandomState,
+    /// Isolation scopes whose pin ended: their connections can never be used again.
+    ended: Mutex<Vec<Arc<str>>>,
 }
 
 impl Exits {
@@ -609,6 +679,7 @@ impl Exits {
             ExitSpec::parse(DIRECT).expect("direct parses"),
             None,
             None,
+            &settings,
         ))];
         let mut entries = Vec::new();
         entries.push(PoolEntry {
@@ -641,6 +712,7 @@ impl Exits {
                     spec.clone(),
                     p.session_template.as_deref().map(Arc::from),
                     budget,
+                    &settings,
                 )));
                 idx.push(i);
             }
@@ -671,6 +743,7 @@ impl Exits {
                 ..Default::default()
             }),
             hash_key: Default::default(),
+            ended: Default::default(),
         })
     }
 
@@ -681,8 +754,14 @@ impl Exits {
         spec: ExitSpec,
         session_template: Option<Arc<str>>,
         budget: Option<usize>,
+        settings: &ExitSettings,
     ) -> ExitNode {
         ExitNode {
+            policy: CircuitPolicy {
+                failures: settings.circuit_failures,
+                open_min: settings.circuit_open_min,
+                open_max: settings.circuit_open_max,
+            },
             index,
             label: label.into(),
             pool: pool.into(),
@@ -696,6 +775,7 @@ impl Exits {
                 until: Instant::now(),
                 backoff: Duration::ZERO,
                 probing: false,
+                probe_at: Instant::now(),
                 last_error: None,
                 opened: 0,
             }),
@@ -734,6 +814,9 @@ impl Exits {
     fn pool_index(&self, name: Option<&str>) -> Result<usize, RouteError> {
         match name {
             None => Ok(self.default_pool),
+            Some(DIRECT) if !self.settings.allow_direct && self.default_pool != 0 => {
+                Err(RouteError::DirectNotAllowed)
+            }
             Some(n) => self
                 .pools
                 .iter()
@@ -891,6 +974,23 @@ impl Exits {
 
     fn unpin(&self, p: &Pin) {
         self.nodes[p.node].pins.fetch_sub(1, Ordering::Relaxed);
+        self.scope_ended(p.scope.as_ref());
+    }
+
+    /// Notes that nothing will use `scope` again (its pin ended).
+    fn scope_ended(&self, scope: Option<&Arc<str>>) {
+        if let Some(s) = scope {
+            let mut e = self.ended.lock();
+            if e.len() < 100_000 {
+                e.push(s.clone());
+            }
+        }
+    }
+
+    /// Takes the isolation scopes that ended since the last call (the gateway closes their
+    /// idle connections).
+    pub fn take_ended_scopes(&self) -> Vec<Arc<str>> {
+        std::mem::take(&mut *self.ended.lock())
     }
 
     fn gateway_scope(&self, st: &mut RouterState, tag: &str) -> Arc<str> {
@@ -1019,12 +1119,14 @@ impl Exits {
                         node: node.clone(),
                         scope: p.scope.clone(),
                     },
-                    // Only the pin's first request is the session's start.
-                    cold_reason: (p.uses == 1).then_some(NewReason::NewSession),
+                    cold_reason: None,
                     renewed: false,
                     forced: false,
                 });
             }
+            // A session that ended moves on: its next pin avoids the old exit (a new IP is
+            // what "session_change" promises), like a window that rotates.
+            avoid = Some(p.node);
             if alive && same_pool {
                 if self.settings.session_mode == SessionMode::Strict {
                     return Err(RouteError::SessionExitLost {
@@ -1034,7 +1136,6 @@ impl Exits {
                     });
                 }
                 renewed = true;
-                avoid = Some(p.node);
             }
             generation = p.generation.wrapping_add(1);
             reason = NewReason::SessionChange;
@@ -1085,40 +1186,13 @@ impl Exits {
         format!("s{a:016x}{:08x}", b as u32).into()
     }
 
-    /// A dial through `node` failed in a way that is the node's fault (unreachable, broke
-    /// the protocol, rejected our credentials). Opens the circuit after
-    /// `circuit_failures` consecutive failures (at once when half-open).
+    /// A dial through `node` failed in a way that is the node's fault (see
+    /// [`ExitNode::record_failure`]).
     pub fn node_failed(&self, node: &ExitNode, why: &str) {
-        node.counters.failures.fetch_add(1, Ordering::Relaxed);
-        if node.spec.kind == ExitKind::Direct {
-            return; // direct's health is the targets', not a node's
-        }
-        let now = Instant::now();
-        let mut c = node.circuit.lock();
-        node.unhealthy.store(true, Ordering::Release);
-        c.failures += 1;
-        c.last_error = Some(why.to_string());
-        let trip =
-            c.state == CircuitState::HalfOpen || c.failures >= self.settings.circuit_failures;
-        if trip && c.state != CircuitState::Open {
-            c.backoff = if c.backoff.is_zero() {
-                self.settings.circuit_open_min
-            } else {
-                (c.backoff * 2).min(self.settings.circuit_open_max)
-            };
-            c.state = CircuitState::Open;
-            c.until = now + c.backoff;
-            c.probing = false;
-            c.opened += 1;
-            node.unhealthy.store(true, Ordering::Release);
-            tracing::warn!(exit = %node.label, backoff = ?c.backoff, error = %why, "exit circuit opened");
-        } else if c.state == CircuitState::HalfOpen {
-            c.probing = false;
-        }
+        node.record_failure(why);
     }
 
-    /// A connection through `node` was opened (or a request through it succeeded): closes
-    /// the circuit.
+    /// A connection through `node` was opened: closes the circuit.
     pub fn node_ok(&self, node: &ExitNode) {
         node.mark_ok();
     }
@@ -1131,17 +1205,16 @@ impl Exits {
         st.sessions.retain(|_, p| {
             let keep = now < p.expires && now.saturating_duration_since(p.last_used) < p.idle;
             if !keep {
-                gone.push(p.node);
+                gone.push(p.clone());
             }
             keep
         });
-        let mut gone_w = Vec::new();
         st.windows.retain(|_, p| {
             // Keep expired windows a while: the next request needs to know it rotates.
             let keep = now.saturating_duration_since(p.last_used)
                 < p.idle.max(Duration::from_secs(60)) * 2;
             if !keep {
-                gone_w.push(p.node);
+                gone.push(p.clone());
             }
             keep
         });
@@ -1149,8 +1222,8 @@ impl Exits {
             st.last_forced.clear();
         }
         drop(st);
-        for n in gone.into_iter().chain(gone_w) {
-            self.nodes[n].pins.fetch_sub(1, Ordering::Relaxed);
+        for p in &gone {
+            self.unpin(p);
         }
     }
 
@@ -1180,6 +1253,7 @@ mod tests {
             circuit_failures: 3,
             circuit_open_min: Duration::from_secs(2),
             circuit_open_max: Duration::from_secs(60),
+            allow_direct: true,
         }
     }
 
@@ -1250,10 +1324,15 @@ mod tests {
         );
         assert_eq!(s.endpoint(), "[::1]:1080");
         assert_eq!(ExitSpec::parse("DIRECT").unwrap().kind, ExitKind::Direct);
+        assert_eq!(
+            ExitSpec::parse("http://u:p@gw.example:80").unwrap().port,
+            80
+        );
+        assert_eq!(ExitSpec::parse("http://gw.example").unwrap().port, 80);
+        assert_eq!(ExitSpec::parse("socks5://gw.example").unwrap().port, 1080);
         for bad in [
             "https://u:secretpw@h:1",
             "ftp://u:secretpw@h:1",
-            "http://u:secretpw@h",
             "http://u:secretpw@h:1/path",
             "not a url secretpw",
         ] {

@@ -268,16 +268,13 @@ impl Forwarder {
         Ok(())
     }
 
-    /// Reports a dial error to the exits' health: node faults count against the node.
-    fn blame(&self, node: &crate::exits::ExitNode, e: &DialError) -> bool {
-        let fault = matches!(
+    /// Whether a dial error is the exit node's fault (the dialer has already told the node's
+    /// circuit, once per dial): then another node may take the request.
+    fn node_fault(e: &DialError) -> bool {
+        matches!(
             e,
             DialError::ExitConnect { .. } | DialError::ExitAuth { .. }
-        );
-        if fault {
-            self.exits.node_failed(node, &e.to_string());
-        }
-        fault
+        )
     }
 
     /// Resolves `host` and checks every address against the target policy; returns the
@@ -339,14 +336,17 @@ impl Forwarder {
     pub async fn forward(&self, out: Outgoing) -> Result<(Response<ProxyBody>, Meta), EdgeError> {
         let target = out.target();
         let started = Instant::now();
-        let res = self.forward_inner(&out, &target, started).await;
+        let mut exit_tried: Option<Arc<str>> = None;
+        let res = self
+            .forward_inner(&out, &target, started, &mut exit_tried)
+            .await;
         if let Err(e) = &res {
             self.telemetry.record_error(Some(&target), e.token);
             if self.telemetry.should_trace(false, true) {
                 self.telemetry.trace(TraceRecord {
                     kind: "request",
                     target: target.clone(),
-                    exit: EXIT_DIRECT.into(),
+                    exit: exit_tried.as_deref().unwrap_or("").to_string(),
                     method: out.method.to_string(),
                     status: Some(e.status.as_u16()),
                     error: Some(e.token),
@@ -363,6 +363,7 @@ impl Forwarder {
         out: &Outgoing,
         target: &str,
         started: Instant,
+        exit_tried: &mut Option<Arc<str>>,
     ) -> Result<(Response<ProxyBody>, Meta), EdgeError> {
         let (candidates, dns) = self.resolve_candidates(&out.host, out.port).await?;
         let mut candidate = 0;
@@ -377,6 +378,13 @@ impl Forwarder {
             if via {
                 UpstreamKey::http_via(exit)
             } else {
+                // Through a proxy the exit resolves the name: our address is only checked, so
+                // it must not split keys (round-robin DNS would cost connections).
+                let addr = if exit.node.spec.kind == crate::exits::ExitKind::Direct {
+                    addr
+                } else {
+                    SocketAddr::new(std::net::Ipv4Addr::UNSPECIFIED.into(), addr.port())
+                };
                 UpstreamKey {
                     scheme: out.scheme,
                     host: Arc::from(out.host.as_str()),
@@ -403,6 +411,7 @@ impl Forwarder {
         let mut retry_reason: Option<&'static str> = None;
         let mut attempt = 0;
         loop {
+            *exit_tried = Some(route.key.node.label.clone());
             let t_queue = Instant::now();
             let opts = CheckoutOpts {
                 deadline: t_queue + self.cfg.queue_timeout,
@@ -427,8 +436,7 @@ impl Forwarder {
                 // The exit node failed before anything was sent: another node is safe for
                 // any method (a strict session fails instead).
                 Err(CheckoutError::Dial(d))
-                    if self.blame(&route.key.node, &d)
-                        && failed_exits.len() + 1 < MAX_EXIT_FAILOVER =>
+                    if Self::node_fault(&d) && failed_exits.len() + 1 < MAX_EXIT_FAILOVER =>
                 {
                     failed_exits.push(route.key.node.index);
                     tracing::debug!(target = %target, exit = %route.key.node.label, error = %d, "exit failed; trying another");
@@ -470,8 +478,6 @@ impl Forwarder {
             meta.protocol = shared.protocol;
             let handshake = (!lease.reused())
                 .then(|| shared.timings.tcp + shared.timings.exit + shared.timings.tls);
-            // A probe of a half-open exit may ride a connection that outlived the failures.
-            self.exits.node_ok(&route.key.node);
             if !lease.reused() {
                 meta.tcp_connect = shared.timings.tcp;
                 meta.exit_handshake = shared.timings.exit;
@@ -536,6 +542,7 @@ impl Forwarder {
                     continue;
                 }
                 Ok(resp) => {
+                    route.key.node.note_success(!lease.reused());
                     meta.ttfb = t_send.elapsed();
                     self.telemetry.record_request(&record);
                     self.telemetry.record_ttfb(meta.ttfb);
@@ -564,7 +571,11 @@ impl Forwarder {
                         bytes: 0,
                         trace,
                     };
-                    let resp = self.finish_response(&out.method, resp, lease, &meta, done);
+                    // A forced-rotation request through a rotating gateway had a provider
+                    // session of its own: nobody can use its connection again.
+                    let single_use = route.forced && route.key.node.session_template.is_some();
+                    let resp =
+                        self.finish_response(&out.method, resp, lease, &meta, done, single_use);
                     return Ok((resp, meta));
                 }
                 Err(f) => {
@@ -781,6 +792,7 @@ impl Forwarder {
         lease: Lease<crate::dial::Dialer>,
         meta: &Meta,
         done: Completion,
+        single_use: bool,
     ) -> Response<ProxyBody> {
         let (mut parts, body, plan) = match up {
             Upstream::H1(resp) => {
@@ -801,7 +813,22 @@ impl Forwarder {
                 )
             }
         };
+        let plan = if single_use {
+            Release::Close(CloseReason::ScopeEnded)
+        } else {
+            plan
+        };
         strip_hop_by_hop(&mut parts.headers);
+        // Only edgepool speaks X-Edgepool-*: a target cannot fake reuse, exit or session.
+        let spoofed: Vec<HeaderName> = parts
+            .headers
+            .keys()
+            .filter(|k| k.as_str().starts_with("x-edgepool-"))
+            .cloned()
+            .collect();
+        for k in spoofed {
+            parts.headers.remove(k);
+        }
         parts.version = Version::HTTP_11;
         parts.headers.insert(
             "x-edgepool-reused",
@@ -873,6 +900,7 @@ fn dial_error_ref(d: &DialError) -> EdgeError {
         DialError::ExitConnect { .. } => EdgeError::exit_failed("exit_connect_failed", msg),
         DialError::ExitAuth { .. } => EdgeError::exit_failed("exit_auth_failed", msg),
         DialError::ExitRefused { .. } => EdgeError::exit_failed("exit_refused", msg),
+        DialError::ExitTargetTimeout { .. } => EdgeError::connect_timeout(msg),
         DialError::ExitBudget { .. } => EdgeError::no_healthy_exit("exit_budget_exhausted", msg, 1),
     }
     .with_sent(Sent::None)
@@ -884,6 +912,7 @@ pub fn route_error(e: crate::exits::RouteError) -> EdgeError {
     let msg = e.to_string();
     match e {
         RouteError::UnknownPool(..) => EdgeError::bad_request("unknown_exit_pool", msg),
+        RouteError::DirectNotAllowed => EdgeError::bad_request("direct_not_allowed", msg),
         RouteError::NoHealthyExit { retry_after, .. } => EdgeError::no_healthy_exit(
             "no_healthy_exit",
             msg,

@@ -195,6 +195,16 @@ impl Gateway {
                 tick.tick().await;
                 gw.telemetry.tick();
                 gw.forwarder.exits().sweep();
+                // Connections of ended sessions/windows can never be used again: give their
+                // sockets and exit budget back now instead of at the idle timeout.
+                let ended = gw.forwarder.exits().take_ended_scopes();
+                if !ended.is_empty() {
+                    let ended: std::collections::HashSet<Arc<str>> = ended.into_iter().collect();
+                    gw.forwarder.pool().close_idle_where(
+                        |k| k.exit.scope.as_ref().is_some_and(|s| ended.contains(s)),
+                        crate::pool::CloseReason::ScopeEnded,
+                    );
+                }
                 gw.telemetry.record_exit_states(gw.forwarder.exits());
             }
         });

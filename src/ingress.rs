@@ -51,6 +51,12 @@ async fn handle(gw: Arc<Gateway>, req: Request<Incoming>) -> Response<ProxyBody>
         Err(e) => return error(&gw, EdgeError::proxy_auth(e.token(), e.to_string())),
     };
     if req.method() == Method::CONNECT {
+        // Options may also ride the CONNECT's own X-Edgepool-Session header (session,
+        // mitm-off, pool for a blind tunnel).
+        let worker = match request_worker(&worker, req.headers()) {
+            Ok(w) => w,
+            Err(e) => return error(&gw, e),
+        };
         return handle_connect(gw, req, worker).await;
     }
     let uri = req.uri().clone();
@@ -301,7 +307,7 @@ async fn tunnel(
     let target = crate::dial::authority(host, port);
     let mut failed: Vec<usize> = Vec::new();
     let no_warm = |e: crate::exits::ExitKey| crate::dial::UpstreamKey::http_via(e);
-    let (upstream, exit, slot) = loop {
+    let (opened, exit) = loop {
         let route = match fwd.route(&target, worker, &failed, &no_warm) {
             Ok(r) => r,
             Err(e) => return error(&gw, e),
@@ -312,18 +318,17 @@ async fn tunnel(
             .open_stream(&route.key, host, port, addr)
             .await
         {
-            Ok((s, _timings, slot)) => {
-                fwd.exits().node_ok(&route.key.node);
-                break (s, route.key.node.label.clone(), slot);
+            Ok(opened) => {
+                break (opened, route.key.node.label.clone());
             }
             Err(e) => {
+                // The dialer told the node's circuit; a node fault may go to another node.
                 let fault = matches!(
                     e,
                     crate::dial::DialError::ExitConnect { .. }
                         | crate::dial::DialError::ExitAuth { .. }
                 );
                 if fault {
-                    fwd.exits().node_failed(&route.key.node, &e.to_string());
                     failed.push(route.key.node.index);
                     if failed.len() < crate::forward::MAX_EXIT_FAILOVER {
                         continue;
@@ -335,11 +340,23 @@ async fn tunnel(
     };
     gw.telemetry().record_tunnel();
     tokio::spawn(async move {
-        let _slot = slot; // the exit's budget is held while the tunnel lives
+        let crate::dial::Opened {
+            stream: mut upstream,
+            slot: _slot, // the exit's budget is held while the tunnel lives
+            early,
+            ..
+        } = opened;
         match hyper::upgrade::on(req).await {
             Ok(up) => {
                 let mut up = TokioIo::new(up);
-                let mut upstream = upstream;
+                // A server that speaks first (SSH, SMTP) may have sent its banner with the
+                // proxy's answer.
+                if !early.is_empty() {
+                    use tokio::io::AsyncWriteExt;
+                    if up.write_all(&early).await.is_err() {
+                        return;
+                    }
+                }
                 let _ = tokio::io::copy_bidirectional(&mut up, &mut upstream).await;
             }
             Err(e) => tracing::debug!("CONNECT upgrade failed: {e}"),

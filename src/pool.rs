@@ -201,11 +201,14 @@ pub enum CloseReason {
     Abandoned,
     /// The pool shut down.
     Shutdown,
+    /// Its owner is gone: the worker session, sticky window or forced-rotation request whose
+    /// isolation scope it belonged to ended, so nothing can use it again.
+    ScopeEnded,
 }
 
 impl CloseReason {
     /// All reasons, in a stable order.
-    pub const ALL: [CloseReason; 14] = [
+    pub const ALL: [CloseReason; 15] = [
         CloseReason::IdleExpired,
         CloseReason::KeepAliveTimeout,
         CloseReason::ServerClosedIdle,
@@ -220,6 +223,7 @@ impl CloseReason {
         CloseReason::Error,
         CloseReason::Abandoned,
         CloseReason::Shutdown,
+        CloseReason::ScopeEnded,
     ];
     /// The metric label / JSON name.
     pub fn as_str(self) -> &'static str {
@@ -238,6 +242,7 @@ impl CloseReason {
             CloseReason::Error => "error",
             CloseReason::Abandoned => "abandoned",
             CloseReason::Shutdown => "shutdown",
+            CloseReason::ScopeEnded => "scope_ended",
         }
     }
     /// The reason the *next* connection of the key will carry, because this one was lost.
@@ -254,7 +259,7 @@ impl CloseReason {
             CloseReason::MaxLifetime => NewReason::MaxLifetime,
             CloseReason::Evicted => NewReason::Evicted,
             CloseReason::Error | CloseReason::Abandoned => NewReason::AfterError,
-            CloseReason::Shutdown => NewReason::ColdKey,
+            CloseReason::Shutdown | CloseReason::ScopeEnded => NewReason::ColdKey,
         }
     }
 }
@@ -949,6 +954,42 @@ impl<X: Connector> Pool<X> {
             .collect()
     }
 
+    /// Closes every idle connection whose key matches `pred` (e.g. keys whose isolation scope
+    /// ended) and counts them as `reason`. Returns how many it closed. Costs one pass over the
+    /// idle connections.
+    pub fn close_idle_where(&self, pred: impl Fn(&X::Key) -> bool, reason: CloseReason) -> usize {
+        let inner = &self.inner;
+        let mut fx = Effects::new();
+        let n = {
+            let mut st = inner.state.lock();
+            let st = &mut *st;
+            let victims: Vec<_> = st
+                .idle_lru
+                .iter()
+                .filter(|(_, _, k)| pred(k))
+                .cloned()
+                .collect();
+            let mut n = 0;
+            for (since, id, key) in victims {
+                st.idle_lru.remove(&(since, id, key.clone()));
+                if let Some(ks) = st.keys.get_mut(&key) {
+                    if let Some(pos) = ks.conns.iter().position(|e| e.id == id) {
+                        let e = ks.conns.swap_remove(pos);
+                        st.total -= 1;
+                        fx.closed.push((key, reason, e.requests, e.conn));
+                        n += 1;
+                    }
+                }
+            }
+            if n > 0 && !st.blocked.is_empty() {
+                inner.kick_blocked(st, &mut fx);
+            }
+            n
+        };
+        inner.run_effects(fx);
+        n
+    }
+
     /// Whether `key` has an open connection carrying no request (cheap: one lookup).
     pub fn has_idle(&self, key: &X::Key) -> bool {
         let st = self.inner.state.lock();
@@ -1206,6 +1247,8 @@ impl<X: Connector> Inner<X> {
         let ks = st.keys.get_mut(key).expect("key state exists when dialing");
         // A connection the key lost is why it needs another, even when others exist (a
         // retired connection's replacement is not "all busy"); otherwise busy or cold.
+        // Routing's reason is for this dial only; never let it linger for a later one.
+        let cold_reason = ks.cold_reason.take();
         let reason = reason.unwrap_or_else(|| {
             let live = ks
                 .conns
@@ -1220,7 +1263,7 @@ impl<X: Connector> Inner<X> {
                     NewReason::AllBusy
                 }
             } else {
-                ks.cold_reason.take().unwrap_or(NewReason::ColdKey)
+                cold_reason.unwrap_or(NewReason::ColdKey)
             }
         });
         ks.connecting += 1;

@@ -540,6 +540,7 @@ pub fn explain(reason: &str) -> &'static str {
         "reset_idle" => "network · the target or a middlebox reset (RST) an idle connection",
         "stray_bytes" => "server-side · the target wrote unrequested bytes on an idle connection, which cannot be reused safely",
         "error" => "network · the connection broke with an error during a request",
+        "scope_ended" => "policy · its worker session, sticky window or forced-rotation request ended; nothing else may use it (isolation)",
         "abandoned" => "client-side · a worker went away mid-response and the rest could not be drained within limits",
         "shutdown" => "edgepool · the pool shut down",
         _ => "",

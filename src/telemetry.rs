@@ -934,6 +934,9 @@ impl PoolEvents<UpstreamKey> for Telemetry {
     }
     fn dial_failed(&self, key: &UpstreamKey) {
         self.dial_failures.inc();
+        if key.via_proxy() {
+            return; // a proxy connection for every plain-http target: no target row
+        }
         self.targets
             .lock()
             .entry(key.target())
@@ -949,7 +952,7 @@ impl PoolEvents<UpstreamKey> for Telemetry {
         if requests > 0 {
             self.per_connection.observe(requests as f64);
         }
-        {
+        if !key.via_proxy() {
             let mut t = self.targets.lock();
             *t.entry(key.target())
                 .or_default()

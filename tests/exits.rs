@@ -318,6 +318,21 @@ async fn worker_tokens_and_options_are_checked_with_precise_errors() {
         }
     }
     let g = fetch(&worker(&gw, "tok-pool-direct", None), &origin.url("/echo")).await;
+    assert_eq!(
+        (g.status, g.error.as_str()),
+        (400, "direct_not_allowed"),
+        "exits configured: workers cannot bypass them by default"
+    );
+    gw.stop().await;
+    let exit = http_exit(24).await;
+    let p = pool("dc", &[&exit]);
+    let gw = TestGateway::start_with(&[], |c| {
+        c.exits.pools.push(p);
+        c.exits.allow_direct = Some(true);
+        c.auth.tokens = vec!["tok".into()];
+    })
+    .await;
+    let g = fetch(&worker(&gw, "tok-pool-direct", None), &origin.url("/echo")).await;
     assert_eq!((g.status, g.exit.as_str()), (200, "direct"));
     assert_eq!(
         origin.requests(),
@@ -671,5 +686,50 @@ async fn a_proxy_rejecting_credentials_on_plain_http_is_the_exits_failure_not_a_
         6,
         "nothing reached the target through the bad node"
     );
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn connections_of_ended_sessions_and_single_use_provider_sessions_are_closed() {
+    let origin = Origin::start(tls()).await;
+    let mut c = FakeExitConfig::http(ip(97));
+    c.credentials = Some(("cust".into(), "gwpw".into()));
+    c.username_prefix = Some("cust-session-".into());
+    let exit = FakeExit::start(c).await;
+    let p = ExitPoolConfig {
+        name: "resi".into(),
+        nodes: vec![exit.url()],
+        session_template: Some("{user}-session-{session}".into()),
+        max_connections_per_node: Some(4),
+    };
+    let gw = TestGateway::start_with(&[origin.ca().cert_path.clone()], |c| {
+        c.exits.pools.push(p);
+        c.exits.session_idle = Duration::from_secs(1);
+    })
+    .await;
+    // Every rotate-request has its own provider session: its connection is closed after the
+    // response, so 10 requests fit a budget of 4 connections.
+    let rotating = worker(&gw, "t-rotate-request", None);
+    for _ in 0..10 {
+        assert_eq!(fetch(&rotating, &origin.url("/echo")).await.status, 200);
+    }
+    assert!(
+        gw.wait_closed("scope_ended", 10).await,
+        "{:#}",
+        gw.status().await["fleet"]
+    );
+    // A session that went idle is forgotten at the next sweep (every 5 s) and its connection
+    // closed then, not at the pool's idle timeout.
+    let s = worker(&gw, "t-session-brief", None);
+    assert_eq!(fetch(&s, &origin.url("/echo")).await.status, 200);
+    let mut closed = false;
+    for _ in 0..80 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        if gw.status().await["fleet"]["closed_by_reason"]["scope_ended"] == 11 {
+            closed = true;
+            break;
+        }
+    }
+    assert!(closed, "{:#}", gw.status().await["fleet"]);
     gw.stop().await;
 }
