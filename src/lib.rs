@@ -22,6 +22,8 @@
 //! - [`portguard`]: the ephemeral-port budget; holds new dials when ports run out.
 //! - [`admin`]: `/` (dashboard), `/status`, `/status/history`, `/report`, `/trace`, `/metrics`,
 //!   `/healthz`, `/readyz`, `/ca.pem`.
+//! - [`lab`]: the reuse lab (`edgepool lab`): origins with behaviour profiles, a worker fleet
+//!   in several modes, the oracle, and the side-by-side report (table, JSON, HTML).
 //! - [`error`]: edgepool's own errors: side, status, `X-Edgepool-Error`, `Proxy-Status`.
 //! - [`worker`]: worker authentication — token and options in the proxy username.
 //! - [`exits`]: exit pools (direct, HTTP CONNECT / SOCKS5 proxies, rotating gateways), node
@@ -40,6 +42,7 @@ pub mod forward;
 pub mod gateway;
 pub mod guard;
 pub mod ingress;
+pub mod lab;
 pub mod pool;
 pub mod portguard;
 pub mod report;

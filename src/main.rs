@@ -86,6 +86,35 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Run the reuse lab: loopback origins, a worker fleet in several modes, a side-by-side
+    /// report of reuse, latency, throughput and CPU.
+    Lab {
+        /// A built-in scenario (mixed, datacenter, waf, lb, residential) or a TOML file.
+        #[arg(long, default_value = "mixed")]
+        scenario: String,
+        /// Fewer requests per worker (the scenario's quick_requests_per_worker).
+        #[arg(long)]
+        quick: bool,
+        /// Write the report as JSON to this file.
+        #[arg(long, value_name = "FILE")]
+        json: Option<PathBuf>,
+        /// Write a self-contained HTML report (SVG charts) to this file.
+        #[arg(long, value_name = "FILE")]
+        html: Option<PathBuf>,
+        /// Modes to run, in order (repeatable): no-keepalive, per-worker, edgepool, external.
+        /// Default: no-keepalive, per-worker, edgepool (and external with --gateway).
+        #[arg(long = "mode", value_name = "MODE")]
+        mode: Vec<String>,
+        /// For the external mode: the proxy to measure (host:port on loopback).
+        #[arg(long)]
+        gateway: Option<SocketAddr>,
+        /// For the external mode: the CA (PEM) it signs intercepted certificates with.
+        #[arg(long, value_name = "FILE")]
+        ca: Option<PathBuf>,
+        /// List the built-in scenarios and exit.
+        #[arg(long)]
+        list: bool,
+    },
     /// Stream the per-request trace log from a running gateway.
     Trace {
         /// Admin address of the gateway.
@@ -222,6 +251,16 @@ fn main() -> ExitCode {
             target,
             json,
         } => trace(admin, target, json),
+        Command::Lab {
+            scenario,
+            quick,
+            json,
+            html,
+            mode,
+            gateway,
+            ca,
+            list,
+        } => lab(scenario, quick, json, html, mode, gateway, ca, list),
         Command::Report {
             admin,
             window,
@@ -240,6 +279,108 @@ fn runtime() -> tokio::runtime::Runtime {
         .enable_all()
         .build()
         .expect("tokio runtime")
+}
+
+#[allow(clippy::too_many_arguments)]
+fn lab(
+    scenario: String,
+    quick: bool,
+    json: Option<PathBuf>,
+    html: Option<PathBuf>,
+    mode: Vec<String>,
+    gateway: Option<SocketAddr>,
+    ca: Option<PathBuf>,
+    list: bool,
+) -> ExitCode {
+    use edgepool::lab::{scenario::BUILTIN, LabOptions, Mode};
+    if list {
+        for (name, text) in BUILTIN {
+            let desc = edgepool::lab::scenario::Scenario::from_toml(text)
+                .map(|s| s.description)
+                .unwrap_or_default();
+            println!("{name:<12} {desc}");
+        }
+        return ExitCode::SUCCESS;
+    }
+    let sc = match edgepool::lab::scenario::Scenario::load(&scenario) {
+        Ok(s) => s,
+        Err(e) => return fail(&e),
+    };
+    if let Some(g) = gateway {
+        if !g.ip().is_loopback() {
+            return fail(&format!(
+                "--gateway {g}: the lab runs on loopback only; give a 127.0.0.0/8 or ::1 address"
+            ));
+        }
+    }
+    let names = if mode.is_empty() {
+        let mut m = vec![
+            "no-keepalive".to_string(),
+            "per-worker".into(),
+            "edgepool".into(),
+        ];
+        if gateway.is_some() {
+            m.push("external".into());
+        }
+        m
+    } else {
+        mode
+    };
+    let mut modes = Vec::new();
+    for n in &names {
+        modes.push(match n.as_str() {
+            "no-keepalive" => Mode::NoKeepalive,
+            "per-worker" => Mode::PerWorker,
+            "edgepool" => Mode::Edgepool,
+            "external" => match gateway {
+                Some(g) => Mode::External {
+                    gateway: g,
+                    ca: ca.clone(),
+                },
+                None => return fail(
+                    "--mode external needs --gateway ADDR (and --ca FILE if it intercepts HTTPS)",
+                ),
+            },
+            other => {
+                return fail(&format!(
+                    "--mode {other}: unknown; use no-keepalive, per-worker, edgepool or external"
+                ))
+            }
+        });
+    }
+    let opts = LabOptions {
+        quick,
+        modes,
+        progress: true,
+    };
+    let report = match runtime().block_on(edgepool::lab::run(&sc, &opts)) {
+        Ok(r) => r,
+        Err(e) => return fail(&format!("lab: {e}")),
+    };
+    print!("{}", edgepool::lab::render_table(&report));
+    if let Some(p) = json {
+        let text = serde_json::to_string_pretty(&report).unwrap_or_default();
+        if let Err(e) = std::fs::write(&p, text + "\n") {
+            return fail(&format!("{}: {e}", p.display()));
+        }
+        println!("JSON report: {}", p.display());
+    }
+    if let Some(p) = html {
+        if let Err(e) = std::fs::write(&p, edgepool::lab::html::render(&report)) {
+            return fail(&format!("{}: {e}", p.display()));
+        }
+        println!("HTML report: {}", p.display());
+    }
+    let errors: u64 = report["modes"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|m| m["errors"].as_u64().unwrap_or(0))
+        .sum();
+    if errors > 0 {
+        eprintln!("warning: {errors} requests failed during the lab (see the errors column)");
+    }
+    ExitCode::SUCCESS
 }
 
 fn serve(cfg: Config) -> ExitCode {
