@@ -153,10 +153,16 @@ enum CaCommand {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // The lab's report is the output; its in-process gateway only speaks up about problems.
+    let default_filter = if matches!(cli.command, Command::Lab { .. }) {
+        "warn"
+    } else {
+        "info"
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter)),
         )
         .with_writer(std::io::stderr)
         .init();
