@@ -402,6 +402,9 @@ async fn run_mode(
                     ];
                     cfg.upstream.extra_ca_files = vec![ca_file.to_path_buf()];
                     cfg.trace.sample_rate = 0.0;
+                    // Lab targets miss the fleet SLO by design (that is what they model): no
+                    // breach warnings in the middle of the report.
+                    cfg.slo.reuse_target = 0.0;
                     if let Some(x) = &sc.exits {
                         cfg.exits.sticky_window = x.sticky_window;
                         cfg.exits.pools.push(crate::config::ExitPoolConfig {
