@@ -21,6 +21,9 @@ pub async fn serve_admin(gw: Arc<Gateway>, stream: TcpStream) {
     let svc = service_fn(move |req: Request<Incoming>| {
         let gw = gw.clone();
         async move {
+            if let Some(denied) = check_bearer(&gw, &req) {
+                return Ok::<_, Infallible>(denied);
+            }
             let resp = if req.uri().path() == "/report" {
                 report(
                     &gw,
@@ -37,6 +40,36 @@ pub async fn serve_admin(gw: Arc<Gateway>, stream: TcpStream) {
     if let Err(e) = builder.serve_connection(TokioIo::new(stream), svc).await {
         tracing::debug!("admin connection ended: {e}");
     }
+}
+
+/// With `auth.admin_token` set, every admin request needs `Authorization: Bearer <token>`
+/// (compared in constant time); otherwise 401 with a `WWW-Authenticate: Bearer` challenge.
+fn check_bearer(gw: &Gateway, req: &Request<Incoming>) -> Option<Response<ProxyBody>> {
+    use subtle::ConstantTimeEq;
+    let want = gw.config().auth.admin_token.as_ref()?;
+    let given = req
+        .headers()
+        .get(http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            v.strip_prefix("Bearer ")
+                .or_else(|| v.strip_prefix("bearer "))
+        })
+        .map(str::trim)
+        .unwrap_or("");
+    if given.len() == want.len() && bool::from(given.as_bytes().ct_eq(want.as_bytes())) {
+        return None;
+    }
+    let mut r = respond(
+        StatusCode::UNAUTHORIZED,
+        "text/plain",
+        "the admin endpoints need Authorization: Bearer <auth.admin_token>\n",
+    );
+    r.headers_mut().insert(
+        http::header::WWW_AUTHENTICATE,
+        HeaderValue::from_static("Bearer realm=\"edgepool-admin\""),
+    );
+    Some(r)
 }
 
 fn respond(status: StatusCode, ctype: &'static str, body: impl Into<Bytes>) -> Response<ProxyBody> {

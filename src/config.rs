@@ -134,12 +134,24 @@ pub struct Config {
 pub struct AuthConfig {
     /// Tokens workers put first in their proxy username (`<token>-session-abc`). When any is
     /// set, every proxy request needs `Proxy-Authorization` with one of them (else 407).
-    /// Tokens are `[A-Za-z0-9_.~+/=]`, no `-` (it separates options). Default none.
+    /// Tokens are `[A-Za-z0-9_.~+/=]`, no `-` (it separates options). Default none. Required
+    /// when `listen.proxy` is not a loopback address (edgepool refuses to be an open proxy).
     pub tokens: Vec<String>,
+    /// Bearer token for the admin listener (`Authorization: Bearer <token>`; the CLI reads
+    /// `EDGEPOOL_ADMIN_TOKEN`). Default none. Required when `listen.admin` is not loopback.
+    pub admin_token: Option<String>,
 }
 
 impl AuthConfig {
     fn validate(&self) -> Result<(), ConfigError> {
+        if let Some(t) = &self.admin_token {
+            if t.len() < 16 || t.chars().any(|c| c.is_whitespace() || c.is_control()) {
+                return Err(invalid(
+                    "auth.admin_token",
+                    "must be at least 16 characters, without spaces or control characters",
+                ));
+            }
+        }
         for (i, t) in self.tokens.iter().enumerate() {
             crate::worker::validate_token(t)
                 .map_err(|why| invalid(&format!("auth.tokens[{i}]"), why))?;
@@ -792,6 +804,26 @@ impl Config {
         self.trace.validate()?;
         self.auth.validate()?;
         self.exits.validate()?;
+        if !self.listen.proxy.ip().is_loopback() && self.auth.tokens.is_empty() {
+            return Err(invalid(
+                "listen.proxy",
+                format!(
+                    "{} is reachable from other hosts, and without auth.tokens (or --token) \
+                     edgepool would be an open proxy; set worker tokens or listen on loopback",
+                    self.listen.proxy
+                ),
+            ));
+        }
+        if !self.listen.admin.ip().is_loopback() && self.auth.admin_token.is_none() {
+            return Err(invalid(
+                "listen.admin",
+                format!(
+                    "{} is reachable from other hosts; set auth.admin_token so the admin \
+                     endpoints (status, trace, the CA) need a bearer token, or listen on loopback",
+                    self.listen.admin
+                ),
+            ));
+        }
         Ok(())
     }
 
@@ -1259,6 +1291,8 @@ mod tests {
             [listen]
             proxy = "0.0.0.0:3128"
             admin = "[::1]:9000"
+            [auth]
+            tokens = ["team_a"]
             [pool]
             max_per_key = 10
             max_total = 100
@@ -1309,6 +1343,23 @@ mod tests {
     fn each_validation_rule_names_its_key() {
         let cases: &[(&str, &str)] = &[
             ("data_dir = \"\"", "data_dir"),
+            ("[listen]\nproxy = \"0.0.0.0:8080\"", "listen.proxy"),
+            ("[listen]\nadmin = \"[::]:9180\"", "listen.admin"),
+            ("[auth]\nadmin_token = \"short\"", "auth.admin_token"),
+            ("[auth]\ntokens = [\"has-dash\"]", "auth.tokens[0]"),
+            ("[exits]\njitter = 0.9", "exits.jitter"),
+            (
+                "[[exits.pools]]\nname = \"direct\"\nnodes = [\"direct\"]",
+                "exits.pools[0].name",
+            ),
+            (
+                "[[exits.pools]]\nname = \"dc\"\nnodes = [\"ftp://h:1\"]",
+                "exits.pools[0].nodes[0]",
+            ),
+            (
+                "[[exits.pools]]\nname = \"gw\"\nnodes = [\"http://h:1\"]\nsession_template = \"{user}-s-{session}\"",
+                "exits.pools[0].session_template",
+            ),
             (
                 "[listen]\nproxy = \"127.0.0.1:7000\"\nadmin = \"127.0.0.1:7000\"",
                 "listen.admin",
@@ -1471,7 +1522,8 @@ mod tests {
             "[upstream]\ndns_min_ttl = \"0s\"\ndns_max_ttl = \"0s\"",
             "[listen]\nproxy = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"",
             "[listen]\nproxy = \"127.0.0.1:7000\"\nadmin = \"127.0.0.2:7000\"",
-            "[listen]\nproxy = \"0.0.0.0:7000\"\nadmin = \"[::1]:7000\"",
+            "[listen]\nproxy = \"0.0.0.0:7000\"\nadmin = \"[::1]:7000\"\n[auth]\ntokens = [\"t\"]",
+            "[listen]\nadmin = \"0.0.0.0:7001\"\n[auth]\nadmin_token = \"0123456789abcdef\"",
             "[limits]\ndrain_max_bytes = 0",
             "[intercept]\npassthrough = [\"com\", \"*.com\", \"Example.COM.\", \"10.0.0.1\", \"[::1]\", \"::1\", \"_svc.example\"]",
             "[upstream]\ninsecure_skip_verify = [\"10.0.0.1\", \"[::1]\", \"host.internal\"]",

@@ -162,6 +162,19 @@ impl EdgeError {
             detail,
         )
     }
+    /// 508 `loop_detected`: the request would reach edgepool itself, or it already passed
+    /// through too many proxies (`Via` hop cap).
+    pub fn loop_detected(detail: impl Into<String>) -> Self {
+        let mut e = Self::new(
+            StatusCode::LOOP_DETECTED,
+            "loop_detected",
+            "proxy_loop_detected",
+            Side::Worker,
+            detail,
+        );
+        e.sent = Some(Sent::None);
+        e
+    }
     /// 413: the request body is over the limit.
     pub fn body_too_large(limit: u64) -> Self {
         Self::new(

@@ -140,6 +140,8 @@ pub struct Forwarder {
     policy: TargetPolicy,
     telemetry: Arc<Telemetry>,
     cfg: ForwardConfig,
+    /// edgepool's own listening addresses: the proxy path must never reach them.
+    own: std::sync::OnceLock<Vec<SocketAddr>>,
     /// Addresses whose TCP connect recently failed, and when (tried last for [`BAD_ADDR_TTL`]).
     bad_addrs: parking_lot::Mutex<std::collections::HashMap<std::net::IpAddr, Instant>>,
 }
@@ -213,8 +215,28 @@ impl Forwarder {
             policy,
             telemetry,
             cfg,
+            own: Default::default(),
             bad_addrs: Default::default(),
         }
+    }
+
+    /// Records edgepool's own listening addresses (once, when the listeners are bound):
+    /// requests to them are refused as loops.
+    pub fn set_own_addrs(&self, addrs: Vec<SocketAddr>) {
+        let _ = self.own.set(addrs);
+    }
+
+    /// Whether `addr` is one of edgepool's own listeners (an unspecified bind address matches
+    /// any loopback or unspecified target on its port).
+    fn is_own(&self, addr: SocketAddr) -> bool {
+        self.own.get().is_some_and(|own| {
+            own.iter().any(|l| {
+                l.port() == addr.port()
+                    && (l.ip() == addr.ip()
+                        || (l.ip().is_unspecified()
+                            && (addr.ip().is_loopback() || addr.ip().is_unspecified())))
+            })
+        })
     }
 
     /// The pool.
@@ -304,6 +326,12 @@ impl Forwarder {
             .await
             .map_err(|e| EdgeError::dns_failed(host, e))?;
         for ip in &ips {
+            if self.is_own(SocketAddr::new(*ip, port)) {
+                return Err(EdgeError::loop_detected(format!(
+                    "{host}:{port} is edgepool itself; a request through the proxy to its own \
+                     listeners (proxy or admin) would loop or expose the admin endpoints"
+                )));
+            }
             if let Err(why) = self.policy.check(*ip) {
                 return Err(EdgeError::target_forbidden(format!(
                     "{host} resolves to {ip}, a {why} address; edgepool refuses it unless it is allowed (--allow-target / targets.allow)"

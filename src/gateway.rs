@@ -311,6 +311,11 @@ impl Gateway {
         admin: TcpListener,
         shutdown: impl Future<Output = ()>,
     ) {
+        let own: Vec<std::net::SocketAddr> = [proxy.local_addr(), admin.local_addr()]
+            .into_iter()
+            .flatten()
+            .collect();
+        self.forwarder.set_own_addrs(own);
         let mut conns = JoinSet::new();
         let mut admin_conns = JoinSet::new();
         let mut background = self.clone().spawn_background();

@@ -40,7 +40,25 @@ pub async fn serve_worker(gw: Arc<Gateway>, stream: TcpStream) {
     }
 }
 
+/// Requests that already passed through more proxies than this (`Via` entries) are refused as
+/// a probable loop between proxies.
+pub const MAX_VIA_HOPS: usize = 8;
+
 async fn handle(gw: Arc<Gateway>, req: Request<Incoming>) -> Response<ProxyBody> {
+    let hops: usize = req
+        .headers()
+        .get_all(http::header::VIA)
+        .iter()
+        .map(|v| v.as_bytes().split(|b| *b == b',').count())
+        .sum();
+    if hops > MAX_VIA_HOPS {
+        return error(
+            &gw,
+            EdgeError::loop_detected(format!(
+                "the request already passed through {hops} proxies (Via); more than {MAX_VIA_HOPS} is treated as a loop"
+            )),
+        );
+    }
     // Who is asking, and with which options (session, pool, rotation): from the proxy
     // username. Checked before anything else, for every kind of request.
     let worker = match gw

@@ -461,11 +461,19 @@ fn admin_get(
         .await
         .map_err(|e| e.to_string())?;
         tokio::spawn(conn);
-        let req = http::Request::get(path)
-            .header("host", admin.to_string())
+        let mut req = http::Request::get(path).header("host", admin.to_string());
+        if let Ok(token) = std::env::var("EDGEPOOL_ADMIN_TOKEN") {
+            req = req.header("authorization", format!("Bearer {}", token.trim()));
+        }
+        let req = req
             .body(http_body_util::Empty::new())
             .map_err(|e| e.to_string())?;
         let resp = send.send_request(req).await.map_err(|e| e.to_string())?;
+        if resp.status() == http::StatusCode::UNAUTHORIZED {
+            return Err(format!(
+                "{path}: the admin listener needs its bearer token: set EDGEPOOL_ADMIN_TOKEN"
+            ));
+        }
         if !resp.status().is_success() {
             return Err(format!("{path}: the gateway answered {}", resp.status()));
         }
