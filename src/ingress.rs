@@ -130,10 +130,19 @@ fn error(gw: &Gateway, e: EdgeError) -> Response<ProxyBody> {
     e.to_response()
 }
 
-/// Lower-case, brackets and a trailing dot removed.
+/// The host as the one URL parser (WHATWG, the `url` crate) reads it: lower-case, IDNA, and
+/// every IPv4 spelling (`2130706433`, `0x7f.1`, `017700000001`) turned into the address it
+/// means, so the target policy checks what would really be dialed; brackets and a trailing dot
+/// removed.
 fn normalize_host(host: &str) -> String {
-    host.trim_start_matches('[')
-        .trim_end_matches(']')
+    let bare = host.trim_start_matches('[').trim_end_matches(']');
+    let canonical = if bare.contains(':') {
+        None // an IPv6 literal: already canonical once parsed as an address
+    } else {
+        url::Host::parse(bare).ok().map(|h| h.to_string())
+    };
+    canonical
+        .unwrap_or_else(|| bare.to_string())
         .trim_end_matches('.')
         .to_ascii_lowercase()
 }

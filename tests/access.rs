@@ -87,3 +87,68 @@ async fn the_admin_listener_takes_a_bearer_token_when_configured() {
     assert!(!body.contains(token), "the token is never echoed");
     gw.stop().await;
 }
+
+/// Sends one raw request to the proxy and returns the status line and headers.
+async fn raw(proxy: std::net::SocketAddr, request: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(proxy).await.unwrap();
+    s.write_all(request.as_bytes()).await.unwrap();
+    let mut buf = vec![0u8; 4096];
+    let mut got = Vec::new();
+    while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = tokio::time::timeout(std::time::Duration::from_secs(10), s.read(&mut buf))
+            .await
+            .expect("the proxy answers")
+            .unwrap();
+        if n == 0 {
+            break;
+        }
+        got.extend_from_slice(&buf[..n]);
+    }
+    String::from_utf8_lossy(&got).into_owned()
+}
+
+#[tokio::test]
+async fn odd_spellings_of_loopback_are_read_as_the_url_parser_reads_them_and_refused() {
+    let origin = Origin::start(OriginConfig::default()).await;
+    let p = origin.port();
+    // No exceptions to the deny list: loopback is forbidden however it is written.
+    let gw = TestGateway::start_with(&[], |c| c.targets.allow.clear()).await;
+    let hosts = [
+        format!("127.0.0.1:{p}"),
+        format!("2130706433:{p}"),
+        format!("0x7f.1:{p}"),
+        format!("017700000001:{p}"),
+        format!("0x7f000001:{p}"),
+        format!("127.1:{p}"),
+        format!("[::ffff:127.0.0.1]:{p}"),
+        format!("[::ffff:7f00:1]:{p}"),
+        format!("localhost:{p}"),
+        format!("LOCALHOST.:{p}"),
+        format!("a.example@127.0.0.1:{p}"),
+    ];
+    for h in &hosts {
+        let head = raw(
+            gw.proxy,
+            &format!("GET http://{h}/echo HTTP/1.1\r\nHost: {h}\r\nConnection: close\r\n\r\n"),
+        )
+        .await;
+        assert!(
+            head.starts_with("HTTP/1.1 400") && head.contains("x-edgepool-error: target_forbidden"),
+            "{h}: {head}"
+        );
+    }
+    for h in ["2130706433:443", "0x7f.1:443", "[::ffff:127.0.0.1]:443"] {
+        let head = raw(
+            gw.proxy,
+            &format!("CONNECT {h} HTTP/1.1\r\nHost: {h}\r\n\r\n"),
+        )
+        .await;
+        assert!(
+            head.starts_with("HTTP/1.1 400") && head.contains("target_forbidden"),
+            "CONNECT {h}: {head}"
+        );
+    }
+    assert_eq!(origin.requests(), 0, "nothing reached the loopback origin");
+    gw.stop().await;
+}
