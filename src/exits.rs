@@ -124,7 +124,10 @@ impl ExitSpec {
             return Err("a proxy URL has no path or query".into());
         }
         let decode = |v: &str| {
-            percent_decode(v).ok_or("the proxy credentials are not valid percent-encoded UTF-8")
+            percent_encoding::percent_decode_str(v)
+                .decode_utf8()
+                .map(|c| c.into_owned())
+                .map_err(|_| "the proxy credentials are not valid percent-encoded UTF-8")
         };
         let auth = if url.username().is_empty() && url.password().is_none() {
             None
@@ -149,23 +152,6 @@ impl ExitSpec {
             _ => crate::dial::authority(&self.host, self.port),
         }
     }
-}
-
-fn percent_decode(s: &str) -> Option<String> {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' && i + 3 <= bytes.len() {
-            let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).ok()?;
-            out.push(u8::from_str_radix(hex, 16).ok()?);
-            i += 3;
-        } else {
-            out.push(bytes[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8(out).ok()
 }
 
 /// Circuit breaker state of a node.
@@ -459,7 +445,7 @@ pub struct ExitKey {
 }
 
 impl ExitKey {
-    /// The direct node's shared key.
+    /// The node's shared, session-less key.
     pub fn direct(node: Arc<ExitNode>) -> Self {
         ExitKey { node, scope: None }
     }
@@ -563,10 +549,7 @@ struct Pin {
     expires: Instant,
     last_used: Instant,
     idle: Duration,
-    generation: u32,
     scope: Option<Arc<str>>,
-    /// Requests routed through this pin so far.
-    uses: u64,
 }
 
 #[derive(Default)]
@@ -954,7 +937,6 @@ impl Exits {
         pool: usize,
         life: Duration,
         idle: Duration,
-        generation: u32,
         scope: Option<Arc<str>>,
         now: Instant,
     ) -> Pin {
@@ -966,9 +948,7 @@ impl Exits {
             expires: now + life,
             last_used: now,
             idle,
-            generation,
             scope,
-            uses: 0,
         }
     }
 
@@ -1004,6 +984,26 @@ impl Exits {
         let now = Instant::now();
         let pool = self.pool_index(q.options.pool.as_deref())?;
         let gateway = self.pools[pool].gateway;
+        // One node and nothing to remember (no session, no forced rotation, no provider
+        // sessions): the route is that node — no router lock and no window on the hot path of
+        // the default, direct-only setup. A node that cannot take the request falls through to
+        // the general path, which says why.
+        let only = &self.pools[pool].nodes;
+        if only.len() == 1
+            && !gateway
+            && q.options.session.is_none()
+            && q.options.rotate != Some(Rotate::Request)
+        {
+            let node = &self.nodes[only[0]];
+            if !q.exclude.contains(&node.index) && node.admit(now) {
+                return Ok(Route {
+                    key: ExitKey::direct(node.clone()),
+                    cold_reason: None,
+                    renewed: false,
+                    forced: false,
+                });
+            }
+        }
         // Node circuits are locked under the router lock, never the other way round.
         let mut guard = self.state.lock();
         let st = &mut *guard;
@@ -1047,7 +1047,6 @@ impl Exits {
             let usable = !q.exclude.contains(&p.node) && node.admissible(now);
             if usable && now < p.expires {
                 p.last_used = now;
-                p.uses += 1;
                 node.admit(now);
                 return Ok(Route {
                     key: ExitKey {
@@ -1073,8 +1072,7 @@ impl Exits {
         self.nodes[node].admit(now);
         let scope = gateway.then(|| self.gateway_scope(st, "w"));
         let window = self.settings.sticky_window;
-        let mut p = self.pin(st, node, pool, window, window, 0, scope.clone(), now);
-        p.uses = 1;
+        let p = self.pin(st, node, pool, window, window, scope.clone(), now);
         st.windows.insert(wk, p);
         Ok(Route {
             key: ExitKey {
@@ -1101,7 +1099,6 @@ impl Exits {
             .session_minutes
             .map(|m| Duration::from_secs(u64::from(m) * 60))
             .unwrap_or(self.settings.session_lifetime);
-        let mut generation = 0;
         let mut reason = NewReason::NewSession;
         let mut renewed = false;
         let mut avoid = None;
@@ -1112,7 +1109,6 @@ impl Exits {
             let node_ok = !q.exclude.contains(&p.node) && node.admissible(now);
             if alive && same_pool && node_ok {
                 p.last_used = now;
-                p.uses += 1;
                 node.admit(now);
                 return Ok(Route {
                     key: ExitKey {
@@ -1137,7 +1133,6 @@ impl Exits {
                 }
                 renewed = true;
             }
-            generation = p.generation.wrapping_add(1);
             reason = NewReason::SessionChange;
             let p = st.sessions.remove(&sk).expect("present");
             self.unpin(&p);
@@ -1147,17 +1142,7 @@ impl Exits {
         st.seq += 1;
         let scope = self.session_scope(&sk.0, &sk.1, st.seq);
         let idle = self.settings.session_idle;
-        let mut p = self.pin(
-            st,
-            node,
-            pool,
-            life,
-            idle,
-            generation,
-            Some(scope.clone()),
-            now,
-        );
-        p.uses = 1;
+        let p = self.pin(st, node, pool, life, idle, Some(scope.clone()), now);
         st.sessions.insert(sk, p);
         Ok(Route {
             key: ExitKey {
@@ -1184,17 +1169,6 @@ impl Exits {
         serial.hash(&mut h);
         let b = h.finish();
         format!("s{a:016x}{:08x}", b as u32).into()
-    }
-
-    /// A dial through `node` failed in a way that is the node's fault (see
-    /// [`ExitNode::record_failure`]).
-    pub fn node_failed(&self, node: &ExitNode, why: &str) {
-        node.record_failure(why);
-    }
-
-    /// A connection through `node` was opened: closes the circuit.
-    pub fn node_ok(&self, node: &ExitNode) {
-        node.mark_ok();
     }
 
     /// Forgets expired sessions and windows (called periodically).
@@ -1544,10 +1518,10 @@ mod tests {
         let x = exits(2, settings());
         let n = x.nodes()[1].clone();
         for _ in 0..2 {
-            x.node_failed(&n, "connect refused");
+            n.record_failure("connect refused");
         }
         assert_eq!(n.state(), CircuitState::Closed, "below the threshold");
-        x.node_failed(&n, "connect refused");
+        n.record_failure("connect refused");
         assert_eq!(n.state(), CircuitState::Open);
         let o = WorkerOptions::default();
         for t in 0..10 {
@@ -1558,7 +1532,7 @@ mod tests {
         assert_eq!(n.state(), CircuitState::HalfOpen);
         assert!(n.admit(Instant::now()), "one probe");
         assert!(!n.admit(Instant::now()), "only one probe at a time");
-        x.node_failed(&n, "still down");
+        n.record_failure("still down");
         assert_eq!(n.state(), CircuitState::Open);
         assert_eq!(
             n.health().retry_in,
@@ -1567,7 +1541,7 @@ mod tests {
         );
         tokio::time::advance(Duration::from_secs(4)).await;
         assert!(n.admit(Instant::now()));
-        x.node_ok(&n);
+        n.mark_ok();
         assert_eq!(n.state(), CircuitState::Closed);
         assert_eq!(n.health().consecutive_failures, 0);
     }
@@ -1577,7 +1551,7 @@ mod tests {
         let x = exits(2, settings());
         for n in &x.nodes()[1..] {
             for _ in 0..3 {
-                x.node_failed(n, "down");
+                n.record_failure("down");
             }
         }
         match route(&x, "a:443", "", &WorkerOptions::default()) {

@@ -554,7 +554,7 @@ impl Forwarder {
                         "exit {} rejected the proxy credentials (HTTP 407 to a forwarded request)",
                         route.key.node.label
                     );
-                    self.exits.node_failed(&route.key.node, &msg);
+                    route.key.node.record_failure(&msg);
                     failed_exits.push(route.key.node.index);
                     let addr = candidates[candidate];
                     if failed_exits.len() >= MAX_EXIT_FAILOVER
@@ -907,16 +907,12 @@ fn checkout_error(e: CheckoutError<DialError>, target: &str, queue: Duration) ->
             "no connection to {target} became free within pool.queue_timeout ({queue:?})"
         )),
         CheckoutError::Closed => EdgeError::shutting_down(),
-        CheckoutError::Dial(d) => dial_error_ref(&d),
+        CheckoutError::Dial(d) => dial_error(&d),
     }
 }
 
 /// The worker-facing error for a failed dial (nothing was sent).
-pub fn dial_error(e: DialError) -> EdgeError {
-    dial_error_ref(&e)
-}
-
-fn dial_error_ref(d: &DialError) -> EdgeError {
+pub fn dial_error(d: &DialError) -> EdgeError {
     let msg = d.to_string();
     match d {
         DialError::Connect { .. } => EdgeError::connect_failed(msg),

@@ -361,7 +361,7 @@ async fn tunnel(
                         continue;
                     }
                 }
-                return error(&gw, crate::forward::dial_error(e));
+                return error(&gw, crate::forward::dial_error(&e));
             }
         }
     };

@@ -19,8 +19,6 @@ pub mod origin;
 pub mod scenario;
 pub mod workload;
 
-pub use self::scenario::Scenario as LabScenario;
-
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
