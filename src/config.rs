@@ -91,6 +91,52 @@ pub const DEFAULT_DRAIN_MAX_BYTES: u64 = 256 * KIB;
 /// link; longer drains are not worth the connection.
 pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// Default [`LimitsConfig::max_header_bytes`]: 64 KiB for a request head (request line and
+/// headers). Browsers send 1–8 KiB; big cookie jars fit; beyond it is an attack or a bug (431).
+pub const DEFAULT_MAX_HEADER_BYTES: usize = 64 * 1024;
+/// Default [`LimitsConfig::max_headers`]: 100 header fields per request (431 beyond), hyper's
+/// and nginx's order of magnitude.
+pub const DEFAULT_MAX_HEADERS: usize = 100;
+/// Default [`LimitsConfig::max_uri_bytes`]: 16 KiB request target (414 beyond). Long query
+/// strings are common in scraping; 16 KiB is above what major CDNs accept.
+pub const DEFAULT_MAX_URI_BYTES: usize = 16 * 1024;
+/// Default [`LimitsConfig::header_read_timeout`]: 30 s to send a whole request head, counted
+/// from the connection's start or the head's first byte (408 past it). Stops slowloris.
+pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// Default [`LimitsConfig::body_idle_timeout`]: 30 s without a byte of a request body (408).
+pub const DEFAULT_BODY_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Default [`LimitsConfig::max_connections_per_worker`]: 1024 open connections from one worker
+/// IP address. A scraper process rarely needs more than a few dozen; a runaway one must not
+/// take every file descriptor.
+pub const DEFAULT_MAX_CONNECTIONS_PER_WORKER: usize = 1024;
+/// Default [`LimitsConfig::max_tunnels`]: 4096 CONNECT tunnels (intercepted or blind) open at
+/// once.
+pub const DEFAULT_MAX_TUNNELS: usize = 4096;
+/// Default [`LimitsConfig::max_in_flight`]: 8192 worker requests waiting for a response head
+/// at once; past it, new requests get 503 with `Retry-After` before their body is read.
+pub const DEFAULT_MAX_IN_FLIGHT: usize = 8192;
+/// Default [`LimitsConfig::max_dns_in_flight`]: 256 DNS lookups at once; more wait.
+pub const DEFAULT_MAX_DNS_IN_FLIGHT: usize = 256;
+/// Default [`LimitsConfig::h2_max_streams`]: 256 concurrent streams per HTTP/2 worker
+/// connection.
+pub const DEFAULT_H2_MAX_STREAMS: u32 = 256;
+/// Default [`LimitsConfig::h2_max_pending_resets`]: 20 streams reset by a worker before
+/// edgepool accepted them (the rapid-reset attack, CVE-2023-44487, is cut off past it).
+pub const DEFAULT_H2_MAX_PENDING_RESETS: usize = 20;
+/// Default [`LimitsConfig::h2_max_local_error_resets`]: 256 streams edgepool had to reset for
+/// a worker's protocol errors before the connection is closed with GOAWAY.
+pub const DEFAULT_H2_MAX_LOCAL_ERROR_RESETS: usize = 256;
+/// Default [`LimitsConfig::retry_budget`]: retries may add at most 20 % to the requests sent
+/// upstream (plus [`RETRY_BUDGET_MIN_PER_SEC`] a second), so a failing target or exit is not
+/// hit with amplified load.
+pub const DEFAULT_RETRY_BUDGET: f64 = 0.2;
+/// Retries always allowed per second, whatever the budget: a quiet gateway can still retry.
+pub const RETRY_BUDGET_MIN_PER_SEC: u32 = 10;
+
+/// Default [`TargetsConfig::connect_ports`]: 443 and 80. CONNECT is for TLS to web servers;
+/// other ports (SMTP, SSH, databases) would make edgepool a general TCP relay.
+pub const DEFAULT_CONNECT_PORTS: [u16; 2] = [443, 80];
+
 /// Data directory used by [`Config::default_data_dir`] when the platform has no home directory
 /// (e.g. a container running as a user without a passwd entry): `./edgepool-data`.
 pub const FALLBACK_DATA_DIR: &str = "./edgepool-data";
@@ -643,6 +689,10 @@ pub struct UpstreamConfig {
     /// Cap on how long a DNS answer is cached. Default [`DEFAULT_DNS_MAX_TTL`] (300 s).
     #[serde(with = "humantime_serde")]
     pub dns_max_ttl: Duration,
+    /// DNS servers (`"ip:port"`) to ask instead of the system's (`/etc/resolv.conf`), over UDP
+    /// with TCP fallback. Default empty: the system configuration. `/etc/hosts` is read
+    /// either way.
+    pub dns_servers: Vec<SocketAddr>,
 }
 
 impl Default for UpstreamConfig {
@@ -656,6 +706,7 @@ impl Default for UpstreamConfig {
             insecure_skip_verify: Vec::new(),
             dns_min_ttl: DEFAULT_DNS_MIN_TTL,
             dns_max_ttl: DEFAULT_DNS_MAX_TTL,
+            dns_servers: Vec::new(),
         }
     }
 }
@@ -738,6 +789,47 @@ pub struct LimitsConfig {
     /// ... and for at most this long. Default [`DEFAULT_DRAIN_TIMEOUT`] (2 s). Must be > 0.
     #[serde(with = "humantime_serde")]
     pub drain_timeout: Duration,
+    /// Max bytes of an HTTP/1 request head (request line and headers), and of an HTTP/2 header
+    /// list. Default [`DEFAULT_MAX_HEADER_BYTES`]; 431 beyond. At least 1024.
+    pub max_header_bytes: usize,
+    /// Max header fields in one request. Default [`DEFAULT_MAX_HEADERS`]; 431 beyond. At least 1.
+    pub max_headers: usize,
+    /// Max bytes of the request target (URL). Default [`DEFAULT_MAX_URI_BYTES`]; 414 beyond.
+    /// At least 256 and below `max_header_bytes`.
+    pub max_uri_bytes: usize,
+    /// Time a worker has to send a whole request head, from the connection's start or the
+    /// head's first byte. Default [`DEFAULT_HEADER_READ_TIMEOUT`]; 408 past it. Above 0s.
+    #[serde(with = "humantime_serde")]
+    pub header_read_timeout: Duration,
+    /// Longest pause allowed inside a request body. Default [`DEFAULT_BODY_IDLE_TIMEOUT`]; 408
+    /// past it. Above 0s.
+    #[serde(with = "humantime_serde")]
+    pub body_idle_timeout: Duration,
+    /// Max open connections from one worker IP address; more are answered 503 and closed.
+    /// Default [`DEFAULT_MAX_CONNECTIONS_PER_WORKER`]. At least 1.
+    pub max_connections_per_worker: usize,
+    /// Max CONNECT tunnels (intercepted or blind) open at once; more get 503. Default
+    /// [`DEFAULT_MAX_TUNNELS`]. At least 1.
+    pub max_tunnels: usize,
+    /// Max worker requests waiting for a response head at once; more get 503 with
+    /// `Retry-After` before their body is read. Default [`DEFAULT_MAX_IN_FLIGHT`]. At least 1.
+    pub max_in_flight: usize,
+    /// Max DNS lookups at once; more wait their turn. Default [`DEFAULT_MAX_DNS_IN_FLIGHT`].
+    /// At least 1.
+    pub max_dns_in_flight: usize,
+    /// Max concurrent streams per HTTP/2 worker connection (announced in SETTINGS). Default
+    /// [`DEFAULT_H2_MAX_STREAMS`]. At least 1.
+    pub h2_max_streams: u32,
+    /// Streams a worker may reset before edgepool accepted them; past it the connection is
+    /// closed (HTTP/2 rapid reset). Default [`DEFAULT_H2_MAX_PENDING_RESETS`]. At least 1.
+    pub h2_max_pending_resets: usize,
+    /// Streams edgepool may reset for a worker's protocol errors before it closes the
+    /// connection. Default [`DEFAULT_H2_MAX_LOCAL_ERROR_RESETS`]. At least 1.
+    pub h2_max_local_error_resets: usize,
+    /// Share of upstream requests that may be retries (a retry needs budget; every request adds
+    /// some), plus 10 retries a second always allowed. Default [`DEFAULT_RETRY_BUDGET`] (0.2);
+    /// 0 allows only the per-second floor. Between 0 and 1.
+    pub retry_budget: f64,
 }
 
 impl Default for LimitsConfig {
@@ -747,12 +839,25 @@ impl Default for LimitsConfig {
             max_fetch_json: DEFAULT_MAX_FETCH_JSON,
             drain_max_bytes: DEFAULT_DRAIN_MAX_BYTES,
             drain_timeout: DEFAULT_DRAIN_TIMEOUT,
+            max_header_bytes: DEFAULT_MAX_HEADER_BYTES,
+            max_headers: DEFAULT_MAX_HEADERS,
+            max_uri_bytes: DEFAULT_MAX_URI_BYTES,
+            header_read_timeout: DEFAULT_HEADER_READ_TIMEOUT,
+            body_idle_timeout: DEFAULT_BODY_IDLE_TIMEOUT,
+            max_connections_per_worker: DEFAULT_MAX_CONNECTIONS_PER_WORKER,
+            max_tunnels: DEFAULT_MAX_TUNNELS,
+            max_in_flight: DEFAULT_MAX_IN_FLIGHT,
+            max_dns_in_flight: DEFAULT_MAX_DNS_IN_FLIGHT,
+            h2_max_streams: DEFAULT_H2_MAX_STREAMS,
+            h2_max_pending_resets: DEFAULT_H2_MAX_PENDING_RESETS,
+            h2_max_local_error_resets: DEFAULT_H2_MAX_LOCAL_ERROR_RESETS,
+            retry_budget: DEFAULT_RETRY_BUDGET,
         }
     }
 }
 
 /// `[targets]`: which target addresses may be dialed.
-#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct TargetsConfig {
     /// CIDRs allowed in spite of the private/loopback deny list, e.g. `"10.20.0.0/16"` or
@@ -760,6 +865,86 @@ pub struct TargetsConfig {
     /// not become a way into the internal network. Host bits must be zero (`"10.0.0.0/8"`, not
     /// `"10.1.2.3/8"`), to catch typos.
     pub allow: Vec<IpNet>,
+    /// Ports a CONNECT may open a tunnel to: numbers (`443`) or ranges (`"8000-8999"`). Default
+    /// [`DEFAULT_CONNECT_PORTS`] (443 and 80); other ports get 400 `connect_port_forbidden`.
+    /// Absolute-form `http://host:port/` requests are not limited (they are HTTP either way).
+    pub connect_ports: Vec<PortRange>,
+}
+
+impl Default for TargetsConfig {
+    fn default() -> Self {
+        TargetsConfig {
+            allow: Vec::new(),
+            connect_ports: DEFAULT_CONNECT_PORTS
+                .iter()
+                .map(|p| PortRange::single(*p))
+                .collect(),
+        }
+    }
+}
+
+impl TargetsConfig {
+    /// Whether a CONNECT to `port` is allowed by [`connect_ports`](Self::connect_ports).
+    pub fn connect_port_allowed(&self, port: u16) -> bool {
+        self.connect_ports.iter().any(|r| r.contains(port))
+    }
+}
+
+/// A port or an inclusive range of ports: `443` or `"8000-8999"` in TOML.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PortRange {
+    /// First port in the range.
+    pub lo: u16,
+    /// Last port in the range (inclusive).
+    pub hi: u16,
+}
+
+impl PortRange {
+    /// Just `port`.
+    pub fn single(port: u16) -> Self {
+        PortRange { lo: port, hi: port }
+    }
+
+    /// Whether `port` is in the range.
+    pub fn contains(&self, port: u16) -> bool {
+        (self.lo..=self.hi).contains(&port)
+    }
+}
+
+impl std::str::FromStr for PortRange {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let port = |p: &str| -> Result<u16, String> {
+            match p.trim().parse::<u16>() {
+                Ok(0) | Err(_) => Err(format!("{p:?} is not a port (1-65535)")),
+                Ok(n) => Ok(n),
+            }
+        };
+        let (lo, hi) = match s.split_once('-') {
+            Some((a, b)) => (port(a)?, port(b)?),
+            None => (port(s)?, port(s)?),
+        };
+        if lo > hi {
+            return Err(format!("{s:?}: the range starts after it ends"));
+        }
+        Ok(PortRange { lo, hi })
+    }
+}
+
+impl<'de> Deserialize<'de> for PortRange {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Num(i64),
+            Text(String),
+        }
+        let text = match Raw::deserialize(d)? {
+            Raw::Num(n) => n.to_string(),
+            Raw::Text(t) => t,
+        };
+        text.parse().map_err(serde::de::Error::custom)
+    }
 }
 
 impl Config {
@@ -1003,6 +1188,61 @@ impl LimitsConfig {
             "0 would refuse every fetch document",
         )?;
         positive("limits.drain_timeout", self.drain_timeout)?;
+        if self.max_header_bytes < 1024 {
+            return Err(invalid(
+                "limits.max_header_bytes",
+                format!(
+                    "{} is too small; at least 1024 (ordinary requests need ~1 KiB)",
+                    self.max_header_bytes
+                ),
+            ));
+        }
+        at_least_one(
+            "limits.max_headers",
+            self.max_headers as u64,
+            "every request has a Host header",
+        )?;
+        if self.max_uri_bytes < 256 || self.max_uri_bytes >= self.max_header_bytes {
+            return Err(invalid(
+                "limits.max_uri_bytes",
+                format!(
+                    "{} must be at least 256 and below limits.max_header_bytes ({})",
+                    self.max_uri_bytes, self.max_header_bytes
+                ),
+            ));
+        }
+        positive("limits.header_read_timeout", self.header_read_timeout)?;
+        positive("limits.body_idle_timeout", self.body_idle_timeout)?;
+        let why = "0 would refuse everything";
+        at_least_one(
+            "limits.max_connections_per_worker",
+            self.max_connections_per_worker as u64,
+            why,
+        )?;
+        at_least_one("limits.max_tunnels", self.max_tunnels as u64, why)?;
+        at_least_one("limits.max_in_flight", self.max_in_flight as u64, why)?;
+        at_least_one(
+            "limits.max_dns_in_flight",
+            self.max_dns_in_flight as u64,
+            why,
+        )?;
+        at_least_one("limits.h2_max_streams", self.h2_max_streams as u64, why)?;
+        at_least_one(
+            "limits.h2_max_pending_resets",
+            self.h2_max_pending_resets as u64,
+            "0 would close connections on any cancelled request",
+        )?;
+        at_least_one(
+            "limits.h2_max_local_error_resets",
+            self.h2_max_local_error_resets as u64,
+            "0 would close connections on the first bad stream",
+        )?;
+        if !(0.0..=1.0).contains(&self.retry_budget) {
+            return Err(invalid(
+                "limits.retry_budget",
+                format!("{} must be between 0 and 1", self.retry_budget),
+            ));
+        }
         Ok(())
     }
 }
@@ -1020,6 +1260,12 @@ impl TargetsConfig {
                     ),
                 ));
             }
+        }
+        if self.connect_ports.is_empty() {
+            return Err(invalid(
+                "targets.connect_ports",
+                "empty: every CONNECT would be refused; the default is [443, 80]",
+            ));
         }
         Ok(())
     }

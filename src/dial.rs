@@ -396,25 +396,42 @@ impl PoolConn for UpstreamConn {
 }
 
 /// Resolves target names with a TTL-respecting cache (hickory), `/etc/hosts` included.
-/// IP literals skip DNS.
+/// IP literals skip DNS. At most `max_in_flight` lookups run at once; more wait their turn.
 pub struct Resolver {
     inner: hickory_resolver::TokioAsyncResolver,
+    in_flight: tokio::sync::Semaphore,
 }
 
 impl Resolver {
-    /// A resolver from the system configuration, TTLs clamped to `[min_ttl, max_ttl]`.
-    pub fn new(min_ttl: Duration, max_ttl: Duration) -> Self {
-        let (config, mut opts) =
+    /// A resolver asking `servers` (UDP, TCP fallback), or the system configuration when
+    /// `servers` is empty; TTLs clamped to `[min_ttl, max_ttl]`.
+    pub fn new(
+        servers: &[SocketAddr],
+        min_ttl: Duration,
+        max_ttl: Duration,
+        max_in_flight: usize,
+    ) -> Self {
+        use hickory_resolver::config::{NameServerConfig, Protocol, ResolverConfig};
+        let (config, mut opts) = if servers.is_empty() {
             hickory_resolver::system_conf::read_system_conf().unwrap_or_else(|e| {
                 tracing::warn!("no usable system DNS configuration ({e}); using defaults");
                 (Default::default(), Default::default())
-            });
+            })
+        } else {
+            let mut config = ResolverConfig::new();
+            for addr in servers {
+                config.add_name_server(NameServerConfig::new(*addr, Protocol::Udp));
+                config.add_name_server(NameServerConfig::new(*addr, Protocol::Tcp));
+            }
+            (config, Default::default())
+        };
         opts.positive_min_ttl = Some(min_ttl);
         opts.positive_max_ttl = Some(max_ttl);
         opts.cache_size = 4096;
         opts.use_hosts_file = true;
         Resolver {
             inner: hickory_resolver::TokioAsyncResolver::tokio(config, opts),
+            in_flight: tokio::sync::Semaphore::new(max_in_flight.max(1)),
         }
     }
 
@@ -430,6 +447,11 @@ impl Resolver {
                 IpAddr::from(std::net::Ipv6Addr::LOCALHOST),
             ]);
         }
+        let _turn = self
+            .in_flight
+            .acquire()
+            .await
+            .map_err(|_| "resolver closed".to_string())?;
         let lookup = self
             .inner
             .lookup_ip(host)

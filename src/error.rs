@@ -162,6 +162,45 @@ impl EdgeError {
             detail,
         )
     }
+    /// 400 `connect_port_forbidden`: CONNECT to a port outside `targets.connect_ports`.
+    pub fn connect_port_forbidden(port: u16) -> Self {
+        let mut e = Self::new(
+            StatusCode::BAD_REQUEST,
+            "connect_port_forbidden",
+            "http_request_denied",
+            Side::Worker,
+            format!(
+                "CONNECT to port {port} is not allowed; allowed ports are set by targets.connect_ports (default 443 and 80)"
+            ),
+        );
+        e.sent = Some(Sent::None);
+        e
+    }
+    /// A worker request refused before anything was sent: bad framing (400), head too large
+    /// (431), URI too long (414), too slow (408). The worker's connection is closed.
+    pub fn request_rejected(
+        status: StatusCode,
+        token: &'static str,
+        detail: impl Into<String>,
+    ) -> Self {
+        let mut e = Self::new(status, token, "http_request_error", Side::Worker, detail);
+        e.sent = Some(Sent::None);
+        e
+    }
+    /// 503 + `Retry-After`: edgepool is at one of its own capacity limits (requests in flight,
+    /// tunnels, connections per worker). Nothing was sent; the worker may retry after the pause.
+    pub fn overloaded(token: &'static str, detail: impl Into<String>) -> Self {
+        let mut e = Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            token,
+            "connection_limit_reached",
+            Side::Worker,
+            detail,
+        );
+        e.retry_after = Some(1);
+        e.sent = Some(Sent::None);
+        e
+    }
     /// 508 `loop_detected`: the request would reach edgepool itself, or it already passed
     /// through too many proxies (`Via` hop cap).
     pub fn loop_detected(detail: impl Into<String>) -> Self {

@@ -99,7 +99,12 @@ impl Gateway {
         .map_err(StartError::Tls)?;
         let telemetry = Arc::new(Telemetry::new(cfg.slo.clone(), cfg.trace.clone()));
         let pool = Pool::new(cfg.pool.to_pool_config(), dialer, telemetry.clone());
-        let resolver = Resolver::new(cfg.upstream.dns_min_ttl, cfg.upstream.dns_max_ttl);
+        let resolver = Resolver::new(
+            &cfg.upstream.dns_servers,
+            cfg.upstream.dns_min_ttl,
+            cfg.upstream.dns_max_ttl,
+            cfg.limits.max_dns_in_flight,
+        );
         let exits = Arc::new(
             crate::exits::Exits::new(
                 &cfg.exits.pool_specs().map_err(StartError::Exits)?,

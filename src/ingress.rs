@@ -239,6 +239,9 @@ async fn handle_connect(
             ),
         );
     };
+    if !gw.config().targets.connect_port_allowed(port) {
+        return error(&gw, EdgeError::connect_port_forbidden(port));
+    }
     let host = normalize_host(auth.host());
     // Resolve and check now, so a forbidden or unknown target fails at CONNECT with a clear
     // status instead of inside TLS.

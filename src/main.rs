@@ -38,6 +38,10 @@ enum Command {
         /// Allow targets in this CIDR despite the private/loopback deny list (repeatable).
         #[arg(long = "allow-target", value_name = "CIDR")]
         allow_target: Vec<ipnet::IpNet>,
+        /// Allow CONNECT to this port or range, e.g. `8443` or `8000-8999` (repeatable; adds to
+        /// targets.connect_ports, default 443 and 80).
+        #[arg(long = "allow-connect-port", value_name = "PORT[-PORT]")]
+        allow_connect_port: Vec<edgepool::config::PortRange>,
         /// Extra PEM roots trusted for target certificates (repeatable).
         #[arg(long = "upstream-ca", value_name = "FILE")]
         upstream_ca: Vec<PathBuf>,
@@ -173,6 +177,7 @@ fn main() -> ExitCode {
             admin,
             data_dir,
             allow_target,
+            allow_connect_port,
             upstream_ca,
             exit,
             token,
@@ -194,6 +199,7 @@ fn main() -> ExitCode {
                 cfg.data_dir = Some(d);
             }
             cfg.targets.allow.extend(allow_target);
+            cfg.targets.connect_ports.extend(allow_connect_port);
             cfg.upstream.extra_ca_files.extend(upstream_ca);
             for e in &exit {
                 if let Err(why) = cfg.exits.add_cli_exit(e) {

@@ -398,6 +398,8 @@ async fn run_mode(
                         "127.0.0.0/8".parse().expect("valid CIDR"),
                         "::1/128".parse().expect("valid CIDR"),
                     ];
+                    // Lab origins listen on ephemeral ports.
+                    cfg.targets.connect_ports = vec![crate::config::PortRange { lo: 1, hi: 65535 }];
                     cfg.upstream.extra_ca_files = vec![ca_file.to_path_buf()];
                     cfg.trace.sample_rate = 0.0;
                     // Lab targets miss the fleet SLO by design (that is what they model): no

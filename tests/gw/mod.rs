@@ -41,6 +41,8 @@ impl TestGateway {
             ..Default::default()
         };
         cfg.targets.allow = vec!["127.0.0.0/8".parse().unwrap(), "::1/128".parse().unwrap()];
+        // Test origins listen on ephemeral ports.
+        cfg.targets.connect_ports = vec!["1-65535".parse().unwrap()];
         cfg.upstream.extra_ca_files = extra_ca.to_vec();
         tweak(&mut cfg);
         cfg.validate().expect("test config is valid");
