@@ -123,6 +123,10 @@ pub const DEFAULT_H2_MAX_STREAMS: u32 = 256;
 /// Default [`LimitsConfig::h2_max_pending_resets`]: 20 streams reset by a worker before
 /// edgepool accepted them (the rapid-reset attack, CVE-2023-44487, is cut off past it).
 pub const DEFAULT_H2_MAX_PENDING_RESETS: usize = 20;
+/// Default [`LimitsConfig::h2_max_cancelled_streams`]: 100 requests a worker connection may
+/// cancel before their answers (when they are also more than half of its requests); past it
+/// the connection is closed as an HTTP/2 rapid-reset attack.
+pub const DEFAULT_H2_MAX_CANCELLED_STREAMS: usize = 100;
 /// Default [`LimitsConfig::h2_max_local_error_resets`]: 256 streams edgepool had to reset for
 /// a worker's protocol errors before the connection is closed with GOAWAY.
 pub const DEFAULT_H2_MAX_LOCAL_ERROR_RESETS: usize = 256;
@@ -826,6 +830,11 @@ pub struct LimitsConfig {
     /// Streams edgepool may reset for a worker's protocol errors before it closes the
     /// connection. Default [`DEFAULT_H2_MAX_LOCAL_ERROR_RESETS`]. At least 1.
     pub h2_max_local_error_resets: usize,
+    /// Requests a worker connection may cancel before their answers (HTTP/2 stream resets)
+    /// while they are more than half of its requests; past it the connection is closed (the
+    /// rapid-reset attack: every cancelled stream still cost edgepool work). Default
+    /// [`DEFAULT_H2_MAX_CANCELLED_STREAMS`]. At least 1.
+    pub h2_max_cancelled_streams: usize,
     /// Share of upstream requests that may be retries (a retry needs budget; every request adds
     /// some), plus 10 retries a second always allowed. Default [`DEFAULT_RETRY_BUDGET`] (0.2);
     /// 0 allows only the per-second floor. Between 0 and 1.
@@ -851,6 +860,7 @@ impl Default for LimitsConfig {
             h2_max_streams: DEFAULT_H2_MAX_STREAMS,
             h2_max_pending_resets: DEFAULT_H2_MAX_PENDING_RESETS,
             h2_max_local_error_resets: DEFAULT_H2_MAX_LOCAL_ERROR_RESETS,
+            h2_max_cancelled_streams: DEFAULT_H2_MAX_CANCELLED_STREAMS,
             retry_budget: DEFAULT_RETRY_BUDGET,
         }
     }

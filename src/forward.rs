@@ -59,6 +59,8 @@ pub struct ForwardConfig {
     pub drain_timeout: Duration,
     /// Hosts whose certificates are not verified (explicit opt-in).
     pub insecure_hosts: Vec<String>,
+    /// Share of requests that may be retries (`limits.retry_budget`).
+    pub retry_budget: f64,
 }
 
 /// A request ready to go upstream: hop-by-hop and `X-Edgepool-*` headers already removed,
@@ -144,12 +146,34 @@ pub struct Forwarder {
     own: std::sync::OnceLock<Vec<SocketAddr>>,
     /// Addresses whose TCP connect recently failed, and when (tried last for [`BAD_ADDR_TTL`]).
     bad_addrs: parking_lot::Mutex<std::collections::HashMap<std::net::IpAddr, Instant>>,
+    /// Retries of requests that may have reached the target draw on it.
+    retry_budget: crate::admission::RetryBudget,
 }
 
 /// How long an address that refused or timed out a connect is tried after the others.
 pub const BAD_ADDR_TTL: Duration = Duration::from_secs(30);
 /// At most this many further addresses are tried when connecting to one fails.
 pub const MAX_ADDR_FAILOVER: usize = 2;
+
+/// Why an HTTP/1 response's framing cannot be trusted, if it cannot: `Transfer-Encoding` with
+/// `Content-Length` (RFC 9112 §6.3: a smuggling or splitting attempt), a transfer coding other
+/// than `chunked` (edgepool re-frames bodies and would lose it), or `Transfer-Encoding` in an
+/// HTTP/1.0 response.
+fn ambiguous_response_framing(resp: &Response<hyper::body::Incoming>) -> Option<&'static str> {
+    let h = resp.headers();
+    let mut te = h.get_all(header::TRANSFER_ENCODING).iter();
+    let first = te.next()?;
+    if h.contains_key(header::CONTENT_LENGTH) {
+        return Some("both Transfer-Encoding and Content-Length: the body's end is ambiguous");
+    }
+    if resp.version() == http::Version::HTTP_10 {
+        return Some("Transfer-Encoding in an HTTP/1.0 response");
+    }
+    if te.next().is_some() || !first.as_bytes().eq_ignore_ascii_case(b"chunked") {
+        return Some("a Transfer-Encoding other than exactly \"chunked\"");
+    }
+    None
+}
 
 /// How a send attempt failed.
 struct SendFailure {
@@ -214,10 +238,16 @@ impl Forwarder {
             resolver,
             policy,
             telemetry,
+            retry_budget: crate::admission::RetryBudget::new(cfg.retry_budget),
             cfg,
             own: Default::default(),
             bad_addrs: Default::default(),
         }
+    }
+
+    /// The retry budget (for its counters).
+    pub fn retry_budget(&self) -> &crate::admission::RetryBudget {
+        &self.retry_budget
     }
 
     /// Records edgepool's own listening addresses (once, when the listeners are bound):
@@ -394,6 +424,7 @@ impl Forwarder {
         exit_tried: &mut Option<Arc<str>>,
     ) -> Result<(Response<ProxyBody>, Meta), EdgeError> {
         let (candidates, dns) = self.resolve_candidates(&out.host, out.port).await?;
+        self.retry_budget.deposit();
         let mut candidate = 0;
         let verify = !self
             .cfg
@@ -628,11 +659,18 @@ impl Forwarder {
                     // exit died: a safe request gets the same one retry (which fails over to
                     // another exit if this one is gone).
                     let via_exit = route.key.node.spec.kind != crate::exits::ExitKind::Direct;
-                    let retry = attempt == 0
+                    let mut retry = attempt == 0
                         && !f.response_started
                         && !f.timeout
                         && !f.bad_response
                         && ((reused || via_exit) && safe || f.unprocessed);
+                    // A stream the server says it never processed (GOAWAY, REFUSED_STREAM) is
+                    // free to move; any other retry draws on the budget, so a failing target
+                    // is not hit with amplified load.
+                    if retry && !f.unprocessed && !self.retry_budget.try_withdraw() {
+                        tracing::warn!(target = %target, "retry budget exhausted (limits.retry_budget): not retrying");
+                        retry = false;
+                    }
                     if retry {
                         tracing::debug!(target = %target, error = %f.message, "retrying once");
                         meta.retried = true;
@@ -729,7 +767,16 @@ impl Forwarder {
         let fut = send.try_send_request(req);
         match tokio::time::timeout(self.cfg.response_header_timeout, fut).await {
             Err(_) => Err(SendFailure::timeout(shared.bytes_in() > before_in, false)),
-            Ok(Ok(resp)) => Ok(Upstream::H1(resp)),
+            Ok(Ok(resp)) => match ambiguous_response_framing(&resp) {
+                // Never forwarded, and the connection is closed (its next bytes cannot be
+                // trusted to start a response).
+                Some(why) => Err(SendFailure {
+                    response_started: true,
+                    bad_response: true,
+                    ..SendFailure::new(Sent::Complete, false, why.into())
+                }),
+                None => Ok(Upstream::H1(resp)),
+            },
             Ok(Err(mut e)) => {
                 let never_sent = e.take_message().is_some() || shared.bytes_out() == before_out;
                 let err = e.into_error();

@@ -64,6 +64,10 @@ pub struct Gateway {
     ports: PortGuard,
     started: Instant,
     shutting_down: AtomicBool,
+    /// Flips to true when shutdown starts: worker connections then close gracefully
+    /// (HTTP/2 GOAWAY, HTTP/1 `Connection: close` after the response in flight).
+    draining: tokio::sync::watch::Sender<bool>,
+    admission: Arc<crate::admission::Admission>,
 }
 
 impl Gateway {
@@ -128,9 +132,11 @@ impl Gateway {
                 drain_max_bytes: cfg.limits.drain_max_bytes,
                 drain_timeout: cfg.limits.drain_timeout,
                 insecure_hosts: cfg.upstream.insecure_skip_verify.clone(),
+                retry_budget: cfg.limits.retry_budget,
             },
         );
         let auth = crate::worker::WorkerAuth::new(&cfg.auth.tokens);
+        let cfg_limits = cfg.limits.clone();
         Ok(Arc::new(Gateway {
             auth,
             cfg,
@@ -143,7 +149,58 @@ impl Gateway {
             ports,
             started: Instant::now(),
             shutting_down: AtomicBool::new(false),
+            draining: tokio::sync::watch::channel(false).0,
+            admission: crate::admission::Admission::new(&cfg_limits),
         }))
+    }
+
+    /// Capacity limits (connections per worker, tunnels, requests in flight).
+    pub fn admission(&self) -> &Arc<crate::admission::Admission> {
+        &self.admission
+    }
+
+    /// Resolves when shutdown starts (at once if it already has).
+    pub async fn draining(&self) {
+        let mut rx = self.draining.subscribe();
+        let _ = rx.wait_for(|d| *d).await;
+    }
+
+    /// Head and size limits for the strict HTTP/1 framer.
+    pub fn h1_limits(&self) -> crate::h1guard::Limits {
+        crate::h1guard::Limits {
+            max_head_bytes: self.cfg.limits.max_header_bytes,
+            max_headers: self.cfg.limits.max_headers,
+            max_uri_bytes: self.cfg.limits.max_uri_bytes,
+        }
+    }
+
+    /// Worker-side timeouts for the strict HTTP/1 framer.
+    pub fn h1_timeouts(&self) -> crate::h1guard::Timeouts {
+        crate::h1guard::Timeouts {
+            header_read: self.cfg.limits.header_read_timeout,
+            body_idle: self.cfg.limits.body_idle_timeout,
+        }
+    }
+
+    /// The server side for worker connections (plain and intercepted): hyper's own limits set
+    /// at or above the framer's, HTTP/2 limits explicit (streams, header list, resets).
+    pub fn worker_builder(
+        &self,
+    ) -> hyper_util::server::conn::auto::Builder<hyper_util::rt::TokioExecutor> {
+        let l = &self.cfg.limits;
+        let mut b =
+            hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
+        b.http1()
+            // The framer enforces the real limits; hyper's must not be tighter (plus the
+            // framer's own marker request).
+            .max_headers(l.max_headers + 8)
+            .max_buf_size((l.max_header_bytes + 16 * 1024).max(64 * 1024));
+        b.http2()
+            .max_concurrent_streams(l.h2_max_streams)
+            .max_header_list_size(l.max_header_bytes.min(u32::MAX as usize) as u32)
+            .max_pending_accept_reset_streams(l.h2_max_pending_resets)
+            .max_local_error_reset_streams(l.h2_max_local_error_resets);
+        b
     }
 
     /// Worker authentication.
@@ -354,6 +411,8 @@ impl Gateway {
         self.shutting_down.store(true, Ordering::Relaxed);
         drop(proxy);
         drop(admin);
+        // Worker connections finish what they carry and close (HTTP/2: GOAWAY).
+        self.draining.send_replace(true);
         admin_conns.abort_all();
         let _ = tokio::time::timeout(SHUTDOWN_GRACE, async {
             while conns.join_next().await.is_some() {}

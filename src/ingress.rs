@@ -12,7 +12,7 @@ use http::{HeaderMap, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioIo;
 use serde::Deserialize;
 use tokio::net::TcpStream;
 
@@ -24,20 +24,250 @@ use crate::gateway::Gateway;
 /// How long a worker has to finish the TLS handshake inside an intercepted CONNECT.
 const WORKER_TLS_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Serves one accepted worker connection until it closes.
+/// Serves one accepted worker connection until it closes: a place under
+/// `limits.max_connections_per_worker` first, then strict HTTP/1 framing ([`crate::h1guard`])
+/// in front of hyper; on shutdown the connection drains gracefully.
 pub async fn serve_worker(gw: Arc<Gateway>, stream: TcpStream) {
     let _ = stream.set_nodelay(true);
+    let Some(_place) = stream
+        .peer_addr()
+        .ok()
+        .and_then(|peer| gw.admission().worker_connection(peer.ip()))
+    else {
+        refuse_connection(&gw, stream).await;
+        return;
+    };
+    let slot = crate::h1guard::ViolationSlot::default();
+    let io = crate::h1guard::GuardedIo::new(stream, gw.h1_limits(), gw.h1_timeouts(), slot.clone());
+    let watch = ConnWatch::new(gw.config().limits.h2_max_cancelled_streams);
+    let gw2 = gw.clone();
+    let watch2 = watch.clone();
     let svc = service_fn(move |req: Request<Incoming>| {
-        let gw = gw.clone();
-        async move { Ok::<_, Infallible>(handle(gw, req).await) }
+        let gw = gw2.clone();
+        let slot = slot.clone();
+        let watch = watch2.clone();
+        async move {
+            if let Some(resp) = violation_response(&gw, &req, &slot) {
+                return Ok::<_, Infallible>(resp);
+            }
+            Ok::<_, Infallible>(answer(&watch, handle(gw, req)).await)
+        }
     });
-    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-    if let Err(e) = builder
-        .serve_connection_with_upgrades(TokioIo::new(stream), svc)
-        .await
-    {
+    let builder = gw.worker_builder();
+    let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), svc);
+    drive(&gw, conn, &watch).await;
+}
+
+/// Per worker connection: requests started and requests the worker cancelled before their
+/// answer (an HTTP/2 stream reset, which makes hyper drop the handler). A connection cancelling
+/// more than `limits.h2_max_cancelled_streams` of them, and more than half of its requests,
+/// is the HTTP/2 "rapid reset" attack (CVE-2023-44487): edgepool closes it.
+struct ConnWatch {
+    started: std::sync::atomic::AtomicU64,
+    cancelled: std::sync::atomic::AtomicU64,
+    limit: u64,
+    tripped: tokio::sync::Notify,
+}
+
+impl ConnWatch {
+    fn new(limit: usize) -> Arc<Self> {
+        Arc::new(ConnWatch {
+            started: Default::default(),
+            cancelled: Default::default(),
+            limit: limit as u64,
+            tripped: tokio::sync::Notify::new(),
+        })
+    }
+
+    /// Starts watching one request.
+    fn answering(self: &Arc<Self>) -> Answering {
+        self.started
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Answering {
+            watch: self.clone(),
+            answered: false,
+        }
+    }
+}
+
+/// Dropped without being marked answered: the worker cancelled the request.
+struct Answering {
+    watch: Arc<ConnWatch>,
+    answered: bool,
+}
+
+impl Drop for Answering {
+    fn drop(&mut self) {
+        if self.answered {
+            return;
+        }
+        use std::sync::atomic::Ordering::Relaxed;
+        let cancelled = self.watch.cancelled.fetch_add(1, Relaxed) + 1;
+        if cancelled > self.watch.limit && cancelled * 2 > self.watch.started.load(Relaxed) {
+            self.watch.tripped.notify_one();
+        }
+    }
+}
+
+/// Runs `handle` for one request under `watch`.
+async fn answer<F: std::future::Future<Output = Response<ProxyBody>>>(
+    watch: &Arc<ConnWatch>,
+    handle: F,
+) -> Response<ProxyBody> {
+    let mut a = watch.answering();
+    let resp = handle.await;
+    // A body the worker broke off (an HTTP/2 reset mid-body) is a cancel too.
+    a.answered = resp
+        .headers()
+        .get("x-edgepool-error")
+        .is_none_or(|v| v != "worker_body_failed");
+    resp
+}
+
+/// Runs a worker connection to its end; when shutdown starts, asks it to finish gracefully
+/// (HTTP/2 GOAWAY; HTTP/1 closes after the response in flight) and keeps driving it.
+async fn drive<C, E>(gw: &Gateway, conn: C, watch: &ConnWatch)
+where
+    C: std::future::Future<Output = Result<(), E>> + GracefulConn,
+    E: std::fmt::Display,
+{
+    tokio::pin!(conn);
+    let result = tokio::select! {
+        r = conn.as_mut() => r,
+        _ = watch.tripped.notified() => {
+            gw.telemetry().record_error(None, "rapid_reset");
+            tracing::warn!(
+                cancelled = watch.cancelled.load(std::sync::atomic::Ordering::Relaxed),
+                started = watch.started.load(std::sync::atomic::Ordering::Relaxed),
+                "a worker cancelled most of its requests before their answers (HTTP/2 rapid reset): connection closed (limits.h2_max_cancelled_streams)"
+            );
+            return;
+        }
+        _ = gw.draining() => {
+            conn.as_mut().begin_graceful();
+            conn.await
+        }
+    };
+    if let Err(e) = result {
         tracing::debug!("worker connection ended: {e}");
     }
+}
+
+/// hyper-util's connection types, which can be asked to shut down gracefully.
+trait GracefulConn {
+    fn begin_graceful(self: std::pin::Pin<&mut Self>);
+}
+
+impl<I, S, E> GracefulConn for hyper_util::server::conn::auto::UpgradeableConnection<'_, I, S, E>
+where
+    S: hyper::service::HttpService<Incoming, ResBody = ProxyBody>,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    S::Future: 'static,
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    E: hyper::rt::bounds::Http2ServerConnExec<S::Future, ProxyBody>,
+{
+    fn begin_graceful(self: std::pin::Pin<&mut Self>) {
+        self.graceful_shutdown();
+    }
+}
+
+impl<I, S, E> GracefulConn for hyper_util::server::conn::auto::Connection<'_, I, S, E>
+where
+    S: hyper::service::HttpService<Incoming, ResBody = ProxyBody>,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + 'static,
+    E: hyper::rt::bounds::Http2ServerConnExec<S::Future, ProxyBody>,
+{
+    fn begin_graceful(self: std::pin::Pin<&mut Self>) {
+        self.graceful_shutdown();
+    }
+}
+
+/// Over `limits.max_connections_per_worker`: a plain HTTP/1.1 503 and close.
+async fn refuse_connection(gw: &Gateway, mut stream: TcpStream) {
+    use tokio::io::AsyncWriteExt;
+    let e = EdgeError::overloaded(
+        "worker_connection_limit",
+        format!(
+            "this worker address already has limits.max_connections_per_worker ({}) connections open",
+            gw.config().limits.max_connections_per_worker
+        ),
+    );
+    gw.telemetry().record_error(None, e.token);
+    let body = format!("{}\n", e.detail);
+    let head = format!(
+        "HTTP/1.1 503 Service Unavailable\r\nx-edgepool-error: {}\r\nretry-after: 1\r\nconnection: close\r\ncontent-type: text/plain\r\ncontent-length: {}\r\n\r\n",
+        e.token,
+        body.len()
+    );
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        stream.write_all(head.as_bytes()).await?;
+        stream.write_all(body.as_bytes()).await?;
+        stream.shutdown().await
+    })
+    .await;
+}
+
+/// The answer to [`crate::h1guard`]'s stand-in for a refused request head, if `req` is one.
+fn violation_response(
+    gw: &Gateway,
+    req: &Request<Incoming>,
+    slot: &crate::h1guard::ViolationSlot,
+) -> Option<Response<ProxyBody>> {
+    if !req.headers().contains_key(crate::h1guard::VIOLATION_MARKER) {
+        return None;
+    }
+    let v = slot
+        .lock()
+        .take()
+        .unwrap_or_else(|| crate::h1guard::Violation {
+            status: 400,
+            token: "bad_request_head",
+            detail: "malformed request".into(),
+            in_head: true,
+        });
+    let status = StatusCode::from_u16(v.status).unwrap_or(StatusCode::BAD_REQUEST);
+    let mut resp = error(gw, EdgeError::request_rejected(status, v.token, v.detail));
+    resp.headers_mut()
+        .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
+    Some(resp)
+}
+
+/// The 503 (with `Retry-After`) for a request over `limits.max_in_flight`: answered at once,
+/// before the body is read or a connection waited for.
+fn in_flight_full(gw: &Gateway) -> EdgeError {
+    EdgeError::overloaded(
+        "overloaded",
+        format!(
+            "edgepool has limits.max_in_flight ({}) requests in flight; retry shortly",
+            gw.config().limits.max_in_flight
+        ),
+    )
+}
+
+/// A body read that failed because [`crate::h1guard`] stopped it (bad chunk framing, or the
+/// body stalled past `limits.body_idle_timeout`): the matching error.
+fn body_violation(e: &(dyn std::error::Error + 'static)) -> Option<EdgeError> {
+    let mut cur = Some(e);
+    while let Some(err) = cur {
+        if let Some(io) = err.downcast_ref::<std::io::Error>() {
+            return match io.kind() {
+                std::io::ErrorKind::TimedOut => Some(EdgeError::request_rejected(
+                    StatusCode::REQUEST_TIMEOUT,
+                    "request_body_timeout",
+                    io.to_string(),
+                )),
+                std::io::ErrorKind::InvalidData => Some(EdgeError::request_rejected(
+                    StatusCode::BAD_REQUEST,
+                    "bad_framing",
+                    io.to_string(),
+                )),
+                _ => None,
+            };
+        }
+        cur = err.source();
+    }
+    None
 }
 
 /// Requests that already passed through more proxies than this (`Via` entries) are refused as
@@ -75,8 +305,19 @@ async fn handle(gw: Arc<Gateway>, req: Request<Incoming>) -> Response<ProxyBody>
             Ok(w) => w,
             Err(e) => return error(&gw, e),
         };
-        return handle_connect(gw, req, worker).await;
+        let mut resp = handle_connect(gw, req, worker).await;
+        if !resp.status().is_success() {
+            // A refused CONNECT ends the connection: whatever the worker sends next was meant
+            // for a tunnel, not for an HTTP parser.
+            resp.headers_mut()
+                .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
+        }
+        return resp;
     }
+    // Overload: refuse at once, before reading a body or waiting for a connection.
+    let Some(_in_flight) = gw.admission().request() else {
+        return error(&gw, in_flight_full(&gw));
+    };
     let uri = req.uri().clone();
     let scheme = uri.scheme_str().map(|s| match s {
         "http" => Ok(Scheme::Http),
@@ -185,6 +426,12 @@ async fn forward_worker_request(
                 .is_some()
             {
                 EdgeError::body_too_large(limit)
+            } else if let Some(v) = body_violation(&*e) {
+                // The connection's framing is gone: it ends after this answer.
+                let mut resp = error(&gw, v);
+                resp.headers_mut()
+                    .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
+                return resp;
             } else {
                 EdgeError::bad_request(
                     "worker_body_failed",
@@ -249,9 +496,21 @@ async fn handle_connect(
         Ok((addr, _)) => addr,
         Err(e) => return error(&gw, e),
     };
+    let Some(tunnel_place) = gw.admission().tunnel() else {
+        return error(
+            &gw,
+            EdgeError::overloaded(
+                "tunnel_limit",
+                format!(
+                    "edgepool has limits.max_tunnels ({}) CONNECT tunnels open; retry shortly",
+                    gw.config().limits.max_tunnels
+                ),
+            ),
+        );
+    };
     let icfg = &gw.config().intercept;
     if !icfg.enabled || icfg.is_passthrough(&host) || worker.options.mitm_off {
-        return tunnel(gw, req, &host, port, addr, &worker).await;
+        return tunnel(gw, req, &host, port, addr, &worker, tunnel_place).await;
     }
     let server_cfg = match gw.leaves().server_config(&host).await {
         Ok(c) => c,
@@ -294,11 +553,26 @@ async fn handle_connect(
             };
         let host = Arc::new(host);
         let worker = Arc::new(worker);
+        let slot = crate::h1guard::ViolationSlot::default();
+        let io =
+            crate::h1guard::GuardedIo::new(tls, gw2.h1_limits(), gw2.h1_timeouts(), slot.clone());
+        let watch = ConnWatch::new(gw2.config().limits.h2_max_cancelled_streams);
+        let gw3 = gw2.clone();
+        let watch2 = watch.clone();
         let svc = service_fn(move |req: Request<Incoming>| {
-            let gw = gw2.clone();
+            let gw = gw3.clone();
             let host = host.clone();
             let worker = worker.clone();
+            let slot = slot.clone();
+            let watch = watch2.clone();
             async move {
+                let mut answering = watch.answering();
+                if let Some(resp) = violation_response(&gw, &req, &slot) {
+                    return Ok::<_, Infallible>(resp);
+                }
+                let Some(_in_flight) = gw.admission().request() else {
+                    return Ok(error(&gw, in_flight_full(&gw)));
+                };
                 let resp = if req.method() == Method::CONNECT {
                     error(
                         &gw,
@@ -311,13 +585,17 @@ async fn handle_connect(
                     forward_worker_request(gw, req, Scheme::Https, (*host).clone(), port, &worker)
                         .await
                 };
+                answering.answered = resp
+                    .headers()
+                    .get("x-edgepool-error")
+                    .is_none_or(|v| v != "worker_body_failed");
                 Ok::<_, Infallible>(resp)
             }
         });
-        let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-        if let Err(e) = builder.serve_connection(TokioIo::new(tls), svc).await {
-            tracing::debug!("intercepted connection ended: {e}");
-        }
+        let builder = gw2.worker_builder();
+        let conn = builder.serve_connection(TokioIo::new(io), svc);
+        drive(&gw2, conn, &watch).await;
+        drop(tunnel_place);
     });
     Response::new(full_body(Bytes::new()))
 }
@@ -332,6 +610,7 @@ async fn tunnel(
     port: u16,
     addr: std::net::SocketAddr,
     worker: &crate::worker::Worker,
+    place: crate::admission::Ticket,
 ) -> Response<ProxyBody> {
     let fwd = gw.forwarder();
     let target = crate::dial::authority(host, port);
@@ -370,6 +649,7 @@ async fn tunnel(
     };
     gw.telemetry().record_tunnel();
     tokio::spawn(async move {
+        let _place = place; // under limits.max_tunnels while the tunnel lives
         let crate::dial::Opened {
             stream: mut upstream,
             slot: _slot, // the exit's budget is held while the tunnel lives

@@ -15,6 +15,10 @@
 //!   no other edgepool module.
 //! - [`dial`]: DNS cache, TCP, TLS, HTTP/1.1 / HTTP/2 handshakes, connection watching.
 //! - [`guard`]: which target addresses may be reached (SSRF deny list + allow CIDRs).
+//! - [`h1guard`]: strict HTTP/1 request framing in front of hyper on worker connections (no
+//!   ambiguous framing, no smuggling), header-read and body-idle timeouts.
+//! - [`admission`]: edgepool's own capacity limits (connections per worker, tunnels, requests
+//!   in flight) and the retry budget.
 //! - [`ca`]: the interception CA and the per-host leaf certificate cache.
 //! - [`telemetry`]: reuse accounting per target, SLO verdicts, the dashboard time series,
 //!   Prometheus metrics and the sampled trace log.
@@ -32,6 +36,7 @@
 #![warn(missing_docs)]
 
 pub mod admin;
+pub mod admission;
 pub mod ca;
 pub mod config;
 pub mod dial;
@@ -41,6 +46,7 @@ pub mod exits;
 pub mod forward;
 pub mod gateway;
 pub mod guard;
+pub mod h1guard;
 pub mod ingress;
 pub mod lab;
 pub mod pool;

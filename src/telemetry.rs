@@ -691,6 +691,15 @@ impl Telemetry {
         }
     }
 
+    /// How many errors with `token` were recorded (`edgepool_errors_total{error=token}`).
+    pub fn error_count(&self, token: &str) -> u64 {
+        self.errors
+            .get_or_create(&ErrorLabels {
+                error: token.into(),
+            })
+            .get()
+    }
+
     /// Records a blind tunnel.
     pub fn record_tunnel(&self) {
         self.tunnels.inc();
