@@ -42,6 +42,20 @@ pub enum Sent {
 }
 
 impl Sent {
+    /// The stronger of the two claims (none < maybe < complete).
+    pub fn max_with(self, other: Sent) -> Sent {
+        let rank = |s: Sent| match s {
+            Sent::None => 0,
+            Sent::Maybe => 1,
+            Sent::Complete => 2,
+        };
+        if rank(other) > rank(self) {
+            other
+        } else {
+            self
+        }
+    }
+
     /// Lower-case name for JSON and headers.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -226,13 +240,15 @@ impl EdgeError {
     }
     /// 502 `dns_failed`.
     pub fn dns_failed(host: &str, why: impl std::fmt::Display) -> Self {
-        Self::new(
+        let mut e = Self::new(
             StatusCode::BAD_GATEWAY,
             "dns_failed",
             "dns_error",
             Side::Target,
             format!("could not resolve {host}: {why}"),
-        )
+        );
+        e.sent = Some(Sent::None);
+        e
     }
     /// 502 `upstream_connect_failed`.
     pub fn connect_failed(detail: impl Into<String>) -> Self {
@@ -361,6 +377,15 @@ impl EdgeError {
     /// With the request-sent state set.
     pub fn with_sent(mut self, sent: Sent) -> Self {
         self.sent = Some(sent);
+        self
+    }
+
+    /// Raises `request_sent` to at least `sent` (an earlier attempt of the same request may
+    /// have reached the target even if the last one did not).
+    pub fn sent_at_least(mut self, sent: Sent) -> Self {
+        if sent != Sent::None {
+            self.sent = Some(self.sent.unwrap_or(Sent::None).max_with(sent));
+        }
         self
     }
 

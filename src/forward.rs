@@ -395,9 +395,13 @@ impl Forwarder {
         let target = out.target();
         let started = Instant::now();
         let mut exit_tried: Option<Arc<str>> = None;
+        let mut earlier_sent = Sent::None;
         let res = self
-            .forward_inner(&out, &target, started, &mut exit_tried)
-            .await;
+            .forward_inner(&out, &target, started, &mut exit_tried, &mut earlier_sent)
+            .await
+            // A retry that fails before sending anything does not undo the first attempt:
+            // the worker must hear that the request may have reached the target.
+            .map_err(|e| e.sent_at_least(earlier_sent));
         if let Err(e) = &res {
             self.telemetry.record_error(Some(&target), e.token);
             if self.telemetry.should_trace(false, true) {
@@ -422,6 +426,7 @@ impl Forwarder {
         target: &str,
         started: Instant,
         exit_tried: &mut Option<Arc<str>>,
+        earlier_sent: &mut Sent,
     ) -> Result<(Response<ProxyBody>, Meta), EdgeError> {
         let (candidates, dns) = self.resolve_candidates(&out.host, out.port).await?;
         self.retry_budget.deposit();
@@ -672,6 +677,7 @@ impl Forwarder {
                         retry = false;
                     }
                     if retry {
+                        *earlier_sent = earlier_sent.max_with(f.sent);
                         tracing::debug!(target = %target, error = %f.message, "retrying once");
                         meta.retried = true;
                         // A refused or GOAWAY'd stream may go to any other usable connection;
