@@ -37,6 +37,8 @@ const MARKER_REQUEST: &[u8] =
 
 /// Empty lines tolerated before a request line (RFC 9112 §2.2: robustness after a body).
 const MAX_LEADING_EMPTY_LINES: usize = 4;
+/// Bytes read from the worker at a time.
+const READ_CHUNK: usize = 8 * 1024;
 /// Longest chunk-size line (size, extensions) accepted.
 const MAX_CHUNK_LINE: usize = 4096;
 
@@ -673,7 +675,6 @@ pub struct GuardedIo<T> {
     inner: T,
     framer: RequestFramer,
     ready: BytesMut,
-    scratch: Box<[u8]>,
     after: After,
     timeouts: Timeouts,
     opened: Instant,
@@ -692,7 +693,6 @@ impl<T> GuardedIo<T> {
             inner,
             framer: RequestFramer::new(limits),
             ready: BytesMut::new(),
-            scratch: vec![0u8; 16 * 1024].into_boxed_slice(),
             after: After::Open,
             timeouts,
             opened: now,
@@ -790,7 +790,9 @@ impl<T: AsyncRead + Unpin> AsyncRead for GuardedIo<T> {
             if this.framer.is_passthrough() {
                 return Pin::new(&mut this.inner).poll_read(cx, buf);
             }
-            let mut rb = ReadBuf::new(&mut this.scratch);
+            // On the stack, not per connection: idle worker connections cost no read buffer.
+            let mut scratch = [0u8; READ_CHUNK];
+            let mut rb = ReadBuf::new(&mut scratch);
             match Pin::new(&mut this.inner).poll_read(cx, &mut rb) {
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
                 Poll::Ready(Ok(())) => {
@@ -800,7 +802,7 @@ impl<T: AsyncRead + Unpin> AsyncRead for GuardedIo<T> {
                     }
                     let now = Instant::now();
                     let was_body = this.framer.in_body();
-                    let result = this.framer.feed(&this.scratch[..n], &mut this.ready);
+                    let result = this.framer.feed(&scratch[..n], &mut this.ready);
                     if was_body || this.framer.in_body() {
                         this.last_body_byte = now;
                     }
