@@ -398,7 +398,7 @@ impl PoolConn for UpstreamConn {
 /// Resolves target names with a TTL-respecting cache (hickory), `/etc/hosts` included.
 /// IP literals skip DNS. At most `max_in_flight` lookups run at once; more wait their turn.
 pub struct Resolver {
-    inner: hickory_resolver::TokioAsyncResolver,
+    inner: hickory_resolver::TokioResolver,
     in_flight: tokio::sync::Semaphore,
 }
 
@@ -411,26 +411,48 @@ impl Resolver {
         max_ttl: Duration,
         max_in_flight: usize,
     ) -> Self {
-        use hickory_resolver::config::{NameServerConfig, Protocol, ResolverConfig};
+        use hickory_resolver::config::{
+            ConnectionConfig, NameServerConfig, ResolveHosts, ResolverConfig,
+        };
         let (config, mut opts) = if servers.is_empty() {
             hickory_resolver::system_conf::read_system_conf().unwrap_or_else(|e| {
                 tracing::warn!("no usable system DNS configuration ({e}); using defaults");
-                (Default::default(), Default::default())
+                (ResolverConfig::from_name_servers(Vec::new()), Default::default())
             })
         } else {
-            let mut config = ResolverConfig::new();
-            for addr in servers {
-                config.add_name_server(NameServerConfig::new(*addr, Protocol::Udp));
-                config.add_name_server(NameServerConfig::new(*addr, Protocol::Tcp));
-            }
-            (config, Default::default())
+            let name_servers = servers
+                .iter()
+                .map(|addr| {
+                    let mut udp = ConnectionConfig::udp();
+                    udp.port = addr.port();
+                    let mut tcp = ConnectionConfig::tcp();
+                    tcp.port = addr.port();
+                    NameServerConfig::new(addr.ip(), true, vec![udp, tcp])
+                })
+                .collect();
+            (ResolverConfig::from_name_servers(name_servers), Default::default())
         };
         opts.positive_min_ttl = Some(min_ttl);
         opts.positive_max_ttl = Some(max_ttl);
         opts.cache_size = 4096;
-        opts.use_hosts_file = true;
+        opts.use_hosts_file = ResolveHosts::Always;
+        let inner = hickory_resolver::Resolver::builder_with_config(
+            config,
+            hickory_resolver::net::runtime::TokioRuntimeProvider::default(),
+        )
+        .with_options(opts)
+        .build()
+        .unwrap_or_else(|e| {
+            tracing::warn!("DNS resolver setup failed ({e}); using an empty configuration");
+            hickory_resolver::Resolver::builder_with_config(
+                ResolverConfig::from_name_servers(Vec::new()),
+                hickory_resolver::net::runtime::TokioRuntimeProvider::default(),
+            )
+            .build()
+            .expect("a resolver without servers builds")
+        });
         Resolver {
-            inner: hickory_resolver::TokioAsyncResolver::tokio(config, opts),
+            inner,
             in_flight: tokio::sync::Semaphore::new(max_in_flight.max(1)),
         }
     }
