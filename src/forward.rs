@@ -680,9 +680,11 @@ impl Forwarder {
                         *earlier_sent = earlier_sent.max_with(f.sent);
                         tracing::debug!(target = %target, error = %f.message, "retrying once");
                         meta.retried = true;
-                        // A refused or GOAWAY'd stream may go to any other usable connection;
-                        // a failure on a reused connection retries on a brand-new one.
-                        fresh_retry = !(f.goaway || f.refused);
+                        // A refused or GOAWAY'd stream may go to any other usable connection,
+                        // and so may a stream the server reset (the connection itself is fine
+                        // and stays pooled: a fresh dial per reset would pile up idle HTTP/2
+                        // connections); a failed HTTP/1.1 exchange retries on a brand-new one.
+                        fresh_retry = !(f.goaway || f.refused || f.stream_only);
                         retry_reason = Some(if f.goaway {
                             "goaway"
                         } else if f.refused {

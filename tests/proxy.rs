@@ -574,3 +574,29 @@ async fn connect_failure_on_one_address_moves_to_the_next_for_any_method() {
     );
     assert_eq!(served.load(std::sync::atomic::Ordering::SeqCst), 2);
 }
+
+#[tokio::test]
+async fn a_stream_reset_by_an_http2_target_keeps_its_connection() {
+    // Each /rst is an RST_STREAM on a healthy connection: the retry (and the next requests)
+    // ride the same connection instead of dialing a new one per reset.
+    let origin = Origin::start(OriginConfig {
+        tls: true,
+        h2: true,
+        ..Default::default()
+    })
+    .await;
+    let gw = TestGateway::start(std::slice::from_ref(&origin.ca().cert_path)).await;
+    let worker = gw.client();
+    assert_eq!(gw::get(&worker, &origin.url("/echo")).await, 200);
+    for _ in 0..10 {
+        let r = worker.get(origin.url("/rst")).send().await.unwrap();
+        assert_eq!(r.status(), 502);
+    }
+    assert_eq!(gw::get(&worker, &origin.url("/echo")).await, 200);
+    assert_eq!(
+        origin.accepted(),
+        1,
+        "one HTTP/2 connection for 12 requests, 10 of them reset"
+    );
+    gw.stop().await;
+}
