@@ -417,7 +417,10 @@ impl Resolver {
         let (config, mut opts) = if servers.is_empty() {
             hickory_resolver::system_conf::read_system_conf().unwrap_or_else(|e| {
                 tracing::warn!("no usable system DNS configuration ({e}); using defaults");
-                (ResolverConfig::from_name_servers(Vec::new()), Default::default())
+                (
+                    ResolverConfig::from_name_servers(Vec::new()),
+                    Default::default(),
+                )
             })
         } else {
             let name_servers = servers
@@ -430,7 +433,10 @@ impl Resolver {
                     NameServerConfig::new(addr.ip(), true, vec![udp, tcp])
                 })
                 .collect();
-            (ResolverConfig::from_name_servers(name_servers), Default::default())
+            (
+                ResolverConfig::from_name_servers(name_servers),
+                Default::default(),
+            )
         };
         opts.positive_min_ttl = Some(min_ttl);
         opts.positive_max_ttl = Some(max_ttl);
