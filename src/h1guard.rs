@@ -348,6 +348,13 @@ enum State {
     Failed,
 }
 
+/// Passes up to `left` body bytes of `input` to `out`: (bytes used, bytes still to come).
+fn pass_bulk(left: u64, input: &[u8], out: &mut BytesMut) -> (usize, u64) {
+    let n = left.min(input.len() as u64) as usize;
+    out.extend_from_slice(&input[..n]);
+    (n, left - n as u64)
+}
+
 /// Follows the request side of one HTTP/1 connection (see the module doc).
 #[derive(Debug)]
 pub struct RequestFramer {
@@ -415,22 +422,20 @@ impl RequestFramer {
                     input.len()
                 }
                 State::Body(left) => {
-                    let n = (left.min(input.len() as u64)) as usize;
-                    out.extend_from_slice(&input[..n]);
-                    self.state = if left == n as u64 {
+                    let (n, rest) = pass_bulk(left, input, out);
+                    self.state = if rest == 0 {
                         State::Head
                     } else {
-                        State::Body(left - n as u64)
+                        State::Body(rest)
                     };
                     n
                 }
                 State::ChunkData(left) => {
-                    let n = (left.min(input.len() as u64)) as usize;
-                    out.extend_from_slice(&input[..n]);
-                    self.state = if left == n as u64 {
+                    let (n, rest) = pass_bulk(left, input, out);
+                    self.state = if rest == 0 {
                         State::ChunkDataCr
                     } else {
-                        State::ChunkData(left - n as u64)
+                        State::ChunkData(rest)
                     };
                     n
                 }
