@@ -168,7 +168,7 @@ impl RetryBudget {
                 let _ = self
                     .tokens
                     .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |t| {
-                        Some((t + add).min(RETRY_BUDGET_CAP.max(add)))
+                        Some((t + add).min(RETRY_BUDGET_CAP))
                     });
                 *last += std::time::Duration::from_secs(secs);
             }
@@ -231,6 +231,14 @@ mod tests {
         assert!(adm.request().is_none());
         drop(reqs);
         assert_eq!(adm.usage().1, 0);
+    }
+
+    #[test]
+    fn an_idle_spell_does_not_lift_the_cap() {
+        let budget = RetryBudget::new(0.2);
+        *budget.floor.lock() -= std::time::Duration::from_secs(3600);
+        let allowed = (0..100_000).filter(|_| budget.try_withdraw()).count();
+        assert_eq!(allowed, (RETRY_BUDGET_CAP / MILLI) as usize);
     }
 
     #[test]

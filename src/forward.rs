@@ -775,7 +775,12 @@ impl Forwarder {
         let fut = send.try_send_request(req);
         match tokio::time::timeout(self.cfg.response_header_timeout, fut).await {
             Err(_) => Err(SendFailure::timeout(shared.bytes_in() > before_in, false)),
-            Ok(Ok(resp)) => match ambiguous_response_framing(&resp) {
+            // HEAD answers and 204/304 carry no body: their framing headers describe another one.
+            Ok(Ok(resp)) => match (out.method != http::Method::HEAD
+                && !matches!(resp.status().as_u16(), 204 | 304))
+            .then(|| ambiguous_response_framing(&resp))
+            .flatten()
+            {
                 // Never forwarded, and the connection is closed (its next bytes cannot be
                 // trusted to start a response).
                 Some(why) => Err(SendFailure {

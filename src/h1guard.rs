@@ -396,7 +396,7 @@ impl RequestFramer {
 
     /// Part of a head has arrived (and is held back).
     pub fn head_started(&self) -> bool {
-        self.state == State::Head && (!self.buf.is_empty() || self.leading_empty > 0)
+        self.state == State::Head && !self.buf.is_empty()
     }
 
     /// Inside a request body (`Content-Length`, chunks or trailers).
@@ -734,12 +734,11 @@ impl<T> GuardedIo<T> {
     fn deadline(&self) -> Option<Instant> {
         if self.framer.in_body() {
             Some(self.last_body_byte + self.timeouts.body_idle)
-        } else if let Some(t) = self.head_started {
-            Some(t + self.timeouts.header_read)
         } else if self.framer.in_head() && self.framer.heads() == 0 {
+            // The first request: counted from the connection's start.
             Some(self.opened + self.timeouts.header_read)
         } else {
-            None
+            self.head_started.map(|t| t + self.timeouts.header_read)
         }
     }
 
@@ -807,7 +806,12 @@ impl<T: AsyncRead + Unpin> AsyncRead for GuardedIo<T> {
                     }
                     let now = Instant::now();
                     let was_body = this.framer.in_body();
+                    let heads_before = this.framer.heads();
                     let result = this.framer.feed(&scratch[..n], &mut this.ready);
+                    if this.framer.heads() != heads_before {
+                        // A head completed: a head started in the same read gets its own clock.
+                        this.head_started = None;
+                    }
                     if was_body || this.framer.in_body() {
                         this.last_body_byte = now;
                     }

@@ -29,7 +29,7 @@ const WORKER_TLS_TIMEOUT: Duration = Duration::from_secs(10);
 /// in front of hyper; on shutdown the connection drains gracefully.
 pub async fn serve_worker(gw: Arc<Gateway>, stream: TcpStream) {
     let _ = stream.set_nodelay(true);
-    let Some(_place) = stream
+    let Some(place) = stream
         .peer_addr()
         .ok()
         .and_then(|peer| gw.admission().worker_connection(peer.ip()))
@@ -42,21 +42,39 @@ pub async fn serve_worker(gw: Arc<Gateway>, stream: TcpStream) {
     let watch = ConnWatch::new(gw.config().limits.h2_max_cancelled_streams);
     let gw2 = gw.clone();
     let watch2 = watch.clone();
-    let svc = service_fn(move |req: Request<Incoming>| {
+    // The worker's place is held by the connection and, after a CONNECT, by its tunnel.
+    let place = WorkerPlace(Arc::new(place));
+    let place2 = place.clone();
+    let svc = service_fn(move |mut req: Request<Incoming>| {
         let gw = gw2.clone();
         let slot = slot.clone();
         let watch = watch2.clone();
+        req.extensions_mut().insert(place2.clone());
         async move {
             if let Some(resp) = violation_response(&gw, &req, &slot) {
                 return Ok::<_, Infallible>(resp);
             }
-            Ok::<_, Infallible>(answer(&watch, handle(gw, req)).await)
+            let connect = req.method() == Method::CONNECT;
+            let mut resp = answer(&watch, handle(gw, req)).await;
+            if connect && !resp.status().is_success() {
+                // A refused CONNECT (for any reason: auth, loop, policy) ends the connection:
+                // whatever the worker sends next was meant for a tunnel, not an HTTP parser.
+                resp.headers_mut()
+                    .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
+            }
+            Ok::<_, Infallible>(resp)
         }
     });
     let builder = gw.worker_builder();
     let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), svc);
     drive(&gw, conn, &watch).await;
+    drop(place);
 }
+
+/// A worker connection's place under `limits.max_connections_per_worker`, shared with the
+/// tunnel a CONNECT upgrades it into (the TCP connection lives on there).
+#[derive(Clone)]
+struct WorkerPlace(#[allow(dead_code)] Arc<crate::admission::Ticket>);
 
 /// Per worker connection: requests started and requests the worker cancelled before their
 /// answer (an HTTP/2 stream reset, which makes hyper drop the handler). A connection cancelling
@@ -305,14 +323,7 @@ async fn handle(gw: Arc<Gateway>, req: Request<Incoming>) -> Response<ProxyBody>
             Ok(w) => w,
             Err(e) => return error(&gw, e),
         };
-        let mut resp = handle_connect(gw, req, worker).await;
-        if !resp.status().is_success() {
-            // A refused CONNECT ends the connection: whatever the worker sends next was meant
-            // for a tunnel, not for an HTTP parser.
-            resp.headers_mut()
-                .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
-        }
-        return resp;
+        return handle_connect(gw, req, worker).await;
     }
     // Overload: refuse at once, before reading a body or waiting for a connection.
     let Some(_in_flight) = gw.admission().request() else {
@@ -496,6 +507,7 @@ async fn handle_connect(
         Ok((addr, _)) => addr,
         Err(e) => return error(&gw, e),
     };
+    let worker_place = req.extensions().get::<WorkerPlace>().cloned();
     let Some(tunnel_place) = gw.admission().tunnel() else {
         return error(
             &gw,
@@ -510,7 +522,16 @@ async fn handle_connect(
     };
     let icfg = &gw.config().intercept;
     if !icfg.enabled || icfg.is_passthrough(&host) || worker.options.mitm_off {
-        return tunnel(gw, req, &host, port, addr, &worker, tunnel_place).await;
+        return tunnel(
+            gw,
+            req,
+            &host,
+            port,
+            addr,
+            &worker,
+            (tunnel_place, worker_place),
+        )
+        .await;
     }
     let server_cfg = match gw.leaves().server_config(&host).await {
         Ok(c) => c,
@@ -566,36 +587,34 @@ async fn handle_connect(
             let slot = slot.clone();
             let watch = watch2.clone();
             async move {
-                let mut answering = watch.answering();
                 if let Some(resp) = violation_response(&gw, &req, &slot) {
                     return Ok::<_, Infallible>(resp);
                 }
                 let Some(_in_flight) = gw.admission().request() else {
                     return Ok(error(&gw, in_flight_full(&gw)));
                 };
-                let resp = if req.method() == Method::CONNECT {
-                    error(
+                if req.method() == Method::CONNECT {
+                    let mut resp = error(
                         &gw,
                         EdgeError::bad_request(
                             "nested_connect",
                             "CONNECT inside an intercepted tunnel",
                         ),
-                    )
-                } else {
-                    forward_worker_request(gw, req, Scheme::Https, (*host).clone(), port, &worker)
-                        .await
-                };
-                answering.answered = resp
-                    .headers()
-                    .get("x-edgepool-error")
-                    .is_none_or(|v| v != "worker_body_failed");
-                Ok::<_, Infallible>(resp)
+                    );
+                    resp.headers_mut()
+                        .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
+                    return Ok(resp);
+                }
+                let fwd =
+                    forward_worker_request(gw, req, Scheme::Https, (*host).clone(), port, &worker);
+                Ok::<_, Infallible>(answer(&watch, fwd).await)
             }
         });
         let builder = gw2.worker_builder();
         let conn = builder.serve_connection(TokioIo::new(io), svc);
         drive(&gw2, conn, &watch).await;
         drop(tunnel_place);
+        drop(worker_place);
     });
     Response::new(full_body(Bytes::new()))
 }
@@ -610,7 +629,7 @@ async fn tunnel(
     port: u16,
     addr: std::net::SocketAddr,
     worker: &crate::worker::Worker,
-    place: crate::admission::Ticket,
+    place: (crate::admission::Ticket, Option<WorkerPlace>),
 ) -> Response<ProxyBody> {
     let fwd = gw.forwarder();
     let target = crate::dial::authority(host, port);
@@ -649,7 +668,7 @@ async fn tunnel(
     };
     gw.telemetry().record_tunnel();
     tokio::spawn(async move {
-        let _place = place; // under limits.max_tunnels while the tunnel lives
+        let _place = place; // tunnel and worker places held while the tunnel lives
         let crate::dial::Opened {
             stream: mut upstream,
             slot: _slot, // the exit's budget is held while the tunnel lives

@@ -300,9 +300,10 @@ async fn rapid_reset_closes_the_attackers_connection_and_others_are_served() {
         paced_sent <= 200,
         "the paced flood was cut off near h2_max_cancelled_streams (100): {paced_sent}"
     );
-    assert_eq!(
-        gw.gw.telemetry().error_count("rapid_reset"),
-        1,
+    // The paced flood is always cut by the watch; the burst may be too, when edgepool had
+    // accepted its streams before their resets arrived.
+    assert!(
+        gw.gw.telemetry().error_count("rapid_reset") >= 1,
         "the paced flood's connection was closed as rapid reset"
     );
     before.sort();
@@ -368,4 +369,62 @@ async fn shutdown_finishes_in_flight_requests_and_sends_goaway() {
         TcpStream::connect(proxy).await.is_err(),
         "no longer accepting"
     );
+}
+
+#[tokio::test]
+async fn a_refused_connect_closes_the_connection_and_a_tunnel_keeps_its_workers_place() {
+    let origin = Origin::start(OriginConfig::default()).await;
+    let gw = TestGateway::start_with(&[], |c| {
+        c.auth.tokens = vec!["tok1234567890".into()];
+        c.limits.max_connections_per_worker = 1;
+    })
+    .await;
+    let a = origin.authority();
+    // No credentials: 407, and nothing after it reaches an HTTP parser without the framer.
+    let mut s = TcpStream::connect(gw.proxy).await.unwrap();
+    s.write_all(format!("CONNECT {a} HTTP/1.1\r\nHost: {a}\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let head = read_head(&mut s).await;
+    assert!(
+        head.starts_with("HTTP/1.1 407") && head.to_ascii_lowercase().contains("connection: close"),
+        "{head}"
+    );
+    assert!(
+        closes(&mut s).await,
+        "the connection ends after a refused CONNECT"
+    );
+    drop(s);
+    // An open tunnel still holds its worker's place.
+    let auth = base64_basic("tok1234567890:x");
+    let mut tunnel = None;
+    for _ in 0..50 {
+        let mut s = TcpStream::connect(gw.proxy).await.unwrap();
+        s.write_all(
+            format!(
+                "CONNECT {a} HTTP/1.1\r\nHost: {a}\r\nProxy-Authorization: Basic {auth}\r\n\r\n"
+            )
+            .as_bytes(),
+        )
+        .await
+        .unwrap();
+        if read_head(&mut s).await.starts_with("HTTP/1.1 200") {
+            tunnel = Some(s);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let _tunnel = tunnel.expect("a tunnel opens once the refused connection's place is back");
+    let mut second = TcpStream::connect(gw.proxy).await.unwrap();
+    let head = read_head(&mut second).await;
+    assert!(
+        head.starts_with("HTTP/1.1 503") && head.contains("worker_connection_limit"),
+        "the tunnel still counts against the worker: {head}"
+    );
+    gw.stop().await;
+}
+
+fn base64_basic(creds: &str) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.encode(creds)
 }
