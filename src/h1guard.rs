@@ -709,11 +709,6 @@ impl<T> GuardedIo<T> {
         }
     }
 
-    /// The wrapped stream.
-    pub fn get_ref(&self) -> &T {
-        &self.inner
-    }
-
     fn violate(&mut self, v: Violation) {
         tracing::debug!(token = v.token, "worker request refused: {}", v.detail);
         if v.in_head {

@@ -49,7 +49,10 @@ pub async fn serve_worker(gw: Arc<Gateway>, stream: TcpStream) {
         let gw = gw2.clone();
         let slot = slot.clone();
         let watch = watch2.clone();
-        req.extensions_mut().insert(place2.clone());
+        if req.method() == Method::CONNECT {
+            // Only a CONNECT can outlive the connection (as a tunnel): no per-request cost else.
+            req.extensions_mut().insert(place2.clone());
+        }
         async move {
             if let Some(resp) = violation_response(&gw, &req, &slot) {
                 return Ok::<_, Infallible>(resp);

@@ -5,35 +5,16 @@
 mod support;
 
 use std::io::Write;
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use support::{Origin, OriginConfig};
 
 fn edgepool() -> Command {
     Command::new(env!("CARGO_BIN_EXE_edgepool"))
-}
-
-fn free_port() -> SocketAddr {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-}
-
-/// A running `edgepool serve`, killed on drop.
-struct Serve {
-    child: Child,
-}
-
-impl Drop for Serve {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 /// The pieces of the key file a leak would show: every base64 line of the PEM body.
@@ -78,7 +59,7 @@ async fn the_ca_key_never_appears_in_any_output() {
         ..Default::default()
     })
     .await;
-    let (proxy, admin) = (free_port(), free_port());
+    let (proxy, admin) = (support::free_addr(), support::free_addr());
     let out_path = logs.path().join("stdout");
     let err_path = logs.path().join("stderr");
     let child = edgepool()
@@ -106,7 +87,7 @@ async fn the_ca_key_never_appears_in_any_output() {
         .stderr(std::fs::File::create(&err_path).unwrap())
         .spawn()
         .unwrap();
-    let mut serve = Serve { child };
+    let mut serve = support::KillOnDrop(child);
     wait_listening(proxy).await;
     wait_listening(admin).await;
 
@@ -171,10 +152,10 @@ async fn the_ca_key_never_appears_in_any_output() {
     assert_no_key("the admin listener", &served, &fragments);
 
     // Stop it (SIGTERM) and read everything it logged at trace level.
-    let pid = serve.child.id().to_string();
+    let pid = serve.0.id().to_string();
     Command::new("kill").args(["-TERM", &pid]).status().unwrap();
     let deadline = Instant::now() + Duration::from_secs(20);
-    while serve.child.try_wait().unwrap().is_none() {
+    while serve.0.try_wait().unwrap().is_none() {
         assert!(Instant::now() < deadline, "edgepool stops on SIGTERM");
         std::thread::sleep(Duration::from_millis(50));
     }

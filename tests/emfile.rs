@@ -4,27 +4,11 @@
 mod support;
 
 use std::io::Read;
-use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::process::{Child, Command, Stdio};
+use std::net::{SocketAddr, TcpStream};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use support::{Origin, OriginConfig};
-
-struct Serve(Child);
-
-impl Drop for Serve {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port() -> SocketAddr {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-}
 
 /// User + system CPU time of `pid`, in clock ticks (/proc/<pid>/stat fields 14 and 15).
 fn cpu_ticks(pid: u32) -> u64 {
@@ -54,7 +38,7 @@ fn get_via(proxy: SocketAddr, origin: &Origin) -> String {
 async fn accept_backs_off_on_emfile_and_recovers() {
     let origin = Origin::start(OriginConfig::default()).await;
     let data = tempfile::tempdir().unwrap();
-    let (proxy, admin) = (free_port(), free_port());
+    let (proxy, admin) = (support::free_addr(), support::free_addr());
     let child = Command::new("bash")
         .arg("-c")
         .arg("ulimit -n 96 && exec \"$0\" \"$@\"")
@@ -73,7 +57,7 @@ async fn accept_backs_off_on_emfile_and_recovers() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let mut serve = Serve(child);
+    let mut serve = support::KillOnDrop(child);
     let pid = serve.0.id();
     let deadline = Instant::now() + Duration::from_secs(20);
     while TcpStream::connect(proxy).is_err() {

@@ -43,6 +43,22 @@ pub fn free_port() -> u16 {
     listener.local_addr().expect("local_addr").port()
 }
 
+/// A child process (e.g. `edgepool serve`) that is killed and reaped when dropped, so a
+/// failing test leaves nothing running.
+pub struct KillOnDrop(pub std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `127.0.0.1:<free_port()>`, for a child process's listen flags.
+pub fn free_addr() -> std::net::SocketAddr {
+    std::net::SocketAddr::from(([127, 0, 0, 1], free_port()))
+}
+
 /// True when running under CI (environment variable `CI` is exactly `"true"`).
 pub fn ci() -> bool {
     std::env::var("CI").map(|v| v == "true").unwrap_or(false)
