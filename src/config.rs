@@ -64,6 +64,27 @@ pub const DEFAULT_DNS_MIN_TTL: Duration = Duration::from_secs(1);
 /// Default [`UpstreamConfig::dns_max_ttl`]: 300 s. Bounds how long a moved target is dialed at
 /// its old address.
 pub const DEFAULT_DNS_MAX_TTL: Duration = Duration::from_secs(300);
+/// Default [`UpstreamConfig::dns_stale_ttl`]: 1 h. How long past its TTL the last good answer
+/// of a name keeps serving requests while refreshes fail or are under way (RFC 8767
+/// serve-stale). Long enough to ride out a resolver outage of the usual length (minutes); short
+/// enough that an address last confirmed hours ago is not dialled without asking again. RFC 8767
+/// suggests 1–3 days for resolvers that serve many clients; set it higher to match.
+pub const DEFAULT_DNS_STALE_TTL: Duration = Duration::from_secs(3600);
+/// Default [`UpstreamConfig::dns_timeout`]: 1 s per attempt. Loopback and LAN resolvers answer
+/// in milliseconds; a resolver that has not answered in a second is not going to.
+pub const DEFAULT_DNS_TIMEOUT: Duration = Duration::from_secs(1);
+/// Default [`UpstreamConfig::dns_attempts`]: 2. With [`DEFAULT_DNS_TIMEOUT`] a lookup gives up
+/// after at most 2 s (the classic resolver default, 5 s × 2 attempts, is what stalled requests).
+pub const DEFAULT_DNS_ATTEMPTS: u32 = 2;
+/// Default [`UpstreamConfig::dns_family_grace`]: 50 ms. Once one address family (A or AAAA)
+/// has answered with addresses, the other gets at most this long before the answer is used
+/// (RFC 8305 §3 "Resolution Delay", which recommends 50 ms).
+pub const DEFAULT_DNS_FAMILY_GRACE: Duration = Duration::from_millis(50);
+/// Default [`UpstreamConfig::dns_cache_size`]: 65,536 names. Least recently used names beyond
+/// it are forgotten (counted in `edgepool_dns_evictions_total`).
+pub const DEFAULT_DNS_CACHE_SIZE: usize = 65_536;
+/// Default [`UpstreamConfig::hosts_file`]: `/etc/hosts`, as glibc's `files` source reads it.
+pub const DEFAULT_HOSTS_FILE: &str = "/etc/hosts";
 
 /// Default [`InterceptConfig::enabled`]: `true`. Pooling and reuse accounting need to see the
 /// requests inside CONNECT, which only interception allows.
@@ -694,9 +715,32 @@ pub struct UpstreamConfig {
     #[serde(with = "humantime_serde")]
     pub dns_max_ttl: Duration,
     /// DNS servers (`"ip:port"`) to ask instead of the system's (`/etc/resolv.conf`), over UDP
-    /// with TCP fallback. Default empty: the system configuration. `/etc/hosts` is read
+    /// with TCP fallback. Default empty: the system configuration. The hosts file is read
     /// either way.
     pub dns_servers: Vec<SocketAddr>,
+    /// How long past its TTL an answer keeps serving while it is being refreshed or the
+    /// resolver fails (RFC 8767 serve-stale). Default [`DEFAULT_DNS_STALE_TTL`] (1 h).
+    #[serde(with = "humantime_serde")]
+    pub dns_stale_ttl: Duration,
+    /// How long one DNS attempt waits for an answer. Default [`DEFAULT_DNS_TIMEOUT`] (1 s).
+    /// Must be > 0 and at most 30 s.
+    #[serde(with = "humantime_serde")]
+    pub dns_timeout: Duration,
+    /// Attempts per lookup; a lookup gives up after `dns_timeout` × `dns_attempts` at the most.
+    /// Default [`DEFAULT_DNS_ATTEMPTS`] (2). From 1 to 5.
+    pub dns_attempts: u32,
+    /// How long the second address family may lag once the first answered with addresses
+    /// (RFC 8305 §3). Default [`DEFAULT_DNS_FAMILY_GRACE`] (50 ms). At most `dns_timeout`.
+    #[serde(with = "humantime_serde")]
+    pub dns_family_grace: Duration,
+    /// Names kept in the DNS cache (least recently used forgotten first). Default
+    /// [`DEFAULT_DNS_CACHE_SIZE`] (65,536). Must be > 0.
+    pub dns_cache_size: usize,
+    /// The hosts file: names it lists are answered from it alone, both families, with no DNS
+    /// query (glibc's `files dns` order); re-read within a second of changing. Default
+    /// [`DEFAULT_HOSTS_FILE`]. A missing file counts as empty (and is read when it appears);
+    /// `""` turns the hosts file off.
+    pub hosts_file: PathBuf,
 }
 
 impl Default for UpstreamConfig {
@@ -711,6 +755,12 @@ impl Default for UpstreamConfig {
             dns_min_ttl: DEFAULT_DNS_MIN_TTL,
             dns_max_ttl: DEFAULT_DNS_MAX_TTL,
             dns_servers: Vec::new(),
+            dns_stale_ttl: DEFAULT_DNS_STALE_TTL,
+            dns_timeout: DEFAULT_DNS_TIMEOUT,
+            dns_attempts: DEFAULT_DNS_ATTEMPTS,
+            dns_family_grace: DEFAULT_DNS_FAMILY_GRACE,
+            dns_cache_size: DEFAULT_DNS_CACHE_SIZE,
+            hosts_file: PathBuf::from(DEFAULT_HOSTS_FILE),
         }
     }
 }
@@ -1156,6 +1206,50 @@ impl UpstreamConfig {
                     "{} exceeds upstream.dns_max_ttl ({}); the floor must not be above the cap",
                     fmt_duration(self.dns_min_ttl),
                     fmt_duration(self.dns_max_ttl)
+                ),
+            ));
+        }
+        positive("upstream.dns_timeout", self.dns_timeout)?;
+        if self.dns_timeout > Duration::from_secs(30) {
+            return Err(invalid(
+                "upstream.dns_timeout",
+                format!(
+                    "{} is more than 30s; a lookup that slow stalls every new target behind it",
+                    fmt_duration(self.dns_timeout)
+                ),
+            ));
+        }
+        if !(1..=5).contains(&self.dns_attempts) {
+            return Err(invalid(
+                "upstream.dns_attempts",
+                format!(
+                    "{} is out of range; expected 1 to 5 (a lookup gives up after dns_timeout x dns_attempts)",
+                    self.dns_attempts
+                ),
+            ));
+        }
+        if self.dns_family_grace > self.dns_timeout {
+            return Err(invalid(
+                "upstream.dns_family_grace",
+                format!(
+                    "{} exceeds upstream.dns_timeout ({}); the grace for the second address family must be shorter than a whole attempt",
+                    fmt_duration(self.dns_family_grace),
+                    fmt_duration(self.dns_timeout)
+                ),
+            ));
+        }
+        if self.dns_cache_size == 0 {
+            return Err(invalid(
+                "upstream.dns_cache_size",
+                "must be at least 1 (every lookup would wait for the resolver)",
+            ));
+        }
+        if !self.hosts_file.as_os_str().is_empty() && self.hosts_file.is_dir() {
+            return Err(invalid(
+                "upstream.hosts_file",
+                format!(
+                    "{} is a directory; expected a hosts file (or \"\" to turn it off)",
+                    self.hosts_file.display()
                 ),
             ));
         }

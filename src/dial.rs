@@ -1,4 +1,4 @@
-//! dial: opens upstream connections — cached DNS, TCP (`TCP_NODELAY`), rustls (webpki roots
+//! dial: opens upstream connections to checked addresses — TCP (`TCP_NODELAY`), rustls (webpki roots
 //! plus extra CAs, session resumption, ALPN h2/http1.1) and the HTTP/1.1 or HTTP/2
 //! handshake — timing every phase, and watches each connection for the pool.
 //!
@@ -6,7 +6,7 @@
 //! read side ended (EOF, reset) and, for HTTP/2, reads frame headers so the pool learns the
 //! server's `SETTINGS_MAX_CONCURRENT_STREAMS` the moment it arrives and sees GOAWAY at once.
 use std::io;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
@@ -392,104 +392,6 @@ impl PoolConn for UpstreamConn {
             UpstreamConn::H1 { send, shared } => shared.is_alive() && !send.is_closed(),
             UpstreamConn::H2 { shared, .. } => shared.is_alive(),
         }
-    }
-}
-
-/// Resolves target names with a TTL-respecting cache (hickory), `/etc/hosts` included.
-/// IP literals skip DNS. At most `max_in_flight` lookups run at once; more wait their turn.
-pub struct Resolver {
-    inner: hickory_resolver::TokioResolver,
-    in_flight: tokio::sync::Semaphore,
-}
-
-impl Resolver {
-    /// A resolver asking `servers` (UDP, TCP fallback), or the system configuration when
-    /// `servers` is empty; TTLs clamped to `[min_ttl, max_ttl]`.
-    pub fn new(
-        servers: &[SocketAddr],
-        min_ttl: Duration,
-        max_ttl: Duration,
-        max_in_flight: usize,
-    ) -> Self {
-        use hickory_resolver::config::{
-            ConnectionConfig, NameServerConfig, ResolveHosts, ResolverConfig,
-        };
-        let (config, mut opts) = if servers.is_empty() {
-            hickory_resolver::system_conf::read_system_conf().unwrap_or_else(|e| {
-                tracing::warn!("no usable system DNS configuration ({e}); using defaults");
-                (
-                    ResolverConfig::from_name_servers(Vec::new()),
-                    Default::default(),
-                )
-            })
-        } else {
-            let name_servers = servers
-                .iter()
-                .map(|addr| {
-                    let mut udp = ConnectionConfig::udp();
-                    udp.port = addr.port();
-                    let mut tcp = ConnectionConfig::tcp();
-                    tcp.port = addr.port();
-                    NameServerConfig::new(addr.ip(), true, vec![udp, tcp])
-                })
-                .collect();
-            (
-                ResolverConfig::from_name_servers(name_servers),
-                Default::default(),
-            )
-        };
-        opts.positive_min_ttl = Some(min_ttl);
-        opts.positive_max_ttl = Some(max_ttl);
-        opts.cache_size = 4096;
-        opts.use_hosts_file = ResolveHosts::Always;
-        let inner = hickory_resolver::Resolver::builder_with_config(
-            config,
-            hickory_resolver::net::runtime::TokioRuntimeProvider::default(),
-        )
-        .with_options(opts)
-        .build()
-        .unwrap_or_else(|e| {
-            tracing::warn!("DNS resolver setup failed ({e}); using an empty configuration");
-            hickory_resolver::Resolver::builder_with_config(
-                ResolverConfig::from_name_servers(Vec::new()),
-                hickory_resolver::net::runtime::TokioRuntimeProvider::default(),
-            )
-            .build()
-            .expect("a resolver without servers builds")
-        });
-        Resolver {
-            inner,
-            in_flight: tokio::sync::Semaphore::new(max_in_flight.max(1)),
-        }
-    }
-
-    /// All addresses of `host` (an IP literal resolves to itself).
-    pub async fn resolve(&self, host: &str) -> Result<Vec<IpAddr>, String> {
-        if let Ok(ip) = host.parse::<IpAddr>() {
-            return Ok(vec![ip]);
-        }
-        if host.eq_ignore_ascii_case("localhost") {
-            // RFC 6761: always loopback, both families (never sent to DNS).
-            return Ok(vec![
-                IpAddr::from([127, 0, 0, 1]),
-                IpAddr::from(std::net::Ipv6Addr::LOCALHOST),
-            ]);
-        }
-        let _turn = self
-            .in_flight
-            .acquire()
-            .await
-            .map_err(|_| "resolver closed".to_string())?;
-        let lookup = self
-            .inner
-            .lookup_ip(host)
-            .await
-            .map_err(|e| e.to_string())?;
-        let ips: Vec<IpAddr> = lookup.iter().collect();
-        if ips.is_empty() {
-            return Err("no addresses".into());
-        }
-        Ok(ips)
     }
 }
 

@@ -20,7 +20,8 @@ use http_body::{Body, Frame, SizeHint};
 use http_body_util::{BodyExt, Full};
 use tokio::time::Instant;
 
-use crate::dial::{authority, DialError, Resolver, Scheme, UpstreamConn, UpstreamKey};
+use crate::dial::{authority, DialError, Scheme, UpstreamConn, UpstreamKey};
+use crate::dns::{ResolveError, Resolver};
 use crate::error::{EdgeError, Sent};
 use crate::guard::TargetPolicy;
 use crate::pool::{
@@ -118,6 +119,8 @@ pub struct Meta {
     pub session: Option<String>,
     /// `h2` / `http/1.1`.
     pub protocol: &'static str,
+    /// Where the target's addresses came from (cache hit, stale, lookup, hosts file...).
+    pub dns_source: Option<crate::dns::Source>,
     /// DNS resolution.
     pub dns: Duration,
     /// TCP connect of its connection (zero if reused).
@@ -336,26 +339,34 @@ impl Forwarder {
         host: &str,
         port: u16,
     ) -> Result<(SocketAddr, Duration), EdgeError> {
-        let (addrs, took) = self.resolve_candidates(host, port).await?;
+        let (addrs, took, _) = self.resolve_candidates(host, port).await?;
         Ok((addrs[0], took))
     }
 
-    /// Every address of `host`, all checked against the target policy (one forbidden address
-    /// refuses the target: a DNS answer mixing public and internal addresses is an attack),
-    /// in the order to try them: IPv4 first (many scraping hosts have no working IPv6 route),
-    /// addresses that recently refused or timed out a connect last.
+    /// The resolver (for its cache figures).
+    pub fn resolver(&self) -> &Resolver {
+        &self.resolver
+    }
+
+    /// Every address of `host`, all checked against the target policy here, where they are
+    /// used (the resolver checked them too when they entered its cache; one forbidden address
+    /// refuses the target: a DNS answer mixing public and internal addresses is an attack), in
+    /// the order to try them: the resolver's (IPv4 first — many scraping hosts have no working
+    /// IPv6 route — and stable across answers), addresses that recently refused or timed out a
+    /// connect last. Also returns the time spent and where the answer came from.
     async fn resolve_candidates(
         &self,
         host: &str,
         port: u16,
-    ) -> Result<(Vec<SocketAddr>, Duration), EdgeError> {
+    ) -> Result<(Vec<SocketAddr>, Duration, crate::dns::Source), EdgeError> {
         let t0 = Instant::now();
-        let ips = self
-            .resolver
-            .resolve(host)
-            .await
-            .map_err(|e| EdgeError::dns_failed(host, e))?;
-        for ip in &ips {
+        let resolved = self.resolver.resolve(host).await.map_err(|e| match e {
+            ResolveError::Forbidden { ip, why } => EdgeError::target_forbidden(format!(
+                "{host} resolves to {ip}, a {why} address; edgepool refuses it unless it is allowed (--allow-target / targets.allow)"
+            )),
+            ResolveError::Failed(why) => EdgeError::dns_failed(host, why),
+        })?;
+        for ip in resolved.addrs.iter() {
             if self.is_own(SocketAddr::new(*ip, port)) {
                 return Err(EdgeError::loop_detected(format!(
                     "{host}:{port} is edgepool itself; a request through the proxy to its own \
@@ -368,15 +379,23 @@ impl Forwarder {
                 )));
             }
         }
-        let now = Instant::now();
-        let bad = self.bad_addrs.lock();
-        let recently_failed = |ip: &std::net::IpAddr| {
-            bad.get(ip)
-                .is_some_and(|at| now.saturating_duration_since(*at) < BAD_ADDR_TTL)
-        };
-        let mut addrs: Vec<SocketAddr> = ips.iter().map(|ip| SocketAddr::new(*ip, port)).collect();
-        addrs.sort_by_key(|a| (recently_failed(&a.ip()), !a.is_ipv4()));
-        Ok((addrs, t0.elapsed()))
+        let mut addrs: Vec<SocketAddr> = resolved
+            .addrs
+            .iter()
+            .map(|ip| SocketAddr::new(*ip, port))
+            .collect();
+        if addrs.len() > 1 {
+            let now = Instant::now();
+            let bad = self.bad_addrs.lock();
+            if !bad.is_empty() {
+                let recently_failed = |ip: &std::net::IpAddr| {
+                    bad.get(ip)
+                        .is_some_and(|at| now.saturating_duration_since(*at) < BAD_ADDR_TTL)
+                };
+                addrs.sort_by_key(|a| recently_failed(&a.ip()));
+            }
+        }
+        Ok((addrs, t0.elapsed(), resolved.source))
     }
 
     /// Remembers that connecting to `ip` failed, so the next requests try another address.
@@ -428,7 +447,7 @@ impl Forwarder {
         exit_tried: &mut Option<Arc<str>>,
         earlier_sent: &mut Sent,
     ) -> Result<(Response<ProxyBody>, Meta), EdgeError> {
-        let (candidates, dns) = self.resolve_candidates(&out.host, out.port).await?;
+        let (candidates, dns, dns_source) = self.resolve_candidates(&out.host, out.port).await?;
         self.retry_budget.deposit();
         let mut candidate = 0;
         let verify = !self
@@ -469,6 +488,7 @@ impl Forwarder {
             session_renewed: route.renewed,
             session: out.worker.options.session.clone(),
             dns,
+            dns_source: Some(dns_source),
             ..Default::default()
         };
         let mut fresh_retry = false;
@@ -610,25 +630,28 @@ impl Forwarder {
                     meta.ttfb = t_send.elapsed();
                     self.telemetry.record_request(&record);
                     self.telemetry.record_ttfb(meta.ttfb);
-                    let trace =
-                        self.telemetry
-                            .should_trace(meta.reused, false)
-                            .then(|| TraceRecord {
-                                kind: "request",
-                                target: target.to_string(),
-                                exit: meta.exit.to_string(),
-                                method: out.method.to_string(),
-                                reused: Some(meta.reused),
-                                new_reason: meta.new_reason.map(|r| r.as_str()),
-                                dns_ms: Some(ms(meta.dns)),
-                                queue_ms: Some(ms(meta.queue)),
-                                tcp_connect_ms: (!meta.reused).then(|| ms(meta.tcp_connect)),
-                                tls_handshake_ms: (!meta.reused).then(|| ms(meta.tls_handshake)),
-                                ttfb_ms: Some(ms(meta.ttfb)),
-                                retried: meta.retried,
-                                pool: (!meta.reused).then(|| "connection added".to_string()),
-                                ..Default::default()
-                            });
+                    // Every request that waited for DNS is traced, like every new connection.
+                    let waited_dns = meta.dns_source.is_some_and(|s| s.waited());
+                    let trace = self
+                        .telemetry
+                        .should_trace(meta.reused && !waited_dns, false)
+                        .then(|| TraceRecord {
+                            kind: "request",
+                            target: target.to_string(),
+                            exit: meta.exit.to_string(),
+                            method: out.method.to_string(),
+                            reused: Some(meta.reused),
+                            new_reason: meta.new_reason.map(|r| r.as_str()),
+                            dns_ms: Some(ms(meta.dns)),
+                            dns: meta.dns_source.map(|s| s.as_str()),
+                            queue_ms: Some(ms(meta.queue)),
+                            tcp_connect_ms: (!meta.reused).then(|| ms(meta.tcp_connect)),
+                            tls_handshake_ms: (!meta.reused).then(|| ms(meta.tls_handshake)),
+                            ttfb_ms: Some(ms(meta.ttfb)),
+                            retried: meta.retried,
+                            pool: (!meta.reused).then(|| "connection added".to_string()),
+                            ..Default::default()
+                        });
                     let done = Completion {
                         telemetry: self.telemetry.clone(),
                         started,

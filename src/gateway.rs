@@ -12,7 +12,8 @@ use tokio::time::Instant;
 
 use crate::ca::{CertAuthority, LeafCache};
 use crate::config::Config;
-use crate::dial::{DialConfig, Dialer, Resolver};
+use crate::dial::{DialConfig, Dialer};
+use crate::dns::{DnsConfig, Resolver};
 use crate::forward::{ForwardConfig, Forwarder};
 use crate::guard::TargetPolicy;
 use crate::pool::Pool;
@@ -101,14 +102,18 @@ impl Gateway {
             ports: Some(ports.clone()),
         })
         .map_err(StartError::Tls)?;
-        let telemetry = Arc::new(Telemetry::new(cfg.slo.clone(), cfg.trace.clone()));
-        let pool = Pool::new(cfg.pool.to_pool_config(), dialer, telemetry.clone());
+        let mut registry = prometheus_client::registry::Registry::default();
         let resolver = Resolver::new(
-            &cfg.upstream.dns_servers,
-            cfg.upstream.dns_min_ttl,
-            cfg.upstream.dns_max_ttl,
-            cfg.limits.max_dns_in_flight,
+            DnsConfig::from_config(&cfg),
+            TargetPolicy::new(cfg.targets.allow.clone()),
+            &mut registry,
         );
+        let telemetry = Arc::new(Telemetry::with_registry(
+            registry,
+            cfg.slo.clone(),
+            cfg.trace.clone(),
+        ));
+        let pool = Pool::new(cfg.pool.to_pool_config(), dialer, telemetry.clone());
         let exits = Arc::new(
             crate::exits::Exits::new(
                 &cfg.exits.pool_specs().map_err(StartError::Exits)?,

@@ -3,7 +3,8 @@
 //! and accounts for reuse: R = 1 − new_connections / requests, and why each new connection
 //! was needed.
 //!
-//! Modules, one job each (data flow: ingress → forward → pool → dial; telemetry watches):
+//! Modules, one job each (data flow: ingress → forward (→ dns) → pool → dial; telemetry
+//! watches):
 //! - [`config`]: typed configuration, embedded defaults, TOML loading and validation.
 //! - [`gateway`]: builds the parts from a config and runs the listeners until shutdown.
 //! - [`ingress`]: worker side — absolute-form HTTP, CONNECT (TLS interception or blind tunnel),
@@ -13,7 +14,9 @@
 //! - [`pool`]: the heart — warm connections per key, HTTP/1.1 exclusive, HTTP/2 shared up to
 //!   the server's stream limit, expiry, waiters, and one reason per new connection. Depends on
 //!   no other edgepool module.
-//! - [`dial`]: DNS cache, TCP, TLS, HTTP/1.1 / HTTP/2 handshakes, connection watching.
+//! - [`dns`]: target names to addresses off the request path — hosts file (final, reloaded),
+//!   a serve-stale, refresh-ahead cache with coalesced lookups, A and AAAA raced with a grace.
+//! - [`dial`]: TCP, TLS, HTTP/1.1 / HTTP/2 handshakes, connection watching.
 //! - [`guard`]: which target addresses may be reached (SSRF deny list + allow CIDRs).
 //! - [`h1guard`]: strict HTTP/1 request framing in front of hyper on worker connections (no
 //!   ambiguous framing, no smuggling), header-read and body-idle timeouts.
@@ -40,6 +43,7 @@ pub mod admission;
 pub mod ca;
 pub mod config;
 pub mod dial;
+pub mod dns;
 pub mod error;
 pub mod exitproto;
 pub mod exits;

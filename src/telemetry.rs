@@ -161,6 +161,10 @@ pub struct TraceRecord {
     /// Phase timings in milliseconds.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub dns_ms: Option<f64>,
+    /// Where the target's addresses came from: `hit`, `stale`, `miss` (waited for a lookup),
+    /// `joined` (waited for another request's lookup), `hosts`, `literal`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dns: Option<&'static str>,
     /// Waiting for a connection.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub queue_ms: Option<f64>,
@@ -362,7 +366,16 @@ impl Default for Telemetry {
 impl Telemetry {
     /// Registers every metric.
     pub fn new(slo: crate::config::SloConfig, trace: crate::config::TraceConfig) -> Self {
-        let mut registry = Registry::default();
+        Self::with_registry(Registry::default(), slo, trace)
+    }
+
+    /// Like [`new`](Self::new), adding its metrics to `registry`, which other modules have
+    /// registered theirs in (the DNS cache's, for one); `/metrics` encodes them all.
+    pub fn with_registry(
+        mut registry: Registry,
+        slo: crate::config::SloConfig,
+        trace: crate::config::TraceConfig,
+    ) -> Self {
         let requests = Family::<RequestLabels, Counter>::default();
         registry.register(
             "edgepool_requests",

@@ -9,90 +9,26 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use edgepool::lab::dns::{DnsQuery, LabDns, QType, Reply};
 use gw::TestGateway;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use tokio::net::{TcpListener, TcpStream};
 
-/// A DNS server on loopback UDP that answers A queries from a script: the n-th A query gets
+/// A DNS server on loopback (the lab's scripted one) whose n-th A query gets
 /// `script[min(n, len-1)]` (TTL 0); AAAA and other queries get an empty NOERROR answer.
-struct ScriptedDns {
-    addr: SocketAddr,
-    a_queries: Arc<AtomicUsize>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl ScriptedDns {
-    async fn start(script: Vec<Vec<Ipv4Addr>>) -> ScriptedDns {
-        let sock = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-        let addr = sock.local_addr().unwrap();
-        let a_queries = Arc::new(AtomicUsize::new(0));
-        let count = a_queries.clone();
-        let task = tokio::spawn(async move {
-            let mut buf = [0u8; 512];
-            loop {
-                let Ok((n, peer)) = sock.recv_from(&mut buf).await else {
-                    return;
-                };
-                let Some(reply) = answer(&buf[..n], &script, &count) else {
-                    continue;
-                };
-                let _ = sock.send_to(&reply, peer).await;
-            }
-        });
-        ScriptedDns {
-            addr,
-            a_queries,
-            task,
-        }
-    }
-
-    fn a_queries(&self) -> usize {
-        self.a_queries.load(Ordering::SeqCst)
-    }
-}
-
-impl Drop for ScriptedDns {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
-/// Builds the reply to one query (RFC 1035 wire format), or `None` for garbage.
-fn answer(q: &[u8], script: &[Vec<Ipv4Addr>], count: &AtomicUsize) -> Option<Vec<u8>> {
-    if q.len() < 12 {
-        return None;
-    }
-    // Walk the question name to find QTYPE.
-    let mut i = 12;
-    while i < q.len() && q[i] != 0 {
-        i += 1 + q[i] as usize;
-    }
-    let qend = i + 5; // zero byte, QTYPE, QCLASS
-    if qend > q.len() {
-        return None;
-    }
-    let qtype = u16::from_be_bytes([q[i + 1], q[i + 2]]);
-    let ips: Vec<Ipv4Addr> = if qtype == 1 {
-        let n = count.fetch_add(1, Ordering::SeqCst);
-        script[n.min(script.len() - 1)].clone()
-    } else {
-        Vec::new()
-    };
-    let mut r = Vec::with_capacity(qend + 16 * ips.len());
-    r.extend_from_slice(&q[0..2]); // id
-    r.extend_from_slice(&[0x81, 0x80]); // response, recursion desired + available, NOERROR
-    r.extend_from_slice(&[0, 1]); // QDCOUNT
-    r.extend_from_slice(&(ips.len() as u16).to_be_bytes()); // ANCOUNT
-    r.extend_from_slice(&[0, 0, 0, 0]); // NSCOUNT, ARCOUNT
-    r.extend_from_slice(&q[12..qend]);
-    for ip in ips {
-        r.extend_from_slice(&[0xc0, 12]); // name: pointer to the question
-        r.extend_from_slice(&[0, 1, 0, 1]); // A, IN
-        r.extend_from_slice(&[0, 0, 0, 0]); // TTL 0
-        r.extend_from_slice(&[0, 4]);
-        r.extend_from_slice(&ip.octets());
-    }
-    Some(r)
+async fn scripted_dns(script: Vec<Vec<Ipv4Addr>>) -> LabDns {
+    LabDns::start(Arc::new(move |q: &DnsQuery| match q.qtype {
+        QType::A => Reply::Addrs(
+            script[(q.nth as usize).min(script.len() - 1)]
+                .iter()
+                .map(|ip| (*ip).into())
+                .collect(),
+            0,
+        ),
+        _ => Reply::NoData,
+    }))
+    .await
+    .unwrap()
 }
 
 /// A tiny HTTP/1.1 origin on `ip:port` that answers every request `200 ok <ip>` and counts
@@ -266,10 +202,10 @@ async fn every_special_purpose_form_is_refused_before_any_connection() {
 
 #[tokio::test]
 async fn names_pointing_at_internal_addresses_are_refused() {
-    let dns = ScriptedDns::start(vec![vec![Ipv4Addr::new(169, 254, 169, 254)]]).await;
+    let dns = scripted_dns(vec![vec![Ipv4Addr::new(169, 254, 169, 254)]]).await;
     let gw = TestGateway::start_with(&[], |c| {
         c.targets.allow.clear();
-        c.upstream.dns_servers = vec![dns.addr];
+        c.upstream.dns_servers = vec![dns.addr()];
         c.upstream.dns_min_ttl = Duration::ZERO;
     })
     .await;
@@ -281,7 +217,10 @@ async fn names_pointing_at_internal_addresses_are_refused() {
         .expect_err("metadata address refused");
     assert_eq!(e.token, "target_forbidden");
     assert!(e.detail.contains("169.254.169.254"), "{}", e.detail);
-    assert!(dns.a_queries() >= 1, "the name went through our DNS server");
+    assert!(
+        dns.queries("metadata.rebind.test", QType::A) >= 1,
+        "the name went through our DNS server"
+    );
     gw.stop().await;
 }
 
@@ -292,14 +231,14 @@ async fn dns_rebinding_cannot_switch_a_checked_address() {
     let port = public.local_addr().unwrap().port();
     let public = CountingOrigin::serve(public);
     let internal = CountingOrigin::serve(internal);
-    let dns = ScriptedDns::start(vec![
+    let dns = scripted_dns(vec![
         vec![Ipv4Addr::new(127, 0, 0, 2)],
         vec![Ipv4Addr::new(127, 0, 0, 1)],
     ])
     .await;
     let gw = TestGateway::start_with(&[], |c| {
         c.targets.allow = vec!["127.0.0.2/32".parse().unwrap()];
-        c.upstream.dns_servers = vec![dns.addr];
+        c.upstream.dns_servers = vec![dns.addr()];
         c.upstream.dns_min_ttl = Duration::ZERO;
     })
     .await;
@@ -311,13 +250,24 @@ async fn dns_rebinding_cannot_switch_a_checked_address() {
     assert!(first.starts_with("HTTP/1.1 200"), "{first}");
     assert!(first.ends_with("ok 127.0.0.2"), "{first}");
     assert_eq!(
-        dns.a_queries(),
+        dns.queries("rebind.test", QType::A),
         1,
-        "one lookup per request, checked and used"
+        "one lookup, checked and used"
     );
 
-    // The answer changes to loopback (TTL 0): the next request is checked again and refused.
-    let second = raw(gw.proxy, &get(&host)).await;
+    // The answer changes to loopback (TTL 0). Requests meanwhile are answered from the cached
+    // answer (checked, allowed: 127.0.0.2) while the refresh runs in the background; once the
+    // refreshed answer is in the cache, it is checked again and the name is refused.
+    let mut second = String::new();
+    for _ in 0..100 {
+        second = raw(gw.proxy, &get(&host)).await;
+        if !second.starts_with("HTTP/1.1 200") {
+            break;
+        }
+        assert!(second.ends_with("ok 127.0.0.2"), "{second}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(dns.queries("rebind.test", QType::A) >= 2, "refreshed");
     assert!(
         second.starts_with("HTTP/1.1 400") && second.contains("x-edgepool-error: target_forbidden"),
         "{second}"
@@ -341,14 +291,14 @@ async fn an_answer_mixing_allowed_and_internal_addresses_is_refused_whole() {
     let port = public.local_addr().unwrap().port();
     let public = CountingOrigin::serve(public);
     let internal = CountingOrigin::serve(internal);
-    let dns = ScriptedDns::start(vec![vec![
+    let dns = scripted_dns(vec![vec![
         Ipv4Addr::new(127, 0, 0, 2),
         Ipv4Addr::new(127, 0, 0, 1),
     ]])
     .await;
     let gw = TestGateway::start_with(&[], |c| {
         c.targets.allow = vec!["127.0.0.2/32".parse().unwrap()];
-        c.upstream.dns_servers = vec![dns.addr];
+        c.upstream.dns_servers = vec![dns.addr()];
     })
     .await;
     let host = format!("mixed.test:{port}");

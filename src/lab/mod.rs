@@ -12,6 +12,7 @@
 //!
 //! R is measured at the origins (accepted connections vs requests answered), and compared with
 //! the [`oracle`]: the best any pool could reach on the same timeline.
+pub mod dns;
 pub mod exit;
 pub mod html;
 pub mod oracle;

@@ -222,9 +222,19 @@ impl Origin {
     /// Like [`Origin::start`], but the TLS leaf is signed by `ca`, so several
     /// origins can share one trust root.
     pub async fn start_with_ca(cfg: OriginConfig, ca: &TestCa) -> Origin {
-        let listener = TcpListener::bind(("127.0.0.1", 0))
+        Self::start_at(cfg, ca, SocketAddr::from(([127, 0, 0, 1], 0)))
             .await
-            .expect("bind origin on 127.0.0.1:0");
+            .expect("bind origin on 127.0.0.1:0")
+    }
+
+    /// Like [`Origin::start_with_ca`] on `addr` (e.g. `127.0.0.2` and the port of another
+    /// origin, for a name with two addresses).
+    pub async fn start_at(
+        cfg: OriginConfig,
+        ca: &TestCa,
+        addr: SocketAddr,
+    ) -> std::io::Result<Origin> {
+        let listener = TcpListener::bind(addr).await?;
         let addr = listener.local_addr().expect("origin local_addr");
         let acceptor = if cfg.tls {
             let alpn: &[&[u8]] = if cfg.h2 {
@@ -249,14 +259,14 @@ impl Origin {
         });
         let (stop, stop_rx) = watch::channel(false);
         let task = tokio::spawn(accept_loop(listener, shared.clone(), acceptor, stop_rx));
-        Origin {
+        Ok(Origin {
             addr,
             tls,
             ca: ca.clone(),
             shared,
             stop,
             task: Some(task),
-        }
+        })
     }
 
     /// The listening address (`127.0.0.1:PORT`).

@@ -1,0 +1,420 @@
+//! The warm path never waits for DNS: names go through a real DNS server on loopback that the
+//! tests script (answers, delays, silence, refusals, TTL 0 and 1 s, rotating answers) and the
+//! hosts file, into the real gateway in-process.
+//!
+//! - warm names keep serving through a resolver outage (serve-stale, refreshed in background);
+//! - no request waits on a silent AAAA (A and AAAA raced, 50 ms grace);
+//! - concurrent lookups of one name coalesce into one query per family;
+//! - a rotating round-robin answer costs no connection; an address that leaves the answer is
+//!   no longer used;
+//! - hosts-file names are final (no query, either family) and edits are picked up;
+//! - `dns_failed` says what happened in a sentence.
+mod gw;
+mod support;
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use edgepool::lab::dns::{DnsQuery, LabDns, QType, Reply};
+use gw::TestGateway;
+use support::{Origin, OriginConfig, TestCa};
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().unwrap()
+}
+
+/// A worker that keeps its connection to the proxy (plain-http requests in absolute form).
+fn worker(gw: &TestGateway) -> reqwest::Client {
+    reqwest::Client::builder()
+        .proxy(reqwest::Proxy::http(gw.proxy_url()).unwrap())
+        .build()
+        .unwrap()
+}
+
+/// One GET; status and the `X-Edgepool-Error` token and body (for errors).
+async fn fetch(client: &reqwest::Client, url: &str) -> (u16, String, String) {
+    let r = client
+        .get(url)
+        .timeout(Duration::from_secs(20))
+        .send()
+        .await
+        .unwrap();
+    let status = r.status().as_u16();
+    let token = r
+        .headers()
+        .get("x-edgepool-error")
+        .map(|v| v.to_str().unwrap().to_string())
+        .unwrap_or_default();
+    (status, token, r.text().await.unwrap())
+}
+
+/// The value of one sample in Prometheus text (`name{labels}`), 0 if absent.
+fn metric(text: &str, sample: &str) -> f64 {
+    text.lines()
+        .find_map(|l| {
+            l.strip_prefix(sample)?
+                .strip_prefix(' ')?
+                .trim()
+                .parse()
+                .ok()
+        })
+        .unwrap_or(0.0)
+}
+
+fn answers(text: &str, source: &str) -> f64 {
+    metric(
+        text,
+        &format!("edgepool_dns_answers_total{{source=\"{source}\"}}"),
+    )
+}
+
+/// A gateway asking `dns` only, with the hosts file off unless the tweak sets one.
+async fn gateway(
+    dns: SocketAddr,
+    tweak: impl FnOnce(&mut edgepool::config::Config),
+) -> TestGateway {
+    TestGateway::start_with(&[], |c| {
+        c.upstream.dns_servers = vec![dns];
+        c.upstream.hosts_file = "".into();
+        tweak(c);
+    })
+    .await
+}
+
+fn zone(names: &[(&str, &[&str])], ttl: u32) -> edgepool::lab::dns::Handler {
+    let map: HashMap<String, Vec<IpAddr>> = names
+        .iter()
+        .map(|(n, ips)| (n.to_string(), ips.iter().map(|s| ip(s)).collect()))
+        .collect();
+    LabDns::zone(map, ttl)
+}
+
+#[tokio::test]
+async fn warm_names_keep_serving_through_a_resolver_outage() {
+    let origin = Origin::start(OriginConfig::default()).await;
+    let dns = LabDns::start(zone(&[("shop.test", &["127.0.0.1"])], 1))
+        .await
+        .unwrap();
+    let gw = gateway(dns.addr(), |_| {}).await;
+    let client = worker(&gw);
+    let url = format!("http://shop.test:{}/item", origin.port());
+
+    // The first request waits for the one lookup; then the resolver goes dark.
+    assert_eq!(fetch(&client, &url).await.0, 200);
+    dns.set_handler(LabDns::silent());
+
+    // Three TTLs of traffic through the outage: every request is answered from the cache
+    // (fresh, then stale while refreshes time out in the background), none waits.
+    let t0 = Instant::now();
+    let mut n = 0;
+    while t0.elapsed() < Duration::from_millis(3500) {
+        let (status, token, body) = fetch(&client, &url).await;
+        assert_eq!(status, 200, "{token} {body}");
+        n += 1;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let m = gw.metrics().await;
+    assert_eq!(
+        answers(&m, "miss"),
+        1.0,
+        "only the first request waited\n{m}"
+    );
+    assert_eq!(answers(&m, "joined"), 0.0);
+    assert_eq!(answers(&m, "hit") + answers(&m, "stale"), n as f64);
+    assert!(answers(&m, "stale") >= 1.0, "served past the TTL\n{m}");
+    assert!(
+        metric(&m, "edgepool_dns_refreshes_total{outcome=\"failed\"}") >= 1.0,
+        "refreshes were tried and failed\n{m}"
+    );
+    assert!(
+        dns.queries("shop.test", QType::A) >= 2,
+        "refreshed in the background"
+    );
+    assert_eq!(origin.accepted(), 1, "one warm connection carried it all");
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn no_request_waits_for_a_silent_aaaa() {
+    let origin = Origin::start(OriginConfig::default()).await;
+    // A answers; AAAA is never answered (the classic resolver hiccup).
+    let dns = LabDns::start(Arc::new(|q: &DnsQuery| match q.qtype {
+        QType::A => Reply::Addrs(vec![ip("127.0.0.1")], 60),
+        _ => Reply::Drop,
+    }))
+    .await
+    .unwrap();
+    let gw = gateway(dns.addr(), |c| {
+        // A whole AAAA attempt would take 10 s.
+        c.upstream.dns_timeout = Duration::from_secs(10);
+        c.upstream.dns_attempts = 1;
+    })
+    .await;
+    let client = worker(&gw);
+    let t0 = Instant::now();
+    let (status, token, _) =
+        fetch(&client, &format!("http://v4only.test:{}/", origin.port())).await;
+    let took = t0.elapsed();
+    assert_eq!(status, 200, "{token}");
+    assert!(
+        took < Duration::from_secs(5),
+        "the request waited for the AAAA timeout: {took:?}"
+    );
+    assert_eq!(
+        dns.queries("v4only.test", QType::Aaaa),
+        1,
+        "AAAA was asked, together with A"
+    );
+    assert_eq!(dns.queries("v4only.test", QType::A), 1);
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn an_ipv6_answer_is_used_when_a_is_refused() {
+    let origin = match Origin::start_at(
+        OriginConfig::default(),
+        &TestCa::new(),
+        "[::1]:0".parse().unwrap(),
+    )
+    .await
+    {
+        Ok(o) => o,
+        Err(e) => {
+            assert!(!support::ci(), "no IPv6 loopback under CI: {e}");
+            eprintln!("SKIPPED: no IPv6 loopback on this machine ({e})");
+            return;
+        }
+    };
+    let dns = LabDns::start(Arc::new(|q: &DnsQuery| match q.qtype {
+        QType::Aaaa => Reply::Addrs(vec![ip("::1")], 60),
+        _ => Reply::Refused,
+    }))
+    .await
+    .unwrap();
+    let gw = gateway(dns.addr(), |_| {}).await;
+    let (status, token, body) = fetch(
+        &worker(&gw),
+        &format!("http://v6only.test:{}/", origin.port()),
+    )
+    .await;
+    assert_eq!(status, 200, "{token} {body}");
+    assert_eq!(origin.accepted(), 1);
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn concurrent_lookups_of_one_name_coalesce() {
+    let origin = Origin::start(OriginConfig::default()).await;
+    let dns = LabDns::start(Arc::new(|q: &DnsQuery| match q.qtype {
+        QType::A => Reply::Delayed(
+            Duration::from_millis(300),
+            Box::new(Reply::Addrs(vec![ip("127.0.0.1")], 60)),
+        ),
+        _ => Reply::NoData,
+    }))
+    .await
+    .unwrap();
+    let gw = gateway(dns.addr(), |_| {}).await;
+    let url = format!("http://burst.test:{}/", origin.port());
+    let mut tasks = Vec::new();
+    for _ in 0..20 {
+        let client = worker(&gw);
+        let url = url.clone();
+        tasks.push(tokio::spawn(async move { fetch(&client, &url).await.0 }));
+    }
+    for t in tasks {
+        assert_eq!(t.await.unwrap(), 200);
+    }
+    assert_eq!(
+        dns.queries("burst.test", QType::A),
+        1,
+        "one A query for 20 requests"
+    );
+    assert_eq!(dns.queries("burst.test", QType::Aaaa), 1);
+    let m = gw.metrics().await;
+    assert_eq!(answers(&m, "miss"), 1.0, "{m}");
+    assert_eq!(answers(&m, "joined"), 19.0, "{m}");
+    gw.stop().await;
+}
+
+/// Two origins on 127.0.0.1:P and 127.0.0.2:P.
+async fn twin_origins() -> (Origin, Origin) {
+    let ca = TestCa::new();
+    for _ in 0..50 {
+        let a = Origin::start_with_ca(OriginConfig::default(), &ca).await;
+        let other = SocketAddr::from(([127, 0, 0, 2], a.port()));
+        if let Ok(b) = Origin::start_at(OriginConfig::default(), &ca, other).await {
+            return (a, b);
+        }
+    }
+    panic!("no port free on both 127.0.0.1 and 127.0.0.2");
+}
+
+#[tokio::test]
+async fn a_rotating_answer_costs_no_new_connection() {
+    let (one, two) = twin_origins().await;
+    // A round-robin server: TTL 0, the order rotates at every query.
+    let dns = LabDns::start(Arc::new(|q: &DnsQuery| match q.qtype {
+        QType::A if q.nth % 2 == 0 => Reply::Addrs(vec![ip("127.0.0.1"), ip("127.0.0.2")], 0),
+        QType::A => Reply::Addrs(vec![ip("127.0.0.2"), ip("127.0.0.1")], 0),
+        _ => Reply::NoData,
+    }))
+    .await
+    .unwrap();
+    let gw = gateway(dns.addr(), |c| c.upstream.dns_min_ttl = Duration::ZERO).await;
+    let client = worker(&gw);
+    let url = format!("http://rr.test:{}/", one.port());
+    for _ in 0..30 {
+        assert_eq!(fetch(&client, &url).await.0, 200);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        dns.queries("rr.test", QType::A) >= 5,
+        "the answer was refreshed and rotated ({} queries)",
+        dns.queries("rr.test", QType::A)
+    );
+    assert_eq!(
+        one.accepted() + two.accepted(),
+        1,
+        "rotations cost no connection (127.0.0.1: {}, 127.0.0.2: {})",
+        one.accepted(),
+        two.accepted()
+    );
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn an_address_that_leaves_the_answer_is_no_longer_used() {
+    let (one, two) = twin_origins().await;
+    let dns = LabDns::start(Arc::new(|q: &DnsQuery| match q.qtype {
+        QType::A if q.nth == 0 => Reply::Addrs(vec![ip("127.0.0.1")], 0),
+        QType::A => Reply::Addrs(vec![ip("127.0.0.2")], 0),
+        _ => Reply::NoData,
+    }))
+    .await
+    .unwrap();
+    let gw = gateway(dns.addr(), |c| c.upstream.dns_min_ttl = Duration::ZERO).await;
+    let client = worker(&gw);
+    let url = format!("http://moved.test:{}/", one.port());
+    assert_eq!(fetch(&client, &url).await.0, 200);
+    assert_eq!(one.accepted(), 1);
+    // The next request is answered from the stale entry at once and starts the refresh; once
+    // the new answer is in, requests go to the new address.
+    let t0 = Instant::now();
+    while two.requests() == 0 && t0.elapsed() < Duration::from_secs(5) {
+        assert_eq!(fetch(&client, &url).await.0, 200);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(two.requests() >= 1, "the new address was never used");
+    let before = one.requests();
+    for _ in 0..5 {
+        assert_eq!(fetch(&client, &url).await.0, 200);
+    }
+    assert_eq!(
+        one.requests(),
+        before,
+        "the old address got no more requests"
+    );
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn hosts_file_names_are_final_and_edits_are_picked_up() {
+    let origin = Origin::start(OriginConfig::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let hosts = dir.path().join("hosts");
+    std::fs::write(&hosts, "127.0.0.1 listed.test\n").unwrap();
+    // The resolver answers nothing: every name it is asked about waits and fails.
+    let dns = LabDns::start(LabDns::silent()).await.unwrap();
+    let gw = gateway(dns.addr(), |c| {
+        c.upstream.hosts_file = hosts.clone();
+        c.upstream.dns_timeout = Duration::from_millis(200);
+        c.upstream.dns_attempts = 1;
+    })
+    .await;
+    let client = worker(&gw);
+
+    // Listed (IPv4 only): answered from the file, no query for either family.
+    for _ in 0..3 {
+        let (status, token, _) =
+            fetch(&client, &format!("http://listed.test:{}/", origin.port())).await;
+        assert_eq!(status, 200, "{token}");
+    }
+    assert_eq!(dns.queries("listed.test", QType::A), 0);
+    assert_eq!(
+        dns.queries("listed.test", QType::Aaaa),
+        0,
+        "no AAAA query either"
+    );
+
+    // Not listed: asked, fails with a sentence.
+    let (status, token, body) =
+        fetch(&client, &format!("http://later.test:{}/", origin.port())).await;
+    assert_eq!((status, token.as_str()), (502, "dns_failed"), "{body}");
+    assert!(dns.queries("later.test", QType::A) >= 1);
+
+    // Added to the file while running: picked up without a restart.
+    std::fs::write(&hosts, "127.0.0.1 listed.test\n127.0.0.1 later.test\n").unwrap();
+    let t0 = Instant::now();
+    let mut last = (0, String::new(), String::new());
+    while t0.elapsed() < Duration::from_secs(5) {
+        last = fetch(&client, &format!("http://later.test:{}/", origin.port())).await;
+        if last.0 == 200 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(last.0, 200, "the edit was not picked up: {last:?}");
+    let m = gw.metrics().await;
+    assert!(
+        metric(&m, "edgepool_hosts_file_reloads_total") >= 1.0,
+        "{m}"
+    );
+    assert!(answers(&m, "hosts") >= 4.0, "{m}");
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn dns_failures_are_sentences() {
+    let dns = LabDns::start(Arc::new(|q: &DnsQuery| match q.name.as_str() {
+        "gone.test" => Reply::NxDomain,
+        "closed.test" => Reply::Refused,
+        "broken.test" => Reply::ServFail,
+        _ => Reply::Drop,
+    }))
+    .await
+    .unwrap();
+    let gw = gateway(dns.addr(), |c| {
+        c.upstream.dns_timeout = Duration::from_millis(300);
+        c.upstream.dns_attempts = 2;
+    })
+    .await;
+    let client = worker(&gw);
+    let server = dns.addr().to_string();
+    let cases = [
+        ("gone.test", "does not exist (NXDOMAIN from"),
+        ("closed.test", "the server refused the query (REFUSED)"),
+        ("broken.test", "the server answered"),
+        (
+            "silent.test",
+            "no answer within 600ms (upstream.dns_timeout 300ms x upstream.dns_attempts 2)",
+        ),
+    ];
+    for (name, says) in cases {
+        let (status, token, body) = fetch(&client, &format!("http://{name}:8080/")).await;
+        assert_eq!(
+            (status, token.as_str()),
+            (502, "dns_failed"),
+            "{name}: {body}"
+        );
+        assert!(body.contains(name), "{name}: {body}");
+        assert!(body.contains(says), "{name}: expected {says:?} in {body}");
+        assert!(body.contains(&server), "{name}: names the resolver: {body}");
+        for debug in ["Query {", "Name(", "query_type", "NoRecords"] {
+            assert!(!body.contains(debug), "{name}: Rust debug text in {body}");
+        }
+    }
+    gw.stop().await;
+}
