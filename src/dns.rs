@@ -329,6 +329,7 @@ impl Resolver {
     /// `stale_ttl` (or just failed).
     pub async fn resolve(&self, host: &str) -> Result<Resolved, ResolveError> {
         if let Ok(ip) = host.parse::<IpAddr>() {
+            self.inner.metrics.answered(Source::Literal);
             return Ok(Resolved {
                 addrs: Arc::from([ip]),
                 source: Source::Literal,
@@ -338,6 +339,7 @@ impl Resolver {
         let name: &str = &name;
         if name == "localhost" || name.ends_with(".localhost") {
             // RFC 6761 §6.3: always loopback, both families, never sent to DNS.
+            self.inner.metrics.answered(Source::Literal);
             return Ok(Resolved {
                 addrs: Arc::from([
                     IpAddr::from([127, 0, 0, 1]),
@@ -410,6 +412,75 @@ impl Resolver {
     pub fn cached_names(&self) -> usize {
         self.inner.cache.lock().len()
     }
+
+    /// Counters since start (the same figures `/metrics` shows).
+    pub fn stats(&self) -> DnsStats {
+        let m = &self.inner.metrics;
+        let answers = |source: &str| m.answers(source);
+        let mut queries = 0;
+        let mut queries_failed = 0;
+        for family in ["A", "AAAA"] {
+            for outcome in [
+                "ok",
+                "empty",
+                "nxdomain",
+                "timeout",
+                "refused",
+                "servfail",
+                "unreachable",
+                "error",
+            ] {
+                let n = m
+                    .queries
+                    .get_or_create(&QueryLabels { family, outcome })
+                    .get();
+                queries += n;
+                if !matches!(outcome, "ok" | "empty" | "nxdomain") {
+                    queries_failed += n;
+                }
+            }
+        }
+        DnsStats {
+            hit: answers("hit"),
+            stale: answers("stale"),
+            miss: answers("miss"),
+            joined: answers("joined"),
+            failed: answers("failed"),
+            hosts: answers("hosts"),
+            literal: answers("literal"),
+            queries,
+            queries_failed,
+            refreshes_ok: m.refreshes_ok.get(),
+            refreshes_failed: m.refreshes_failed.get(),
+        }
+    }
+}
+
+/// The resolver's counters since start (see `edgepool_dns_*` in `/metrics`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct DnsStats {
+    /// Answered from the cache within the TTL.
+    pub hit: u64,
+    /// Answered from the cache past the TTL (serve-stale).
+    pub stale: u64,
+    /// Waited for a lookup they started.
+    pub miss: u64,
+    /// Waited for a lookup another request started.
+    pub joined: u64,
+    /// Answered with a remembered failure.
+    pub failed: u64,
+    /// Answered from the hosts file.
+    pub hosts: u64,
+    /// IP literals and `localhost`.
+    pub literal: u64,
+    /// DNS queries sent (A and AAAA counted apart).
+    pub queries: u64,
+    /// Of which timed out, were refused, failed or could not be sent.
+    pub queries_failed: u64,
+    /// Background refreshes that brought an answer.
+    pub refreshes_ok: u64,
+    /// Background refreshes that failed (the last good answer kept serving).
+    pub refreshes_failed: u64,
 }
 
 /// Lower-case, without one trailing dot (`Example.COM.` and `example.com` are one name).
@@ -922,7 +993,9 @@ struct OutcomeLabels {
 
 /// The resolver's metrics (registered by [`Resolver::new`]).
 struct DnsMetrics {
-    answers: Family<SourceLabels, Counter>,
+    /// `edgepool_dns_answers_total` by [`Source`] (in `SOURCES` order), then `failed`: looked
+    /// up once here, so an answer costs one atomic add.
+    answers: [Counter; 7],
     queries: Family<QueryLabels, Counter>,
     query_seconds: Family<FamilyLabels, Histogram, fn() -> Histogram>,
     refreshes_ok: Counter,
@@ -931,6 +1004,11 @@ struct DnsMetrics {
     evictions: Counter,
     hosts_reloads: Counter,
 }
+
+/// The `source` label values of `edgepool_dns_answers_total`, in [`DnsMetrics::answers`] order.
+const SOURCES: [&str; 7] = [
+    "literal", "hosts", "hit", "stale", "miss", "joined", "failed",
+];
 
 fn query_histogram() -> Histogram {
     // 100 µs .. ~6.5 s.
@@ -990,6 +1068,7 @@ impl DnsMetrics {
         let refreshes_failed = refreshes
             .get_or_create(&OutcomeLabels { outcome: "failed" })
             .clone();
+        let answers = SOURCES.map(|source| answers.get_or_create(&SourceLabels { source }).clone());
         DnsMetrics {
             refreshes_ok,
             refreshes_failed,
@@ -1003,17 +1082,26 @@ impl DnsMetrics {
     }
 
     fn answered(&self, source: Source) {
-        self.answers
-            .get_or_create(&SourceLabels {
-                source: source.as_str(),
-            })
-            .inc();
+        let i = match source {
+            Source::Literal => 0,
+            Source::Hosts => 1,
+            Source::Fresh => 2,
+            Source::Stale => 3,
+            Source::Lookup => 4,
+            Source::Joined => 5,
+        };
+        self.answers[i].inc();
     }
 
     fn answered_failure(&self) {
-        self.answers
-            .get_or_create(&SourceLabels { source: "failed" })
-            .inc();
+        self.answers[6].inc();
+    }
+
+    fn answers(&self, source: &str) -> u64 {
+        SOURCES
+            .iter()
+            .position(|s| *s == source)
+            .map_or(0, |i| self.answers[i].get())
     }
 
     fn queried(&self, family: IpFamily, answer: &FamilyAnswer, took: Duration) {

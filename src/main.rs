@@ -118,6 +118,8 @@ enum Command {
         /// List the built-in scenarios and exit.
         #[arg(long)]
         list: bool,
+        #[command(flatten)]
+        names: LabNameArgs,
     },
     /// Stream the per-request trace log from a running gateway.
     Trace {
@@ -272,7 +274,8 @@ fn main() -> ExitCode {
             gateway,
             ca,
             list,
-        } => lab(scenario, quick, json, html, mode, gateway, ca, list),
+            names,
+        } => lab(scenario, quick, json, html, mode, gateway, ca, list, names),
         Command::Report {
             admin,
             window,
@@ -294,6 +297,69 @@ fn runtime() -> tokio::runtime::Runtime {
 }
 
 #[allow(clippy::too_many_arguments)]
+/// How `edgepool lab` names its targets.
+#[derive(clap::Args, Debug)]
+struct LabNameArgs {
+    /// How workers name the targets: `addresses` (127.0.0.1:PORT), `dns` (<target>.lab.test,
+    /// answered by the lab's DNS server through edgepool's resolver) or `hosts`
+    /// (<target>.lab.test listed in a hosts file edgepool reads).
+    #[arg(long, value_name = "KIND", default_value = "addresses")]
+    names: String,
+    /// How the lab's DNS server misbehaves with --names dns|hosts: none, drop (answers
+    /// nothing), refuse (nothing listens), drop-aaaa, outage (answers 2 s, then nothing).
+    #[arg(long, value_name = "FAULT", default_value = "none")]
+    dns_fault: String,
+    /// TTL of the lab DNS server's answers (--names dns), seconds.
+    #[arg(long, value_name = "SECS", default_value_t = 1)]
+    dns_ttl: u32,
+    /// With --names hosts: a hosts file that already lists the targets (e.g. /etc/hosts in a
+    /// private mount namespace; see --print-hosts). Default: the lab writes its own.
+    #[arg(long, value_name = "FILE")]
+    hosts_file: Option<PathBuf>,
+    /// With --names hosts: edgepool asks the system's resolvers (/etc/resolv.conf) instead of
+    /// the lab's DNS server (--dns-fault must be none).
+    #[arg(long)]
+    system_resolver: bool,
+    /// Print the hosts-file lines naming the scenario's targets and exit.
+    #[arg(long)]
+    print_hosts: bool,
+}
+
+impl LabNameArgs {
+    fn names(&self) -> Result<edgepool::lab::Names, String> {
+        use edgepool::lab::{DnsFault, Names};
+        let fault = DnsFault::parse(&self.dns_fault)?;
+        let names = match self.names.as_str() {
+            "addresses" => Names::Addresses,
+            "dns" => Names::Dns {
+                ttl: self.dns_ttl,
+                fault,
+            },
+            "hosts" => Names::Hosts {
+                file: self.hosts_file.clone(),
+                fault,
+                system_resolver: self.system_resolver,
+            },
+            other => {
+                return Err(format!(
+                    "--names {other}: unknown; use addresses, dns or hosts"
+                ))
+            }
+        };
+        if names == Names::Addresses && fault != DnsFault::None {
+            return Err("--dns-fault needs --names dns or --names hosts".into());
+        }
+        if self.system_resolver && (self.names != "hosts" || fault != DnsFault::None) {
+            return Err("--system-resolver needs --names hosts and no --dns-fault".into());
+        }
+        if self.hosts_file.is_some() && self.names != "hosts" {
+            return Err("--hosts-file needs --names hosts".into());
+        }
+        Ok(names)
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
 fn lab(
     scenario: String,
     quick: bool,
@@ -303,6 +369,7 @@ fn lab(
     gateway: Option<SocketAddr>,
     ca: Option<PathBuf>,
     list: bool,
+    name_args: LabNameArgs,
 ) -> ExitCode {
     use edgepool::lab::{scenario::BUILTIN, LabOptions, Mode};
     if list {
@@ -316,6 +383,14 @@ fn lab(
     }
     let sc = match edgepool::lab::scenario::Scenario::load(&scenario) {
         Ok(s) => s,
+        Err(e) => return fail(&e),
+    };
+    if name_args.print_hosts {
+        print!("{}", edgepool::lab::hosts_lines(&sc));
+        return ExitCode::SUCCESS;
+    }
+    let target_names = match name_args.names() {
+        Ok(n) => n,
         Err(e) => return fail(&e),
     };
     if let Some(g) = gateway {
@@ -364,6 +439,7 @@ fn lab(
         quick,
         modes,
         progress: true,
+        names: target_names,
     };
     let report = match runtime().block_on(edgepool::lab::run(&sc, &opts)) {
         Ok(r) => r,

@@ -11,6 +11,7 @@ async fn mixed_quick_edgepool_beats_the_worker_side_pools() {
         quick: true,
         modes: vec![Mode::NoKeepalive, Mode::PerWorker, Mode::Edgepool],
         progress: false,
+        names: Default::default(),
     };
     let report = edgepool::lab::run(&sc, &opts).await.unwrap();
     eprintln!("{}", edgepool::lab::render_table(&report));

@@ -64,6 +64,117 @@ impl Mode {
     }
 }
 
+/// How workers name the targets.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum Names {
+    /// By address: `127.0.0.1:PORT` (`localhost:PORT` for HTTPS, resolved as a literal).
+    #[default]
+    Addresses,
+    /// As `<target>.lab.test:PORT`, answered by the lab's DNS server on loopback through
+    /// edgepool's real resolver path (`upstream.dns_servers`), with answers of TTL `ttl`
+    /// seconds and the server misbehaving as `fault` says.
+    Dns {
+        /// TTL of the answers, seconds.
+        ttl: u32,
+        /// How the DNS server misbehaves.
+        fault: DnsFault,
+    },
+    /// As `<target>.lab.test:PORT`, listed in a hosts file that edgepool reads
+    /// (`upstream.hosts_file`): `file`, which must already list every target (see
+    /// [`hosts_lines`]) — e.g. `/etc/hosts` in a private mount namespace — or else a file the
+    /// lab writes. Edgepool's DNS server misbehaves as `fault` says (hosts names must not
+    /// notice).
+    Hosts {
+        /// A hosts file that lists the targets; `None`: the lab writes its own.
+        file: Option<PathBuf>,
+        /// How the DNS server misbehaves.
+        fault: DnsFault,
+        /// Ask the system's resolvers (`/etc/resolv.conf`) instead of the lab's DNS server.
+        system_resolver: bool,
+    },
+}
+
+/// How the lab's DNS server misbehaves (`--dns-fault`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum DnsFault {
+    /// Answers every query.
+    #[default]
+    None,
+    /// Answers nothing (every query dropped).
+    Drop,
+    /// Nothing listens on its port: every query is refused at once (ICMP port unreachable).
+    Refuse,
+    /// Answers A, drops AAAA (the classic 5 s AAAA timeout).
+    DropAaaa,
+    /// Answers for `after` from its first query, then nothing (an outage mid-run).
+    Outage {
+        /// How long it answers.
+        after: Duration,
+    },
+}
+
+impl DnsFault {
+    /// The `--dns-fault` spelling.
+    pub fn name(&self) -> String {
+        match self {
+            DnsFault::None => "none".into(),
+            DnsFault::Drop => "drop".into(),
+            DnsFault::Refuse => "refuse".into(),
+            DnsFault::DropAaaa => "drop-aaaa".into(),
+            DnsFault::Outage { after } => format!("outage-after-{}s", after.as_secs()),
+        }
+    }
+
+    /// Parses `none`, `drop`, `refuse`, `drop-aaaa` or `outage` (answers for 2 s, then
+    /// nothing).
+    pub fn parse(s: &str) -> Result<DnsFault, String> {
+        Ok(match s {
+            "none" => DnsFault::None,
+            "drop" => DnsFault::Drop,
+            "refuse" => DnsFault::Refuse,
+            "drop-aaaa" => DnsFault::DropAaaa,
+            "outage" => DnsFault::Outage {
+                after: Duration::from_secs(2),
+            },
+            other => {
+                return Err(format!(
+                    "--dns-fault {other}: unknown; use none, drop, refuse, drop-aaaa or outage"
+                ))
+            }
+        })
+    }
+}
+
+/// The DNS label of a lab target (`static-1` → `static-1.lab.test`).
+pub fn target_host(target_name: &str) -> String {
+    let label: String = target_name
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_lowercase()
+            } else {
+                '-'
+            }
+        })
+        .collect();
+    format!("{}.{}", label.trim_matches('-'), origin::LAB_DOMAIN)
+}
+
+/// The hosts-file lines that name `sc`'s targets (`127.0.0.1 <target>.lab.test`), for
+/// `--names hosts --hosts-file FILE`.
+pub fn hosts_lines(sc: &Scenario) -> String {
+    let mut out = String::new();
+    for g in &sc.targets {
+        for i in 1..=g.count {
+            out.push_str(&format!(
+                "127.0.0.1 {}\n",
+                target_host(&format!("{}-{i}", g.name))
+            ));
+        }
+    }
+    out
+}
+
 /// How to run the lab.
 #[derive(Clone, Debug)]
 pub struct LabOptions {
@@ -73,11 +184,15 @@ pub struct LabOptions {
     pub modes: Vec<Mode>,
     /// Draw a progress bar on stderr (when it is a terminal).
     pub progress: bool,
+    /// How targets are named (addresses, or names through DNS or a hosts file).
+    pub names: Names,
 }
 
 /// One target of the run.
 struct Target {
     name: String,
+    /// `<name>.lab.test` when targets are named (workers going direct map it to the origin).
+    host: Option<String>,
     group: String,
     origin: LabOrigin,
     url: String,
@@ -127,10 +242,22 @@ pub async fn run(sc: &Scenario, opts: &LabOptions) -> Result<Value, String> {
                 (Some(a), Some(b)) => Some(a.min(b)),
                 (a, b) => a.or(b),
             };
+            let name = format!("{}-{i}", g.name);
+            let host = (opts.names != Names::Addresses).then(|| target_host(&name));
+            let url = match &host {
+                None => format!("{}lab/{}", origin.base_url(), targets.len()),
+                Some(h) => format!(
+                    "{}://{h}:{}/lab/{}",
+                    if g.tls { "https" } else { "http" },
+                    origin.addr().port(),
+                    targets.len()
+                ),
+            };
             targets.push(Target {
-                name: format!("{}-{i}", g.name),
+                name,
+                host,
                 group: g.name.clone(),
-                url: format!("{}lab/{}", origin.base_url(), targets.len()),
+                url,
                 limits: Limits {
                     concurrency: if g.h2 { g.max_concurrent_streams } else { 1 },
                     max_requests: cap,
@@ -146,6 +273,7 @@ pub async fn run(sc: &Scenario, opts: &LabOptions) -> Result<Value, String> {
             });
         }
     }
+    let names = LabNames::start(&opts.names, &targets, sc, &tmp).await?;
     let mut exits = Vec::new();
     if let Some(x) = &sc.exits {
         for _ in 0..x.count {
@@ -173,11 +301,13 @@ pub async fn run(sc: &Scenario, opts: &LabOptions) -> Result<Value, String> {
             t.origin.reset().await;
         }
         let m = run_mode(
-            sc, mode, &targets, &exit_urls, &plan, &ca, &ca_file, &tmp, opts,
+            sc, mode, &targets, &exit_urls, &plan, &ca, &ca_file, &tmp, opts, &names,
         )
         .await?;
         modes.push(m);
     }
+    let names_report = names.report();
+    drop(names);
     let _ = std::fs::remove_dir_all(&tmp);
     Ok(json!({
         "scenario": sc.name,
@@ -197,6 +327,7 @@ pub async fn run(sc: &Scenario, opts: &LabOptions) -> Result<Value, String> {
             "ttfb": sc.delays.ttfb.as_secs_f64() * 1e3,
         },
         "exits": exits.len(),
+        "names": names_report,
         "targets": targets.iter().map(|t| {
             let p = t.origin.profile();
             json!({
@@ -208,6 +339,150 @@ pub async fn run(sc: &Scenario, opts: &LabOptions) -> Result<Value, String> {
         "oracle": "oracle R = 1 − C / N, where N is the requests answered and C the connections an ideal pool needs on the same request timeline: requests to different targets or through different exits never share a connection; an HTTP/1.1 connection carries one request at a time, an HTTP/2 connection up to the server's max_concurrent_streams; a connection carries at most the server's max_requests (or goaway_every) requests and is gone after the server's idle_timeout. Each request takes the most used connection that is usable when it starts, or opens one. Random resets are ignored (the oracle is slightly optimistic where a scenario injects them).",
         "modes": modes,
     }))
+}
+
+/// The naming machinery of a run: the lab's DNS server and hosts file, when targets are named.
+struct LabNames {
+    names: Names,
+    dns: Option<dns::LabDns>,
+    /// What the gateway gets as `upstream.dns_servers` (a port nobody listens on for `refuse`).
+    servers: Vec<SocketAddr>,
+    hosts_file: Option<PathBuf>,
+}
+
+impl LabNames {
+    async fn start(
+        names: &Names,
+        targets: &[Target],
+        sc: &Scenario,
+        tmp: &std::path::Path,
+    ) -> Result<LabNames, String> {
+        let (fault, ttl) = match names {
+            Names::Addresses => {
+                return Ok(LabNames {
+                    names: names.clone(),
+                    dns: None,
+                    servers: Vec::new(),
+                    hosts_file: None,
+                })
+            }
+            Names::Dns { ttl, fault } => (*fault, *ttl),
+            Names::Hosts { fault, .. } => (*fault, 60),
+        };
+        let system = matches!(
+            names,
+            Names::Hosts {
+                system_resolver: true,
+                ..
+            }
+        );
+        let zone: std::collections::HashMap<String, Vec<std::net::IpAddr>> = targets
+            .iter()
+            .filter_map(|t| t.host.clone())
+            .map(|h| (h, vec![std::net::IpAddr::from([127, 0, 0, 1])]))
+            .collect();
+        let answer = dns::LabDns::zone(zone, ttl);
+        let handler: dns::Handler = match fault {
+            DnsFault::None | DnsFault::Refuse => answer,
+            DnsFault::Drop => dns::LabDns::silent(),
+            DnsFault::DropAaaa => Arc::new(move |q: &dns::DnsQuery| match q.qtype {
+                dns::QType::Aaaa => dns::Reply::Drop,
+                _ => answer(q),
+            }),
+            DnsFault::Outage { after } => {
+                let first = std::sync::OnceLock::new();
+                Arc::new(move |q: &dns::DnsQuery| {
+                    if first.get_or_init(std::time::Instant::now).elapsed() > after {
+                        dns::Reply::Drop
+                    } else {
+                        answer(q)
+                    }
+                })
+            }
+        };
+        let (server, servers) = if system {
+            (None, Vec::new())
+        } else if fault == DnsFault::Refuse {
+            // A UDP port that was free a moment ago and has nobody behind it.
+            let dead = std::net::UdpSocket::bind("127.0.0.1:0")
+                .and_then(|s| s.local_addr())
+                .map_err(|e| format!("lab DNS: {e}"))?;
+            (None, vec![dead])
+        } else {
+            let server = dns::LabDns::start(handler)
+                .await
+                .map_err(|e| format!("starting the lab DNS server: {e}"))?;
+            let addr = server.addr();
+            (Some(server), vec![addr])
+        };
+        let hosts_file = match names {
+            Names::Hosts { file: Some(f), .. } => {
+                let text = std::fs::read_to_string(f)
+                    .map_err(|e| format!("--hosts-file {}: {e}", f.display()))?;
+                let listed = crate::dns::parse_hosts(&text);
+                let missing: Vec<&str> = targets
+                    .iter()
+                    .filter_map(|t| t.host.as_deref())
+                    .filter(|h| !listed.contains_key(*h))
+                    .collect();
+                if !missing.is_empty() {
+                    return Err(format!(
+                        "--hosts-file {} does not list {} of the targets (first: {}); add the lines `edgepool lab --scenario {} --print-hosts` prints",
+                        f.display(),
+                        missing.len(),
+                        missing[0],
+                        sc.name
+                    ));
+                }
+                Some(f.clone())
+            }
+            Names::Hosts { file: None, .. } => {
+                let f = tmp.join("hosts");
+                std::fs::write(&f, hosts_lines(sc)).map_err(|e| format!("{}: {e}", f.display()))?;
+                Some(f)
+            }
+            _ => None,
+        };
+        Ok(LabNames {
+            names: names.clone(),
+            dns: server,
+            servers,
+            hosts_file,
+        })
+    }
+
+    /// Points the gateway at the lab's DNS server and hosts file.
+    fn configure(&self, cfg: &mut crate::config::Config) {
+        if self.names == Names::Addresses {
+            return;
+        }
+        cfg.upstream.dns_servers = self.servers.clone();
+        cfg.upstream.hosts_file = self.hosts_file.clone().unwrap_or_default();
+    }
+
+    fn report(&self) -> Value {
+        let (kind, fault, ttl) = match &self.names {
+            Names::Addresses => ("addresses", None, None),
+            Names::Dns { ttl, fault } => ("dns", Some(fault.name()), Some(*ttl)),
+            Names::Hosts {
+                fault,
+                system_resolver: true,
+                ..
+            } => (
+                "hosts",
+                Some(format!("system resolver ({})", fault.name())),
+                None,
+            ),
+            Names::Hosts { fault, .. } => ("hosts", Some(fault.name()), None),
+        };
+        json!({
+            "kind": kind,
+            "dns_fault": fault,
+            "dns_ttl_s": ttl,
+            "hosts_file": self.hosts_file.as_ref().map(|p| p.display().to_string()),
+            "dns_queries_received": self.dns.as_ref().map(|d| d.total_queries()),
+        })
+    }
 }
 
 /// A temporary directory (removed by the caller).
@@ -350,6 +625,7 @@ async fn run_mode(
     ca_file: &std::path::Path,
     tmp: &std::path::Path,
     opts: &LabOptions,
+    names: &LabNames,
 ) -> Result<Value, String> {
     let lab_root = reqwest::Certificate::from_pem(ca.cert_pem().as_bytes())
         .map_err(|e| format!("lab CA: {e}"))?;
@@ -360,6 +636,17 @@ async fn run_mode(
             .tls_built_in_root_certs(false)
             .timeout(Duration::from_secs(60))
             .connect_timeout(Duration::from_secs(15))
+    };
+    // Workers going direct find named targets like a hosts file would tell them (a proxy
+    // resolves them itself).
+    let direct = || {
+        let mut b = base();
+        for t in targets.iter() {
+            if let Some(h) = &t.host {
+                b = b.resolve(h, t.origin.addr());
+            }
+        }
+        b
     };
     let mut clients: Vec<Vec<reqwest::Client>> = Vec::new();
     let self_managed = !exit_urls.is_empty() && matches!(mode, Mode::NoKeepalive | Mode::PerWorker);
@@ -375,7 +662,7 @@ async fn run_mode(
                 for via in ways {
                     // HTTP/1.1 like requests.Session (and free of a client-side HTTP/2 bug
                     // that drops requests queued on a connection that got GOAWAY).
-                    let mut b = base().add_root_certificate(lab_root.clone()).http1_only();
+                    let mut b = direct().add_root_certificate(lab_root.clone()).http1_only();
                     b = if *mode == Mode::NoKeepalive {
                         b.pool_max_idle_per_host(0)
                     } else {
@@ -403,6 +690,7 @@ async fn run_mode(
                     cfg.targets.connect_ports = vec![crate::config::PortRange { lo: 1, hi: 65535 }];
                     cfg.upstream.extra_ca_files = vec![ca_file.to_path_buf()];
                     cfg.trace.sample_rate = 0.0;
+                    names.configure(&mut cfg);
                     // Lab targets miss the fleet SLO by design (that is what they model): no
                     // breach warnings in the middle of the report.
                     cfg.slo.reuse_target = 0.0;
@@ -464,6 +752,9 @@ async fn run_mode(
         indicatif::ProgressBar::hidden()
     };
     let cpu_before = gateway.as_ref().and_then(|_| thread_cpu_seconds("ep-gw"));
+    let dns_before = gateway
+        .as_ref()
+        .map(|g: &LabGateway| g.gw.forwarder().resolver().stats());
     let before_reasons = gateway
         .as_ref()
         .map(|g| crate::admin::status(&g.gw).fleet.new_by_reason)
@@ -564,12 +855,29 @@ async fn run_mode(
                 .collect()
         })
         .unwrap_or_default();
+    let dns = match (dns_before, gateway.as_ref()) {
+        (Some(a), Some(g)) => {
+            let b = g.gw.forwarder().resolver().stats();
+            Some(json!({
+                "hit": b.hit - a.hit, "stale": b.stale - a.stale, "miss": b.miss - a.miss,
+                "joined": b.joined - a.joined, "failed": b.failed - a.failed,
+                "hosts": b.hosts - a.hosts, "literal": b.literal - a.literal,
+                "queries": b.queries - a.queries,
+                "queries_failed": b.queries_failed - a.queries_failed,
+                "refreshes_ok": b.refreshes_ok - a.refreshes_ok,
+                "refreshes_failed": b.refreshes_failed - a.refreshes_failed,
+            }))
+        }
+        _ => None,
+    };
     // Give late closes (early-released responses) a moment to land in the origins' counters.
     tokio::time::sleep(Duration::from_millis(50)).await;
     if let Some(g) = gateway {
         g.stop().await;
     }
-    Ok(mode_report(mode, targets, &samples, wall, cpu, reasons))
+    let mut report = mode_report(mode, targets, &samples, wall, cpu, reasons);
+    report["dns"] = dns.unwrap_or(Value::Null);
+    Ok(report)
 }
 
 fn mode_report(
@@ -642,6 +950,7 @@ fn mode_report(
         "oracle_reuse_rate": round4(oracle::reuse_rate(ok, oracle_total)),
         "latency_ms": {"p50": pct(0.5), "p90": pct(0.9), "p99": pct(0.99),
                        "max": round3(lat.last().copied().unwrap_or(0.0)), "mean": round3(mean)},
+        "requests_over_1s": lat.iter().filter(|ms| **ms > 1000.0).count(),
         "latency_cdf": cdf,
         "per_target": per_target,
         "new_by_reason": reasons,

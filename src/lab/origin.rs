@@ -163,7 +163,11 @@ impl OriginProfile {
     }
 }
 
-/// A throw-away CA for the lab (rcgen): one leaf for `localhost`, `127.0.0.1` and `::1`.
+/// The domain of named lab targets (`<target>.lab.test`; `.test` is reserved by RFC 6761).
+pub const LAB_DOMAIN: &str = "lab.test";
+
+/// A throw-away CA for the lab (rcgen): one leaf for `localhost`, `127.0.0.1`, `::1` and
+/// `*.lab.test`.
 pub struct LabCa {
     /// The CA certificate, PEM.
     cert_pem: String,
@@ -204,6 +208,8 @@ impl LabCa {
             "localhost".to_string(),
             "127.0.0.1".to_string(),
             "::1".to_string(),
+            // Named targets (`edgepool lab --names dns|hosts`).
+            format!("*.{LAB_DOMAIN}"),
         ])
         .map_err(|e| format!("lab leaf: {e}"))?;
         leaf_params

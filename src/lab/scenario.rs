@@ -5,7 +5,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 /// The scenarios shipped with edgepool (`--scenario NAME`).
-pub const BUILTIN: [(&str, &str); 5] = [
+pub const BUILTIN: [(&str, &str); 6] = [
     ("mixed", include_str!("../../lab/scenarios/mixed.toml")),
     (
         "datacenter",
@@ -13,6 +13,10 @@ pub const BUILTIN: [(&str, &str); 5] = [
     ),
     ("waf", include_str!("../../lab/scenarios/waf.toml")),
     ("lb", include_str!("../../lab/scenarios/lb.toml")),
+    (
+        "warmpath",
+        include_str!("../../lab/scenarios/warmpath.toml"),
+    ),
     (
         "residential",
         include_str!("../../lab/scenarios/residential.toml"),
