@@ -257,6 +257,13 @@ enum IpFamily {
 }
 
 impl IpFamily {
+    fn holds(self, ip: &IpAddr) -> bool {
+        match self {
+            IpFamily::V4 => ip.is_ipv4(),
+            IpFamily::V6 => ip.is_ipv6(),
+        }
+    }
+
     fn as_str(self) -> &'static str {
         match self {
             IpFamily::V4 => "A",
@@ -544,11 +551,11 @@ impl Inner {
         drop(tx);
         if ra.is_none() {
             let late = a.await;
-            self.merge_late(&name, generation, &late);
+            self.merge_late(&name, generation, IpFamily::V4, &late);
         }
         if rb.is_none() {
             let late = b.await;
-            self.merge_late(&name, generation, &late);
+            self.merge_late(&name, generation, IpFamily::V6, &late);
         }
     }
 
@@ -632,6 +639,16 @@ impl Inner {
             return entry.generation;
         };
         let ttl = ttl.clamp(self.cfg.min_ttl, self.cfg.max_ttl);
+        // A family that failed or has not answered yet keeps its previous addresses (serve-stale
+        // per family): a refresh whose AAAA times out must not turn a dual-stack name into an
+        // IPv4-only one, nor the reverse. An empty answer (NODATA, NXDOMAIN) does drop them.
+        if let Some(prev) = &entry.answer {
+            for (family, r) in [(IpFamily::V4, a), (IpFamily::V6, aaaa)] {
+                if matches!(r, None | Some(FamilyAnswer::Failed(_))) {
+                    ips.extend(prev.addrs.iter().filter(|ip| family.holds(ip)));
+                }
+            }
+        }
         let addrs = order(ips, entry.answer.as_ref().map(|x| &x.addrs[..]));
         let forbidden = self.first_forbidden(&addrs);
         if let Some((ip, why)) = forbidden {
@@ -655,10 +672,14 @@ impl Inner {
         entry.generation
     }
 
-    /// Adds the addresses of a family that answered after the answer was published.
-    fn merge_late(&self, name: &str, generation: u64, late: &FamilyAnswer) {
-        let FamilyAnswer::Addrs { ips, ttl } = late else {
-            return;
+    /// Applies the answer of a family that came after the answer was published: its addresses
+    /// replace that family's (kept from the previous answer meanwhile); an empty answer removes
+    /// them; a failure changes nothing.
+    fn merge_late(&self, name: &str, generation: u64, family: IpFamily, late: &FamilyAnswer) {
+        let (ips, ttl) = match late {
+            FamilyAnswer::Addrs { ips, ttl } => (&ips[..], Some(*ttl)),
+            FamilyAnswer::Empty { .. } => (&[][..], None),
+            FamilyAnswer::Failed(_) => return,
         };
         let mut cache = self.cache.lock();
         let Some(entry) = cache.peek_mut(name) else {
@@ -670,12 +691,23 @@ impl Inner {
         let Some(answer) = entry.answer.as_mut() else {
             return;
         };
-        let mut all: Vec<IpAddr> = answer.addrs.to_vec();
-        all.extend(ips.iter().filter(|ip| !answer.addrs.contains(ip)));
+        let mut all: Vec<IpAddr> = answer
+            .addrs
+            .iter()
+            .copied()
+            .filter(|ip| !family.holds(ip))
+            .collect();
+        if all.is_empty() && ips.is_empty() {
+            return;
+        }
+        all.extend_from_slice(ips);
         let addrs = order(all, Some(&answer.addrs));
         answer.forbidden = self.first_forbidden(&addrs);
         answer.addrs = addrs.into();
-        let ttl = (*ttl).clamp(self.cfg.min_ttl, self.cfg.max_ttl);
+        let Some(ttl) = ttl else {
+            return;
+        };
+        let ttl = ttl.clamp(self.cfg.min_ttl, self.cfg.max_ttl);
         let now = Instant::now();
         if now + ttl < answer.expires {
             answer.refresh_at = now + ttl.mul_f64(REFRESH_AHEAD);

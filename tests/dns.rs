@@ -418,3 +418,105 @@ async fn dns_failures_are_sentences() {
     }
     gw.stop().await;
 }
+
+/// A resolver asking `dns` only: TTLs as given (floor 0), hosts file off, 300 ms per attempt.
+fn bare_resolver(dns: &LabDns) -> edgepool::dns::Resolver {
+    let mut cfg = edgepool::dns::DnsConfig {
+        servers: vec![dns.addr()],
+        min_ttl: Duration::ZERO,
+        hosts_file: None,
+        timeout: Duration::from_millis(300),
+        attempts: 1,
+        ..Default::default()
+    };
+    cfg.family_grace = Duration::from_millis(50);
+    edgepool::dns::Resolver::new(
+        cfg,
+        edgepool::guard::TargetPolicy::new(vec![
+            "127.0.0.0/8".parse().unwrap(),
+            "::1/128".parse().unwrap(),
+        ]),
+        &mut prometheus_client::registry::Registry::default(),
+    )
+}
+
+/// Resolves `name` until `done` holds for its addresses (each call may start a background
+/// refresh); at most 5 s.
+async fn resolve_until(
+    r: &edgepool::dns::Resolver,
+    name: &str,
+    done: impl Fn(&[IpAddr]) -> bool,
+) -> Vec<IpAddr> {
+    let t0 = Instant::now();
+    loop {
+        let got = r.resolve(name).await.unwrap().addrs.to_vec();
+        if done(&got) || t0.elapsed() > Duration::from_secs(5) {
+            return got;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_refresh_whose_aaaa_times_out_keeps_the_ipv6_addresses() {
+    let dns = LabDns::start(zone(&[("dual.test", &["127.0.0.1", "::1"])], 0))
+        .await
+        .unwrap();
+    let r = bare_resolver(&dns);
+    let first = r.resolve("dual.test").await.unwrap();
+    assert_eq!(&*first.addrs, &[ip("127.0.0.1"), ip("::1")]);
+
+    // AAAA goes silent and A moves: the refresh brings the new A, keeps the old AAAA.
+    dns.set_handler(Arc::new(|q: &DnsQuery| match q.qtype {
+        QType::A => Reply::Addrs(vec![ip("127.0.0.3")], 0),
+        _ => Reply::Drop,
+    }));
+    let got = resolve_until(&r, "dual.test", |a| a.contains(&ip("127.0.0.3"))).await;
+    assert_eq!(
+        got,
+        vec![ip("127.0.0.3"), ip("::1")],
+        "IPv6 kept while AAAA fails"
+    );
+    // Let the silent AAAA time out; the address stays.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let got = r.resolve("dual.test").await.unwrap();
+    assert!(got.addrs.contains(&ip("::1")), "{:?}", got.addrs);
+
+    // Now AAAA answers NODATA: the name has no IPv6 address any more, and it goes.
+    dns.set_handler(Arc::new(|q: &DnsQuery| match q.qtype {
+        QType::A => Reply::Addrs(vec![ip("127.0.0.3")], 0),
+        _ => Reply::NoData,
+    }));
+    let got = resolve_until(&r, "dual.test", |a| !a.contains(&ip("::1"))).await;
+    assert_eq!(
+        got,
+        vec![ip("127.0.0.3")],
+        "an empty AAAA answer drops IPv6"
+    );
+}
+
+#[tokio::test]
+async fn a_refresh_that_turns_forbidden_refuses_the_name() {
+    let dns = LabDns::start(zone(&[("turn.test", &["127.0.0.1"])], 0))
+        .await
+        .unwrap();
+    let r = bare_resolver(&dns);
+    assert!(r.resolve("turn.test").await.is_ok());
+    dns.set_handler(zone(&[("turn.test", &["127.0.0.1", "10.0.0.9"])], 0));
+    let t0 = Instant::now();
+    let err = loop {
+        match r.resolve("turn.test").await {
+            Ok(ok) => assert_eq!(&*ok.addrs, &[ip("127.0.0.1")], "only the checked answer"),
+            Err(e) => break e,
+        }
+        assert!(t0.elapsed() < Duration::from_secs(5), "never refused");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(
+        err,
+        edgepool::dns::ResolveError::Forbidden {
+            ip: ip("10.0.0.9"),
+            why: "private (RFC 1918)"
+        }
+    );
+}
