@@ -3,7 +3,7 @@
 # Runs `cargo bench --bench dns_cache` and prints criterion's median and mean estimates.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-cargo bench --bench dns_cache >/dev/null
+cargo bench --bench dns_cache >target/dns_cache_bench.log 2>&1 || { cat target/dns_cache_bench.log; exit 1; }
 printf '%-22s %12s %12s\n' case "p50 (ns)" "mean (ns)"
 for d in target/criterion/dns_stage/*/new; do
     name=$(basename "$(dirname "$d")")
