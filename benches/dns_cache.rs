@@ -55,7 +55,9 @@ fn dns_stage(c: &mut Criterion) {
     assert_eq!(warm.source, Source::Fresh, "then it is a cache hit");
 
     // The forwarder's DNS stage, in a real gateway.
-    let gw = rt.block_on(async { edgepool::gateway::Gateway::new(cfg) }).unwrap();
+    let gw = rt
+        .block_on(async { edgepool::gateway::Gateway::new(cfg) })
+        .unwrap();
     let fwd = gw.forwarder();
     rt.block_on(fwd.resolve_checked("warm.bench.test", 443))
         .unwrap();

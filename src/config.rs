@@ -719,7 +719,8 @@ pub struct UpstreamConfig {
     /// either way.
     pub dns_servers: Vec<SocketAddr>,
     /// How long past its TTL an answer keeps serving while it is being refreshed or the
-    /// resolver fails (RFC 8767 serve-stale). Default [`DEFAULT_DNS_STALE_TTL`] (1 h).
+    /// resolver fails (RFC 8767 serve-stale). Default [`DEFAULT_DNS_STALE_TTL`] (1 h). `0s`
+    /// turns serve-stale off: a request for an expired name waits for its refresh.
     #[serde(with = "humantime_serde")]
     pub dns_stale_ttl: Duration,
     /// How long one DNS attempt waits for an answer. Default [`DEFAULT_DNS_TIMEOUT`] (1 s).

@@ -520,3 +520,42 @@ async fn a_refresh_that_turns_forbidden_refuses_the_name() {
         }
     );
 }
+
+#[tokio::test]
+async fn every_request_that_waited_for_dns_is_traced() {
+    let origin = Origin::start(OriginConfig::default()).await;
+    let dns = LabDns::start(zone(&[("traced.test", &["127.0.0.1"])], 0))
+        .await
+        .unwrap();
+    // No serve-stale and TTL 0: every request waits for a lookup, on a warm connection.
+    let gw = gateway(dns.addr(), |c| {
+        c.upstream.dns_min_ttl = Duration::ZERO;
+        c.upstream.dns_stale_ttl = Duration::ZERO;
+        c.trace.sample_rate = 0.0;
+    })
+    .await;
+    let mut trace = gw.gw.telemetry().subscribe_trace();
+    let client = worker(&gw);
+    let url = format!("http://traced.test:{}/", origin.port());
+    for _ in 0..3 {
+        assert_eq!(fetch(&client, &url).await.0, 200);
+    }
+    let mut records = Vec::new();
+    while let Ok(line) = trace.try_recv() {
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        if v["kind"] == "request" {
+            records.push(v);
+        }
+    }
+    assert_eq!(records.len(), 3, "{records:#?}");
+    assert_eq!(records[0]["reused"], false);
+    for r in &records[1..] {
+        assert_eq!(r["reused"], true, "{r}");
+    }
+    for r in &records {
+        assert_eq!(r["dns"], "miss", "{r}");
+        assert!(r["dns_ms"].as_f64().is_some(), "{r}");
+    }
+    assert_eq!(origin.accepted(), 1);
+    gw.stop().await;
+}
