@@ -1210,6 +1210,24 @@ impl UpstreamConfig {
                 ),
             ));
         }
+        if self.dns_max_ttl > Duration::from_secs(86_400) {
+            return Err(invalid(
+                "upstream.dns_max_ttl",
+                format!(
+                    "{} is more than 1 day; a moved target would be dialled at its old address that long",
+                    fmt_duration(self.dns_max_ttl)
+                ),
+            ));
+        }
+        if self.dns_stale_ttl > Duration::from_secs(7 * 86_400) {
+            return Err(invalid(
+                "upstream.dns_stale_ttl",
+                format!(
+                    "{} is more than 7 days (RFC 8767 suggests 1 to 3 days at the most)",
+                    fmt_duration(self.dns_stale_ttl)
+                ),
+            ));
+        }
         positive("upstream.dns_timeout", self.dns_timeout)?;
         if self.dns_timeout > Duration::from_secs(30) {
             return Err(invalid(
@@ -1782,6 +1800,18 @@ mod tests {
                 "[upstream]\ndns_min_ttl = \"10m\"\ndns_max_ttl = \"5m\"",
                 "upstream.dns_min_ttl",
             ),
+            ("[upstream]\ndns_max_ttl = \"2d\"", "upstream.dns_max_ttl"),
+            ("[upstream]\ndns_stale_ttl = \"30d\"", "upstream.dns_stale_ttl"),
+            ("[upstream]\ndns_timeout = \"0s\"", "upstream.dns_timeout"),
+            ("[upstream]\ndns_timeout = \"1m\"", "upstream.dns_timeout"),
+            ("[upstream]\ndns_attempts = 0", "upstream.dns_attempts"),
+            ("[upstream]\ndns_attempts = 9", "upstream.dns_attempts"),
+            (
+                "[upstream]\ndns_family_grace = \"2s\"",
+                "upstream.dns_family_grace",
+            ),
+            ("[upstream]\ndns_cache_size = 0", "upstream.dns_cache_size"),
+            ("[upstream]\nhosts_file = \"/\"", "upstream.hosts_file"),
             ("[intercept]\npassthrough = [\"\"]", "intercept.passthrough"),
             (
                 "[intercept]\npassthrough = [\"*\"]",

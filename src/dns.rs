@@ -388,7 +388,7 @@ impl Resolver {
                 };
                 let out = a.outcome(source);
                 if now >= a.refresh_at
-                    && entry.lookup.is_none()
+                    && !running(&entry.lookup)
                     && entry.retry_at.is_none_or(|t| now >= t)
                 {
                     entry.lookup = Some(inner.start_lookup(name));
@@ -403,8 +403,8 @@ impl Resolver {
                 }
             }
             match &entry.lookup {
-                Some(rx) => (rx.clone(), Source::Joined),
-                None => {
+                Some(rx) if running(&entry.lookup) => (rx.clone(), Source::Joined),
+                _ => {
                     let rx = inner.start_lookup(name);
                     entry.lookup = Some(rx.clone());
                     (rx, Source::Lookup)
@@ -498,6 +498,12 @@ fn normalize(host: &str) -> std::borrow::Cow<'_, str> {
     } else {
         std::borrow::Cow::Borrowed(trimmed)
     }
+}
+
+/// Whether a lookup is under way (its task has not ended; a task that ended without
+/// publishing — it cannot, short of a panic — does not block the name forever).
+fn running(lookup: &Option<watch::Receiver<Option<Outcome>>>) -> bool {
+    lookup.as_ref().is_some_and(|rx| rx.has_changed().is_ok())
 }
 
 async fn wait(mut rx: watch::Receiver<Option<Outcome>>, source: Source) -> Outcome {
@@ -661,6 +667,8 @@ impl Inner {
             expires: now + ttl,
             stale_until: now + ttl + self.cfg.stale_ttl,
         };
+        // (Config validation caps dns_max_ttl at 1 day and dns_stale_ttl at 7 days, so these
+        // sums cannot overflow an Instant.)
         let _ = tx.send(Some(answer.outcome(Source::Lookup)));
         entry.answer = Some(answer);
         entry.failure = None;
@@ -769,7 +777,8 @@ impl Inner {
     /// Starts the hosts-file watcher once, from inside the runtime. It holds a `Weak` and ends
     /// with the resolver.
     fn watch_hosts(self: &Arc<Self>) {
-        if self.watching.swap(true, Ordering::Relaxed) {
+        // A plain load first: the swap (a write) happens once, not on every request.
+        if self.watching.load(Ordering::Relaxed) || self.watching.swap(true, Ordering::Relaxed) {
             return;
         }
         let Ok(rt) = tokio::runtime::Handle::try_current() else {
