@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use edgepool::lab::dns::{DnsQuery, LabDns, QType, Reply};
 use gw::TestGateway;
-use support::{Origin, OriginConfig, TestCa};
+use support::{dns_answers as answers, metric, Origin, OriginConfig, TestCa};
 
 fn ip(s: &str) -> IpAddr {
     s.parse().unwrap()
@@ -48,26 +48,6 @@ async fn fetch(client: &reqwest::Client, url: &str) -> (u16, String, String) {
         .map(|v| v.to_str().unwrap().to_string())
         .unwrap_or_default();
     (status, token, r.text().await.unwrap())
-}
-
-/// The value of one sample in Prometheus text (`name{labels}`), 0 if absent.
-fn metric(text: &str, sample: &str) -> f64 {
-    text.lines()
-        .find_map(|l| {
-            l.strip_prefix(sample)?
-                .strip_prefix(' ')?
-                .trim()
-                .parse()
-                .ok()
-        })
-        .unwrap_or(0.0)
-}
-
-fn answers(text: &str, source: &str) -> f64 {
-    metric(
-        text,
-        &format!("edgepool_dns_answers_total{{source=\"{source}\"}}"),
-    )
 }
 
 /// A gateway asking `dns` only, with the hosts file off unless the tweak sets one.

@@ -19,7 +19,7 @@ use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use support::{Origin, OriginConfig};
+use support::{dns_answers as answers, metric, Origin, OriginConfig};
 
 /// The hosts file the tests start with.
 const LISTED: &str = "127.0.0.1 listed.test\n";
@@ -278,26 +278,6 @@ async fn fetch(client: &reqwest::Client, url: &str) -> (u16, String, String, Dur
         .unwrap_or_default();
     let body = r.text().await.unwrap();
     (status, token, body, t0.elapsed())
-}
-
-/// The value of one sample in Prometheus text (`name{labels}`), 0 if absent.
-fn metric(text: &str, sample: &str) -> f64 {
-    text.lines()
-        .find_map(|l| {
-            l.strip_prefix(sample)?
-                .strip_prefix(' ')?
-                .trim()
-                .parse()
-                .ok()
-        })
-        .unwrap_or(0.0)
-}
-
-fn answers(text: &str, source: &str) -> f64 {
-    metric(
-        text,
-        &format!("edgepool_dns_answers_total{{source=\"{source}\"}}"),
-    )
 }
 
 /// DNS queries edgepool sent for `family` (A or AAAA), whatever their outcome.

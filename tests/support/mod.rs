@@ -116,3 +116,24 @@ fn is_executable(path: &Path) -> bool {
 fn is_executable(path: &Path) -> bool {
     path.is_file() || path.with_extension("exe").is_file()
 }
+
+/// The value of one sample in Prometheus text (`name{labels}`), 0 if absent.
+pub fn metric(text: &str, sample: &str) -> f64 {
+    text.lines()
+        .find_map(|l| {
+            l.strip_prefix(sample)?
+                .strip_prefix(' ')?
+                .trim()
+                .parse()
+                .ok()
+        })
+        .unwrap_or(0.0)
+}
+
+/// `edgepool_dns_answers_total{source="<source>"}` in Prometheus text.
+pub fn dns_answers(text: &str, source: &str) -> f64 {
+    metric(
+        text,
+        &format!("edgepool_dns_answers_total{{source=\"{source}\"}}"),
+    )
+}
