@@ -61,6 +61,13 @@ pub const FAILURE_HOLD: Duration = Duration::from_secs(1);
 /// After a failed background refresh, the next one waits this long (the last good answer keeps
 /// serving meanwhile).
 pub const REFRESH_RETRY: Duration = Duration::from_secs(5);
+/// A background refresh that finds every lookup slot taken (`limits.max_dns_in_flight`) is
+/// skipped and tried again after this long (the cached answer keeps serving).
+pub const REFRESH_BUSY_RETRY: Duration = Duration::from_secs(1);
+/// Caps applied whatever the configuration says (validation refuses more), so clock sums
+/// cannot overflow.
+const MAX_TTL_CAP: Duration = Duration::from_secs(86_400);
+const MAX_STALE_CAP: Duration = Duration::from_secs(7 * 86_400);
 /// How often the hosts file is checked for changes.
 pub const HOSTS_POLL: Duration = Duration::from_secs(1);
 
@@ -211,6 +218,8 @@ struct Inner {
     watching: AtomicBool,
     /// Bounds lookups at once (`limits.max_dns_in_flight`).
     in_flight: Semaphore,
+    /// Ids of lookups and answer generations.
+    next_id: std::sync::atomic::AtomicU64,
     metrics: DnsMetrics,
 }
 
@@ -220,13 +229,20 @@ struct Entry {
     /// The last good answer (or a forbidden one), with its clocks.
     answer: Option<Answer>,
     /// The lookup under way for this name, if any: waiters subscribe, nobody starts another.
-    lookup: Option<watch::Receiver<Option<Outcome>>>,
+    lookup: Option<Pending>,
     /// A failed lookup, answered until the instant (only when there is no usable answer).
     failure: Option<(ResolveError, Instant)>,
     /// No background refresh before this (set after a refresh failed).
     retry_at: Option<Instant>,
-    /// Bumped at every new answer, so a late address family merges only into its own answer.
+    /// Set at every new answer (from [`Inner::next_id`]), so a late address family merges only
+    /// into its own answer, even across an eviction.
     generation: u64,
+}
+
+/// A lookup under way: its id (only it may clear itself from the entry) and its outcome.
+struct Pending {
+    id: u64,
+    rx: watch::Receiver<Option<Outcome>>,
 }
 
 struct Answer {
@@ -287,6 +303,8 @@ enum FamilyFailure {
     ServerFailure(String),
     Unreachable(String),
     Other(String),
+    /// Never sent: every lookup slot stayed taken.
+    Busy,
 }
 
 impl FamilyAnswer {
@@ -303,6 +321,7 @@ impl FamilyAnswer {
             FamilyAnswer::Failed(FamilyFailure::ServerFailure(_)) => "servfail",
             FamilyAnswer::Failed(FamilyFailure::Unreachable(_)) => "unreachable",
             FamilyAnswer::Failed(FamilyFailure::Other(_)) => "error",
+            FamilyAnswer::Failed(FamilyFailure::Busy) => "busy",
         }
     }
 }
@@ -311,7 +330,17 @@ impl Resolver {
     /// A resolver with `cfg`, checking answers against `policy`, its metrics registered in
     /// `registry`. Reads the hosts file once now; a background task re-reads it on change once
     /// the first lookup runs inside a Tokio runtime.
-    pub fn new(cfg: DnsConfig, policy: TargetPolicy, registry: &mut Registry) -> Resolver {
+    pub fn new(mut cfg: DnsConfig, policy: TargetPolicy, registry: &mut Registry) -> Resolver {
+        // What `Config::validate` enforces, again here for callers that build a DnsConfig by
+        // hand: the clock arithmetic below relies on it.
+        cfg.max_ttl = cfg.max_ttl.min(MAX_TTL_CAP);
+        cfg.min_ttl = cfg.min_ttl.min(cfg.max_ttl);
+        cfg.stale_ttl = cfg.stale_ttl.min(MAX_STALE_CAP);
+        cfg.timeout = cfg
+            .timeout
+            .clamp(Duration::from_millis(1), Duration::from_secs(30));
+        cfg.attempts = cfg.attempts.clamp(1, 5);
+        cfg.family_grace = cfg.family_grace.min(cfg.timeout);
         let (dns, servers) = build_hickory(&cfg);
         let hosts = cfg.hosts_file.as_deref().map(HostsFile::open);
         let metrics = DnsMetrics::register(registry);
@@ -324,6 +353,7 @@ impl Resolver {
                 hosts,
                 watching: AtomicBool::new(false),
                 in_flight: Semaphore::new(cfg.max_in_flight.max(1)),
+                next_id: std::sync::atomic::AtomicU64::new(1),
                 metrics,
                 policy,
                 cfg,
@@ -391,7 +421,7 @@ impl Resolver {
                     && !running(&entry.lookup)
                     && entry.retry_at.is_none_or(|t| now >= t)
                 {
-                    entry.lookup = Some(inner.start_lookup(name));
+                    entry.lookup = Some(inner.start_lookup(name, true));
                 }
                 inner.metrics.answered(source);
                 return out;
@@ -403,10 +433,11 @@ impl Resolver {
                 }
             }
             match &entry.lookup {
-                Some(rx) if running(&entry.lookup) => (rx.clone(), Source::Joined),
+                Some(p) if running(&entry.lookup) => (p.rx.clone(), Source::Joined),
                 _ => {
-                    let rx = inner.start_lookup(name);
-                    entry.lookup = Some(rx.clone());
+                    let pending = inner.start_lookup(name, false);
+                    let rx = pending.rx.clone();
+                    entry.lookup = Some(pending);
                     (rx, Source::Lookup)
                 }
             }
@@ -502,36 +533,67 @@ fn normalize(host: &str) -> std::borrow::Cow<'_, str> {
 
 /// Whether a lookup is under way (its task has not ended; a task that ended without
 /// publishing — it cannot, short of a panic — does not block the name forever).
-fn running(lookup: &Option<watch::Receiver<Option<Outcome>>>) -> bool {
-    lookup.as_ref().is_some_and(|rx| rx.has_changed().is_ok())
+fn running(lookup: &Option<Pending>) -> bool {
+    lookup.as_ref().is_some_and(|p| p.rx.has_changed().is_ok())
 }
 
 async fn wait(mut rx: watch::Receiver<Option<Outcome>>, source: Source) -> Outcome {
     let outcome = match rx.wait_for(Option::is_some).await {
         Ok(v) => v.clone().expect("waited for Some"),
         Err(_) => Err(ResolveError::Failed(Arc::from(
-            "the lookup was abandoned (edgepool is shutting down)",
+            "the lookup ended without an answer (edgepool is shutting down, or a bug: see the log)",
         ))),
     };
     outcome.map(|r| Resolved { source, ..r })
 }
 
 impl Inner {
-    /// Spawns the lookup of `name`; the receiver sees its first outcome.
-    fn start_lookup(self: &Arc<Self>, name: &str) -> watch::Receiver<Option<Outcome>> {
+    fn next_id(&self) -> u64 {
+        self.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Spawns the lookup of `name` (a background `refresh`, or one requests wait for); the
+    /// receiver sees its first outcome.
+    fn start_lookup(self: &Arc<Self>, name: &str, refresh: bool) -> Pending {
         let (tx, rx) = watch::channel(None);
         let inner = self.clone();
         let name: Box<str> = name.into();
-        tokio::spawn(async move { inner.lookup(name, tx).await });
-        rx
+        let id = self.next_id();
+        tokio::spawn(async move { inner.lookup(name, id, refresh, tx).await });
+        Pending { id, rx }
     }
 
     /// Asks A and AAAA together. Publishes as soon as one family has addresses and the other
-    /// has answered or had `family_grace`; merges the late family when it arrives.
-    async fn lookup(self: Arc<Self>, name: Box<str>, tx: watch::Sender<Option<Outcome>>) {
-        let _turn = self.in_flight.acquire().await.ok();
-        let mut a = Box::pin(self.ask(&name, IpFamily::V4));
-        let mut b = Box::pin(self.ask(&name, IpFamily::V6));
+    /// has answered or had `family_grace`; merges the late family when it arrives. The whole
+    /// lookup, a wait for a slot (`limits.max_dns_in_flight`) included, ends by
+    /// `timeout` × `attempts`; a refresh that finds no free slot is skipped instead.
+    async fn lookup(
+        self: Arc<Self>,
+        name: Box<str>,
+        id: u64,
+        refresh: bool,
+        tx: watch::Sender<Option<Outcome>>,
+    ) {
+        let deadline = Instant::now() + self.cfg.lookup_limit();
+        let turn = if refresh {
+            self.in_flight.try_acquire().ok()
+        } else {
+            tokio::time::timeout_at(deadline, self.in_flight.acquire())
+                .await
+                .ok()
+                .and_then(Result::ok)
+        };
+        let Some(turn) = turn else {
+            if refresh {
+                self.skip_refresh(&name, id);
+            } else {
+                let busy = FamilyAnswer::Failed(FamilyFailure::Busy);
+                self.publish(&name, id, Some(&busy), Some(&busy), &tx);
+            }
+            return;
+        };
+        let mut a = Box::pin(self.ask(&name, IpFamily::V4, deadline));
+        let mut b = Box::pin(self.ask(&name, IpFamily::V6, deadline));
         let (mut ra, mut rb) = (None, None);
         loop {
             tokio::select! {
@@ -553,7 +615,9 @@ impl Inner {
                 break;
             }
         }
-        let generation = self.publish(&name, ra.as_ref(), rb.as_ref(), &tx);
+        let generation = self.publish(&name, id, ra.as_ref(), rb.as_ref(), &tx);
+        // The answer is out: the slot is free for others while a late family finishes.
+        drop(turn);
         drop(tx);
         if ra.is_none() {
             let late = a.await;
@@ -565,13 +629,23 @@ impl Inner {
         }
     }
 
-    /// One family's query, bounded by `timeout` × `attempts` whatever the resolver does.
-    async fn ask(&self, name: &str, family: IpFamily) -> FamilyAnswer {
+    /// A refresh found no free slot: clear it, so a later request tries again.
+    fn skip_refresh(&self, name: &str, id: u64) {
+        let mut cache = self.cache.lock();
+        if let Some(entry) = cache.peek_mut(name) {
+            if entry.lookup.as_ref().is_some_and(|p| p.id == id) {
+                entry.lookup = None;
+                entry.retry_at = Some(Instant::now() + REFRESH_BUSY_RETRY);
+            }
+        }
+    }
+
+    /// One family's query, ended at `deadline` whatever the resolver does.
+    async fn ask(&self, name: &str, family: IpFamily, deadline: Instant) -> FamilyAnswer {
         let t0 = Instant::now();
-        let limit = self.cfg.lookup_limit();
         let res = match family {
-            IpFamily::V4 => tokio::time::timeout(limit, self.dns.ipv4_lookup(name)).await,
-            IpFamily::V6 => tokio::time::timeout(limit, self.dns.ipv6_lookup(name)).await,
+            IpFamily::V4 => tokio::time::timeout_at(deadline, self.dns.ipv4_lookup(name)).await,
+            IpFamily::V6 => tokio::time::timeout_at(deadline, self.dns.ipv6_lookup(name)).await,
         };
         let answer = match res {
             Err(_) => FamilyAnswer::Failed(FamilyFailure::Timeout),
@@ -604,6 +678,7 @@ impl Inner {
     fn publish(
         &self,
         name: &str,
+        id: u64,
         a: Option<&FamilyAnswer>,
         aaaa: Option<&FamilyAnswer>,
         tx: &watch::Sender<Option<Outcome>>,
@@ -626,7 +701,10 @@ impl Inner {
             self.metrics.names.set(cache.len() as i64);
         }
         let entry = cache.get_mut(name).expect("present");
-        entry.lookup = None;
+        // Only this lookup's own handle: after an eviction another lookup may own the entry.
+        if entry.lookup.as_ref().is_some_and(|p| p.id == id) {
+            entry.lookup = None;
+        }
         let refresh = entry.answer.is_some();
         let Some(ttl) = ttl else {
             let err = ResolveError::Failed(Arc::from(self.failure_sentence(a, aaaa)));
@@ -648,10 +726,15 @@ impl Inner {
         // A family that failed or has not answered yet keeps its previous addresses (serve-stale
         // per family): a refresh whose AAAA times out must not turn a dual-stack name into an
         // IPv4-only one, nor the reverse. An empty answer (NODATA, NXDOMAIN) does drop them.
-        if let Some(prev) = &entry.answer {
+        // Carried addresses never outlive their own answer's serve-stale window.
+        let mut carried_until: Option<Instant> = None;
+        if let Some(prev) = entry.answer.as_ref().filter(|p| now < p.stale_until) {
             for (family, r) in [(IpFamily::V4, a), (IpFamily::V6, aaaa)] {
-                if matches!(r, None | Some(FamilyAnswer::Failed(_))) {
+                if matches!(r, None | Some(FamilyAnswer::Failed(_)))
+                    && prev.addrs.iter().any(|ip| family.holds(ip))
+                {
                     ips.extend(prev.addrs.iter().filter(|ip| family.holds(ip)));
+                    carried_until = Some(prev.stale_until);
                 }
             }
         }
@@ -665,15 +748,16 @@ impl Inner {
             forbidden,
             refresh_at: now + ttl.mul_f64(REFRESH_AHEAD),
             expires: now + ttl,
-            stale_until: now + ttl + self.cfg.stale_ttl,
+            stale_until: carried_until.map_or(now + ttl + self.cfg.stale_ttl, |c| {
+                c.min(now + ttl + self.cfg.stale_ttl)
+            }),
         };
-        // (Config validation caps dns_max_ttl at 1 day and dns_stale_ttl at 7 days, so these
-        // sums cannot overflow an Instant.)
+        // (`new` caps max_ttl at 1 day and stale_ttl at 7 days: these sums cannot overflow.)
         let _ = tx.send(Some(answer.outcome(Source::Lookup)));
         entry.answer = Some(answer);
         entry.failure = None;
         entry.retry_at = None;
-        entry.generation += 1;
+        entry.generation = self.next_id();
         if refresh {
             self.metrics.refreshes_ok.inc();
         }
@@ -751,6 +835,11 @@ impl Inner {
                     format!("the server could not be reached ({why})")
                 }
                 Some(FamilyAnswer::Failed(FamilyFailure::Other(why))) => why.clone(),
+                Some(FamilyAnswer::Failed(FamilyFailure::Busy)) => format!(
+                    "not asked: all {} lookup slots (limits.max_dns_in_flight) stayed busy for {}",
+                    self.cfg.max_in_flight,
+                    humantime::format_duration(self.cfg.lookup_limit())
+                ),
                 Some(FamilyAnswer::Empty { nxdomain: true }) => "no such name (NXDOMAIN)".into(),
                 Some(FamilyAnswer::Empty { nxdomain: false })
                 | Some(FamilyAnswer::Addrs { .. }) => "no records".into(),
@@ -957,14 +1046,38 @@ impl HostsFile {
         self.table.read().get(name).cloned()
     }
 
-    /// Re-reads the file if it changed since the last read; whether it did.
+    /// Re-reads the file if it changed since the last read; whether it did. A file rewritten
+    /// in place while being read (its stamp moved meanwhile) is read again, so a half-written
+    /// file is not taken for the new one.
     fn reload_if_changed(&self) -> bool {
-        let now = stamp(&self.path);
+        let mut now = stamp(&self.path);
         let mut last = self.stamp.lock();
         if *last == now && now.is_some() {
             return false;
         }
-        let text = match now {
+        let mut text = self.read(now);
+        for _ in 0..3 {
+            let after = stamp(&self.path);
+            if after == now {
+                break;
+            }
+            now = after;
+            text = self.read(now);
+        }
+        let Some(text) = text else {
+            return false;
+        };
+        let table = parse_hosts(&text);
+        tracing::info!(path = %self.path.display(), names = table.len(), "hosts file read");
+        *self.table.write() = Arc::new(table);
+        *last = now;
+        true
+    }
+
+    /// The file's text (empty if it is gone), or `None` when it was never there and nothing
+    /// needs to change.
+    fn read(&self, now: Option<Stamp>) -> Option<String> {
+        Some(match now {
             Some(_) => match std::fs::read(&self.path) {
                 Ok(bytes) => String::from_utf8_lossy(&bytes).into_owned(),
                 Err(e) => {
@@ -972,14 +1085,9 @@ impl HostsFile {
                     String::new()
                 }
             },
-            None if last.is_none() && self.table.read().is_empty() => return false,
+            None if self.table.read().is_empty() => return None,
             None => String::new(),
-        };
-        let table = parse_hosts(&text);
-        tracing::info!(path = %self.path.display(), names = table.len(), "hosts file read");
-        *self.table.write() = Arc::new(table);
-        *last = now;
-        true
+        })
     }
 }
 

@@ -334,13 +334,33 @@ impl Forwarder {
 
     /// Resolves `host` and checks every address against the target policy; returns the
     /// address to connect to (the checked one — never re-resolved).
+    /// (The CONNECT path.) A CONNECT whose target waited for DNS, or found no usable
+    /// answer, is traced (`kind: "dns"`), like the requests that waited.
     pub async fn resolve_checked(
         &self,
         host: &str,
         port: u16,
     ) -> Result<(SocketAddr, Duration), EdgeError> {
-        let (addrs, took, _) = self.resolve_candidates(host, port).await?;
-        Ok((addrs[0], took))
+        let t0 = Instant::now();
+        let res = self.resolve_candidates(host, port).await;
+        let (source, error) = match &res {
+            Ok((_, _, source)) if !source.waited() => return res.map(|(a, took, _)| (a[0], took)),
+            Ok((_, _, source)) => (source.as_str(), None),
+            Err(e) => ("failed", Some(e.token)),
+        };
+        if self.telemetry.should_trace(false, error.is_some()) {
+            self.telemetry.trace(TraceRecord {
+                kind: "dns",
+                target: authority(host, port),
+                method: "CONNECT".into(),
+                dns_ms: Some(ms(t0.elapsed())),
+                dns: Some(source),
+                error,
+                status: error.and(res.as_ref().err().map(|e| e.status.as_u16())),
+                ..Default::default()
+            });
+        }
+        res.map(|(a, took, _)| (a[0], took))
     }
 
     /// The resolver (for its cache figures).
@@ -415,8 +435,16 @@ impl Forwarder {
         let started = Instant::now();
         let mut exit_tried: Option<Arc<str>> = None;
         let mut earlier_sent = Sent::None;
+        let mut dns_stage = None;
         let res = self
-            .forward_inner(&out, &target, started, &mut exit_tried, &mut earlier_sent)
+            .forward_inner(
+                &out,
+                &target,
+                started,
+                &mut exit_tried,
+                &mut earlier_sent,
+                &mut dns_stage,
+            )
             .await
             // A retry that fails before sending anything does not undo the first attempt:
             // the worker must hear that the request may have reached the target.
@@ -431,6 +459,8 @@ impl Forwarder {
                     method: out.method.to_string(),
                     status: Some(e.status.as_u16()),
                     error: Some(e.token),
+                    dns_ms: dns_stage.map(|(d, _)| ms(d)),
+                    dns: dns_stage.map(|(_, s)| s),
                     total_ms: Some(ms(started.elapsed())),
                     ..Default::default()
                 });
@@ -446,8 +476,22 @@ impl Forwarder {
         started: Instant,
         exit_tried: &mut Option<Arc<str>>,
         earlier_sent: &mut Sent,
+        dns_stage: &mut Option<(Duration, &'static str)>,
     ) -> Result<(Response<ProxyBody>, Meta), EdgeError> {
-        let (candidates, dns, dns_source) = self.resolve_candidates(&out.host, out.port).await?;
+        let t_dns = Instant::now();
+        let (candidates, dns, dns_source) = match self.resolve_candidates(&out.host, out.port).await
+        {
+            Ok(v) => {
+                *dns_stage = Some((v.1, v.2.as_str()));
+                v
+            }
+            Err(e) => {
+                // No usable answer (failed, forbidden, or edgepool itself): the trace says how
+                // long the DNS stage took.
+                *dns_stage = Some((t_dns.elapsed(), "failed"));
+                return Err(e);
+            }
+        };
         self.retry_budget.deposit();
         let mut candidate = 0;
         let verify = !self

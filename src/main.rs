@@ -296,7 +296,6 @@ fn runtime() -> tokio::runtime::Runtime {
         .expect("tokio runtime")
 }
 
-#[allow(clippy::too_many_arguments)]
 /// How `edgepool lab` names its targets.
 #[derive(clap::Args, Debug)]
 struct LabNameArgs {

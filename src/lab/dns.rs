@@ -1,6 +1,7 @@
 //! A scripted DNS server on loopback UDP, for the lab's named targets and for tests: a handler
 //! decides each query's reply (addresses with a TTL, NODATA, NXDOMAIN, REFUSED, SERVFAIL, a
-//! delay, or silence), and every query is counted per name and type. Messages are parsed and
+//! delay, or silence), and every query is counted per name and type (a retransmission, same
+//! message id, is the same query). Messages are parsed and
 //! written with hickory-proto, so the resolver under test talks to a real DNS wire format.
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -59,7 +60,11 @@ pub type Handler = Arc<dyn Fn(&DnsQuery) -> Reply + Send + Sync>;
 
 struct State {
     handler: RwLock<Handler>,
+    /// Distinct queries per name and type.
     counts: Mutex<HashMap<(String, QType), u64>>,
+    /// Each distinct query (name, type, message id) and its `nth`: a resolver's retransmission
+    /// of a query it got no answer to (same id) is the same query, answered the same way.
+    seen: Mutex<HashMap<(String, QType, u16), u64>>,
 }
 
 /// The server; stops when dropped.
@@ -82,6 +87,7 @@ impl LabDns {
         let state = Arc::new(State {
             handler: RwLock::new(handler),
             counts: Mutex::new(HashMap::new()),
+            seen: Mutex::new(HashMap::new()),
         });
         let st = state.clone();
         let task = tokio::spawn(async move {
@@ -103,12 +109,17 @@ impl LabDns {
                     RecordType::AAAA => QType::Aaaa,
                     _ => QType::Other,
                 };
-                let nth = {
-                    let mut counts = st.counts.lock();
-                    let c = counts.entry((name.clone(), qtype)).or_insert(0);
-                    *c += 1;
-                    *c - 1
-                };
+                let id = query.metadata.id;
+                let nth = *st
+                    .seen
+                    .lock()
+                    .entry((name.clone(), qtype, id))
+                    .or_insert_with(|| {
+                        let mut counts = st.counts.lock();
+                        let c = counts.entry((name.clone(), qtype)).or_insert(0);
+                        *c += 1;
+                        *c - 1
+                    });
                 let reply = (st.handler.read())(&DnsQuery { name, qtype, nth });
                 let sock = sock.clone();
                 tokio::spawn(async move {
@@ -136,7 +147,8 @@ impl LabDns {
         *self.state.handler.write() = handler;
     }
 
-    /// Queries received for `name` of type `qtype`.
+    /// Distinct queries received for `name` of type `qtype` (retransmissions of one query —
+    /// same message id — count once).
     pub fn queries(&self, name: &str, qtype: QType) -> u64 {
         self.state
             .counts
@@ -146,7 +158,7 @@ impl LabDns {
             .unwrap_or(0)
     }
 
-    /// Queries received in all.
+    /// Distinct queries received in all.
     pub fn total_queries(&self) -> u64 {
         self.state.counts.lock().values().sum()
     }
