@@ -532,6 +532,7 @@ fn client_main() {
             extra_ca_files: vec![dir.join("ca.pem")],
             default_max_streams: 100,
             ports: None,
+            resolver: None,
         })
         .expect("dialer");
         let exits = Exits::new(

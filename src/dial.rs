@@ -410,6 +410,9 @@ pub struct DialConfig {
     pub default_max_streams: usize,
     /// The ephemeral-port budget: new dials wait while it is nearly used up.
     pub ports: Option<crate::portguard::PortGuard>,
+    /// Resolves exit proxies' host names (cached, bounded; see [`crate::dns`]). `None`: the
+    /// system's `getaddrinfo` at every dial.
+    pub resolver: Option<crate::dns::Resolver>,
 }
 
 /// The pool's [`Connector`]: dials [`UpstreamKey`]s.
@@ -533,9 +536,26 @@ impl Dialer {
             }
             let proxy = (node.spec.host.as_str(), node.spec.port);
             let mut last = None;
-            let addrs = tokio::net::lookup_host(proxy)
-                .await
-                .map_err(|e| (SocketAddr::from(([0, 0, 0, 0], node.spec.port)), e))?;
+            let unresolved = SocketAddr::from(([0, 0, 0, 0], node.spec.port));
+            let addrs: Vec<SocketAddr> = match &cfg.resolver {
+                Some(r) => r
+                    .resolve_configured(&node.spec.host)
+                    .await
+                    .map_err(|e| {
+                        (
+                            unresolved,
+                            io::Error::new(io::ErrorKind::NotFound, e.to_string()),
+                        )
+                    })?
+                    .addrs
+                    .iter()
+                    .map(|ip| SocketAddr::new(*ip, node.spec.port))
+                    .collect(),
+                None => tokio::net::lookup_host(proxy)
+                    .await
+                    .map_err(|e| (unresolved, e))?
+                    .collect(),
+            };
             for a in addrs {
                 match TcpStream::connect(a).await {
                     Ok(s) => return Ok(s),

@@ -204,6 +204,15 @@ pub struct Resolver {
     inner: Arc<Inner>,
 }
 
+impl std::fmt::Debug for Resolver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Resolver")
+            .field("servers", &self.inner.servers)
+            .field("cached_names", &self.cached_names())
+            .finish_non_exhaustive()
+    }
+}
+
 struct Inner {
     dns: hickory_resolver::TokioResolver,
     cfg: DnsConfig,
@@ -363,8 +372,20 @@ impl Resolver {
 
     /// The addresses of `host` (lower-case, IPv6 without brackets). Answers from the hosts file
     /// or the cache at once; waits only for a name never seen, or whose answer is past
-    /// `stale_ttl` (or just failed).
+    /// `stale_ttl` (or just failed). An answer holding an address the target policy refuses
+    /// is [`ResolveError::Forbidden`].
     pub async fn resolve(&self, host: &str) -> Result<Resolved, ResolveError> {
+        self.lookup(host, true).await
+    }
+
+    /// Like [`resolve`](Self::resolve) for names the operator configured (exit proxies), which
+    /// may well be private addresses: the target policy does not apply. Same cache, same
+    /// hosts file, same bounds — a dead resolver does not stall dials to a known exit either.
+    pub async fn resolve_configured(&self, host: &str) -> Result<Resolved, ResolveError> {
+        self.lookup(host, false).await
+    }
+
+    async fn lookup(&self, host: &str, checked: bool) -> Result<Resolved, ResolveError> {
         if let Ok(ip) = host.parse::<IpAddr>() {
             self.inner.metrics.answered(Source::Literal);
             return Ok(Resolved {
@@ -416,7 +437,14 @@ impl Resolver {
                 } else {
                     Source::Stale
                 };
-                let out = a.outcome(source);
+                let out = if checked {
+                    a.outcome(source)
+                } else {
+                    Ok(Resolved {
+                        addrs: a.addrs.clone(),
+                        source,
+                    })
+                };
                 if now >= a.refresh_at
                     && !running(&entry.lookup)
                     && entry.retry_at.is_none_or(|t| now >= t)
@@ -443,7 +471,22 @@ impl Resolver {
             }
         };
         inner.metrics.answered(source);
-        wait(rx, source).await
+        match wait(rx, source).await {
+            // The policy is not this caller's business: the addresses, unchecked.
+            Err(ResolveError::Forbidden { .. }) if !checked => {
+                let mut cache = inner.cache.lock();
+                match cache.get(name).and_then(|e| e.answer.as_ref()) {
+                    Some(a) => Ok(Resolved {
+                        addrs: a.addrs.clone(),
+                        source,
+                    }),
+                    None => Err(ResolveError::Failed(Arc::from(
+                        "the answer left the cache before it could be read",
+                    ))),
+                }
+            }
+            other => other,
+        }
     }
 
     /// Names in the cache now.

@@ -93,6 +93,12 @@ impl Gateway {
         for host in &cfg.upstream.insecure_skip_verify {
             tracing::warn!(host = %host, "certificate verification is OFF for this target (upstream.insecure_skip_verify)");
         }
+        let mut registry = prometheus_client::registry::Registry::default();
+        let resolver = Resolver::new(
+            DnsConfig::from_config(&cfg),
+            TargetPolicy::new(cfg.targets.allow.clone()),
+            &mut registry,
+        );
         let dialer = Dialer::new(DialConfig {
             connect_timeout: cfg.upstream.connect_timeout,
             tls_handshake_timeout: cfg.upstream.tls_handshake_timeout,
@@ -100,14 +106,9 @@ impl Gateway {
             extra_ca_files: cfg.upstream.extra_ca_files.clone(),
             default_max_streams: DEFAULT_H2_MAX_STREAMS,
             ports: Some(ports.clone()),
+            resolver: Some(resolver.clone()),
         })
         .map_err(StartError::Tls)?;
-        let mut registry = prometheus_client::registry::Registry::default();
-        let resolver = Resolver::new(
-            DnsConfig::from_config(&cfg),
-            TargetPolicy::new(cfg.targets.allow.clone()),
-            &mut registry,
-        );
         let telemetry = Arc::new(Telemetry::with_registry(
             registry,
             cfg.slo.clone(),

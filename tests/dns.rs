@@ -703,3 +703,40 @@ async fn a_name_evicted_while_its_lookup_runs_still_resolves() {
     assert_eq!(&*slow.await.unwrap().unwrap().addrs, &[ip("127.0.0.1")]);
     assert_eq!(r.cached_names(), 1);
 }
+
+#[tokio::test]
+async fn exit_proxies_named_in_the_hosts_file_are_dialled_without_dns() {
+    use support::{FakeExit, FakeExitConfig};
+    let origin = Origin::start(OriginConfig::default()).await;
+    let exit = FakeExit::start(FakeExitConfig::socks5(std::net::Ipv4Addr::LOCALHOST)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let hosts = dir.path().join("hosts");
+    std::fs::write(&hosts, "127.0.0.1 exit.test\n").unwrap();
+    // A dead resolver: the exit's name must come from edgepool's hosts file and cache, not
+    // from getaddrinfo (which knows nothing of this file).
+    let dns = LabDns::start(LabDns::silent()).await.unwrap();
+    let gw = gateway(dns.addr(), |c| {
+        c.upstream.hosts_file = hosts.clone();
+        c.exits.pools.push(edgepool::config::ExitPoolConfig {
+            name: "named".into(),
+            nodes: vec![format!("socks5://exit.test:{}", exit.addr().port())],
+            session_template: None,
+            max_connections_per_node: None,
+        });
+        c.exits.default_pool = Some("named".into());
+    })
+    .await;
+    let client = worker(&gw);
+    for _ in 0..3 {
+        let (status, token, body) = fetch(&client, &origin.url("/")).await;
+        assert_eq!(status, 200, "{token} {body}");
+    }
+    assert_eq!(
+        exit.tunnels(),
+        1,
+        "one tunnel through the named exit, reused"
+    );
+    assert_eq!(dns.total_queries(), 0);
+    assert!(answers(&gw.metrics().await, "hosts") >= 1.0);
+    gw.stop().await;
+}
