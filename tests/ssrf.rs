@@ -190,11 +190,22 @@ async fn every_special_purpose_form_is_refused_before_any_connection() {
         "[64:ff9b::7f00:1]",
         "[2002:7f00:1::1]",
         "[2001:0:4136:e378:8000:63bf:80ff:fffe]",
+        "[::ffff:0:7f00:1]",
+        "[64:ff9b:1::7f00:1]",
     ] {
         let head = raw(gw.proxy, &get(host)).await;
         assert!(
             head.starts_with("HTTP/1.1 400") && head.contains("x-edgepool-error: target_forbidden"),
             "{host}: {head}"
+        );
+        let connect = head_only(
+            gw.proxy,
+            &format!("CONNECT {host}:443 HTTP/1.1\r\nHost: {host}:443\r\n\r\n"),
+        )
+        .await;
+        assert!(
+            connect.starts_with("HTTP/1.1 400") && connect.contains("target_forbidden"),
+            "CONNECT {host}: {connect}"
         );
     }
     gw.stop().await;
