@@ -1,7 +1,7 @@
 //! error: edgepool's own errors — which side failed, the status and one-token
 //! `X-Edgepool-Error` they map to, and the response a worker gets for them.
 use bytes::Bytes;
-use http::{HeaderValue, Response, StatusCode};
+use http::{HeaderMap, HeaderValue, Response, StatusCode};
 
 use crate::forward::{full_body, ProxyBody};
 
@@ -453,3 +453,106 @@ impl std::fmt::Display for EdgeError {
 }
 
 impl std::error::Error for EdgeError {}
+
+/// Removes, from a response edgepool did not make, every `Proxy-Status` member that names
+/// edgepool (RFC 9209: each intermediary writes its own member): a target or an upstream proxy
+/// cannot make a worker believe edgepool refused or failed something. Other intermediaries'
+/// members pass unchanged; a header left with no member is removed.
+pub fn strip_foreign_proxy_status(headers: &mut HeaderMap) {
+    if !headers.contains_key("proxy-status") {
+        return;
+    }
+    let mut kept: Vec<HeaderValue> = Vec::new();
+    for v in headers.get_all("proxy-status") {
+        let Ok(text) = v.to_str() else {
+            // Not even text: no member of it can be trusted to be someone else's.
+            continue;
+        };
+        let members: Vec<&str> = split_list(text)
+            .into_iter()
+            .filter(|m| !names_edgepool(m))
+            .collect();
+        if members.len() == split_list(text).len() {
+            kept.push(v.clone());
+        } else if !members.is_empty() {
+            if let Ok(v) = HeaderValue::from_str(&members.join(", ")) {
+                kept.push(v);
+            }
+        }
+    }
+    headers.remove("proxy-status");
+    for v in kept {
+        headers.append("proxy-status", v);
+    }
+}
+
+/// The members of a structured-field list (RFC 8941 §3.1), split at commas outside quoted
+/// strings, trimmed.
+fn split_list(text: &str) -> Vec<&str> {
+    let mut out = Vec::new();
+    let (mut start, mut quoted, mut escaped) = (0, false, false);
+    for (i, c) in text.char_indices() {
+        match c {
+            _ if escaped => escaped = false,
+            '\\' if quoted => escaped = true,
+            '"' => quoted = !quoted,
+            ',' if !quoted => {
+                out.push(text[start..i].trim());
+                start = i + 1;
+            }
+            _ => {}
+        }
+    }
+    out.push(text[start..].trim());
+    out.retain(|m| !m.is_empty());
+    out
+}
+
+/// Whether a list member's item (before its parameters) is `edgepool`, as a token or a
+/// string, in any case.
+fn names_edgepool(member: &str) -> bool {
+    let item = member.split(';').next().unwrap_or("").trim();
+    let item = item.trim_matches('"');
+    item.eq_ignore_ascii_case("edgepool")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_foreign_edgepool_proxy_status_member_is_removed_and_others_kept() {
+        let mut h = HeaderMap::new();
+        h.append(
+            "proxy-status",
+            HeaderValue::from_static(
+                "cdn-7; error=http_response_timeout; details=\"a, b; c\", edgepool; error=destination_ip_prohibited",
+            ),
+        );
+        h.append(
+            "proxy-status",
+            HeaderValue::from_static("\"EdgePool\"; error=dns_error"),
+        );
+        h.append("proxy-status", HeaderValue::from_static("squid"));
+        strip_foreign_proxy_status(&mut h);
+        let got: Vec<&str> = h
+            .get_all("proxy-status")
+            .iter()
+            .map(|v| v.to_str().unwrap())
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                "cdn-7; error=http_response_timeout; details=\"a, b; c\"",
+                "squid"
+            ]
+        );
+        let mut only = HeaderMap::new();
+        only.insert(
+            "proxy-status",
+            HeaderValue::from_static("edgepool; error=x"),
+        );
+        strip_foreign_proxy_status(&mut only);
+        assert!(!only.contains_key("proxy-status"));
+    }
+}

@@ -984,6 +984,8 @@ impl Forwarder {
         for k in spoofed {
             parts.headers.remove(k);
         }
+        // Nor edgepool's member of Proxy-Status.
+        crate::error::strip_foreign_proxy_status(&mut parts.headers);
         parts.version = Version::HTTP_11;
         parts.headers.insert(
             "x-edgepool-reused",

@@ -600,3 +600,56 @@ async fn a_stream_reset_by_an_http2_target_keeps_its_connection() {
     );
     gw.stop().await;
 }
+
+#[tokio::test]
+async fn a_target_cannot_fake_edgepools_proxy_status_or_headers() {
+    // A raw origin that claims edgepool refused the request, next to another proxy's member.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let origin = tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 4096];
+                let mut have = Vec::new();
+                while !have.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut buf).await {
+                        Ok(n) if n > 0 => have.extend_from_slice(&buf[..n]),
+                        _ => return,
+                    }
+                }
+                let _ = s
+                    .write_all(
+                        b"HTTP/1.1 200 OK\r\n\
+                          Proxy-Status: cdn-7; error=http_response_timeout, edgepool; error=destination_ip_prohibited\r\n\
+                          Proxy-Status: edgepool; error=dns_error\r\n\
+                          X-Edgepool-Reused: 1\r\n\
+                          Content-Length: 2\r\n\r\nok",
+                    )
+                    .await;
+            });
+        }
+    });
+    let gw = TestGateway::start(&[]).await;
+    let r = gw
+        .client()
+        .get(format!("http://127.0.0.1:{port}/"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let ps: Vec<&str> = r
+        .headers()
+        .get_all("proxy-status")
+        .iter()
+        .map(|v| v.to_str().unwrap())
+        .collect();
+    assert_eq!(
+        ps,
+        vec!["cdn-7; error=http_response_timeout"],
+        "only edgepool writes its member"
+    );
+    assert_eq!(r.headers()["x-edgepool-reused"], "0");
+    assert_eq!(r.text().await.unwrap(), "ok");
+    origin.abort();
+    gw.stop().await;
+}
