@@ -238,6 +238,18 @@ impl EdgeError {
             format!("request body is larger than limits.max_request_body ({limit} bytes)"),
         )
     }
+    /// 413 `fetch_too_large`: a `/v1/fetch` document over `limits.max_fetch_json`.
+    pub fn fetch_too_large(limit: u64) -> Self {
+        let mut e = Self::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "fetch_too_large",
+            "http_request_error",
+            Side::Worker,
+            format!("the JSON document is larger than limits.max_fetch_json ({limit} bytes)"),
+        );
+        e.sent = Some(Sent::None);
+        e
+    }
     /// 502 `dns_failed`.
     pub fn dns_failed(host: &str, why: impl std::fmt::Display) -> Self {
         let mut e = Self::new(

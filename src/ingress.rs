@@ -741,14 +741,15 @@ async fn fetch(
         .await
     {
         Ok(b) => b.to_bytes(),
-        Err(_) => {
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+            return error(&gw, EdgeError::fetch_too_large(limit))
+        }
+        Err(e) => {
             return error(
                 &gw,
                 EdgeError::bad_request(
-                    "fetch_too_large",
-                    format!(
-                        "the JSON document is larger than limits.max_fetch_json ({limit} bytes)"
-                    ),
+                    "fetch_body_unreadable",
+                    format!("the JSON document could not be read: {e}"),
                 ),
             )
         }

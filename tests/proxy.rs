@@ -653,3 +653,24 @@ async fn a_target_cannot_fake_edgepools_proxy_status_or_headers() {
     origin.abort();
     gw.stop().await;
 }
+
+#[tokio::test]
+async fn an_oversized_fetch_document_is_413() {
+    let gw = TestGateway::start_with(&[], |c| c.limits.max_fetch_json = 1024).await;
+    let http = reqwest::Client::builder().no_proxy().build().unwrap();
+    let big = serde_json::json!({"url": "http://127.0.0.1:9/", "body": "x".repeat(4096)});
+    let r = http
+        .post(format!("http://{}/v1/fetch", gw.proxy))
+        .json(&big)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 413);
+    assert_eq!(r.headers()["x-edgepool-error"], "fetch_too_large");
+    assert!(r
+        .text()
+        .await
+        .unwrap()
+        .contains("limits.max_fetch_json (1024 bytes)"));
+    gw.stop().await;
+}
