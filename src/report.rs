@@ -90,6 +90,14 @@ pub enum ReportError {
         /// Why.
         source: std::io::Error,
     },
+    /// The store file could not be created owner-only (0600).
+    #[error("report store {path}: cannot create it owner-only (0600): {source}")]
+    CreateFile {
+        /// The store file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
     /// Another process (or another `ReportStore` in this one) holds the store's lock.
     #[error(
         "report store {path}: already open elsewhere (is another edgepool using this data dir?)"
@@ -171,6 +179,21 @@ impl ReportStore {
                 source,
             })?;
         let path = data_dir.join(FILE_NAME);
+        // The store lists target names: owner-only, like the CA key. Created 0600 before redb
+        // opens it (redb initialises an empty file), and tightened if an older run left it 0644.
+        let private = || -> std::io::Result<()> {
+            use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .mode(0o600)
+                .open(&path)?;
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+        };
+        private().map_err(|source| ReportError::CreateFile {
+            path: path.clone(),
+            source,
+        })?;
         let db = Database::create(&path).map_err(|source| match source {
             redb::DatabaseError::DatabaseAlreadyOpen => ReportError::Locked { path: path.clone() },
             source => ReportError::Open {
@@ -728,6 +751,16 @@ mod tests {
         let nested = dir.path().join("a/b");
         ReportStore::open(&nested).unwrap();
         assert!(nested.join("reuse.redb").exists());
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(nested.join("reuse.redb"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(
+            mode & 0o777,
+            0o600,
+            "the store lists target names: owner-only"
+        );
     }
 
     #[test]
