@@ -295,20 +295,23 @@ fn body_violation(e: &(dyn std::error::Error + 'static)) -> Option<EdgeError> {
 /// a probable loop between proxies.
 pub const MAX_VIA_HOPS: usize = 8;
 
-async fn handle(gw: Arc<Gateway>, req: Request<Incoming>) -> Response<ProxyBody> {
-    let hops: usize = req
-        .headers()
+/// 508 `loop_detected` when the request's `Via` lists more than [`MAX_VIA_HOPS`] proxies.
+fn via_loop(headers: &http::HeaderMap) -> Option<EdgeError> {
+    let hops: usize = headers
         .get_all(http::header::VIA)
         .iter()
         .map(|v| v.as_bytes().split(|b| *b == b',').count())
         .sum();
-    if hops > MAX_VIA_HOPS {
-        return error(
-            &gw,
-            EdgeError::loop_detected(format!(
-                "the request already passed through {hops} proxies (Via); more than {MAX_VIA_HOPS} is treated as a loop"
-            )),
-        );
+    (hops > MAX_VIA_HOPS).then(|| {
+        EdgeError::loop_detected(format!(
+            "the request already passed through {hops} proxies (Via); more than {MAX_VIA_HOPS} is treated as a loop"
+        ))
+    })
+}
+
+async fn handle(gw: Arc<Gateway>, req: Request<Incoming>) -> Response<ProxyBody> {
+    if let Some(e) = via_loop(req.headers()) {
+        return error(&gw, e);
     }
     // Who is asking, and with which options (session, pool, rotation): from the proxy
     // username. Checked before anything else, for every kind of request.
@@ -426,6 +429,11 @@ async fn forward_worker_request(
     port: u16,
     worker: &crate::worker::Worker,
 ) -> Response<ProxyBody> {
+    // Requests inside an intercepted tunnel (HTTP/1.1 and HTTP/2) never pass `handle`: the hop
+    // cap applies here too.
+    if let Some(e) = via_loop(req.headers()) {
+        return error(&gw, e);
+    }
     let worker = match request_worker(worker, req.headers()) {
         Ok(w) => w,
         Err(e) => return error(&gw, e),

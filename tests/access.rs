@@ -152,3 +152,52 @@ async fn odd_spellings_of_loopback_are_read_as_the_url_parser_reads_them_and_ref
     assert_eq!(origin.requests(), 0, "nothing reached the loopback origin");
     gw.stop().await;
 }
+
+#[tokio::test]
+async fn the_hop_cap_holds_inside_intercepted_tunnels_over_http1_and_http2() {
+    let origin = Origin::start(OriginConfig {
+        tls: true,
+        ..Default::default()
+    })
+    .await;
+    let gw = TestGateway::start(&[origin.ca().cert_path.clone()]).await;
+    let via = (0..9)
+        .map(|i| format!("1.1 proxy{i}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let h2 = gw.client();
+    let h1 = reqwest::Client::builder()
+        .proxy(reqwest::Proxy::all(gw.proxy_url()).unwrap())
+        .tls_built_in_root_certs(false)
+        .add_root_certificate(reqwest::Certificate::from_pem(gw.ca_pem().as_bytes()).unwrap())
+        .http1_only()
+        .build()
+        .unwrap();
+    for (client, version) in [
+        (&h1, reqwest::Version::HTTP_11),
+        (&h2, reqwest::Version::HTTP_2),
+    ] {
+        let r = client
+            .get(origin.url("/echo"))
+            .header("via", via.clone())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.version(), version, "intercepted over {version:?}");
+        assert_eq!(r.status(), 508, "{version:?}");
+        assert_eq!(r.headers()["x-edgepool-error"], "loop_detected");
+        let ok = client
+            .get(origin.url("/echo"))
+            .header("via", "1.1 squid")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(ok.status(), 200, "{version:?}: a short chain is fine");
+    }
+    assert_eq!(
+        origin.requests(),
+        2,
+        "only the two short-chain requests got through"
+    );
+    gw.stop().await;
+}
