@@ -825,14 +825,21 @@ impl Forwarder {
                     .insert(header::PROXY_AUTHORIZATION, auth.basic_header());
             }
         }
-        if !req.headers().contains_key(header::HOST) {
-            let host = if out.port == out.scheme.default_port() {
-                bracket(&out.host)
-            } else {
-                authority(&out.host, out.port)
-            };
-            if let Ok(v) = HeaderValue::from_str(&host) {
+        // Host is always the target edgepool connected to (RFC 9112 §3.2.2: a proxy replaces
+        // the Host of an absolute-form request with the request target's authority). A
+        // worker's differing Host — or, inside a tunnel, one naming another site than the
+        // CONNECT — never reaches the target.
+        let host = if out.port == out.scheme.default_port() {
+            bracket(&out.host)
+        } else {
+            authority(&out.host, out.port)
+        };
+        match HeaderValue::from_str(&host) {
+            Ok(v) => {
                 req.headers_mut().insert(header::HOST, v);
+            }
+            Err(_) => {
+                req.headers_mut().remove(header::HOST);
             }
         }
         lease.mark_sent();

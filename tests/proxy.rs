@@ -674,3 +674,54 @@ async fn an_oversized_fetch_document_is_413() {
         .contains("limits.max_fetch_json (1024 bytes)"));
     gw.stop().await;
 }
+
+#[tokio::test]
+async fn the_target_sees_the_host_edgepool_connected_to_not_the_workers() {
+    // Plain path: absolute-form URL and a different Host (RFC 9112 §3.2.2: replaced).
+    let origin = Origin::start(h1()).await;
+    let gw = TestGateway::start(&[]).await;
+    let mut s = tokio::net::TcpStream::connect(gw.proxy).await.unwrap();
+    let req = format!(
+        "GET {} HTTP/1.1\r\nHost: evil.example\r\nConnection: close\r\n\r\n",
+        origin.url("/echo")
+    );
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut got = Vec::new();
+    s.read_to_end(&mut got).await.unwrap();
+    assert!(
+        got.starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&got)
+    );
+    let seen = origin.log();
+    assert_eq!(
+        seen.last().unwrap().header("host"),
+        Some(origin.authority().as_str()),
+        "the plain path"
+    );
+
+    // Inside an intercepted tunnel (HTTP/1.1): a Host naming another site than the CONNECT.
+    let tls = Origin::start(tls_h1()).await;
+    let gw2 = TestGateway::start(&[tls.ca().cert_path.clone()]).await;
+    let h1 = reqwest::Client::builder()
+        .proxy(reqwest::Proxy::all(gw2.proxy_url()).unwrap())
+        .tls_built_in_root_certs(false)
+        .add_root_certificate(reqwest::Certificate::from_pem(gw2.ca_pem().as_bytes()).unwrap())
+        .http1_only()
+        .build()
+        .unwrap();
+    let r = h1
+        .get(tls.url("/echo"))
+        .header("host", "evil.example")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        tls.log().last().unwrap().header("host"),
+        Some(tls.authority().as_str()),
+        "inside the tunnel"
+    );
+    gw.stop().await;
+    gw2.stop().await;
+}
