@@ -533,6 +533,7 @@ fn client_main() {
             default_max_streams: 100,
             ports: None,
             resolver: None,
+            own: Default::default(),
         })
         .expect("dialer");
         let exits = Exits::new(

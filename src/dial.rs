@@ -191,6 +191,14 @@ pub enum DialError {
         /// Status / reply.
         reason: String,
     },
+    /// The exit's address is one of edgepool's own listeners: dialling it would loop.
+    #[error("exit {exit} resolves to {addr}, edgepool's own listener; a request through it would loop (fix the exit's address in exits.pools)")]
+    ExitIsEdgepool {
+        /// Exit label.
+        exit: String,
+        /// The address.
+        addr: SocketAddr,
+    },
     /// No connection budget left on the exit for the whole wait.
     #[error("exit {exit} is at its connection budget ({budget}); waited {after:?}")]
     ExitBudget {
@@ -257,6 +265,9 @@ pub struct Opened {
 }
 
 /// Records a node fault on its circuit and builds the error.
+/// Tells an exit pointing at edgepool itself apart from other connect failures.
+const LOOP_MARKER: &str = "edgepool-own-listener";
+
 fn node_fault(node: &ExitNode, reason: String) -> DialError {
     node.record_failure(&reason);
     DialError::ExitConnect {
@@ -413,6 +424,34 @@ pub struct DialConfig {
     /// Resolves exit proxies' host names (cached, bounded; see [`crate::dns`]). `None`: the
     /// system's `getaddrinfo` at every dial.
     pub resolver: Option<crate::dns::Resolver>,
+    /// edgepool's own listening addresses (set once the listeners are bound): an exit that
+    /// resolves to one of them is a loop, never dialled.
+    pub own: OwnAddrs,
+}
+
+/// edgepool's own listening addresses, shared by the dialer and the forwarder; empty until the
+/// listeners are bound.
+#[derive(Clone, Debug, Default)]
+pub struct OwnAddrs(Arc<std::sync::OnceLock<Vec<SocketAddr>>>);
+
+impl OwnAddrs {
+    /// Sets them (once; later calls are ignored).
+    pub fn set(&self, addrs: Vec<SocketAddr>) {
+        let _ = self.0.set(addrs);
+    }
+
+    /// Whether `addr` reaches one of edgepool's listeners (a wildcard listener is reached
+    /// through loopback and the wildcard address).
+    pub fn contains(&self, addr: SocketAddr) -> bool {
+        self.0.get().is_some_and(|own| {
+            own.iter().any(|l| {
+                l.port() == addr.port()
+                    && (l.ip() == addr.ip()
+                        || (l.ip().is_unspecified()
+                            && (addr.ip().is_loopback() || addr.ip().is_unspecified())))
+            })
+        })
+    }
 }
 
 /// The pool's [`Connector`]: dials [`UpstreamKey`]s.
@@ -556,6 +595,9 @@ impl Dialer {
                     .map_err(|e| (unresolved, e))?
                     .collect(),
             };
+            if let Some(own) = addrs.iter().find(|a| cfg.own.contains(**a)) {
+                return Err((*own, io::Error::other(LOOP_MARKER)));
+            }
             for a in addrs {
                 match TcpStream::connect(a).await {
                     Ok(s) => return Ok(s),
@@ -583,6 +625,16 @@ impl Dialer {
                 ))
             }
             Ok(Err((addr, source))) if direct => return Err(DialError::Connect { addr, source }),
+            Ok(Err((addr, source))) if source.to_string() == LOOP_MARKER => {
+                let e = DialError::ExitIsEdgepool {
+                    exit: node.label.to_string(),
+                    addr,
+                };
+                tracing::error!("{e}");
+                // The node is unusable as configured: routing avoids it like a failing one.
+                node.record_failure(&e.to_string());
+                return Err(e);
+            }
             Ok(Err((_, source))) => {
                 return Err(node_fault(node, format!("TCP connect failed: {source}")))
             }

@@ -146,7 +146,7 @@ pub struct Forwarder {
     telemetry: Arc<Telemetry>,
     cfg: ForwardConfig,
     /// edgepool's own listening addresses: the proxy path must never reach them.
-    own: std::sync::OnceLock<Vec<SocketAddr>>,
+    own: crate::dial::OwnAddrs,
     /// Addresses whose TCP connect recently failed, and when (tried last for [`BAD_ADDR_TTL`]).
     bad_addrs: parking_lot::Mutex<std::collections::HashMap<std::net::IpAddr, Instant>>,
     /// Retries of requests that may have reached the target draw on it.
@@ -234,6 +234,7 @@ impl Forwarder {
         policy: TargetPolicy,
         telemetry: Arc<Telemetry>,
         cfg: ForwardConfig,
+        own: crate::dial::OwnAddrs,
     ) -> Self {
         Forwarder {
             pool,
@@ -243,7 +244,7 @@ impl Forwarder {
             telemetry,
             retry_budget: crate::admission::RetryBudget::new(cfg.retry_budget),
             cfg,
-            own: Default::default(),
+            own,
             bad_addrs: Default::default(),
         }
     }
@@ -256,20 +257,13 @@ impl Forwarder {
     /// Records edgepool's own listening addresses (once, when the listeners are bound):
     /// requests to them are refused as loops.
     pub fn set_own_addrs(&self, addrs: Vec<SocketAddr>) {
-        let _ = self.own.set(addrs);
+        self.own.set(addrs);
     }
 
     /// Whether `addr` is one of edgepool's own listeners (an unspecified bind address matches
     /// any loopback or unspecified target on its port).
     fn is_own(&self, addr: SocketAddr) -> bool {
-        self.own.get().is_some_and(|own| {
-            own.iter().any(|l| {
-                l.port() == addr.port()
-                    && (l.ip() == addr.ip()
-                        || (l.ip().is_unspecified()
-                            && (addr.ip().is_loopback() || addr.ip().is_unspecified())))
-            })
-        })
+        self.own.contains(addr)
     }
 
     /// The pool.
@@ -1062,6 +1056,7 @@ pub fn dial_error(d: &DialError) -> EdgeError {
         DialError::ExitRefused { .. } => EdgeError::exit_failed("exit_refused", msg),
         DialError::ExitTargetTimeout { .. } => EdgeError::connect_timeout(msg),
         DialError::ExitBudget { .. } => EdgeError::no_healthy_exit("exit_budget_exhausted", msg, 1),
+        DialError::ExitIsEdgepool { .. } => EdgeError::loop_detected(msg),
     }
     .with_sent(Sent::None)
 }

@@ -93,6 +93,7 @@ impl Gateway {
         for host in &cfg.upstream.insecure_skip_verify {
             tracing::warn!(host = %host, "certificate verification is OFF for this target (upstream.insecure_skip_verify)");
         }
+        let own = crate::dial::OwnAddrs::default();
         let mut registry = prometheus_client::registry::Registry::default();
         let resolver = Resolver::new(
             DnsConfig::from_config(&cfg),
@@ -107,6 +108,7 @@ impl Gateway {
             default_max_streams: DEFAULT_H2_MAX_STREAMS,
             ports: Some(ports.clone()),
             resolver: Some(resolver.clone()),
+            own: own.clone(),
         })
         .map_err(StartError::Tls)?;
         let telemetry = Arc::new(Telemetry::with_registry(
@@ -140,6 +142,7 @@ impl Gateway {
                 insecure_hosts: cfg.upstream.insecure_skip_verify.clone(),
                 retry_budget: cfg.limits.retry_budget,
             },
+            own,
         );
         let auth = crate::worker::WorkerAuth::new(&cfg.auth.tokens);
         let cfg_limits = cfg.limits.clone();

@@ -201,3 +201,56 @@ async fn the_hop_cap_holds_inside_intercepted_tunnels_over_http1_and_http2() {
     );
     gw.stop().await;
 }
+
+#[tokio::test]
+async fn an_exit_pointing_at_edgepool_itself_is_a_loop_never_dialled() {
+    use edgepool::config::{Config, ExitPoolConfig};
+    let origin = Origin::start(OriginConfig::default()).await;
+    // The proxy listener first, so the exit can name it (by address and by name).
+    let proxy = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let admin = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = proxy.local_addr().unwrap().port();
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = Config {
+        data_dir: Some(dir.path().to_path_buf()),
+        ..Default::default()
+    };
+    cfg.targets.allow = vec!["127.0.0.0/8".parse().unwrap()];
+    cfg.targets.connect_ports = vec!["1-65535".parse().unwrap()];
+    for (name, node) in [
+        ("selfip", format!("http://127.0.0.1:{port}")),
+        ("selfname", format!("socks5://localhost:{port}")),
+    ] {
+        cfg.exits.pools.push(ExitPoolConfig {
+            name: name.into(),
+            nodes: vec![node],
+            session_template: None,
+            max_connections_per_node: None,
+        });
+    }
+    cfg.validate().unwrap();
+    let gw = edgepool::gateway::Gateway::new(cfg).unwrap();
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(gw.clone().serve(proxy, admin, async move {
+        let _ = rx.await;
+    }));
+    let worker = reqwest::Client::builder()
+        .proxy(reqwest::Proxy::http(format!("http://127.0.0.1:{port}")).unwrap())
+        .build()
+        .unwrap();
+    for pool in ["selfip", "selfname"] {
+        let r = worker
+            .get(origin.url("/echo"))
+            .header("x-edgepool-session", format!("session-s1-pool-{pool}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 508, "{pool}");
+        assert_eq!(r.headers()["x-edgepool-error"], "loop_detected", "{pool}");
+        let body = r.text().await.unwrap();
+        assert!(body.contains("edgepool's own listener"), "{pool}: {body}");
+    }
+    assert_eq!(origin.requests(), 0);
+    let _ = tx.send(());
+    let _ = task.await;
+}
