@@ -771,7 +771,7 @@ async fn fetch(
             )
         }
     };
-    let out = match fetch_outgoing(&doc, gw.config().limits.max_request_body, worker) {
+    let out = match fetch_outgoing(&doc, &gw.config().limits, worker) {
         Ok(o) => o,
         Err(e) => return error(&gw, e),
     };
@@ -851,9 +851,10 @@ async fn fetch(
 
 fn fetch_outgoing(
     doc: &FetchRequest,
-    max_body: u64,
+    limits: &crate::config::LimitsConfig,
     worker: crate::worker::Worker,
 ) -> Result<Outgoing, EdgeError> {
+    let max_body = limits.max_request_body;
     let url = url::Url::parse(&doc.url)
         .map_err(|e| EdgeError::bad_request("fetch_bad_url", format!("url {:?}: {e}", doc.url)))?;
     let scheme = match url.scheme() {
@@ -888,6 +889,34 @@ fn fetch_outgoing(
         Some(FetchHeaders::Map(m)) => m.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
         Some(FetchHeaders::List(l)) => l.clone(),
     };
+    // The same head limits as a proxied request (431): the JSON carries a head all the same.
+    let too_large = |what: String| {
+        EdgeError::request_rejected(
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            "request_header_too_large",
+            what,
+        )
+    };
+    if pairs.len() > limits.max_headers {
+        return Err(too_large(format!(
+            "{} header fields; limits.max_headers is {}",
+            pairs.len(),
+            limits.max_headers
+        )));
+    }
+    // Counted as on the wire: "name: value\r\n" per field, plus the request line.
+    let head_bytes: usize = doc.url.len()
+        + 16
+        + pairs
+            .iter()
+            .map(|(k, v)| k.len() + v.len() + 4)
+            .sum::<usize>();
+    if head_bytes > limits.max_header_bytes {
+        return Err(too_large(format!(
+            "the request head would be {head_bytes} bytes; limits.max_header_bytes is {}",
+            limits.max_header_bytes
+        )));
+    }
     for (k, v) in pairs {
         let name = HeaderName::from_bytes(k.as_bytes()).map_err(|_| {
             EdgeError::bad_request(

@@ -725,3 +725,37 @@ async fn the_target_sees_the_host_edgepool_connected_to_not_the_workers() {
     gw.stop().await;
     gw2.stop().await;
 }
+
+#[tokio::test]
+async fn fetch_documents_obey_the_head_limits() {
+    let origin = Origin::start(h1()).await;
+    let gw = TestGateway::start(&[]).await;
+    let http = reqwest::Client::builder().no_proxy().build().unwrap();
+    let post = |doc: serde_json::Value| {
+        http.post(format!("http://{}/v1/fetch", gw.proxy))
+            .json(&doc)
+            .send()
+    };
+    // A 1 MB header value (limit 64 KiB) and 5,000 fields (limit 100).
+    let huge = serde_json::json!({
+        "url": origin.url("/echo"),
+        "headers": {"x-big": "a".repeat(1_000_000)},
+    });
+    let many: serde_json::Map<String, serde_json::Value> = (0..5000)
+        .map(|i| (format!("x-h{i}"), serde_json::Value::from("v")))
+        .collect();
+    let many = serde_json::json!({"url": origin.url("/echo"), "headers": many});
+    for (doc, what) in [(huge, "max_header_bytes"), (many, "max_headers")] {
+        let r = post(doc).await.unwrap();
+        assert_eq!(r.status(), 431, "{what}");
+        assert_eq!(r.headers()["x-edgepool-error"], "request_header_too_large");
+        assert!(r.text().await.unwrap().contains(what));
+    }
+    assert_eq!(origin.requests(), 0, "nothing reached the origin");
+    // Within the limits it goes through.
+    let ok = post(serde_json::json!({"url": origin.url("/echo"), "headers": {"x-a": "b"}}))
+        .await
+        .unwrap();
+    assert_eq!(ok.status(), 200);
+    gw.stop().await;
+}
