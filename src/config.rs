@@ -126,6 +126,11 @@ pub const DEFAULT_MAX_URI_BYTES: usize = 16 * 1024;
 pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 /// Default [`LimitsConfig::body_idle_timeout`]: 30 s without a byte of a request body (408).
 pub const DEFAULT_BODY_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Default [`LimitsConfig::worker_idle_timeout`]: 90 s. A worker connection (HTTP/1.1 or
+/// HTTP/2, plain or inside an intercepted tunnel) with no request and no response under way
+/// this long is closed (HTTP/2: GOAWAY first). Long enough for a pacing scraper; short enough
+/// that idle connections cannot pile up against the connection and tunnel limits.
+pub const DEFAULT_WORKER_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 /// Default [`LimitsConfig::max_connections_per_worker`]: 1024 open connections from one worker
 /// IP address. A scraper process rarely needs more than a few dozen; a runaway one must not
 /// take every file descriptor.
@@ -860,6 +865,12 @@ pub struct LimitsConfig {
     /// past it. Above 0s.
     #[serde(with = "humantime_serde")]
     pub body_idle_timeout: Duration,
+    /// A worker connection with no request or response under way this long is closed; before
+    /// its first request, `header_read_timeout` applies instead (an HTTP/2 connection that
+    /// sends only its preface, or never finishes a HEADERS block, is closed then). Default
+    /// [`DEFAULT_WORKER_IDLE_TIMEOUT`]. Above 0s.
+    #[serde(with = "humantime_serde")]
+    pub worker_idle_timeout: Duration,
     /// Max open connections from one worker IP address; more are answered 503 and closed.
     /// Default [`DEFAULT_MAX_CONNECTIONS_PER_WORKER`]. At least 1.
     pub max_connections_per_worker: usize,
@@ -904,6 +915,7 @@ impl Default for LimitsConfig {
             max_uri_bytes: DEFAULT_MAX_URI_BYTES,
             header_read_timeout: DEFAULT_HEADER_READ_TIMEOUT,
             body_idle_timeout: DEFAULT_BODY_IDLE_TIMEOUT,
+            worker_idle_timeout: DEFAULT_WORKER_IDLE_TIMEOUT,
             max_connections_per_worker: DEFAULT_MAX_CONNECTIONS_PER_WORKER,
             max_tunnels: DEFAULT_MAX_TUNNELS,
             max_in_flight: DEFAULT_MAX_IN_FLIGHT,
@@ -1336,6 +1348,7 @@ impl LimitsConfig {
         }
         positive("limits.header_read_timeout", self.header_read_timeout)?;
         positive("limits.body_idle_timeout", self.body_idle_timeout)?;
+        positive("limits.worker_idle_timeout", self.worker_idle_timeout)?;
         let why = "0 would refuse everything";
         at_least_one(
             "limits.max_connections_per_worker",

@@ -83,11 +83,22 @@ struct WorkerPlace(#[allow(dead_code)] Arc<crate::admission::Ticket>);
 /// answer (an HTTP/2 stream reset, which makes hyper drop the handler). A connection cancelling
 /// more than `limits.h2_max_cancelled_streams` of them, and more than half of its requests,
 /// is the HTTP/2 "rapid reset" attack (CVE-2023-44487): edgepool closes it.
+///
+/// It also keeps the connection's idle clock: how many requests are open (from the handler's
+/// start to the end of the response body) and since when none is. [`drive`] closes a
+/// connection idle longer than `limits.worker_idle_timeout` (`header_read_timeout` before its
+/// first request), whatever the protocol.
 struct ConnWatch {
     started: std::sync::atomic::AtomicU64,
     cancelled: std::sync::atomic::AtomicU64,
     limit: u64,
     tripped: tokio::sync::Notify,
+    /// Requests whose answer has not ended (handler running or response body streaming).
+    open: std::sync::atomic::AtomicU64,
+    /// When `open` last fell to 0 (or the connection started).
+    idle_since: parking_lot::Mutex<tokio::time::Instant>,
+    /// `open` moved: the idle clock re-arms.
+    changed: tokio::sync::Notify,
 }
 
 impl ConnWatch {
@@ -97,9 +108,66 @@ impl ConnWatch {
             cancelled: Default::default(),
             limit: limit as u64,
             tripped: tokio::sync::Notify::new(),
+            open: Default::default(),
+            idle_since: parking_lot::Mutex::new(tokio::time::Instant::now()),
+            changed: tokio::sync::Notify::new(),
         })
     }
 
+    /// One more request open until the returned guard drops.
+    fn open(self: &Arc<Self>) -> OpenRequest {
+        self.open.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        self.changed.notify_waiters();
+        OpenRequest(self.clone())
+    }
+
+    /// Resolves once the connection has been idle (no open request) for its limit.
+    async fn idle(&self, before_first: Duration, between: Duration) {
+        use std::sync::atomic::Ordering::Acquire;
+        loop {
+            let changed = self.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            if self.open.load(Acquire) > 0 {
+                changed.await;
+                continue;
+            }
+            let limit = if self.started.load(Acquire) == 0 {
+                before_first
+            } else {
+                between
+            };
+            let deadline = *self.idle_since.lock() + limit;
+            tokio::select! {
+                _ = tokio::time::sleep_until(deadline) => {
+                    if self.open.load(Acquire) == 0 && *self.idle_since.lock() + limit <= tokio::time::Instant::now() {
+                        return;
+                    }
+                }
+                _ = changed => {}
+            }
+        }
+    }
+}
+
+/// A request counted open on its connection's idle clock; dropped when its answer ends.
+struct OpenRequest(Arc<ConnWatch>);
+
+impl Drop for OpenRequest {
+    fn drop(&mut self) {
+        if self
+            .0
+            .open
+            .fetch_sub(1, std::sync::atomic::Ordering::AcqRel)
+            == 1
+        {
+            *self.0.idle_since.lock() = tokio::time::Instant::now();
+        }
+        self.0.changed.notify_waiters();
+    }
+}
+
+impl ConnWatch {
     /// Starts watching one request.
     fn answering(self: &Arc<Self>) -> Answering {
         self.started
@@ -130,11 +198,13 @@ impl Drop for Answering {
     }
 }
 
-/// Runs `handle` for one request under `watch`.
+/// Runs `handle` for one request under `watch`; the request stays open on the connection's
+/// idle clock until its response body ends.
 async fn answer<F: std::future::Future<Output = Response<ProxyBody>>>(
     watch: &Arc<ConnWatch>,
     handle: F,
 ) -> Response<ProxyBody> {
+    let open = watch.open();
     let mut a = watch.answering();
     let resp = handle.await;
     // A body the worker broke off (an HTTP/2 reset mid-body) is a cancel too.
@@ -142,8 +212,108 @@ async fn answer<F: std::future::Future<Output = Response<ProxyBody>>>(
         .headers()
         .get("x-edgepool-error")
         .is_none_or(|v| v != "worker_body_failed");
-    resp
+    resp.map(|inner| OpenBody { inner, _open: open }.boxed_unsync())
 }
+
+/// A response body that keeps its request open on the connection's idle clock until it ends
+/// or is dropped; size and end-of-stream pass through (Content-Length framing is kept).
+struct OpenBody {
+    inner: ProxyBody,
+    _open: OpenRequest,
+}
+
+impl http_body::Body for OpenBody {
+    type Data = Bytes;
+    type Error = crate::forward::BoxError;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+        std::pin::Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A request body that fails with `TimedOut` (→ 408 `request_body_timeout`) when no frame
+    /// arrives for `idle`: HTTP/2 streams get the same body clock as HTTP/1 (whose framer
+    /// enforces it on the bytes).
+    struct IdleBody<B> {
+        #[pin]
+        inner: B,
+        #[pin]
+        sleep: tokio::time::Sleep,
+        idle: Duration,
+    }
+}
+
+impl<B> IdleBody<B> {
+    fn new(inner: B, idle: Duration) -> Self {
+        IdleBody {
+            inner,
+            sleep: tokio::time::sleep(idle),
+            idle,
+        }
+    }
+}
+
+impl<B> http_body::Body for IdleBody<B>
+where
+    B: http_body::Body<Data = Bytes>,
+    B::Error: Into<crate::forward::BoxError>,
+{
+    type Data = Bytes;
+    type Error = crate::forward::BoxError;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+        use std::future::Future;
+        use std::task::Poll;
+        let mut this = self.project();
+        match this.inner.poll_frame(cx) {
+            Poll::Ready(frame) => {
+                let next = tokio::time::Instant::now() + *this.idle;
+                this.sleep.as_mut().reset(next);
+                Poll::Ready(frame.map(|r| r.map_err(Into::into)))
+            }
+            Poll::Pending => match this.sleep.poll(cx) {
+                Poll::Ready(()) => Poll::Ready(Some(Err(Box::new(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!(
+                        "no byte of the request body for {:?} (limits.body_idle_timeout)",
+                        this.idle
+                    ),
+                ))))),
+                Poll::Pending => Poll::Pending,
+            },
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// How much longer than `header_read_timeout` a connection without any request may stay.
+const FIRST_REQUEST_MARGIN: Duration = Duration::from_secs(1);
+
+/// After the idle clock closes a connection gracefully (HTTP/2 GOAWAY), how long it may take
+/// to finish before it is dropped.
+const IDLE_CLOSE_GRACE: Duration = Duration::from_secs(5);
 
 /// Runs a worker connection to its end; when shutdown starts, asks it to finish gracefully
 /// (HTTP/2 GOAWAY; HTTP/1 closes after the response in flight) and keeps driving it.
@@ -153,8 +323,22 @@ where
     E: std::fmt::Display,
 {
     tokio::pin!(conn);
+    let limits = &gw.config().limits;
     let result = tokio::select! {
         r = conn.as_mut() => r,
+        // Before the first request the clock runs 1 s past header_read_timeout, so that an
+        // HTTP/1 worker gets the framer's 408 first; HTTP/2 has no such answer to wait for.
+        _ = watch.idle(limits.header_read_timeout + FIRST_REQUEST_MARGIN, limits.worker_idle_timeout) => {
+            // Nothing under way for the whole limit: a slowloris (an HTTP/2 preface and
+            // nothing, a HEADERS block never ended), an idle tunnel, or a worker that left its
+            // connection open. GOAWAY / close, then drop whatever does not finish.
+            tracing::debug!("worker connection idle past its limit: closing");
+            conn.as_mut().begin_graceful();
+            match tokio::time::timeout(IDLE_CLOSE_GRACE, conn.as_mut()).await {
+                Ok(r) => r,
+                Err(_) => return,
+            }
+        }
         _ = watch.tripped.notified() => {
             gw.telemetry().record_error(None, "rapid_reset");
             tracing::warn!(
@@ -440,7 +624,11 @@ async fn forward_worker_request(
     };
     let (parts, body) = req.into_parts();
     let limit = gw.config().limits.max_request_body;
-    let body = match Limited::new(body, limit as usize).collect().await {
+    let idle = gw.config().limits.body_idle_timeout;
+    let body = match Limited::new(IdleBody::new(body, idle), limit as usize)
+        .collect()
+        .await
+    {
         Ok(b) => b.to_bytes(),
         Err(e) => {
             let err = if e
@@ -744,13 +932,20 @@ async fn fetch(
         Err(e) => return error(&gw, e),
     };
     let limit = gw.config().limits.max_fetch_json;
-    let raw = match Limited::new(req.into_body(), limit as usize)
+    let idle = gw.config().limits.body_idle_timeout;
+    let raw = match Limited::new(IdleBody::new(req.into_body(), idle), limit as usize)
         .collect()
         .await
     {
         Ok(b) => b.to_bytes(),
         Err(e) if e.is::<http_body_util::LengthLimitError>() => {
             return error(&gw, EdgeError::fetch_too_large(limit))
+        }
+        Err(e) if body_violation(&*e).is_some() => {
+            let mut resp = error(&gw, body_violation(&*e).expect("checked"));
+            resp.headers_mut()
+                .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
+            return resp;
         }
         Err(e) => {
             return error(
