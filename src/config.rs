@@ -58,6 +58,10 @@ pub const DEFAULT_RESPONSE_HEADER_TIMEOUT: Duration = Duration::from_secs(60);
 /// Default [`UpstreamConfig::http2`]: `true`. One multiplexed HTTP/2 connection replaces many
 /// HTTP/1.1 ones, which is the point of a pool.
 pub const DEFAULT_UPSTREAM_HTTP2: bool = true;
+/// Default [`UpstreamConfig::response_body_idle_timeout`]: 60 s without a byte of a response
+/// body cuts it off (the worker sees the body fail) and closes the connection: a stalled
+/// target cannot hold a request, and its place under the limits, forever.
+pub const DEFAULT_RESPONSE_BODY_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Default [`UpstreamConfig::dns_min_ttl`]: 1 s. Stops answers with TTL 0 from costing a DNS
 /// query per connection.
 pub const DEFAULT_DNS_MIN_TTL: Duration = Duration::from_secs(1);
@@ -701,6 +705,11 @@ pub struct UpstreamConfig {
     /// [`DEFAULT_RESPONSE_HEADER_TIMEOUT`] (60 s). Must be > 0.
     #[serde(with = "humantime_serde")]
     pub response_header_timeout: Duration,
+    /// Longest pause inside a response body; past it the body is cut off (the worker sees it
+    /// fail) and the connection closed. Default [`DEFAULT_RESPONSE_BODY_IDLE_TIMEOUT`] (60 s).
+    /// Must be > 0.
+    #[serde(with = "humantime_serde")]
+    pub response_body_idle_timeout: Duration,
     /// Offer ALPN `h2` to targets. Default [`DEFAULT_UPSTREAM_HTTP2`] (`true`); turn off for
     /// targets whose HTTP/2 misbehaves.
     pub http2: bool,
@@ -755,6 +764,7 @@ impl Default for UpstreamConfig {
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             tls_handshake_timeout: DEFAULT_TLS_HANDSHAKE_TIMEOUT,
             response_header_timeout: DEFAULT_RESPONSE_HEADER_TIMEOUT,
+            response_body_idle_timeout: DEFAULT_RESPONSE_BODY_IDLE_TIMEOUT,
             http2: DEFAULT_UPSTREAM_HTTP2,
             extra_ca_files: Vec::new(),
             insecure_skip_verify: Vec::new(),
@@ -1190,6 +1200,10 @@ impl UpstreamConfig {
         positive(
             "upstream.response_header_timeout",
             self.response_header_timeout,
+        )?;
+        positive(
+            "upstream.response_body_idle_timeout",
+            self.response_body_idle_timeout,
         )?;
         for (i, path) in self.extra_ca_files.iter().enumerate() {
             if !path.is_file() {

@@ -53,6 +53,8 @@ pub struct ForwardConfig {
     pub queue_timeout: Duration,
     /// How long to wait for the response head once the request is sent.
     pub response_header_timeout: Duration,
+    /// Longest pause inside a response body before it is cut off (the target stalled).
+    pub response_body_idle_timeout: Duration,
     /// When a worker leaves mid-response, read at most this many more bytes to keep the
     /// connection.
     pub drain_max_bytes: u64,
@@ -1018,6 +1020,8 @@ impl Forwarder {
             drain_max: self.cfg.drain_max_bytes,
             drain_timeout: self.cfg.drain_timeout,
             done: Some(done),
+            idle: Box::pin(tokio::time::sleep(self.cfg.response_body_idle_timeout)),
+            idle_limit: self.cfg.response_body_idle_timeout,
         };
         Response::from_parts(parts, body.boxed_unsync())
     }
@@ -1266,6 +1270,10 @@ struct UpstreamBody {
     drain_max: u64,
     drain_timeout: Duration,
     done: Option<Completion>,
+    /// Fires when the target has sent nothing for `idle_limit`: the body is cut off with an
+    /// error and the connection closed (`upstream.response_body_idle_timeout`).
+    idle: Pin<Box<tokio::time::Sleep>>,
+    idle_limit: Duration,
 }
 
 impl UpstreamBody {
@@ -1288,7 +1296,45 @@ impl Body for UpstreamBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
-        let res = match &mut this.kind {
+        let res = match this.poll_upstream(cx) {
+            Poll::Ready(r) => {
+                let next = Instant::now() + this.idle_limit;
+                this.idle.as_mut().reset(next);
+                r
+            }
+            Poll::Pending => match std::future::Future::poll(this.idle.as_mut(), cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(()) => {
+                    if matches!(this.kind, BodyKind::Done) {
+                        return Poll::Ready(None);
+                    }
+                    Some(Err(BoxError::from(format!(
+                        "the target sent no byte of the response body for {:?} (upstream.response_body_idle_timeout)",
+                        this.idle_limit
+                    ))))
+                }
+            },
+        };
+        this.finish_frame(res)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.is_end()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.hint()
+    }
+}
+
+/// One frame (and whether it ends the body), the end, or an error.
+type UpstreamFrame = Option<Result<(Frame<Bytes>, bool), BoxError>>;
+
+impl UpstreamBody {
+    /// The next frame from the target.
+    fn poll_upstream(&mut self, cx: &mut Context<'_>) -> Poll<UpstreamFrame> {
+        let this = self;
+        Poll::Ready(match &mut this.kind {
             BodyKind::Done => return Poll::Ready(None),
             BodyKind::H1(b) => match Pin::new(&mut *b).poll_frame(cx) {
                 Poll::Pending => return Poll::Pending,
@@ -1317,7 +1363,12 @@ impl Body for UpstreamBody {
                     Poll::Ready(Err(e)) => Some(Err(BoxError::from(e))),
                 },
             },
-        };
+        })
+    }
+
+    /// Accounts for a frame (or the end, or an error) and returns what the worker gets.
+    fn finish_frame(&mut self, res: UpstreamFrame) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self;
         match res {
             None => {
                 let plan = this.plan;
@@ -1344,7 +1395,7 @@ impl Body for UpstreamBody {
         }
     }
 
-    fn is_end_stream(&self) -> bool {
+    fn is_end(&self) -> bool {
         match &self.kind {
             BodyKind::Done => true,
             BodyKind::H1(b) => b.is_end_stream(),
@@ -1352,7 +1403,7 @@ impl Body for UpstreamBody {
         }
     }
 
-    fn size_hint(&self) -> SizeHint {
+    fn hint(&self) -> SizeHint {
         match &self.kind {
             BodyKind::Done => SizeHint::with_exact(0),
             BodyKind::H1(b) => b.size_hint(),

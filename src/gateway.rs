@@ -137,6 +137,7 @@ impl Gateway {
             ForwardConfig {
                 queue_timeout: cfg.pool.queue_timeout,
                 response_header_timeout: cfg.upstream.response_header_timeout,
+                response_body_idle_timeout: cfg.upstream.response_body_idle_timeout,
                 drain_max_bytes: cfg.limits.drain_max_bytes,
                 drain_timeout: cfg.limits.drain_timeout,
                 insecure_hosts: cfg.upstream.insecure_skip_verify.clone(),

@@ -1,8 +1,9 @@
-//! Every worker-side state has a clock (issue 12 items 1–3): HTTP/2 request bodies that
+//! Every state has a clock (issue 12 items 1–3, 10): HTTP/2 request bodies that
 //! stall get 408, HTTP/2 connections that send only their preface or never end a HEADERS
 //! block are closed at `header_read_timeout`, idle intercepted HTTP/2 tunnels are closed at
 //! `worker_idle_timeout` and give their tunnel place back — while connections that keep
-//! working, or wait for a slow answer, are left alone.
+//! working, or wait for a slow answer, are left alone; a target that stalls mid-body is cut
+//! off at `upstream.response_body_idle_timeout` and its connection closed.
 //!
 //! Limits are shortened (header read 1 s, body idle 1 s, worker idle 2 s) so each clock runs
 //! in seconds; the bounds asserted leave several seconds of slack over them.
@@ -229,5 +230,50 @@ async fn working_connections_and_slow_answers_are_left_alone() {
         "the connection was closed while working"
     );
     assert_eq!(origin.accepted(), 1);
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn a_target_that_stalls_mid_body_is_cut_off() {
+    // A raw origin: a response head announcing 1,000 bytes, 10 of them, then silence; it
+    // reports when edgepool closes the connection.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let (closed_tx, closed_rx) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(async move {
+        let (mut s, _) = listener.accept().await.unwrap();
+        let mut buf = vec![0u8; 4096];
+        let _ = s.read(&mut buf).await;
+        s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n0123456789")
+            .await
+            .unwrap();
+        while let Ok(n) = s.read(&mut buf).await {
+            if n == 0 {
+                break;
+            }
+        }
+        let _ = closed_tx.send(());
+    });
+    let gw = gateway(&[], |c| {
+        c.upstream.response_body_idle_timeout = Duration::from_secs(1)
+    })
+    .await;
+    let r = gw
+        .client()
+        .get(format!("http://127.0.0.1:{port}/"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let t0 = Instant::now();
+    let body = tokio::time::timeout(Duration::from_secs(15), r.bytes())
+        .await
+        .expect("the worker still waits 15 s later (response_body_idle_timeout is 1 s)");
+    assert!(body.is_err(), "a cut-off body must not look complete");
+    assert!(t0.elapsed() >= Duration::from_millis(900));
+    tokio::time::timeout(Duration::from_secs(5), closed_rx)
+        .await
+        .expect("the stalled connection to the target was not closed")
+        .unwrap();
     gw.stop().await;
 }
