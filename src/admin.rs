@@ -8,7 +8,7 @@ use bytes::Bytes;
 use http::{HeaderValue, Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioIo;
 use serde::Serialize;
 use tokio::net::TcpStream;
 
@@ -16,8 +16,15 @@ use crate::forward::{full_body, ProxyBody};
 use crate::gateway::Gateway;
 use crate::telemetry::{TargetCounts, Verdict};
 
-/// Serves one admin connection.
+/// Admin connections open at once; more are closed at accept. Dashboards, scrapers and the
+/// CLI need a handful.
+pub const ADMIN_MAX_CONNECTIONS: usize = 64;
+
+/// Serves one admin connection: HTTP/1.1 only (no client of the admin listener needs HTTP/2),
+/// every head — the next one on an idle keep-alive connection too — within
+/// `limits.header_read_timeout`, heads at most `limits.max_header_bytes`.
 pub async fn serve_admin(gw: Arc<Gateway>, stream: TcpStream) {
+    let limits = gw.config().limits.clone();
     let svc = service_fn(move |req: Request<Incoming>| {
         let gw = gw.clone();
         async move {
@@ -36,7 +43,11 @@ pub async fn serve_admin(gw: Arc<Gateway>, stream: TcpStream) {
             Ok::<_, Infallible>(resp)
         }
     });
-    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
+        .max_buf_size(limits.max_header_bytes.max(8192));
     if let Err(e) = builder.serve_connection(TokioIo::new(stream), svc).await {
         tracing::debug!("admin connection ended: {e}");
     }

@@ -406,6 +406,10 @@ impl Gateway {
                     }
                 },
                 accepted = admin.accept() => match accepted {
+                    Ok((stream, peer)) if admin_conns.len() >= crate::admin::ADMIN_MAX_CONNECTIONS => {
+                        tracing::warn!(%peer, "admin connection refused: {} already open", crate::admin::ADMIN_MAX_CONNECTIONS);
+                        drop(stream);
+                    }
                     Ok((stream, _)) => {
                         admin_conns.spawn(crate::admin::serve_admin(self.clone(), stream));
                     }

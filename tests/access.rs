@@ -254,3 +254,51 @@ async fn an_exit_pointing_at_edgepool_itself_is_a_loop_never_dialled() {
     let _ = tx.send(());
     let _ = task.await;
 }
+
+#[tokio::test]
+async fn the_admin_listener_has_a_head_clock_and_a_connection_cap() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let gw = TestGateway::start_with(&[], |c| {
+        c.limits.header_read_timeout = std::time::Duration::from_secs(1)
+    })
+    .await;
+    /// Whether the peer closes `s` within `secs`.
+    async fn closes(s: &mut tokio::net::TcpStream, secs: u64) -> bool {
+        let mut buf = [0u8; 1024];
+        loop {
+            match tokio::time::timeout(std::time::Duration::from_secs(secs), s.read(&mut buf)).await
+            {
+                Err(_) => return false,
+                Ok(Ok(0)) | Ok(Err(_)) => return true,
+                Ok(Ok(_)) => {}
+            }
+        }
+    }
+    // Slowloris: half a head, then nothing. Closed by the head clock.
+    let mut slow = tokio::net::TcpStream::connect(gw.admin).await.unwrap();
+    slow.write_all(b"GET /status HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    assert!(
+        closes(&mut slow, 10).await,
+        "a half head held the admin connection"
+    );
+
+    // Fill the cap with idle connections (they would each be closed by the clock too; a
+    // longer clock would not change the count).
+    let mut held = Vec::new();
+    for _ in 0..edgepool::admin::ADMIN_MAX_CONNECTIONS {
+        held.push(tokio::net::TcpStream::connect(gw.admin).await.unwrap());
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    let mut over = tokio::net::TcpStream::connect(gw.admin).await.unwrap();
+    assert!(
+        closes(&mut over, 1).await,
+        "a connection over the cap was served"
+    );
+    // Once the idle ones are gone, the admin listener answers again.
+    drop(held);
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert_eq!(gw.admin_get("/healthz").await.status(), 200);
+    gw.stop().await;
+}
