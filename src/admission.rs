@@ -18,13 +18,41 @@ const MILLI: u64 = 1000;
 const RETRY_BUDGET_CAP: u64 = 100 * MILLI;
 
 /// The limits and their current use.
+///
+/// Fairness: besides the global limits, one worker address may hold at most
+/// `limits.max_worker_share` of each (requests in flight, tunnels, buffered bytes), so one
+/// client can never lock the others out. One lock guards the per-address table; the global
+/// counters are atomics.
 pub struct Admission {
     max_per_worker: usize,
-    per_worker: Mutex<HashMap<IpAddr, usize>>,
+    per_worker: Mutex<HashMap<IpAddr, PerAddr>>,
     max_tunnels: usize,
     tunnels: AtomicUsize,
     max_in_flight: usize,
     in_flight: AtomicUsize,
+    max_buffered: u64,
+    buffered: AtomicU64,
+    /// The most buffered at once since the memory was last handed back to the OS.
+    buffered_peak: AtomicU64,
+    /// Per address: the share's ceilings.
+    addr_in_flight: usize,
+    addr_tunnels: usize,
+    addr_buffered: u64,
+}
+
+/// What one worker address holds.
+#[derive(Default)]
+struct PerAddr {
+    connections: usize,
+    requests: usize,
+    tunnels: usize,
+    bytes: u64,
+}
+
+impl PerAddr {
+    fn is_empty(&self) -> bool {
+        self.connections == 0 && self.requests == 0 && self.tunnels == 0 && self.bytes == 0
+    }
 }
 
 /// A place taken under one limit; dropping it gives the place back.
@@ -35,27 +63,68 @@ pub struct Ticket {
 
 enum Kind {
     Worker(IpAddr),
-    Tunnel,
-    Request,
+    Tunnel(IpAddr),
+    Request(IpAddr),
+    /// Buffered bytes (grows with [`Ticket::grow`]).
+    Bytes(IpAddr, u64),
+}
+
+/// Why a place was refused: the global limit, or the address's share of it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Refused {
+    /// The limit itself is reached.
+    Full,
+    /// This address holds its `limits.max_worker_share` of it.
+    Share,
+}
+
+impl Ticket {
+    /// The worker address this place belongs to.
+    pub fn ip(&self) -> IpAddr {
+        match self.kind {
+            Kind::Worker(ip) | Kind::Tunnel(ip) | Kind::Request(ip) | Kind::Bytes(ip, _) => ip,
+        }
+    }
+
+    /// For a byte budget ticket: `n` more bytes, if the budget and the address's share allow.
+    pub fn grow(&mut self, n: u64) -> Result<(), Refused> {
+        let Kind::Bytes(ip, ref mut held) = self.kind else {
+            return Ok(());
+        };
+        self.adm.reserve_bytes(ip, n)?;
+        *held += n;
+        Ok(())
+    }
 }
 
 impl Drop for Ticket {
     fn drop(&mut self) {
-        match self.kind {
-            Kind::Worker(ip) => {
-                let mut map = self.adm.per_worker.lock();
-                if let Some(n) = map.get_mut(&ip) {
-                    *n -= 1;
-                    if *n == 0 {
-                        map.remove(&ip);
-                    }
-                }
-            }
-            Kind::Tunnel => {
+        let (ip, what) = match self.kind {
+            Kind::Worker(ip) => (ip, 0),
+            Kind::Tunnel(ip) => {
                 self.adm.tunnels.fetch_sub(1, Ordering::Relaxed);
+                (ip, 1)
             }
-            Kind::Request => {
+            Kind::Request(ip) => {
                 self.adm.in_flight.fetch_sub(1, Ordering::Relaxed);
+                (ip, 2)
+            }
+            Kind::Bytes(ip, n) => {
+                self.adm.buffered.fetch_sub(n, Ordering::Relaxed);
+                (ip, 3)
+            }
+        };
+        let mut map = self.adm.per_worker.lock();
+        if let Some(a) = map.get_mut(&ip) {
+            match (what, &self.kind) {
+                (0, _) => a.connections -= 1,
+                (1, _) => a.tunnels -= 1,
+                (2, _) => a.requests -= 1,
+                (_, Kind::Bytes(_, n)) => a.bytes -= n,
+                _ => {}
+            }
+            if a.is_empty() {
+                map.remove(&ip);
             }
         }
     }
@@ -70,9 +139,15 @@ fn take(counter: &AtomicUsize, max: usize) -> bool {
         .is_ok()
 }
 
+/// `share` of `max`, at least 1.
+fn share_of(max: u64, share: f64) -> u64 {
+    ((max as f64 * share).floor() as u64).max(1)
+}
+
 impl Admission {
     /// Limits from `[limits]`.
     pub fn new(cfg: &LimitsConfig) -> Arc<Self> {
+        let share = cfg.max_worker_share.clamp(0.0, 1.0);
         Arc::new(Admission {
             max_per_worker: cfg.max_connections_per_worker,
             per_worker: Mutex::new(HashMap::new()),
@@ -80,37 +155,110 @@ impl Admission {
             tunnels: AtomicUsize::new(0),
             max_in_flight: cfg.max_in_flight,
             in_flight: AtomicUsize::new(0),
+            max_buffered: cfg.max_buffered_bytes,
+            buffered: AtomicU64::new(0),
+            buffered_peak: AtomicU64::new(0),
+            addr_in_flight: share_of(cfg.max_in_flight as u64, share) as usize,
+            addr_tunnels: share_of(cfg.max_tunnels as u64, share) as usize,
+            addr_buffered: share_of(cfg.max_buffered_bytes, share),
         })
     }
 
     /// A connection from `ip`, if it has fewer than `limits.max_connections_per_worker` open.
     pub fn worker_connection(self: &Arc<Self>, ip: IpAddr) -> Option<Ticket> {
         let mut map = self.per_worker.lock();
-        let n = map.entry(ip).or_insert(0);
-        if *n >= self.max_per_worker {
+        let a = map.entry(ip).or_default();
+        if a.connections >= self.max_per_worker {
             return None;
         }
-        *n += 1;
+        a.connections += 1;
         Some(Ticket {
             adm: self.clone(),
             kind: Kind::Worker(ip),
         })
     }
 
-    /// A CONNECT tunnel, if fewer than `limits.max_tunnels` are open.
-    pub fn tunnel(self: &Arc<Self>) -> Option<Ticket> {
-        take(&self.tunnels, self.max_tunnels).then(|| Ticket {
+    /// A CONNECT tunnel for `ip`, if fewer than `limits.max_tunnels` are open and `ip` holds
+    /// less than its share of them.
+    pub fn tunnel(self: &Arc<Self>, ip: IpAddr) -> Result<Ticket, Refused> {
+        let mut map = self.per_worker.lock();
+        // The limit itself first: when both are reached, "full" is the truer answer.
+        if !take(&self.tunnels, self.max_tunnels) {
+            return Err(Refused::Full);
+        }
+        let a = map.entry(ip).or_default();
+        if a.tunnels >= self.addr_tunnels {
+            self.tunnels.fetch_sub(1, Ordering::Relaxed);
+            return Err(Refused::Share);
+        }
+        a.tunnels += 1;
+        Ok(Ticket {
             adm: self.clone(),
-            kind: Kind::Tunnel,
+            kind: Kind::Tunnel(ip),
         })
     }
 
-    /// A request in flight, if fewer than `limits.max_in_flight` are.
-    pub fn request(self: &Arc<Self>) -> Option<Ticket> {
-        take(&self.in_flight, self.max_in_flight).then(|| Ticket {
+    /// A request in flight for `ip`, if fewer than `limits.max_in_flight` are and `ip` holds
+    /// less than its share of them.
+    pub fn request(self: &Arc<Self>, ip: IpAddr) -> Result<Ticket, Refused> {
+        let mut map = self.per_worker.lock();
+        if !take(&self.in_flight, self.max_in_flight) {
+            return Err(Refused::Full);
+        }
+        let a = map.entry(ip).or_default();
+        if a.requests >= self.addr_in_flight {
+            self.in_flight.fetch_sub(1, Ordering::Relaxed);
+            return Err(Refused::Share);
+        }
+        a.requests += 1;
+        Ok(Ticket {
             adm: self.clone(),
-            kind: Kind::Request,
+            kind: Kind::Request(ip),
         })
+    }
+
+    /// A byte budget for a body `ip` is about to buffer: `n` bytes now, more with
+    /// [`Ticket::grow`].
+    pub fn buffer(self: &Arc<Self>, ip: IpAddr, n: u64) -> Result<Ticket, Refused> {
+        self.reserve_bytes(ip, n)?;
+        Ok(Ticket {
+            adm: self.clone(),
+            kind: Kind::Bytes(ip, n),
+        })
+    }
+
+    fn reserve_bytes(&self, ip: IpAddr, n: u64) -> Result<(), Refused> {
+        let mut map = self.per_worker.lock();
+        let max = self.max_buffered;
+        let before = self
+            .buffered
+            .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |b| {
+                (b + n <= max).then_some(b + n)
+            })
+            .map_err(|_| Refused::Full)?;
+        let a = map.entry(ip).or_default();
+        if a.bytes + n > self.addr_buffered {
+            self.buffered.fetch_sub(n, Ordering::Relaxed);
+            if a.is_empty() {
+                map.remove(&ip);
+            }
+            return Err(Refused::Share);
+        }
+        a.bytes += n;
+        self.buffered_peak.fetch_max(before + n, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Bytes of request bodies buffered now.
+    pub fn buffered(&self) -> u64 {
+        self.buffered.load(Ordering::Relaxed)
+    }
+
+    /// The most buffered at once since the last call (which resets it to what is buffered
+    /// now): a burst that has passed, whose memory can go back to the OS.
+    pub fn take_buffered_peak(&self) -> u64 {
+        self.buffered_peak
+            .swap(self.buffered.load(Ordering::Relaxed), Ordering::Relaxed)
     }
 
     /// Open tunnels, requests in flight, worker addresses with open connections.
@@ -118,7 +266,11 @@ impl Admission {
         (
             self.tunnels.load(Ordering::Relaxed),
             self.in_flight.load(Ordering::Relaxed),
-            self.per_worker.lock().len(),
+            self.per_worker
+                .lock()
+                .values()
+                .filter(|a| a.connections > 0)
+                .count(),
         )
     }
 }
@@ -200,6 +352,7 @@ mod tests {
             max_connections_per_worker: per_worker,
             max_tunnels: tunnels,
             max_in_flight: in_flight,
+            max_worker_share: 1.0,
             ..Default::default()
         }
     }
@@ -222,15 +375,73 @@ mod tests {
         drop(t1);
         assert!(adm.worker_connection(a).is_some());
 
-        let tun = adm.tunnel().unwrap();
-        assert!(adm.tunnel().is_none());
+        let tun = adm.tunnel(a).unwrap();
+        assert!(adm.tunnel(b).is_err());
         drop(tun);
-        assert!(adm.tunnel().is_some());
+        assert!(adm.tunnel(b).is_ok());
 
-        let reqs: Vec<_> = (0..3).map(|_| adm.request().unwrap()).collect();
-        assert!(adm.request().is_none());
+        let reqs: Vec<_> = (0..3)
+            .map(|i| adm.request(if i == 0 { a } else { b }).unwrap())
+            .collect();
+        assert_eq!(adm.request(a).err(), Some(Refused::Full));
         drop(reqs);
         assert_eq!(adm.usage().1, 0);
+    }
+
+    #[test]
+    fn one_address_holds_at_most_its_share() {
+        let cfg = LimitsConfig {
+            max_in_flight: 10,
+            max_tunnels: 4,
+            max_buffered_bytes: 2000,
+            max_worker_share: 0.5,
+            ..Default::default()
+        };
+        let adm = Admission::new(&cfg);
+        let a: IpAddr = "10.0.0.1".parse().unwrap();
+        let b: IpAddr = "10.0.0.2".parse().unwrap();
+        let mine: Vec<_> = (0..5).map(|_| adm.request(a).unwrap()).collect();
+        assert_eq!(
+            adm.request(a).err(),
+            Some(Refused::Share),
+            "a holds its half"
+        );
+        let theirs: Vec<_> = (0..5).map(|_| adm.request(b).unwrap()).collect();
+        assert_eq!(
+            adm.request(b).err(),
+            Some(Refused::Full),
+            "both: full is the answer"
+        );
+        drop((mine, theirs));
+        let t: Vec<_> = (0..2).map(|_| adm.tunnel(a).unwrap()).collect();
+        assert_eq!(adm.tunnel(a).err(), Some(Refused::Share));
+        assert!(adm.tunnel(b).is_ok());
+        drop(t);
+        let mut body = adm.buffer(a, 800).unwrap();
+        assert_eq!(
+            body.grow(300).err(),
+            Some(Refused::Share),
+            "1100 > a's 1000"
+        );
+        body.grow(200).unwrap();
+        let other = adm.buffer(b, 1000).unwrap();
+        assert_eq!(adm.buffered(), 2000);
+        assert_eq!(
+            adm.buffer(b, 1).err(),
+            Some(Refused::Full),
+            "the budget is used up"
+        );
+        drop(body);
+        assert_eq!(
+            adm.buffer(b, 1).err(),
+            Some(Refused::Share),
+            "b holds its share"
+        );
+        drop(other);
+        assert_eq!(adm.buffered(), 0);
+        assert_eq!(adm.take_buffered_peak(), 2000);
+        assert_eq!(adm.take_buffered_peak(), 0);
+        assert!(adm.per_worker.lock().is_empty(), "nothing left behind");
     }
 
     #[test]

@@ -142,6 +142,13 @@ pub const DEFAULT_MAX_CONNECTIONS_PER_WORKER: usize = 1024;
 /// Default [`LimitsConfig::max_tunnels`]: 4096 CONNECT tunnels (intercepted or blind) open at
 /// once.
 pub const DEFAULT_MAX_TUNNELS: usize = 4096;
+/// Default [`LimitsConfig::max_buffered_bytes`]: 1 GiB of request bodies buffered at once
+/// (bodies are buffered whole so a retry sends the same bytes); beyond it 503 + `Retry-After`.
+pub const DEFAULT_MAX_BUFFERED_BYTES: u64 = 1 << 30;
+/// Default [`LimitsConfig::max_worker_share`]: 0.5. One worker address may hold at most half of
+/// the requests in flight, of the tunnels and of the buffered bytes, so one client can never
+/// lock the others out; a fleet behind one address still gets half of each limit.
+pub const DEFAULT_MAX_WORKER_SHARE: f64 = 0.5;
 /// Default [`LimitsConfig::max_in_flight`]: 8192 worker requests waiting for a response head
 /// at once; past it, new requests get 503 with `Retry-After` before their body is read.
 pub const DEFAULT_MAX_IN_FLIGHT: usize = 8192;
@@ -890,6 +897,14 @@ pub struct LimitsConfig {
     /// Max worker requests waiting for a response head at once; more get 503 with
     /// `Retry-After` before their body is read. Default [`DEFAULT_MAX_IN_FLIGHT`]. At least 1.
     pub max_in_flight: usize,
+    /// Bytes of request bodies (and `/v1/fetch` documents) buffered at once; more get 503 with
+    /// `Retry-After`. Default [`DEFAULT_MAX_BUFFERED_BYTES`] (1 GiB). At least
+    /// `max_request_body`.
+    pub max_buffered_bytes: u64,
+    /// The share (0 < s ≤ 1) of `max_in_flight`, `max_tunnels` and `max_buffered_bytes` one
+    /// worker address may hold; beyond it that address gets 503 while others are served.
+    /// Default [`DEFAULT_MAX_WORKER_SHARE`] (0.5); 1 turns fairness off.
+    pub max_worker_share: f64,
     /// Max DNS lookups at once; more wait their turn. Default [`DEFAULT_MAX_DNS_IN_FLIGHT`].
     /// At least 1.
     pub max_dns_in_flight: usize,
@@ -929,6 +944,8 @@ impl Default for LimitsConfig {
             max_connections_per_worker: DEFAULT_MAX_CONNECTIONS_PER_WORKER,
             max_tunnels: DEFAULT_MAX_TUNNELS,
             max_in_flight: DEFAULT_MAX_IN_FLIGHT,
+            max_buffered_bytes: DEFAULT_MAX_BUFFERED_BYTES,
+            max_worker_share: DEFAULT_MAX_WORKER_SHARE,
             max_dns_in_flight: DEFAULT_MAX_DNS_IN_FLIGHT,
             h2_max_streams: DEFAULT_H2_MAX_STREAMS,
             h2_max_pending_resets: DEFAULT_H2_MAX_PENDING_RESETS,
@@ -1371,6 +1388,24 @@ impl LimitsConfig {
         )?;
         at_least_one("limits.max_tunnels", self.max_tunnels as u64, why)?;
         at_least_one("limits.max_in_flight", self.max_in_flight as u64, why)?;
+        if self.max_buffered_bytes < self.max_request_body {
+            return Err(invalid(
+                "limits.max_buffered_bytes",
+                format!(
+                    "{} is below limits.max_request_body ({}); no body of the allowed size could be buffered",
+                    self.max_buffered_bytes, self.max_request_body
+                ),
+            ));
+        }
+        if !(self.max_worker_share > 0.0 && self.max_worker_share <= 1.0) {
+            return Err(invalid(
+                "limits.max_worker_share",
+                format!(
+                    "{} is out of range; expected a share above 0 and at most 1 (1 turns fairness off)",
+                    self.max_worker_share
+                ),
+            ));
+        }
         at_least_one(
             "limits.max_dns_in_flight",
             self.max_dns_in_flight as u64,

@@ -71,6 +71,19 @@ pub struct Gateway {
     admission: Arc<crate::admission::Admission>,
 }
 
+/// A burst of buffered request bodies at least this large is followed by handing freed memory
+/// back to the OS once it has passed.
+const RELEASE_AFTER_BURST: u64 = 32 << 20;
+
+/// Returns freed heap memory to the OS (glibc `malloc_trim`; a no-op elsewhere).
+fn release_free_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only walks the allocator's own free lists; it takes no pointers.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 impl Gateway {
     /// Builds the gateway (loads or creates the CA in the data dir). Must run inside a tokio
     /// runtime (the pool starts its sweep task).
@@ -278,6 +291,22 @@ impl Gateway {
                     );
                 }
                 gw.telemetry.record_exit_states(gw.forwarder.exits());
+            }
+        });
+        // Memory after a burst of buffered bodies: hand it back to the OS once the burst has
+        // passed (glibc keeps freed heap pages otherwise; RSS would stay at the peak).
+        let gw = self.clone();
+        set.spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            let mut pending = 0u64;
+            loop {
+                tick.tick().await;
+                let adm = gw.admission();
+                pending = pending.max(adm.take_buffered_peak());
+                if pending >= RELEASE_AFTER_BURST && adm.buffered() < pending / 4 {
+                    pending = 0;
+                    let _ = tokio::task::spawn_blocking(release_free_memory).await;
+                }
             }
         });
         // Ephemeral-port budget: re-read the kernel's socket tables once a second.

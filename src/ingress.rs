@@ -2,6 +2,7 @@
 //! interception (or a blind tunnel for passthrough hosts) and `POST /v1/fetch`, all routed
 //! per request — one worker connection may carry requests for many targets.
 use std::convert::Infallible;
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -9,13 +10,14 @@ use base64::Engine;
 use bytes::Bytes;
 use http::header::{HeaderName, HeaderValue};
 use http::{HeaderMap, Method, Request, Response, StatusCode};
-use http_body_util::{BodyExt, Limited};
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use serde::Deserialize;
 use tokio::net::TcpStream;
 
+use crate::admission::{Refused, Ticket};
 use crate::dial::Scheme;
 use crate::error::EdgeError;
 use crate::forward::{clean_request_headers, full_body, Outgoing, ProxyBody};
@@ -43,6 +45,7 @@ pub async fn serve_worker(gw: Arc<Gateway>, stream: TcpStream) {
     let gw2 = gw.clone();
     let watch2 = watch.clone();
     // The worker's place is held by the connection and, after a CONNECT, by its tunnel.
+    let peer = place.ip();
     let place = WorkerPlace(Arc::new(place));
     let place2 = place.clone();
     let svc = service_fn(move |mut req: Request<Incoming>| {
@@ -58,7 +61,7 @@ pub async fn serve_worker(gw: Arc<Gateway>, stream: TcpStream) {
                 return Ok::<_, Infallible>(resp);
             }
             let connect = req.method() == Method::CONNECT;
-            let mut resp = answer(&watch, handle(gw, req)).await;
+            let mut resp = answer(&watch, handle(gw, req, peer)).await;
             if connect && !resp.status().is_success() {
                 // A refused CONNECT (for any reason: auth, loop, policy) ends the connection:
                 // whatever the worker sends next was meant for a tunnel, not an HTTP parser.
@@ -311,6 +314,92 @@ where
 /// How much longer than `header_read_timeout` a connection without any request may stay.
 const FIRST_REQUEST_MARGIN: Duration = Duration::from_secs(1);
 
+/// Why a body could not be buffered.
+enum BodyError {
+    /// Over its size limit.
+    TooLarge,
+    /// Over the buffer budget or the address's share of it.
+    Budget(Refused),
+    /// The body clock or the framer stopped it (408 / 400; the connection ends).
+    Violation(EdgeError),
+    /// The worker broke it off.
+    Failed(String),
+}
+
+impl BodyError {
+    /// The answer (TooLarge is the caller's: its status depends on the endpoint).
+    fn respond(self, gw: &Gateway, token: &'static str, what: &str) -> Response<ProxyBody> {
+        match self {
+            BodyError::TooLarge => error(gw, EdgeError::bad_request(token, what.to_string())),
+            BodyError::Budget(why) => error(gw, buffer_full(gw, why)),
+            BodyError::Violation(v) => {
+                // The connection's framing (or clock) is gone: it ends after this answer.
+                let mut resp = error(gw, v);
+                resp.headers_mut()
+                    .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
+                resp
+            }
+            BodyError::Failed(e) => {
+                error(gw, EdgeError::bad_request(token, format!("{what}: {e}")))
+            }
+        }
+    }
+}
+
+/// Bytes reserved from the buffer budget at a time for a body of unknown length.
+const BUDGET_STEP: u64 = 64 * 1024;
+
+/// Reads a whole body (buffered, so a retry sends the same bytes) within `limit` bytes, the
+/// body clock (`limits.body_idle_timeout`) and the buffer budget: the returned ticket holds
+/// its bytes under `limits.max_buffered_bytes` and the address's share until dropped. A
+/// declared length is reserved, and allocated, at once — one buffer, handed back whole.
+async fn buffer_body(
+    gw: &Gateway,
+    body: Incoming,
+    limit: u64,
+    peer: IpAddr,
+) -> Result<(Bytes, Ticket), BodyError> {
+    let hint = http_body::Body::size_hint(&body);
+    let declared = hint.exact();
+    if declared.is_some_and(|n| n > limit) || hint.lower() > limit {
+        return Err(BodyError::TooLarge);
+    }
+    let first = declared.unwrap_or(0);
+    let mut ticket = gw
+        .admission()
+        .buffer(peer, first)
+        .map_err(BodyError::Budget)?;
+    let mut reserved = first;
+    let mut buf = bytes::BytesMut::with_capacity(first as usize);
+    let body = IdleBody::new(body, gw.config().limits.body_idle_timeout);
+    tokio::pin!(body);
+    while let Some(frame) = body.as_mut().frame().await {
+        let frame = match frame {
+            Ok(f) => f,
+            Err(e) => {
+                return Err(match body_violation(&*e) {
+                    Some(v) => BodyError::Violation(v),
+                    None => BodyError::Failed(e.to_string()),
+                })
+            }
+        };
+        let Ok(data) = frame.into_data() else {
+            continue; // trailers: not forwarded
+        };
+        let total = buf.len() as u64 + data.len() as u64;
+        if total > limit {
+            return Err(BodyError::TooLarge);
+        }
+        if total > reserved {
+            let more = (total - reserved).max(BUDGET_STEP).min(limit - reserved);
+            ticket.grow(more).map_err(BodyError::Budget)?;
+            reserved += more;
+        }
+        buf.extend_from_slice(&data);
+    }
+    Ok((buf.freeze(), ticket))
+}
+
 /// After the idle clock closes a connection gracefully (HTTP/2 GOAWAY), how long it may take
 /// to finish before it is dropped.
 const IDLE_CLOSE_GRACE: Duration = Duration::from_secs(5);
@@ -440,14 +529,45 @@ fn violation_response(
 
 /// The 503 (with `Retry-After`) for a request over `limits.max_in_flight`: answered at once,
 /// before the body is read or a connection waited for.
-fn in_flight_full(gw: &Gateway) -> EdgeError {
-    EdgeError::overloaded(
-        "overloaded",
-        format!(
-            "edgepool has limits.max_in_flight ({}) requests in flight; retry shortly",
-            gw.config().limits.max_in_flight
+fn in_flight_full(gw: &Gateway, why: Refused) -> EdgeError {
+    let l = &gw.config().limits;
+    match why {
+        Refused::Full => EdgeError::overloaded(
+            "overloaded",
+            format!(
+                "edgepool has limits.max_in_flight ({}) requests in flight; retry shortly",
+                l.max_in_flight
+            ),
         ),
-    )
+        Refused::Share => EdgeError::overloaded(
+            "worker_share_limit",
+            format!(
+                "this worker address has its share (limits.max_worker_share {}) of limits.max_in_flight ({}) in flight; retry shortly",
+                l.max_worker_share, l.max_in_flight
+            ),
+        ),
+    }
+}
+
+/// 503 for a body that does not fit the buffer budget (or the address's share of it).
+fn buffer_full(gw: &Gateway, why: Refused) -> EdgeError {
+    let l = &gw.config().limits;
+    match why {
+        Refused::Full => EdgeError::overloaded(
+            "memory_budget",
+            format!(
+                "edgepool buffers at most limits.max_buffered_bytes ({}) of request bodies at once; retry shortly",
+                l.max_buffered_bytes
+            ),
+        ),
+        Refused::Share => EdgeError::overloaded(
+            "worker_share_limit",
+            format!(
+                "this worker address buffers its share (limits.max_worker_share {}) of limits.max_buffered_bytes ({}); retry shortly",
+                l.max_worker_share, l.max_buffered_bytes
+            ),
+        ),
+    }
 }
 
 /// A body read that failed because [`crate::h1guard`] stopped it (bad chunk framing, or the
@@ -493,7 +613,7 @@ fn via_loop(headers: &http::HeaderMap) -> Option<EdgeError> {
     })
 }
 
-async fn handle(gw: Arc<Gateway>, req: Request<Incoming>) -> Response<ProxyBody> {
+async fn handle(gw: Arc<Gateway>, req: Request<Incoming>, peer: IpAddr) -> Response<ProxyBody> {
     if let Some(e) = via_loop(req.headers()) {
         return error(&gw, e);
     }
@@ -513,11 +633,12 @@ async fn handle(gw: Arc<Gateway>, req: Request<Incoming>) -> Response<ProxyBody>
             Ok(w) => w,
             Err(e) => return error(&gw, e),
         };
-        return handle_connect(gw, req, worker).await;
+        return handle_connect(gw, req, worker, peer).await;
     }
     // Overload: refuse at once, before reading a body or waiting for a connection.
-    let Some(_in_flight) = gw.admission().request() else {
-        return error(&gw, in_flight_full(&gw));
+    let _in_flight = match gw.admission().request(peer) {
+        Ok(t) => t,
+        Err(why) => return error(&gw, in_flight_full(&gw, why)),
     };
     let uri = req.uri().clone();
     let scheme = uri.scheme_str().map(|s| match s {
@@ -542,7 +663,7 @@ async fn handle(gw: Arc<Gateway>, req: Request<Incoming>) -> Response<ProxyBody>
                 );
             };
             let port = uri.port_u16().unwrap_or(scheme.default_port());
-            forward_worker_request(gw, req, scheme, host, port, &worker).await
+            forward_worker_request(gw, req, scheme, host, port, &worker, peer).await
         }
         None if req.uri().path() == "/v1/fetch" => {
             if req.method() != Method::POST {
@@ -554,7 +675,7 @@ async fn handle(gw: Arc<Gateway>, req: Request<Incoming>) -> Response<ProxyBody>
                     ),
                 );
             }
-            fetch(gw, req, worker).await
+            fetch(gw, req, worker, peer).await
         }
         None => error(
             &gw,
@@ -612,6 +733,7 @@ async fn forward_worker_request(
     host: String,
     port: u16,
     worker: &crate::worker::Worker,
+    peer: IpAddr,
 ) -> Response<ProxyBody> {
     // Requests inside an intercepted tunnel (HTTP/1.1 and HTTP/2) never pass `handle`: the hop
     // cap applies here too.
@@ -624,32 +746,11 @@ async fn forward_worker_request(
     };
     let (parts, body) = req.into_parts();
     let limit = gw.config().limits.max_request_body;
-    let idle = gw.config().limits.body_idle_timeout;
-    let body = match Limited::new(IdleBody::new(body, idle), limit as usize)
-        .collect()
-        .await
-    {
-        Ok(b) => b.to_bytes(),
-        Err(e) => {
-            let err = if e
-                .downcast_ref::<http_body_util::LengthLimitError>()
-                .is_some()
-            {
-                EdgeError::body_too_large(limit)
-            } else if let Some(v) = body_violation(&*e) {
-                // The connection's framing is gone: it ends after this answer.
-                let mut resp = error(&gw, v);
-                resp.headers_mut()
-                    .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
-                return resp;
-            } else {
-                EdgeError::bad_request(
-                    "worker_body_failed",
-                    format!("reading the request body failed: {e}"),
-                )
-            };
-            return error(&gw, err);
-        }
+    // Held until the request is done: the buffered body lives as long (a retry resends it).
+    let (body, _budget) = match buffer_body(&gw, body, limit, peer).await {
+        Ok(b) => b,
+        Err(BodyError::TooLarge) => return error(&gw, EdgeError::body_too_large(limit)),
+        Err(e) => return e.respond(&gw, "worker_body_failed", "reading the request body failed"),
     };
     let mut headers = parts.headers;
     clean_request_headers(&mut headers);
@@ -680,6 +781,7 @@ async fn handle_connect(
     gw: Arc<Gateway>,
     req: Request<Incoming>,
     worker: crate::worker::Worker,
+    peer: IpAddr,
 ) -> Response<ProxyBody> {
     let Some(auth) = req.uri().authority().cloned() else {
         return error(
@@ -707,17 +809,33 @@ async fn handle_connect(
         Err(e) => return error(&gw, e),
     };
     let worker_place = req.extensions().get::<WorkerPlace>().cloned();
-    let Some(tunnel_place) = gw.admission().tunnel() else {
-        return error(
-            &gw,
-            EdgeError::overloaded(
-                "tunnel_limit",
-                format!(
-                    "edgepool has limits.max_tunnels ({}) CONNECT tunnels open; retry shortly",
-                    gw.config().limits.max_tunnels
+    let tunnel_place = match gw.admission().tunnel(peer) {
+        Ok(t) => t,
+        Err(Refused::Full) => {
+            return error(
+                &gw,
+                EdgeError::overloaded(
+                    "tunnel_limit",
+                    format!(
+                        "edgepool has limits.max_tunnels ({}) CONNECT tunnels open; retry shortly",
+                        gw.config().limits.max_tunnels
+                    ),
                 ),
-            ),
-        );
+            )
+        }
+        Err(Refused::Share) => {
+            return error(
+                &gw,
+                EdgeError::overloaded(
+                    "worker_share_limit",
+                    format!(
+                        "this worker address holds its share (limits.max_worker_share {}) of limits.max_tunnels ({}); retry shortly",
+                        gw.config().limits.max_worker_share,
+                        gw.config().limits.max_tunnels
+                    ),
+                ),
+            )
+        }
     };
     let icfg = &gw.config().intercept;
     if !icfg.enabled || icfg.is_passthrough(&host) || worker.options.mitm_off {
@@ -789,8 +907,9 @@ async fn handle_connect(
                 if let Some(resp) = violation_response(&gw, &req, &slot) {
                     return Ok::<_, Infallible>(resp);
                 }
-                let Some(_in_flight) = gw.admission().request() else {
-                    return Ok(error(&gw, in_flight_full(&gw)));
+                let _in_flight = match gw.admission().request(peer) {
+                    Ok(t) => t,
+                    Err(why) => return Ok(error(&gw, in_flight_full(&gw, why))),
                 };
                 if req.method() == Method::CONNECT {
                     let mut resp = error(
@@ -804,8 +923,15 @@ async fn handle_connect(
                         .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
                     return Ok(resp);
                 }
-                let fwd =
-                    forward_worker_request(gw, req, Scheme::Https, (*host).clone(), port, &worker);
+                let fwd = forward_worker_request(
+                    gw,
+                    req,
+                    Scheme::Https,
+                    (*host).clone(),
+                    port,
+                    &worker,
+                    peer,
+                );
                 Ok::<_, Infallible>(answer(&watch, fwd).await)
             }
         });
@@ -926,34 +1052,21 @@ async fn fetch(
     gw: Arc<Gateway>,
     req: Request<Incoming>,
     worker: crate::worker::Worker,
+    peer: IpAddr,
 ) -> Response<ProxyBody> {
     let worker = match request_worker(&worker, req.headers()) {
         Ok(w) => w,
         Err(e) => return error(&gw, e),
     };
     let limit = gw.config().limits.max_fetch_json;
-    let idle = gw.config().limits.body_idle_timeout;
-    let raw = match Limited::new(IdleBody::new(req.into_body(), idle), limit as usize)
-        .collect()
-        .await
-    {
-        Ok(b) => b.to_bytes(),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
-            return error(&gw, EdgeError::fetch_too_large(limit))
-        }
-        Err(e) if body_violation(&*e).is_some() => {
-            let mut resp = error(&gw, body_violation(&*e).expect("checked"));
-            resp.headers_mut()
-                .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
-            return resp;
-        }
+    let (raw, _budget) = match buffer_body(&gw, req.into_body(), limit, peer).await {
+        Ok(b) => b,
+        Err(BodyError::TooLarge) => return error(&gw, EdgeError::fetch_too_large(limit)),
         Err(e) => {
-            return error(
+            return e.respond(
                 &gw,
-                EdgeError::bad_request(
-                    "fetch_body_unreadable",
-                    format!("the JSON document could not be read: {e}"),
-                ),
+                "fetch_body_unreadable",
+                "the JSON document could not be read",
             )
         }
     };

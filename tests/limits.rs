@@ -95,7 +95,12 @@ async fn one_worker_address_cannot_take_every_connection() {
 #[tokio::test]
 async fn over_max_in_flight_a_request_gets_503_before_its_body_is_read() {
     let origin = Origin::start(OriginConfig::default()).await;
-    let gw = TestGateway::start_with(&[], |c| c.limits.max_in_flight = 2).await;
+    // The global limit, from one address (fairness, tested in tests/fairness.rs, off).
+    let gw = TestGateway::start_with(&[], |c| {
+        c.limits.max_in_flight = 2;
+        c.limits.max_worker_share = 1.0;
+    })
+    .await;
     let mut slow = Vec::new();
     for _ in 0..2 {
         let mut s = TcpStream::connect(gw.proxy).await.unwrap();
