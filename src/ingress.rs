@@ -358,8 +358,38 @@ async fn buffer_body(
     body: Incoming,
     limit: u64,
     peer: IpAddr,
+    http1: bool,
 ) -> Result<(Bytes, Ticket), BodyError> {
-    let hint = http_body::Body::size_hint(&body);
+    let body = IdleBody::new(body, gw.config().limits.body_idle_timeout);
+    tokio::pin!(body);
+    let res = read_body(gw, body.as_mut(), limit, peer).await;
+    if http1 && matches!(res, Err(BodyError::TooLarge | BodyError::Budget(_))) {
+        // Refused while the worker is still sending: read the rest (discarded) for a moment,
+        // so the refusal reaches it instead of a reset of the connection.
+        let drain = async {
+            let mut seen = 0u64;
+            while let Some(Ok(frame)) = body.as_mut().frame().await {
+                seen += frame.data_ref().map_or(0, |d| d.len() as u64);
+                if seen > limit {
+                    break;
+                }
+            }
+        };
+        let _ = tokio::time::timeout(DRAIN_REFUSED_BODY, drain).await;
+    }
+    res
+}
+
+/// How long a refused HTTP/1 request body is read (and discarded) before the refusal is sent.
+const DRAIN_REFUSED_BODY: Duration = Duration::from_secs(5);
+
+async fn read_body(
+    gw: &Gateway,
+    mut body: std::pin::Pin<&mut IdleBody<Incoming>>,
+    limit: u64,
+    peer: IpAddr,
+) -> Result<(Bytes, Ticket), BodyError> {
+    let hint = http_body::Body::size_hint(&*body);
     let declared = hint.exact();
     if declared.is_some_and(|n| n > limit) || hint.lower() > limit {
         return Err(BodyError::TooLarge);
@@ -371,8 +401,6 @@ async fn buffer_body(
         .map_err(BodyError::Budget)?;
     let mut reserved = first;
     let mut buf = bytes::BytesMut::with_capacity(first as usize);
-    let body = IdleBody::new(body, gw.config().limits.body_idle_timeout);
-    tokio::pin!(body);
     while let Some(frame) = body.as_mut().frame().await {
         let frame = match frame {
             Ok(f) => f,
@@ -747,7 +775,8 @@ async fn forward_worker_request(
     let (parts, body) = req.into_parts();
     let limit = gw.config().limits.max_request_body;
     // Held until the request is done: the buffered body lives as long (a retry resends it).
-    let (body, _budget) = match buffer_body(&gw, body, limit, peer).await {
+    let http1 = parts.version < http::Version::HTTP_2;
+    let (body, _budget) = match buffer_body(&gw, body, limit, peer, http1).await {
         Ok(b) => b,
         Err(BodyError::TooLarge) => return error(&gw, EdgeError::body_too_large(limit)),
         Err(e) => return e.respond(&gw, "worker_body_failed", "reading the request body failed"),
@@ -1011,7 +1040,17 @@ async fn tunnel(
                         return;
                     }
                 }
-                let _ = tokio::io::copy_bidirectional(&mut up, &mut upstream).await;
+                // A blind tunnel has a clock too: nothing either way for
+                // limits.worker_idle_timeout ends it (and gives its tunnel place back).
+                let idle = gw.config().limits.worker_idle_timeout;
+                let mut up = ActivityIo::new(up);
+                let last = up.last.clone();
+                tokio::select! {
+                    _ = tokio::io::copy_bidirectional(&mut up, &mut upstream) => {}
+                    _ = idle_for(&last, idle) => {
+                        tracing::debug!("blind tunnel idle past limits.worker_idle_timeout: closed");
+                    }
+                }
             }
             Err(e) => tracing::debug!("CONNECT upgrade failed: {e}"),
         }
@@ -1021,6 +1060,76 @@ async fn tunnel(
         resp.headers_mut().insert("x-edgepool-exit", v);
     }
     resp
+}
+
+/// A stream that notes when bytes last moved through it, either way.
+struct ActivityIo<T> {
+    inner: T,
+    last: Arc<parking_lot::Mutex<tokio::time::Instant>>,
+}
+
+impl<T> ActivityIo<T> {
+    fn new(inner: T) -> Self {
+        ActivityIo {
+            inner,
+            last: Arc::new(parking_lot::Mutex::new(tokio::time::Instant::now())),
+        }
+    }
+    fn touch(&self) {
+        *self.last.lock() = tokio::time::Instant::now();
+    }
+}
+
+impl<T: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for ActivityIo<T> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let r = std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            self.touch();
+        }
+        r
+    }
+}
+
+impl<T: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for ActivityIo<T> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let r = std::pin::Pin::new(&mut self.inner).poll_write(cx, buf);
+        if matches!(r, std::task::Poll::Ready(Ok(n)) if n > 0) {
+            self.touch();
+        }
+        r
+    }
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// Resolves once nothing has moved for `limit` (by `last`).
+async fn idle_for(last: &parking_lot::Mutex<tokio::time::Instant>, limit: Duration) {
+    loop {
+        let deadline = *last.lock() + limit;
+        if deadline <= tokio::time::Instant::now() {
+            return;
+        }
+        tokio::time::sleep_until(deadline).await;
+    }
 }
 
 /// `POST /v1/fetch` request document.
@@ -1059,7 +1168,8 @@ async fn fetch(
         Err(e) => return error(&gw, e),
     };
     let limit = gw.config().limits.max_fetch_json;
-    let (raw, _budget) = match buffer_body(&gw, req.into_body(), limit, peer).await {
+    let http1 = req.version() < http::Version::HTTP_2;
+    let (raw, _budget) = match buffer_body(&gw, req.into_body(), limit, peer, http1).await {
         Ok(b) => b,
         Err(BodyError::TooLarge) => return error(&gw, EdgeError::fetch_too_large(limit)),
         Err(e) => {

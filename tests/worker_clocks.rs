@@ -277,3 +277,35 @@ async fn a_target_that_stalls_mid_body_is_cut_off() {
         .unwrap();
     gw.stop().await;
 }
+
+#[tokio::test]
+async fn an_idle_blind_tunnel_is_closed_and_its_place_freed() {
+    let origin = Origin::start(OriginConfig::default()).await;
+    let gw = gateway(&[], |c| {
+        c.intercept.enabled = false;
+        c.limits.max_tunnels = 1;
+    })
+    .await;
+    let host = origin.authority();
+    let mut tunnel = connect(&gw, &host).await.unwrap();
+    // A request through it works (bytes move), then silence.
+    tunnel
+        .write_all(format!("GET /echo HTTP/1.1\r\nHost: {host}\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut buf = [0u8; 1024];
+    let n = tunnel.read(&mut buf).await.unwrap();
+    assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
+    let took = closed_within(&mut tunnel, Duration::from_secs(15))
+        .await
+        .expect("the idle blind tunnel stayed open (worker_idle_timeout is 2 s)");
+    assert!(
+        took >= Duration::from_millis(1500),
+        "closed too early: {took:?}"
+    );
+    assert!(
+        connect(&gw, &host).await.is_ok(),
+        "the tunnel place came back"
+    );
+    gw.stop().await;
+}
