@@ -39,6 +39,16 @@ pub async fn serve_worker(gw: Arc<Gateway>, stream: TcpStream) {
         refuse_connection(&gw, stream).await;
         return;
     };
+    serve_worker_io(gw, stream, place).await;
+}
+
+/// Serves one worker connection over any byte stream (`place`: its place under
+/// `limits.max_connections_per_worker`). Public for the fuzz target that feeds raw bytes
+/// (HTTP/1 and HTTP/2 frames) into the worker side.
+pub async fn serve_worker_io<S>(gw: Arc<Gateway>, stream: S, place: Ticket)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let slot = crate::h1guard::ViolationSlot::default();
     let io = crate::h1guard::GuardedIo::new(stream, gw.h1_limits(), gw.h1_timeouts(), slot.clone());
     let watch = ConnWatch::new(gw.config().limits.h2_max_cancelled_streams);
@@ -1132,6 +1142,27 @@ async fn idle_for(last: &parking_lot::Mutex<tokio::time::Instant>, limit: Durati
     }
 }
 
+/// A `/v1/fetch` document as the endpoint reads it: the JSON, then the request it describes,
+/// checked against `limits` (public for the fuzz target: untrusted input end to end).
+pub fn parse_fetch_document(
+    raw: &[u8],
+    limits: &crate::config::LimitsConfig,
+) -> Result<Outgoing, EdgeError> {
+    parse_fetch(raw, limits, crate::worker::Worker::default()).map(|(_, out)| out)
+}
+
+fn parse_fetch(
+    raw: &[u8],
+    limits: &crate::config::LimitsConfig,
+    worker: crate::worker::Worker,
+) -> Result<(FetchRequest, Outgoing), EdgeError> {
+    let doc: FetchRequest = serde_json::from_slice(raw).map_err(|e| {
+        EdgeError::bad_request("fetch_bad_json", format!("invalid fetch request: {e}"))
+    })?;
+    let out = fetch_outgoing(&doc, limits, worker)?;
+    Ok((doc, out))
+}
+
 /// `POST /v1/fetch` request document.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -1180,17 +1211,8 @@ async fn fetch(
             )
         }
     };
-    let doc: FetchRequest = match serde_json::from_slice(&raw) {
-        Ok(d) => d,
-        Err(e) => {
-            return error(
-                &gw,
-                EdgeError::bad_request("fetch_bad_json", format!("invalid fetch request: {e}")),
-            )
-        }
-    };
-    let out = match fetch_outgoing(&doc, &gw.config().limits, worker) {
-        Ok(o) => o,
+    let (doc, out) = match parse_fetch(&raw, &gw.config().limits, worker) {
+        Ok(v) => v,
         Err(e) => return error(&gw, e),
     };
     let started = tokio::time::Instant::now();
