@@ -684,7 +684,8 @@ async fn handle(gw: Arc<Gateway>, req: Request<Incoming>, peer: IpAddr) -> Respo
         "https" => Ok(Scheme::Https),
         other => Err(other.to_string()),
     });
-    let host = uri.host().map(normalize_host);
+    // A host of dots only ("http://./") normalizes to nothing: no host at all.
+    let host = uri.host().map(normalize_host).filter(|h| !h.is_empty());
     match scheme {
         Some(Err(other)) => error(
             &gw,
@@ -841,6 +842,12 @@ async fn handle_connect(
         return error(&gw, EdgeError::connect_port_forbidden(port));
     }
     let host = normalize_host(auth.host());
+    if host.is_empty() {
+        return error(
+            &gw,
+            EdgeError::bad_request("bad_connect_target", "the CONNECT target has no host"),
+        );
+    }
     // Resolve and check now, so a forbidden or unknown target fails at CONNECT with a clear
     // status instead of inside TLS.
     let addr = match gw.forwarder().resolve_checked(&host, port).await {
@@ -1310,6 +1317,7 @@ fn fetch_outgoing(
     let host = url
         .host_str()
         .map(normalize_host)
+        .filter(|h| !h.is_empty())
         .ok_or_else(|| EdgeError::bad_request("fetch_bad_url", "url has no host"))?;
     let port = url.port().unwrap_or(scheme.default_port());
     let mut path = url.path().to_string();

@@ -759,3 +759,28 @@ async fn fetch_documents_obey_the_head_limits() {
     assert_eq!(ok.status(), 200);
     gw.stop().await;
 }
+
+#[tokio::test]
+async fn a_host_of_dots_only_is_no_host() {
+    // Found by the fetch_json fuzz target: "https:./" parsed to the host ".", which
+    // normalized to "" and was accepted.
+    let gw = TestGateway::start(&[]).await;
+    let http = reqwest::Client::builder().no_proxy().build().unwrap();
+    let r = http
+        .post(format!("http://{}/v1/fetch", gw.proxy))
+        .body(r#"{"url":"https:./3:5555=5exlo1"}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    assert_eq!(r.headers()["x-edgepool-error"], "fetch_bad_url");
+    let mut s = tokio::net::TcpStream::connect(gw.proxy).await.unwrap();
+    s.write_all(b"GET http://./ HTTP/1.1\r\nHost: .\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    s.read_to_end(&mut got).await.unwrap();
+    let got = String::from_utf8_lossy(&got);
+    assert!(got.starts_with("HTTP/1.1 400"), "{got}");
+    gw.stop().await;
+}

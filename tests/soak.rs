@@ -10,6 +10,11 @@
 //!
 //! or `bench/soak.sh [SECONDS]`. Environment:
 //!
+//! * `EDGEPOOL_SOAK_ATTACK` (default 1; 0 turns it off): for the second half of the run, an
+//!   attacker on 127.0.0.2 runs beside the honest workers (127.0.0.1): slowloris heads, HTTP/2
+//!   connections that send only their preface, HTTP/2 POST streams whose bodies stall, and
+//!   bursts of 8 MiB POSTs. The honest workers must see no admission 503 (ledger), and their
+//!   p99 latency on normal requests must stay within 2x of the quiet first half's (+10 ms).
 //! * `EDGEPOOL_SOAK_SECS` (default 600): how long the load runs.
 //! * `EDGEPOOL_SOAK_RPS` (default 1000, 0 = unthrottled): total request rate cap of the fleet.
 //!   The origins keep every request they receive in memory (for the POST check), about 1 KiB
@@ -346,6 +351,9 @@ struct Ledger {
     by_phase: BTreeMap<Phase, [u64; 4]>,
     post_end: HashMap<u64, PostEnd>,
     examples: Vec<String>,
+    /// Latency (µs) of normal requests answered OK, without and with the attacker running.
+    lat_quiet: Vec<u64>,
+    lat_attack: Vec<u64>,
 }
 
 impl Ledger {
@@ -453,6 +461,8 @@ impl Ledger {
             }
         }
         self.post_end.extend(o.post_end);
+        self.lat_quiet.extend(o.lat_quiet);
+        self.lat_attack.extend(o.lat_attack);
         for e in o.examples {
             if self.examples.len() < 40 {
                 self.examples.push(e);
@@ -468,6 +478,8 @@ struct Ctx {
     next_id: AtomicU64,
     completed: AtomicU64,
     phase: AtomicUsize,
+    /// The attacker is running (second half of the run).
+    attack: std::sync::atomic::AtomicBool,
 }
 
 impl Ctx {
@@ -511,11 +523,179 @@ async fn worker(
             String::new()
         };
         let url = format!("{}{}", ctx.bases[p.target], p.path);
+        let attack = ctx.attack.load(Ordering::SeqCst);
+        let t0 = Instant::now();
         let o = send_one(&client, &url, &p, id, &body).await;
+        if p.kind == Kind::Normal && matches!(o, Outcome::Ok) {
+            let us = t0.elapsed().as_micros() as u64;
+            if attack {
+                ledger.lat_attack.push(us);
+            } else {
+                ledger.lat_quiet.push(us);
+            }
+        }
         ledger.record(phase, &p, id, o);
         ctx.completed.fetch_add(1, Ordering::SeqCst);
     }
     ledger
+}
+
+/// Counts of what the attacker did.
+#[derive(Default)]
+struct AttackReport {
+    slowloris: u64,
+    h2_idle: u64,
+    h2_stalled_streams: u64,
+    big_posts: u64,
+    big_refused: u64,
+}
+
+impl std::fmt::Display for AttackReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} slowloris connections, {} preface-only HTTP/2 connections, {} stalled HTTP/2 POST streams, {} 8 MiB POSTs ({} refused)",
+            self.slowloris, self.h2_idle, self.h2_stalled_streams, self.big_posts, self.big_refused
+        )
+    }
+}
+
+/// A TCP connection to `to` from 127.0.0.2 (the attacker's address).
+async fn attacker_conn(to: SocketAddr) -> Option<TcpStream> {
+    let s = tokio::net::TcpSocket::new_v4().ok()?;
+    s.bind("127.0.0.2:0".parse().unwrap()).ok()?;
+    s.connect(to).await.ok()
+}
+
+/// Runs the attacks until `until`, each kind as a bounded pool of connections reopened as the
+/// gateway closes them.
+async fn attack(proxy: SocketAddr, target: &str, until: Instant) -> AttackReport {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let report = Arc::new(std::sync::Mutex::new(AttackReport::default()));
+    let mut set = JoinSet::new();
+    // Slowloris: half a head, then silence; 32 at a time.
+    for _ in 0..32 {
+        let report = report.clone();
+        set.spawn(async move {
+            while Instant::now() < until {
+                let Some(mut s) = attacker_conn(proxy).await else {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                };
+                report.lock().unwrap().slowloris += 1;
+                let _ = s
+                    .write_all(b"GET http://x.test/ HTTP/1.1\r\nHost: x.t")
+                    .await;
+                let mut b = [0u8; 512];
+                let _ = tokio::time::timeout_at(until.into(), s.read(&mut b)).await;
+            }
+        });
+    }
+    // HTTP/2 preface and SETTINGS, then silence; 32 at a time.
+    for _ in 0..32 {
+        let report = report.clone();
+        set.spawn(async move {
+            while Instant::now() < until {
+                let Some(mut s) = attacker_conn(proxy).await else {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                };
+                report.lock().unwrap().h2_idle += 1;
+                let _ = s
+                    .write_all(
+                        b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00",
+                    )
+                    .await;
+                let mut b = [0u8; 512];
+                while let Ok(Ok(n)) = tokio::time::timeout_at(until.into(), s.read(&mut b)).await {
+                    if n == 0 {
+                        break;
+                    }
+                }
+            }
+        });
+    }
+    // HTTP/2 POST streams whose bodies stall: 2 connections x 128 streams, reopened.
+    for _ in 0..2 {
+        let report = report.clone();
+        let url = format!("{target}echo");
+        set.spawn(async move {
+            while Instant::now() < until {
+                let Some(tcp) = attacker_conn(proxy).await else {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                };
+                let Ok((h2, conn)) = h2::client::handshake(tcp).await else {
+                    continue;
+                };
+                let conn = tokio::spawn(conn);
+                let mut bodies = Vec::new();
+                if let Ok(mut h2) = h2.ready().await {
+                    for _ in 0..128 {
+                        let req = http::Request::post(url.as_str())
+                            .header("content-length", "100")
+                            .body(())
+                            .unwrap();
+                        let Ok((_resp, mut body)) = h2.send_request(req, false) else {
+                            break;
+                        };
+                        let _ = body.send_data(bytes::Bytes::from_static(b"0123456789"), false);
+                        bodies.push(body);
+                        report.lock().unwrap().h2_stalled_streams += 1;
+                        match h2.ready().await {
+                            Ok(r) => h2 = r,
+                            Err(_) => break,
+                        }
+                    }
+                }
+                let _ = tokio::time::timeout_at(until.into(), conn).await;
+            }
+        });
+    }
+    // Bursts of 8 MiB POSTs to a port nobody listens on (buffered, then refused or 502).
+    {
+        let report = report.clone();
+        set.spawn(async move {
+            let client = reqwest::Client::builder()
+                .proxy(reqwest::Proxy::http(format!("http://{proxy}")).unwrap())
+                .local_address(Some("127.0.0.2".parse().unwrap()))
+                .timeout(Duration::from_secs(20))
+                .build()
+                .unwrap();
+            let body = bytes::Bytes::from(vec![b'z'; 8 << 20]);
+            while Instant::now() < until {
+                let mut burst = JoinSet::new();
+                for _ in 0..16 {
+                    let client = client.clone();
+                    let body = body.clone();
+                    burst.spawn(async move {
+                        client
+                            .post("http://127.0.0.1:9/big")
+                            .body(body)
+                            .send()
+                            .await
+                            .map(|r| r.status().as_u16())
+                    });
+                }
+                while let Some(r) = burst.join_next().await {
+                    let mut rep = report.lock().unwrap();
+                    rep.big_posts += 1;
+                    if matches!(r, Ok(Ok(503))) {
+                        rep.big_refused += 1;
+                    }
+                }
+                tokio::time::sleep(Duration::from_secs(2)).await;
+            }
+        });
+    }
+    // Every attack ends by `until` (+ a moment for the last reads to notice).
+    let _ = tokio::time::timeout_at((until + Duration::from_secs(25)).into(), async {
+        while set.join_next().await.is_some() {}
+    })
+    .await;
+    set.abort_all();
+    let r = std::mem::take(&mut *report.lock().unwrap());
+    r
 }
 
 /// A TCP relay in front of an origin on a fixed port, which can be stopped (listener closed,
@@ -899,6 +1079,7 @@ async fn soak_run(run: Duration, rps: u64) {
         next_id: AtomicU64::new(1),
         completed: AtomicU64::new(0),
         phase: AtomicUsize::new(0),
+        attack: std::sync::atomic::AtomicBool::new(false),
     });
 
     // Sampler.
@@ -943,6 +1124,20 @@ async fn soak_run(run: Duration, rps: u64) {
         workers.push(tokio::spawn(worker(w, ctx.clone(), client, period)));
     }
 
+    // The attacker, for the second half of the run (from 127.0.0.2).
+    let attack_on = std::env::var("EDGEPOOL_SOAK_ATTACK").map_or(true, |v| v.trim() != "0");
+    let attacker = attack_on.then(|| {
+        let ctx = ctx.clone();
+        let proxy = gw.proxy;
+        let target = ctx.bases[1].clone();
+        tokio::spawn(async move {
+            let half = ctx.started + (ctx.deadline - ctx.started) / 2;
+            tokio::time::sleep_until(half.into()).await;
+            ctx.attack.store(true, Ordering::SeqCst);
+            attack(proxy, &target, ctx.deadline).await
+        })
+    });
+
     // Conductor: toggles the phases.
     let mut origin_stops = 0u64;
     let mut phase_secs: BTreeMap<Phase, f64> = BTreeMap::new();
@@ -973,6 +1168,10 @@ async fn soak_run(run: Duration, rps: u64) {
     for w in workers {
         ledger.merge(w.await.expect("worker task"));
     }
+    let attack_report = match attacker {
+        Some(a) => Some(a.await.expect("attacker task")),
+        None => None,
+    };
     let drain_secs = started.elapsed().as_secs_f64() - load_secs;
 
     // Quiet period, then the final sample.
@@ -1246,6 +1445,46 @@ async fn soak_run(run: Duration, rps: u64) {
         eprintln!("edgepool log (last lines):\n{log_tail}");
     }
 
+    // Honest workers beside the attacker: no admission refusal, latency within 2x.
+    let p99 = |v: &mut Vec<u64>| -> f64 {
+        v.sort_unstable();
+        if v.is_empty() {
+            return 0.0;
+        }
+        v[((v.len() as f64 * 0.99).ceil() as usize).clamp(1, v.len()) - 1] as f64 / 1000.0
+    };
+    let (q99, a99) = (p99(&mut ledger.lat_quiet), p99(&mut ledger.lat_attack));
+    if let Some(a) = &attack_report {
+        eprintln!(
+            "soak attack (127.0.0.2, second half): {a}; honest normal requests p99 {q99:.1} ms quiet ({} requests) vs {a99:.1} ms under attack ({} requests)",
+            ledger.lat_quiet.len(),
+            ledger.lat_attack.len()
+        );
+    }
+    let refused: u64 = [
+        "overloaded",
+        "worker_share_limit",
+        "tunnel_limit",
+        "memory_budget",
+        "worker_connection_limit",
+    ]
+    .iter()
+    .map(|t| ledger.edge.get(*t).copied().unwrap_or(0))
+    .sum();
+    assert_eq!(
+        refused, 0,
+        "honest workers were refused by admission limits"
+    );
+    if attack_report.is_some() {
+        assert!(
+            !ledger.lat_attack.is_empty() && !ledger.lat_quiet.is_empty(),
+            "no normal request completed in one of the halves"
+        );
+        assert!(
+            a99 <= 2.0 * q99 + 10.0,
+            "honest p99 under attack {a99:.1} ms is more than 2x the quiet {q99:.1} ms (+10 ms)"
+        );
+    }
     assert!(alive, "edgepool exited during the soak");
     assert!(ledger.ok > 0, "no request succeeded");
     assert_eq!(unaccounted, 0, "requests without an outcome");

@@ -39,6 +39,7 @@ fn world() -> &'static World {
         cfg.upstream.hosts_file = "".into();
         cfg.upstream.dns_timeout = Duration::from_millis(1);
         cfg.upstream.dns_attempts = 1;
+        cfg.upstream.dns_family_grace = Duration::from_millis(1);
         cfg.limits.header_read_timeout = Duration::from_millis(200);
         cfg.limits.body_idle_timeout = Duration::from_millis(200);
         cfg.limits.worker_idle_timeout = Duration::from_millis(300);
