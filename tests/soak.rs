@@ -567,45 +567,26 @@ async fn attacker_conn(to: SocketAddr) -> Option<TcpStream> {
     s.connect(to).await.ok()
 }
 
-/// Runs the attacks until `until`, each kind as a bounded pool of connections reopened as the
-/// gateway closes them.
-async fn attack(proxy: SocketAddr, target: &str, until: Instant) -> AttackReport {
+/// 32 connections from the attacker's address that each send `hello` and then hold on, silent,
+/// until the gateway closes them (then another is opened), until `until`. `opened` counts.
+fn hold(
+    set: &mut JoinSet<()>,
+    proxy: SocketAddr,
+    until: Instant,
+    hello: &'static [u8],
+    opened: impl Fn() + Clone + Send + 'static,
+) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let report = Arc::new(std::sync::Mutex::new(AttackReport::default()));
-    let mut set = JoinSet::new();
-    // Slowloris: half a head, then silence; 32 at a time.
     for _ in 0..32 {
-        let report = report.clone();
+        let opened = opened.clone();
         set.spawn(async move {
             while Instant::now() < until {
                 let Some(mut s) = attacker_conn(proxy).await else {
                     tokio::time::sleep(Duration::from_millis(100)).await;
                     continue;
                 };
-                report.lock().unwrap().slowloris += 1;
-                let _ = s
-                    .write_all(b"GET http://x.test/ HTTP/1.1\r\nHost: x.t")
-                    .await;
-                let mut b = [0u8; 512];
-                let _ = tokio::time::timeout_at(until.into(), s.read(&mut b)).await;
-            }
-        });
-    }
-    // HTTP/2 preface and SETTINGS, then silence; 32 at a time.
-    for _ in 0..32 {
-        let report = report.clone();
-        set.spawn(async move {
-            while Instant::now() < until {
-                let Some(mut s) = attacker_conn(proxy).await else {
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                };
-                report.lock().unwrap().h2_idle += 1;
-                let _ = s
-                    .write_all(
-                        b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00",
-                    )
-                    .await;
+                opened();
+                let _ = s.write_all(hello).await;
                 let mut b = [0u8; 512];
                 while let Ok(Ok(n)) = tokio::time::timeout_at(until.into(), s.read(&mut b)).await {
                     if n == 0 {
@@ -615,6 +596,34 @@ async fn attack(proxy: SocketAddr, target: &str, until: Instant) -> AttackReport
             }
         });
     }
+}
+
+/// Runs the attacks until `until`, each kind as a bounded pool of connections reopened as the
+/// gateway closes them.
+async fn attack(proxy: SocketAddr, target: &str, until: Instant) -> AttackReport {
+    let report = Arc::new(std::sync::Mutex::new(AttackReport::default()));
+    let mut set = JoinSet::new();
+    // Slowloris (half a head), and HTTP/2 preface + SETTINGS alone: 32 of each at a time.
+    hold(
+        &mut set,
+        proxy,
+        until,
+        b"GET http://x.test/ HTTP/1.1\r\nHost: x.t",
+        {
+            let report = report.clone();
+            move || report.lock().unwrap().slowloris += 1
+        },
+    );
+    hold(
+        &mut set,
+        proxy,
+        until,
+        b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00",
+        {
+            let report = report.clone();
+            move || report.lock().unwrap().h2_idle += 1
+        },
+    );
     // HTTP/2 POST streams whose bodies stall: 2 connections x 128 streams, reopened.
     for _ in 0..2 {
         let report = report.clone();
