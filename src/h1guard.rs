@@ -22,7 +22,11 @@ use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+// One clock with the rest of the runtime (tokio's), so the head and body clocks are testable
+// under paused time and agree with the connection clocks in ingress.
+use tokio::time::Instant;
 
 use bytes::{Buf, BytesMut};
 use parking_lot::Mutex;
@@ -823,7 +827,6 @@ impl<T: AsyncRead + Unpin> AsyncRead for GuardedIo<T> {
                     let Some(deadline) = this.deadline() else {
                         return Poll::Pending;
                     };
-                    let deadline = tokio::time::Instant::from_std(deadline);
                     if this.sleep.deadline() != deadline {
                         this.sleep.as_mut().reset(deadline);
                     }
