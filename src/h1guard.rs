@@ -707,7 +707,7 @@ impl<T> GuardedIo<T> {
             opened: now,
             head_started: None,
             last_body_byte: now,
-            sleep: Box::pin(tokio::time::sleep_until(now.into())),
+            sleep: Box::pin(tokio::time::sleep_until(now)),
             slot,
             fail_detail: String::new(),
         }
