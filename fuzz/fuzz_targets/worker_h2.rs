@@ -36,6 +36,19 @@ fn world() -> &'static World {
             ..Default::default()
         };
         cfg.targets.allow.clear();
+        // Nothing may be dialled but loopback: every request leaves through one exit on a
+        // closed loopback port (refused at once), and direct egress is off. (The first runs
+        // let public IP literals be dialled directly; with no route they hung until
+        // upstream.connect_timeout and tripped the clock invariant.)
+        cfg.exits.pools.push(edgepool::config::ExitPoolConfig {
+            name: "dead".into(),
+            nodes: vec!["http://127.0.0.1:9".into()],
+            session_template: None,
+            max_connections_per_node: None,
+        });
+        cfg.exits.default_pool = Some("dead".into());
+        cfg.exits.allow_direct = Some(false);
+        cfg.upstream.connect_timeout = Duration::from_millis(200);
         cfg.upstream.dns_servers = vec!["127.0.0.1:9".parse().unwrap()];
         cfg.upstream.hosts_file = "".into();
         cfg.upstream.dns_timeout = Duration::from_millis(1);
