@@ -181,17 +181,13 @@ impl Admission {
     /// A CONNECT tunnel for `ip`, if fewer than `limits.max_tunnels` are open and `ip` holds
     /// less than its share of them.
     pub fn tunnel(self: &Arc<Self>, ip: IpAddr) -> Result<Ticket, Refused> {
-        let mut map = self.per_worker.lock();
-        // The limit itself first: when both are reached, "full" is the truer answer.
-        if !take(&self.tunnels, self.max_tunnels) {
-            return Err(Refused::Full);
-        }
-        let a = map.entry(ip).or_default();
-        if a.tunnels >= self.addr_tunnels {
-            self.tunnels.fetch_sub(1, Ordering::Relaxed);
-            return Err(Refused::Share);
-        }
-        a.tunnels += 1;
+        self.take_place(
+            ip,
+            &self.tunnels,
+            self.max_tunnels,
+            self.addr_tunnels,
+            |a| &mut a.tunnels,
+        )?;
         Ok(Ticket {
             adm: self.clone(),
             kind: Kind::Tunnel(ip),
@@ -201,20 +197,41 @@ impl Admission {
     /// A request in flight for `ip`, if fewer than `limits.max_in_flight` are and `ip` holds
     /// less than its share of them.
     pub fn request(self: &Arc<Self>, ip: IpAddr) -> Result<Ticket, Refused> {
-        let mut map = self.per_worker.lock();
-        if !take(&self.in_flight, self.max_in_flight) {
-            return Err(Refused::Full);
-        }
-        let a = map.entry(ip).or_default();
-        if a.requests >= self.addr_in_flight {
-            self.in_flight.fetch_sub(1, Ordering::Relaxed);
-            return Err(Refused::Share);
-        }
-        a.requests += 1;
+        self.take_place(
+            ip,
+            &self.in_flight,
+            self.max_in_flight,
+            self.addr_in_flight,
+            |a| &mut a.requests,
+        )?;
         Ok(Ticket {
             adm: self.clone(),
             kind: Kind::Request(ip),
         })
+    }
+
+    /// One place under `max` in `global` and under `share` of it for `ip` (the address's
+    /// counter picked by `held`). The limit itself is checked first: when both are reached,
+    /// "full" is the truer answer.
+    fn take_place(
+        &self,
+        ip: IpAddr,
+        global: &AtomicUsize,
+        max: usize,
+        share: usize,
+        held: fn(&mut PerAddr) -> &mut usize,
+    ) -> Result<(), Refused> {
+        let mut map = self.per_worker.lock();
+        if !take(global, max) {
+            return Err(Refused::Full);
+        }
+        let n = held(map.entry(ip).or_default());
+        if *n >= share {
+            global.fetch_sub(1, Ordering::Relaxed);
+            return Err(Refused::Share);
+        }
+        *n += 1;
+        Ok(())
     }
 
     /// A byte budget for a body `ip` is about to buffer: `n` bytes now, more with
