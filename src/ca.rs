@@ -459,8 +459,10 @@ impl LeafCache {
     ///
     /// Leaf: SAN = DNS name or IP address, CN = host (omitted if longer than 64
     /// bytes), O = "edgepool", EKU serverAuth, keyUsage digitalSignature,
-    /// basicConstraints CA:FALSE, random serial, ECDSA P-256, signed by the CA;
-    /// chain sent = [leaf, CA].
+    /// no basicConstraints extension (an end-entity certificate: RFC 5280 lets it
+    /// be omitted, and an explicit `cA FALSE` is the DEFAULT value, which DER
+    /// forbids encoding — strict parsers such as Python `cryptography` reject it),
+    /// random serial, ECDSA P-256, signed by the CA; chain sent = [leaf, CA].
     pub async fn server_config(&self, host: &str) -> Result<Arc<ServerConfig>, CaError> {
         let name = LeafName::parse(host)?;
         let slot = {
@@ -523,7 +525,7 @@ impl LeafFactory {
         dn.push(DnType::OrganizationName, "edgepool");
         params.distinguished_name = dn;
         params.subject_alt_names = vec![name.san.clone()];
-        params.is_ca = IsCa::ExplicitNoCa;
+        params.is_ca = IsCa::NoCa;
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
         params.use_authority_key_identifier_extension = true;

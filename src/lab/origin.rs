@@ -215,7 +215,7 @@ impl LabCa {
         leaf_params
             .distinguished_name
             .push(DnType::CommonName, "localhost");
-        leaf_params.is_ca = IsCa::ExplicitNoCa;
+        leaf_params.is_ca = IsCa::NoCa;
         leaf_params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         leaf_params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
         let leaf_cert = leaf_params
