@@ -249,7 +249,8 @@ pub struct TargetStatus {
     pub reuse_rate_excluding_forced: f64,
     /// Requests that asked for a new exit each time (`rotate-request`).
     pub forced_rotation_requests: u64,
-    /// Against the SLO: optimal, monitor, breach, idle.
+    /// Against the SLO: optimal, monitor, breach; idle (no requests), warming_up (fewer than
+    /// `slo.min_requests`).
     pub verdict: Verdict,
     /// The objective this row is judged against.
     pub reuse_target: f64,
@@ -333,7 +334,7 @@ pub struct ExitStatus {
     pub last_error: Option<String>,
     /// Requests through the node.
     pub requests: u64,
-    /// Of which on new connections.
+    /// Connections opened through the node (same definition as the fleet's).
     pub new_connections: u64,
     /// R through the node.
     pub reuse_rate: f64,
@@ -443,7 +444,7 @@ fn row(
     target: String,
     c: &TargetCounts,
     (active, idle): (usize, usize),
-    objective: f64,
+    (objective, min_requests): (f64, u64),
     uptime: f64,
 ) -> TargetStatus {
     let r = c.reuse_rate();
@@ -461,7 +462,7 @@ fn row(
         reuse_rate: round4(r),
         reuse_rate_excluding_forced: round4(c.reuse_rate_unforced()),
         forced_rotation_requests: c.forced_requests,
-        verdict: Verdict::of(r, c.requests, objective),
+        verdict: Verdict::of(r, c.requests, objective, min_requests),
         reuse_target: objective,
         active,
         idle,
@@ -500,7 +501,7 @@ pub fn status(gw: &Gateway) -> Status {
         .map(|(t, c)| {
             let l = live.get(&t).copied().unwrap_or_default();
             let objective = slo.target_for(&t);
-            row(t, &c, l, objective, uptime)
+            row(t, &c, l, (objective, slo.min_requests), uptime)
         })
         .collect();
     targets.sort_by(|a, b| b.requests.cmp(&a.requests).then(a.target.cmp(&b.target)));
@@ -511,12 +512,16 @@ pub fn status(gw: &Gateway) -> Status {
     Status {
         version: env!("CARGO_PKG_VERSION"),
         uptime_seconds: gw.uptime().as_secs(),
-        slo: serde_json::json!({ "reuse_target": slo.reuse_target, "targets": slo.targets }),
+        slo: serde_json::json!({
+            "reuse_target": slo.reuse_target,
+            "min_requests": slo.min_requests,
+            "targets": slo.targets,
+        }),
         fleet: row(
             "*".into(),
             &gw.telemetry().totals(),
             (active, stats.idle),
-            slo.reuse_target,
+            (slo.reuse_target, slo.min_requests),
             uptime,
         ),
         waiting: stats.waiting,

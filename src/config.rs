@@ -506,6 +506,10 @@ impl ExitsConfig {
 /// Default [`SloConfig::reuse_target`]: 0.92, the fleet SLO from the domain note
 /// (R_fleet > 0.92).
 pub const DEFAULT_REUSE_TARGET: f64 = 0.92;
+/// Default [`SloConfig::min_requests`]: 100. Below that a target's R says more about its
+/// first, unavoidable connection than about the pool (one cold connection costs 1/N of R: 9
+/// points at 11 requests, 1 point at 100), so its verdict is `warming_up`, not a breach.
+pub const DEFAULT_SLO_MIN_REQUESTS: u64 = 100;
 /// Default [`TraceConfig::sample_rate`]: 1% of reused requests; errors and requests on new
 /// connections are always traced.
 pub const DEFAULT_TRACE_SAMPLE_RATE: f64 = 0.01;
@@ -520,6 +524,9 @@ pub struct SloConfig {
     /// Per-target overrides, keyed by `host:port` (e.g. residential targets that rotate by
     /// design). Default none.
     pub targets: std::collections::BTreeMap<String, f64>,
+    /// Requests a target (or the fleet) needs before it is judged; fewer are `warming_up`.
+    /// Default [`DEFAULT_SLO_MIN_REQUESTS`]; 0 judges from the first request.
+    pub min_requests: u64,
 }
 
 impl Default for SloConfig {
@@ -527,6 +534,7 @@ impl Default for SloConfig {
         SloConfig {
             reuse_target: DEFAULT_REUSE_TARGET,
             targets: Default::default(),
+            min_requests: DEFAULT_SLO_MIN_REQUESTS,
         }
     }
 }

@@ -209,7 +209,7 @@ struct CircuitPolicy {
 pub struct NodeCounters {
     /// Requests sent through the node.
     pub requests: AtomicU64,
-    /// Of which on new connections.
+    /// Connections opened through the node (telemetry's one definition of a new connection).
     pub new_connections: AtomicU64,
     /// Requests with forced rotation (`rotate-request`).
     pub forced_requests: AtomicU64,

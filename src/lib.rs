@@ -27,6 +27,7 @@
 //!   Prometheus metrics and the sampled trace log.
 //! - [`report`]: the reuse-killers report — per-minute reason counts in an embedded redb store.
 //! - [`portguard`]: the ephemeral-port budget; holds new dials when ports run out.
+//! - [`cli`]: what `edgepool status` prints, formatted from the `/status` document.
 //! - [`admin`]: `/` (dashboard), `/status`, `/status/history`, `/report`, `/trace`, `/metrics`,
 //!   `/healthz`, `/readyz`, `/ca.pem`.
 //! - [`lab`]: the reuse lab (`edgepool lab`): origins with behaviour profiles, a worker fleet
@@ -41,6 +42,7 @@
 pub mod admin;
 pub mod admission;
 pub mod ca;
+pub mod cli;
 pub mod config;
 pub mod dial;
 pub mod dns;

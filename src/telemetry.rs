@@ -5,6 +5,14 @@
 //! R = 1 − new_connections / requests, where a *new connection* is a dial that succeeded
 //! (what a target sees as an accepted connection) and a *request* is a request that reached
 //! an upstream connection. Every new connection carries exactly one [`NewReason`].
+//!
+//! One definition, every surface: a new connection is counted once, when its dial succeeds
+//! ([`PoolEvents::connection_opened`]) — for the target row, the fleet, its exit, its pool and
+//! `edgepool_upstream_connections_opened` alike. The one exception is a connection to an HTTP
+//! proxy exit that carries plain-http requests for any target: it has no target until a
+//! request rides it, so all of those counters take it with its first request instead. The
+//! fleet row is the sum of the target rows plus what has no row: errors answered before a
+//! request was routed (CONNECT-time refusals) and closes of shared proxy connections.
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -90,10 +98,10 @@ fn per_conn_histogram() -> Histogram {
     )
 }
 
-/// `optimal` at or above the SLO, `monitor` within 5 points below, `breach` lower, `idle`
-/// with no requests yet.
+/// `optimal` at or above the SLO, `monitor` within 5 points below, `breach` lower; `idle`
+/// with no requests yet, `warming_up` with fewer than `slo.min_requests`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
+#[serde(rename_all = "snake_case")]
 pub enum Verdict {
     /// R ≥ target.
     Optimal,
@@ -103,13 +111,17 @@ pub enum Verdict {
     Breach,
     /// No requests.
     Idle,
+    /// Fewer requests than `slo.min_requests`: too few to judge.
+    WarmingUp,
 }
 
 impl Verdict {
-    /// The verdict for `r` over `requests` against `target`.
-    pub fn of(r: f64, requests: u64, target: f64) -> Verdict {
+    /// The verdict for `r` over `requests` against `target`, judged from `min_requests` on.
+    pub fn of(r: f64, requests: u64, target: f64, min_requests: u64) -> Verdict {
         if requests == 0 {
             Verdict::Idle
+        } else if requests < min_requests {
+            Verdict::WarmingUp
         } else if r >= target {
             Verdict::Optimal
         } else if r >= target - 0.05 {
@@ -344,6 +356,9 @@ pub struct Telemetry {
     /// Serializes scrapes (per-target gauges are cleared and rebuilt on each).
     scrape: Mutex<()>,
     targets: Mutex<HashMap<String, TargetCounts>>,
+    /// Fleet figures with no target row: errors answered before routing, closes of shared
+    /// plain-http proxy connections.
+    unrouted: Mutex<TargetCounts>,
     history: Mutex<History>,
     slo: crate::config::SloConfig,
     trace: TraceLog,
@@ -540,6 +555,7 @@ impl Telemetry {
             exit_state,
             scrape: Mutex::new(()),
             targets: Mutex::new(HashMap::new()),
+            unrouted: Mutex::new(TargetCounts::default()),
             history: Mutex::new(History::default()),
             slo,
             trace: TraceLog {
@@ -593,10 +609,24 @@ impl Telemetry {
             })
             .inc();
         exit.counters.requests.fetch_add(1, Ordering::Relaxed);
-        if !r.reused {
+        if r.via_proxy && !r.reused {
+            // A shared proxy connection is counted with its first request (see the module doc).
             exit.counters
                 .new_connections
                 .fetch_add(1, Ordering::Relaxed);
+            self.exit_opened
+                .get_or_create(&ExitLabels {
+                    pool: exit.pool.to_string(),
+                    exit: exit.label.to_string(),
+                })
+                .inc();
+            if let Some(why) = r.new_reason {
+                self.opened
+                    .get_or_create(&ReasonLabels {
+                        reason: why.as_str().into(),
+                    })
+                    .inc();
+            }
         }
         if r.forced {
             self.exit_forced
@@ -693,14 +723,19 @@ impl Telemetry {
     }
 
     /// Records an edgepool error answered to a worker.
+    ///
+    /// `target`: the routed target the error belongs to; `None` for errors answered before a
+    /// request was routed (CONNECT-time refusals, bad requests): those count in the fleet row
+    /// only, so probes of unknown names cannot grow the per-target table.
     pub fn record_error(&self, target: Option<&str>, token: &'static str) {
         self.errors
             .get_or_create(&ErrorLabels {
                 error: token.into(),
             })
             .inc();
-        if let Some(t) = target {
-            self.targets.lock().entry(t.to_string()).or_default().errors += 1;
+        match target {
+            Some(t) => self.targets.lock().entry(t.to_string()).or_default().errors += 1,
+            None => self.unrouted.lock().errors += 1,
         }
     }
 
@@ -762,10 +797,13 @@ impl Telemetry {
     }
 
     /// Fleet totals.
+    ///
+    /// The sum of the target rows plus what has no row (see the module doc).
     pub fn totals(&self) -> TargetCounts {
+        let unrouted = self.unrouted.lock().clone();
         let t = self.targets.lock();
         let mut sum = TargetCounts::default();
-        for c in t.values() {
+        for c in t.values().chain(std::iter::once(&unrouted)) {
             sum.requests += c.requests;
             sum.reused += c.reused;
             sum.new_connections += c.new_connections;
@@ -826,7 +864,12 @@ impl Telemetry {
         }
         h.last = totals;
         for (t, c) in &targets {
-            let v = Verdict::of(c.reuse_rate(), c.requests, self.slo.target_for(t));
+            let v = Verdict::of(
+                c.reuse_rate(),
+                c.requests,
+                self.slo.target_for(t),
+                self.slo.min_requests,
+            );
             let prev = h.verdicts.insert(t.clone(), v);
             if v == Verdict::Breach && prev != Some(Verdict::Breach) {
                 tracing::warn!(
@@ -924,7 +967,12 @@ impl Telemetry {
             target: target.to_string(),
         };
         self.reuse_ratio.get_or_create(&label).set(c.reuse_rate());
-        let v = Verdict::of(c.reuse_rate(), c.requests, self.slo.target_for(target));
+        let v = Verdict::of(
+            c.reuse_rate(),
+            c.requests,
+            self.slo.target_for(target),
+            self.slo.min_requests,
+        );
         self.slo_breach
             .get_or_create(&label)
             .set(i64::from(v == Verdict::Breach));
@@ -933,6 +981,10 @@ impl Telemetry {
 
 impl PoolEvents<UpstreamKey> for Telemetry {
     fn connection_opened(&self, key: &UpstreamKey, reason: NewReason) {
+        if key.via_proxy() {
+            // Counted everywhere with the request that first rides it (the key has no target).
+            return;
+        }
         self.opened
             .get_or_create(&ReasonLabels {
                 reason: reason.as_str().into(),
@@ -945,10 +997,9 @@ impl PoolEvents<UpstreamKey> for Telemetry {
                 exit: node.label.to_string(),
             })
             .inc();
-        if key.via_proxy() {
-            // Counted per target with the request that rode it (the key has no target).
-            return;
-        }
+        node.counters
+            .new_connections
+            .fetch_add(1, Ordering::Relaxed);
         let mut t = self.targets.lock();
         let c = t.entry(key.target()).or_default();
         c.new_connections += 1;
@@ -974,7 +1025,14 @@ impl PoolEvents<UpstreamKey> for Telemetry {
         if requests > 0 {
             self.per_connection.observe(requests as f64);
         }
-        if !key.via_proxy() {
+        if key.via_proxy() {
+            *self
+                .unrouted
+                .lock()
+                .closed_by_reason
+                .entry(reason.as_str())
+                .or_default() += 1;
+        } else {
             let mut t = self.targets.lock();
             *t.entry(key.target())
                 .or_default()
@@ -1003,11 +1061,20 @@ mod tests {
 
     #[test]
     fn verdicts_follow_the_objective_with_a_five_point_monitor_band() {
-        assert_eq!(Verdict::of(0.95, 10, 0.92), Verdict::Optimal);
-        assert_eq!(Verdict::of(0.92, 10, 0.92), Verdict::Optimal);
-        assert_eq!(Verdict::of(0.90, 10, 0.92), Verdict::Monitor);
-        assert_eq!(Verdict::of(0.86, 10, 0.92), Verdict::Breach);
-        assert_eq!(Verdict::of(1.0, 0, 0.92), Verdict::Idle);
+        assert_eq!(Verdict::of(0.95, 10, 0.92, 10), Verdict::Optimal);
+        assert_eq!(Verdict::of(0.92, 10, 0.92, 10), Verdict::Optimal);
+        assert_eq!(Verdict::of(0.90, 10, 0.92, 10), Verdict::Monitor);
+        assert_eq!(Verdict::of(0.86, 10, 0.92, 10), Verdict::Breach);
+        assert_eq!(Verdict::of(1.0, 0, 0.92, 10), Verdict::Idle);
+        // The case: 11 requests, one cold connection plus one more = R 0.818.
+        assert_eq!(Verdict::of(0.818, 11, 0.92, 100), Verdict::WarmingUp);
+        assert_eq!(Verdict::of(0.818, 99, 0.92, 100), Verdict::WarmingUp);
+        assert_eq!(Verdict::of(0.818, 100, 0.92, 100), Verdict::Breach);
+        assert_eq!(Verdict::of(0.818, 1, 0.92, 0), Verdict::Breach);
+        assert_eq!(
+            serde_json::to_string(&Verdict::WarmingUp).unwrap(),
+            "\"warming_up\""
+        );
     }
 
     static EXITS: std::sync::LazyLock<crate::exits::Exits> = std::sync::LazyLock::new(|| {

@@ -98,6 +98,7 @@ async fn verdicts_follow_the_objective_and_breach_sets_the_gauge() {
     let lenient = bad.authority();
     let gw = TestGateway::start_with(&[], |c| {
         c.slo.targets.insert(lenient.clone(), 0.0);
+        c.slo.min_requests = 20;
     })
     .await;
     let bad2 = Origin::start(OriginConfig {
@@ -105,10 +106,19 @@ async fn verdicts_follow_the_objective_and_breach_sets_the_gauge() {
         ..Default::default()
     })
     .await;
+    // Closes every connection too, but has fewer requests than slo.min_requests.
+    let young = Origin::start(OriginConfig {
+        max_requests_per_conn: Some(1),
+        ..Default::default()
+    })
+    .await;
     let worker = gw.client();
-    for _ in 0..20 {
+    for i in 0..20 {
         for o in [&good, &bad, &bad2] {
             get(&worker, &o.url("/echo")).await;
+        }
+        if i < 19 {
+            get(&worker, &young.url("/echo")).await;
         }
     }
     let s = gw.status().await;
@@ -127,7 +137,15 @@ async fn verdicts_follow_the_objective_and_breach_sets_the_gauge() {
     assert_eq!(verdict(&good), "optimal", "R = 0.95");
     assert_eq!(verdict(&bad), "optimal", "R = 0 but its objective is 0");
     assert_eq!(verdict(&bad2), "breach", "R = 0.5 against 0.92");
+    assert_eq!(
+        verdict(&young),
+        "warming_up",
+        "R = 0 over 19 requests, below slo.min_requests 20: not judged"
+    );
+    assert_eq!(s["slo"]["min_requests"], 20);
     let m = gw.metrics().await;
+    let young_line = format!("edgepool_slo_breach{{target=\"{}\"}} 0", young.authority());
+    assert!(m.contains(&young_line), "{m}");
     let breach_line = format!("edgepool_slo_breach{{target=\"{}\"}} 1", bad2.authority());
     assert!(m.contains(&breach_line), "{m}");
     let ok_line = format!("edgepool_slo_breach{{target=\"{}\"}} 0", good.authority());

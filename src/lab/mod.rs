@@ -759,6 +759,11 @@ async fn run_mode(
         .as_ref()
         .map(|g| crate::admin::status(&g.gw).fleet.new_by_reason)
         .unwrap_or_default();
+    // edgepool's own count of the same run (`/status` fleet), to set beside the origins'.
+    let before_fleet = gateway.as_ref().map(|g| {
+        let f = crate::admin::status(&g.gw).fleet;
+        (f.requests, f.new_connections)
+    });
     let started = Instant::now();
     let rotation = sc
         .exits
@@ -843,6 +848,15 @@ async fn run_mode(
         (Some(a), Some(b)) => Some(b - a),
         _ => None,
     };
+    let gateway_counts = match (before_fleet, gateway.as_ref()) {
+        (Some((req0, new0)), Some(g)) => {
+            let f = crate::admin::status(&g.gw).fleet;
+            let (req, new) = (f.requests - req0, f.new_connections - new0);
+            json!({"requests": req, "new_connections": new,
+                   "reuse_rate": round4(oracle::reuse_rate(req, new))})
+        }
+        _ => Value::Null,
+    };
     let reasons: BTreeMap<&'static str, u64> = gateway
         .as_ref()
         .map(|g| {
@@ -877,6 +891,7 @@ async fn run_mode(
     }
     let mut report = mode_report(mode, targets, &samples, wall, cpu, reasons);
     report["dns"] = dns.unwrap_or(Value::Null);
+    report["gateway_status"] = gateway_counts;
     Ok(report)
 }
 
