@@ -706,11 +706,6 @@ impl Forwarder {
                     return Ok((resp, meta));
                 }
                 Err(f) => {
-                    // Count the attempt only if it may have reached the target: the origin
-                    // counts what it received, and R must agree with it.
-                    if f.sent != Sent::None && !f.unprocessed {
-                        self.telemetry.record_request(&record);
-                    }
                     let reused = lease.reused();
                     lease.release(if f.goaway {
                         Release::Close(CloseReason::Goaway)
@@ -738,6 +733,14 @@ impl Forwarder {
                     if retry && !f.unprocessed && !self.retry_budget.try_withdraw() {
                         tracing::warn!(target = %target, "retry budget exhausted (limits.retry_budget): not retrying");
                         retry = false;
+                    }
+                    // A worker request counts once, however many attempts it took (README,
+                    // "Reuse accounting"): an attempt that is retried is not a request of its
+                    // own (the retry is counted in edgepool_retries_total, its new connection
+                    // as after_error). A final failed attempt counts only if it may have
+                    // reached the target: the origin counts what it received.
+                    if !retry && f.sent != Sent::None && !f.unprocessed {
+                        self.telemetry.record_request(&record);
                     }
                     if retry {
                         *earlier_sent = earlier_sent.max_with(f.sent);
