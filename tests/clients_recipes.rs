@@ -38,7 +38,11 @@ async fn run_recipe(mut cmd: Command, spec: &serde_json::Value) -> serde_json::V
     let out = run_ok(&mut cmd).await;
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
-    let last = stdout.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("");
+    let last = stdout
+        .lines()
+        .rev()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or("");
     let summary: serde_json::Value = serde_json::from_str(last).unwrap_or_else(|e| {
         panic!(
             "{} printed no JSON summary ({e})\nstdout:\n{stdout}\nstderr:\n{stderr}",
@@ -309,7 +313,8 @@ async fn node_modules_ready() -> bool {
         return true;
     }
     let mut cmd = command("npm");
-    cmd.args(["ci", "--no-audit", "--no-fund"]).current_dir(&dir);
+    cmd.args(["ci", "--no-audit", "--no-fund"])
+        .current_dir(&dir);
     let out = run(&mut cmd).await;
     if out.status.success() {
         return true;
@@ -357,5 +362,178 @@ async fn node_undici_proxy_agent_with_request_tls_ca_or_node_extra_ca_certs() {
         check_recipe(&summary, &plan, "HTTP/1.1", false);
 
         check_origin_reuse(&gw, &origin, label, 2 * N as u64).await;
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Headless Chromium
+// ---------------------------------------------------------------------------------------
+
+const BROWSER: &str = "chromium";
+/// Images on the test page (`/page/N` on the origin).
+const PAGE_IMAGES: usize = 6;
+
+/// A fresh `$HOME` whose NSS database (`$HOME/.pki/nssdb`, where Chromium on Linux looks for
+/// user-added trust anchors) trusts `ca` for TLS servers, or nothing when `ca` is `None`.
+async fn nss_home(ca: Option<&Path>) -> tempfile::TempDir {
+    let home = tempfile::tempdir().unwrap();
+    let db = home.path().join(".pki/nssdb");
+    std::fs::create_dir_all(&db).unwrap();
+    let db = format!("sql:{}", db.display());
+    run_ok(command("certutil").args(["-N", "-d", &db, "--empty-password"])).await;
+    if let Some(ca) = ca {
+        let mut cmd = command("certutil");
+        cmd.args(["-A", "-d", &db, "-n", "edgepool CA", "-t", "C,,", "-i"])
+            .arg(ca);
+        run_ok(&mut cmd).await;
+    }
+    home
+}
+
+/// Headless Chromium with `HOME=home`, edgepool as its proxy (loopback included: Chromium
+/// bypasses proxies for loopback unless told `<-loopback>`), `--dump-dom` of `url`.
+async fn chromium_dump_dom(gw: &TestGateway, home: &Path, url: &str) -> String {
+    let profile = tempfile::tempdir().unwrap();
+    let mut cmd = command(BROWSER);
+    cmd.env("HOME", home)
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--disable-dev-shm-usage",
+            "--virtual-time-budget=10000",
+        ])
+        .arg(format!("--proxy-server={}", gw.proxy_url()))
+        .arg("--proxy-bypass-list=<-loopback>")
+        .arg(format!("--user-data-dir={}", profile.path().display()))
+        .arg("--dump-dom")
+        .arg(url);
+    let out = run_ok(&mut cmd).await;
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The JSON the test page's script wrote into `<pre id="result">`, if it ran.
+fn page_result(dom: &str) -> Option<serde_json::Value> {
+    let start = dom.find("<pre id=\"result\">")? + "<pre id=\"result\">".len();
+    let len = dom[start..].find("</pre>")?;
+    let text = dom[start..start + len]
+        .replace("&quot;", "\"")
+        .replace("&lt;", "<")
+        .replace("&gt;", ">")
+        .replace("&amp;", "&");
+    serde_json::from_str(&text).ok()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chromium_with_the_ca_in_nss_loads_a_page_and_subresources_over_pooled_connections() {
+    if !support::require_tool(BROWSER) || !support::require_tool("certutil") {
+        return;
+    }
+    for (label, cfg) in origin_variants() {
+        let origin = Origin::start(cfg).await;
+        let gw = TestGateway::start(&[origin.ca().cert_path.clone()]).await;
+        let url = origin.url(&format!("/page/{PAGE_IMAGES}"));
+        let mut expected_paths = vec![
+            format!("/page/{PAGE_IMAGES}"),
+            "/page/style.css".to_string(),
+            "/page/app.js".to_string(),
+            "/echo?from=page-js".to_string(),
+        ];
+        expected_paths.extend((0..PAGE_IMAGES).map(|i| format!("/page/img/{i}.svg")));
+        expected_paths.sort();
+
+        // Control: an NSS database without edgepool's CA. The page never loads.
+        let untrusting = nss_home(None).await;
+        let dom = chromium_dump_dom(&gw, untrusting.path(), &url).await;
+        assert!(
+            page_result(&dom).is_none() && !dom.contains("edgepool test page"),
+            "{label}: without the CA in NSS the page must not load:\n{dom}"
+        );
+        assert_eq!(origin.requests(), 0, "{label}: nothing was forwarded");
+
+        // The recipe, twice: two browser processes with the same NSS database.
+        let home = nss_home(Some(&gw.ca_path())).await;
+        let mut accepted_after_first = 0;
+        for run in 0..2 {
+            let before = origin.log().len();
+            let dom = chromium_dump_dom(&gw, home.path(), &url).await;
+            let what = format!("{label} browser run {run}");
+            let result = page_result(&dom)
+                .unwrap_or_else(|| panic!("{what}: the page's script did not run:\n{dom}"));
+            assert_eq!(result["js"], true, "{what}: {result:#}");
+            assert_eq!(
+                result["color"], "rgb(1, 2, 3)",
+                "{what}: the stylesheet applied: {result:#}"
+            );
+            let images = result["images"].as_array().unwrap();
+            assert_eq!(images.len(), PAGE_IMAGES, "{what}: {result:#}");
+            assert!(
+                images.iter().all(|i| i["loaded"] == true),
+                "{what}: every image decoded: {result:#}"
+            );
+            assert_eq!(result["fetch"]["status"], 200, "{what}: {result:#}");
+            assert_eq!(result["fetch"]["path"], "/echo?from=page-js");
+            if label == "h2" {
+                // The script's fetch comes after the load event, on the one h2 upstream
+                // connection that carried the page (read from the response header).
+                assert_eq!(
+                    result["fetch"]["reused"], "1",
+                    "{what}: the page's fetch rode a pooled connection: {result:#}"
+                );
+            }
+
+            // Everything the page needs reached the origin, once, through edgepool.
+            // (Chromium may also ask for /favicon.ico, which the origin answers with an echo.)
+            let mut paths: Vec<String> = origin.log()[before..]
+                .iter()
+                .map(|r| r.path.clone())
+                .collect();
+            paths.sort();
+            let favicons = paths.iter().filter(|p| *p == "/favicon.ico").count();
+            assert!(favicons <= 1, "{what}: {paths:?}");
+            paths.retain(|p| p != "/favicon.ico");
+            assert_eq!(paths, expected_paths, "{what}: requests the origin saw");
+            let row = gw.target_status(&origin.authority()).await;
+            assert_eq!(
+                row["requests"],
+                origin.requests(),
+                "{what}: every origin request went through edgepool: {row:#}"
+            );
+            assert_eq!(row["errors"], 0, "{row:#}");
+            assert_eq!(row["new_connections"], origin.accepted(), "{what}: {row:#}");
+            if run == 0 {
+                accepted_after_first = origin.accepted();
+            } else {
+                // The second browser's first request (the page, alone in flight) rides an
+                // upstream connection the first browser's requests had opened.
+                let page = &origin.log()[before];
+                assert_eq!(page.path, format!("/page/{PAGE_IMAGES}"), "{what}");
+                assert!(
+                    page.conn_id <= accepted_after_first,
+                    "{what}: the page went out on a new upstream connection ({}, {} before)",
+                    page.conn_id,
+                    accepted_after_first
+                );
+            }
+        }
+        let requests = origin.requests();
+        assert!(requests as usize >= 2 * expected_paths.len());
+        if label == "h2" {
+            // Chromium speaks h2 to edgepool and edgepool multiplexes the page's parallel
+            // requests, of both browser processes, onto one h2 upstream connection.
+            check_origin_reuse(&gw, &origin, label, requests).await;
+        } else {
+            // Chromium loads subresources in parallel; over HTTP/1.1 upstream that takes
+            // several connections (how many depends on timing), which are then reused.
+            assert!(
+                origin.accepted() < requests,
+                "{label}: {} upstream connections for {requests} requests",
+                origin.accepted()
+            );
+        }
     }
 }
