@@ -17,6 +17,12 @@ import { readFileSync } from "node:fs";
 import { createRequire } from "node:module";
 import { ProxyAgent, request } from "undici";
 
+// Deprecation warnings Node or undici emit while the recipe runs: the test wants none.
+const deprecations = [];
+process.on("warning", (w) => {
+  if (w.name === "DeprecationWarning") deprecations.push(`${w.name}: ${w.code ?? ""} ${w.message}`);
+});
+
 const spec = JSON.parse(readFileSync(process.argv[2], "utf8"));
 const require = createRequire(import.meta.url);
 const version = require("undici/package.json").version;
@@ -73,7 +79,7 @@ process.stdout.write(
   JSON.stringify({
     client: `undici ${version} (node ${process.version})`,
     mode: spec.mode,
-    deprecations: [],
+    deprecations,
     results,
   }) + "\n",
 );
