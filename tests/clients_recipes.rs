@@ -465,6 +465,11 @@ async fn chromium_with_the_ca_in_nss_loads_a_page_and_subresources_over_pooled_c
             let result = page_result(&dom)
                 .unwrap_or_else(|| panic!("{what}: the page's script did not run:\n{dom}"));
             assert_eq!(result["js"], true, "{what}: {result:#}");
+            // Chromium speaks HTTP/2 to edgepool's interception for the page and every
+            // subresource (the Resource Timing `nextHopProtocol`), whatever the origin speaks.
+            let protocols = result["protocols"].as_array().unwrap();
+            assert_eq!(protocols.len(), 3 + PAGE_IMAGES, "{what}: {result:#}");
+            assert!(protocols.iter().all(|p| p == "h2"), "{what}: {result:#}");
             assert_eq!(
                 result["color"], "rgb(1, 2, 3)",
                 "{what}: the stylesheet applied: {result:#}"
@@ -523,8 +528,8 @@ async fn chromium_with_the_ca_in_nss_loads_a_page_and_subresources_over_pooled_c
         let requests = origin.requests();
         assert!(requests as usize >= 2 * expected_paths.len());
         if label == "h2" {
-            // Chromium speaks h2 to edgepool and edgepool multiplexes the page's parallel
-            // requests, of both browser processes, onto one h2 upstream connection.
+            // edgepool multiplexes the page's parallel requests, of both browser processes,
+            // onto one h2 upstream connection.
             check_origin_reuse(&gw, &origin, label, requests).await;
         } else {
             // Chromium loads subresources in parallel; over HTTP/1.1 upstream that takes

@@ -242,6 +242,12 @@ const PAGE_JS: &str = r#"window.addEventListener("load", async () => {
       src: i.getAttribute("src"),
       loaded: i.complete && i.naturalWidth > 0,
     })),
+    // The protocol the browser spoke for the page and each subresource (to the proxy's
+    // interception, when there is one).
+    protocols: performance
+      .getEntriesByType("navigation")
+      .concat(performance.getEntriesByType("resource"))
+      .map((e) => e.nextHopProtocol),
   };
   try {
     const r = await fetch("/echo?from=page-js");
