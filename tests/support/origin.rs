@@ -187,6 +187,9 @@ impl HasTcp for tokio_rustls::server::TlsStream<TcpStream> {
 ///   HTTP/2 then sends GOAWAY.
 /// * `/chunked/N` – HTTP/1.1: `N` pattern bytes, chunked transfer-encoding,
 ///   several chunks (HTTP/2: plain DATA frames; HTTP/1.0: Content-Length).
+/// * `/page/N` – an HTML page (N ≤ 64 images) with its subresources
+///   `/page/style.css`, `/page/app.js` and `/page/img/<i>.svg`, for browsers
+///   (see `routes::page_route`).
 ///
 /// Every response carries `x-origin-conn: <conn_id>`,
 /// `x-origin-index: <index_on_conn>` and `x-origin-peer: <peer ip>` (the

@@ -163,6 +163,9 @@ pub(crate) fn route(req: &Incoming<'_>) -> Action {
             _ => Action::Respond(Planned::text(400, format!("bad status {code:?}\n"))),
         };
     }
+    if let Some(page) = page_route(path) {
+        return Action::Respond(page);
+    }
     match path {
         "/rst" => Action::Reset,
         "/close" => {
@@ -183,6 +186,83 @@ pub(crate) fn route(req: &Incoming<'_>) -> Action {
         _ => Action::Respond(echo(req)),
     }
 }
+
+/// `/page/<n>`: an HTML page with a stylesheet, a deferred script and `n` (at most 64) SVG
+/// images, all on the same origin; `/page/style.css`, `/page/app.js`, `/page/img/<i>.svg`.
+/// Once the page has loaded, the script `fetch`es `/echo?from=page-js` and writes what it saw
+/// (styles applied, images decoded, the fetch's status and `x-edgepool-reused`) as JSON into
+/// `<pre id="result">`, for a browser's `--dump-dom`. `None` for any other path.
+fn page_route(path: &str) -> Option<Planned> {
+    let rest = path.strip_prefix("/page/")?;
+    let text = |ctype: &str, body: String| Planned::new(200, ctype, Body::Full(Bytes::from(body)));
+    Some(match rest {
+        "style.css" => text(
+            "text/css",
+            "#title { color: rgb(1, 2, 3); }\nimg { width: 8px; height: 8px; }\n".into(),
+        ),
+        "app.js" => text("text/javascript", PAGE_JS.into()),
+        _ => {
+            if let Some(i) = rest
+                .strip_prefix("img/")
+                .and_then(|f| f.strip_suffix(".svg"))
+            {
+                let i: u8 = i.parse().ok()?;
+                let svg = format!(
+                    "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"8\" height=\"8\">\
+                     <rect width=\"8\" height=\"8\" fill=\"#{i:02x}a0a0\"/></svg>"
+                );
+                text("image/svg+xml", svg)
+            } else {
+                let n: u8 = rest.parse().ok().filter(|n| *n <= 64)?;
+                let imgs: String = (0..n)
+                    .map(|i| format!("<img src=\"/page/img/{i}.svg\" alt=\"{i}\">"))
+                    .collect();
+                text(
+                    "text/html; charset=utf-8",
+                    format!(
+                        "<!doctype html><html><head><meta charset=\"utf-8\">\
+                         <title>edgepool test page</title>\
+                         <link rel=\"stylesheet\" href=\"/page/style.css\">\
+                         <script src=\"/page/app.js\" defer></script></head>\
+                         <body><h1 id=\"title\">edgepool</h1>{imgs}\
+                         <pre id=\"result\">pending</pre></body></html>"
+                    ),
+                )
+            }
+        }
+    })
+}
+
+const PAGE_JS: &str = r#"window.addEventListener("load", async () => {
+  const out = document.getElementById("result");
+  const result = {
+    js: true,
+    color: getComputedStyle(document.getElementById("title")).color,
+    images: [...document.images].map((i) => ({
+      src: i.getAttribute("src"),
+      loaded: i.complete && i.naturalWidth > 0,
+    })),
+    // The protocol the browser spoke for the page and each subresource (to the proxy's
+    // interception, when there is one).
+    protocols: performance
+      .getEntriesByType("navigation")
+      .concat(performance.getEntriesByType("resource"))
+      .map((e) => e.nextHopProtocol),
+  };
+  try {
+    const r = await fetch("/echo?from=page-js");
+    const echo = await r.json();
+    result.fetch = {
+      status: r.status,
+      reused: r.headers.get("x-edgepool-reused"),
+      path: echo.path,
+    };
+  } catch (e) {
+    result.fetch = { error: String(e) };
+  }
+  out.textContent = JSON.stringify(result);
+});
+"#;
 
 /// The JSON echo of a request.
 fn echo(req: &Incoming<'_>) -> Planned {
