@@ -153,8 +153,9 @@ impl CertAuthority {
     /// (CN "edgepool interception CA <8 random hex chars>", O "edgepool"),
     /// valid 10 years, backdated 1 day.
     ///
-    /// Not safe against two processes creating the CA in the same empty
-    /// directory at the same moment (the last one wins on disk).
+    /// Safe against two instances creating the CA in one empty data dir at the same moment:
+    /// files are linked into place, never renamed over, so the first one wins and the other
+    /// loads it (instances sharing a data dir share one CA).
     pub fn load_or_create(data_dir: &Path) -> Result<Self, CaError> {
         let cert_path = Self::cert_path(data_dir);
         let key_path = Self::key_path(data_dir);
@@ -186,6 +187,28 @@ impl CertAuthority {
                 path: cert_path,
             }),
         }
+    }
+
+    /// Loads the CA from the data dir, never creating one (`edgepool ca path|export`): with
+    /// no CA there, the error says so and how to get one.
+    pub fn load_existing(data_dir: &Path) -> Result<Self, CaError> {
+        let cert_path = Self::cert_path(data_dir);
+        let key_path = Self::key_path(data_dir);
+        if !path_exists(&cert_path)? && !path_exists(&key_path)? {
+            return Err(CaError::Io {
+                source: io::Error::new(
+                    io::ErrorKind::NotFound,
+                    format!(
+                        "no CA in the data dir {}: `edgepool serve` creates one on its first \
+                         start; if your gateway runs with another data dir, pass --data-dir or \
+                         --config",
+                        data_dir.display()
+                    ),
+                ),
+                path: cert_path,
+            });
+        }
+        Self::load_or_create(data_dir)
     }
 
     /// The CA certificate, PEM.
@@ -233,8 +256,15 @@ impl CertAuthority {
         let cert_pem = pem_encode_cert(&cert_der);
 
         // Key first: a crash in between leaves a key without certificate,
-        // which is reported on the next start rather than silently replaced.
-        write_new_file(key_path, key.serialize_pem().as_bytes(), 0o600)?;
+        // which is reported on the next start rather than silently replaced. Another instance
+        // that got there first (its key is in place) wins: load its CA once its certificate
+        // is written.
+        match write_new_file(key_path, key.serialize_pem().as_bytes(), 0o600) {
+            Err(CaError::Io { source, .. }) if source.kind() == io::ErrorKind::AlreadyExists => {
+                return Self::load_when_complete(cert_path, key_path);
+            }
+            r => r?,
+        }
         write_new_file(cert_path, cert_pem.as_bytes(), 0o644)?;
         // Best effort: make the renames durable.
         if let Ok(dir) = File::open(data_dir) {
@@ -248,6 +278,15 @@ impl CertAuthority {
             key,
             not_after,
         })
+    }
+
+    /// Waits (up to 10 s) for another instance to finish writing the CA, then loads it.
+    fn load_when_complete(cert_path: &Path, key_path: &Path) -> Result<Self, CaError> {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !path_exists(cert_path)? && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        Self::load(cert_path, key_path)
     }
 
     fn load(cert_path: &Path, key_path: &Path) -> Result<Self, CaError> {
@@ -631,7 +670,8 @@ fn path_exists(path: &Path) -> Result<bool, CaError> {
 }
 
 /// Writes `contents` to a temporary file created with `mode` (never wider),
-/// syncs it and renames it to `path`.
+/// syncs it and links it to `path`: fails with `AlreadyExists` (and leaves the existing file
+/// alone) when `path` exists.
 fn write_new_file(path: &Path, contents: &[u8], mode: u32) -> Result<(), CaError> {
     let file_name = path
         .file_name()
@@ -650,14 +690,12 @@ fn write_new_file(path: &Path, contents: &[u8], mode: u32) -> Result<(), CaError
         file.set_permissions(Permissions::from_mode(mode))?;
         file.write_all(contents)?;
         file.sync_all()?;
-        fs::rename(&tmp, path)
+        fs::hard_link(&tmp, path)
     })();
-    result.map_err(|source| {
-        let _ = fs::remove_file(&tmp);
-        CaError::Io {
-            path: path.to_owned(),
-            source,
-        }
+    let _ = fs::remove_file(&tmp);
+    result.map_err(|source| CaError::Io {
+        path: path.to_owned(),
+        source,
     })
 }
 

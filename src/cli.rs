@@ -9,6 +9,16 @@ use std::fmt::Write as _;
 
 use serde_json::Value;
 
+/// The URL a worker uses to reach a listener bound to `addr`: a wildcard bind (`0.0.0.0`,
+/// `[::]`) is reachable on this machine's addresses, shown as `<this host>`.
+pub fn reachable_url(addr: std::net::SocketAddr) -> String {
+    if addr.ip().is_unspecified() {
+        format!("http://<this host>:{}", addr.port())
+    } else {
+        format!("http://{addr}")
+    }
+}
+
 /// How an exit's circuit state (`closed`, `half_open`, `open` in `/status`) is shown.
 pub fn exit_state_text(state: &str) -> &str {
     match state {
@@ -250,6 +260,22 @@ mod tests {
         assert!(line(&t, "dc/0").contains("connect refused"));
         // A quiet exit has no rate either.
         assert!(line(&t, "dc/0").contains(" — "), "{t}");
+    }
+
+    #[test]
+    fn the_start_line_url_is_the_listener() {
+        assert_eq!(
+            reachable_url("127.0.0.1:8080".parse().unwrap()),
+            "http://127.0.0.1:8080"
+        );
+        assert_eq!(
+            reachable_url("[::1]:8080".parse().unwrap()),
+            "http://[::1]:8080"
+        );
+        assert_eq!(
+            reachable_url("0.0.0.0:3128".parse().unwrap()),
+            "http://<this host>:3128"
+        );
     }
 
     #[test]

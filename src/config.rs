@@ -964,6 +964,54 @@ impl Default for LimitsConfig {
     }
 }
 
+/// Parses a CIDR for `--allow-target` / `targets.allow`, saying what is wrong: a missing or
+/// too long prefix length, a bad address, host bits set.
+pub fn parse_cidr(s: &str) -> Result<IpNet, String> {
+    parse_cidr_inner(s, true)
+}
+
+fn parse_cidr_inner(s: &str, host_bits_checked: bool) -> Result<IpNet, String> {
+    let s = s.trim();
+    let Some((addr, len)) = s.split_once('/') else {
+        return Err(match s.parse::<std::net::IpAddr>() {
+            Ok(ip) => format!(
+                "{s} has no prefix length; write {s}/{} for this one address",
+                if ip.is_ipv4() { 32 } else { 128 }
+            ),
+            Err(_) => format!("{s:?} is not a CIDR (address/prefix length, e.g. 10.20.0.0/16)"),
+        });
+    };
+    let ip: std::net::IpAddr = addr
+        .parse()
+        .map_err(|_| format!("{addr:?} is not an IPv4 or IPv6 address"))?;
+    let max = if ip.is_ipv4() { 32 } else { 128 };
+    let len: u8 = len.parse().ok().filter(|l| *l <= max).ok_or_else(|| {
+        format!(
+            "prefix length /{len} is wrong for an {} address: 0 to {max}",
+            if ip.is_ipv4() { "IPv4" } else { "IPv6" }
+        )
+    })?;
+    let net = IpNet::new(ip, len).map_err(|e| e.to_string())?;
+    if host_bits_checked && net.trunc() != net {
+        return Err(format!(
+            "{s} has host bits set; write {} (or /{max} for a single address)",
+            net.trunc()
+        ));
+    }
+    Ok(net)
+}
+
+fn deserialize_cidrs<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<IpNet>, D::Error> {
+    let raw = Vec::<String>::deserialize(d)?;
+    raw.iter()
+        // Host bits are checked by `validate`, which names the entry.
+        .map(|s| {
+            parse_cidr_inner(s, false)
+                .map_err(|why| serde::de::Error::custom(format!("targets.allow: {why}")))
+        })
+        .collect()
+}
+
 /// `[targets]`: which target addresses may be dialed.
 #[derive(Clone, Debug, PartialEq, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -972,6 +1020,7 @@ pub struct TargetsConfig {
     /// `"127.0.0.1/32"` for a single address. Default empty: a proxy reachable by workers must
     /// not become a way into the internal network. Host bits must be zero (`"10.0.0.0/8"`, not
     /// `"10.1.2.3/8"`), to catch typos.
+    #[serde(deserialize_with = "deserialize_cidrs")]
     pub allow: Vec<IpNet>,
     /// Ports a CONNECT may open a tunnel to: numbers (`443`) or ranges (`"8000-8999"`). Default
     /// [`DEFAULT_CONNECT_PORTS`] (443 and 80); other ports get 400 `connect_port_forbidden`.

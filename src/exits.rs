@@ -37,6 +37,19 @@ const FORCED_SERIAL: u64 = u64::MAX;
 /// Name of the implicit pool (and node) that connects straight to targets.
 pub const DIRECT: &str = "direct";
 
+/// Whether the authority of URL `s` spells a port (`host:3128`, `[::1]:1080`); `url::Url`
+/// drops a port equal to the scheme's default, so the text itself is read.
+fn has_explicit_port(s: &str) -> bool {
+    let rest = s.split_once("://").map_or(s, |(_, r)| r);
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
+    let hostport = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+    let port = match hostport.rsplit_once(']') {
+        Some((_, after)) => after.strip_prefix(':'),
+        None => hostport.rsplit_once(':').map(|(_, p)| p),
+    };
+    port.is_some_and(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
+}
+
 /// How a node reaches targets.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ExitKind {
@@ -118,7 +131,14 @@ impl ExitSpec {
             .trim_start_matches('[')
             .trim_end_matches(']')
             .to_ascii_lowercase();
-        // An omitted port is the scheme's default: 80 for http://, 1080 for socks5://.
+        // The port must be written: proxies listen anywhere (3128, 8080, 1080, provider ports),
+        // and guessing 80 for http:// sends the credentials to whatever answers there.
+        if !has_explicit_port(s) {
+            return Err(format!(
+                "the proxy URL has no port; write it, e.g. {}://host:3128",
+                url.scheme()
+            ));
+        }
         let port = url.port_or_known_default().unwrap_or(1080);
         if url.path() != "/" && !url.path().is_empty() || url.query().is_some() {
             return Err("a proxy URL has no path or query".into());
@@ -1302,8 +1322,23 @@ mod tests {
             ExitSpec::parse("http://u:p@gw.example:80").unwrap().port,
             80
         );
-        assert_eq!(ExitSpec::parse("http://gw.example").unwrap().port, 80);
-        assert_eq!(ExitSpec::parse("socks5://gw.example").unwrap().port, 1080);
+        // No guessed ports: 80 for an http:// proxy would hand its credentials to a web server.
+        for portless in [
+            "http://gw.example",
+            "http://u:secretpw@gw.example",
+            "http://u:secretpw@gw.example/",
+            "socks5://gw.example",
+            "http://[::1]",
+            "http://gw.example:",
+        ] {
+            let e = ExitSpec::parse(portless).unwrap_err();
+            assert!(e.contains("has no port"), "{portless}: {e}");
+            assert!(!e.contains("secretpw"), "{portless}: {e}");
+        }
+        assert_eq!(
+            ExitSpec::parse("socks5://u:p@[::1]:1080/").unwrap().port,
+            1080
+        );
         for bad in [
             "https://u:secretpw@h:1",
             "ftp://u:secretpw@h:1",

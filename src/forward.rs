@@ -1082,6 +1082,8 @@ pub fn route_error(e: crate::exits::RouteError) -> EdgeError {
         ),
         RouteError::SessionExitLost { .. } => EdgeError::exit_failed("session_exit_lost", msg),
     }
+    // Routing comes before any attempt (a failover's earlier attempts raise this).
+    .with_sent(Sent::None)
 }
 
 fn send_error(

@@ -26,7 +26,7 @@ pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
 /// How long the reuse-killers store keeps its minute buckets: 8 days (a 7-day window plus a
 /// day of slack).
-pub const REPORT_KEEP_MINUTES: u64 = 8 * 24 * 60;
+pub const REPORT_KEEP_MINUTES: u64 = crate::report::RETENTION_MINUTES;
 
 /// Interval of the dashboard time series (`/status/history`) and of SLO re-evaluation.
 pub const HISTORY_INTERVAL: Duration = Duration::from_secs(5);
@@ -84,13 +84,35 @@ fn release_free_memory() {
     }
 }
 
+/// This instance's name in a shared data dir: `<host name>-<proxy port>` (instances on one
+/// host listen on different ports; hosts sharing storage have different names).
+pub fn instance_name(proxy_port: u16) -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    let host: String = host
+        .trim()
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '.' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    let host = if host.is_empty() { "localhost" } else { &host };
+    format!("{host}-{proxy_port}")
+}
+
 impl Gateway {
     /// Builds the gateway (loads or creates the CA in the data dir). Must run inside a tokio
     /// runtime (the pool starts its sweep task).
     pub fn new(cfg: Config) -> Result<Arc<Gateway>, StartError> {
         let data_dir = cfg.data_dir();
         let ca = Arc::new(CertAuthority::load_or_create(&data_dir)?);
-        let report = Arc::new(ReportStore::open(&data_dir)?);
+        let report = Arc::new(ReportStore::open_instance(
+            &data_dir,
+            &instance_name(cfg.listen.proxy.port()),
+        )?);
         let ports = PortGuard::new();
         let alpn = if cfg.intercept.worker_http2 {
             vec![b"h2".to_vec(), b"http/1.1".to_vec()]

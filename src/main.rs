@@ -36,7 +36,7 @@ enum Command {
         #[arg(long)]
         data_dir: Option<PathBuf>,
         /// Allow targets in this CIDR despite the private/loopback deny list (repeatable).
-        #[arg(long = "allow-target", value_name = "CIDR")]
+        #[arg(long = "allow-target", value_name = "CIDR", value_parser = edgepool::config::parse_cidr)]
         allow_target: Vec<ipnet::IpNet>,
         /// Allow CONNECT to this port or range, e.g. `8443` or `8000-8999` (repeatable; adds to
         /// targets.connect_ports, default 443 and 80).
@@ -171,6 +171,11 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter)),
         )
         .with_writer(std::io::stderr)
+        // Colour only for a person at a terminal: log files and journald get plain text.
+        .with_ansi(
+            std::io::IsTerminal::is_terminal(&std::io::stderr())
+                && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty()),
+        )
         .init();
     match cli.command {
         Command::Serve {
@@ -226,15 +231,20 @@ fn main() -> ExitCode {
                 CaCommand::Path { data_dir, config } => (data_dir, config, false),
                 CaCommand::Export { data_dir, config } => (data_dir, config, true),
             };
-            let dir = match (dir, config) {
-                (Some(d), _) => d,
+            let (dir, from) = match (dir, config) {
+                (Some(d), _) => (d, "--data-dir".to_string()),
                 (None, Some(p)) => match Config::load(&p) {
-                    Ok(c) => c.data_dir(),
+                    Ok(c) => (c.data_dir(), format!("data_dir of {}", p.display())),
                     Err(e) => return fail(&format!("{}: {e}", p.display())),
                 },
-                (None, None) => Config::default_data_dir(),
+                (None, None) => (
+                    Config::default_data_dir(),
+                    "the default; --data-dir or --config to choose".to_string(),
+                ),
             };
-            match CertAuthority::load_or_create(&dir) {
+            // Never creates a CA: a second one nobody trusts would only mislead.
+            eprintln!("edgepool: data dir {} ({from})", dir.display());
+            match CertAuthority::load_existing(&dir) {
                 Ok(ca) => {
                     if export {
                         print!("{}", ca.cert_pem());
@@ -495,11 +505,18 @@ fn serve(cfg: Config) -> ExitCode {
             Ok(g) => g,
             Err(e) => return fail(&e.to_string()),
         };
+        let (Ok(proxy_addr), Ok(admin_addr)) = (proxy.local_addr(), admin.local_addr()) else {
+            return fail("cannot read the listening addresses");
+        };
+        let ca = CertAuthority::cert_path(&data_dir);
         tracing::info!(
-            proxy = %proxy.local_addr().map(|a| a.to_string()).unwrap_or_default(),
-            admin = %admin.local_addr().map(|a| a.to_string()).unwrap_or_default(),
-            ca = %CertAuthority::cert_path(&data_dir).display(),
-            "edgepool is serving; point workers at http://<proxy> and trust the CA"
+            proxy = %proxy_addr,
+            admin = %admin_addr,
+            ca = %ca.display(),
+            "edgepool is serving; point workers at {} and trust {} (dashboard: {})",
+            edgepool::cli::reachable_url(proxy_addr),
+            ca.display(),
+            edgepool::cli::reachable_url(admin_addr),
         );
         gw.serve(proxy, admin, shutdown_signal()).await;
         tracing::info!("edgepool stopped");
@@ -556,6 +573,13 @@ fn admin_get(
             ));
         }
         if !resp.status().is_success() {
+            // The proxy listener answers admin paths with its own error: a wrong port.
+            if resp.headers().contains_key("x-edgepool-error") {
+                return Err(format!(
+                    "{admin} is an edgepool proxy listener, not the admin listener; --admin \
+                     takes listen.admin (default 127.0.0.1:9180)"
+                ));
+            }
             return Err(format!("{path}: the gateway answered {}", resp.status()));
         }
         let mut body = resp.into_body();

@@ -100,7 +100,8 @@ pub enum ReportError {
     },
     /// Another process (or another `ReportStore` in this one) holds the store's lock.
     #[error(
-        "report store {path}: already open elsewhere (is another edgepool using this data dir?)"
+        "report store {path}: already open by another process (another edgepool on this host \
+         with the same listen.proxy port and data dir?); give each instance its own port or data_dir"
     )]
     Locked {
         /// The store file.
@@ -170,6 +171,26 @@ impl std::fmt::Debug for ReportStore {
 impl ReportStore {
     /// Opens or creates `<data_dir>/reuse.redb`. Errors name the path.
     pub fn open(data_dir: &Path) -> Result<Self, ReportError> {
+        Self::open_file(data_dir, FILE_NAME)
+    }
+
+    /// The store of one instance: `<data_dir>/reuse-<instance>.redb`, so instances sharing a
+    /// data dir (and so one CA) each keep their own history. A `reuse.redb` left by a version
+    /// that had one store per data dir is adopted (renamed) by the first instance that starts.
+    pub fn open_instance(data_dir: &Path, instance: &str) -> Result<Self, ReportError> {
+        let file = format!("reuse-{instance}.redb");
+        let legacy = data_dir.join(FILE_NAME);
+        let mine = data_dir.join(&file);
+        if legacy.exists() && !mine.exists() {
+            // hard link + unlink: exactly one instance adopts it, never two.
+            if std::fs::hard_link(&legacy, &mine).is_ok() {
+                let _ = std::fs::remove_file(&legacy);
+            }
+        }
+        Self::open_file(data_dir, &file)
+    }
+
+    fn open_file(data_dir: &Path, file: &str) -> Result<Self, ReportError> {
         std::fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)
@@ -178,7 +199,7 @@ impl ReportStore {
                 path: data_dir.to_owned(),
                 source,
             })?;
-        let path = data_dir.join(FILE_NAME);
+        let path = data_dir.join(file);
         // The store lists target names: owner-only, like the CA key. Created 0600 before redb
         // opens it (redb initialises an empty file), and tightened if an older run left it 0644.
         let private = || -> std::io::Result<()> {
@@ -520,7 +541,11 @@ fn compact_window(secs: u64) -> String {
     }
 }
 
-/// Parses "7d", "1h", "90m", "2w" (humantime) into a Duration; error names the bad value.
+/// How long per-minute counts are kept (8 days): the longest window a report can cover.
+pub const RETENTION_MINUTES: u64 = 8 * 24 * 60;
+
+/// Parses "7d", "1h", "90m" (humantime) into a Duration, at most the retention (8 days);
+/// error names the bad value.
 pub fn parse_window(s: &str) -> Result<Duration, ReportError> {
     let bad = |reason: String| ReportError::BadWindow {
         value: s.to_owned(),
@@ -529,6 +554,12 @@ pub fn parse_window(s: &str) -> Result<Duration, ReportError> {
     let window = humantime::parse_duration(s.trim()).map_err(|e| bad(e.to_string()))?;
     if window.as_secs() < 60 {
         return Err(bad("a window must be at least one minute".to_owned()));
+    }
+    if window.as_secs() > RETENTION_MINUTES * 60 {
+        return Err(bad(format!(
+            "edgepool keeps {} days of per-minute counts; a window can be at most 8d",
+            RETENTION_MINUTES / (24 * 60)
+        )));
     }
     Ok(window)
 }
@@ -790,9 +821,12 @@ mod tests {
         assert_eq!(parse_window("7d").unwrap(), 7 * DAY);
         assert_eq!(parse_window("1h").unwrap(), Duration::from_secs(3600));
         assert_eq!(parse_window("90m").unwrap(), Duration::from_secs(5400));
-        assert_eq!(parse_window("2w").unwrap(), 14 * DAY);
+        assert_eq!(parse_window("8d").unwrap(), 8 * DAY);
         assert_eq!(parse_window(" 1h 30m ").unwrap(), Duration::from_secs(5400));
-        for bad in ["", "7x", "seven days", "-1h", "30s", "0m"] {
+        // Beyond the retention: the report would silently cover only 8 days.
+        let e = parse_window("2w").unwrap_err().to_string();
+        assert!(e.contains("at most 8d"), "{e}");
+        for bad in ["", "7x", "seven days", "-1h", "30s", "0m", "8d 1m", "30d"] {
             let err = parse_window(bad).unwrap_err();
             assert!(matches!(err, ReportError::BadWindow { .. }), "{bad:?}");
             assert!(err.to_string().contains(&format!("{bad:?}")), "{err}");

@@ -316,6 +316,11 @@ async fn worker_tokens_and_options_are_checked_with_precise_errors() {
         if token == "proxy_auth_failed" {
             assert!(!g.body.contains("nottok"), "never echo a token: {}", g.body);
         }
+        if token == "unknown_exit_pool" {
+            // Refused while routing: the worker learns nothing was sent (safe to fix and retry).
+            let body: serde_json::Value = serde_json::from_str(&g.body).unwrap();
+            assert_eq!(body["request_sent"], "none", "{}", g.body);
+        }
     }
     let g = fetch(&worker(&gw, "tok-pool-direct", None), &origin.url("/echo")).await;
     assert_eq!(
@@ -323,6 +328,8 @@ async fn worker_tokens_and_options_are_checked_with_precise_errors() {
         (400, "direct_not_allowed"),
         "exits configured: workers cannot bypass them by default"
     );
+    let body: serde_json::Value = serde_json::from_str(&g.body).unwrap();
+    assert_eq!(body["request_sent"], "none", "{}", g.body);
     gw.stop().await;
     let exit = http_exit(24).await;
     let p = pool("dc", &[&exit]);

@@ -808,19 +808,12 @@ impl Gateway {
         )
         .unwrap();
         let bin = env!("CARGO_BIN_EXE_edgepool");
-        // The interception CA workers must trust (created here, reused by `serve`).
-        let out = Command::new(bin)
-            .args(["ca", "path", "--data-dir"])
-            .arg(&data)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "edgepool ca path: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let ca_path = String::from_utf8(out.stdout).unwrap().trim().to_string();
-        let ca_pem = std::fs::read_to_string(&ca_path).unwrap();
+        // The interception CA workers must trust (created here, loaded by `serve`; `edgepool
+        // ca path` never creates one).
+        let ca_pem = edgepool::ca::CertAuthority::load_or_create(&data)
+            .unwrap()
+            .cert_pem()
+            .to_string();
 
         let mut cmd = Command::new(bin);
         cmd.args(["serve", "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
