@@ -307,6 +307,32 @@ async fn dashboard_renders_live_status_in_headless_chromium() {
         "exits: {exits}"
     );
 
+    // Verdicts need a sample: 25 requests per target is below slo.min_requests (100), so no
+    // target is judged (and none is shown as a breach).
+    assert!(
+        table.contains("badge v-warming_up") && table.contains(">warming up<"),
+        "targets with 25 requests should read \"warming up\": {}",
+        tail(table, 3000)
+    );
+    assert!(!table.contains("v-breach"), "{}", tail(table, 3000));
+    // The "why new" column is readable in full: each reason and its count in one unbroken
+    // span, and a cell that wraps instead of clipping with an ellipsis.
+    assert!(
+        table.contains("<span>cold_key "),
+        "why-new cells hold whole reasons: {}",
+        tail(table, 3000)
+    );
+    let why_rule = html
+        .lines()
+        .find(|l| l.trim_start().starts_with("td.why {"))
+        .expect("a td.why rule in the dashboard's style");
+    assert!(
+        why_rule.contains("white-space: normal")
+            && !why_rule.contains("ellipsis")
+            && !why_rule.contains("overflow: hidden"),
+        "the why-new column must wrap, not clip: {why_rule}"
+    );
+
     // 2. A screenshot at dashboard size, kept under target/ for CI.
     let png = screenshot_path();
     std::fs::create_dir_all(png.parent().unwrap()).unwrap();
