@@ -51,6 +51,15 @@ async fn mixed_quick_edgepool_beats_the_worker_side_pools() {
     let reasons = ep["new_by_reason"].as_object().unwrap();
     let total: u64 = reasons.values().map(|v| v.as_u64().unwrap()).sum();
     assert!(total > 0 && reasons.contains_key("cold_key"), "{reasons:?}");
+    // What edgepool's /status counted over the run is what the origins counted.
+    let g = &ep["gateway_status"];
+    assert_eq!(g["requests"], ep["origin_requests"], "{g}");
+    assert_eq!(g["new_connections"], ep["origin_connections"], "{g}");
+    assert_eq!(
+        g["new_connections"].as_u64(),
+        Some(total),
+        "{g} vs {reasons:?}"
+    );
     let html = edgepool::lab::html::render(&report);
     assert!(html.contains("<svg") && html.contains("edgepool") && html.contains("no-keepalive"));
     std::fs::create_dir_all("target").unwrap();

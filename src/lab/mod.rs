@@ -1045,6 +1045,22 @@ pub fn render_table(r: &Value) -> String {
                 list.join(", ")
             );
         }
+        // edgepool's own count of the run beside the origins' (one definition of each figure).
+        let g = &m["gateway_status"];
+        if let Some(req) = g["requests"].as_u64() {
+            let _ = writeln!(
+                s,
+                "{} as /status counted it: {} requests, {} new connections, R {:.4} \
+                 (origins: {} requests, {} connections, R {:.4})",
+                m["mode"].as_str().unwrap_or(""),
+                req,
+                g["new_connections"].as_u64().unwrap_or(0),
+                g["reuse_rate"].as_f64().unwrap_or(0.0),
+                m["origin_requests"].as_u64().unwrap_or(0),
+                m["origin_connections"].as_u64().unwrap_or(0),
+                m["reuse_rate"].as_f64().unwrap_or(0.0),
+            );
+        }
     }
     s
 }
