@@ -1,11 +1,13 @@
-//! cli: what the `edgepool status` command prints, as a pure function of the `/status`
-//! document, so it is tested in-process (the binary only fetches and prints).
+//! cli: the command line's library half — the admin-listener client, and what `edgepool
+//! status` and `edgepool trace` print, as pure functions of the admin documents, so they are
+//! tested in-process (the binary parses arguments, fetches and prints).
 //!
 //! Every figure is the `/status` figure (README, "Reuse accounting": one definition per
 //! figure); this module only formats. A target with no requests shows `—` for R (there is no
 //! rate), a verdict is spelt the way a reader says it (`warming up`), and exit circuit states
 //! read as health (`healthy`, `probing`, `circuit open`).
 use std::fmt::Write as _;
+use std::net::SocketAddr;
 
 use serde_json::Value;
 
@@ -184,6 +186,113 @@ pub fn status_table(v: &Value) -> String {
     out
 }
 
+/// GET `path` on the admin listener at `admin` (HTTP/1.1, bearer `token` if given), handing
+/// each body chunk to `each` until it returns `false`. Errors are sentences: an unreachable
+/// listener, a missing token, and a proxy port given where the admin port belongs.
+pub async fn admin_get(
+    admin: SocketAddr,
+    path: &str,
+    token: Option<&str>,
+    mut each: impl FnMut(&[u8]) -> bool,
+) -> Result<(), String> {
+    use http_body_util::BodyExt;
+    let stream = tokio::net::TcpStream::connect(admin)
+        .await
+        .map_err(|e| format!("cannot reach the admin listener at {admin}: {e}"))?;
+    let (mut send, conn) = hyper::client::conn::http1::handshake::<
+        _,
+        http_body_util::Empty<bytes::Bytes>,
+    >(hyper_util::rt::TokioIo::new(stream))
+    .await
+    .map_err(|e| e.to_string())?;
+    tokio::spawn(conn);
+    let mut req = http::Request::get(path).header("host", admin.to_string());
+    if let Some(token) = token {
+        req = req.header("authorization", format!("Bearer {}", token.trim()));
+    }
+    let req = req
+        .body(http_body_util::Empty::new())
+        .map_err(|e| e.to_string())?;
+    let resp = send.send_request(req).await.map_err(|e| e.to_string())?;
+    if resp.status() == http::StatusCode::UNAUTHORIZED {
+        return Err(format!(
+            "{path}: the admin listener needs its bearer token: set EDGEPOOL_ADMIN_TOKEN"
+        ));
+    }
+    if !resp.status().is_success() {
+        // The proxy listener answers admin paths with its own error: a wrong port.
+        if resp.headers().contains_key("x-edgepool-error") {
+            return Err(format!(
+                "{admin} is an edgepool proxy listener, not the admin listener; --admin \
+                 takes listen.admin (default 127.0.0.1:9180)"
+            ));
+        }
+        return Err(format!("{path}: the gateway answered {}", resp.status()));
+    }
+    let mut body = resp.into_body();
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| e.to_string())?;
+        if let Some(d) = frame.data_ref() {
+            if !each(d) {
+                break;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// One `/trace` record in the domain note's trace format (§04), one block per record.
+pub fn trace_text(v: &Value) -> String {
+    let f = |k: &str| v[k].as_f64();
+    let ms = |x: Option<f64>| x.map(|x| format!("{x:.1}ms")).unwrap_or_else(|| "-".into());
+    let mut out = String::new();
+    if v["kind"] == "lagged" {
+        return format!("// trace fell behind: {} records dropped\n\n", v["dropped"]);
+    }
+    if v["kind"] == "pool" {
+        out.push_str(&format!(
+            "// {} {}\npool.status: {}\n\n",
+            v["ts"].as_str().unwrap_or(""),
+            v["target"].as_str().unwrap_or(""),
+            v["pool"].as_str().unwrap_or("")
+        ));
+        return out;
+    }
+    let reused = v["reused"].as_bool() == Some(true);
+    out.push_str(&format!(
+        "// {} {} {} -> {}{}\n",
+        v["ts"].as_str().unwrap_or(""),
+        v["method"].as_str().unwrap_or(""),
+        v["target"].as_str().unwrap_or(""),
+        v["status"],
+        match v["new_reason"].as_str() {
+            Some(r) => format!(" (new connection: {r})"),
+            None => String::new(),
+        }
+    ));
+    if let Some(e) = v["error"].as_str() {
+        out.push_str(&format!("error: {e}\n"));
+    }
+    if reused {
+        out.push_str("tcp.connect: 0ms (reused)\ntls.handshake: 0ms (reused)\n");
+    } else if v.get("tcp_connect_ms").is_some() {
+        out.push_str(&format!(
+            "tcp.connect: {}\ntls.handshake: {}\n",
+            ms(f("tcp_connect_ms")),
+            ms(f("tls_handshake_ms"))
+        ));
+    }
+    if f("ttfb_ms").is_some() {
+        out.push_str(&format!("http.ttfb: {}\n", ms(f("ttfb_ms"))));
+    }
+    out.push_str(&format!("total_latency: {}\n", ms(f("total_ms"))));
+    if let Some(p) = v["pool"].as_str() {
+        out.push_str(&format!("pool.status: {p}\n"));
+    }
+    out.push('\n');
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -260,6 +369,35 @@ mod tests {
         assert!(line(&t, "dc/0").contains("connect refused"));
         // A quiet exit has no rate either.
         assert!(line(&t, "dc/0").contains(" — "), "{t}");
+    }
+
+    #[test]
+    fn trace_records_read_as_the_domain_note_shows_them() {
+        let new = trace_text(&json!({
+            "kind": "request", "ts": "2026-12-04T06:00:00Z", "method": "GET",
+            "target": "shop.example:443", "status": 200, "reused": false,
+            "new_reason": "cold_key", "tcp_connect_ms": 1.25, "tls_handshake_ms": 8.0,
+            "ttfb_ms": 20.0, "total_ms": 31.5
+        }));
+        assert_eq!(
+            new,
+            "// 2026-12-04T06:00:00Z GET shop.example:443 -> 200 (new connection: cold_key)\n\
+             tcp.connect: 1.2ms\ntls.handshake: 8.0ms\nhttp.ttfb: 20.0ms\n\
+             total_latency: 31.5ms\n\n"
+        );
+        let reused = trace_text(&json!({
+            "kind": "request", "ts": "t", "method": "GET", "target": "a:80", "status": 502,
+            "reused": true, "error": "upstream_reset", "total_ms": 3.0
+        }));
+        assert!(reused.contains("error: upstream_reset\n"), "{reused}");
+        assert!(reused.contains("tcp.connect: 0ms (reused)"), "{reused}");
+        let pool = trace_text(&json!({"kind": "pool", "ts": "t", "target": "a:80",
+                                       "pool": "connection closed (goaway) after 3 requests"}));
+        assert_eq!(
+            pool,
+            "// t a:80\npool.status: connection closed (goaway) after 3 requests\n\n"
+        );
+        assert!(trace_text(&json!({"kind": "lagged", "dropped": 7})).contains("7 records dropped"));
     }
 
     #[test]

@@ -542,57 +542,14 @@ async fn shutdown_signal() {
 }
 
 /// GETs `path` from the admin listener and hands each body chunk to `each`.
-fn admin_get(
-    admin: SocketAddr,
-    path: &str,
-    mut each: impl FnMut(&[u8]) -> bool,
-) -> Result<(), String> {
-    runtime().block_on(async move {
-        use http_body_util::BodyExt;
-        let stream = tokio::net::TcpStream::connect(admin)
-            .await
-            .map_err(|e| format!("cannot reach the admin listener at {admin}: {e}"))?;
-        let (mut send, conn) = hyper::client::conn::http1::handshake::<
-            _,
-            http_body_util::Empty<bytes::Bytes>,
-        >(hyper_util::rt::TokioIo::new(stream))
-        .await
-        .map_err(|e| e.to_string())?;
-        tokio::spawn(conn);
-        let mut req = http::Request::get(path).header("host", admin.to_string());
-        if let Ok(token) = std::env::var("EDGEPOOL_ADMIN_TOKEN") {
-            req = req.header("authorization", format!("Bearer {}", token.trim()));
-        }
-        let req = req
-            .body(http_body_util::Empty::new())
-            .map_err(|e| e.to_string())?;
-        let resp = send.send_request(req).await.map_err(|e| e.to_string())?;
-        if resp.status() == http::StatusCode::UNAUTHORIZED {
-            return Err(format!(
-                "{path}: the admin listener needs its bearer token: set EDGEPOOL_ADMIN_TOKEN"
-            ));
-        }
-        if !resp.status().is_success() {
-            // The proxy listener answers admin paths with its own error: a wrong port.
-            if resp.headers().contains_key("x-edgepool-error") {
-                return Err(format!(
-                    "{admin} is an edgepool proxy listener, not the admin listener; --admin \
-                     takes listen.admin (default 127.0.0.1:9180)"
-                ));
-            }
-            return Err(format!("{path}: the gateway answered {}", resp.status()));
-        }
-        let mut body = resp.into_body();
-        while let Some(frame) = body.frame().await {
-            let frame = frame.map_err(|e| e.to_string())?;
-            if let Some(d) = frame.data_ref() {
-                if !each(d) {
-                    break;
-                }
-            }
-        }
-        Ok(())
-    })
+fn admin_get(admin: SocketAddr, path: &str, each: impl FnMut(&[u8]) -> bool) -> Result<(), String> {
+    let token = std::env::var("EDGEPOOL_ADMIN_TOKEN").ok();
+    runtime().block_on(edgepool::cli::admin_get(
+        admin,
+        path,
+        token.as_deref(),
+        each,
+    ))
 }
 
 /// The whole body of an admin GET.
@@ -663,7 +620,7 @@ fn trace(admin: SocketAddr, target: Option<String>, json: bool) -> ExitCode {
                 format!("{line}\n")
             } else {
                 match serde_json::from_str::<serde_json::Value>(&line) {
-                    Ok(v) => human_trace(&v),
+                    Ok(v) => edgepool::cli::trace_text(&v),
                     Err(_) => continue,
                 }
             };
@@ -684,56 +641,4 @@ fn trace(admin: SocketAddr, target: Option<String>, json: bool) -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => fail(&e),
     }
-}
-
-/// The domain note's trace format (§04), one block per record.
-fn human_trace(v: &serde_json::Value) -> String {
-    let f = |k: &str| v[k].as_f64();
-    let ms = |x: Option<f64>| x.map(|x| format!("{x:.1}ms")).unwrap_or_else(|| "-".into());
-    let mut out = String::new();
-    if v["kind"] == "lagged" {
-        return format!("// trace fell behind: {} records dropped\n\n", v["dropped"]);
-    }
-    if v["kind"] == "pool" {
-        out.push_str(&format!(
-            "// {} {}\npool.status: {}\n\n",
-            v["ts"].as_str().unwrap_or(""),
-            v["target"].as_str().unwrap_or(""),
-            v["pool"].as_str().unwrap_or("")
-        ));
-        return out;
-    }
-    let reused = v["reused"].as_bool() == Some(true);
-    out.push_str(&format!(
-        "// {} {} {} -> {}{}\n",
-        v["ts"].as_str().unwrap_or(""),
-        v["method"].as_str().unwrap_or(""),
-        v["target"].as_str().unwrap_or(""),
-        v["status"],
-        match v["new_reason"].as_str() {
-            Some(r) => format!(" (new connection: {r})"),
-            None => String::new(),
-        }
-    ));
-    if let Some(e) = v["error"].as_str() {
-        out.push_str(&format!("error: {e}\n"));
-    }
-    if reused {
-        out.push_str("tcp.connect: 0ms (reused)\ntls.handshake: 0ms (reused)\n");
-    } else if v.get("tcp_connect_ms").is_some() {
-        out.push_str(&format!(
-            "tcp.connect: {}\ntls.handshake: {}\n",
-            ms(f("tcp_connect_ms")),
-            ms(f("tls_handshake_ms"))
-        ));
-    }
-    if f("ttfb_ms").is_some() {
-        out.push_str(&format!("http.ttfb: {}\n", ms(f("ttfb_ms"))));
-    }
-    out.push_str(&format!("total_latency: {}\n", ms(f("total_ms"))));
-    if let Some(p) = v["pool"].as_str() {
-        out.push_str(&format!("pool.status: {p}\n"));
-    }
-    out.push('\n');
-    out
 }
