@@ -315,7 +315,11 @@ pub fn check_head(head: &[u8], limits: &Limits) -> Result<Framing, Violation> {
     }
     Ok(if method == b"CONNECT" {
         Framing::Passthrough
-    } else if upgrade && connection_upgrade && transfer_encoding.is_empty() && content_length.unwrap_or(0) == 0 {
+    } else if upgrade
+        && connection_upgrade
+        && transfer_encoding.is_empty()
+        && content_length.unwrap_or(0) == 0
+    {
         // A bodiless upgrade request (a WebSocket handshake): whatever follows it is the new
         // protocol's if the answer is 101. Ingress closes the connection after any other
         // answer, so no request after it is ever parsed without this framer.
@@ -1036,7 +1040,8 @@ mod tests {
         let (out, r) = run_bytewise(ws);
         assert_eq!((out, r), (ws.to_vec(), Ok(())));
         // Upgrade not named by Connection: an ordinary request, and what follows is a head.
-        let (_, r) = run(b"GET / HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\n\r\n\x81\x85garbage\r\n\r\n");
+        let (_, r) =
+            run(b"GET / HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\n\r\n\x81\x85garbage\r\n\r\n");
         assert!(r.is_err());
         // With a body: framed as usual.
         let (_, r) = run(b"POST / HTTP/1.1\r\nHost: a\r\nConnection: upgrade\r\nUpgrade: h2c\r\nContent-Length: 2\r\n\r\nabGARBAGE\r\n\r\n");

@@ -73,10 +73,15 @@ where
                 return Ok::<_, Infallible>(resp);
             }
             let connect = req.method() == Method::CONNECT;
+            let h1_upgrade = h1_upgrade(&req);
             let mut resp = answer(&watch, handle(gw, req, peer)).await;
-            if connect && !resp.status().is_success() {
+            if (connect && !resp.status().is_success())
+                || (h1_upgrade && resp.status() != StatusCode::SWITCHING_PROTOCOLS)
+            {
                 // A refused CONNECT (for any reason: auth, loop, policy) ends the connection:
                 // whatever the worker sends next was meant for a tunnel, not an HTTP parser.
+                // So does an upgrade request answered with anything but 101: the framer let
+                // what follows its head through unparsed.
                 resp.headers_mut()
                     .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
             }
@@ -87,6 +92,12 @@ where
     let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), svc);
     drive(&gw, conn, &watch).await;
     drop(place);
+}
+
+/// An HTTP/1 upgrade request: [`crate::h1guard`] passes the bytes after its head unparsed, so
+/// any answer but 101 must end the connection.
+fn h1_upgrade<B>(req: &Request<B>) -> bool {
+    req.version() < http::Version::HTTP_2 && crate::upgrade::wants_upgrade(req.headers())
 }
 
 /// A worker connection's place under `limits.max_connections_per_worker`, shared with the
@@ -1055,6 +1066,7 @@ async fn serve_tunnel<S>(
                 Ok(t) => t,
                 Err(why) => return Ok(error(&gw, in_flight_full(&gw, why))),
             };
+            let h1_upgrade = h1_upgrade(&req);
             if req.method() == Method::CONNECT && !crate::upgrade::is_upgrade_request(&req) {
                 let mut resp = error(
                     &gw,
@@ -1067,16 +1079,14 @@ async fn serve_tunnel<S>(
                     .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
                 return Ok(resp);
             }
-            let fwd = forward_worker_request(
-                gw,
-                req,
-                scheme,
-                (*host).clone(),
-                port,
-                &worker,
-                peer,
-            );
-            Ok::<_, Infallible>(answer(&watch, fwd).await)
+            let fwd = forward_worker_request(gw, req, scheme, (*host).clone(), port, &worker, peer);
+            let mut resp = answer(&watch, fwd).await;
+            if h1_upgrade && resp.status() != StatusCode::SWITCHING_PROTOCOLS {
+                // The framer let what follows the upgrade head through unparsed.
+                resp.headers_mut()
+                    .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
+            }
+            Ok::<_, Infallible>(resp)
         }
     });
     let builder = gw.worker_builder();

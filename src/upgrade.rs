@@ -269,6 +269,17 @@ pub async fn forward(
             ),
         ));
     }
+    let has_body = req.headers().contains_key(header::TRANSFER_ENCODING)
+        || req
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .is_some_and(|v| v.as_bytes() != b"0");
+    if !h2_worker && has_body {
+        return refuse(EdgeError::bad_request(
+            "unsupported_upgrade",
+            "a WebSocket handshake has no request body",
+        ));
+    }
     let Target { scheme, host, port } = target;
     let fwd = gw.forwarder();
     // The same target policy as any request: SSRF guard, edgepool's own listeners.
@@ -515,7 +526,10 @@ mod tests {
         let mut h = HeaderMap::new();
         h.insert("upgrade", HeaderValue::from_static("websocket"));
         assert!(!wants_upgrade(&h));
-        h.insert("connection", HeaderValue::from_static("keep-alive, Upgrade"));
+        h.insert(
+            "connection",
+            HeaderValue::from_static("keep-alive, Upgrade"),
+        );
         assert!(wants_upgrade(&h));
         h.remove("upgrade");
         assert!(!wants_upgrade(&h));
