@@ -110,6 +110,11 @@ struct WorkerPlace(#[allow(dead_code)] Arc<crate::admission::Ticket>);
 #[derive(Clone)]
 struct ConnHold(Arc<ConnWatch>);
 
+/// An intercepted tunnel's place under `limits.max_tunnels`, shared with the upgraded
+/// connections inside it (they are the tunnel, spliced).
+#[derive(Clone)]
+struct TunnelPlace(#[allow(dead_code)] Arc<crate::admission::Ticket>);
+
 /// Per worker connection: requests started and requests the worker cancelled before their
 /// answer (an HTTP/2 stream reset, which makes hyper drop the handler). A connection cancelling
 /// more than `limits.h2_max_cancelled_streams` of them, and more than half of its requests,
@@ -840,7 +845,8 @@ async fn forward_worker_request(
 }
 
 /// An upgrade request (WebSocket): a place under `limits.max_tunnels` first (an upgraded
-/// connection is a tunnel), then [`crate::upgrade::forward`].
+/// connection is a tunnel; inside a CONNECT tunnel it shares that tunnel's place), then
+/// [`crate::upgrade::forward`].
 async fn forward_upgrade(
     gw: Arc<Gateway>,
     req: Request<Incoming>,
@@ -850,26 +856,30 @@ async fn forward_upgrade(
     worker: crate::worker::Worker,
     peer: IpAddr,
 ) -> Response<ProxyBody> {
-    let place = match gw.admission().tunnel(peer) {
-        Ok(t) => t,
-        Err(why) => {
-            gw.upgrades().record(crate::upgrade::Outcome::Refused);
-            let mut resp = error(&gw, tunnel_full(&gw, why));
-            if req.version() < http::Version::HTTP_2 {
-                resp.headers_mut()
-                    .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
+    let place = match req.extensions().get::<TunnelPlace>() {
+        Some(p) => p.clone(),
+        None => match gw.admission().tunnel(peer) {
+            Ok(t) => TunnelPlace(Arc::new(t)),
+            Err(why) => {
+                gw.upgrades().record(crate::upgrade::Outcome::Refused);
+                let mut resp = error(&gw, tunnel_full(&gw, why));
+                if req.version() < http::Version::HTTP_2 {
+                    resp.headers_mut()
+                        .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
+                }
+                return resp;
             }
-            return resp;
-        }
+        },
     };
     // Held while the upgraded connection lives: the worker connection's place (an HTTP/1
     // connection ends as HTTP once upgraded) and, on HTTP/2, the connection's idle clock.
     let hold: Box<dyn Send + Sync> = Box::new((
+        place,
         req.extensions().get::<WorkerPlace>().cloned(),
         req.extensions().get::<ConnHold>().map(|c| c.0.open()),
     ));
     let target = crate::upgrade::Target { scheme, host, port };
-    crate::upgrade::forward(gw, req, target, worker, place, hold).await
+    crate::upgrade::forward(gw, req, target, worker, hold).await
 }
 
 /// 503 for a tunnel (or upgraded connection) over `limits.max_tunnels` or the address's share.
@@ -1041,6 +1051,10 @@ async fn serve_tunnel<S>(
     let host = Arc::new(host);
     let worker = Arc::new(worker);
     let worker_place = places.1.clone();
+    // An upgrade inside the tunnel is the tunnel: it shares the tunnel's place.
+    let (tunnel_place, worker_place2) = places;
+    let tunnel_place = TunnelPlace(Arc::new(tunnel_place));
+    let places = (tunnel_place.clone(), worker_place2);
     let slot = crate::h1guard::ViolationSlot::default();
     let io = crate::h1guard::GuardedIo::new(stream, gw.h1_limits(), gw.h1_timeouts(), slot.clone());
     let watch = ConnWatch::new(gw.config().limits.h2_max_cancelled_streams);
@@ -1057,6 +1071,7 @@ async fn serve_tunnel<S>(
                 req.extensions_mut().insert(p.clone());
             }
             req.extensions_mut().insert(ConnHold(watch.clone()));
+            req.extensions_mut().insert(tunnel_place.clone());
         }
         async move {
             if let Some(resp) = violation_response(&gw, &req, &slot) {

@@ -230,14 +230,13 @@ pub struct Target {
 }
 
 /// Forwards one upgrade request (see the module doc). `hold` is kept for as long as the
-/// upgraded connection lives (the worker's places, its HTTP/2 connection's idle clock);
-/// `tunnel_place` is its place under `limits.max_tunnels`.
+/// upgraded connection lives: its place under `limits.max_tunnels`, the worker connection's
+/// place, its HTTP/2 connection's idle clock.
 pub async fn forward(
     gw: Arc<Gateway>,
     mut req: Request<Incoming>,
     target: Target,
     worker: crate::worker::Worker,
-    tunnel_place: crate::admission::Ticket,
     hold: Box<dyn Send + Sync>,
 ) -> Response<ProxyBody> {
     let metrics = gw.upgrades().clone();
@@ -456,8 +455,10 @@ pub async fn forward(
     let limits = gw.config().limits.clone();
     let gw2 = gw.clone();
     tokio::spawn(async move {
-        let _hold = (hold, tunnel_place, slot);
+        let held = (hold, slot);
         let why = splice(&gw2, worker_up, up_upgrade, &limits).await;
+        // Places back before the gauge says the connection is gone.
+        drop(held);
         tracing::debug!(reason = why.as_str(), "upgraded connection ended");
         gw2.upgrades().ended(why);
     });

@@ -781,3 +781,81 @@ async fn chromium_page_opens_a_websocket_through_edgepool() {
     );
     gw.stop().await;
 }
+
+/// The WebSocket handshake request for `authority`, origin-form when `absolute` is false.
+fn ws_handshake(authority: &str, absolute: bool) -> String {
+    let target = if absolute {
+        format!("http://{authority}/echo")
+    } else {
+        "/echo".to_string()
+    };
+    format!(
+        "GET {target} HTTP/1.1\r\nHost: {authority}\r\nConnection: Upgrade\r\n\
+         Upgrade: websocket\r\nSec-WebSocket-Key: {WS_KEY}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    )
+}
+
+/// An upgraded connection is a tunnel under `limits.max_tunnels`: inside a CONNECT it shares
+/// that tunnel's one place (so it works with `max_tunnels = 1`); while it is open no other
+/// tunnel or upgrade gets one; when it ends the place comes back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upgraded_connection_holds_one_tunnel_place() {
+    if !websockets_available().await {
+        return;
+    }
+    let origin = WsOrigin::start(None).await;
+    let gw = TestGateway::start_with(&[], |c| {
+        c.limits.max_tunnels = 1;
+        c.limits.max_worker_share = 1.0;
+    })
+    .await;
+    let authority = format!("127.0.0.1:{}", origin.port);
+    let mut ws = TcpStream::connect(gw.proxy).await.unwrap();
+    ws.write_all(format!("CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    assert_eq!(status(&read_head(&mut ws).await), 200);
+    ws.write_all(ws_handshake(&authority, false).as_bytes())
+        .await
+        .unwrap();
+    let head = read_head(&mut ws).await;
+    assert_eq!(status(&head), 101, "{head}");
+    let mut buf = Vec::new();
+    ws.write_all(&client_frame(0x1, b"first")).await.unwrap();
+    assert_eq!(
+        read_frame(&mut ws, &mut buf).await,
+        (0x1, b"first".to_vec())
+    );
+
+    // While it is open: no second tunnel, no second upgrade.
+    let mut s = TcpStream::connect(gw.proxy).await.unwrap();
+    s.write_all(format!("CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let head = read_head(&mut s).await;
+    assert_eq!(status(&head), 503, "{head}");
+    assert_eq!(header(&head, "x-edgepool-error"), Some("tunnel_limit"));
+    let mut s = TcpStream::connect(gw.proxy).await.unwrap();
+    s.write_all(ws_handshake(&authority, true).as_bytes())
+        .await
+        .unwrap();
+    let head = read_head(&mut s).await;
+    assert_eq!(status(&head), 503, "{head}");
+    assert_eq!(header(&head, "x-edgepool-error"), Some("tunnel_limit"));
+
+    // It still works, then ends; its place comes back.
+    echo_and_close(&mut ws).await;
+    drop(ws);
+    let m = wait_no_upgrades_open(&gw).await;
+    assert_eq!(metric(&m, "edgepool_upgraded_open"), 0.0, "{m}");
+    let mut s = TcpStream::connect(gw.proxy).await.unwrap();
+    s.write_all(ws_handshake(&authority, true).as_bytes())
+        .await
+        .unwrap();
+    let head = read_head(&mut s).await;
+    assert_eq!(status(&head), 101, "{head}");
+    echo_and_close(&mut s).await;
+    let m = gw.metrics().await;
+    assert_eq!(upgrades(&m, "upgraded"), 2.0, "{m}");
+    gw.stop().await;
+}
