@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use gw::TestGateway;
+use rustls_pki_types::pem::PemObject;
 use support::{metric, KillOnDrop, Origin, OriginConfig, RawHttp1, TestCa};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -455,18 +456,14 @@ async fn absolute_form_upgrade_is_spliced_and_its_connection_never_pooled() {
     gw.stop().await;
 }
 
-/// RFC 8441: an HTTP/2 worker's extended CONNECT (`:protocol = websocket`) becomes an HTTP/1.1
-/// upgrade upstream; the stream then carries the WebSocket frames both ways.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn http2_extended_connect_is_translated_to_an_http1_upgrade() {
-    if !websockets_available().await {
-        return;
-    }
-    let origin = WsOrigin::start(None).await;
-    let gw = TestGateway::start(&[]).await;
-    // HTTP/2 with prior knowledge on the plain listener (h2c).
-    let tcp = TcpStream::connect(gw.proxy).await.unwrap();
-    let (mut client, conn) = h2::client::handshake(tcp).await.unwrap();
+/// Over an HTTP/2 connection to edgepool (`io`): waits for SETTINGS_ENABLE_CONNECT_PROTOCOL,
+/// opens `uri` with an extended CONNECT (`:protocol = websocket`), checks the 200, then echoes
+/// text and binary frames over the stream and does the close handshake.
+async fn h2_websocket_session<T>(io: T, uri: &str)
+where
+    T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (mut client, conn) = h2::client::handshake(io).await.unwrap();
     tokio::spawn(async move {
         let _ = conn.await;
     });
@@ -486,7 +483,7 @@ async fn http2_extended_connect_is_translated_to_an_http1_upgrade() {
     );
     let req = http::Request::builder()
         .method(http::Method::CONNECT)
-        .uri(format!("http://127.0.0.1:{}/echo", origin.port))
+        .uri(uri)
         .extension(h2::ext::Protocol::from_static("websocket"))
         .header("sec-websocket-version", "13")
         .body(())
@@ -530,6 +527,20 @@ async fn http2_extended_connect_is_translated_to_an_http1_upgrade() {
     let (op, payload) = frame(&mut recv, &mut buf).await;
     assert_eq!((op, &payload[..2]), (0x8, &1000u16.to_be_bytes()[..]));
     send.send_data(Bytes::new(), true).unwrap();
+}
+
+/// RFC 8441: an HTTP/2 worker's extended CONNECT (`:protocol = websocket`, here over h2c with
+/// prior knowledge) becomes an HTTP/1.1 upgrade upstream; the stream then carries the
+/// WebSocket frames both ways.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_extended_connect_is_translated_to_an_http1_upgrade() {
+    if !websockets_available().await {
+        return;
+    }
+    let origin = WsOrigin::start(None).await;
+    let gw = TestGateway::start(&[]).await;
+    let tcp = TcpStream::connect(gw.proxy).await.unwrap();
+    h2_websocket_session(tcp, &format!("http://127.0.0.1:{}/echo", origin.port)).await;
     assert!(
         origin.wait_event("text over h2").await,
         "{:?}",
@@ -543,6 +554,59 @@ async fn http2_extended_connect_is_translated_to_an_http1_upgrade() {
     let m = wait_no_upgrades_open(&gw).await;
     assert_eq!(upgrades(&m, "upgraded"), 1.0, "{m}");
     assert_eq!(metric(&m, "edgepool_upgraded_open"), 0.0, "{m}");
+    gw.stop().await;
+}
+
+/// The same inside an intercepted tunnel: CONNECT, TLS (ALPN h2) with edgepool's leaf, an
+/// extended CONNECT for `https://` — upstream a `wss` handshake over TLS with ALPN http/1.1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_extended_connect_inside_an_intercepted_tunnel_reaches_a_wss_origin() {
+    if !websockets_available().await {
+        return;
+    }
+    let ca = TestCa::new();
+    let (cert, key) = ca.write_leaf_files("ws-origin", &["localhost", "127.0.0.1"]);
+    let origin = WsOrigin::start(Some((cert, key))).await;
+    let gw = TestGateway::start(&[ca.cert_path.clone()]).await;
+    let authority = format!("localhost:{}", origin.port);
+    let mut tcp = TcpStream::connect(gw.proxy).await.unwrap();
+    tcp.write_all(format!("CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    assert_eq!(status(&read_head(&mut tcp).await), 200);
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(rustls_pki_types::CertificateDer::from_pem_slice(gw.ca_pem().as_bytes()).unwrap())
+        .unwrap();
+    let mut cfg = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    let tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg))
+        .connect(
+            rustls_pki_types::ServerName::try_from("localhost").unwrap(),
+            tcp,
+        )
+        .await
+        .expect("TLS with edgepool's leaf");
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    h2_websocket_session(tls, &format!("https://{authority}/echo")).await;
+    assert!(
+        origin.wait_event("text over h2").await,
+        "{:?}",
+        origin.events()
+    );
+    assert!(
+        origin.wait_event("closed 1000").await,
+        "{:?}",
+        origin.events()
+    );
+    let m = wait_no_upgrades_open(&gw).await;
+    assert_eq!(upgrades(&m, "upgraded"), 1.0, "{m}");
     gw.stop().await;
 }
 
