@@ -357,7 +357,7 @@ async fn wss_is_intercepted_and_the_upgrade_reaches_the_origin() {
     let ca = TestCa::new();
     let (cert, key) = ca.write_leaf_files("ws-origin", &["localhost", "127.0.0.1"]);
     let origin = WsOrigin::start(Some((cert, key))).await;
-    let gw = TestGateway::start(&[ca.cert_path.clone()]).await;
+    let gw = TestGateway::start(std::slice::from_ref(&ca.cert_path)).await;
     let out = ws_client(&[
         "--uri".into(),
         format!("wss://localhost:{}/echo", origin.port),
@@ -567,7 +567,7 @@ async fn http2_extended_connect_inside_an_intercepted_tunnel_reaches_a_wss_origi
     let ca = TestCa::new();
     let (cert, key) = ca.write_leaf_files("ws-origin", &["localhost", "127.0.0.1"]);
     let origin = WsOrigin::start(Some((cert, key))).await;
-    let gw = TestGateway::start(&[ca.cert_path.clone()]).await;
+    let gw = TestGateway::start(std::slice::from_ref(&ca.cert_path)).await;
     let authority = format!("localhost:{}", origin.port);
     let mut tcp = TcpStream::connect(gw.proxy).await.unwrap();
     tcp.write_all(format!("CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n\r\n").as_bytes())
