@@ -923,3 +923,67 @@ async fn an_upgraded_connection_holds_one_tunnel_place() {
     assert_eq!(upgrades(&m, "upgraded"), 2.0, "{m}");
     gw.stop().await;
 }
+
+/// A busy upgraded connection still ends at `limits.upgrade_max_lifetime`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_busy_upgraded_connection_ends_at_its_max_lifetime() {
+    if !websockets_available().await {
+        return;
+    }
+    let origin = WsOrigin::start(None).await;
+    let gw = TestGateway::start_with(&[], |c| {
+        c.limits.upgrade_max_lifetime = Duration::from_secs(1);
+    })
+    .await;
+    let authority = format!("127.0.0.1:{}", origin.port);
+    let mut s = TcpStream::connect(gw.proxy).await.unwrap();
+    s.write_all(ws_handshake(&authority, true).as_bytes())
+        .await
+        .unwrap();
+    assert_eq!(status(&read_head(&mut s).await), 101);
+    // Messages every 100 ms (never idle) until edgepool ends the connection.
+    let mut buf = Vec::new();
+    let mut echoed = 0;
+    let mut ended = false;
+    for _ in 0..600 {
+        if s.write_all(&client_frame(0x1, b"tick")).await.is_err() {
+            ended = true;
+            break;
+        }
+        let mut chunk = [0u8; 1024];
+        match tokio::time::timeout(READ_TIMEOUT, s.read(&mut chunk)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => {
+                ended = true;
+                break;
+            }
+            Ok(Ok(n)) => buf.extend_from_slice(&chunk[..n]),
+            Err(_) => panic!("no echo and no close within {READ_TIMEOUT:?}"),
+        }
+        while let Some((_, _, used)) = parse_frame(&buf) {
+            buf.drain(..used);
+            echoed += 1;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(ended, "the connection was never ended");
+    assert!(echoed >= 3, "it was busy before it ended ({echoed} echoes)");
+    let m = wait_no_upgrades_open(&gw).await;
+    assert_eq!(closed(&m, "max_lifetime"), 1.0, "{m}");
+    assert_eq!(closed(&m, "idle_timeout"), 0.0, "{m}");
+    gw.stop().await;
+}
+
+/// The new limits are validated like the others: the error names the key.
+#[test]
+fn upgrade_limits_must_be_above_zero() {
+    for key in ["upgrade_idle_timeout", "upgrade_max_lifetime"] {
+        let toml = format!("[limits]\n{key} = \"0s\"\n");
+        let err = edgepool::config::Config::from_toml_str(&toml).expect_err("0s is refused");
+        assert!(err.to_string().contains(&format!("limits.{key}")), "{err}");
+    }
+    let c: edgepool::config::Config =
+        edgepool::config::Config::from_toml_str("[limits]\nupgrade_idle_timeout = \"30s\"\n")
+            .unwrap();
+    assert_eq!(c.limits.upgrade_idle_timeout, Duration::from_secs(30));
+    assert_eq!(c.limits.upgrade_max_lifetime, Duration::from_secs(6 * 3600));
+}
