@@ -280,6 +280,8 @@ pub async fn forward(
         ));
     }
     let Target { scheme, host, port } = target;
+    let started = tokio::time::Instant::now();
+    let target_label = crate::dial::authority(&host, port);
     let fwd = gw.forwarder();
     // The same target policy as any request: SSRF guard, edgepool's own listeners.
     let addr = match fwd.resolve_checked(&host, port).await {
@@ -290,8 +292,15 @@ pub async fn forward(
     let (parts, _body) = req.into_parts();
     let failed = |e: EdgeError| {
         metrics.record(Outcome::Failed);
-        gw.telemetry()
-            .record_error(Some(&crate::dial::authority(&host, port)), e.token);
+        gw.telemetry().record_error(Some(&target_label), e.token);
+        trace(
+            &gw,
+            &target_label,
+            "",
+            e.status.as_u16(),
+            Some(e.token),
+            started,
+        );
         let mut resp = e.to_response();
         if !h2_worker {
             resp.headers_mut()
@@ -402,6 +411,14 @@ pub async fn forward(
         Ok(Ok(r)) => r,
     };
     let upgraded = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
+    trace(
+        &gw,
+        &target_label,
+        &exit,
+        resp.status().as_u16(),
+        None,
+        started,
+    );
     let up_upgrade = upgraded.then(|| hyper::upgrade::on(&mut resp));
     let (mut rparts, body) = resp.into_parts();
     strip_hop_by_hop(&mut rparts.headers);
@@ -504,6 +521,32 @@ async fn splice(
         .await;
     }
     r
+}
+
+/// Traces one upgrade request (`kind: "upgrade"`, always: each has a connection of its own).
+fn trace(
+    gw: &Gateway,
+    target: &str,
+    exit: &str,
+    status: u16,
+    error: Option<&'static str>,
+    started: tokio::time::Instant,
+) {
+    if !gw.telemetry().should_trace(false, error.is_some()) {
+        return;
+    }
+    gw.telemetry().trace(crate::telemetry::TraceRecord {
+        kind: "upgrade",
+        target: target.to_string(),
+        exit: exit.to_string(),
+        method: "GET".into(),
+        status: Some(status),
+        reused: Some(false),
+        error,
+        total_ms: Some(crate::telemetry::ms(started.elapsed())),
+        pool: Some("dedicated connection (upgrade, never pooled)".into()),
+        ..Default::default()
+    });
 }
 
 /// A byte stream to the target (TCP, or TLS over it).
