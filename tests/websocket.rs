@@ -987,3 +987,39 @@ fn upgrade_limits_must_be_above_zero() {
     assert_eq!(c.limits.upgrade_idle_timeout, Duration::from_secs(30));
     assert_eq!(c.limits.upgrade_max_lifetime, Duration::from_secs(6 * 3600));
 }
+
+/// Sniffing waits for the worker's first byte on the existing clock: a CONNECT that sends
+/// nothing is closed (by the worker-TLS clock, as before sniffing) and its place comes back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connect_that_sends_nothing_is_still_closed() {
+    let origin = Origin::start(OriginConfig::default()).await;
+    let gw = TestGateway::start_with(&[], |c| {
+        c.limits.max_tunnels = 1;
+        c.limits.max_worker_share = 1.0;
+    })
+    .await;
+    let authority = origin.authority();
+    let connect = format!("CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n\r\n");
+    let mut s = TcpStream::connect(gw.proxy).await.unwrap();
+    s.write_all(connect.as_bytes()).await.unwrap();
+    assert_eq!(status(&read_head(&mut s).await), 200);
+    let mut b = [0u8; 1];
+    let n = tokio::time::timeout(READ_TIMEOUT, s.read(&mut b))
+        .await
+        .expect("the silent tunnel is closed")
+        .unwrap_or(0);
+    assert_eq!(n, 0, "closed without a byte");
+    let mut placed = false;
+    for _ in 0..100 {
+        let mut s = TcpStream::connect(gw.proxy).await.unwrap();
+        s.write_all(connect.as_bytes()).await.unwrap();
+        if status(&read_head(&mut s).await) == 200 {
+            placed = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(placed, "the silent tunnel's place came back");
+    assert_eq!(origin.accepted(), 0);
+    gw.stop().await;
+}
