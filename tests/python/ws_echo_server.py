@@ -5,6 +5,8 @@ to --port-file once bound. Every WebSocket connection (any path) echoes each mes
 as it came (text as text, binary as binary). Plain HTTP GETs are answered too:
   /page   an HTML page whose script opens ws://<host>/echo, sends "hello from chromium"
           and puts the echo in the document (Chromium test)
+  /hold   answered once a message has been echoed (at most 20 s), plus 300 ms: keeps a
+          headless browser's virtual time from running out before the echo arrives
   other   200 "plain ok"
 Each event is one line appended to --log (flushed at once), for the test to read:
   open <path>                a WebSocket handshake completed
@@ -32,6 +34,9 @@ const ws = new WebSocket("ws://" + location.host + "/echo");
 ws.onopen = () => ws.send("hello from chromium");
 ws.onmessage = (ev) => { out.textContent = "echoed:" + ev.data; ws.close(1000); };
 ws.onerror = () => { out.textContent = "ws error"; };
+// Headless Chromium's virtual time does not wait for WebSocket traffic; a pending fetch
+// holds it until the origin has echoed the message.
+fetch("/hold").catch(() => {});
 </script></body></html>
 """
 
@@ -46,6 +51,8 @@ def main():
     args = ap.parse_args()
     log = open(args.log, "a", buffering=1)
 
+    echoed = asyncio.Event()
+
     def note(line):
         log.write(line + "\n")
         log.flush()
@@ -59,16 +66,23 @@ def main():
                 else:
                     note("binary %d %s" % (len(msg), msg[:8].hex()))
                 await ws.send(msg)
+                echoed.set()
         except ConnectionClosed:
             pass
         finally:
             rcvd = ws.protocol.close_rcvd
             note("closed " + (str(rcvd.code) if rcvd is not None else "none"))
 
-    def process_request(conn, request):
+    async def process_request(conn, request):
         if request.headers.get("Upgrade", "").lower() == "websocket":
             return None
         note("http " + request.path)
+        if request.path == "/hold":
+            try:
+                await asyncio.wait_for(echoed.wait(), 20)
+            except asyncio.TimeoutError:
+                pass
+            await asyncio.sleep(0.3)
         if request.path == "/page":
             body, ctype = PAGE.encode(), "text/html; charset=utf-8"
         else:
