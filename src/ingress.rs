@@ -97,7 +97,7 @@ where
 /// An HTTP/1 upgrade request: [`crate::h1guard`] passes the bytes after its head unparsed, so
 /// any answer but 101 must end the connection.
 fn h1_upgrade<B>(req: &Request<B>) -> bool {
-    req.version() < http::Version::HTTP_2 && crate::upgrade::wants_upgrade(req.headers())
+    req.version() < http::Version::HTTP_2 && crate::upgrade::is_upgrade_request(req)
 }
 
 /// A worker connection's place under `limits.max_connections_per_worker`, shared with the

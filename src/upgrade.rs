@@ -179,13 +179,14 @@ pub fn wants_upgrade(headers: &HeaderMap) -> bool {
     headers.contains_key(header::UPGRADE) && has_token(headers, header::CONNECTION, "upgrade")
 }
 
-/// Whether `req` asks for an upgrade: HTTP/1.1 `Connection: upgrade` + `Upgrade`, or an HTTP/2
-/// extended CONNECT (`:protocol`).
+/// Whether `req` asks for an upgrade: HTTP/1.1 `Connection: upgrade` + `Upgrade` (not on a
+/// CONNECT), or an HTTP/2 extended CONNECT (`:protocol`).
 pub fn is_upgrade_request<B>(req: &Request<B>) -> bool {
     if req.version() == Version::HTTP_2 {
         req.method() == Method::CONNECT && req.extensions().get::<hyper::ext::Protocol>().is_some()
     } else {
-        wants_upgrade(req.headers())
+        // A CONNECT is a tunnel whatever its headers say.
+        req.method() != Method::CONNECT && wants_upgrade(req.headers())
     }
 }
 
@@ -577,6 +578,31 @@ mod tests {
         assert!(wants_upgrade(&h));
         h.remove("upgrade");
         assert!(!wants_upgrade(&h));
+    }
+
+    #[test]
+    fn an_http1_connect_is_a_tunnel_whatever_its_headers_and_an_h2_one_needs_protocol() {
+        let req = |method: Method, version: Version| {
+            let mut r = Request::builder()
+                .method(method)
+                .version(version)
+                .uri("http://a.example/")
+                .header("connection", "upgrade")
+                .header("upgrade", "websocket")
+                .body(())
+                .unwrap();
+            if version == Version::HTTP_2 {
+                r.headers_mut().clear();
+            }
+            r
+        };
+        assert!(is_upgrade_request(&req(Method::GET, Version::HTTP_11)));
+        assert!(!is_upgrade_request(&req(Method::CONNECT, Version::HTTP_11)));
+        let mut h2 = req(Method::CONNECT, Version::HTTP_2);
+        assert!(!is_upgrade_request(&h2));
+        h2.extensions_mut()
+            .insert(hyper::ext::Protocol::from_static("websocket"));
+        assert!(is_upgrade_request(&h2));
     }
 
     #[test]
