@@ -1237,6 +1237,8 @@ pub fn parse_keep_alive(v: &str) -> Hints {
 }
 
 /// Removes hop-by-hop headers (RFC 9110 §7.6.1), including those named by `Connection`.
+/// `Upgrade` goes too: only [`crate::upgrade`] puts it back, on a WebSocket handshake's own
+/// dedicated connection (and in the `101` it relays).
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)

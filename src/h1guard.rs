@@ -7,7 +7,9 @@
 //! [`RequestFramer`] follows the request side of one connection byte by byte: it holds a request
 //! head back until the whole head has arrived and passed [`check_head`], then lets it through
 //! with the body that its framing announces (`Content-Length` bytes, or chunks it checks as they
-//! pass), then the next head. A `CONNECT` head or the HTTP/2 preface switches it to pass-through.
+//! pass), then the next head. A `CONNECT` head, a bodiless upgrade head (`Upgrade` named by
+//! `Connection`: a WebSocket handshake; ingress closes the connection after any answer but
+//! `101`) or the HTTP/2 preface switches it to pass-through.
 //! [`GuardedIo`] wraps the worker's stream with a framer and the worker-side timeouts.
 //!
 //! What a violating head becomes: the bytes before it reach hyper as usual, the head itself
