@@ -1023,3 +1023,48 @@ async fn a_connect_that_sends_nothing_is_still_closed() {
     assert_eq!(origin.accepted(), 0);
     gw.stop().await;
 }
+
+/// Shutdown ends upgraded connections (both sides see the end) instead of leaving them
+/// spliced with no gateway behind them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_ends_upgraded_connections() {
+    if !websockets_available().await {
+        return;
+    }
+    let origin = WsOrigin::start(None).await;
+    let gw = TestGateway::start(&[]).await;
+    let authority = format!("127.0.0.1:{}", origin.port);
+    let mut s = TcpStream::connect(gw.proxy).await.unwrap();
+    s.write_all(ws_handshake(&authority, true).as_bytes())
+        .await
+        .unwrap();
+    assert_eq!(status(&read_head(&mut s).await), 101);
+    let mut buf = Vec::new();
+    s.write_all(&client_frame(0x1, b"before")).await.unwrap();
+    assert_eq!(
+        read_frame(&mut s, &mut buf).await,
+        (0x1, b"before".to_vec())
+    );
+    let m = gw.metrics().await;
+    assert_eq!(metric(&m, "edgepool_upgraded_open"), 1.0, "{m}");
+    let gw_ref = gw.gw.clone();
+    gw.stop().await;
+    let mut chunk = [0u8; 64];
+    let n = tokio::time::timeout(READ_TIMEOUT, s.read(&mut chunk))
+        .await
+        .expect("the worker side ends")
+        .unwrap_or(0);
+    assert_eq!(n, 0, "the worker's upgraded connection was closed");
+    assert!(
+        origin.wait_event("closed none").await,
+        "the origin's side ended too: {:?}",
+        origin.events()
+    );
+    for _ in 0..200 {
+        if gw_ref.upgrades().open() == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert_eq!(gw_ref.upgrades().open(), 0);
+}
