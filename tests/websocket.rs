@@ -459,7 +459,7 @@ async fn absolute_form_upgrade_is_spliced_and_its_connection_never_pooled() {
 /// Over an HTTP/2 connection to edgepool (`io`): waits for SETTINGS_ENABLE_CONNECT_PROTOCOL,
 /// opens `uri` with an extended CONNECT (`:protocol = websocket`), checks the 200, then echoes
 /// text and binary frames over the stream and does the close handshake.
-async fn h2_websocket_session<T>(io: T, uri: &str)
+async fn h2_websocket_session<T>(io: T, uri: &str, pause: Duration)
 where
     T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -515,6 +515,7 @@ where
     send.send_data(Bytes::from(client_frame(0x1, b"over h2")), false)
         .unwrap();
     assert_eq!(frame(&mut recv, &mut buf).await, (0x1, b"over h2".to_vec()));
+    tokio::time::sleep(pause).await;
     let blob: Vec<u8> = (0..3000u32).map(|i| (i * 7 % 256) as u8).collect();
     send.send_data(Bytes::from(client_frame(0x2, &blob)), false)
         .unwrap();
@@ -531,16 +532,26 @@ where
 
 /// RFC 8441: an HTTP/2 worker's extended CONNECT (`:protocol = websocket`, here over h2c with
 /// prior knowledge) becomes an HTTP/1.1 upgrade upstream; the stream then carries the
-/// WebSocket frames both ways.
+/// WebSocket frames both ways, and keeps its HTTP/2 connection open on the idle clock.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http2_extended_connect_is_translated_to_an_http1_upgrade() {
     if !websockets_available().await {
         return;
     }
     let origin = WsOrigin::start(None).await;
-    let gw = TestGateway::start(&[]).await;
+    // The open WebSocket stream keeps its connection from idling out: a quiet spell longer
+    // than worker_idle_timeout plus the 5 s close grace does not end it.
+    let gw = TestGateway::start_with(&[], |c| {
+        c.limits.worker_idle_timeout = Duration::from_secs(1);
+    })
+    .await;
     let tcp = TcpStream::connect(gw.proxy).await.unwrap();
-    h2_websocket_session(tcp, &format!("http://127.0.0.1:{}/echo", origin.port)).await;
+    h2_websocket_session(
+        tcp,
+        &format!("http://127.0.0.1:{}/echo", origin.port),
+        Duration::from_secs(7),
+    )
+    .await;
     assert!(
         origin.wait_event("text over h2").await,
         "{:?}",
@@ -594,7 +605,7 @@ async fn http2_extended_connect_inside_an_intercepted_tunnel_reaches_a_wss_origi
         .await
         .expect("TLS with edgepool's leaf");
     assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
-    h2_websocket_session(tls, &format!("https://{authority}/echo")).await;
+    h2_websocket_session(tls, &format!("https://{authority}/echo"), Duration::ZERO).await;
     assert!(
         origin.wait_event("text over h2").await,
         "{:?}",
