@@ -173,6 +173,13 @@ pub const DEFAULT_H2_MAX_LOCAL_ERROR_RESETS: usize = 256;
 pub const DEFAULT_RETRY_BUDGET: f64 = 0.2;
 /// Retries always allowed per second, whatever the budget: a quiet gateway can still retry.
 pub const RETRY_BUDGET_MIN_PER_SEC: u32 = 10;
+/// Default [`LimitsConfig::upgrade_idle_timeout`]: 120 s without a byte either way ends an
+/// upgraded (WebSocket) connection. WebSocket clients ping every 20–30 s; a live feed sends
+/// far more often.
+pub const DEFAULT_UPGRADE_IDLE_TIMEOUT: Duration = Duration::from_secs(120);
+/// Default [`LimitsConfig::upgrade_max_lifetime`]: an upgraded connection ends after 6 h
+/// whatever it carries (clients reconnect), so none holds a tunnel place forever.
+pub const DEFAULT_UPGRADE_MAX_LIFETIME: Duration = Duration::from_secs(6 * 3600);
 
 /// Default [`TargetsConfig::connect_ports`]: 443 and 80. CONNECT is for TLS to web servers;
 /// other ports (SMTP, SSH, databases) would make edgepool a general TCP relay.
@@ -934,6 +941,14 @@ pub struct LimitsConfig {
     /// some), plus 10 retries a second always allowed. Default [`DEFAULT_RETRY_BUDGET`] (0.2);
     /// 0 allows only the per-second floor. Between 0 and 1.
     pub retry_budget: f64,
+    /// An upgraded connection (WebSocket, spliced after `101`) with no byte either way this
+    /// long is closed. Default [`DEFAULT_UPGRADE_IDLE_TIMEOUT`] (120 s). Above 0s.
+    #[serde(with = "humantime_serde")]
+    pub upgrade_idle_timeout: Duration,
+    /// An upgraded connection is closed this long after its `101`, busy or not. Default
+    /// [`DEFAULT_UPGRADE_MAX_LIFETIME`] (6 h). Above 0s.
+    #[serde(with = "humantime_serde")]
+    pub upgrade_max_lifetime: Duration,
 }
 
 impl Default for LimitsConfig {
@@ -960,6 +975,8 @@ impl Default for LimitsConfig {
             h2_max_local_error_resets: DEFAULT_H2_MAX_LOCAL_ERROR_RESETS,
             h2_max_cancelled_streams: DEFAULT_H2_MAX_CANCELLED_STREAMS,
             retry_budget: DEFAULT_RETRY_BUDGET,
+            upgrade_idle_timeout: DEFAULT_UPGRADE_IDLE_TIMEOUT,
+            upgrade_max_lifetime: DEFAULT_UPGRADE_MAX_LIFETIME,
         }
     }
 }
@@ -1485,6 +1502,8 @@ impl LimitsConfig {
                 format!("{} must be between 0 and 1", self.retry_budget),
             ));
         }
+        positive("limits.upgrade_idle_timeout", self.upgrade_idle_timeout)?;
+        positive("limits.upgrade_max_lifetime", self.upgrade_max_lifetime)?;
         Ok(())
     }
 }

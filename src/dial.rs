@@ -459,6 +459,9 @@ pub struct Dialer {
     cfg: DialConfig,
     tls_verify: Arc<rustls::ClientConfig>,
     tls_insecure: Arc<rustls::ClientConfig>,
+    /// The same two with ALPN `http/1.1` only: dedicated connections for upgrades.
+    tls_h1_verify: Arc<rustls::ClientConfig>,
+    tls_h1_insecure: Arc<rustls::ClientConfig>,
 }
 
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
@@ -509,7 +512,14 @@ impl Dialer {
             .with_no_client_auth();
         insecure.alpn_protocols = alpn;
         insecure.resumption = rustls::client::Resumption::in_memory_sessions(1024);
+        let h1_only = |c: &rustls::ClientConfig| {
+            let mut c = c.clone();
+            c.alpn_protocols = vec![b"http/1.1".to_vec()];
+            Arc::new(c)
+        };
         Ok(Dialer {
+            tls_h1_verify: h1_only(&verify),
+            tls_h1_insecure: h1_only(&insecure),
             cfg,
             tls_verify: Arc::new(verify),
             tls_insecure: Arc::new(insecure),
@@ -531,6 +541,40 @@ impl Dialer {
         addr: SocketAddr,
     ) -> Result<Opened, DialError> {
         Self::open(&self.cfg, exit, host, port, addr, false).await
+    }
+
+    /// TLS to `host` over a stream from [`open_stream`](Self::open_stream), offering ALPN
+    /// `http/1.1` only (an HTTP/1.1 upgrade cannot ride HTTP/2), within
+    /// `upstream.tls_handshake_timeout`. `verify: false` only for `upstream.insecure_hosts`.
+    pub async fn tls_h1(
+        &self,
+        tcp: TcpStream,
+        host: &str,
+        verify: bool,
+    ) -> Result<tokio_rustls::client::TlsStream<TcpStream>, DialError> {
+        let name = ServerName::try_from(host.to_string()).map_err(|e| DialError::Tls {
+            host: host.to_string(),
+            reason: format!("invalid server name: {e}"),
+        })?;
+        let tls = if verify {
+            self.tls_h1_verify.clone()
+        } else {
+            self.tls_h1_insecure.clone()
+        };
+        let connector = tokio_rustls::TlsConnector::from(tls);
+        match tokio::time::timeout(self.cfg.tls_handshake_timeout, connector.connect(name, tcp))
+            .await
+        {
+            Err(_) => Err(DialError::TlsTimeout {
+                host: host.to_string(),
+                after: self.cfg.tls_handshake_timeout,
+            }),
+            Ok(Err(e)) => Err(DialError::Tls {
+                host: host.to_string(),
+                reason: e.to_string(),
+            }),
+            Ok(Ok(s)) => Ok(s),
+        }
     }
 
     async fn open(

@@ -268,6 +268,57 @@ impl Forwarder {
         self.own.contains(addr)
     }
 
+    /// The forwarder's settings.
+    pub fn config(&self) -> &ForwardConfig {
+        &self.cfg
+    }
+
+    /// Whether `host`'s certificate is verified (it is not in `upstream.insecure_hosts`).
+    pub fn verifies(&self, host: &str) -> bool {
+        !self
+            .cfg
+            .insecure_hosts
+            .iter()
+            .any(|h| h.eq_ignore_ascii_case(host))
+    }
+
+    /// Opens a dedicated stream to `host:port` (`addr`, already checked) that never enters the
+    /// pool — a blind tunnel's or an upgraded connection's — leaving through the worker's exit
+    /// (routed like a request to `host:port`), with failover to another node when one fails
+    /// before anything was sent. Returns the stream and the exit's label.
+    pub async fn open_dedicated(
+        &self,
+        host: &str,
+        port: u16,
+        addr: SocketAddr,
+        worker: &crate::worker::Worker,
+    ) -> Result<(crate::dial::Opened, Arc<str>), EdgeError> {
+        let target = authority(host, port);
+        let mut failed: Vec<usize> = Vec::new();
+        let no_warm = |e: crate::exits::ExitKey| UpstreamKey::http_via(e);
+        loop {
+            let route = self.route(&target, worker, &failed, &no_warm)?;
+            match self
+                .pool
+                .connector()
+                .open_stream(&route.key, host, port, addr)
+                .await
+            {
+                Ok(opened) => return Ok((opened, route.key.node.label.clone())),
+                Err(e) => {
+                    // The dialer told the node's circuit; a node fault may go to another node.
+                    if Self::node_fault(&e) {
+                        failed.push(route.key.node.index);
+                        if failed.len() < MAX_EXIT_FAILOVER {
+                            continue;
+                        }
+                    }
+                    return Err(dial_error(&e));
+                }
+            }
+        }
+    }
+
     /// The pool.
     pub fn pool(&self) -> &Pool<crate::dial::Dialer> {
         &self.pool
@@ -490,11 +541,7 @@ impl Forwarder {
         };
         self.retry_budget.deposit();
         let mut candidate = 0;
-        let verify = !self
-            .cfg
-            .insecure_hosts
-            .iter()
-            .any(|h| h.eq_ignore_ascii_case(&out.host));
+        let verify = self.verifies(&out.host);
         let key_for = |exit: crate::exits::ExitKey, addr: SocketAddr| {
             let via =
                 out.scheme == Scheme::Http && exit.node.spec.kind == crate::exits::ExitKind::Http;
@@ -1195,6 +1242,8 @@ pub fn parse_keep_alive(v: &str) -> Hints {
 }
 
 /// Removes hop-by-hop headers (RFC 9110 §7.6.1), including those named by `Connection`.
+/// `Upgrade` goes too: only [`crate::upgrade`] puts it back, on a WebSocket handshake's own
+/// dedicated connection (and in the `101` it relays).
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)

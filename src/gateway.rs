@@ -69,6 +69,8 @@ pub struct Gateway {
     /// (HTTP/2 GOAWAY, HTTP/1 `Connection: close` after the response in flight).
     draining: tokio::sync::watch::Sender<bool>,
     admission: Arc<crate::admission::Admission>,
+    /// Upgrade (WebSocket) counters and the open-upgrades gauge.
+    upgrades: Arc<crate::upgrade::UpgradeMetrics>,
 }
 
 /// A burst of buffered request bodies at least this large is followed by handing freed memory
@@ -146,6 +148,7 @@ impl Gateway {
             own: own.clone(),
         })
         .map_err(StartError::Tls)?;
+        let upgrades = Arc::new(crate::upgrade::UpgradeMetrics::register(&mut registry));
         let telemetry = Arc::new(Telemetry::with_registry(
             registry,
             cfg.slo.clone(),
@@ -196,7 +199,13 @@ impl Gateway {
             shutting_down: AtomicBool::new(false),
             draining: tokio::sync::watch::channel(false).0,
             admission: crate::admission::Admission::new(&cfg_limits),
+            upgrades,
         }))
+    }
+
+    /// Upgrade (WebSocket) counters.
+    pub fn upgrades(&self) -> &Arc<crate::upgrade::UpgradeMetrics> {
+        &self.upgrades
     }
 
     /// Capacity limits (connections per worker, tunnels, requests in flight).
@@ -244,7 +253,9 @@ impl Gateway {
             .max_concurrent_streams(l.h2_max_streams)
             .max_header_list_size(l.max_header_bytes.min(u32::MAX as usize) as u32)
             .max_pending_accept_reset_streams(l.h2_max_pending_resets)
-            .max_local_error_reset_streams(l.h2_max_local_error_resets);
+            .max_local_error_reset_streams(l.h2_max_local_error_resets)
+            // RFC 8441 extended CONNECT: WebSockets over HTTP/2 (see crate::upgrade).
+            .enable_connect_protocol();
         b
     }
 

@@ -7,7 +7,9 @@
 //! [`RequestFramer`] follows the request side of one connection byte by byte: it holds a request
 //! head back until the whole head has arrived and passed [`check_head`], then lets it through
 //! with the body that its framing announces (`Content-Length` bytes, or chunks it checks as they
-//! pass), then the next head. A `CONNECT` head or the HTTP/2 preface switches it to pass-through.
+//! pass), then the next head. A `CONNECT` head, a bodiless upgrade head (`Upgrade` named by
+//! `Connection`: a WebSocket handshake; ingress closes the connection after any answer but
+//! `101`) or the HTTP/2 preface switches it to pass-through.
 //! [`GuardedIo`] wraps the worker's stream with a framer and the worker-side timeouts.
 //!
 //! What a violating head becomes: the bytes before it reach hyper as usual, the head itself
@@ -118,7 +120,8 @@ pub enum Framing {
     Length(u64),
     /// A chunked body.
     Chunked,
-    /// Not HTTP/1 from here on: a `CONNECT` tunnel or HTTP/2 (prior-knowledge preface).
+    /// Not HTTP/1 from here on: a `CONNECT` tunnel, a bodiless upgrade request (`Upgrade`
+    /// named by `Connection`) or HTTP/2 (prior-knowledge preface).
     Passthrough,
 }
 
@@ -237,6 +240,8 @@ pub fn check_head(head: &[u8], limits: &Limits) -> Result<Framing, Violation> {
     let (mut fields, mut hosts) = (0usize, 0usize);
     let mut content_length: Option<u64> = None;
     let mut transfer_encoding: Vec<&[u8]> = Vec::new();
+    // An upgrade (`Upgrade` named by `Connection`): after a 101 the bytes are not HTTP/1.
+    let (mut upgrade, mut connection_upgrade) = (false, false);
     for line in lines {
         fields += 1;
         if fields > limits.max_headers {
@@ -266,6 +271,12 @@ pub fn check_head(head: &[u8], limits: &Limits) -> Result<Framing, Violation> {
             transfer_encoding.push(value);
         } else if name.eq_ignore_ascii_case(b"host") {
             hosts += 1;
+        } else if name.eq_ignore_ascii_case(b"upgrade") {
+            upgrade = true;
+        } else if name.eq_ignore_ascii_case(b"connection") {
+            connection_upgrade |= value
+                .split(|b| *b == b',')
+                .any(|t| trim_ows(t).eq_ignore_ascii_case(b"upgrade"));
         } else if name.eq_ignore_ascii_case(VIOLATION_MARKER.as_bytes()) {
             return Err(syntax(format!("{VIOLATION_MARKER} is reserved")));
         }
@@ -305,6 +316,15 @@ pub fn check_head(head: &[u8], limits: &Limits) -> Result<Framing, Violation> {
         }
     }
     Ok(if method == b"CONNECT" {
+        Framing::Passthrough
+    } else if upgrade
+        && connection_upgrade
+        && transfer_encoding.is_empty()
+        && content_length.unwrap_or(0) == 0
+    {
+        // A bodiless upgrade request (a WebSocket handshake): whatever follows it is the new
+        // protocol's if the answer is 101. Ingress closes the connection after any other
+        // answer, so no request after it is ever parsed without this framer.
         Framing::Passthrough
     } else if !transfer_encoding.is_empty() {
         Framing::Chunked
@@ -1014,5 +1034,19 @@ mod tests {
         let preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x12\x04";
         let (out, r) = run_bytewise(preface);
         assert_eq!((out, r), (preface.to_vec(), Ok(())));
+    }
+
+    #[test]
+    fn a_bodiless_upgrade_switches_to_passthrough_and_one_with_a_body_does_not() {
+        let ws = b"GET /chat HTTP/1.1\r\nHost: a\r\nConnection: keep-alive, Upgrade\r\nUpgrade: websocket\r\n\r\n\x81\x85garbage\r\n";
+        let (out, r) = run_bytewise(ws);
+        assert_eq!((out, r), (ws.to_vec(), Ok(())));
+        // Upgrade not named by Connection: an ordinary request, and what follows is a head.
+        let (_, r) =
+            run(b"GET / HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\n\r\n\x81\x85garbage\r\n\r\n");
+        assert!(r.is_err());
+        // With a body: framed as usual.
+        let (_, r) = run(b"POST / HTTP/1.1\r\nHost: a\r\nConnection: upgrade\r\nUpgrade: h2c\r\nContent-Length: 2\r\n\r\nabGARBAGE\r\n\r\n");
+        assert!(r.is_err());
     }
 }

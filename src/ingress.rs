@@ -62,19 +62,26 @@ where
         let gw = gw2.clone();
         let slot = slot.clone();
         let watch = watch2.clone();
-        if req.method() == Method::CONNECT {
-            // Only a CONNECT can outlive the connection (as a tunnel): no per-request cost else.
+        if req.method() == Method::CONNECT || crate::upgrade::is_upgrade_request(&req) {
+            // Only a CONNECT or an upgrade can outlive the connection (as a tunnel, or a
+            // spliced WebSocket): no per-request cost else.
             req.extensions_mut().insert(place2.clone());
+            req.extensions_mut().insert(ConnHold(watch2.clone()));
         }
         async move {
             if let Some(resp) = violation_response(&gw, &req, &slot) {
                 return Ok::<_, Infallible>(resp);
             }
             let connect = req.method() == Method::CONNECT;
+            let h1_upgrade = h1_upgrade(&req);
             let mut resp = answer(&watch, handle(gw, req, peer)).await;
-            if connect && !resp.status().is_success() {
+            if (connect && !resp.status().is_success())
+                || (h1_upgrade && resp.status() != StatusCode::SWITCHING_PROTOCOLS)
+            {
                 // A refused CONNECT (for any reason: auth, loop, policy) ends the connection:
                 // whatever the worker sends next was meant for a tunnel, not an HTTP parser.
+                // So does an upgrade request answered with anything but 101: the framer let
+                // what follows its head through unparsed.
                 resp.headers_mut()
                     .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
             }
@@ -87,10 +94,26 @@ where
     drop(place);
 }
 
+/// An HTTP/1 upgrade request: [`crate::h1guard`] passes the bytes after its head unparsed, so
+/// any answer but 101 must end the connection.
+fn h1_upgrade<B>(req: &Request<B>) -> bool {
+    req.version() < http::Version::HTTP_2 && crate::upgrade::is_upgrade_request(req)
+}
+
 /// A worker connection's place under `limits.max_connections_per_worker`, shared with the
 /// tunnel a CONNECT upgrades it into (the TCP connection lives on there).
 #[derive(Clone)]
 struct WorkerPlace(#[allow(dead_code)] Arc<crate::admission::Ticket>);
+
+/// The connection an upgrade request arrived on: an HTTP/2 WebSocket stream keeps it open
+/// on its idle clock for as long as the stream is spliced.
+#[derive(Clone)]
+struct ConnHold(Arc<ConnWatch>);
+
+/// An intercepted tunnel's place under `limits.max_tunnels`, shared with the upgraded
+/// connections inside it (they are the tunnel, spliced).
+#[derive(Clone)]
+struct TunnelPlace(#[allow(dead_code)] Arc<crate::admission::Ticket>);
 
 /// Per worker connection: requests started and requests the worker cancelled before their
 /// answer (an HTTP/2 stream reset, which makes hyper drop the handler). A connection cancelling
@@ -664,7 +687,8 @@ async fn handle(gw: Arc<Gateway>, req: Request<Incoming>, peer: IpAddr) -> Respo
         Ok(w) => w,
         Err(e) => return error(&gw, EdgeError::proxy_auth(e.token(), e.to_string())),
     };
-    if req.method() == Method::CONNECT {
+    // An HTTP/2 extended CONNECT (RFC 8441, a WebSocket) names a URL: forwarded like one.
+    if req.method() == Method::CONNECT && !crate::upgrade::is_upgrade_request(&req) {
         // Options may also ride the CONNECT's own X-Edgepool-Session header (session,
         // mitm-off, pool for a blind tunnel).
         let worker = match request_worker(&worker, req.headers()) {
@@ -783,6 +807,9 @@ async fn forward_worker_request(
         Ok(w) => w,
         Err(e) => return error(&gw, e),
     };
+    if crate::upgrade::is_upgrade_request(&req) {
+        return forward_upgrade(gw, req, scheme, host, port, worker, peer).await;
+    }
     let (parts, body) = req.into_parts();
     let limit = gw.config().limits.max_request_body;
     // Held until the request is done: the buffered body lives as long (a retry resends it).
@@ -814,6 +841,65 @@ async fn forward_worker_request(
     match gw.forwarder().forward(out).await {
         Ok((resp, _meta)) => resp,
         Err(e) => e.to_response(),
+    }
+}
+
+/// An upgrade request (WebSocket): a place under `limits.max_tunnels` first (an upgraded
+/// connection is a tunnel; inside a CONNECT tunnel it shares that tunnel's place), then
+/// [`crate::upgrade::forward`].
+async fn forward_upgrade(
+    gw: Arc<Gateway>,
+    req: Request<Incoming>,
+    scheme: Scheme,
+    host: String,
+    port: u16,
+    worker: crate::worker::Worker,
+    peer: IpAddr,
+) -> Response<ProxyBody> {
+    let place = match req.extensions().get::<TunnelPlace>() {
+        Some(p) => p.clone(),
+        None => match gw.admission().tunnel(peer) {
+            Ok(t) => TunnelPlace(Arc::new(t)),
+            Err(why) => {
+                gw.upgrades().record(crate::upgrade::Outcome::Refused);
+                let mut resp = error(&gw, tunnel_full(&gw, why));
+                if req.version() < http::Version::HTTP_2 {
+                    resp.headers_mut()
+                        .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
+                }
+                return resp;
+            }
+        },
+    };
+    // Held while the upgraded connection lives: the worker connection's place (an HTTP/1
+    // connection ends as HTTP once upgraded) and, on HTTP/2, the connection's idle clock.
+    let hold: Box<dyn Send + Sync> = Box::new((
+        place,
+        req.extensions().get::<WorkerPlace>().cloned(),
+        req.extensions().get::<ConnHold>().map(|c| c.0.open()),
+    ));
+    let target = crate::upgrade::Target { scheme, host, port };
+    crate::upgrade::forward(gw, req, target, worker, hold).await
+}
+
+/// 503 for a tunnel (or upgraded connection) over `limits.max_tunnels` or the address's share.
+fn tunnel_full(gw: &Gateway, why: Refused) -> EdgeError {
+    let l = &gw.config().limits;
+    match why {
+        Refused::Full => EdgeError::overloaded(
+            "tunnel_limit",
+            format!(
+                "edgepool has limits.max_tunnels ({}) CONNECT tunnels open; retry shortly",
+                l.max_tunnels
+            ),
+        ),
+        Refused::Share => EdgeError::overloaded(
+            "worker_share_limit",
+            format!(
+                "this worker address holds its share (limits.max_worker_share {}) of limits.max_tunnels ({}); retry shortly",
+                l.max_worker_share, l.max_tunnels
+            ),
+        ),
     }
 }
 
@@ -857,31 +943,7 @@ async fn handle_connect(
     let worker_place = req.extensions().get::<WorkerPlace>().cloned();
     let tunnel_place = match gw.admission().tunnel(peer) {
         Ok(t) => t,
-        Err(Refused::Full) => {
-            return error(
-                &gw,
-                EdgeError::overloaded(
-                    "tunnel_limit",
-                    format!(
-                        "edgepool has limits.max_tunnels ({}) CONNECT tunnels open; retry shortly",
-                        gw.config().limits.max_tunnels
-                    ),
-                ),
-            )
-        }
-        Err(Refused::Share) => {
-            return error(
-                &gw,
-                EdgeError::overloaded(
-                    "worker_share_limit",
-                    format!(
-                        "this worker address holds its share (limits.max_worker_share {}) of limits.max_tunnels ({}); retry shortly",
-                        gw.config().limits.max_worker_share,
-                        gw.config().limits.max_tunnels
-                    ),
-                ),
-            )
-        }
+        Err(why) => return error(&gw, tunnel_full(&gw, why)),
     };
     let icfg = &gw.config().intercept;
     if !icfg.enabled || icfg.is_passthrough(&host) || worker.options.mitm_off {
@@ -920,74 +982,192 @@ async fn handle_connect(
                 return;
             }
         };
-        let acceptor = tokio_rustls::TlsAcceptor::from(server_cfg);
-        let tls =
-            match tokio::time::timeout(WORKER_TLS_TIMEOUT, acceptor.accept(TokioIo::new(upgraded)))
-                .await
-            {
-                Ok(Ok(t)) => t,
+        // One clock from the 200 to the end of the worker's TLS handshake, as before: the
+        // wait for the first byte (is it TLS?) is part of it.
+        let deadline = tokio::time::Instant::now() + WORKER_TLS_TIMEOUT;
+        let mut io = TokioIo::new(upgraded);
+        let mut first = [0u8; 1];
+        let n = {
+            use tokio::io::AsyncReadExt;
+            match tokio::time::timeout_at(deadline, io.read(&mut first)).await {
+                Ok(Ok(n)) => n,
                 Ok(Err(e)) => {
-                    tracing::debug!(host = %host, "worker TLS handshake failed: {e}");
+                    tracing::debug!(host = %host, "tunnel read failed: {e}");
                     return;
                 }
                 Err(_) => {
-                    tracing::debug!(host = %host, "worker TLS handshake timed out");
+                    tracing::debug!(host = %host, "nothing sent inside the tunnel: closed");
                     return;
                 }
-            };
-        let host = Arc::new(host);
-        let worker = Arc::new(worker);
-        let slot = crate::h1guard::ViolationSlot::default();
-        let io =
-            crate::h1guard::GuardedIo::new(tls, gw2.h1_limits(), gw2.h1_timeouts(), slot.clone());
-        let watch = ConnWatch::new(gw2.config().limits.h2_max_cancelled_streams);
-        let gw3 = gw2.clone();
-        let watch2 = watch.clone();
-        let svc = service_fn(move |req: Request<Incoming>| {
-            let gw = gw3.clone();
-            let host = host.clone();
-            let worker = worker.clone();
-            let slot = slot.clone();
-            let watch = watch2.clone();
-            async move {
-                if let Some(resp) = violation_response(&gw, &req, &slot) {
-                    return Ok::<_, Infallible>(resp);
-                }
-                let _in_flight = match gw.admission().request(peer) {
-                    Ok(t) => t,
-                    Err(why) => return Ok(error(&gw, in_flight_full(&gw, why))),
-                };
-                if req.method() == Method::CONNECT {
-                    let mut resp = error(
-                        &gw,
-                        EdgeError::bad_request(
-                            "nested_connect",
-                            "CONNECT inside an intercepted tunnel",
-                        ),
-                    );
-                    resp.headers_mut()
-                        .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
-                    return Ok(resp);
-                }
-                let fwd = forward_worker_request(
-                    gw,
-                    req,
-                    Scheme::Https,
-                    (*host).clone(),
-                    port,
-                    &worker,
-                    peer,
-                );
-                Ok::<_, Infallible>(answer(&watch, fwd).await)
             }
-        });
-        let builder = gw2.worker_builder();
-        let conn = builder.serve_connection(TokioIo::new(io), svc);
-        drive(&gw2, conn, &watch).await;
-        drop(tunnel_place);
-        drop(worker_place);
+        };
+        if n == 0 {
+            return;
+        }
+        let io = Rewind::new(Bytes::copy_from_slice(&first), io);
+        let places = (tunnel_place, worker_place);
+        if first[0] != TLS_HANDSHAKE_RECORD {
+            // Plaintext inside the tunnel (ws://, http:// sent through CONNECT): HTTP/1 or
+            // h2c, served as plain http to the CONNECT's target and pooled as such.
+            serve_tunnel(gw2, io, Scheme::Http, host, port, worker, peer, places).await;
+            return;
+        }
+        let acceptor = tokio_rustls::TlsAcceptor::from(server_cfg);
+        let tls = match tokio::time::timeout_at(deadline, acceptor.accept(io)).await {
+            Ok(Ok(t)) => t,
+            Ok(Err(e)) => {
+                tracing::debug!(host = %host, "worker TLS handshake failed: {e}");
+                return;
+            }
+            Err(_) => {
+                tracing::debug!(host = %host, "worker TLS handshake timed out");
+                return;
+            }
+        };
+        serve_tunnel(gw2, tls, Scheme::Https, host, port, worker, peer, places).await;
     });
     Response::new(full_body(Bytes::new()))
+}
+
+/// The first byte of a TLS connection: a handshake record (ClientHello).
+const TLS_HANDSHAKE_RECORD: u8 = 0x16;
+
+/// Serves the requests inside an intercepted tunnel (decrypted TLS, or plaintext) until it
+/// ends: every request goes to the CONNECT's `host:port` with `scheme`, through the pool.
+/// `places` (tunnel, worker connection) are held until then.
+#[allow(clippy::too_many_arguments)]
+async fn serve_tunnel<S>(
+    gw: Arc<Gateway>,
+    stream: S,
+    scheme: Scheme,
+    host: String,
+    port: u16,
+    worker: crate::worker::Worker,
+    peer: IpAddr,
+    places: (crate::admission::Ticket, Option<WorkerPlace>),
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let host = Arc::new(host);
+    let worker = Arc::new(worker);
+    let worker_place = places.1.clone();
+    // An upgrade inside the tunnel is the tunnel: it shares the tunnel's place.
+    let (tunnel_place, worker_place2) = places;
+    let tunnel_place = TunnelPlace(Arc::new(tunnel_place));
+    let places = (tunnel_place.clone(), worker_place2);
+    let slot = crate::h1guard::ViolationSlot::default();
+    let io = crate::h1guard::GuardedIo::new(stream, gw.h1_limits(), gw.h1_timeouts(), slot.clone());
+    let watch = ConnWatch::new(gw.config().limits.h2_max_cancelled_streams);
+    let gw3 = gw.clone();
+    let watch2 = watch.clone();
+    let svc = service_fn(move |mut req: Request<Incoming>| {
+        let gw = gw3.clone();
+        let host = host.clone();
+        let worker = worker.clone();
+        let slot = slot.clone();
+        let watch = watch2.clone();
+        if crate::upgrade::is_upgrade_request(&req) {
+            if let Some(p) = &worker_place {
+                req.extensions_mut().insert(p.clone());
+            }
+            req.extensions_mut().insert(ConnHold(watch.clone()));
+            req.extensions_mut().insert(tunnel_place.clone());
+        }
+        async move {
+            if let Some(resp) = violation_response(&gw, &req, &slot) {
+                return Ok::<_, Infallible>(resp);
+            }
+            let _in_flight = match gw.admission().request(peer) {
+                Ok(t) => t,
+                Err(why) => return Ok(error(&gw, in_flight_full(&gw, why))),
+            };
+            let h1_upgrade = h1_upgrade(&req);
+            if req.method() == Method::CONNECT && !crate::upgrade::is_upgrade_request(&req) {
+                let mut resp = error(
+                    &gw,
+                    EdgeError::bad_request(
+                        "nested_connect",
+                        "CONNECT inside an intercepted tunnel",
+                    ),
+                );
+                resp.headers_mut()
+                    .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
+                return Ok(resp);
+            }
+            let fwd = forward_worker_request(gw, req, scheme, (*host).clone(), port, &worker, peer);
+            let mut resp = answer(&watch, fwd).await;
+            if h1_upgrade && resp.status() != StatusCode::SWITCHING_PROTOCOLS {
+                // The framer let what follows the upgrade head through unparsed.
+                resp.headers_mut()
+                    .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
+            }
+            Ok::<_, Infallible>(resp)
+        }
+    });
+    let builder = gw.worker_builder();
+    let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), svc);
+    drive(&gw, conn, &watch).await;
+    drop(places);
+}
+
+/// A stream with bytes already read from it put back in front.
+struct Rewind<T> {
+    head: Bytes,
+    inner: T,
+}
+
+impl<T> Rewind<T> {
+    fn new(head: Bytes, inner: T) -> Self {
+        Rewind { head, inner }
+    }
+}
+
+impl<T: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Rewind<T> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        if !self.head.is_empty() {
+            let n = buf.remaining().min(self.head.len());
+            let head = self.head.split_to(n);
+            buf.put_slice(&head);
+            return std::task::Poll::Ready(Ok(()));
+        }
+        std::pin::Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<T: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Rewind<T> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
 }
 
 /// A blind tunnel: bytes both ways, no pooling (counted apart). It still leaves through the
@@ -1002,40 +1182,13 @@ async fn tunnel(
     worker: &crate::worker::Worker,
     place: (crate::admission::Ticket, Option<WorkerPlace>),
 ) -> Response<ProxyBody> {
-    let fwd = gw.forwarder();
-    let target = crate::dial::authority(host, port);
-    let mut failed: Vec<usize> = Vec::new();
-    let no_warm = |e: crate::exits::ExitKey| crate::dial::UpstreamKey::http_via(e);
-    let (opened, exit) = loop {
-        let route = match fwd.route(&target, worker, &failed, &no_warm) {
-            Ok(r) => r,
-            Err(e) => return error(&gw, e),
-        };
-        match fwd
-            .pool()
-            .connector()
-            .open_stream(&route.key, host, port, addr)
-            .await
-        {
-            Ok(opened) => {
-                break (opened, route.key.node.label.clone());
-            }
-            Err(e) => {
-                // The dialer told the node's circuit; a node fault may go to another node.
-                let fault = matches!(
-                    e,
-                    crate::dial::DialError::ExitConnect { .. }
-                        | crate::dial::DialError::ExitAuth { .. }
-                );
-                if fault {
-                    failed.push(route.key.node.index);
-                    if failed.len() < crate::forward::MAX_EXIT_FAILOVER {
-                        continue;
-                    }
-                }
-                return error(&gw, crate::forward::dial_error(&e));
-            }
-        }
+    let (opened, exit) = match gw
+        .forwarder()
+        .open_dedicated(host, port, addr, worker)
+        .await
+    {
+        Ok(o) => o,
+        Err(e) => return error(&gw, e),
     };
     gw.telemetry().record_tunnel();
     tokio::spawn(async move {
@@ -1080,13 +1233,13 @@ async fn tunnel(
 }
 
 /// A stream that notes when bytes last moved through it, either way.
-struct ActivityIo<T> {
+pub(crate) struct ActivityIo<T> {
     inner: T,
     last: Arc<parking_lot::Mutex<tokio::time::Instant>>,
 }
 
 impl<T> ActivityIo<T> {
-    fn new(inner: T) -> Self {
+    pub(crate) fn new(inner: T) -> Self {
         ActivityIo {
             inner,
             last: Arc::new(parking_lot::Mutex::new(tokio::time::Instant::now())),
@@ -1094,6 +1247,10 @@ impl<T> ActivityIo<T> {
     }
     fn touch(&self) {
         *self.last.lock() = tokio::time::Instant::now();
+    }
+    /// When bytes last moved (shared; for [`idle_for`]).
+    pub(crate) fn last(&self) -> Arc<parking_lot::Mutex<tokio::time::Instant>> {
+        self.last.clone()
     }
 }
 
@@ -1139,7 +1296,7 @@ impl<T: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for ActivityIo<T> {
 }
 
 /// Resolves once nothing has moved for `limit` (by `last`).
-async fn idle_for(last: &parking_lot::Mutex<tokio::time::Instant>, limit: Duration) {
+pub(crate) async fn idle_for(last: &parking_lot::Mutex<tokio::time::Instant>, limit: Duration) {
     loop {
         let deadline = *last.lock() + limit;
         if deadline <= tokio::time::Instant::now() {

@@ -33,6 +33,9 @@
 //!   `/healthz`, `/readyz`, `/ca.pem`.
 //! - [`lab`]: the reuse lab (`edgepool lab`): origins with behaviour profiles, a worker fleet
 //!   in several modes, the oracle, and the side-by-side report (table, JSON, HTML).
+//! - [`upgrade`]: WebSockets — `Upgrade: websocket` and HTTP/2 extended CONNECT forwarded
+//!   over a dedicated (never pooled) upstream connection, spliced both ways after `101`, with
+//!   their own idle and lifetime clocks.
 //! - [`error`]: edgepool's own errors: side, status, `X-Edgepool-Error`, `Proxy-Status`.
 //! - [`worker`]: worker authentication — token and options in the proxy username.
 //! - [`exits`]: exit pools (direct, HTTP CONNECT / SOCKS5 proxies, rotating gateways), node
@@ -60,4 +63,5 @@ pub mod pool;
 pub mod portguard;
 pub mod report;
 pub mod telemetry;
+pub mod upgrade;
 pub mod worker;
