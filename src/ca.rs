@@ -174,18 +174,12 @@ impl CertAuthority {
                 ),
                 path: key_path,
             }),
-            (false, true) => Err(CaError::Io {
-                source: io::Error::new(
-                    io::ErrorKind::NotFound,
-                    format!(
-                        "CA certificate is missing although {} exists; restore the certificate, \
-                         or delete {} to create a new CA (workers must then trust the new one)",
-                        key_path.display(),
-                        key_path.display()
-                    ),
-                ),
-                path: cert_path,
-            }),
+            // Another instance sharing the data dir may be between writing its key and its
+            // certificate (the key goes first): a key younger than that window is waited for.
+            (false, true) if recently_written(&key_path) => {
+                Self::load_when_complete(&cert_path, &key_path)
+            }
+            (false, true) => Err(missing_cert(&cert_path, &key_path)),
         }
     }
 
@@ -283,7 +277,10 @@ impl CertAuthority {
     /// Waits (up to 10 s) for another instance to finish writing the CA, then loads it.
     fn load_when_complete(cert_path: &Path, key_path: &Path) -> Result<Self, CaError> {
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        while !path_exists(cert_path)? && std::time::Instant::now() < deadline {
+        while !path_exists(cert_path)? {
+            if std::time::Instant::now() >= deadline {
+                return Err(missing_cert(cert_path, key_path));
+            }
             std::thread::sleep(std::time::Duration::from_millis(20));
         }
         Self::load(cert_path, key_path)
@@ -667,6 +664,30 @@ fn path_exists(path: &Path) -> Result<bool, CaError> {
             source,
         }),
     }
+}
+
+fn missing_cert(cert_path: &Path, key_path: &Path) -> CaError {
+    CaError::Io {
+        source: io::Error::new(
+            io::ErrorKind::NotFound,
+            format!(
+                "CA certificate is missing although {} exists; restore the certificate, \
+                 or delete {} to create a new CA (workers must then trust the new one)",
+                key_path.display(),
+                key_path.display()
+            ),
+        ),
+        path: cert_path.to_owned(),
+    }
+}
+
+/// Whether `path` was modified within the last 10 s (a CA being written by another instance).
+fn recently_written(path: &Path) -> bool {
+    fs::metadata(path)
+        .and_then(|m| m.modified())
+        .ok()
+        .and_then(|t| t.elapsed().ok())
+        .is_some_and(|age| age < std::time::Duration::from_secs(10))
 }
 
 /// Writes `contents` to a temporary file created with `mode` (never wider),
