@@ -12,7 +12,7 @@ use hyper_util::rt::TokioIo;
 use serde::Serialize;
 use tokio::net::TcpStream;
 
-use crate::forward::{full_body, ProxyBody};
+use crate::body::{full_body, ProxyBody};
 use crate::gateway::Gateway;
 use crate::telemetry::{TargetCounts, Verdict};
 
@@ -219,7 +219,7 @@ fn trace_stream(gw: &Gateway, target: Option<String>) -> Response<ProxyBody> {
     let stream = futures_util::stream::unfold(body_rx, |mut rx| async move {
         rx.recv().await.map(|b| {
             (
-                Ok::<_, crate::forward::BoxError>(http_body::Frame::data(b)),
+                Ok::<_, crate::body::BoxError>(http_body::Frame::data(b)),
                 rx,
             )
         })
@@ -474,10 +474,7 @@ fn row(
         ),
         evictions_per_second: round4(closed as f64 / uptime),
         errors: c.errors,
-        top_exit: c
-            .top_exit()
-            .unwrap_or(crate::forward::EXIT_DIRECT)
-            .to_string(),
+        top_exit: c.top_exit().unwrap_or(crate::exits::DIRECT).to_string(),
         new_by_reason: c.new_by_reason.clone(),
         closed_by_reason: c.closed_by_reason.clone(),
     }

@@ -3,7 +3,7 @@
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Response, StatusCode};
 
-use crate::forward::{full_body, ProxyBody};
+use crate::body::{full_body, ProxyBody};
 
 /// Which party a failure belongs to. It picks the status code and the metric label.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

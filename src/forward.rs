@@ -20,26 +20,16 @@ use http_body::{Body, Frame, SizeHint};
 use http_body_util::{BodyExt, Full};
 use tokio::time::Instant;
 
+use crate::body::{BoxError, ProxyBody};
 use crate::dial::{authority, DialError, Scheme, UpstreamConn, UpstreamKey};
 use crate::dns::{ResolveError, Resolver};
 use crate::error::{EdgeError, Sent};
 use crate::guard::TargetPolicy;
+use crate::headers::{parse_keep_alive, strip_hop_by_hop};
 use crate::pool::{
     CheckoutError, CheckoutOpts, CloseReason, Hints, Lease, NewReason, Pool, Release,
 };
 use crate::telemetry::{ms, RequestRecord, Telemetry, TraceRecord};
-
-/// Error type of response bodies handed to workers.
-pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
-/// The body type of every response edgepool gives a worker.
-pub type ProxyBody = http_body_util::combinators::UnsyncBoxBody<Bytes, BoxError>;
-
-/// A whole body from bytes.
-pub fn full_body(b: impl Into<Bytes>) -> ProxyBody {
-    Full::new(b.into())
-        .map_err(|never| match never {})
-        .boxed_unsync()
-}
 
 /// The label of the direct exit (no upstream proxy).
 pub const EXIT_DIRECT: &str = crate::exits::DIRECT;
@@ -1215,74 +1205,6 @@ fn close_delimited(method: &Method, status: http::StatusCode, headers: &HeaderMa
     !chunked && !headers.contains_key(header::CONTENT_LENGTH)
 }
 
-/// Parses `Keep-Alive: timeout=5, max=100` (case-insensitive, any order, junk ignored).
-pub fn parse_keep_alive(v: &str) -> Hints {
-    let mut h = Hints::default();
-    for part in v.split(',') {
-        let mut kv = part.splitn(2, '=');
-        let k = kv.next().unwrap_or("").trim().to_ascii_lowercase();
-        let Some(val) = kv.next().map(|s| s.trim().trim_matches('"')) else {
-            continue;
-        };
-        match k.as_str() {
-            "timeout" => {
-                if let Ok(n) = val.parse::<u64>() {
-                    h.idle_timeout = Some(Duration::from_secs(n));
-                }
-            }
-            "max" => {
-                if let Ok(n) = val.parse::<u64>() {
-                    h.remaining_requests = Some(n);
-                }
-            }
-            _ => {}
-        }
-    }
-    h
-}
-
-/// Removes hop-by-hop headers (RFC 9110 §7.6.1), including those named by `Connection`.
-/// `Upgrade` goes too: only [`crate::upgrade`] puts it back, on a WebSocket handshake's own
-/// dedicated connection (and in the `101` it relays).
-pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
-        .collect();
-    for n in named {
-        headers.remove(n);
-    }
-    for n in [
-        "connection",
-        "keep-alive",
-        "proxy-connection",
-        "proxy-authenticate",
-        "proxy-authorization",
-        "te",
-        "trailer",
-        "transfer-encoding",
-        "upgrade",
-    ] {
-        headers.remove(n);
-    }
-}
-
-/// Removes hop-by-hop and every `X-Edgepool-*` header from a worker's request.
-pub fn clean_request_headers(headers: &mut HeaderMap) {
-    strip_hop_by_hop(headers);
-    let ours: Vec<HeaderName> = headers
-        .keys()
-        .filter(|k| k.as_str().starts_with("x-edgepool-"))
-        .cloned()
-        .collect();
-    for k in ours {
-        headers.remove(k);
-    }
-}
-
 enum BodyKind {
     H1(hyper::body::Incoming),
     /// The send half is held (never read) so the request stream stays open until the
@@ -1531,25 +1453,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn keep_alive_header_gives_timeout_and_max() {
-        assert_eq!(
-            parse_keep_alive("timeout=5, max=100"),
-            Hints {
-                idle_timeout: Some(Duration::from_secs(5)),
-                remaining_requests: Some(100)
-            }
-        );
-        assert_eq!(
-            parse_keep_alive("MAX=3,Timeout=\"7\""),
-            Hints {
-                idle_timeout: Some(Duration::from_secs(7)),
-                remaining_requests: Some(3)
-            }
-        );
-        assert_eq!(parse_keep_alive("garbage, timeout=x"), Hints::default());
-    }
-
-    #[test]
     fn connection_close_means_limit_after_first_response_and_no_keepalive_on_first() {
         let mut h = HeaderMap::new();
         h.insert("connection", HeaderValue::from_static("close"));
@@ -1594,25 +1497,5 @@ mod tests {
             http::StatusCode::NOT_MODIFIED,
             &none
         ));
-    }
-
-    #[test]
-    fn hop_by_hop_and_edgepool_headers_are_removed() {
-        let mut h = HeaderMap::new();
-        h.insert(
-            "connection",
-            HeaderValue::from_static("keep-alive, x-secret"),
-        );
-        h.insert("x-secret", HeaderValue::from_static("1"));
-        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
-        h.insert(
-            "proxy-authorization",
-            HeaderValue::from_static("Basic eA=="),
-        );
-        h.insert("x-edgepool-session", HeaderValue::from_static("s1"));
-        h.insert("accept", HeaderValue::from_static("*/*"));
-        clean_request_headers(&mut h);
-        assert_eq!(h.len(), 1);
-        assert!(h.contains_key("accept"));
     }
 }

@@ -18,10 +18,12 @@ use serde::Deserialize;
 use tokio::net::TcpStream;
 
 use crate::admission::{Refused, Ticket};
+use crate::body::{full_body, ProxyBody};
 use crate::dial::Scheme;
 use crate::error::EdgeError;
-use crate::forward::{clean_request_headers, full_body, Outgoing, ProxyBody};
+use crate::forward::Outgoing;
 use crate::gateway::Gateway;
+use crate::headers::clean_request_headers;
 
 /// How long a worker has to finish the TLS handshake inside an intercepted CONNECT.
 const WORKER_TLS_TIMEOUT: Duration = Duration::from_secs(10);
@@ -260,7 +262,7 @@ struct OpenBody {
 
 impl http_body::Body for OpenBody {
     type Data = Bytes;
-    type Error = crate::forward::BoxError;
+    type Error = crate::body::BoxError;
 
     fn poll_frame(
         mut self: std::pin::Pin<&mut Self>,
@@ -304,10 +306,10 @@ impl<B> IdleBody<B> {
 impl<B> http_body::Body for IdleBody<B>
 where
     B: http_body::Body<Data = Bytes>,
-    B::Error: Into<crate::forward::BoxError>,
+    B::Error: Into<crate::body::BoxError>,
 {
     type Data = Bytes;
-    type Error = crate::forward::BoxError;
+    type Error = crate::body::BoxError;
 
     fn poll_frame(
         self: std::pin::Pin<&mut Self>,

@@ -11,6 +11,8 @@
 //!   `POST /v1/fetch`; routes per request.
 //! - [`forward`]: one request upstream — resolve and check, checkout, send, safe retry, stream
 //!   the response back and return the connection when the body ends.
+//! - [`body`]: the worker-facing response body type; [`headers`]: hop-by-hop hygiene and the
+//!   `Keep-Alive` hints.
 //! - [`pool`]: the heart — warm connections per key, HTTP/1.1 exclusive, HTTP/2 shared up to
 //!   the server's stream limit, expiry, waiters, and one reason per new connection. Depends on
 //!   no other edgepool module.
@@ -45,6 +47,7 @@
 
 pub mod admin;
 pub mod admission;
+pub mod body;
 pub mod ca;
 pub mod cli;
 pub mod config;
@@ -57,6 +60,7 @@ pub mod forward;
 pub mod gateway;
 pub mod guard;
 pub mod h1guard;
+pub mod headers;
 pub mod ingress;
 pub mod lab;
 pub mod pool;

@@ -28,10 +28,11 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
+use crate::body::{full_body, ProxyBody};
 use crate::dial::Scheme;
 use crate::error::EdgeError;
-use crate::forward::{full_body, strip_hop_by_hop, ProxyBody};
 use crate::gateway::Gateway;
+use crate::headers::strip_hop_by_hop;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct OutcomeLabels {
@@ -359,7 +360,7 @@ pub async fn forward(
     });
     // The worker's headers minus hop-by-hop and X-Edgepool-*, then the upgrade restored.
     let mut headers = parts.headers;
-    crate::forward::clean_request_headers(&mut headers);
+    crate::headers::clean_request_headers(&mut headers);
     headers.remove(header::HOST);
     let authority_host = if port == scheme.default_port() {
         bracket(&host)
@@ -454,7 +455,7 @@ pub async fn forward(
                 .headers
                 .insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
-        let body = body.map_err(crate::forward::BoxError::from).boxed_unsync();
+        let body = body.map_err(crate::body::BoxError::from).boxed_unsync();
         return Response::from_parts(rparts, body);
     };
     metrics.record(Outcome::Upgraded);

@@ -1,4 +1,4 @@
-//! Fuzzes `edgepool::forward::parse_keep_alive` (the `Keep-Alive: timeout=N, max=M` response
+//! Fuzzes `edgepool::headers::parse_keep_alive` (the `Keep-Alive: timeout=N, max=M` response
 //! header). The function documents no numeric bounds (any u64 is accepted for both), so the
 //! invariants are structural:
 //! * nothing panics;
@@ -16,8 +16,8 @@ fuzz_target!(|data: &[u8]| {
     let Ok(v) = std::str::from_utf8(data) else {
         return;
     };
-    let h = edgepool::forward::parse_keep_alive(v);
-    assert_eq!(h, edgepool::forward::parse_keep_alive(v), "not deterministic");
+    let h = edgepool::headers::parse_keep_alive(v);
+    assert_eq!(h, edgepool::headers::parse_keep_alive(v), "not deterministic");
     let lower = v.to_ascii_lowercase();
     if !v.contains('=') {
         assert_eq!(h, Default::default(), "hints without any '='");
@@ -32,5 +32,5 @@ fuzz_target!(|data: &[u8]| {
         assert!(v.contains(&n.to_string()), "max value not in the input");
     }
     let junk = format!("{v}, x");
-    assert_eq!(edgepool::forward::parse_keep_alive(&junk), h, "trailing junk changed the hints");
+    assert_eq!(edgepool::headers::parse_keep_alive(&junk), h, "trailing junk changed the hints");
 });

@@ -1,0 +1,121 @@
+//! headers: header hygiene at the proxy boundary — hop-by-hop removal (RFC 9110 §7.6.1) and
+//! edgepool's own `X-Edgepool-*` headers off a worker's request, and the `Keep-Alive` response
+//! hints the pool learns from.
+use std::time::Duration;
+
+use http::header::{self, HeaderMap, HeaderName};
+
+use crate::pool::Hints;
+
+/// Parses `Keep-Alive: timeout=5, max=100` (case-insensitive, any order, junk ignored).
+pub fn parse_keep_alive(v: &str) -> Hints {
+    let mut h = Hints::default();
+    for part in v.split(',') {
+        let mut kv = part.splitn(2, '=');
+        let k = kv.next().unwrap_or("").trim().to_ascii_lowercase();
+        let Some(val) = kv.next().map(|s| s.trim().trim_matches('"')) else {
+            continue;
+        };
+        match k.as_str() {
+            "timeout" => {
+                if let Ok(n) = val.parse::<u64>() {
+                    h.idle_timeout = Some(Duration::from_secs(n));
+                }
+            }
+            "max" => {
+                if let Ok(n) = val.parse::<u64>() {
+                    h.remaining_requests = Some(n);
+                }
+            }
+            _ => {}
+        }
+    }
+    h
+}
+
+/// Removes hop-by-hop headers (RFC 9110 §7.6.1), including those named by `Connection`.
+/// `Upgrade` goes too: only [`crate::upgrade`] puts it back, on a WebSocket handshake's own
+/// dedicated connection (and in the `101` it relays).
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .collect();
+    for n in named {
+        headers.remove(n);
+    }
+    for n in [
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+    ] {
+        headers.remove(n);
+    }
+}
+
+/// Removes hop-by-hop and every `X-Edgepool-*` header from a worker's request.
+pub fn clean_request_headers(headers: &mut HeaderMap) {
+    strip_hop_by_hop(headers);
+    let ours: Vec<HeaderName> = headers
+        .keys()
+        .filter(|k| k.as_str().starts_with("x-edgepool-"))
+        .cloned()
+        .collect();
+    for k in ours {
+        headers.remove(k);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HeaderValue;
+
+    #[test]
+    fn keep_alive_header_gives_timeout_and_max() {
+        assert_eq!(
+            parse_keep_alive("timeout=5, max=100"),
+            Hints {
+                idle_timeout: Some(Duration::from_secs(5)),
+                remaining_requests: Some(100)
+            }
+        );
+        assert_eq!(
+            parse_keep_alive("MAX=3,Timeout=\"7\""),
+            Hints {
+                idle_timeout: Some(Duration::from_secs(7)),
+                remaining_requests: Some(3)
+            }
+        );
+        assert_eq!(parse_keep_alive("garbage, timeout=x"), Hints::default());
+    }
+
+    #[test]
+    fn hop_by_hop_and_edgepool_headers_are_removed() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            "connection",
+            HeaderValue::from_static("keep-alive, x-secret"),
+        );
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert(
+            "proxy-authorization",
+            HeaderValue::from_static("Basic eA=="),
+        );
+        h.insert("x-edgepool-session", HeaderValue::from_static("s1"));
+        h.insert("accept", HeaderValue::from_static("*/*"));
+        clean_request_headers(&mut h);
+        assert_eq!(h.len(), 1);
+        assert!(h.contains_key("accept"));
+    }
+}
