@@ -29,6 +29,7 @@ use crate::headers::{parse_keep_alive, strip_hop_by_hop};
 use crate::pool::{
     CheckoutError, CheckoutOpts, CloseReason, Hints, Lease, NewReason, Pool, Release,
 };
+use crate::retry::{Attempt, Decision, Failure, SendFailure};
 use crate::telemetry::{ms, RequestRecord, Telemetry, TraceRecord};
 
 /// The label of the direct exit (no upstream proxy).
@@ -168,53 +169,6 @@ fn ambiguous_response_framing(resp: &Response<hyper::body::Incoming>) -> Option<
         return Some("a Transfer-Encoding other than exactly \"chunked\"");
     }
     None
-}
-
-/// How a send attempt failed.
-struct SendFailure {
-    sent: Sent,
-    response_started: bool,
-    /// The server says it did not process the request (HTTP/2 refused stream / GOAWAY).
-    unprocessed: bool,
-    /// HTTP/2 GOAWAY: the connection takes no new streams.
-    goaway: bool,
-    /// HTTP/2 REFUSED_STREAM: only this stream was refused; the connection is fine.
-    refused: bool,
-    /// The request could not even be built: a worker error, not the connection's.
-    invalid: bool,
-    /// Only this HTTP/2 stream failed (reset, timeout); the connection is fine.
-    stream_only: bool,
-    timeout: bool,
-    bad_response: bool,
-    message: String,
-}
-
-impl SendFailure {
-    /// A failure with every flag off but these.
-    fn new(sent: Sent, unprocessed: bool, message: String) -> Self {
-        SendFailure {
-            sent,
-            response_started: false,
-            unprocessed,
-            goaway: false,
-            refused: false,
-            invalid: false,
-            stream_only: false,
-            timeout: false,
-            bad_response: false,
-            message,
-        }
-    }
-
-    /// No response head within `upstream.response_header_timeout`.
-    fn timeout(response_started: bool, stream_only: bool) -> Self {
-        SendFailure {
-            response_started,
-            stream_only,
-            timeout: true,
-            ..Self::new(Sent::Complete, false, "no response head in time".into())
-        }
-    }
 }
 
 impl Forwarder {
@@ -744,57 +698,43 @@ impl Forwarder {
                 }
                 Err(f) => {
                     let reused = lease.reused();
-                    lease.release(if f.goaway {
-                        Release::Close(CloseReason::Goaway)
-                    } else if f.refused || f.invalid || f.stream_only {
-                        Release::Keep(Hints::default())
-                    } else {
-                        Release::Close(CloseReason::Error)
-                    });
-                    if f.invalid {
+                    lease.release(f.release());
+                    if f.failure == Failure::Invalid {
                         return Err(EdgeError::bad_request("invalid_request", f.message));
                     }
-                    let safe = f.sent == Sent::None || out.idempotent() || f.unprocessed;
-                    // Through a proxy exit, a brand-new connection can also die because the
-                    // exit died: a safe request gets the same one retry (which fails over to
-                    // another exit if this one is gone).
-                    let via_exit = route.key.node.spec.kind != crate::exits::ExitKind::Direct;
-                    let mut retry = attempt == 0
-                        && !f.response_started
-                        && !f.timeout
-                        && !f.bad_response
-                        && ((reused || via_exit) && safe || f.unprocessed);
-                    // A stream the server says it never processed (GOAWAY, REFUSED_STREAM) is
-                    // free to move; any other retry draws on the budget, so a failing target
-                    // is not hit with amplified load.
-                    if retry && !f.unprocessed && !self.retry_budget.try_withdraw() {
-                        tracing::warn!(target = %target, "retry budget exhausted (limits.retry_budget): not retrying");
-                        retry = false;
+                    let mut decision = crate::retry::decide(
+                        &f,
+                        Attempt {
+                            number: attempt,
+                            reused,
+                            // Through a proxy exit, a brand-new connection can also die because
+                            // the exit died (the retry fails over if this one is gone).
+                            via_exit: route.key.node.spec.kind != crate::exits::ExitKind::Direct,
+                            idempotent: out.idempotent(),
+                        },
+                    );
+                    // Unprocessed streams move freely; any other retry draws on the budget, so
+                    // a failing target is not hit with amplified load.
+                    if let Decision::Retry { budgeted: true, .. } = decision {
+                        if !self.retry_budget.try_withdraw() {
+                            tracing::warn!(target = %target, "retry budget exhausted (limits.retry_budget): not retrying");
+                            decision = Decision::GiveUp;
+                        }
                     }
                     // A worker request counts once, however many attempts it took (README,
                     // "Reuse accounting"): an attempt that is retried is not a request of its
                     // own (the retry is counted in edgepool_retries_total, its new connection
                     // as after_error). A final failed attempt counts only if it may have
                     // reached the target: the origin counts what it received.
-                    if !retry && f.sent != Sent::None && !f.unprocessed {
+                    if decision == Decision::GiveUp && f.sent != Sent::None && !f.unprocessed() {
                         self.telemetry.record_request(&record);
                     }
-                    if retry {
+                    if let Decision::Retry { fresh, reason, .. } = decision {
                         *earlier_sent = earlier_sent.max_with(f.sent);
                         tracing::debug!(target = %target, error = %f.message, "retrying once");
                         meta.retried = true;
-                        // A refused or GOAWAY'd stream may go to any other usable connection,
-                        // and so may a stream the server reset (the connection itself is fine
-                        // and stays pooled: a fresh dial per reset would pile up idle HTTP/2
-                        // connections); a failed HTTP/1.1 exchange retries on a brand-new one.
-                        fresh_retry = !(f.goaway || f.refused || f.stream_only);
-                        retry_reason = Some(if f.goaway {
-                            "goaway"
-                        } else if f.refused {
-                            "refused_stream"
-                        } else {
-                            "reused_connection_failed"
-                        });
+                        fresh_retry = fresh;
+                        retry_reason = Some(reason);
                         attempt += 1;
                         continue;
                     }
@@ -831,8 +771,8 @@ impl Forwarder {
         };
         if let Err(e) = ready {
             return Err(SendFailure::new(
+                Failure::NotUsable { goaway: false },
                 Sent::None,
-                true,
                 format!("connection not usable: {e}"),
             ));
         }
@@ -849,9 +789,12 @@ impl Forwarder {
             .uri(uri)
             .version(Version::HTTP_11)
             .body(Full::new(out.body.clone()))
-            .map_err(|e| SendFailure {
-                invalid: true,
-                ..SendFailure::new(Sent::None, true, format!("invalid request: {e}"))
+            .map_err(|e| {
+                SendFailure::new(
+                    Failure::Invalid,
+                    Sent::None,
+                    format!("invalid request: {e}"),
+                )
             })?;
         *req.headers_mut() = out.headers.clone();
         if via {
@@ -884,7 +827,14 @@ impl Forwarder {
         };
         let fut = send.try_send_request(req);
         match tokio::time::timeout(self.cfg.response_header_timeout, fut).await {
-            Err(_) => Err(SendFailure::timeout(shared.bytes_in() > before_in, false)),
+            Err(_) => Err(SendFailure::new(
+                Failure::Timeout {
+                    response_started: shared.bytes_in() > before_in,
+                    stream_only: false,
+                },
+                Sent::Complete,
+                "no response head in time",
+            )),
             // HEAD answers and 204/304 carry no body: their framing headers describe another one.
             Ok(Ok(resp)) => match (out.method != http::Method::HEAD
                 && !matches!(resp.status().as_u16(), 204 | 304))
@@ -893,26 +843,22 @@ impl Forwarder {
             {
                 // Never forwarded, and the connection is closed (its next bytes cannot be
                 // trusted to start a response).
-                Some(why) => Err(SendFailure {
-                    response_started: true,
-                    bad_response: true,
-                    ..SendFailure::new(Sent::Complete, false, why.into())
-                }),
+                Some(why) => Err(SendFailure::new(Failure::BadResponse, Sent::Complete, why)),
                 None => Ok(Upstream::H1(resp)),
             },
             Ok(Err(mut e)) => {
                 let never_sent = e.take_message().is_some() || shared.bytes_out() == before_out;
                 let err = e.into_error();
                 let response_started = shared.bytes_in() > before_in;
-                Err(SendFailure {
-                    response_started,
-                    bad_response: err.is_parse() && response_started,
-                    ..SendFailure::new(
-                        if never_sent { Sent::None } else { Sent::Maybe },
+                Err(SendFailure::new(
+                    Failure::Broken {
+                        response_started,
+                        bad_response: err.is_parse() && response_started,
                         never_sent,
-                        err.to_string(),
-                    )
-                })
+                    },
+                    if never_sent { Sent::None } else { Sent::Maybe },
+                    err.to_string(),
+                ))
             }
         }
     }
@@ -922,14 +868,18 @@ impl Forwarder {
         lease: &mut Lease<crate::dial::Dialer>,
         out: &Outgoing,
     ) -> Result<Upstream, SendFailure> {
-        let fail = SendFailure::new;
         let UpstreamConn::H2 { send, .. } = lease.conn() else {
             unreachable!("send_h2 is called for HTTP/2 connections")
         };
         let send = send.clone();
-        let mut send = send.ready().await.map_err(|e| SendFailure {
-            goaway: e.is_go_away(),
-            ..fail(Sent::None, true, format!("connection not usable: {e}"))
+        let mut send = send.ready().await.map_err(|e| {
+            SendFailure::new(
+                Failure::NotUsable {
+                    goaway: e.is_go_away(),
+                },
+                Sent::None,
+                format!("connection not usable: {e}"),
+            )
         })?;
         let uri = format!("https://{}{}", authority(&out.host, out.port), out.path);
         let mut req = Request::builder()
@@ -937,28 +887,50 @@ impl Forwarder {
             .uri(uri)
             .version(Version::HTTP_2)
             .body(())
-            .map_err(|e| SendFailure {
-                invalid: true,
-                stream_only: false,
-                ..fail(Sent::None, false, format!("invalid request: {e}"))
+            .map_err(|e| {
+                SendFailure::new(
+                    Failure::Invalid,
+                    Sent::None,
+                    format!("invalid request: {e}"),
+                )
             })?;
         let mut headers = out.headers.clone();
         headers.remove(header::HOST);
         *req.headers_mut() = headers;
         let end = out.body.is_empty();
-        let (resp_fut, mut stream) = send.send_request(req, end).map_err(|e| SendFailure {
-            goaway: e.is_go_away(),
-            ..fail(Sent::None, true, format!("could not open a stream: {e}"))
+        let (resp_fut, mut stream) = send.send_request(req, end).map_err(|e| {
+            SendFailure::new(
+                Failure::NotUsable {
+                    goaway: e.is_go_away(),
+                },
+                Sent::None,
+                format!("could not open a stream: {e}"),
+            )
         })?;
         lease.mark_sent();
         if !end {
-            stream
-                .send_data(out.body.clone(), true)
-                .map_err(|e| fail(Sent::Maybe, false, format!("sending the body failed: {e}")))?;
+            stream.send_data(out.body.clone(), true).map_err(|e| {
+                SendFailure::new(
+                    Failure::Broken {
+                        response_started: false,
+                        bad_response: false,
+                        never_sent: false,
+                    },
+                    Sent::Maybe,
+                    format!("sending the body failed: {e}"),
+                )
+            })?;
         }
         match tokio::time::timeout(self.cfg.response_header_timeout, resp_fut).await {
             // One slow stream; the shared connection is fine.
-            Err(_) => Err(SendFailure::timeout(false, true)),
+            Err(_) => Err(SendFailure::new(
+                Failure::Timeout {
+                    response_started: false,
+                    stream_only: true,
+                },
+                Sent::Complete,
+                "no response head in time",
+            )),
             Ok(Ok(resp)) => Ok(Upstream::H2(resp, stream)),
             Ok(Err(e)) => {
                 // Streams above a graceful GOAWAY's last stream id and refused streams were
@@ -966,17 +938,25 @@ impl Forwarder {
                 let refused = e.reason() == Some(h2::Reason::REFUSED_STREAM);
                 let goaway =
                     e.is_go_away() && e.is_remote() && e.reason() == Some(h2::Reason::NO_ERROR);
-                let unprocessed = refused || goaway;
-                Err(SendFailure {
-                    goaway,
-                    refused,
-                    stream_only: e.is_reset() && !e.is_go_away(),
-                    ..fail(
-                        if unprocessed { Sent::None } else { Sent::Maybe },
-                        unprocessed,
-                        e.to_string(),
-                    )
-                })
+                let failure = if refused {
+                    Failure::Refused
+                } else if goaway {
+                    Failure::GoAway
+                } else if e.is_reset() && !e.is_go_away() {
+                    Failure::StreamReset
+                } else {
+                    Failure::Broken {
+                        response_started: false,
+                        bad_response: false,
+                        never_sent: false,
+                    }
+                };
+                let sent = if refused || goaway {
+                    Sent::None
+                } else {
+                    Sent::Maybe
+                };
+                Err(SendFailure::new(failure, sent, e.to_string()))
             }
         }
     }
@@ -1130,20 +1110,27 @@ fn send_error(
     target: &str,
     rht: Duration,
 ) -> EdgeError {
-    if f.timeout {
+    if matches!(f.failure, Failure::Timeout { .. }) {
         return EdgeError::response_timeout(format!(
             "{target} sent no response head within upstream.response_header_timeout ({rht:?})"
         ))
         .with_sent(f.sent);
     }
-    if f.bad_response {
+    if matches!(
+        f.failure,
+        Failure::BadResponse
+            | Failure::Broken {
+                bad_response: true,
+                ..
+            }
+    ) {
         return EdgeError::bad_response(format!(
             "{target} sent an invalid response: {}",
             f.message
         ))
         .with_sent(f.sent);
     }
-    if reused && f.sent != Sent::None && !out.idempotent() && !f.response_started {
+    if reused && f.sent != Sent::None && !out.idempotent() && !f.response_started() {
         return EdgeError::not_replayed(format!(
             "{} {target}: the reused connection failed ({}) after the request may have reached the target; \
              {} is not idempotent, so edgepool did not replay it",

@@ -16,6 +16,8 @@
 //! - [`pool`]: the heart — warm connections per key, HTTP/1.1 exclusive, HTTP/2 shared up to
 //!   the server's stream limit, expiry, waiters, and one reason per new connection. Depends on
 //!   no other edgepool module.
+//! - [`retry`]: what a failed send attempt was, and the pure rule that decides whether it is
+//!   sent again (table-tested).
 //! - [`dns`]: target names to addresses off the request path — hosts file (final, reloaded),
 //!   a serve-stale, refresh-ahead cache with coalesced lookups, A and AAAA raced with a grace.
 //! - [`dial`]: TCP, TLS, HTTP/1.1 / HTTP/2 handshakes, connection watching.
@@ -66,6 +68,7 @@ pub mod lab;
 pub mod pool;
 pub mod portguard;
 pub mod report;
+pub mod retry;
 pub mod telemetry;
 pub mod upgrade;
 pub mod worker;
