@@ -1536,6 +1536,66 @@ async fn ledger_untrusted_tls_certificate() {
     finish("ledger_untrusted_tls_certificate", violations);
 }
 
+/// `upstream.tls_handshake_timeout`: a target that accepts TCP and never answers the
+/// ClientHello. docs/RELIABILITY.md: 504 `upstream_connect_timeout` (a TLS handshake that
+/// times out is reported like a connect that does), nothing reaches a target.
+#[tokio::test]
+async fn ledger_tls_handshake_timeout() {
+    let mut violations = Vec::new();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = Arc::new(AtomicU64::new(0));
+    let held: Arc<Mutex<Vec<TcpStream>>> = Arc::default();
+    let silent = {
+        let (accepted, held) = (accepted.clone(), held.clone());
+        tokio::spawn(async move {
+            while let Ok((s, _)) = listener.accept().await {
+                accepted.fetch_add(1, Ordering::SeqCst);
+                // Read nothing, answer nothing: the handshake stalls until edgepool gives up.
+                held.lock().unwrap().push(s);
+            }
+        })
+    };
+    let gw = TestGateway::start_with(&[], |c| {
+        c.upstream.tls_handshake_timeout = Duration::from_millis(300);
+    })
+    .await;
+    let before = retries(&gw).await;
+    let reqs = mixed(6, &format!("https://localhost:{}/echo", addr.port()));
+    let results = run(&gw.client(), reqs, 3).await;
+    let (r, why) = retries_delta(&before, &retries(&gw).await);
+    // The fault happened: edgepool's TCP connects were accepted (so the timeout is the TLS
+    // handshake's, not the connect's).
+    let conns = accepted.load(Ordering::SeqCst);
+    if conns == 0 {
+        violations.push(
+            "[tls_handshake_timeout] no TCP connection reached the silent target: the fault \
+             never happened"
+                .to_string(),
+        );
+    }
+    violations.extend(all_errors(
+        "tls_handshake_timeout",
+        &results,
+        504,
+        "upstream_connect_timeout",
+    ));
+    violations.extend(reconcile(Check {
+        name: "tls_handshake_timeout",
+        faults: conns,
+        results: &results,
+        arrivals: Vec::new(),
+        retries: r,
+        allow_cut: false,
+        tokens: &["upstream_connect_timeout"],
+        complete_implies_arrival: true,
+        extra: format!("silent_target_conns={conns} retry_reasons=({why})"),
+    }));
+    gw.stop().await;
+    silent.abort();
+    finish("ledger_tls_handshake_timeout", violations);
+}
+
 // ---------------------------------------------------------------------------------------------
 // Scenarios: resets
 // ---------------------------------------------------------------------------------------------
