@@ -30,7 +30,7 @@
 //! - [`admin`]: `/` (dashboard), `/status`, `/status/history`, `/report`, `/trace`, `/metrics`,
 //!   `/healthz`, `/readyz`, `/ca.pem`.
 //! - [`lab`]: the reuse lab (`edgepool lab`): origins with behaviour profiles, a worker fleet
-//!   in several modes, the oracle, and the side-by-side report (table, JSON, HTML).
+//!   in several modes, the greedy reference (`lab::oracle`), and the side-by-side report (table, JSON, HTML).
 //! - [`error`]: edgepool's own errors: side, status, `X-Edgepool-Error`, `Proxy-Status`.
 //! - [`worker`]: worker authentication — token and options in the proxy username.
 //! - [`exits`]: exit pools (direct, HTTP CONNECT / SOCKS5 proxies, rotating gateways), node

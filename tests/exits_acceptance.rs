@@ -8,9 +8,9 @@
 //!
 //! The best any pool can do under the rotation policy: every (target, exit) pair that carried
 //! traffic needs at least one connection (HTTP/2 multiplexes every concurrent request of a
-//! pair onto it), so `oracle R = 1 − distinct (target, exit) pairs / requests`, where the pairs
+//! pair onto it), so `R at the minimum = 1 − distinct (target, exit) pairs / requests`, where the pairs
 //! are counted at the origins (each exit connects from its own loopback address). Killing an
-//! exit moves its targets to other exits: those new pairs are in the oracle too, because no
+//! exit moves its targets to other exits: those new pairs are in the minimum too, because no
 //! pool can keep using a dead exit.
 mod gw;
 mod support;
@@ -163,12 +163,12 @@ async fn eight_exits_sixteen_workers_twenty_targets_one_exit_killed() {
         "the origins saw every request ({requests} < {total})"
     );
     let r = 1.0 - accepted as f64 / requests as f64;
-    let oracle = 1.0 - pairs.len() as f64 / requests as f64;
+    let at_minimum = 1.0 - pairs.len() as f64 / requests as f64;
     let status = gw.status().await;
     let fleet_r = status["fleet"]["reuse_rate"].as_f64().unwrap();
     eprintln!(
         "exits acceptance: {requests} requests in {elapsed:.1?} ({:.0} req/s), {accepted} connections at the origins, \
-         R {r:.4}, oracle R {oracle:.4} ({} target×exit pairs), /status R {fleet_r:.4} ({} new connections), \
+         R {r:.4}, R at the minimum {at_minimum:.4} ({} target×exit pairs), /status R {fleet_r:.4} ({} new connections), \
          killed exit tunnels {}, requests via the killed exit at the kill {via_killed_at_kill} / at the end {}",
         requests as f64 / elapsed.as_secs_f64(),
         pairs.len(),
@@ -184,7 +184,7 @@ async fn eight_exits_sixteen_workers_twenty_targets_one_exit_killed() {
     // (docs/BENCHMARKS.md). The odd extra connection is most likely the kill (retries of the
     // cut requests racing into a new pair); it was not traced further. 3 leaves room for that
     // twice over and still fails a pool that dials one connection per worker for a hot pair
-    // (16 workers) or re-dials after idling. The old bound (R within 1 point of the oracle)
+    // (16 workers) or re-dials after idling. The old bound (R within 1 point of R at the minimum)
     // allowed pairs + 80 at 8,000 requests, 4.5 times the minimum.
     const EXTRA_CONNECTIONS: u64 = 3;
     let pairs_n = pairs.len() as u64;
