@@ -1123,7 +1123,10 @@ mod tests {
         let origin = LabOrigin::start(profile, None).await.expect("start");
         let c = client(None);
         get_body(&c, &origin.base_url()).await;
-        sleep(Duration::from_millis(400)).await;
+        // Wait for the close itself (≤ 2 s) instead of sleeping a fixed 2 × the timeout, which a
+        // loaded runner could outlast before the origin's timer task ran.
+        assert!(eventually(|| close_count(&origin, "idle") == 1).await);
+        assert!(eventually(|| origin.open_connections() == 0).await);
         get_body(&c, &origin.base_url()).await;
         assert_eq!(origin.accepted(), 2);
         assert_eq!(origin.requests(), 2);
@@ -1132,15 +1135,18 @@ mod tests {
 
     #[tokio::test]
     async fn idle_timer_restarts_on_every_request() {
+        // 5 gaps of 300 ms (1.5 s in all) under a 1 s idle timeout: the connection survives
+        // only if every request restarts the timer. Each gap has 700 ms of slack for a loaded
+        // runner.
         let profile = OriginProfile {
-            idle_timeout: Some(Duration::from_millis(300)),
+            idle_timeout: Some(Duration::from_millis(1000)),
             ..OriginProfile::default()
         };
         let origin = LabOrigin::start(profile, None).await.expect("start");
         let c = client(None);
         for _ in 0..5 {
             get_body(&c, &origin.base_url()).await;
-            sleep(Duration::from_millis(100)).await;
+            sleep(Duration::from_millis(300)).await;
         }
         assert_eq!(origin.accepted(), 1);
         assert_eq!(close_count(&origin, "idle"), 0);
@@ -1315,9 +1321,9 @@ mod tests {
         let origin = LabOrigin::start(profile, None).await.expect("start");
         let c = client(None);
         get_body(&c, &origin.base_url()).await;
-        sleep(Duration::from_millis(300)).await;
-        assert_eq!(close_count(&origin, "rst"), 1);
-        assert_eq!(origin.open_connections(), 0);
+        // RST_AFTER (100 ms) idle, then the reset: waited for (≤ 2 s), not slept for.
+        assert!(eventually(|| close_count(&origin, "rst") == 1).await);
+        assert!(eventually(|| origin.open_connections() == 0).await);
         get_body(&c, &origin.base_url()).await;
         assert_eq!(origin.accepted(), 2);
         assert_eq!(origin.requests(), 2);
