@@ -124,12 +124,7 @@ async fn eight_exits_sixteen_workers_twenty_targets_one_exit_killed() {
     let from_killed = |origins: &[Origin]| -> usize {
         origins
             .iter()
-            .map(|o| {
-                o.log()
-                    .iter()
-                    .filter(|r| r.peer.ip() == killed_ip)
-                    .count()
-            })
+            .map(|o| o.log().iter().filter(|r| r.peer.ip() == killed_ip).count())
             .sum()
     };
     exits[KILLED].kill();

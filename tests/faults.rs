@@ -1657,8 +1657,14 @@ async fn ledger_resets_idle_after_request_and_origin_gone() {
         let (r, why) = retries_delta(&before, &retries(&gw).await);
         // The faults happened, both kinds: a reset on a reused connection and one on a fresh.
         let acts = origin.acts();
-        let reused_rst = acts.iter().filter(|(s, a)| *a == Act::Rst && s.idx >= 2).count();
-        let fresh_rst = acts.iter().filter(|(s, a)| *a == Act::Rst && s.idx == 1).count();
+        let reused_rst = acts
+            .iter()
+            .filter(|(s, a)| *a == Act::Rst && s.idx >= 2)
+            .count();
+        let fresh_rst = acts
+            .iter()
+            .filter(|(s, a)| *a == Act::Rst && s.idx == 1)
+            .count();
         if reused_rst == 0 || fresh_rst == 0 {
             violations.push(format!(
                 "[rst_after_request] the faults did not happen: {reused_rst} resets on reused \

@@ -1195,7 +1195,13 @@ fn chart_reuse(out: &mut String, report: &Value, modes: &[Mode]) {
     }
     axis_title(&mut s, 16.0, (y0 + y1) / 2.0, true, "R (reuse rate)");
     axis_title(&mut s, (x0 + x1) / 2.0, h - 8.0, false, "target");
-    svg(out, w, h, "R per target, per mode, with the greedy reference's R", &s);
+    svg(
+        out,
+        w,
+        h,
+        "R per target, per mode, with the greedy reference's R",
+        &s,
+    );
     card_close(
         out,
         &format!(

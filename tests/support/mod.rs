@@ -105,9 +105,8 @@ pub fn skip(why: &str) -> bool {
         .name()
         .unwrap_or("<unnamed test thread>")
         .to_string();
-    let line = format!(
-        "SKIPPED: {test}: {why}; this test did not run (under CI=true this is a failure)."
-    );
+    let line =
+        format!("SKIPPED: {test}: {why}; this test did not run (under CI=true this is a failure).");
     eprintln!("{line}");
     if let Some(path) = std::env::var_os("EDGEPOOL_SKIP_LOG") {
         use std::io::Write as _;
