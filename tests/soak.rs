@@ -1269,8 +1269,7 @@ async fn soak_run(run: Duration, rps: u64) {
     let honest_end = if attack_on {
         samples
             .iter()
-            .filter(|s| s.t >= warm.t && s.t < attack_at - 1.0)
-            .last()
+            .rfind(|s| s.t >= warm.t && s.t < attack_at - 1.0)
             .cloned()
             .unwrap_or_else(|| warm.clone())
     } else {
