@@ -175,12 +175,13 @@ async fn eight_exits_sixteen_workers_twenty_targets_one_exit_killed() {
     // pair that carried traffic (HTTP/2 multiplexes all of a pair's concurrent requests), so
     // fewer than `pairs` means the counting is broken, not that the pool is clever.
     // Margin: EXTRA_CONNECTIONS over that minimum. Measured (debug, 16 × 500, 2026-12-04):
-    // 24/23, 23/23 and 22/22 connections/pairs; release 16 × 4,000: 23/23 and 23/22, and 23/23 twice on 2026-12-04
-    // (docs/BENCHMARKS.md). The odd extra connection is most likely the kill (retries of the
-    // cut requests racing into a new pair); it was not traced further. 3 leaves room for that
-    // twice over and still fails a pool that dials one connection per worker for a hot pair
-    // (16 workers) or re-dials after idling. The old bound (R within 1 point of R at the minimum)
-    // allowed pairs + 80 at 8,000 requests, 4.5 times the minimum.
+    // 24/23, 23/23, 22/22 and 23/22 connections/pairs; release 16 × 4,000: 23/23 and 23/22
+    // (2026-11-23), 23/23 twice (2026-12-04; docs/BENCHMARKS.md). The odd extra connection is
+    // most likely the kill (retries of the cut requests racing into a new pair); it was not
+    // traced further. 3 leaves room for that twice over and still fails a pool that dials one
+    // connection per worker for a hot pair (16 workers) or re-dials after idling. The old
+    // bound (R within 1 point of R at the minimum) allowed pairs + 80 at 8,000 requests, 4.5
+    // times the minimum.
     const EXTRA_CONNECTIONS: u64 = 3;
     let pairs_n = pairs.len() as u64;
     assert!(
