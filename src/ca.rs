@@ -1321,7 +1321,8 @@ mod tests {
         let leaf = ParsedCert::parse(&chain[0]).unwrap();
         let ca_parsed = ParsedCert::parse(ca.cert_der()).unwrap();
         assert_eq!(leaf.issuer, ca_parsed.subject);
-        assert_eq!(leaf.basic_constraints().unwrap(), Some((false, None)));
+        // No basicConstraints on a leaf (an explicit `cA FALSE` is the DER DEFAULT: not encoded).
+        assert_eq!(leaf.basic_constraints().unwrap(), None);
         let eku = leaf.extension(&[0x55, 0x1d, 0x25]).unwrap();
         let server_auth: &[u8] = &[0x06, 0x08, 0x2b, 0x06, 0x01, 0x05, 0x05, 0x07, 0x03, 0x01];
         assert_eq!(&eku.value[2..], server_auth);
