@@ -9,7 +9,7 @@
 # CAP_SYS_ADMIN) for the mount namespace; loopback only.
 #
 #   bench/dns_outage.sh [drop|refuse|both] [extra lab args...]
-# Prints the lab table and a one-line verdict per variant: errors, requests over 1 s, R / oracle.
+# Prints the lab table and a one-line verdict per variant: errors, requests over 1 s, R / greedy reference.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 variants="${1:-both}"
@@ -59,10 +59,10 @@ import json, os, sys
 r = json.load(open(sys.argv[1]))
 m = [m for m in r["modes"] if m["mode"] == "edgepool"][0]
 sink = open(sys.argv[3]).read() if os.path.exists(sys.argv[3]) else "0"
-ratio = m["reuse_rate"] / m["oracle_reuse_rate"]
+ratio = m["reuse_rate"] / m["reference_reuse_rate"]
 print(f"{sys.argv[2]}: requests {m['requests']} errors {m['errors']} over_1s {m['requests_over_1s']} "
       f"p50 {m['latency_ms']['p50']} ms p99 {m['latency_ms']['p99']} ms max {m['latency_ms']['max']} ms "
-      f"R {m['reuse_rate']} oracle {m['oracle_reuse_rate']} R/oracle {ratio:.4f} "
+      f"R {m['reuse_rate']} reference {m['reference_reuse_rate']} R/reference {ratio:.4f} "
       f"dns {m['dns']} queries_at_nameserver {sink}")
 ok = m["errors"] == 0 and m["requests_over_1s"] == 0 and ratio >= 0.98
 print("PASS" if ok else "FAIL")

@@ -1067,7 +1067,6 @@ mod der {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Instant;
 
     use rustls::pki_types::ServerName;
     use rustls::{CertificateError, ClientConfig, RootCertStore};
@@ -1471,45 +1470,5 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(&chain[1], original.cert_der());
-    }
-
-    /// Not an assertion: prints how long minting one leaf takes.
-    /// `cargo test --lib ca::tests::leaf_generation_timing -- --nocapture`
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn leaf_generation_timing() {
-        let (_dir, ca) = new_ca();
-        let cache = LeafCache::new(ca, 1000, WEEK, alpn());
-        const N: u32 = 200;
-        let name = LeafName::parse("warmup.example").unwrap();
-        cache.factory.generate(&name).unwrap();
-
-        let start = Instant::now();
-        for i in 0..N {
-            let name = LeafName::parse(&format!("host{i}.example")).unwrap();
-            cache.factory.generate(&name).unwrap();
-        }
-        let inline = start.elapsed() / N;
-
-        let start = Instant::now();
-        for i in 0..N {
-            cache
-                .server_config(&format!("async{i}.example"))
-                .await
-                .unwrap();
-        }
-        let miss = start.elapsed() / N;
-
-        let start = Instant::now();
-        for i in 0..N {
-            cache
-                .server_config(&format!("async{i}.example"))
-                .await
-                .unwrap();
-        }
-        let hit = start.elapsed() / N;
-        println!(
-            "leaf generation: {inline:?}/leaf (generate only); server_config: \
-             {miss:?}/miss, {hit:?}/hit"
-        );
     }
 }

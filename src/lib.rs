@@ -36,7 +36,8 @@
 //! - [`admin`]: `/` (dashboard), `/status`, `/status/history`, `/report`, `/trace`, `/metrics`,
 //!   `/healthz`, `/readyz`, `/ca.pem`.
 //! - [`lab`]: the reuse lab (`edgepool lab`): origins with behaviour profiles, a worker fleet
-//!   in several modes, the oracle, and the side-by-side report (table, JSON, HTML).
+//!   in several modes, the greedy reference (`lab::oracle`), and the side-by-side report
+//!   (table, JSON, HTML).
 //! - [`upgrade`]: WebSockets — `Upgrade: websocket` and HTTP/2 extended CONNECT forwarded
 //!   over a dedicated (never pooled) upstream connection, spliced both ways after `101`, with
 //!   their own idle and lifetime clocks.

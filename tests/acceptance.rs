@@ -120,13 +120,42 @@ async fn sixteen_workers_four_https_targets_reach_near_minimum_connections() {
     // dial, the waiter takes the warm connection (lower latency, as the pool is designed to
     // do) and the dial's connection joins the pool; the workers' request streams then cross
     // connections, so at the end of the run some streams leave a partly used connection
-    // (each costs one connection). We assert what the design guarantees: at most one
-    // stranded connection per worker stream on top of the minimum, and ≤ 1.10 × minimum
-    // at full scale. See docs/BENCHMARKS.md.
-    assert!(
-        opened <= minimum + WORKERS as u64,
-        "new connections {opened} > minimum {minimum} + one per worker stream"
-    );
+    // (each costs one connection). See docs/BENCHMARKS.md.
+    //
+    // Where the connections come from, checked reason by reason (a pool that dials for any
+    // other reason — idle expiry, a dead connection, a retry — fails here):
+    // - `cold_key`: exactly one per target;
+    // - `all_busy`: the cold start, each target's other `c − 1` concurrent workers
+    //   (c = WORKERS / TARGETS), plus at most `EXTRA_ALL_BUSY` later (measured: 12–13 in
+    //   all, i.e. 0–1 later, debug, 2026-12-04);
+    // - `max_requests`: a connection closed at CONN_LIMIT, replaced.
+    // Total: at most `minimum + DEBUG_MARGIN` at the debug scale (the full scale has its own
+    // bound below; its all_busy, 17 in the recorded run, is not bounded here). Measured (16 × 1,000,
+    // debug): 22, 24, 22 (2026-12-04), "20–24" before (docs/BENCHMARKS.md); the margin is that
+    // worst case (24 = minimum + 8) plus 2 for a run whose final streams strand one more
+    // connection. The old bound, minimum + one per worker stream (32), was 2 × the minimum.
+    const EXTRA_ALL_BUSY: u64 = 2;
+    const DEBUG_MARGIN: u64 = 10;
+    let c = (WORKERS / TARGETS) as u64;
+    let reasons = s["fleet"]["new_by_reason"].as_object().unwrap();
+    let reason = |k: &str| reasons.get(k).and_then(|v| v.as_u64()).unwrap_or(0);
+    for k in reasons.keys() {
+        assert!(
+            ["cold_key", "all_busy", "max_requests"].contains(&k.as_str()),
+            "unexpected new-connection reason {k}: {reasons:?}"
+        );
+    }
+    assert_eq!(reason("cold_key"), TARGETS as u64, "{reasons:?}");
+    if per_worker < 5000 {
+        assert!(
+            reason("all_busy") <= TARGETS as u64 * (c - 1) + EXTRA_ALL_BUSY,
+            "all_busy beyond the cold start + {EXTRA_ALL_BUSY}: {reasons:?}"
+        );
+        assert!(
+            opened <= minimum + DEBUG_MARGIN,
+            "new connections {opened} > minimum {minimum} + {DEBUG_MARGIN}"
+        );
+    }
     if per_worker >= 5000 {
         assert!(
             opened as f64 <= 1.10 * minimum as f64,

@@ -58,15 +58,11 @@ async fn cryptography_available() -> bool {
         return true;
     }
     let why = text(&out.stderr);
-    if support::ci() {
-        panic!("python3 cannot import cryptography.x509.verification under CI=true: {why}");
-    }
-    eprintln!(
-        "SKIPPED: python cryptography >= 42 not importable ({}); install it with \
-         `python3 -m pip install cryptography` (under CI=true this is a failure)",
+    support::skip(&format!(
+        "python cryptography >= 42 not importable ({}); install it with \
+         `python3 -m pip install cryptography`",
         why.trim().lines().last().unwrap_or("")
-    );
-    false
+    ))
 }
 
 /// Writes a CA of the given key type into `dir` the way edgepool stores its own

@@ -196,8 +196,7 @@ async fn an_ipv6_answer_is_used_when_a_is_refused() {
     {
         Ok(o) => o,
         Err(e) => {
-            assert!(!support::ci(), "no IPv6 loopback under CI: {e}");
-            eprintln!("SKIPPED: no IPv6 loopback on this machine ({e})");
+            support::skip(&format!("no IPv6 loopback on this machine ({e})"));
             return;
         }
     };

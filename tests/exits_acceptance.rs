@@ -8,9 +8,9 @@
 //!
 //! The best any pool can do under the rotation policy: every (target, exit) pair that carried
 //! traffic needs at least one connection (HTTP/2 multiplexes every concurrent request of a
-//! pair onto it), so `oracle R = 1 − distinct (target, exit) pairs / requests`, where the pairs
+//! pair onto it), so `R at the minimum = 1 − distinct (target, exit) pairs / requests`, where the pairs
 //! are counted at the origins (each exit connects from its own loopback address). Killing an
-//! exit moves its targets to other exits: those new pairs are in the oracle too, because no
+//! exit moves its targets to other exits: those new pairs are in the minimum too, because no
 //! pool can keep using a dead exit.
 mod gw;
 mod support;
@@ -120,7 +120,18 @@ async fn eight_exits_sixteen_workers_twenty_targets_one_exit_killed() {
     while done.load(Ordering::Relaxed) < total / 3 {
         tokio::time::sleep(std::time::Duration::from_millis(5)).await;
     }
+    let killed_ip = exits[KILLED].config().bind_ip;
+    let from_killed = |origins: &[Origin]| -> usize {
+        origins
+            .iter()
+            .map(|o| o.log().iter().filter(|r| r.peer.ip() == killed_ip).count())
+            .sum()
+    };
     exits[KILLED].kill();
+    // The kill instant: what the killed exit had accepted and tunnelled, and how many requests
+    // the origins had received through it.
+    let killed_at_kill = (exits[KILLED].connections(), exits[KILLED].tunnels());
+    let via_killed_at_kill = from_killed(&origins);
     let mut failures = Vec::new();
     for t in tasks {
         failures.extend(t.await.unwrap());
@@ -147,24 +158,79 @@ async fn eight_exits_sixteen_workers_twenty_targets_one_exit_killed() {
         "the origins saw every request ({requests} < {total})"
     );
     let r = 1.0 - accepted as f64 / requests as f64;
-    let oracle = 1.0 - pairs.len() as f64 / requests as f64;
+    let at_minimum = 1.0 - pairs.len() as f64 / requests as f64;
     let status = gw.status().await;
     let fleet_r = status["fleet"]["reuse_rate"].as_f64().unwrap();
     eprintln!(
         "exits acceptance: {requests} requests in {elapsed:.1?} ({:.0} req/s), {accepted} connections at the origins, \
-         R {r:.4}, oracle R {oracle:.4} ({} target×exit pairs), /status R {fleet_r:.4}, killed exit tunnels {}",
+         R {r:.4}, R at the minimum {at_minimum:.4} ({} target×exit pairs), /status R {fleet_r:.4} ({} new connections), \
+         killed exit tunnels {}, requests via the killed exit at the kill {via_killed_at_kill} / at the end {}",
         requests as f64 / elapsed.as_secs_f64(),
         pairs.len(),
+        status["fleet"]["new_connections"],
         exits[KILLED].tunnels(),
+        from_killed(&origins),
     );
-    assert!(r >= 0.95, "R {r:.4} below 0.95");
+    // Connections, counted at the origins. The minimum any pool needs is one per (target, exit)
+    // pair that carried traffic (HTTP/2 multiplexes all of a pair's concurrent requests), so
+    // fewer than `pairs` means the counting is broken, not that the pool is clever.
+    // Margin: EXTRA_CONNECTIONS over that minimum. Measured (debug, 16 × 500, 2026-12-04):
+    // 24/23, 23/23, 22/22 and 23/22 connections/pairs; release 16 × 4,000: 23/23 and 23/22
+    // (2026-11-23), 23/23 twice (2026-12-04; docs/BENCHMARKS.md). The odd extra connection is
+    // most likely the kill (retries of the cut requests racing into a new pair); it was not
+    // traced further. 3 leaves room for that twice over and still fails a pool that dials one
+    // connection per worker for a hot pair (16 workers) or re-dials after idling. The old
+    // bound (R within 1 point of R at the minimum) allowed pairs + 80 at 8,000 requests, 4.5
+    // times the minimum.
+    const EXTRA_CONNECTIONS: u64 = 3;
+    let pairs_n = pairs.len() as u64;
     assert!(
-        r >= oracle - 0.01,
-        "R {r:.4} not within 1 point of the oracle {oracle:.4}"
+        accepted >= pairs_n,
+        "{accepted} connections at the origins for {pairs_n} (target, exit) pairs: impossible, \
+         the origins' counts are broken"
     );
     assert!(
-        (fleet_r - r).abs() <= 0.005,
+        accepted <= pairs_n + EXTRA_CONNECTIONS,
+        "{accepted} connections for {pairs_n} (target, exit) pairs (minimum {pairs_n}, allowed \
+         {})",
+        pairs_n + EXTRA_CONNECTIONS
+    );
+    // /status must have counted the same traffic: non-zero, and the same connections.
+    let status_requests = status["fleet"]["requests"].as_u64().unwrap();
+    let status_new = status["fleet"]["new_connections"].as_u64().unwrap();
+    assert!(
+        status_requests >= total && status_new > 0,
+        "/status counted {status_requests} requests and {status_new} connections"
+    );
+    assert!(
+        status_new.abs_diff(accepted) <= EXTRA_CONNECTIONS,
+        "/status counted {status_new} new connections, the origins accepted {accepted}"
+    );
+    assert!(
+        (fleet_r - r).abs() <= 0.001,
         "/status R {fleet_r} vs origin R {r}"
+    );
+
+    // The killed exit carried nothing after the kill: it accepted no connection and opened no
+    // tunnel, and the origins received at most one request per worker through it after the
+    // kill instant (each worker has one request in flight; one that had crossed the exit
+    // before the kill may reach the origin's log after it, then be retried elsewhere).
+    assert_eq!(
+        (exits[KILLED].connections(), exits[KILLED].tunnels()),
+        killed_at_kill,
+        "the killed exit accepted connections or opened tunnels after the kill"
+    );
+    let via_killed_end = from_killed(&origins);
+    assert!(
+        via_killed_at_kill > 0,
+        "the killed exit carried nothing before the kill: the kill tested nothing"
+    );
+    assert!(
+        via_killed_end - via_killed_at_kill <= WORKERS,
+        "the origins received {} requests through the killed exit after the kill (at most {} \
+         were in flight)",
+        via_killed_end - via_killed_at_kill,
+        WORKERS
     );
 
     // The killed exit carried traffic before it died and none after: its targets moved.
@@ -214,6 +280,16 @@ async fn eight_exits_sixteen_workers_twenty_targets_one_exit_killed() {
     }
     let k = row(&gw.status().await);
     assert_eq!(k["state"], "open", "{k:#}");
+    assert_eq!(
+        (exits[KILLED].connections(), exits[KILLED].tunnels()),
+        killed_at_kill,
+        "the killed exit accepted connections or opened tunnels after the kill"
+    );
+    assert_eq!(
+        from_killed(&origins),
+        via_killed_end,
+        "requests reached the origins through the killed exit after the run"
+    );
     assert!(
         k["last_error"].as_str().unwrap_or("").contains("connect"),
         "{k:#}"

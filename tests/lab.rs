@@ -1,6 +1,7 @@
 //! The reuse lab's smoke run: the `mixed` scenario with `--quick`, every built-in mode, on
 //! loopback. Asserts what the lab exists to show: nothing errored, edgepool's R (measured at
-//! the origins) beats no-keepalive's and per-worker's and is close to the oracle, and the
+//! the origins) beats no-keepalive's and per-worker's and is at least 0.98 × the greedy
+//! reference's (docs/BENCHMARKS.md, the target), and the
 //! report's numbers agree with each other.
 use edgepool::lab::{LabOptions, Mode};
 
@@ -36,10 +37,12 @@ async fn mixed_quick_edgepool_beats_the_worker_side_pools() {
         r(&ep),
         r(&pw)
     );
-    let oracle = ep["oracle_reuse_rate"].as_f64().unwrap();
+    // The documented target (docs/BENCHMARKS.md): edgepool R ≥ 0.98 × the greedy reference R.
+    // Measured 2026-12-04 (debug, 3 runs while a release build shared the cores): 100.0–100.2 %.
+    let reference = ep["reference_reuse_rate"].as_f64().unwrap();
     assert!(
-        r(&ep) >= 0.95 * oracle,
-        "edgepool R {} vs oracle {oracle}",
+        r(&ep) >= 0.98 * reference,
+        "edgepool R {} vs greedy reference {reference}",
         r(&ep)
     );
     assert!(ep["gateway_cpu_seconds"].as_f64().unwrap() > 0.0);

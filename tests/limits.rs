@@ -263,6 +263,75 @@ async fn reset_flood(
     (sent, ended)
 }
 
+/// How a raw HTTP/2 reset burst ended: pairs written before the connection died, and every
+/// GOAWAY error code edgepool sent (read until EOF, so a GOAWAY that precedes the close is seen
+/// even when the attacker's own writes already failed).
+struct Burst {
+    sent: u32,
+    goaway_codes: Vec<u32>,
+}
+
+/// HEADERS (no END_STREAM: the body never comes) and RST_STREAM(CANCEL) back to back on one
+/// raw HTTP/2 connection, up to 5000 pairs, while a reader collects the server's frames.
+async fn raw_reset_burst(proxy: SocketAddr, authority: &str, path: &str) -> Burst {
+    fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+        let len = payload.len() as u32;
+        let mut f = vec![(len >> 16) as u8, (len >> 8) as u8, len as u8, kind, flags];
+        f.extend_from_slice(&stream.to_be_bytes());
+        f.extend_from_slice(payload);
+        f
+    }
+    // HPACK, no Huffman, no table: :method GET (static 2), :scheme http (static 6), :path and
+    // :authority as literals with an indexed name (static 4 and 1), without indexing.
+    let mut block = vec![0x82, 0x86, 0x04, path.len() as u8];
+    block.extend_from_slice(path.as_bytes());
+    block.extend_from_slice(&[0x01, authority.len() as u8]);
+    block.extend_from_slice(authority.as_bytes());
+
+    let tcp = TcpStream::connect(proxy).await.unwrap();
+    let (mut rd, mut wr) = tcp.into_split();
+    let reader = tokio::spawn(async move {
+        let mut codes = Vec::new();
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 16384];
+        loop {
+            match tokio::time::timeout(Duration::from_secs(10), rd.read(&mut chunk)).await {
+                Ok(Ok(n)) if n > 0 => buf.extend_from_slice(&chunk[..n]),
+                Ok(_) => break,
+                Err(_) => panic!("the attacker's connection was still open after 10 s"),
+            }
+            while buf.len() >= 9 {
+                let len = (buf[0] as usize) << 16 | (buf[1] as usize) << 8 | buf[2] as usize;
+                if buf.len() < 9 + len {
+                    break;
+                }
+                if buf[3] == 7 && len >= 8 {
+                    codes.push(u32::from_be_bytes(buf[13..17].try_into().unwrap()));
+                }
+                buf.drain(..9 + len);
+            }
+        }
+        codes
+    });
+    let mut sent = 0u32;
+    let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    out.extend(frame(4, 0, 0, &[]));
+    if wr.write_all(&out).await.is_ok() {
+        for i in 0..5000u32 {
+            let id = 2 * i + 1;
+            let mut pair = frame(1, 0x4, id, &block);
+            pair.extend(frame(3, 0, id, &8u32.to_be_bytes())); // CANCEL
+            if wr.write_all(&pair).await.is_err() {
+                break;
+            }
+            sent += 1;
+            tokio::task::yield_now().await;
+        }
+    }
+    let goaway_codes = reader.await.unwrap();
+    Burst { sent, goaway_codes }
+}
+
 #[tokio::test]
 async fn rapid_reset_closes_the_attackers_connection_and_others_are_served() {
     let origin = Origin::start(OriginConfig::default()).await;
@@ -276,8 +345,12 @@ async fn rapid_reset_closes_the_attackers_connection_and_others_are_served() {
         before.push(t.elapsed());
     }
     let slow = origin.url("/slow?ms=2000");
+    let gw_proxy = gw.proxy;
     // Burst: HEADERS and RST_STREAM back to back, reset before edgepool accepted the stream.
-    let burst = tokio::spawn(reset_flood(gw.proxy, slow.clone(), None));
+    let burst = {
+        let authority = origin.authority();
+        tokio::spawn(async move { raw_reset_burst(gw_proxy, &authority, "/slow?ms=2000").await })
+    };
     // Paced: each stream accepted and handed to a handler, then cancelled.
     let paced = tokio::spawn(reset_flood(
         gw.proxy,
@@ -294,22 +367,45 @@ async fn rapid_reset_closes_the_attackers_connection_and_others_are_served() {
         );
         during.push(t.elapsed());
     }
-    let (burst_sent, burst_end) = burst.await.unwrap();
-    let (paced_sent, _) = paced.await.unwrap();
-    eprintln!("rapid reset: burst cut after {burst_sent} pairs ({burst_end:?}); paced cut after {paced_sent}");
-    assert!(burst_sent < 5000, "the burst was cut off");
-    // h2's own pending-accept reset limit answers with GOAWAY ENHANCE_YOUR_CALM; the attacker
-    // may see that or the closed socket first.
-    burst_end.expect_err("the burst connection ends in an error");
-    assert!(
-        paced_sent <= 200,
-        "the paced flood was cut off near h2_max_cancelled_streams (100): {paced_sent}"
+    let burst = burst.await.unwrap();
+    let (paced_sent, paced_end) = paced.await.unwrap();
+    let rapid_resets = gw.gw.telemetry().error_count("rapid_reset");
+    eprintln!(
+        "rapid reset: burst cut after {} pairs (GOAWAY codes {:?}); paced cut after \
+         {paced_sent} ({paced_end:?}); rapid_reset closes counted: {rapid_resets}",
+        burst.sent, burst.goaway_codes
     );
-    // The paced flood is always cut by the watch; the burst may be too, when edgepool had
-    // accepted its streams before their resets arrived.
+    // The burst: h2's pending-accept reset limit (limits.h2_max_pending_resets, 20) answers
+    // with GOAWAY ENHANCE_YOUR_CALM (0xb). Each HEADERS and its RST_STREAM go out in one write,
+    // so the reset reaches the server with its stream; the limit (20) trips long before the
+    // cancellation watch could (over 100). With the limit disabled, the watch cuts the burst
+    // instead (measured: after 110 pairs, no GOAWAY) and this fails: it tests the limit.
+    const ENHANCE_YOUR_CALM: u32 = 0xb;
     assert!(
-        gw.gw.telemetry().error_count("rapid_reset") >= 1,
+        burst.goaway_codes.contains(&ENHANCE_YOUR_CALM),
+        "the burst connection was not sent GOAWAY ENHANCE_YOUR_CALM: GOAWAY codes {:?}, \
+         {rapid_resets} rapid_reset closes, {} pairs sent",
+        burst.goaway_codes,
+        burst.sent
+    );
+    assert!(burst.sent < 5000, "the burst was cut off");
+    // The paced flood: every stream is accepted, then cancelled, so only the watch can stop
+    // it: after more than h2_max_cancelled_streams (100) cancellations — not before, an honest
+    // connection may cancel a few — and well before twice that.
+    assert!(
+        (101..=200).contains(&paced_sent),
+        "the paced flood must be cut just past h2_max_cancelled_streams (100): {paced_sent}"
+    );
+    paced_end.expect_err("the paced flood's connection was closed by edgepool");
+    assert!(
+        rapid_resets >= 1,
         "the paced flood's connection was closed as rapid reset"
+    );
+    let metrics = gw.metrics().await;
+    assert_eq!(
+        support::metric(&metrics, "edgepool_errors_total{error=\"rapid_reset\"}"),
+        rapid_resets as f64,
+        "the rapid-reset closes are in /metrics"
     );
     before.sort();
     during.sort();

@@ -348,7 +348,7 @@ async fn nearly_exhausted_ephemeral_ports_hold_the_dial_then_answer_503() {
     })
     .await;
     if !gw.gw.ports().budget().known {
-        eprintln!("SKIPPED: no /proc port data on this OS");
+        support::skip("no /proc port data (ip_local_port_range, tcp sockets) on this OS");
         return;
     }
     let range = gw.gw.ports().budget().range_size;

@@ -37,7 +37,9 @@
 //! descriptors (`/proc/<pid>/fd`) and the pool from `GET /status` on the admin listener.
 //!
 //! At the end (after a 5 s quiet period) it asserts: the gateway is still running; RSS grew by
-//! less than 20 % + 8 MiB from the first sample after warm-up (10 % of the run) to the end;
+//! at most 4 MiB + 1.5 MiB per minute under honest load (from the first sample after warm-up,
+//! 10 % of the run, to the last sample before the attacker starts), and the lowest sample
+//! while the attacker ran stays within that allowance + 5 MiB (see the constants);
 //! file descriptors outside the pool (all open descriptors minus the pool's established and
 //! dialing connections, which may legitimately stay open until `pool.idle_timeout`) are at
 //! most 32 above the warm-up sample; and the ledger is clean: every request got exactly one
@@ -74,8 +76,27 @@ const SLOW_FAULT_MS: u64 = 2000;
 const SLOW_OK_MS: u64 = 100;
 /// Index of the plain origin behind the stoppable relay.
 const FLAPPING: usize = 0;
-const RSS_GROWTH_RATIO: f64 = 0.20;
-const RSS_GROWTH_SLACK_KIB: u64 = 8 * 1024;
+/// RSS growth allowed under honest load, from the warm-up sample to the last sample before the
+/// attacker starts (to the end, with `EDGEPOOL_SOAK_ATTACK=0`): `RSS_HONEST_BASE_KIB` plus
+/// `RSS_HONEST_PER_MIN_KIB` per minute of that window. Measured (debug, 2026-12-04, ~1,000
+/// req/s): 60 s runs, warm-up t=10 s to t=25 s: +1.6, +1.8, +2.6, +2.7, +2.8 MiB (bound 4.4);
+/// a 300 s run, t=30 s to t=145 s: +5.5 MiB (bound 6.9), growing ever slower (+4.1 MiB in its
+/// first minute, +1.4 in its second). What grows was not traced (caches and rings filling,
+/// presumably); the bound is just above what was measured and fails a leak of more than about
+/// 1.5 MiB per minute (≈ 25 bytes per request at 1,000 req/s) once the window is long, or a
+/// 300-byte-per-request leak within a 60 s run. The old bound, +20 % + 8 MiB (≈ 17 MiB) from
+/// warm-up to the end, let a 60 s run grow four times as much as it does.
+const RSS_HONEST_BASE_KIB: u64 = 4 * 1024;
+const RSS_HONEST_PER_MIN_KIB: f64 = 1.5 * 1024.0;
+/// With the attacker running, RSS swings between ~50 and ~180 MiB (its 8 MiB POSTs, buffered,
+/// and its stalled streams), and the end sample, 5 s after the load, still holds some of it
+/// (a 300 s run ended at +36 MiB over warm-up, over the old bound, while its samples between
+/// bursts came back to +2.6 MiB). A leak raises the floor, not the peaks: the lowest sample from
+/// the attacker's start to the end may exceed warm-up by the honest allowance over that whole
+/// window plus `RSS_ATTACK_FLOOR_KIB` for what the attack itself holds while it runs (its
+/// stalled streams and slowloris connections). Measured floors: −5.6, +3.4, +4.4, +5.4,
+/// +6.9 MiB (60 s runs, bound 10.4), +2.6 MiB (300 s run, bound 15.9).
+const RSS_ATTACK_FLOOR_KIB: u64 = 5 * 1024;
 const FD_SLACK: usize = 32;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -1235,7 +1256,29 @@ async fn soak_run(run: Duration, rps: u64) {
         .find(|s| s.t >= warm_at)
         .cloned()
         .unwrap_or_else(|| samples[0].clone());
-    let rss_limit = (warm.rss_kib as f64 * (1.0 + RSS_GROWTH_RATIO)) as u64 + RSS_GROWTH_SLACK_KIB;
+    // The honest-load leak check: the last sample before the attacker starts (at half the run),
+    // or the end when there is no attacker.
+    let attack_at = run.as_secs_f64() / 2.0;
+    let honest_end = if attack_on {
+        samples
+            .iter()
+            .rfind(|s| s.t >= warm.t && s.t < attack_at - 1.0)
+            .cloned()
+            .unwrap_or_else(|| warm.clone())
+    } else {
+        samples.last().cloned().unwrap_or_else(|| warm.clone())
+    };
+    let allowance = |from: f64, to: f64| -> u64 {
+        RSS_HONEST_BASE_KIB + (RSS_HONEST_PER_MIN_KIB * (to - from).max(0.0) / 60.0) as u64
+    };
+    let honest_limit = warm.rss_kib + allowance(warm.t, honest_end.t);
+    // The floor of the attack half (the attacker's start to the end, the end included).
+    let attack_floor = samples
+        .iter()
+        .filter(|s| attack_on && s.t >= attack_at)
+        .min_by_key(|s| s.rss_kib)
+        .cloned();
+    let floor_limit = warm.rss_kib + allowance(warm.t, last.t) + RSS_ATTACK_FLOOR_KIB;
     let fd_limit = warm.fds_outside_pool() + FD_SLACK as i64;
     let peak_pool = samples
         .iter()
@@ -1352,13 +1395,19 @@ async fn soak_run(run: Duration, rps: u64) {
     );
     let _ = writeln!(
         s,
-        "RSS MiB             start {:.1} (t={:.0}s)  end {:.1}  peak {:.1}  growth {:+.1} % (limit {:.1})",
+        "RSS MiB             start {:.1} (t={:.0}s)  honest-load end {:.1} (t={:.0}s, limit {:.1})  attack floor {} (limit {:.1})  end {:.1}  peak {:.1}  growth {:+.1} %",
         mib(warm.rss_kib),
         warm.t,
+        mib(honest_end.rss_kib),
+        honest_end.t,
+        mib(honest_limit),
+        attack_floor
+            .as_ref()
+            .map_or("-".to_string(), |f| format!("{:.1} (t={:.0}s)", mib(f.rss_kib), f.t)),
+        mib(floor_limit),
         mib(last.rss_kib),
         mib(peak_rss),
         100.0 * (last.rss_kib as f64 / warm.rss_kib.max(1) as f64 - 1.0),
-        mib(rss_limit)
     );
     let _ = writeln!(
         s,
@@ -1513,13 +1562,27 @@ async fn soak_run(run: Duration, rps: u64) {
     );
     assert_eq!(phantom, 0, "origin requests with a ledger id nobody issued");
     assert!(
-        last.rss_kib <= rss_limit,
-        "RSS grew from {:.1} MiB (t={:.0}s) to {:.1} MiB, over the {:.1} MiB bound",
+        honest_end.rss_kib <= honest_limit,
+        "RSS grew under honest load from {:.1} MiB (t={:.0}s) to {:.1} MiB (t={:.0}s), over the \
+         {:.1} MiB bound",
         mib(warm.rss_kib),
         warm.t,
-        mib(last.rss_kib),
-        mib(rss_limit)
+        mib(honest_end.rss_kib),
+        honest_end.t,
+        mib(honest_limit),
     );
+    if let Some(f) = &attack_floor {
+        assert!(
+            f.rss_kib <= floor_limit,
+            "RSS never came back down while the attacker ran: its lowest sample, {:.1} MiB \
+             (t={:.0}s), is over the {:.1} MiB bound (warm-up {:.1} MiB at t={:.0}s)",
+            mib(f.rss_kib),
+            f.t,
+            mib(floor_limit),
+            mib(warm.rss_kib),
+            warm.t
+        );
+    }
     assert!(
         warm.pool.is_some() && last.pool.is_some(),
         "the admin /status did not answer for the warm-up or the final sample"

@@ -8,9 +8,9 @@
 //! - the header: scenario, description, quick/full, seed, date, machine, edgepool version,
 //!   workers × requests and the injected delays;
 //! - the summary table, one row per mode (best value per column in bold, non-zero errors
-//!   highlighted), followed by the oracle's explanation;
+//!   highlighted), followed by the greedy reference's explanation;
 //! - chart 1: latency CDF per mode (log x axis when the latencies span more than 20×);
-//! - chart 2: R per target, grouped bars per mode with the oracle's R as a black marker, and the
+//! - chart 2: R per target, grouped bars per mode with the greedy reference's R as a black marker, and the
 //!   same numbers as a table (tooltips do not print);
 //! - chart 3: new connections by reason per mode, horizontal stacked bars, one fixed colour per
 //!   reason, with each reason's explanation;
@@ -433,7 +433,7 @@ enum Key {
     Line(&'static str, &'static str),
     /// A filled square.
     Fill(&'static str),
-    /// The oracle marker (short thick dark line).
+    /// The reference marker (short thick dark line).
     Mark,
 }
 
@@ -717,18 +717,18 @@ fn columns() -> [Col; 13] {
             fmt: |x| fixed(x, 3),
         },
         Col {
-            head: "Oracle R",
+            head: "Reference R",
             help: "the best reuse rate possible for this request sequence",
             better: Better::Neither,
-            get: |m| num(m, "oracle_reuse_rate"),
+            get: |m| num(m, "reference_reuse_rate"),
             fmt: |x| fixed(x, 3),
         },
         Col {
-            head: "R / oracle",
+            head: "R / reference",
             help: "share of the possible reuse achieved",
             better: Better::Higher,
             get: |m| {
-                let o = num(m, "oracle_reuse_rate").filter(|&o| o > 0.0)?;
+                let o = num(m, "reference_reuse_rate").filter(|&o| o > 0.0)?;
                 Some(num(m, "reuse_rate")? / o * 100.0).filter(|x| x.is_finite())
             },
             fmt: |x| format!("{} %", fixed(x, 1)),
@@ -809,7 +809,7 @@ fn best(values: &[Option<f64>], better: Better) -> Option<f64> {
     Some(if better == Better::Higher { hi } else { lo })
 }
 
-/// The summary table and the oracle explanation.
+/// The summary table and the reference explanation.
 fn summary(out: &mut String, r: &Value, modes: &[Mode]) {
     let cols = columns();
     out.push_str("<section class=\"card\">\n<h2>Summary</h2>\n<div class=\"scroll\"><table>\n<thead><tr><th>Mode</th>");
@@ -862,11 +862,11 @@ fn summary(out: &mut String, r: &Value, modes: &[Mode]) {
         out.push_str("</tr>\n");
     }
     out.push_str("</tbody></table></div>\n");
-    out.push_str("<p class=\"note\">Bold: the best value in its column. R = 1 − connections / requests, counted at the origins; R / oracle is the share of the possible reuse a mode achieved. Errors are highlighted when non-zero.</p>\n");
+    out.push_str("<p class=\"note\">Bold: the best value in its column. R = 1 − connections / requests, counted at the origins; R / reference compares a mode with the greedy reference (a heuristic replay, not a bound: a mode can exceed 100 %). Errors are highlighted when non-zero.</p>\n");
     let _ = writeln!(
         out,
-        "<h2>Oracle</h2>\n<p class=\"prose\">{}</p>\n</section>",
-        esc_or_dash(text(r.get("oracle")).as_deref())
+        "<h2>Greedy reference</h2>\n<p class=\"prose\">{}</p>\n</section>",
+        esc_or_dash(text(r.get("reference")).as_deref())
     );
 }
 
@@ -1005,8 +1005,8 @@ fn chart_latency(out: &mut String, modes: &[Mode]) {
 struct TargetCell {
     /// R at the origin.
     r: Option<f64>,
-    /// Oracle R.
-    oracle: Option<f64>,
+    /// Reference R.
+    reference: Option<f64>,
     /// Requests sent to the target.
     requests: Option<f64>,
     /// Connections the target accepted.
@@ -1055,7 +1055,7 @@ fn target_grid(names: Vec<String>, modes: &[Mode]) -> Vec<(String, Vec<TargetCel
                             });
                     TargetCell {
                         r: entry.and_then(|e| num(e, "reuse_rate")),
-                        oracle: entry.and_then(|e| num(e, "oracle_reuse_rate")),
+                        reference: entry.and_then(|e| num(e, "reference_reuse_rate")),
                         requests: entry.and_then(|e| num(e, "requests")),
                         connections: entry.and_then(|e| num(e, "connections")),
                     }
@@ -1063,18 +1063,18 @@ fn target_grid(names: Vec<String>, modes: &[Mode]) -> Vec<(String, Vec<TargetCel
                 .collect();
             (name, cells)
         })
-        .filter(|(_, cells)| cells.iter().any(|c| c.r.is_some() || c.oracle.is_some()))
+        .filter(|(_, cells)| cells.iter().any(|c| c.r.is_some() || c.reference.is_some()))
         .collect()
 }
 
-/// The oracle R of a target when every mode that reports one agrees.
-fn shared_oracle(cells: &[TargetCell]) -> Option<f64> {
-    let mut it = cells.iter().filter_map(|c| c.oracle);
+/// The reference R of a target when every mode that reports one agrees.
+fn shared_reference(cells: &[TargetCell]) -> Option<f64> {
+    let mut it = cells.iter().filter_map(|c| c.reference);
     let first = it.next()?;
     it.all(|o| (o - first).abs() <= 1e-9).then_some(first)
 }
 
-/// Chart 2: R per target, grouped bars per mode, oracle markers; then the numbers as a table.
+/// Chart 2: R per target, grouped bars per mode, reference markers; then the numbers as a table.
 fn chart_reuse(out: &mut String, report: &Value, modes: &[Mode]) {
     card_open(out, "R per target");
     let grid = target_grid(target_names(report, modes), modes);
@@ -1088,7 +1088,7 @@ fn chart_reuse(out: &mut String, report: &Value, modes: &[Mode]) {
     let n_m = modes.len().max(1) as f64;
     let min_v = grid
         .iter()
-        .flat_map(|(_, cells)| cells.iter().flat_map(|c| [c.r, c.oracle]))
+        .flat_map(|(_, cells)| cells.iter().flat_map(|c| [c.r, c.reference]))
         .flatten()
         .map(|v| v.clamp(0.0, 1.0))
         .fold(1.0, f64::min);
@@ -1114,7 +1114,7 @@ fn chart_reuse(out: &mut String, report: &Value, modes: &[Mode]) {
         .iter()
         .map(|m| (m.name.clone(), Key::Fill(m.color)))
         .collect();
-    items.push(("oracle R".to_owned(), Key::Mark));
+    items.push(("reference R".to_owned(), Key::Mark));
     let (legend_svg, legend_h) = legend(&items, left, 8.0, w - left - right);
     let top = 8.0 + legend_h + 12.0;
     let (x0, x1, y0, y1) = (left, w - right, top, top + 280.0);
@@ -1147,13 +1147,13 @@ fn chart_reuse(out: &mut String, report: &Value, modes: &[Mode]) {
             let y = ys.px(r).min(y1 - 1.0);
             let _ = write!(
                 s,
-                "<rect x=\"{bx:.1}\" y=\"{y:.1}\" width=\"{bw:.1}\" height=\"{:.1}\" fill=\"{}\"><title>{} · {}: R {} (oracle {}; {} connections / {} requests)</title></rect>",
+                "<rect x=\"{bx:.1}\" y=\"{y:.1}\" width=\"{bw:.1}\" height=\"{:.1}\" fill=\"{}\"><title>{} · {}: R {} (reference {}; {} connections / {} requests)</title></rect>",
                 y1 - y,
                 m.color,
                 esc(&m.name),
                 esc(name),
                 fixed(r, 3),
-                c.oracle.map_or_else(|| DASH.to_owned(), |o| fixed(o, 3)),
+                c.reference.map_or_else(|| DASH.to_owned(), |o| fixed(o, 3)),
                 c.connections.map_or_else(|| DASH.to_owned(), count),
                 c.requests.map_or_else(|| DASH.to_owned(), count),
             );
@@ -1162,16 +1162,16 @@ fn chart_reuse(out: &mut String, report: &Value, modes: &[Mode]) {
             let y = ys.px(o);
             let _ = write!(
                 s,
-                "<line x1=\"{xa:.1}\" y1=\"{y:.1}\" x2=\"{xb:.1}\" y2=\"{y:.1}\" stroke=\"#1f2328\" stroke-width=\"3\"><title>{}: oracle R {}</title></line>",
+                "<line x1=\"{xa:.1}\" y1=\"{y:.1}\" x2=\"{xb:.1}\" y2=\"{y:.1}\" stroke=\"#1f2328\" stroke-width=\"3\"><title>{}: reference R {}</title></line>",
                 esc(name),
                 fixed(o, 3)
             );
         };
-        if let Some(o) = shared_oracle(cells) {
+        if let Some(o) = shared_reference(cells) {
             mark(&mut s, gx + pad * 0.5, gx + group_w - pad * 0.5, o);
         } else {
             for (mi, c) in cells.iter().enumerate() {
-                if let Some(o) = c.oracle {
+                if let Some(o) = c.reference {
                     let bx = gx + pad + mi as f64 * bar_slot;
                     mark(&mut s, bx - 2.0, bx + bar_slot * 0.88 + 2.0, o);
                 }
@@ -1195,11 +1195,17 @@ fn chart_reuse(out: &mut String, report: &Value, modes: &[Mode]) {
     }
     axis_title(&mut s, 16.0, (y0 + y1) / 2.0, true, "R (reuse rate)");
     axis_title(&mut s, (x0 + x1) / 2.0, h - 8.0, false, "target");
-    svg(out, w, h, "R per target, per mode, with the oracle's R", &s);
+    svg(
+        out,
+        w,
+        h,
+        "R per target, per mode, with the greedy reference's R",
+        &s,
+    );
     card_close(
         out,
         &format!(
-            "Bars: R measured at each target's origin per mode; black marker: the oracle's R for that target.{}",
+            "Bars: R measured at each target's origin per mode; black marker: the greedy reference's R for that target.{}",
             if lo > 0.0 {
                 format!(" The y axis starts at {}, not 0.", fixed(lo, 2))
             } else {
@@ -1214,7 +1220,7 @@ fn chart_reuse(out: &mut String, report: &Value, modes: &[Mode]) {
 /// The per-target numbers behind chart 2.
 fn target_table(out: &mut String, grid: &[(String, Vec<TargetCell>)], modes: &[Mode]) {
     out.push_str(
-        "<div class=\"scroll\"><table>\n<thead><tr><th>Target</th><th class=\"num\">Oracle R</th>",
+        "<div class=\"scroll\"><table>\n<thead><tr><th>Target</th><th class=\"num\">Reference R</th>",
     );
     for m in modes {
         let _ = write!(
@@ -1226,12 +1232,12 @@ fn target_table(out: &mut String, grid: &[(String, Vec<TargetCell>)], modes: &[M
     }
     out.push_str("</tr></thead>\n<tbody>\n");
     for (name, cells) in grid {
-        let oracle = match shared_oracle(cells) {
+        let reference = match shared_reference(cells) {
             Some(o) => fixed(o, 3),
             None => {
                 let all: Vec<String> = cells
                     .iter()
-                    .map(|c| c.oracle.map_or_else(|| DASH.to_owned(), |o| fixed(o, 3)))
+                    .map(|c| c.reference.map_or_else(|| DASH.to_owned(), |o| fixed(o, 3)))
                     .collect();
                 all.join(" / ")
             }
@@ -1240,7 +1246,7 @@ fn target_table(out: &mut String, grid: &[(String, Vec<TargetCell>)], modes: &[M
             out,
             "<tr><th scope=\"row\">{}</th><td class=\"num\">{}</td>",
             esc(name),
-            esc(&oracle)
+            esc(&reference)
         );
         for c in cells {
             let r = c.r.map_or_else(|| DASH.to_owned(), |r| fixed(r, 3));
@@ -1481,41 +1487,41 @@ mod tests {
                 {"name": "api-3", "authority": "localhost:40125", "profile": "api", "tls": false,
                  "h2": false, "max_requests": 50, "idle_timeout_ms": 2000}
             ],
-            "oracle": "The oracle replays the request sequence against a pool that knows the future.",
+            "reference": "The greedy reference replays the request sequence through a greedy pool.",
             "modes": [
                 {"mode": "no-keepalive", "requests": 640, "errors": 3, "wall_seconds": 21.5,
                  "throughput_rps": 29.8, "origin_connections": 640, "origin_requests": 640,
-                 "reuse_rate": 0.0, "oracle_reuse_rate": 0.98,
+                 "reuse_rate": 0.0, "reference_reuse_rate": 0.98,
                  "latency_ms": {"p50": 330.5, "p90": 390.0, "p99": 620.0, "max": 700.0, "mean": 340.0},
                  "latency_cdf": cdf(300.0),
                  "per_target": [
-                    {"target": "shop-1", "requests": 300, "connections": 300, "reuse_rate": 0.0, "oracle_reuse_rate": 0.98},
-                    {"target": "news-2", "requests": 240, "connections": 240, "reuse_rate": 0.0, "oracle_reuse_rate": 0.99},
-                    {"target": "api-3", "requests": 100, "connections": 100, "reuse_rate": 0.0, "oracle_reuse_rate": 0.94}
+                    {"target": "shop-1", "requests": 300, "connections": 300, "reuse_rate": 0.0, "reference_reuse_rate": 0.98},
+                    {"target": "news-2", "requests": 240, "connections": 240, "reuse_rate": 0.0, "reference_reuse_rate": 0.99},
+                    {"target": "api-3", "requests": 100, "connections": 100, "reuse_rate": 0.0, "reference_reuse_rate": 0.94}
                  ],
                  "new_by_reason": {},
                  "gateway_cpu_seconds": null, "handshake_seconds_paid": 81.9},
                 {"mode": "per-worker", "requests": 640, "errors": 0, "wall_seconds": 9.1,
                  "throughput_rps": 70.3, "origin_connections": 96, "origin_requests": 640,
-                 "reuse_rate": 0.85, "oracle_reuse_rate": 0.98,
+                 "reuse_rate": 0.85, "reference_reuse_rate": 0.98,
                  "latency_ms": {"p50": 120.4, "p90": 340.0, "p99": 410.0, "max": 450.0, "mean": 160.0},
                  "latency_cdf": cdf(110.0),
                  "per_target": [
-                    {"target": "shop-1", "requests": 300, "connections": 48, "reuse_rate": 0.84, "oracle_reuse_rate": 0.98},
-                    {"target": "news-2", "requests": 240, "connections": 32, "reuse_rate": 0.867, "oracle_reuse_rate": 0.99},
-                    {"target": "api-3", "requests": 100, "connections": 16, "reuse_rate": 0.84, "oracle_reuse_rate": 0.94}
+                    {"target": "shop-1", "requests": 300, "connections": 48, "reuse_rate": 0.84, "reference_reuse_rate": 0.98},
+                    {"target": "news-2", "requests": 240, "connections": 32, "reuse_rate": 0.867, "reference_reuse_rate": 0.99},
+                    {"target": "api-3", "requests": 100, "connections": 16, "reuse_rate": 0.84, "reference_reuse_rate": 0.94}
                  ],
                  "new_by_reason": {},
                  "gateway_cpu_seconds": null, "handshake_seconds_paid": 12.3},
                 {"mode": "edgepool", "requests": 640, "errors": 0, "wall_seconds": 5.2,
                  "throughput_rps": 123.0, "origin_connections": 20, "origin_requests": 640,
-                 "reuse_rate": 0.97, "oracle_reuse_rate": 0.98,
+                 "reuse_rate": 0.97, "reference_reuse_rate": 0.98,
                  "latency_ms": {"p50": 110.2, "p90": 130.0, "p99": 250.0, "max": 300.0, "mean": 115.0},
                  "latency_cdf": cdf(100.0),
                  "per_target": [
-                    {"target": "shop-1", "requests": 300, "connections": 9, "reuse_rate": 0.97, "oracle_reuse_rate": 0.98},
-                    {"target": "news-2", "requests": 240, "connections": 3, "reuse_rate": 0.9875, "oracle_reuse_rate": 0.99},
-                    {"target": "api-3", "requests": 100, "connections": 8, "reuse_rate": 0.92, "oracle_reuse_rate": 0.94}
+                    {"target": "shop-1", "requests": 300, "connections": 9, "reuse_rate": 0.97, "reference_reuse_rate": 0.98},
+                    {"target": "news-2", "requests": 240, "connections": 3, "reuse_rate": 0.9875, "reference_reuse_rate": 0.99},
+                    {"target": "api-3", "requests": 100, "connections": 8, "reuse_rate": 0.92, "reference_reuse_rate": 0.94}
                  ],
                  "new_by_reason": {"cold_key": 3, "max_requests": 12, "idle_expired": 4, "weird_new_reason": 1},
                  "gateway_cpu_seconds": 1.2, "handshake_seconds_paid": 2.5}
@@ -1548,7 +1554,7 @@ mod tests {
         assert!(page.contains("<td class=\"num best\">0</td>"));
         assert!(page.contains(">330.5<"));
         assert!(page.contains(">81.90<"));
-        // Oracle R is the same for every mode: shown, never "best".
+        // Reference R is the same for every mode: shown, never "best".
         assert!(page.contains("<td class=\"num\">0.980</td>"));
         // Gateway CPU is null for two modes.
         assert!(page.contains("<td class=\"num\">—</td>"));
@@ -1562,14 +1568,14 @@ mod tests {
             "0.1.0",
             "16 workers × 40 requests = 640 requests",
             "TCP connect 42 ms · TLS handshake 85 ms · TTFB 108 ms",
-            "The oracle replays",
+            "The greedy reference replays",
         ] {
             assert!(page.contains(s), "missing {s}");
         }
         // Charts: log scale (0.5 .. 900 ms), per-target groups, reasons and their legend.
         assert!(page.contains("latency (ms, log scale)"));
         assert!(page.contains("shop-1") && page.contains("news-2") && page.contains("api-3"));
-        assert!(page.contains("oracle R"));
+        assert!(page.contains("reference R"));
         assert!(page.contains("max_requests") && page.contains("weird_new_reason"));
         assert!(page.contains("not reported"));
         assert!(page.contains(crate::report::explain("cold_key")));
@@ -1607,9 +1613,9 @@ mod tests {
                 "requests": "many",
                 "latency_ms": [],
                 "latency_cdf": [[1], "x", [null, 2], [-5, 0.5], [5, 7], [0, 0]],
-                "per_target": [{}, {"target": "t", "reuse_rate": -3, "oracle_reuse_rate": 2}],
+                "per_target": [{}, {"target": "t", "reuse_rate": -3, "reference_reuse_rate": 2}],
                 "new_by_reason": {"x": -1, "y": "z", "z": 1e300},
-                "reuse_rate": 0.5, "oracle_reuse_rate": 0
+                "reuse_rate": 0.5, "reference_reuse_rate": 0
             }]}),
             json!({"modes": [{"mode": "a", "latency_cdf": [[0, 0], [0, 1]]},
                              {"mode": "b", "latency_cdf": [[1e300, 1]],

@@ -66,11 +66,11 @@ pub fn ci() -> bool {
 
 /// Whether the executable `name` is available on `PATH`.
 ///
-/// Returns `true` if found. If not found, prints a loud
-/// `SKIPPED: <name> not installed ...` line to stderr and returns `false`, so
-/// the calling test can return early. Under CI (`CI=true`) a missing tool is
-/// a hard failure instead: this function panics with a clear message, so
-/// skipped coverage cannot go unnoticed there.
+/// Returns `true` if found. If not found, [`skip`]s: a loud `SKIPPED:` line
+/// (and an `EDGEPOOL_SKIP_LOG` entry) and `false`, so the calling test can
+/// return early. Under CI (`CI=true`) a missing tool is a hard failure
+/// instead: this function panics with a clear message, so skipped coverage
+/// cannot go unnoticed there.
 ///
 /// ```ignore
 /// if !support::require_tool("curl") { return; }
@@ -79,16 +79,46 @@ pub fn require_tool(name: &str) -> bool {
     if find_on_path(name) {
         return true;
     }
+    skip(&format!(
+        "required tool `{name}` is not installed (not found on PATH); install {name} to run \
+         this test"
+    ))
+}
+
+/// A test (or part of one) that cannot run on this machine. Returns `false`, so the caller
+/// can `return` early:
+///
+/// - under CI (`CI=true`) it panics instead: skipped coverage is a failure there;
+/// - otherwise it prints a loud `SKIPPED: <why>` line to stderr (shown by `--nocapture`, or
+///   for a failing test) and, when `EDGEPOOL_SKIP_LOG` names a file, appends the same line
+///   to it, so a runner can see skips that cargo's output capture hides (`.ci/run` sets it
+///   and fails if the file is not empty afterwards).
+///
+/// ```ignore
+/// if !have_ipv6 { support::skip("no IPv6 loopback"); return; }
+/// ```
+pub fn skip(why: &str) -> bool {
     if ci() {
-        panic!(
-            "required tool `{name}` is not installed (not found on PATH) and CI=true; \
-             install it in the CI image instead of skipping this test"
-        );
+        panic!("{why}; CI=true, so this is a failure, not a skip");
     }
-    eprintln!(
-        "SKIPPED: {name} not installed (not found on PATH); this test did not run. \
-         Install {name} to run it (under CI=true this is a failure)."
-    );
+    let test = std::thread::current()
+        .name()
+        .unwrap_or("<unnamed test thread>")
+        .to_string();
+    let line =
+        format!("SKIPPED: {test}: {why}; this test did not run (under CI=true this is a failure).");
+    eprintln!("{line}");
+    if let Some(path) = std::env::var_os("EDGEPOOL_SKIP_LOG") {
+        use std::io::Write as _;
+        let written = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .and_then(|mut f| writeln!(f, "{line}"));
+        if let Err(e) = written {
+            panic!("EDGEPOOL_SKIP_LOG is set but {path:?} cannot be appended to: {e}");
+        }
+    }
     false
 }
 
