@@ -66,16 +66,509 @@ impl Sent {
     }
 }
 
+/// Every error edgepool answers a worker with: the error contract. Each kind has one token
+/// (`X-Edgepool-Error`, reason phrase, `edgepool_errors_total{error}`), one status, one RFC 9209
+/// `Proxy-Status` type, the side that failed, and `Retry-After` where a retry helps. The
+/// README's error table is checked against [`ErrorKind::ALL`] by a test, so they cannot drift.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ErrorKind {
+    /// `target_forbidden`.
+    TargetForbidden,
+    /// `not_a_proxy_request`.
+    NotAProxyRequest,
+    /// `bad_connect_target`.
+    BadConnectTarget,
+    /// `bad_target`.
+    BadTarget,
+    /// `unsupported_scheme`.
+    UnsupportedScheme,
+    /// `invalid_request`.
+    InvalidRequest,
+    /// `fetch_bad_json`.
+    FetchBadJson,
+    /// `fetch_bad_url`.
+    FetchBadUrl,
+    /// `fetch_bad_method`.
+    FetchBadMethod,
+    /// `fetch_bad_body`.
+    FetchBadBody,
+    /// `method_not_allowed`.
+    MethodNotAllowed,
+    /// `nested_connect`.
+    NestedConnect,
+    /// `fetch_bad_header`.
+    FetchBadHeader,
+    /// `worker_body_failed`.
+    WorkerBodyFailed,
+    /// `fetch_body_unreadable`.
+    FetchBodyUnreadable,
+    /// `bad_session_header`.
+    BadSessionHeader,
+    /// `unknown_exit_pool`.
+    UnknownExitPool,
+    /// `direct_not_allowed`.
+    DirectNotAllowed,
+    /// `unsupported_upgrade`.
+    UnsupportedUpgrade,
+    /// `connect_port_forbidden`.
+    ConnectPortForbidden,
+    /// `bad_framing`.
+    BadFraming,
+    /// `bad_request_head`.
+    BadRequestHead,
+    /// `bad_host_header`.
+    BadHostHeader,
+    /// `proxy_auth_required`.
+    ProxyAuthRequired,
+    /// `proxy_auth_failed`.
+    ProxyAuthFailed,
+    /// `proxy_auth_malformed`.
+    ProxyAuthMalformed,
+    /// `bad_proxy_option`.
+    BadProxyOption,
+    /// `request_header_timeout`.
+    RequestHeaderTimeout,
+    /// `request_body_timeout`.
+    RequestBodyTimeout,
+    /// `request_body_too_large`.
+    RequestBodyTooLarge,
+    /// `fetch_too_large`.
+    FetchTooLarge,
+    /// `uri_too_long`.
+    UriTooLong,
+    /// `request_header_too_large`.
+    RequestHeaderTooLarge,
+    /// `overloaded`.
+    Overloaded,
+    /// `tunnel_limit`.
+    TunnelLimit,
+    /// `worker_connection_limit`.
+    WorkerConnectionLimit,
+    /// `memory_budget`.
+    MemoryBudget,
+    /// `worker_share_limit`.
+    WorkerShareLimit,
+    /// `loop_detected`.
+    LoopDetected,
+    /// `exit_connect_failed`.
+    ExitConnectFailed,
+    /// `exit_auth_failed`.
+    ExitAuthFailed,
+    /// `exit_refused`.
+    ExitRefused,
+    /// `session_exit_lost`.
+    SessionExitLost,
+    /// `no_healthy_exit`.
+    NoHealthyExit,
+    /// `exit_budget_exhausted`.
+    ExitBudgetExhausted,
+    /// `dns_failed`.
+    DnsFailed,
+    /// `upstream_connect_failed`.
+    UpstreamConnectFailed,
+    /// `upstream_connect_timeout`.
+    UpstreamConnectTimeout,
+    /// `upstream_tls_failed`.
+    UpstreamTlsFailed,
+    /// `upstream_response_timeout`.
+    UpstreamResponseTimeout,
+    /// `upstream_request_failed`.
+    UpstreamRequestFailed,
+    /// `upstream_failed_not_replayed`.
+    UpstreamFailedNotReplayed,
+    /// `upstream_bad_response`.
+    UpstreamBadResponse,
+    /// `pool_queue_timeout`.
+    PoolQueueTimeout,
+    /// `ephemeral_ports_exhausted`.
+    EphemeralPortsExhausted,
+    /// `shutting_down`.
+    ShuttingDown,
+    /// `internal_error`.
+    InternalError,
+}
+
+impl ErrorKind {
+    /// Every kind, in the README table's order.
+    pub const ALL: &'static [ErrorKind] = &[
+        ErrorKind::TargetForbidden,
+        ErrorKind::NotAProxyRequest,
+        ErrorKind::BadConnectTarget,
+        ErrorKind::BadTarget,
+        ErrorKind::UnsupportedScheme,
+        ErrorKind::InvalidRequest,
+        ErrorKind::FetchBadJson,
+        ErrorKind::FetchBadUrl,
+        ErrorKind::FetchBadMethod,
+        ErrorKind::FetchBadBody,
+        ErrorKind::MethodNotAllowed,
+        ErrorKind::NestedConnect,
+        ErrorKind::FetchBadHeader,
+        ErrorKind::WorkerBodyFailed,
+        ErrorKind::FetchBodyUnreadable,
+        ErrorKind::BadSessionHeader,
+        ErrorKind::UnknownExitPool,
+        ErrorKind::DirectNotAllowed,
+        ErrorKind::UnsupportedUpgrade,
+        ErrorKind::ConnectPortForbidden,
+        ErrorKind::BadFraming,
+        ErrorKind::BadRequestHead,
+        ErrorKind::BadHostHeader,
+        ErrorKind::ProxyAuthRequired,
+        ErrorKind::ProxyAuthFailed,
+        ErrorKind::ProxyAuthMalformed,
+        ErrorKind::BadProxyOption,
+        ErrorKind::RequestHeaderTimeout,
+        ErrorKind::RequestBodyTimeout,
+        ErrorKind::RequestBodyTooLarge,
+        ErrorKind::FetchTooLarge,
+        ErrorKind::UriTooLong,
+        ErrorKind::RequestHeaderTooLarge,
+        ErrorKind::Overloaded,
+        ErrorKind::TunnelLimit,
+        ErrorKind::WorkerConnectionLimit,
+        ErrorKind::MemoryBudget,
+        ErrorKind::WorkerShareLimit,
+        ErrorKind::LoopDetected,
+        ErrorKind::ExitConnectFailed,
+        ErrorKind::ExitAuthFailed,
+        ErrorKind::ExitRefused,
+        ErrorKind::SessionExitLost,
+        ErrorKind::NoHealthyExit,
+        ErrorKind::ExitBudgetExhausted,
+        ErrorKind::DnsFailed,
+        ErrorKind::UpstreamConnectFailed,
+        ErrorKind::UpstreamConnectTimeout,
+        ErrorKind::UpstreamTlsFailed,
+        ErrorKind::UpstreamResponseTimeout,
+        ErrorKind::UpstreamRequestFailed,
+        ErrorKind::UpstreamFailedNotReplayed,
+        ErrorKind::UpstreamBadResponse,
+        ErrorKind::PoolQueueTimeout,
+        ErrorKind::EphemeralPortsExhausted,
+        ErrorKind::ShuttingDown,
+        ErrorKind::InternalError,
+    ];
+
+    /// The token.
+    pub fn token(self) -> &'static str {
+        match self {
+            ErrorKind::TargetForbidden => "target_forbidden",
+            ErrorKind::NotAProxyRequest => "not_a_proxy_request",
+            ErrorKind::BadConnectTarget => "bad_connect_target",
+            ErrorKind::BadTarget => "bad_target",
+            ErrorKind::UnsupportedScheme => "unsupported_scheme",
+            ErrorKind::InvalidRequest => "invalid_request",
+            ErrorKind::FetchBadJson => "fetch_bad_json",
+            ErrorKind::FetchBadUrl => "fetch_bad_url",
+            ErrorKind::FetchBadMethod => "fetch_bad_method",
+            ErrorKind::FetchBadBody => "fetch_bad_body",
+            ErrorKind::MethodNotAllowed => "method_not_allowed",
+            ErrorKind::NestedConnect => "nested_connect",
+            ErrorKind::FetchBadHeader => "fetch_bad_header",
+            ErrorKind::WorkerBodyFailed => "worker_body_failed",
+            ErrorKind::FetchBodyUnreadable => "fetch_body_unreadable",
+            ErrorKind::BadSessionHeader => "bad_session_header",
+            ErrorKind::UnknownExitPool => "unknown_exit_pool",
+            ErrorKind::DirectNotAllowed => "direct_not_allowed",
+            ErrorKind::UnsupportedUpgrade => "unsupported_upgrade",
+            ErrorKind::ConnectPortForbidden => "connect_port_forbidden",
+            ErrorKind::BadFraming => "bad_framing",
+            ErrorKind::BadRequestHead => "bad_request_head",
+            ErrorKind::BadHostHeader => "bad_host_header",
+            ErrorKind::ProxyAuthRequired => "proxy_auth_required",
+            ErrorKind::ProxyAuthFailed => "proxy_auth_failed",
+            ErrorKind::ProxyAuthMalformed => "proxy_auth_malformed",
+            ErrorKind::BadProxyOption => "bad_proxy_option",
+            ErrorKind::RequestHeaderTimeout => "request_header_timeout",
+            ErrorKind::RequestBodyTimeout => "request_body_timeout",
+            ErrorKind::RequestBodyTooLarge => "request_body_too_large",
+            ErrorKind::FetchTooLarge => "fetch_too_large",
+            ErrorKind::UriTooLong => "uri_too_long",
+            ErrorKind::RequestHeaderTooLarge => "request_header_too_large",
+            ErrorKind::Overloaded => "overloaded",
+            ErrorKind::TunnelLimit => "tunnel_limit",
+            ErrorKind::WorkerConnectionLimit => "worker_connection_limit",
+            ErrorKind::MemoryBudget => "memory_budget",
+            ErrorKind::WorkerShareLimit => "worker_share_limit",
+            ErrorKind::LoopDetected => "loop_detected",
+            ErrorKind::ExitConnectFailed => "exit_connect_failed",
+            ErrorKind::ExitAuthFailed => "exit_auth_failed",
+            ErrorKind::ExitRefused => "exit_refused",
+            ErrorKind::SessionExitLost => "session_exit_lost",
+            ErrorKind::NoHealthyExit => "no_healthy_exit",
+            ErrorKind::ExitBudgetExhausted => "exit_budget_exhausted",
+            ErrorKind::DnsFailed => "dns_failed",
+            ErrorKind::UpstreamConnectFailed => "upstream_connect_failed",
+            ErrorKind::UpstreamConnectTimeout => "upstream_connect_timeout",
+            ErrorKind::UpstreamTlsFailed => "upstream_tls_failed",
+            ErrorKind::UpstreamResponseTimeout => "upstream_response_timeout",
+            ErrorKind::UpstreamRequestFailed => "upstream_request_failed",
+            ErrorKind::UpstreamFailedNotReplayed => "upstream_failed_not_replayed",
+            ErrorKind::UpstreamBadResponse => "upstream_bad_response",
+            ErrorKind::PoolQueueTimeout => "pool_queue_timeout",
+            ErrorKind::EphemeralPortsExhausted => "ephemeral_ports_exhausted",
+            ErrorKind::ShuttingDown => "shutting_down",
+            ErrorKind::InternalError => "internal_error",
+        }
+    }
+
+    /// The status the worker gets.
+    pub fn status(self) -> StatusCode {
+        match self {
+            ErrorKind::TargetForbidden => StatusCode::BAD_REQUEST,
+            ErrorKind::NotAProxyRequest => StatusCode::BAD_REQUEST,
+            ErrorKind::BadConnectTarget => StatusCode::BAD_REQUEST,
+            ErrorKind::BadTarget => StatusCode::BAD_REQUEST,
+            ErrorKind::UnsupportedScheme => StatusCode::BAD_REQUEST,
+            ErrorKind::InvalidRequest => StatusCode::BAD_REQUEST,
+            ErrorKind::FetchBadJson => StatusCode::BAD_REQUEST,
+            ErrorKind::FetchBadUrl => StatusCode::BAD_REQUEST,
+            ErrorKind::FetchBadMethod => StatusCode::BAD_REQUEST,
+            ErrorKind::FetchBadBody => StatusCode::BAD_REQUEST,
+            ErrorKind::MethodNotAllowed => StatusCode::BAD_REQUEST,
+            ErrorKind::NestedConnect => StatusCode::BAD_REQUEST,
+            ErrorKind::FetchBadHeader => StatusCode::BAD_REQUEST,
+            ErrorKind::WorkerBodyFailed => StatusCode::BAD_REQUEST,
+            ErrorKind::FetchBodyUnreadable => StatusCode::BAD_REQUEST,
+            ErrorKind::BadSessionHeader => StatusCode::BAD_REQUEST,
+            ErrorKind::UnknownExitPool => StatusCode::BAD_REQUEST,
+            ErrorKind::DirectNotAllowed => StatusCode::BAD_REQUEST,
+            ErrorKind::UnsupportedUpgrade => StatusCode::BAD_REQUEST,
+            ErrorKind::ConnectPortForbidden => StatusCode::BAD_REQUEST,
+            ErrorKind::BadFraming => StatusCode::BAD_REQUEST,
+            ErrorKind::BadRequestHead => StatusCode::BAD_REQUEST,
+            ErrorKind::BadHostHeader => StatusCode::BAD_REQUEST,
+            ErrorKind::ProxyAuthRequired => StatusCode::PROXY_AUTHENTICATION_REQUIRED,
+            ErrorKind::ProxyAuthFailed => StatusCode::PROXY_AUTHENTICATION_REQUIRED,
+            ErrorKind::ProxyAuthMalformed => StatusCode::PROXY_AUTHENTICATION_REQUIRED,
+            ErrorKind::BadProxyOption => StatusCode::PROXY_AUTHENTICATION_REQUIRED,
+            ErrorKind::RequestHeaderTimeout => StatusCode::REQUEST_TIMEOUT,
+            ErrorKind::RequestBodyTimeout => StatusCode::REQUEST_TIMEOUT,
+            ErrorKind::RequestBodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            ErrorKind::FetchTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            ErrorKind::UriTooLong => StatusCode::URI_TOO_LONG,
+            ErrorKind::RequestHeaderTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            ErrorKind::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
+            ErrorKind::TunnelLimit => StatusCode::SERVICE_UNAVAILABLE,
+            ErrorKind::WorkerConnectionLimit => StatusCode::SERVICE_UNAVAILABLE,
+            ErrorKind::MemoryBudget => StatusCode::SERVICE_UNAVAILABLE,
+            ErrorKind::WorkerShareLimit => StatusCode::SERVICE_UNAVAILABLE,
+            ErrorKind::LoopDetected => StatusCode::LOOP_DETECTED,
+            ErrorKind::ExitConnectFailed => StatusCode::BAD_GATEWAY,
+            ErrorKind::ExitAuthFailed => StatusCode::BAD_GATEWAY,
+            ErrorKind::ExitRefused => StatusCode::BAD_GATEWAY,
+            ErrorKind::SessionExitLost => StatusCode::BAD_GATEWAY,
+            ErrorKind::NoHealthyExit => StatusCode::SERVICE_UNAVAILABLE,
+            ErrorKind::ExitBudgetExhausted => StatusCode::SERVICE_UNAVAILABLE,
+            ErrorKind::DnsFailed => StatusCode::BAD_GATEWAY,
+            ErrorKind::UpstreamConnectFailed => StatusCode::BAD_GATEWAY,
+            ErrorKind::UpstreamConnectTimeout => StatusCode::GATEWAY_TIMEOUT,
+            ErrorKind::UpstreamTlsFailed => StatusCode::BAD_GATEWAY,
+            ErrorKind::UpstreamResponseTimeout => StatusCode::GATEWAY_TIMEOUT,
+            ErrorKind::UpstreamRequestFailed => StatusCode::BAD_GATEWAY,
+            ErrorKind::UpstreamFailedNotReplayed => StatusCode::BAD_GATEWAY,
+            ErrorKind::UpstreamBadResponse => StatusCode::BAD_GATEWAY,
+            ErrorKind::PoolQueueTimeout => StatusCode::SERVICE_UNAVAILABLE,
+            ErrorKind::EphemeralPortsExhausted => StatusCode::SERVICE_UNAVAILABLE,
+            ErrorKind::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+            ErrorKind::InternalError => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// The RFC 9209 `Proxy-Status` error type.
+    pub fn proxy_status(self) -> &'static str {
+        match self {
+            ErrorKind::TargetForbidden => "destination_ip_prohibited",
+            ErrorKind::NotAProxyRequest => "http_request_error",
+            ErrorKind::BadConnectTarget => "http_request_error",
+            ErrorKind::BadTarget => "http_request_error",
+            ErrorKind::UnsupportedScheme => "http_request_error",
+            ErrorKind::InvalidRequest => "http_request_error",
+            ErrorKind::FetchBadJson => "http_request_error",
+            ErrorKind::FetchBadUrl => "http_request_error",
+            ErrorKind::FetchBadMethod => "http_request_error",
+            ErrorKind::FetchBadBody => "http_request_error",
+            ErrorKind::MethodNotAllowed => "http_request_error",
+            ErrorKind::NestedConnect => "http_request_error",
+            ErrorKind::FetchBadHeader => "http_request_error",
+            ErrorKind::WorkerBodyFailed => "http_request_error",
+            ErrorKind::FetchBodyUnreadable => "http_request_error",
+            ErrorKind::BadSessionHeader => "http_request_error",
+            ErrorKind::UnknownExitPool => "http_request_error",
+            ErrorKind::DirectNotAllowed => "http_request_error",
+            ErrorKind::UnsupportedUpgrade => "http_request_error",
+            ErrorKind::ConnectPortForbidden => "http_request_denied",
+            ErrorKind::BadFraming => "http_request_error",
+            ErrorKind::BadRequestHead => "http_request_error",
+            ErrorKind::BadHostHeader => "http_request_error",
+            ErrorKind::ProxyAuthRequired => "http_request_denied",
+            ErrorKind::ProxyAuthFailed => "http_request_denied",
+            ErrorKind::ProxyAuthMalformed => "http_request_denied",
+            ErrorKind::BadProxyOption => "http_request_denied",
+            ErrorKind::RequestHeaderTimeout => "http_request_error",
+            ErrorKind::RequestBodyTimeout => "http_request_error",
+            ErrorKind::RequestBodyTooLarge => "http_request_error",
+            ErrorKind::FetchTooLarge => "http_request_error",
+            ErrorKind::UriTooLong => "http_request_error",
+            ErrorKind::RequestHeaderTooLarge => "http_request_error",
+            ErrorKind::Overloaded => "connection_limit_reached",
+            ErrorKind::TunnelLimit => "connection_limit_reached",
+            ErrorKind::WorkerConnectionLimit => "connection_limit_reached",
+            ErrorKind::MemoryBudget => "connection_limit_reached",
+            ErrorKind::WorkerShareLimit => "connection_limit_reached",
+            ErrorKind::LoopDetected => "proxy_loop_detected",
+            ErrorKind::ExitConnectFailed => "proxy_next_hop_connection",
+            ErrorKind::ExitAuthFailed => "proxy_next_hop_connection",
+            ErrorKind::ExitRefused => "destination_unavailable",
+            ErrorKind::SessionExitLost => "proxy_next_hop_connection",
+            ErrorKind::NoHealthyExit => "proxy_next_hop_connection",
+            ErrorKind::ExitBudgetExhausted => "proxy_next_hop_connection",
+            ErrorKind::DnsFailed => "dns_error",
+            ErrorKind::UpstreamConnectFailed => "connection_refused",
+            ErrorKind::UpstreamConnectTimeout => "connection_timeout",
+            ErrorKind::UpstreamTlsFailed => "tls_protocol_error",
+            ErrorKind::UpstreamResponseTimeout => "http_response_timeout",
+            ErrorKind::UpstreamRequestFailed => "connection_terminated",
+            ErrorKind::UpstreamFailedNotReplayed => "connection_terminated",
+            ErrorKind::UpstreamBadResponse => "http_protocol_error",
+            ErrorKind::PoolQueueTimeout => "connection_limit_reached",
+            ErrorKind::EphemeralPortsExhausted => "proxy_internal_error",
+            ErrorKind::ShuttingDown => "proxy_internal_error",
+            ErrorKind::InternalError => "proxy_internal_error",
+        }
+    }
+
+    /// Who failed.
+    pub fn side(self) -> Side {
+        match self {
+            ErrorKind::TargetForbidden => Side::Worker,
+            ErrorKind::NotAProxyRequest => Side::Worker,
+            ErrorKind::BadConnectTarget => Side::Worker,
+            ErrorKind::BadTarget => Side::Worker,
+            ErrorKind::UnsupportedScheme => Side::Worker,
+            ErrorKind::InvalidRequest => Side::Worker,
+            ErrorKind::FetchBadJson => Side::Worker,
+            ErrorKind::FetchBadUrl => Side::Worker,
+            ErrorKind::FetchBadMethod => Side::Worker,
+            ErrorKind::FetchBadBody => Side::Worker,
+            ErrorKind::MethodNotAllowed => Side::Worker,
+            ErrorKind::NestedConnect => Side::Worker,
+            ErrorKind::FetchBadHeader => Side::Worker,
+            ErrorKind::WorkerBodyFailed => Side::Worker,
+            ErrorKind::FetchBodyUnreadable => Side::Worker,
+            ErrorKind::BadSessionHeader => Side::Worker,
+            ErrorKind::UnknownExitPool => Side::Worker,
+            ErrorKind::DirectNotAllowed => Side::Worker,
+            ErrorKind::UnsupportedUpgrade => Side::Worker,
+            ErrorKind::ConnectPortForbidden => Side::Worker,
+            ErrorKind::BadFraming => Side::Worker,
+            ErrorKind::BadRequestHead => Side::Worker,
+            ErrorKind::BadHostHeader => Side::Worker,
+            ErrorKind::ProxyAuthRequired => Side::Worker,
+            ErrorKind::ProxyAuthFailed => Side::Worker,
+            ErrorKind::ProxyAuthMalformed => Side::Worker,
+            ErrorKind::BadProxyOption => Side::Worker,
+            ErrorKind::RequestHeaderTimeout => Side::Worker,
+            ErrorKind::RequestBodyTimeout => Side::Worker,
+            ErrorKind::RequestBodyTooLarge => Side::Worker,
+            ErrorKind::FetchTooLarge => Side::Worker,
+            ErrorKind::UriTooLong => Side::Worker,
+            ErrorKind::RequestHeaderTooLarge => Side::Worker,
+            ErrorKind::Overloaded => Side::Worker,
+            ErrorKind::TunnelLimit => Side::Worker,
+            ErrorKind::WorkerConnectionLimit => Side::Worker,
+            ErrorKind::MemoryBudget => Side::Worker,
+            ErrorKind::WorkerShareLimit => Side::Worker,
+            ErrorKind::LoopDetected => Side::Worker,
+            ErrorKind::ExitConnectFailed => Side::Exit,
+            ErrorKind::ExitAuthFailed => Side::Exit,
+            ErrorKind::ExitRefused => Side::Exit,
+            ErrorKind::SessionExitLost => Side::Exit,
+            ErrorKind::NoHealthyExit => Side::Exit,
+            ErrorKind::ExitBudgetExhausted => Side::Exit,
+            ErrorKind::DnsFailed => Side::Target,
+            ErrorKind::UpstreamConnectFailed => Side::Target,
+            ErrorKind::UpstreamConnectTimeout => Side::Target,
+            ErrorKind::UpstreamTlsFailed => Side::Target,
+            ErrorKind::UpstreamResponseTimeout => Side::Target,
+            ErrorKind::UpstreamRequestFailed => Side::Target,
+            ErrorKind::UpstreamFailedNotReplayed => Side::Target,
+            ErrorKind::UpstreamBadResponse => Side::Target,
+            ErrorKind::PoolQueueTimeout => Side::Edgepool,
+            ErrorKind::EphemeralPortsExhausted => Side::Edgepool,
+            ErrorKind::ShuttingDown => Side::Edgepool,
+            ErrorKind::InternalError => Side::Edgepool,
+        }
+    }
+
+    /// `Retry-After` seconds, where waiting helps.
+    pub fn retry_after(self) -> Option<u32> {
+        match self {
+            ErrorKind::Overloaded => Some(1),
+            ErrorKind::TunnelLimit => Some(1),
+            ErrorKind::WorkerConnectionLimit => Some(1),
+            ErrorKind::MemoryBudget => Some(1),
+            ErrorKind::WorkerShareLimit => Some(1),
+            ErrorKind::NoHealthyExit => Some(1),
+            ErrorKind::ExitBudgetExhausted => Some(1),
+            ErrorKind::PoolQueueTimeout => Some(1),
+            ErrorKind::EphemeralPortsExhausted => Some(2),
+            ErrorKind::ShuttingDown => Some(1),
+            _ => None,
+        }
+    }
+
+    /// Whether this kind is always answered before anything was sent upstream (`request_sent:
+    /// none` on every such error; other kinds set it where they know).
+    pub fn never_sent(self) -> bool {
+        matches!(
+            self,
+            ErrorKind::ConnectPortForbidden
+                | ErrorKind::BadFraming
+                | ErrorKind::BadRequestHead
+                | ErrorKind::BadHostHeader
+                | ErrorKind::ProxyAuthRequired
+                | ErrorKind::ProxyAuthFailed
+                | ErrorKind::ProxyAuthMalformed
+                | ErrorKind::BadProxyOption
+                | ErrorKind::RequestHeaderTimeout
+                | ErrorKind::RequestBodyTimeout
+                | ErrorKind::FetchTooLarge
+                | ErrorKind::UriTooLong
+                | ErrorKind::RequestHeaderTooLarge
+                | ErrorKind::Overloaded
+                | ErrorKind::TunnelLimit
+                | ErrorKind::WorkerConnectionLimit
+                | ErrorKind::MemoryBudget
+                | ErrorKind::WorkerShareLimit
+                | ErrorKind::LoopDetected
+                | ErrorKind::ExitConnectFailed
+                | ErrorKind::ExitAuthFailed
+                | ErrorKind::ExitRefused
+                | ErrorKind::SessionExitLost
+                | ErrorKind::NoHealthyExit
+                | ErrorKind::ExitBudgetExhausted
+                | ErrorKind::DnsFailed
+                | ErrorKind::PoolQueueTimeout
+                | ErrorKind::EphemeralPortsExhausted
+        )
+    }
+}
+
 /// An error produced by edgepool (never a target's own response).
 #[derive(Clone, Debug)]
 pub struct EdgeError {
-    /// HTTP status for the worker.
+    /// What it is: the contract (token, status, Proxy-Status type, side).
+    pub kind: ErrorKind,
+    /// HTTP status for the worker (`kind.status()`).
     pub status: StatusCode,
-    /// One token for `X-Edgepool-Error`, the reason phrase and the metric label.
+    /// One token for `X-Edgepool-Error`, the reason phrase and the metric label
+    /// (`kind.token()`).
     pub token: &'static str,
-    /// RFC 9209 `Proxy-Status` error type.
+    /// RFC 9209 `Proxy-Status` error type (`kind.proxy_status()`).
     pub proxy_status: &'static str,
-    /// Who failed.
+    /// Who failed (`kind.side()`).
     pub side: Side,
     /// Human explanation (never contains credentials).
     pub detail: String,
@@ -87,304 +580,74 @@ pub struct EdgeError {
     pub proxy_authenticate: bool,
 }
 
+impl From<ErrorKind> for StatusCode {
+    fn from(k: ErrorKind) -> StatusCode {
+        k.status()
+    }
+}
+
 impl EdgeError {
-    fn new(
-        status: StatusCode,
-        token: &'static str,
-        proxy_status: &'static str,
-        side: Side,
-        detail: impl Into<String>,
-    ) -> Self {
+    /// An error of `kind` explained by `detail`.
+    pub fn new(kind: ErrorKind, detail: impl Into<String>) -> Self {
         EdgeError {
-            status,
-            token,
-            proxy_status,
-            side,
+            kind,
+            status: kind.status(),
+            token: kind.token(),
+            proxy_status: kind.proxy_status(),
+            side: kind.side(),
             detail: detail.into(),
-            sent: None,
-            retry_after: None,
-            proxy_authenticate: false,
+            sent: kind.never_sent().then_some(Sent::None),
+            retry_after: kind.retry_after(),
+            proxy_authenticate: kind.status() == StatusCode::PROXY_AUTHENTICATION_REQUIRED,
         }
-    }
-    /// 407: the worker's proxy credentials are missing, wrong or carry a malformed option.
-    pub fn proxy_auth(token: &'static str, detail: impl Into<String>) -> Self {
-        let mut e = Self::new(
-            StatusCode::PROXY_AUTHENTICATION_REQUIRED,
-            token,
-            "http_request_denied",
-            Side::Worker,
-            detail,
-        );
-        e.proxy_authenticate = true;
-        e.sent = Some(Sent::None);
-        e
-    }
-    /// 502 from an exit (upstream proxy) failure: `exit_connect_failed` (unreachable, timed
-    /// out, broke the protocol), `exit_auth_failed` (rejected our credentials),
-    /// `exit_refused` (would not reach the target), `session_exit_lost` (a strict session's
-    /// exit is gone). Nothing was sent to the target.
-    pub fn exit_failed(token: &'static str, detail: impl Into<String>) -> Self {
-        let mut e = Self::new(
-            StatusCode::BAD_GATEWAY,
-            token,
-            if token == "exit_refused" {
-                "destination_unavailable"
-            } else {
-                "proxy_next_hop_connection"
-            },
-            Side::Exit,
-            detail,
-        );
-        e.sent = Some(Sent::None);
-        e
-    }
-    /// 503 + `Retry-After`: every exit of the pool is down (circuit open) or at its budget.
-    pub fn no_healthy_exit(
-        token: &'static str,
-        detail: impl Into<String>,
-        retry_after: u32,
-    ) -> Self {
-        let mut e = Self::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            token,
-            "proxy_next_hop_connection",
-            Side::Exit,
-            detail,
-        );
-        e.retry_after = Some(retry_after.max(1));
-        e.sent = Some(Sent::None);
-        e
-    }
-    /// 400: the worker's request is not something a proxy can forward.
-    pub fn bad_request(token: &'static str, detail: impl Into<String>) -> Self {
-        Self::new(
-            StatusCode::BAD_REQUEST,
-            token,
-            "http_request_error",
-            Side::Worker,
-            detail,
-        )
-    }
-    /// 400 `target_forbidden`: the target resolves to an address policy refuses (loopback,
-    /// private, metadata, ...). Deliberately not 403: scrapers read 403 as a target's block.
-    pub fn target_forbidden(detail: impl Into<String>) -> Self {
-        Self::new(
-            StatusCode::BAD_REQUEST,
-            "target_forbidden",
-            "destination_ip_prohibited",
-            Side::Worker,
-            detail,
-        )
     }
     /// 400 `connect_port_forbidden`: CONNECT to a port outside `targets.connect_ports`.
     pub fn connect_port_forbidden(port: u16) -> Self {
-        let mut e = Self::new(
-            StatusCode::BAD_REQUEST,
-            "connect_port_forbidden",
-            "http_request_denied",
-            Side::Worker,
+        Self::new(
+            ErrorKind::ConnectPortForbidden,
             format!(
                 "CONNECT to port {port} is not allowed; allowed ports are set by targets.connect_ports (default 443 and 80)"
             ),
-        );
-        e.sent = Some(Sent::None);
-        e
-    }
-    /// A worker request refused before anything was sent: bad framing (400), head too large
-    /// (431), URI too long (414), too slow (408). The worker's connection is closed.
-    pub fn request_rejected(
-        status: StatusCode,
-        token: &'static str,
-        detail: impl Into<String>,
-    ) -> Self {
-        let mut e = Self::new(status, token, "http_request_error", Side::Worker, detail);
-        e.sent = Some(Sent::None);
-        e
-    }
-    /// 503 + `Retry-After`: edgepool is at one of its own capacity limits (requests in flight,
-    /// tunnels, connections per worker). Nothing was sent; the worker may retry after the pause.
-    pub fn overloaded(token: &'static str, detail: impl Into<String>) -> Self {
-        let mut e = Self::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            token,
-            "connection_limit_reached",
-            Side::Worker,
-            detail,
-        );
-        e.retry_after = Some(1);
-        e.sent = Some(Sent::None);
-        e
-    }
-    /// 508 `loop_detected`: the request would reach edgepool itself, or it already passed
-    /// through too many proxies (`Via` hop cap).
-    pub fn loop_detected(detail: impl Into<String>) -> Self {
-        let mut e = Self::new(
-            StatusCode::LOOP_DETECTED,
-            "loop_detected",
-            "proxy_loop_detected",
-            Side::Worker,
-            detail,
-        );
-        e.sent = Some(Sent::None);
-        e
+        )
     }
     /// 413: the request body is over the limit.
     pub fn body_too_large(limit: u64) -> Self {
         Self::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "request_body_too_large",
-            "http_request_error",
-            Side::Worker,
+            ErrorKind::RequestBodyTooLarge,
             format!("request body is larger than limits.max_request_body ({limit} bytes)"),
         )
     }
     /// 413 `fetch_too_large`: a `/v1/fetch` document over `limits.max_fetch_json`.
     pub fn fetch_too_large(limit: u64) -> Self {
-        let mut e = Self::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "fetch_too_large",
-            "http_request_error",
-            Side::Worker,
+        Self::new(
+            ErrorKind::FetchTooLarge,
             format!("the JSON document is larger than limits.max_fetch_json ({limit} bytes)"),
-        );
-        e.sent = Some(Sent::None);
-        e
+        )
     }
     /// 502 `dns_failed`.
     pub fn dns_failed(host: &str, why: impl std::fmt::Display) -> Self {
-        let mut e = Self::new(
-            StatusCode::BAD_GATEWAY,
-            "dns_failed",
-            "dns_error",
-            Side::Target,
+        Self::new(
+            ErrorKind::DnsFailed,
             format!("could not resolve {host}: {why}"),
-        );
-        e.sent = Some(Sent::None);
-        e
-    }
-    /// 502 `upstream_connect_failed`.
-    pub fn connect_failed(detail: impl Into<String>) -> Self {
-        Self::new(
-            StatusCode::BAD_GATEWAY,
-            "upstream_connect_failed",
-            "connection_refused",
-            Side::Target,
-            detail,
-        )
-    }
-    /// 504 `upstream_connect_timeout`.
-    pub fn connect_timeout(detail: impl Into<String>) -> Self {
-        Self::new(
-            StatusCode::GATEWAY_TIMEOUT,
-            "upstream_connect_timeout",
-            "connection_timeout",
-            Side::Target,
-            detail,
-        )
-    }
-    /// 502 `upstream_tls_failed` (never retried; never hidden behind our CA).
-    pub fn tls_failed(detail: impl Into<String>) -> Self {
-        Self::new(
-            StatusCode::BAD_GATEWAY,
-            "upstream_tls_failed",
-            "tls_protocol_error",
-            Side::Target,
-            detail,
-        )
-    }
-    /// 504 `upstream_response_timeout`.
-    pub fn response_timeout(detail: impl Into<String>) -> Self {
-        Self::new(
-            StatusCode::GATEWAY_TIMEOUT,
-            "upstream_response_timeout",
-            "http_response_timeout",
-            Side::Target,
-            detail,
         )
     }
     /// 502 `upstream_request_failed`: the upstream connection failed during the request.
     pub fn request_failed(detail: impl Into<String>, sent: Sent) -> Self {
-        let mut e = Self::new(
-            StatusCode::BAD_GATEWAY,
-            "upstream_request_failed",
-            "connection_terminated",
-            Side::Target,
-            detail,
-        );
-        e.sent = Some(sent);
-        e
+        Self::new(ErrorKind::UpstreamRequestFailed, detail).with_sent(sent)
     }
     /// 502 `upstream_failed_not_replayed`: a non-idempotent request failed on a reused
     /// connection after it may have reached the target; edgepool does not replay it.
     pub fn not_replayed(detail: impl Into<String>) -> Self {
-        let mut e = Self::new(
-            StatusCode::BAD_GATEWAY,
-            "upstream_failed_not_replayed",
-            "connection_terminated",
-            Side::Target,
-            detail,
-        );
-        e.sent = Some(Sent::Maybe);
-        e
-    }
-    /// 502 `upstream_bad_response`: the response could not be parsed.
-    pub fn bad_response(detail: impl Into<String>) -> Self {
-        Self::new(
-            StatusCode::BAD_GATEWAY,
-            "upstream_bad_response",
-            "http_protocol_error",
-            Side::Target,
-            detail,
-        )
-    }
-    /// 503 `pool_queue_timeout`: no connection became free in time.
-    pub fn queue_timeout(detail: impl Into<String>) -> Self {
-        let mut e = Self::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "pool_queue_timeout",
-            "connection_limit_reached",
-            Side::Edgepool,
-            detail,
-        );
-        e.retry_after = Some(1);
-        e.sent = Some(Sent::None);
-        e
-    }
-    /// 503 `ephemeral_ports_exhausted`: the local port range stayed nearly full while the dial
-    /// was held.
-    pub fn ports_exhausted(detail: impl Into<String>) -> Self {
-        let mut e = Self::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "ephemeral_ports_exhausted",
-            "proxy_internal_error",
-            Side::Edgepool,
-            detail,
-        );
-        e.retry_after = Some(2);
-        e.sent = Some(Sent::None);
-        e
+        Self::new(ErrorKind::UpstreamFailedNotReplayed, detail).with_sent(Sent::Maybe)
     }
     /// 503 `shutting_down`.
     pub fn shutting_down() -> Self {
-        let mut e = Self::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "shutting_down",
-            "proxy_internal_error",
-            Side::Edgepool,
-            "edgepool is shutting down",
-        );
-        e.retry_after = Some(1);
-        e
+        Self::new(ErrorKind::ShuttingDown, "edgepool is shutting down")
     }
-    /// 500 `internal_error`.
-    pub fn internal(detail: impl Into<String>) -> Self {
-        Self::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "internal_error",
-            "proxy_internal_error",
-            Side::Edgepool,
-            detail,
-        )
+    /// With `Retry-After` seconds (at least 1) instead of the kind's default.
+    pub fn with_retry_after(mut self, secs: u32) -> Self {
+        self.retry_after = Some(secs.max(1));
+        self
     }
     /// With the request-sent state set.
     pub fn with_sent(mut self, sent: Sent) -> Self {
@@ -531,6 +794,63 @@ fn names_edgepool(member: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The README's error table and [`ErrorKind`] are one contract: every token in the table is
+    /// a kind with that status, and every kind is in the table, once.
+    #[test]
+    fn the_readme_error_table_is_the_error_contract() {
+        let readme = include_str!("../README.md");
+        let section = readme
+            .split("\n## Errors\n")
+            .nth(1)
+            .and_then(|s| s.split("\n## ").next())
+            .expect("README has an Errors section");
+        let mut table: std::collections::BTreeMap<&str, u16> = Default::default();
+        for line in section.lines() {
+            let Some(rest) = line.strip_prefix("| ") else {
+                continue;
+            };
+            let mut cols = rest.split(" | ");
+            let Some(Ok(status)) = cols.next().map(str::parse::<u16>) else {
+                continue;
+            };
+            let tokens = cols.next().unwrap_or("");
+            for t in tokens.split('`').skip(1).step_by(2) {
+                if !t
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+                {
+                    continue; // a header name such as `Retry-After`
+                }
+                assert!(
+                    table.insert(t, status).is_none(),
+                    "README lists {t} twice in the error table"
+                );
+            }
+        }
+        for k in ErrorKind::ALL {
+            assert_eq!(
+                table.get(k.token()).copied(),
+                Some(k.status().as_u16()),
+                "README's error table must list {} with status {}",
+                k.token(),
+                k.status().as_u16()
+            );
+        }
+        for (t, status) in &table {
+            assert!(
+                ErrorKind::ALL.iter().any(|k| k.token() == *t),
+                "README lists {t} ({status}), which no ErrorKind has"
+            );
+        }
+        assert_eq!(table.len(), ErrorKind::ALL.len());
+        // Retry-After where the table says so.
+        for k in ErrorKind::ALL {
+            if k.retry_after().is_some() {
+                assert_eq!(k.status(), StatusCode::SERVICE_UNAVAILABLE, "{k:?}");
+            }
+        }
+    }
 
     #[test]
     fn a_foreign_edgepool_proxy_status_member_is_removed_and_others_kept() {

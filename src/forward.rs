@@ -23,7 +23,7 @@ use tokio::time::Instant;
 use crate::body::{BoxError, ProxyBody};
 use crate::dial::{authority, DialError, Scheme, UpstreamConn, UpstreamKey};
 use crate::dns::{ResolveError, Resolver};
-use crate::error::{EdgeError, Sent};
+use crate::error::{EdgeError, ErrorKind, Sent};
 use crate::guard::TargetPolicy;
 use crate::headers::{parse_keep_alive, strip_hop_by_hop};
 use crate::pool::{
@@ -372,20 +372,23 @@ impl Forwarder {
     ) -> Result<(Vec<SocketAddr>, Duration, crate::dns::Source), EdgeError> {
         let t0 = Instant::now();
         let resolved = self.resolver.resolve(host).await.map_err(|e| match e {
-            ResolveError::Forbidden { ip, why } => EdgeError::target_forbidden(format!(
+            ResolveError::Forbidden { ip, why } => EdgeError::new(ErrorKind::TargetForbidden, format!(
                 "{host} resolves to {ip}, a {why} address; edgepool refuses it unless it is allowed (--allow-target / targets.allow)"
             )),
             ResolveError::Failed(why) => EdgeError::dns_failed(host, why),
         })?;
         for ip in resolved.addrs.iter() {
             if self.is_own(SocketAddr::new(*ip, port)) {
-                return Err(EdgeError::loop_detected(format!(
-                    "{host}:{port} is edgepool itself; a request through the proxy to its own \
+                return Err(EdgeError::new(
+                    ErrorKind::LoopDetected,
+                    format!(
+                        "{host}:{port} is edgepool itself; a request through the proxy to its own \
                      listeners (proxy or admin) would loop or expose the admin endpoints"
-                )));
+                    ),
+                ));
             }
             if let Err(why) = self.policy.check(*ip) {
-                return Err(EdgeError::target_forbidden(format!(
+                return Err(EdgeError::new(ErrorKind::TargetForbidden, format!(
                     "{host} resolves to {ip}, a {why} address; edgepool refuses it unless it is allowed (--allow-target / targets.allow)"
                 )));
             }
@@ -562,7 +565,7 @@ impl Forwarder {
                         })
                     {
                         // Say what failed, not only that nothing is left.
-                        if e.token == "no_healthy_exit" {
+                        if e.kind == ErrorKind::NoHealthyExit {
                             return Err(checkout_error(
                                 CheckoutError::Dial(d),
                                 target,
@@ -651,7 +654,7 @@ impl Forwarder {
                             })
                             .is_err()
                     {
-                        return Err(EdgeError::exit_failed("exit_auth_failed", msg));
+                        return Err(EdgeError::new(ErrorKind::ExitAuthFailed, msg));
                     }
                     key = key_for(route.key.clone(), addr);
                     continue;
@@ -700,7 +703,7 @@ impl Forwarder {
                     let reused = lease.reused();
                     lease.release(f.release());
                     if f.failure == Failure::Invalid {
-                        return Err(EdgeError::bad_request("invalid_request", f.message));
+                        return Err(EdgeError::new(ErrorKind::InvalidRequest, f.message));
                     }
                     let mut decision = crate::retry::decide(
                         &f,
@@ -1057,9 +1060,10 @@ fn bracket(host: &str) -> String {
 
 fn checkout_error(e: CheckoutError<DialError>, target: &str, queue: Duration) -> EdgeError {
     match e {
-        CheckoutError::Timeout => EdgeError::queue_timeout(format!(
-            "no connection to {target} became free within pool.queue_timeout ({queue:?})"
-        )),
+        CheckoutError::Timeout => EdgeError::new(
+            ErrorKind::PoolQueueTimeout,
+            format!("no connection to {target} became free within pool.queue_timeout ({queue:?})"),
+        ),
         CheckoutError::Closed => EdgeError::shutting_down(),
         CheckoutError::Dial(d) => dial_error(&d),
     }
@@ -1069,18 +1073,22 @@ fn checkout_error(e: CheckoutError<DialError>, target: &str, queue: Duration) ->
 pub fn dial_error(d: &DialError) -> EdgeError {
     let msg = d.to_string();
     match d {
-        DialError::Connect { .. } => EdgeError::connect_failed(msg),
-        DialError::ConnectTimeout { .. } => EdgeError::connect_timeout(msg),
-        DialError::Tls { .. } => EdgeError::tls_failed(msg),
-        DialError::TlsTimeout { .. } => EdgeError::connect_timeout(msg),
-        DialError::Handshake { .. } => EdgeError::connect_failed(msg),
-        DialError::PortsExhausted(..) => EdgeError::ports_exhausted(msg),
-        DialError::ExitConnect { .. } => EdgeError::exit_failed("exit_connect_failed", msg),
-        DialError::ExitAuth { .. } => EdgeError::exit_failed("exit_auth_failed", msg),
-        DialError::ExitRefused { .. } => EdgeError::exit_failed("exit_refused", msg),
-        DialError::ExitTargetTimeout { .. } => EdgeError::connect_timeout(msg),
-        DialError::ExitBudget { .. } => EdgeError::no_healthy_exit("exit_budget_exhausted", msg, 1),
-        DialError::ExitIsEdgepool { .. } => EdgeError::loop_detected(msg),
+        DialError::Connect { .. } => EdgeError::new(ErrorKind::UpstreamConnectFailed, msg),
+        DialError::ConnectTimeout { .. } => EdgeError::new(ErrorKind::UpstreamConnectTimeout, msg),
+        DialError::Tls { .. } => EdgeError::new(ErrorKind::UpstreamTlsFailed, msg),
+        DialError::TlsTimeout { .. } => EdgeError::new(ErrorKind::UpstreamConnectTimeout, msg),
+        DialError::Handshake { .. } => EdgeError::new(ErrorKind::UpstreamConnectFailed, msg),
+        DialError::PortsExhausted(..) => EdgeError::new(ErrorKind::EphemeralPortsExhausted, msg),
+        DialError::ExitConnect { .. } => EdgeError::new(ErrorKind::ExitConnectFailed, msg),
+        DialError::ExitAuth { .. } => EdgeError::new(ErrorKind::ExitAuthFailed, msg),
+        DialError::ExitRefused { .. } => EdgeError::new(ErrorKind::ExitRefused, msg),
+        DialError::ExitTargetTimeout { .. } => {
+            EdgeError::new(ErrorKind::UpstreamConnectTimeout, msg)
+        }
+        DialError::ExitBudget { .. } => {
+            EdgeError::new(ErrorKind::ExitBudgetExhausted, msg).with_retry_after(1)
+        }
+        DialError::ExitIsEdgepool { .. } => EdgeError::new(ErrorKind::LoopDetected, msg),
     }
     .with_sent(Sent::None)
 }
@@ -1090,14 +1098,13 @@ pub fn route_error(e: crate::exits::RouteError) -> EdgeError {
     use crate::exits::RouteError;
     let msg = e.to_string();
     match e {
-        RouteError::UnknownPool(..) => EdgeError::bad_request("unknown_exit_pool", msg),
-        RouteError::DirectNotAllowed => EdgeError::bad_request("direct_not_allowed", msg),
-        RouteError::NoHealthyExit { retry_after, .. } => EdgeError::no_healthy_exit(
-            "no_healthy_exit",
-            msg,
-            retry_after.as_secs_f64().ceil() as u32,
-        ),
-        RouteError::SessionExitLost { .. } => EdgeError::exit_failed("session_exit_lost", msg),
+        RouteError::UnknownPool(..) => EdgeError::new(ErrorKind::UnknownExitPool, msg),
+        RouteError::DirectNotAllowed => EdgeError::new(ErrorKind::DirectNotAllowed, msg),
+        RouteError::NoHealthyExit { retry_after, .. } => {
+            EdgeError::new(ErrorKind::NoHealthyExit, msg)
+                .with_retry_after(retry_after.as_secs_f64().ceil() as u32)
+        }
+        RouteError::SessionExitLost { .. } => EdgeError::new(ErrorKind::SessionExitLost, msg),
     }
     // Routing comes before any attempt (a failover's earlier attempts raise this).
     .with_sent(Sent::None)
@@ -1111,9 +1118,12 @@ fn send_error(
     rht: Duration,
 ) -> EdgeError {
     if matches!(f.failure, Failure::Timeout { .. }) {
-        return EdgeError::response_timeout(format!(
-            "{target} sent no response head within upstream.response_header_timeout ({rht:?})"
-        ))
+        return EdgeError::new(
+            ErrorKind::UpstreamResponseTimeout,
+            format!(
+                "{target} sent no response head within upstream.response_header_timeout ({rht:?})"
+            ),
+        )
         .with_sent(f.sent);
     }
     if matches!(
@@ -1124,10 +1134,10 @@ fn send_error(
                 ..
             }
     ) {
-        return EdgeError::bad_response(format!(
-            "{target} sent an invalid response: {}",
-            f.message
-        ))
+        return EdgeError::new(
+            ErrorKind::UpstreamBadResponse,
+            format!("{target} sent an invalid response: {}", f.message),
+        )
         .with_sent(f.sent);
     }
     if reused && f.sent != Sent::None && !out.idempotent() && !f.response_started() {

@@ -19,6 +19,7 @@
 //! `Connection: close`. So the error is ordered after the answers to earlier pipelined
 //! requests, and the connection ends. A violation inside a chunked body surfaces to hyper as a
 //! read error: the request is not complete, so nothing of it is forwarded.
+use crate::error::ErrorKind;
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
@@ -73,39 +74,35 @@ impl Default for Limits {
 /// Why a request was refused.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Violation {
-    /// HTTP status for the worker: 400, 408, 414 or 431.
-    pub status: u16,
-    /// `X-Edgepool-Error` token: `bad_framing`, `bad_request_head`, `bad_host_header`,
-    /// `request_header_too_large`, `uri_too_long`, `request_header_timeout`,
-    /// `request_body_timeout`.
-    pub token: &'static str,
+    /// What the worker is told (its status is 400, 408, 414 or 431): `bad_framing`,
+    /// `bad_request_head`, `bad_host_header`, `request_header_too_large`, `uri_too_long`,
+    /// `request_header_timeout`, `request_body_timeout`.
+    pub kind: ErrorKind,
     /// What was wrong, for the worker's developer.
     pub detail: String,
     /// Found in a head (answerable in order) rather than inside a body.
     pub in_head: bool,
 }
 
-fn head_err(status: u16, token: &'static str, detail: impl Into<String>) -> Violation {
+fn head_err(kind: ErrorKind, detail: impl Into<String>) -> Violation {
     Violation {
-        status,
-        token,
+        kind,
         detail: detail.into(),
         in_head: true,
     }
 }
 
 fn syntax(detail: impl Into<String>) -> Violation {
-    head_err(400, "bad_request_head", detail)
+    head_err(ErrorKind::BadRequestHead, detail)
 }
 
 fn framing(detail: impl Into<String>) -> Violation {
-    head_err(400, "bad_framing", detail)
+    head_err(ErrorKind::BadFraming, detail)
 }
 
 fn body_err(detail: impl Into<String>) -> Violation {
     Violation {
-        status: 400,
-        token: "bad_framing",
+        kind: ErrorKind::BadFraming,
         detail: detail.into(),
         in_head: false,
     }
@@ -207,8 +204,7 @@ pub fn check_head(head: &[u8], limits: &Limits) -> Result<Framing, Violation> {
     }
     if target.len() > limits.max_uri_bytes {
         return Err(head_err(
-            414,
-            "uri_too_long",
+            ErrorKind::UriTooLong,
             format!(
                 "the request target is {} bytes; limits.max_uri_bytes is {}",
                 target.len(),
@@ -246,8 +242,7 @@ pub fn check_head(head: &[u8], limits: &Limits) -> Result<Framing, Violation> {
         fields += 1;
         if fields > limits.max_headers {
             return Err(head_err(
-                431,
-                "request_header_too_large",
+                ErrorKind::RequestHeaderTooLarge,
                 format!(
                     "more than limits.max_headers ({}) header fields",
                     limits.max_headers
@@ -283,15 +278,13 @@ pub fn check_head(head: &[u8], limits: &Limits) -> Result<Framing, Violation> {
     }
     if hosts > 1 {
         return Err(head_err(
-            400,
-            "bad_host_header",
+            ErrorKind::BadHostHeader,
             "more than one Host header",
         ));
     }
     if hosts == 0 && !http10 {
         return Err(head_err(
-            400,
-            "bad_host_header",
+            ErrorKind::BadHostHeader,
             "an HTTP/1.1 request needs a Host header",
         ));
     }
@@ -600,8 +593,7 @@ impl RequestFramer {
                 let in_request_line = self.line_start == 0;
                 return Err(if in_request_line {
                     head_err(
-                        414,
-                        "uri_too_long",
+                        ErrorKind::UriTooLong,
                         format!(
                             "the request line is over {} bytes; limits.max_uri_bytes is {}",
                             self.limits.max_head_bytes, self.limits.max_uri_bytes
@@ -609,8 +601,7 @@ impl RequestFramer {
                     )
                 } else {
                     head_err(
-                        431,
-                        "request_header_too_large",
+                        ErrorKind::RequestHeaderTooLarge,
                         format!(
                             "the request head is over limits.max_header_bytes ({})",
                             self.limits.max_head_bytes
@@ -734,12 +725,16 @@ impl<T> GuardedIo<T> {
     }
 
     fn violate(&mut self, v: Violation) {
-        tracing::debug!(token = v.token, "worker request refused: {}", v.detail);
+        tracing::debug!(
+            token = v.kind.token(),
+            "worker request refused: {}",
+            v.detail
+        );
         if v.in_head {
             self.ready.extend_from_slice(MARKER_REQUEST);
             self.after = After::Marked;
         } else {
-            self.after = After::Fail(if v.status == 408 {
+            self.after = After::Fail(if v.kind.status() == http::StatusCode::REQUEST_TIMEOUT {
                 io::ErrorKind::TimedOut
             } else {
                 io::ErrorKind::InvalidData
@@ -764,8 +759,7 @@ impl<T> GuardedIo<T> {
     fn timed_out(&mut self) {
         if self.framer.in_body() {
             self.violate(Violation {
-                status: 408,
-                token: "request_body_timeout",
+                kind: ErrorKind::RequestBodyTimeout,
                 detail: format!(
                     "no request body bytes for limits.body_idle_timeout ({:?})",
                     self.timeouts.body_idle
@@ -774,8 +768,7 @@ impl<T> GuardedIo<T> {
             });
         } else if self.head_started.is_some() {
             self.violate(head_err(
-                408,
-                "request_header_timeout",
+                ErrorKind::RequestHeaderTimeout,
                 format!(
                     "the request head was not complete within limits.header_read_timeout ({:?})",
                     self.timeouts.header_read
@@ -972,7 +965,7 @@ mod tests {
             input.extend_from_slice(GET);
             for (out, r) in [run(&input), run_bytewise(&input)] {
                 let v = r.expect_err(&String::from_utf8_lossy(bytes));
-                assert_eq!(v.token, *token, "{}", String::from_utf8_lossy(bytes));
+                assert_eq!(v.kind.token(), *token, "{}", String::from_utf8_lossy(bytes));
                 assert!(v.in_head);
                 assert_eq!(out, GET.to_vec(), "only the request before it passed");
             }
@@ -996,7 +989,7 @@ mod tests {
             input.extend_from_slice(body);
             let (out, r) = run(&input);
             let v = r.expect_err(&String::from_utf8_lossy(body));
-            assert_eq!((v.token, v.in_head), ("bad_framing", false));
+            assert_eq!((v.kind.token(), v.in_head), ("bad_framing", false));
             assert!(out.starts_with(head));
         }
     }
@@ -1013,16 +1006,16 @@ mod tests {
             f.feed(&input, &mut BytesMut::new()).unwrap_err()
         };
         let long_uri = format!("GET /{} HTTP/1.1\r\nHost: a\r\n\r\n", "a".repeat(400));
-        assert_eq!(feed(long_uri.into_bytes()).status, 414);
+        assert_eq!(feed(long_uri.into_bytes()).kind.status().as_u16(), 414);
         let huge_line = format!("GET /{} HTTP/1.1\r\n", "a".repeat(4000));
-        assert_eq!(feed(huge_line.into_bytes()).status, 414);
+        assert_eq!(feed(huge_line.into_bytes()).kind.status().as_u16(), 414);
         let big = format!(
             "GET / HTTP/1.1\r\nHost: a\r\nX: {}\r\n\r\n",
             "b".repeat(3000)
         );
-        assert_eq!(feed(big.into_bytes()).status, 431);
+        assert_eq!(feed(big.into_bytes()).kind.status().as_u16(), 431);
         let many = b"GET / HTTP/1.1\r\nHost: a\r\nA: 1\r\nB: 1\r\nC: 1\r\n\r\n".to_vec();
-        assert_eq!(feed(many).status, 431);
+        assert_eq!(feed(many).kind.status().as_u16(), 431);
     }
 
     #[test]

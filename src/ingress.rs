@@ -20,7 +20,7 @@ use tokio::net::TcpStream;
 use crate::admission::{Refused, Ticket};
 use crate::body::{full_body, ProxyBody};
 use crate::dial::Scheme;
-use crate::error::EdgeError;
+use crate::error::{EdgeError, ErrorKind};
 use crate::forward::Outgoing;
 use crate::gateway::Gateway;
 use crate::headers::clean_request_headers;
@@ -363,9 +363,9 @@ enum BodyError {
 
 impl BodyError {
     /// The answer (TooLarge is the caller's: its status depends on the endpoint).
-    fn respond(self, gw: &Gateway, token: &'static str, what: &str) -> Response<ProxyBody> {
+    fn respond(self, gw: &Gateway, kind: ErrorKind, what: &str) -> Response<ProxyBody> {
         match self {
-            BodyError::TooLarge => error(gw, EdgeError::bad_request(token, what.to_string())),
+            BodyError::TooLarge => error(gw, EdgeError::new(kind, what.to_string())),
             BodyError::Budget(why) => error(gw, buffer_full(gw, why)),
             BodyError::Violation(v) => {
                 // The connection's framing (or clock) is gone: it ends after this answer.
@@ -374,9 +374,7 @@ impl BodyError {
                     .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
                 resp
             }
-            BodyError::Failed(e) => {
-                error(gw, EdgeError::bad_request(token, format!("{what}: {e}")))
-            }
+            BodyError::Failed(e) => error(gw, EdgeError::new(kind, format!("{what}: {e}"))),
         }
     }
 }
@@ -543,8 +541,7 @@ where
 /// Over `limits.max_connections_per_worker`: a plain HTTP/1.1 503 and close.
 async fn refuse_connection(gw: &Gateway, mut stream: TcpStream) {
     use tokio::io::AsyncWriteExt;
-    let e = EdgeError::overloaded(
-        "worker_connection_limit",
+    let e = EdgeError::new(ErrorKind::WorkerConnectionLimit,
         format!(
             "this worker address already has limits.max_connections_per_worker ({}) connections open",
             gw.config().limits.max_connections_per_worker
@@ -578,13 +575,11 @@ fn violation_response(
         .lock()
         .take()
         .unwrap_or_else(|| crate::h1guard::Violation {
-            status: 400,
-            token: "bad_request_head",
+            kind: ErrorKind::BadRequestHead,
             detail: "malformed request".into(),
             in_head: true,
         });
-    let status = StatusCode::from_u16(v.status).unwrap_or(StatusCode::BAD_REQUEST);
-    let mut resp = error(gw, EdgeError::request_rejected(status, v.token, v.detail));
+    let mut resp = error(gw, EdgeError::new(v.kind, v.detail));
     resp.headers_mut()
         .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
     Some(resp)
@@ -595,15 +590,13 @@ fn violation_response(
 fn in_flight_full(gw: &Gateway, why: Refused) -> EdgeError {
     let l = &gw.config().limits;
     match why {
-        Refused::Full => EdgeError::overloaded(
-            "overloaded",
+        Refused::Full => EdgeError::new(ErrorKind::Overloaded,
             format!(
                 "edgepool has limits.max_in_flight ({}) requests in flight; retry shortly",
                 l.max_in_flight
             ),
         ),
-        Refused::Share => EdgeError::overloaded(
-            "worker_share_limit",
+        Refused::Share => EdgeError::new(ErrorKind::WorkerShareLimit,
             format!(
                 "this worker address has its share (limits.max_worker_share {}) of limits.max_in_flight ({}) in flight; retry shortly",
                 l.max_worker_share, l.max_in_flight
@@ -616,15 +609,13 @@ fn in_flight_full(gw: &Gateway, why: Refused) -> EdgeError {
 fn buffer_full(gw: &Gateway, why: Refused) -> EdgeError {
     let l = &gw.config().limits;
     match why {
-        Refused::Full => EdgeError::overloaded(
-            "memory_budget",
+        Refused::Full => EdgeError::new(ErrorKind::MemoryBudget,
             format!(
                 "edgepool buffers at most limits.max_buffered_bytes ({}) of request bodies at once; retry shortly",
                 l.max_buffered_bytes
             ),
         ),
-        Refused::Share => EdgeError::overloaded(
-            "worker_share_limit",
+        Refused::Share => EdgeError::new(ErrorKind::WorkerShareLimit,
             format!(
                 "this worker address buffers its share (limits.max_worker_share {}) of limits.max_buffered_bytes ({}); retry shortly",
                 l.max_worker_share, l.max_buffered_bytes
@@ -640,16 +631,13 @@ fn body_violation(e: &(dyn std::error::Error + 'static)) -> Option<EdgeError> {
     while let Some(err) = cur {
         if let Some(io) = err.downcast_ref::<std::io::Error>() {
             return match io.kind() {
-                std::io::ErrorKind::TimedOut => Some(EdgeError::request_rejected(
-                    StatusCode::REQUEST_TIMEOUT,
-                    "request_body_timeout",
+                std::io::ErrorKind::TimedOut => Some(EdgeError::new(
+                    ErrorKind::RequestBodyTimeout,
                     io.to_string(),
                 )),
-                std::io::ErrorKind::InvalidData => Some(EdgeError::request_rejected(
-                    StatusCode::BAD_REQUEST,
-                    "bad_framing",
-                    io.to_string(),
-                )),
+                std::io::ErrorKind::InvalidData => {
+                    Some(EdgeError::new(ErrorKind::BadFraming, io.to_string()))
+                }
                 _ => None,
             };
         }
@@ -670,7 +658,7 @@ fn via_loop(headers: &http::HeaderMap) -> Option<EdgeError> {
         .map(|v| v.as_bytes().split(|b| *b == b',').count())
         .sum();
     (hops > MAX_VIA_HOPS).then(|| {
-        EdgeError::loop_detected(format!(
+        EdgeError::new(ErrorKind::LoopDetected, format!(
             "the request already passed through {hops} proxies (Via); more than {MAX_VIA_HOPS} is treated as a loop"
         ))
     })
@@ -687,7 +675,7 @@ async fn handle(gw: Arc<Gateway>, req: Request<Incoming>, peer: IpAddr) -> Respo
         .authenticate(req.headers().get(http::header::PROXY_AUTHORIZATION))
     {
         Ok(w) => w,
-        Err(e) => return error(&gw, EdgeError::proxy_auth(e.token(), e.to_string())),
+        Err(e) => return error(&gw, EdgeError::new(e.kind(), e.to_string())),
     };
     // An HTTP/2 extended CONNECT (RFC 8441, a WebSocket) names a URL: forwarded like one.
     if req.method() == Method::CONNECT && !crate::upgrade::is_upgrade_request(&req) {
@@ -715,8 +703,8 @@ async fn handle(gw: Arc<Gateway>, req: Request<Incoming>, peer: IpAddr) -> Respo
     match scheme {
         Some(Err(other)) => error(
             &gw,
-            EdgeError::bad_request(
-                "unsupported_scheme",
+            EdgeError::new(
+                ErrorKind::UnsupportedScheme,
                 format!("edgepool forwards http:// and https:// URLs, not {other}://"),
             ),
         ),
@@ -724,7 +712,7 @@ async fn handle(gw: Arc<Gateway>, req: Request<Incoming>, peer: IpAddr) -> Respo
             let Some(host) = host else {
                 return error(
                     &gw,
-                    EdgeError::bad_request("bad_target", "the request URL has no host"),
+                    EdgeError::new(ErrorKind::BadTarget, "the request URL has no host"),
                 );
             };
             let port = uri.port_u16().unwrap_or(scheme.default_port());
@@ -734,8 +722,8 @@ async fn handle(gw: Arc<Gateway>, req: Request<Incoming>, peer: IpAddr) -> Respo
             if req.method() != Method::POST {
                 return error(
                     &gw,
-                    EdgeError::bad_request(
-                        "method_not_allowed",
+                    EdgeError::new(
+                        ErrorKind::MethodNotAllowed,
                         "use POST /v1/fetch with a JSON body",
                     ),
                 );
@@ -744,8 +732,8 @@ async fn handle(gw: Arc<Gateway>, req: Request<Incoming>, peer: IpAddr) -> Respo
         }
         None => error(
             &gw,
-            EdgeError::bad_request(
-                "not_a_proxy_request",
+            EdgeError::new(
+                ErrorKind::NotAProxyRequest,
                 "edgepool is a forward proxy: send absolute-form requests (http://host/path), \
                  CONNECT host:port, or POST /v1/fetch",
             ),
@@ -784,7 +772,7 @@ fn request_worker(
     let mut w = base.clone();
     if let Some(v) = headers.get(crate::worker::SESSION_HEADER) {
         let o = crate::worker::parse_session_header(v.as_bytes())
-            .map_err(|e| EdgeError::bad_request(e.token(), e.to_string()))?;
+            .map_err(|e| EdgeError::new(ErrorKind::BadSessionHeader, e.to_string()))?;
         w.options.overlay(&o);
     }
     Ok(w)
@@ -819,7 +807,13 @@ async fn forward_worker_request(
     let (body, _budget) = match buffer_body(&gw, body, limit, peer, http1).await {
         Ok(b) => b,
         Err(BodyError::TooLarge) => return error(&gw, EdgeError::body_too_large(limit)),
-        Err(e) => return e.respond(&gw, "worker_body_failed", "reading the request body failed"),
+        Err(e) => {
+            return e.respond(
+                &gw,
+                ErrorKind::WorkerBodyFailed,
+                "reading the request body failed",
+            )
+        }
     };
     let mut headers = parts.headers;
     clean_request_headers(&mut headers);
@@ -888,15 +882,13 @@ async fn forward_upgrade(
 fn tunnel_full(gw: &Gateway, why: Refused) -> EdgeError {
     let l = &gw.config().limits;
     match why {
-        Refused::Full => EdgeError::overloaded(
-            "tunnel_limit",
+        Refused::Full => EdgeError::new(ErrorKind::TunnelLimit,
             format!(
                 "edgepool has limits.max_tunnels ({}) CONNECT tunnels open; retry shortly",
                 l.max_tunnels
             ),
         ),
-        Refused::Share => EdgeError::overloaded(
-            "worker_share_limit",
+        Refused::Share => EdgeError::new(ErrorKind::WorkerShareLimit,
             format!(
                 "this worker address holds its share (limits.max_worker_share {}) of limits.max_tunnels ({}); retry shortly",
                 l.max_worker_share, l.max_tunnels
@@ -914,14 +906,14 @@ async fn handle_connect(
     let Some(auth) = req.uri().authority().cloned() else {
         return error(
             &gw,
-            EdgeError::bad_request("bad_connect_target", "CONNECT needs host:port"),
+            EdgeError::new(ErrorKind::BadConnectTarget, "CONNECT needs host:port"),
         );
     };
     let Some(port) = auth.port_u16() else {
         return error(
             &gw,
-            EdgeError::bad_request(
-                "bad_connect_target",
+            EdgeError::new(
+                ErrorKind::BadConnectTarget,
                 "CONNECT needs an explicit port (host:port)",
             ),
         );
@@ -933,7 +925,10 @@ async fn handle_connect(
     if host.is_empty() {
         return error(
             &gw,
-            EdgeError::bad_request("bad_connect_target", "the CONNECT target has no host"),
+            EdgeError::new(
+                ErrorKind::BadConnectTarget,
+                "the CONNECT target has no host",
+            ),
         );
     }
     // Resolve and check now, so a forbidden or unknown target fails at CONNECT with a clear
@@ -965,13 +960,16 @@ async fn handle_connect(
         Err(e @ crate::ca::CaError::InvalidHost { .. }) => {
             return error(
                 &gw,
-                EdgeError::bad_request("bad_connect_target", e.to_string()),
+                EdgeError::new(ErrorKind::BadConnectTarget, e.to_string()),
             )
         }
         Err(e) => {
             return error(
                 &gw,
-                EdgeError::internal(format!("leaf certificate for {host}: {e}")),
+                EdgeError::new(
+                    ErrorKind::InternalError,
+                    format!("leaf certificate for {host}: {e}"),
+                ),
             )
         }
     };
@@ -1087,8 +1085,8 @@ async fn serve_tunnel<S>(
             if req.method() == Method::CONNECT && !crate::upgrade::is_upgrade_request(&req) {
                 let mut resp = error(
                     &gw,
-                    EdgeError::bad_request(
-                        "nested_connect",
+                    EdgeError::new(
+                        ErrorKind::NestedConnect,
                         "CONNECT inside an intercepted tunnel",
                     ),
                 );
@@ -1323,7 +1321,10 @@ fn parse_fetch(
     worker: crate::worker::Worker,
 ) -> Result<(FetchRequest, Outgoing), EdgeError> {
     let doc: FetchRequest = serde_json::from_slice(raw).map_err(|e| {
-        EdgeError::bad_request("fetch_bad_json", format!("invalid fetch request: {e}"))
+        EdgeError::new(
+            ErrorKind::FetchBadJson,
+            format!("invalid fetch request: {e}"),
+        )
     })?;
     let out = fetch_outgoing(&doc, limits, worker)?;
     Ok((doc, out))
@@ -1372,7 +1373,7 @@ async fn fetch(
         Err(e) => {
             return e.respond(
                 &gw,
-                "fetch_body_unreadable",
+                ErrorKind::FetchBodyUnreadable,
                 "the JSON document could not be read",
             )
         }
@@ -1391,9 +1392,10 @@ async fn fetch(
     let result = match doc.timeout_ms {
         Some(ms) => match tokio::time::timeout(Duration::from_millis(ms), work).await {
             Ok(r) => r,
-            Err(_) => Err(EdgeError::response_timeout(format!(
-                "fetch did not finish within timeout_ms ({ms})"
-            ))),
+            Err(_) => Err(EdgeError::new(
+                ErrorKind::UpstreamResponseTimeout,
+                format!("fetch did not finish within timeout_ms ({ms})"),
+            )),
         },
         None => work.await,
     };
@@ -1462,13 +1464,13 @@ fn fetch_outgoing(
 ) -> Result<Outgoing, EdgeError> {
     let max_body = limits.max_request_body;
     let url = url::Url::parse(&doc.url)
-        .map_err(|e| EdgeError::bad_request("fetch_bad_url", format!("url {:?}: {e}", doc.url)))?;
+        .map_err(|e| EdgeError::new(ErrorKind::FetchBadUrl, format!("url {:?}: {e}", doc.url)))?;
     let scheme = match url.scheme() {
         "http" => Scheme::Http,
         "https" => Scheme::Https,
         s => {
-            return Err(EdgeError::bad_request(
-                "unsupported_scheme",
+            return Err(EdgeError::new(
+                ErrorKind::UnsupportedScheme,
                 format!("url scheme {s} is not http or https"),
             ))
         }
@@ -1477,7 +1479,7 @@ fn fetch_outgoing(
         .host_str()
         .map(normalize_host)
         .filter(|h| !h.is_empty())
-        .ok_or_else(|| EdgeError::bad_request("fetch_bad_url", "url has no host"))?;
+        .ok_or_else(|| EdgeError::new(ErrorKind::FetchBadUrl, "url has no host"))?;
     let port = url.port().unwrap_or(scheme.default_port());
     let mut path = url.path().to_string();
     if let Some(q) = url.query() {
@@ -1486,7 +1488,10 @@ fn fetch_outgoing(
     }
     let method = match &doc.method {
         Some(m) => Method::from_bytes(m.to_ascii_uppercase().as_bytes()).map_err(|_| {
-            EdgeError::bad_request("fetch_bad_method", format!("method {m:?} is not valid"))
+            EdgeError::new(
+                ErrorKind::FetchBadMethod,
+                format!("method {m:?} is not valid"),
+            )
         })?,
         None => Method::GET,
     };
@@ -1497,13 +1502,7 @@ fn fetch_outgoing(
         Some(FetchHeaders::List(l)) => l.clone(),
     };
     // The same head limits as a proxied request (431): the JSON carries a head all the same.
-    let too_large = |what: String| {
-        EdgeError::request_rejected(
-            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-            "request_header_too_large",
-            what,
-        )
-    };
+    let too_large = |what: String| EdgeError::new(ErrorKind::RequestHeaderTooLarge, what);
     if pairs.len() > limits.max_headers {
         return Err(too_large(format!(
             "{} header fields; limits.max_headers is {}",
@@ -1526,14 +1525,14 @@ fn fetch_outgoing(
     }
     for (k, v) in pairs {
         let name = HeaderName::from_bytes(k.as_bytes()).map_err(|_| {
-            EdgeError::bad_request(
-                "fetch_bad_header",
+            EdgeError::new(
+                ErrorKind::FetchBadHeader,
                 format!("header name {k:?} is not valid"),
             )
         })?;
         let value = HeaderValue::from_str(&v).map_err(|_| {
-            EdgeError::bad_request(
-                "fetch_bad_header",
+            EdgeError::new(
+                ErrorKind::FetchBadHeader,
                 format!("header {k} has an invalid value"),
             )
         })?;
@@ -1543,8 +1542,8 @@ fn fetch_outgoing(
     headers.remove(http::header::CONTENT_LENGTH);
     let body = match (&doc.body, &doc.body_base64) {
         (Some(_), Some(_)) => {
-            return Err(EdgeError::bad_request(
-                "fetch_bad_body",
+            return Err(EdgeError::new(
+                ErrorKind::FetchBadBody,
                 "give either body or body_base64, not both",
             ))
         }
@@ -1553,7 +1552,7 @@ fn fetch_outgoing(
             base64::engine::general_purpose::STANDARD
                 .decode(b)
                 .map_err(|e| {
-                    EdgeError::bad_request("fetch_bad_body", format!("body_base64: {e}"))
+                    EdgeError::new(ErrorKind::FetchBadBody, format!("body_base64: {e}"))
                 })?,
         ),
         (None, None) => Bytes::new(),
@@ -1578,13 +1577,19 @@ async fn collect_response(mut body: ProxyBody, limit: u64) -> Result<Bytes, Edge
     let mut buf = bytes::BytesMut::new();
     while let Some(frame) = body.frame().await {
         let frame = frame.map_err(|e| {
-            EdgeError::bad_response(format!("reading the target's response failed: {e}"))
+            EdgeError::new(
+                ErrorKind::UpstreamBadResponse,
+                format!("reading the target's response failed: {e}"),
+            )
         })?;
         if let Ok(data) = frame.into_data() {
             if (buf.len() + data.len()) as u64 > limit {
-                return Err(EdgeError::bad_response(format!(
+                return Err(EdgeError::new(
+                    ErrorKind::UpstreamBadResponse,
+                    format!(
                     "the target's response is larger than limits.max_fetch_json ({limit} bytes)"
-                )));
+                ),
+                ));
             }
             buf.extend_from_slice(&data);
         }

@@ -30,7 +30,7 @@ use prometheus_client::registry::Registry;
 
 use crate::body::{full_body, ProxyBody};
 use crate::dial::Scheme;
-use crate::error::EdgeError;
+use crate::error::{EdgeError, ErrorKind};
 use crate::gateway::Gateway;
 use crate::headers::strip_hop_by_hop;
 
@@ -256,14 +256,14 @@ pub async fn forward(
     };
     let protocol = protocol_of(&req);
     if !protocol.eq_ignore_ascii_case("websocket") {
-        return refuse(EdgeError::bad_request(
-            "unsupported_upgrade",
+        return refuse(EdgeError::new(
+            ErrorKind::UnsupportedUpgrade,
             format!("edgepool forwards WebSocket upgrades only, not Upgrade: {protocol}"),
         ));
     }
     if !h2_worker && req.method() != Method::GET {
-        return refuse(EdgeError::bad_request(
-            "unsupported_upgrade",
+        return refuse(EdgeError::new(
+            ErrorKind::UnsupportedUpgrade,
             format!(
                 "a WebSocket handshake is a GET request, not {}",
                 req.method()
@@ -276,8 +276,8 @@ pub async fn forward(
             .get(header::CONTENT_LENGTH)
             .is_some_and(|v| v.as_bytes() != b"0");
     if !h2_worker && has_body {
-        return refuse(EdgeError::bad_request(
-            "unsupported_upgrade",
+        return refuse(EdgeError::new(
+            ErrorKind::UnsupportedUpgrade,
             "a WebSocket handshake has no request body",
         ));
     }
@@ -321,10 +321,13 @@ pub async fn forward(
         ..
     } = opened;
     if !early.is_empty() {
-        return failed(EdgeError::bad_response(format!(
-            "{host}:{port} sent {} bytes before the upgrade request",
-            early.len()
-        )));
+        return failed(EdgeError::new(
+            ErrorKind::UpstreamBadResponse,
+            format!(
+                "{host}:{port} sent {} bytes before the upgrade request",
+                early.len()
+            ),
+        ));
     }
     let io: Box<dyn Io> = match scheme {
         Scheme::Http => Box::new(stream),
@@ -390,8 +393,8 @@ pub async fn forward(
     {
         Ok(r) => r,
         Err(e) => {
-            return refuse(EdgeError::bad_request(
-                "invalid_request",
+            return refuse(EdgeError::new(
+                ErrorKind::InvalidRequest,
                 format!("invalid upgrade request: {e}"),
             ))
         }
@@ -400,7 +403,7 @@ pub async fn forward(
     let rht = fwd.config().response_header_timeout;
     let mut resp = match tokio::time::timeout(rht, send.send_request(up_req)).await {
         Err(_) => {
-            return failed(EdgeError::response_timeout(format!(
+            return failed(EdgeError::new(ErrorKind::UpstreamResponseTimeout, format!(
                 "{host}:{port} sent no answer to the upgrade request within upstream.response_header_timeout ({rht:?})"
             )))
         }
@@ -445,10 +448,13 @@ pub async fn forward(
         metrics.record(Outcome::Declined);
         if h2_worker && rparts.status.is_success() {
             // A 2xx to an extended CONNECT would tell the worker the tunnel is open.
-            return failed(EdgeError::bad_response(format!(
-                "{host}:{port} answered the WebSocket handshake with {} instead of 101",
-                rparts.status
-            )));
+            return failed(EdgeError::new(
+                ErrorKind::UpstreamBadResponse,
+                format!(
+                    "{host}:{port} answered the WebSocket handshake with {} instead of 101",
+                    rparts.status
+                ),
+            ));
         }
         if !h2_worker {
             rparts

@@ -139,11 +139,17 @@ impl AuthError {
     /// Machine token for `X-Edgepool-Error`: `proxy_auth_required`, `proxy_auth_malformed`,
     /// `proxy_auth_failed` or `bad_proxy_option`.
     pub fn token(&self) -> &'static str {
+        self.kind().token()
+    }
+
+    /// The error kind a worker gets for it (407).
+    pub fn kind(&self) -> crate::error::ErrorKind {
+        use crate::error::ErrorKind;
         match self {
-            AuthError::Missing => "proxy_auth_required",
-            AuthError::Malformed(_) => "proxy_auth_malformed",
-            AuthError::BadToken => "proxy_auth_failed",
-            AuthError::BadOption { .. } => "bad_proxy_option",
+            AuthError::Missing => ErrorKind::ProxyAuthRequired,
+            AuthError::Malformed(_) => ErrorKind::ProxyAuthMalformed,
+            AuthError::BadToken => ErrorKind::ProxyAuthFailed,
+            AuthError::BadOption { .. } => ErrorKind::BadProxyOption,
         }
     }
 
