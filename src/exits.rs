@@ -849,7 +849,7 @@ impl Exits {
         pool: usize,
         exclude: &[usize],
         avoid: Option<usize>,
-        warm: Option<&dyn Fn(&ExitKey) -> bool>,
+        warm: Option<&[usize]>,
         now: Instant,
     ) -> Result<usize, RouteError> {
         let entry = &self.pools[pool];
@@ -901,7 +901,7 @@ impl Exits {
                 let w: Vec<usize> = eligible
                     .iter()
                     .copied()
-                    .filter(|i| warm(&ExitKey::direct(self.nodes[*i].clone())))
+                    .filter(|i| warm.contains(i))
                     .collect();
                 if !w.is_empty() {
                     eligible = w;
@@ -1024,7 +1024,8 @@ impl Exits {
                 });
             }
         }
-        // Node circuits are locked under the router lock, never the other way round.
+        // Lock order: node circuits are locked under the router lock, never the other way
+        // round, and the pool's lock is never taken under the router's (see the window path).
         let mut guard = self.state.lock();
         let st = &mut *guard;
         if q.options.rotate == Some(Rotate::Request) {
@@ -1060,24 +1061,32 @@ impl Exits {
         }
         // Session-less: the sticky window of (target, pool).
         let wk = (Arc::<str>::from(q.target), pool);
+        if let Some(r) = self.window_hit(st, &wk, q.exclude, now) {
+            return Ok(r);
+        }
+        // A new window: learn which nodes hold an idle connection to the target with the
+        // router lock released — the router never calls into the pool under its own lock —
+        // then take it again (another request may have opened the window meanwhile).
+        drop(guard);
+        let warm_nodes: Vec<usize> = if gateway {
+            Vec::new()
+        } else {
+            self.pools[pool]
+                .nodes
+                .iter()
+                .copied()
+                .filter(|i| (q.warm)(&ExitKey::direct(self.nodes[*i].clone())))
+                .collect()
+        };
+        let mut guard = self.state.lock();
+        let st = &mut *guard;
+        if let Some(r) = self.window_hit(st, &wk, q.exclude, now) {
+            return Ok(r);
+        }
         let mut reason = None;
         let mut avoid = None;
-        if let Some(p) = st.windows.get_mut(&wk) {
-            let node = &self.nodes[p.node];
-            let usable = !q.exclude.contains(&p.node) && node.admissible(now);
-            if usable && now < p.expires {
-                p.last_used = now;
-                node.admit(now);
-                return Ok(Route {
-                    key: ExitKey {
-                        node: node.clone(),
-                        scope: p.scope.clone(),
-                    },
-                    cold_reason: None,
-                    renewed: false,
-                    forced: false,
-                });
-            }
+        if let Some(p) = st.windows.get(&wk) {
+            let usable = !q.exclude.contains(&p.node) && self.nodes[p.node].admissible(now);
             // The window ended (rotate to another node) or its node is down (move).
             reason = Some(if usable {
                 NewReason::Rotation
@@ -1088,7 +1097,7 @@ impl Exits {
             let p = st.windows.remove(&wk).expect("present");
             self.unpin(&p);
         }
-        let node = self.choose(st, pool, q.exclude, avoid, Some(q.warm), now)?;
+        let node = self.choose(st, pool, q.exclude, avoid, Some(&warm_nodes), now)?;
         self.nodes[node].admit(now);
         let scope = gateway.then(|| self.gateway_scope(st, "w"));
         let window = self.settings.sticky_window;
@@ -1100,6 +1109,32 @@ impl Exits {
                 scope,
             },
             cold_reason: reason,
+            renewed: false,
+            forced: false,
+        })
+    }
+
+    /// The route of a live sticky window of `wk` whose node can take the request, if any.
+    fn window_hit(
+        &self,
+        st: &mut RouterState,
+        wk: &(Arc<str>, usize),
+        exclude: &[usize],
+        now: Instant,
+    ) -> Option<Route> {
+        let p = st.windows.get_mut(wk)?;
+        let node = &self.nodes[p.node];
+        if exclude.contains(&p.node) || !node.admissible(now) || now >= p.expires {
+            return None;
+        }
+        p.last_used = now;
+        node.admit(now);
+        Some(Route {
+            key: ExitKey {
+                node: node.clone(),
+                scope: p.scope.clone(),
+            },
+            cold_reason: None,
             renewed: false,
             forced: false,
         })
