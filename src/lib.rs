@@ -41,7 +41,8 @@
 //! - [`upgrade`]: WebSockets — `Upgrade: websocket` and HTTP/2 extended CONNECT forwarded
 //!   over a dedicated (never pooled) upstream connection, spliced both ways after `101`, with
 //!   their own idle and lifetime clocks.
-//! - [`error`]: edgepool's own errors: side, status, `X-Edgepool-Error`, `Proxy-Status`.
+//! - [`error`]: edgepool's own errors — `ErrorKind` is the contract (token, status,
+//!   `Proxy-Status` type, side, `Retry-After`), checked against the README's error table.
 //! - [`worker`]: worker authentication — token and options in the proxy username.
 //! - [`exits`]: exit pools (direct, HTTP CONNECT / SOCKS5 proxies, rotating gateways), node
 //!   health (circuit breaker), sticky sessions and windows, reuse-aware node choice.
