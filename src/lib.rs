@@ -66,6 +66,7 @@ pub mod guard;
 pub mod h1guard;
 pub mod headers;
 pub mod ingress;
+#[cfg(feature = "lab")]
 pub mod lab;
 pub mod pool;
 pub mod portguard;

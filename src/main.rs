@@ -92,6 +92,7 @@ enum Command {
     },
     /// Run the reuse lab: loopback origins, a worker fleet in several modes, a side-by-side
     /// report of reuse, latency, throughput and CPU.
+    #[cfg(feature = "lab")]
     Lab {
         /// A built-in scenario (mixed, datacenter, waf, lb, residential) or a TOML file.
         #[arg(long, default_value = "mixed")]
@@ -160,11 +161,11 @@ enum CaCommand {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     // The lab's report is the output; its in-process gateway only speaks up about problems.
-    let default_filter = if matches!(cli.command, Command::Lab { .. }) {
-        "warn"
-    } else {
-        "info"
-    };
+    #[cfg(feature = "lab")]
+    let quiet = matches!(cli.command, Command::Lab { .. });
+    #[cfg(not(feature = "lab"))]
+    let quiet = false;
+    let default_filter = if quiet { "warn" } else { "info" };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -275,6 +276,7 @@ fn main() -> ExitCode {
             target,
             json,
         } => trace(admin, target, json),
+        #[cfg(feature = "lab")]
         Command::Lab {
             scenario,
             quick,
@@ -307,6 +309,7 @@ fn runtime() -> tokio::runtime::Runtime {
 }
 
 /// How `edgepool lab` names its targets.
+#[cfg(feature = "lab")]
 #[derive(clap::Args, Debug)]
 struct LabNameArgs {
     /// How workers name the targets: `addresses` (127.0.0.1:PORT), `dns` (<target>.lab.test,
@@ -334,6 +337,7 @@ struct LabNameArgs {
     print_hosts: bool,
 }
 
+#[cfg(feature = "lab")]
 impl LabNameArgs {
     fn names(&self) -> Result<edgepool::lab::Names, String> {
         use edgepool::lab::{DnsFault, Names};
@@ -368,6 +372,7 @@ impl LabNameArgs {
     }
 }
 
+#[cfg(feature = "lab")]
 #[allow(clippy::too_many_arguments)]
 fn lab(
     scenario: String,

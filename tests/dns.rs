@@ -9,6 +9,7 @@
 //!   no longer used;
 //! - hosts-file names are final (no query, either family) and edits are picked up;
 //! - `dns_failed` says what happened in a sentence.
+#![cfg(feature = "lab")]
 mod gw;
 mod support;
 

@@ -3,6 +3,7 @@
 //! the origins) beats no-keepalive's and per-worker's and is at least 0.98 × the greedy
 //! reference's (docs/BENCHMARKS.md, the target), and the
 //! report's numbers agree with each other.
+#![cfg(feature = "lab")]
 use edgepool::lab::{LabOptions, Mode};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -2,6 +2,7 @@
 //! names a DNS server points at internal addresses, DNS rebinding (a local DNS server that
 //! answers with an allowed address and then with loopback), mixed answers, and the CONNECT
 //! port allow-list.
+#![cfg(feature = "lab")]
 mod gw;
 
 use std::net::{Ipv4Addr, SocketAddr};
