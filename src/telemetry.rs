@@ -32,23 +32,23 @@ use crate::pool::{CloseReason, NewReason, PoolEvents, PoolStats};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ReasonLabels {
-    reason: String,
+    reason: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RequestLabels {
-    reused: String,
-    protocol: String,
+    reused: &'static str,
+    protocol: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ErrorLabels {
-    error: String,
+    error: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct StateLabels {
-    state: String,
+    state: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -520,9 +520,7 @@ impl Telemetry {
             exit_state.clone(),
         );
         for r in NewReason::ALL {
-            let _ = opened.get_or_create(&ReasonLabels {
-                reason: r.as_str().into(),
-            });
+            let _ = opened.get_or_create(&ReasonLabels { reason: r.as_str() });
         }
         let every = if trace.sample_rate <= 0.0 {
             0
@@ -581,8 +579,8 @@ impl Telemetry {
     pub fn record_request(&self, r: &RequestRecord<'_>) {
         self.requests
             .get_or_create(&RequestLabels {
-                reused: if r.reused { "1" } else { "0" }.into(),
-                protocol: r.protocol.into(),
+                reused: if r.reused { "1" } else { "0" },
+                protocol: r.protocol,
             })
             .inc();
         self.phase("dns", r.dns);
@@ -597,7 +595,7 @@ impl Telemetry {
         }
         if let Some(why) = r.retry_reason {
             self.retries
-                .get_or_create(&ReasonLabels { reason: why.into() })
+                .get_or_create(&ReasonLabels { reason: why })
                 .inc();
         }
         let exit = r.exit;
@@ -623,7 +621,7 @@ impl Telemetry {
             if let Some(why) = r.new_reason {
                 self.opened
                     .get_or_create(&ReasonLabels {
-                        reason: why.as_str().into(),
+                        reason: why.as_str(),
                     })
                     .inc();
             }
@@ -729,9 +727,7 @@ impl Telemetry {
     /// only, so probes of unknown names cannot grow the per-target table.
     pub fn record_error(&self, target: Option<&str>, token: &'static str) {
         self.errors
-            .get_or_create(&ErrorLabels {
-                error: token.into(),
-            })
+            .get_or_create(&ErrorLabels { error: token })
             .inc();
         match target {
             Some(t) => self.targets.lock().entry(t.to_string()).or_default().errors += 1,
@@ -740,11 +736,9 @@ impl Telemetry {
     }
 
     /// How many errors with `token` were recorded (`edgepool_errors_total{error=token}`).
-    pub fn error_count(&self, token: &str) -> u64 {
+    pub fn error_count(&self, token: &'static str) -> u64 {
         self.errors
-            .get_or_create(&ErrorLabels {
-                error: token.into(),
-            })
+            .get_or_create(&ErrorLabels { error: token })
             .get()
     }
 
@@ -925,9 +919,7 @@ impl Telemetry {
             ("connecting", stats.connecting),
         ] {
             self.connections
-                .get_or_create(&StateLabels {
-                    state: state.into(),
-                })
+                .get_or_create(&StateLabels { state })
                 .set(v as i64);
         }
         self.waiting.set(stats.waiting as i64);
@@ -987,7 +979,7 @@ impl PoolEvents<UpstreamKey> for Telemetry {
         }
         self.opened
             .get_or_create(&ReasonLabels {
-                reason: reason.as_str().into(),
+                reason: reason.as_str(),
             })
             .inc();
         let node = &key.exit.node;
@@ -1019,7 +1011,7 @@ impl PoolEvents<UpstreamKey> for Telemetry {
     fn connection_closed(&self, key: &UpstreamKey, reason: CloseReason, requests: u64) {
         self.closed
             .get_or_create(&ReasonLabels {
-                reason: reason.as_str().into(),
+                reason: reason.as_str(),
             })
             .inc();
         if requests > 0 {
