@@ -22,7 +22,7 @@ use tokio::time::Instant;
 
 use crate::body::{BoxError, ProxyBody};
 use crate::dial::{authority, DialError, Scheme, UpstreamConn, UpstreamKey};
-use crate::dns::{ResolveError, Resolver};
+use crate::dns::Resolver;
 use crate::error::{EdgeError, ErrorKind, Sent};
 use crate::guard::TargetPolicy;
 use crate::headers::{parse_keep_alive, strip_hop_by_hop};
@@ -30,12 +30,11 @@ use crate::pool::{
     CheckoutError, CheckoutOpts, CloseReason, Hints, Lease, NewReason, Pool, Release,
 };
 use crate::retry::{Attempt, Decision, Failure, SendFailure};
+use crate::route::{Router, MAX_ADDR_FAILOVER, MAX_EXIT_FAILOVER};
 use crate::telemetry::{ms, RequestRecord, Telemetry, TraceRecord};
 
 /// The label of the direct exit (no upstream proxy).
 pub const EXIT_DIRECT: &str = crate::exits::DIRECT;
-/// At most this many exit nodes are tried for one request when nodes fail to connect.
-pub const MAX_EXIT_FAILOVER: usize = 3;
 
 /// Settings of the forwarder.
 #[derive(Clone, Debug)]
@@ -133,23 +132,13 @@ pub struct Meta {
 /// Sends requests upstream through the pool.
 pub struct Forwarder {
     pool: Pool<crate::dial::Dialer>,
-    exits: Arc<crate::exits::Exits>,
-    resolver: Resolver,
-    policy: TargetPolicy,
+    /// Where requests go: addresses, exits, pool keys.
+    router: Router,
     telemetry: Arc<Telemetry>,
     cfg: ForwardConfig,
-    /// edgepool's own listening addresses: the proxy path must never reach them.
-    own: crate::dial::OwnAddrs,
-    /// Addresses whose TCP connect recently failed, and when (tried last for [`BAD_ADDR_TTL`]).
-    bad_addrs: parking_lot::Mutex<std::collections::HashMap<std::net::IpAddr, Instant>>,
     /// Retries of requests that may have reached the target draw on it.
     retry_budget: crate::admission::RetryBudget,
 }
-
-/// How long an address that refused or timed out a connect is tried after the others.
-pub const BAD_ADDR_TTL: Duration = Duration::from_secs(30);
-/// At most this many further addresses are tried when connecting to one fails.
-pub const MAX_ADDR_FAILOVER: usize = 2;
 
 /// Why an HTTP/1 response's framing cannot be trusted, if it cannot: `Transfer-Encoding` with
 /// `Content-Length` (RFC 9112 §6.3: a smuggling or splitting attempt), a transfer coding other
@@ -184,14 +173,10 @@ impl Forwarder {
     ) -> Self {
         Forwarder {
             pool,
-            exits,
-            resolver,
-            policy,
+            router: Router::new(exits, resolver, policy, own),
             telemetry,
             retry_budget: crate::admission::RetryBudget::new(cfg.retry_budget),
             cfg,
-            own,
-            bad_addrs: Default::default(),
         }
     }
 
@@ -203,13 +188,12 @@ impl Forwarder {
     /// Records edgepool's own listening addresses (once, when the listeners are bound):
     /// requests to them are refused as loops.
     pub fn set_own_addrs(&self, addrs: Vec<SocketAddr>) {
-        self.own.set(addrs);
+        self.router.set_own_addrs(addrs);
     }
 
-    /// Whether `addr` is one of edgepool's own listeners (an unspecified bind address matches
-    /// any loopback or unspecified target on its port).
-    fn is_own(&self, addr: SocketAddr) -> bool {
-        self.own.contains(addr)
+    /// Where requests go.
+    pub fn router(&self) -> &Router {
+        &self.router
     }
 
     /// The forwarder's settings.
@@ -239,9 +223,10 @@ impl Forwarder {
     ) -> Result<(crate::dial::Opened, Arc<str>), EdgeError> {
         let target = authority(host, port);
         let mut failed: Vec<usize> = Vec::new();
-        let no_warm = |e: crate::exits::ExitKey| UpstreamKey::http_via(e);
+        // A dedicated stream never comes from the pool: no node is warmer than another.
+        let no_warm = |_: &crate::exits::ExitKey| false;
         loop {
-            let route = self.route(&target, worker, &failed, &no_warm)?;
+            let route = self.router.route(&target, worker, &failed, &no_warm)?;
             match self
                 .pool
                 .connector()
@@ -251,7 +236,7 @@ impl Forwarder {
                 Ok(opened) => return Ok((opened, route.key.node.label.clone())),
                 Err(e) => {
                     // The dialer told the node's circuit; a node fault may go to another node.
-                    if Self::node_fault(&e) {
+                    if Router::node_fault(&e) {
                         failed.push(route.key.node.index);
                         if failed.len() < MAX_EXIT_FAILOVER {
                             continue;
@@ -270,27 +255,7 @@ impl Forwarder {
 
     /// The exits and their routing state.
     pub fn exits(&self) -> &Arc<crate::exits::Exits> {
-        &self.exits
-    }
-
-    /// Routes a request for `host:port`: which exit, in which isolation scope.
-    pub fn route(
-        &self,
-        out_target: &str,
-        worker: &crate::worker::Worker,
-        exclude: &[usize],
-        warm_key: &dyn Fn(crate::exits::ExitKey) -> UpstreamKey,
-    ) -> Result<crate::exits::Route, EdgeError> {
-        let warm = |k: &crate::exits::ExitKey| self.pool.has_idle(&warm_key(k.clone()));
-        self.exits
-            .route(&crate::exits::RouteQuery {
-                target: out_target,
-                token: &worker.token,
-                options: &worker.options,
-                exclude,
-                warm: &warm,
-            })
-            .map_err(route_error)
+        self.router.exits()
     }
 
     /// Routes again after `failed` exits failed for this request (nothing was sent to the
@@ -304,7 +269,8 @@ impl Forwarder {
         meta: &mut Meta,
         warm_key: &dyn Fn(crate::exits::ExitKey) -> UpstreamKey,
     ) -> Result<(), EdgeError> {
-        let next = self.route(target, &out.worker, failed, warm_key)?;
+        let warm = |k: &crate::exits::ExitKey| self.pool.has_idle(&warm_key(k.clone()));
+        let next = self.router.route(target, &out.worker, failed, &warm)?;
         *route = next;
         if route.cold_reason.is_none() && out.worker.options.session.is_none() {
             route.cold_reason = Some(NewReason::SessionChange);
@@ -312,15 +278,6 @@ impl Forwarder {
         meta.session_renewed |= route.renewed;
         meta.exit = route.key.node.label.clone();
         Ok(())
-    }
-
-    /// Whether a dial error is the exit node's fault (the dialer has already told the node's
-    /// circuit, once per dial): then another node may take the request.
-    fn node_fault(e: &DialError) -> bool {
-        matches!(
-            e,
-            DialError::ExitConnect { .. } | DialError::ExitAuth { .. }
-        )
     }
 
     /// Resolves `host` and checks every address against the target policy; returns the
@@ -333,10 +290,10 @@ impl Forwarder {
         port: u16,
     ) -> Result<(SocketAddr, Duration), EdgeError> {
         let t0 = Instant::now();
-        let res = self.resolve_candidates(host, port).await;
+        let res = self.router.candidates(host, port).await;
         let (source, error) = match &res {
-            Ok((_, _, source)) if !source.waited() => return res.map(|(a, took, _)| (a[0], took)),
-            Ok((_, _, source)) => (source.as_str(), None),
+            Ok(c) if !c.source.waited() => return res.map(|c| (c.addrs[0], c.took)),
+            Ok(c) => (c.source.as_str(), None),
             Err(e) => ("failed", Some(e.token)),
         };
         if self.telemetry.should_trace(false, error.is_some()) {
@@ -351,75 +308,12 @@ impl Forwarder {
                 ..Default::default()
             });
         }
-        res.map(|(a, took, _)| (a[0], took))
+        res.map(|c| (c.addrs[0], c.took))
     }
 
     /// The resolver (for its cache figures).
     pub fn resolver(&self) -> &Resolver {
-        &self.resolver
-    }
-
-    /// Every address of `host`, all checked against the target policy here, where they are
-    /// used (the resolver checked them too when they entered its cache; one forbidden address
-    /// refuses the target: a DNS answer mixing public and internal addresses is an attack), in
-    /// the order to try them: the resolver's (IPv4 first — many scraping hosts have no working
-    /// IPv6 route — and stable across answers), addresses that recently refused or timed out a
-    /// connect last. Also returns the time spent and where the answer came from.
-    async fn resolve_candidates(
-        &self,
-        host: &str,
-        port: u16,
-    ) -> Result<(Vec<SocketAddr>, Duration, crate::dns::Source), EdgeError> {
-        let t0 = Instant::now();
-        let resolved = self.resolver.resolve(host).await.map_err(|e| match e {
-            ResolveError::Forbidden { ip, why } => EdgeError::new(ErrorKind::TargetForbidden, format!(
-                "{host} resolves to {ip}, a {why} address; edgepool refuses it unless it is allowed (--allow-target / targets.allow)"
-            )),
-            ResolveError::Failed(why) => EdgeError::dns_failed(host, why),
-        })?;
-        for ip in resolved.addrs.iter() {
-            if self.is_own(SocketAddr::new(*ip, port)) {
-                return Err(EdgeError::new(
-                    ErrorKind::LoopDetected,
-                    format!(
-                        "{host}:{port} is edgepool itself; a request through the proxy to its own \
-                     listeners (proxy or admin) would loop or expose the admin endpoints"
-                    ),
-                ));
-            }
-            if let Err(why) = self.policy.check(*ip) {
-                return Err(EdgeError::new(ErrorKind::TargetForbidden, format!(
-                    "{host} resolves to {ip}, a {why} address; edgepool refuses it unless it is allowed (--allow-target / targets.allow)"
-                )));
-            }
-        }
-        let mut addrs: Vec<SocketAddr> = resolved
-            .addrs
-            .iter()
-            .map(|ip| SocketAddr::new(*ip, port))
-            .collect();
-        if addrs.len() > 1 {
-            let now = Instant::now();
-            let bad = self.bad_addrs.lock();
-            if !bad.is_empty() {
-                let recently_failed = |ip: &std::net::IpAddr| {
-                    bad.get(ip)
-                        .is_some_and(|at| now.saturating_duration_since(*at) < BAD_ADDR_TTL)
-                };
-                addrs.sort_by_key(|a| recently_failed(&a.ip()));
-            }
-        }
-        Ok((addrs, t0.elapsed(), resolved.source))
-    }
-
-    /// Remembers that connecting to `ip` failed, so the next requests try another address.
-    fn mark_failed(&self, ip: std::net::IpAddr) {
-        let now = Instant::now();
-        let mut bad = self.bad_addrs.lock();
-        if bad.len() >= 4096 {
-            bad.retain(|_, at| now.saturating_duration_since(*at) < BAD_ADDR_TTL);
-        }
-        bad.insert(ip, now);
+        self.router.resolver()
     }
 
     /// Forwards one request; the response body returns the connection to the pool when it
@@ -473,11 +367,11 @@ impl Forwarder {
         dns_stage: &mut Option<(Duration, &'static str)>,
     ) -> Result<(Response<ProxyBody>, Meta), EdgeError> {
         let t_dns = Instant::now();
-        let (candidates, dns, dns_source) = match self.resolve_candidates(&out.host, out.port).await
+        let (candidates, dns, dns_source) = match self.router.candidates(&out.host, out.port).await
         {
-            Ok(v) => {
-                *dns_stage = Some((v.1, v.2.as_str()));
-                v
+            Ok(c) => {
+                *dns_stage = Some((c.took, c.source.as_str()));
+                (c.addrs, c.took, c.source)
             }
             Err(e) => {
                 // No usable answer (failed, forbidden, or edgepool itself): the trace says how
@@ -490,32 +384,14 @@ impl Forwarder {
         let mut candidate = 0;
         let verify = self.verifies(&out.host);
         let key_for = |exit: crate::exits::ExitKey, addr: SocketAddr| {
-            let via =
-                out.scheme == Scheme::Http && exit.node.spec.kind == crate::exits::ExitKind::Http;
-            if via {
-                UpstreamKey::http_via(exit)
-            } else {
-                // Through a proxy the exit resolves the name: our address is only checked, so
-                // it must not split keys (round-robin DNS would cost connections).
-                let addr = if exit.node.spec.kind == crate::exits::ExitKind::Direct {
-                    addr
-                } else {
-                    SocketAddr::new(std::net::Ipv4Addr::UNSPECIFIED.into(), addr.port())
-                };
-                UpstreamKey {
-                    scheme: out.scheme,
-                    host: Arc::from(out.host.as_str()),
-                    port: out.port,
-                    addr,
-                    exit,
-                    verify,
-                }
-            }
+            Router::upstream_key(out.scheme, &out.host, out.port, verify, exit, addr)
         };
         let mut failed_exits: Vec<usize> = Vec::new();
-        let mut route = self.route(target, &out.worker, &failed_exits, &|e| {
-            key_for(e, candidates[0])
-        })?;
+        let warm =
+            |k: &crate::exits::ExitKey| self.pool.has_idle(&key_for(k.clone(), candidates[0]));
+        let mut route = self
+            .router
+            .route(target, &out.worker, &failed_exits, &warm)?;
         let mut key = key_for(route.key.clone(), candidates[0]);
         let mut meta = Meta {
             exit: route.key.node.label.clone(),
@@ -545,7 +421,7 @@ impl Forwarder {
                         DialError::Connect { .. } | DialError::ConnectTimeout { .. }
                     ) && candidate < MAX_ADDR_FAILOVER.min(candidates.len() - 1) =>
                 {
-                    self.mark_failed(key.addr.ip());
+                    self.router.mark_failed(key.addr.ip());
                     candidate += 1;
                     tracing::debug!(target = %target, failed = %key.addr, next = %candidates[candidate], "connect failed; trying the next address");
                     key.addr = candidates[candidate];
@@ -554,7 +430,7 @@ impl Forwarder {
                 // The exit node failed before anything was sent: another node is safe for
                 // any method (a strict session fails instead).
                 Err(CheckoutError::Dial(d))
-                    if Self::node_fault(&d) && failed_exits.len() + 1 < MAX_EXIT_FAILOVER =>
+                    if Router::node_fault(&d) && failed_exits.len() + 1 < MAX_EXIT_FAILOVER =>
                 {
                     failed_exits.push(route.key.node.index);
                     tracing::debug!(target = %target, exit = %route.key.node.label, error = %d, "exit failed; trying another");
@@ -583,7 +459,7 @@ impl Forwarder {
                             &**d,
                             DialError::Connect { .. } | DialError::ConnectTimeout { .. }
                         ) {
-                            self.mark_failed(key.addr.ip());
+                            self.router.mark_failed(key.addr.ip());
                         }
                     }
                     return Err(checkout_error(e, target, self.cfg.queue_timeout));
@@ -1090,23 +966,6 @@ pub fn dial_error(d: &DialError) -> EdgeError {
         }
         DialError::ExitIsEdgepool { .. } => EdgeError::new(ErrorKind::LoopDetected, msg),
     }
-    .with_sent(Sent::None)
-}
-
-/// The worker-facing error for a routing failure.
-pub fn route_error(e: crate::exits::RouteError) -> EdgeError {
-    use crate::exits::RouteError;
-    let msg = e.to_string();
-    match e {
-        RouteError::UnknownPool(..) => EdgeError::new(ErrorKind::UnknownExitPool, msg),
-        RouteError::DirectNotAllowed => EdgeError::new(ErrorKind::DirectNotAllowed, msg),
-        RouteError::NoHealthyExit { retry_after, .. } => {
-            EdgeError::new(ErrorKind::NoHealthyExit, msg)
-                .with_retry_after(retry_after.as_secs_f64().ceil() as u32)
-        }
-        RouteError::SessionExitLost { .. } => EdgeError::new(ErrorKind::SessionExitLost, msg),
-    }
-    // Routing comes before any attempt (a failover's earlier attempts raise this).
     .with_sent(Sent::None)
 }
 

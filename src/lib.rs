@@ -16,6 +16,8 @@
 //! - [`pool`]: the heart — warm connections per key, HTTP/1.1 exclusive, HTTP/2 shared up to
 //!   the server's stream limit, expiry, waiters, and one reason per new connection. Depends on
 //!   no other edgepool module.
+//! - [`route`]: where a request goes — checked addresses (failed ones last), exit and scope,
+//!   the pool key; `forward` asks it, and asks again when an address or exit fails.
 //! - [`retry`]: what a failed send attempt was, and the pure rule that decides whether it is
 //!   sent again (table-tested).
 //! - [`dns`]: target names to addresses off the request path — hosts file (final, reloaded),
@@ -72,6 +74,7 @@ pub mod pool;
 pub mod portguard;
 pub mod report;
 pub mod retry;
+pub mod route;
 pub mod telemetry;
 pub mod upgrade;
 pub mod worker;
