@@ -163,6 +163,7 @@ impl Gateway {
             )
             .map_err(StartError::Exits)?,
         );
+        telemetry.register_exits(exits.nodes());
         for n in exits.nodes().iter().skip(1) {
             tracing::info!(exit = %n.label, kind = n.spec.kind.as_str(), gateway = n.session_template.is_some(), "exit node");
         }

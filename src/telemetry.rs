@@ -329,6 +329,15 @@ struct TraceLog {
     seen: AtomicU64,
 }
 
+/// One exit node's counters (handles into the labelled families).
+#[derive(Clone)]
+struct ExitHandles {
+    requests_reused: Counter,
+    requests_new: Counter,
+    opened: Counter,
+    forced: Counter,
+}
+
 /// Metrics and counters. One per gateway; passed down, never global.
 pub struct Telemetry {
     registry: Registry,
@@ -353,6 +362,9 @@ pub struct Telemetry {
     exit_opened: Family<ExitLabels, Counter>,
     exit_forced: Family<ExitLabels, Counter>,
     exit_state: Family<ExitLabels, Gauge>,
+    /// Per-exit counter handles, looked up once per node (index = node index): the request
+    /// path touches no label set for exits.
+    exit_handles: std::sync::OnceLock<Vec<ExitHandles>>,
     /// Serializes scrapes (per-target gauges are cleared and rebuilt on each).
     scrape: Mutex<()>,
     targets: Mutex<HashMap<String, TargetCounts>>,
@@ -551,6 +563,7 @@ impl Telemetry {
             exit_opened,
             exit_forced,
             exit_state,
+            exit_handles: std::sync::OnceLock::new(),
             scrape: Mutex::new(()),
             targets: Mutex::new(HashMap::new()),
             unrouted: Mutex::new(TargetCounts::default()),
@@ -561,6 +574,48 @@ impl Telemetry {
                 every,
                 seen: AtomicU64::new(0),
             },
+        }
+    }
+
+    /// Looks up every exit node's counters once (call when the exits are built), so requests
+    /// count through handles instead of label sets.
+    pub fn register_exits(&self, nodes: &[Arc<crate::exits::ExitNode>]) {
+        if nodes.iter().enumerate().all(|(i, n)| n.index == i) {
+            let _ = self
+                .exit_handles
+                .set(nodes.iter().map(|n| self.make_exit_handles(n)).collect());
+        }
+    }
+
+    fn make_exit_handles(&self, n: &crate::exits::ExitNode) -> ExitHandles {
+        let (pool, exit) = (n.pool.to_string(), n.label.to_string());
+        let requests = |reused: &str| {
+            self.exit_requests
+                .get_or_create(&ExitReusedLabels {
+                    pool: pool.clone(),
+                    exit: exit.clone(),
+                    reused: reused.into(),
+                })
+                .clone()
+        };
+        let labels = ExitLabels {
+            pool: pool.clone(),
+            exit: exit.clone(),
+        };
+        ExitHandles {
+            requests_reused: requests("1"),
+            requests_new: requests("0"),
+            opened: self.exit_opened.get_or_create(&labels).clone(),
+            forced: self.exit_forced.get_or_create(&labels).clone(),
+        }
+    }
+
+    /// `f` with `node`'s counters: the registered handles, or (a node not registered, as in
+    /// unit tests) handles looked up now.
+    fn with_exit<R>(&self, node: &crate::exits::ExitNode, f: impl FnOnce(&ExitHandles) -> R) -> R {
+        match self.exit_handles.get().and_then(|v| v.get(node.index)) {
+            Some(h) => f(h),
+            None => f(&self.make_exit_handles(node)),
         }
     }
 
@@ -599,25 +654,25 @@ impl Telemetry {
                 .inc();
         }
         let exit = r.exit;
-        self.exit_requests
-            .get_or_create(&ExitReusedLabels {
-                pool: exit.pool.to_string(),
-                exit: exit.label.to_string(),
-                reused: if r.reused { "1" } else { "0" }.into(),
-            })
-            .inc();
+        self.with_exit(exit, |h| {
+            if r.reused {
+                h.requests_reused.inc();
+            } else {
+                h.requests_new.inc();
+            }
+            if r.via_proxy && !r.reused {
+                h.opened.inc();
+            }
+            if r.forced {
+                h.forced.inc();
+            }
+        });
         exit.counters.requests.fetch_add(1, Ordering::Relaxed);
         if r.via_proxy && !r.reused {
             // A shared proxy connection is counted with its first request (see the module doc).
             exit.counters
                 .new_connections
                 .fetch_add(1, Ordering::Relaxed);
-            self.exit_opened
-                .get_or_create(&ExitLabels {
-                    pool: exit.pool.to_string(),
-                    exit: exit.label.to_string(),
-                })
-                .inc();
             if let Some(why) = r.new_reason {
                 self.opened
                     .get_or_create(&ReasonLabels {
@@ -627,12 +682,6 @@ impl Telemetry {
             }
         }
         if r.forced {
-            self.exit_forced
-                .get_or_create(&ExitLabels {
-                    pool: exit.pool.to_string(),
-                    exit: exit.label.to_string(),
-                })
-                .inc();
             exit.counters
                 .forced_requests
                 .fetch_add(1, Ordering::Relaxed);
@@ -983,12 +1032,7 @@ impl PoolEvents<UpstreamKey> for Telemetry {
             })
             .inc();
         let node = &key.exit.node;
-        self.exit_opened
-            .get_or_create(&ExitLabels {
-                pool: node.pool.to_string(),
-                exit: node.label.to_string(),
-            })
-            .inc();
+        self.with_exit(node, |h| h.opened.inc());
         node.counters
             .new_connections
             .fetch_add(1, Ordering::Relaxed);
