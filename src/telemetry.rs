@@ -690,7 +690,11 @@ impl Telemetry {
             }
         }
         let mut t = self.targets.lock();
-        let c = t.entry(r.target.to_string()).or_default();
+        // The target's row, allocating its name only the first time.
+        if !t.contains_key(r.target) {
+            t.insert(r.target.to_string(), TargetCounts::default());
+        }
+        let c = t.get_mut(r.target).expect("inserted above");
         c.requests += 1;
         if r.forced {
             c.forced_requests += 1;
