@@ -14,7 +14,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::header::{self, HeaderMap, HeaderValue};
 use http::{Method, Request, Response, Version};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::{BodyExt, Full};
@@ -25,7 +25,7 @@ use crate::dial::{authority, DialError, Scheme, UpstreamConn, UpstreamKey};
 use crate::dns::Resolver;
 use crate::error::{EdgeError, ErrorKind, Sent};
 use crate::guard::TargetPolicy;
-use crate::headers::{parse_keep_alive, strip_hop_by_hop};
+use crate::headers::{clean_response_headers, parse_keep_alive};
 use crate::pool::{
     CheckoutError, CheckoutOpts, CloseReason, Hints, Lease, NewReason, Pool, Release,
 };
@@ -875,19 +875,7 @@ impl Forwarder {
         } else {
             plan
         };
-        strip_hop_by_hop(&mut parts.headers);
-        // Only edgepool speaks X-Edgepool-*: a target cannot fake reuse, exit or session.
-        let spoofed: Vec<HeaderName> = parts
-            .headers
-            .keys()
-            .filter(|k| k.as_str().starts_with("x-edgepool-"))
-            .cloned()
-            .collect();
-        for k in spoofed {
-            parts.headers.remove(k);
-        }
-        // Nor edgepool's member of Proxy-Status.
-        crate::error::strip_foreign_proxy_status(&mut parts.headers);
+        clean_response_headers(&mut parts.headers);
         parts.version = Version::HTTP_11;
         parts.headers.insert(
             "x-edgepool-reused",

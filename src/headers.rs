@@ -65,6 +65,19 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 /// Removes hop-by-hop and every `X-Edgepool-*` header from a worker's request.
 pub fn clean_request_headers(headers: &mut HeaderMap) {
     strip_hop_by_hop(headers);
+    strip_edgepool_headers(headers);
+}
+
+/// Removes hop-by-hop headers from a target's response, and what only edgepool may say:
+/// every `X-Edgepool-*` header (a target cannot fake reuse, exit or session) and edgepool's
+/// member of `Proxy-Status`.
+pub fn clean_response_headers(headers: &mut HeaderMap) {
+    strip_hop_by_hop(headers);
+    strip_edgepool_headers(headers);
+    crate::error::strip_foreign_proxy_status(headers);
+}
+
+fn strip_edgepool_headers(headers: &mut HeaderMap) {
     let ours: Vec<HeaderName> = headers
         .keys()
         .filter(|k| k.as_str().starts_with("x-edgepool-"))

@@ -32,7 +32,6 @@ use crate::body::{full_body, ProxyBody};
 use crate::dial::Scheme;
 use crate::error::{EdgeError, ErrorKind};
 use crate::gateway::Gateway;
-use crate::headers::strip_hop_by_hop;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct OutcomeLabels {
@@ -426,17 +425,7 @@ pub async fn forward(
     );
     let up_upgrade = upgraded.then(|| hyper::upgrade::on(&mut resp));
     let (mut rparts, body) = resp.into_parts();
-    strip_hop_by_hop(&mut rparts.headers);
-    let spoofed: Vec<HeaderName> = rparts
-        .headers
-        .keys()
-        .filter(|k| k.as_str().starts_with("x-edgepool-"))
-        .cloned()
-        .collect();
-    for k in spoofed {
-        rparts.headers.remove(k);
-    }
-    crate::error::strip_foreign_proxy_status(&mut rparts.headers);
+    crate::headers::clean_response_headers(&mut rparts.headers);
     rparts
         .headers
         .insert("x-edgepool-reused", HeaderValue::from_static("0"));
