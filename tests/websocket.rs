@@ -5,67 +5,28 @@
 //!
 //! Needs `python3` with `websockets` (and `chromium` for the browser test): missing ones skip
 //! loudly locally and fail under `CI=true`.
+mod clients_common;
 mod gw;
 mod support;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Output, Stdio};
 use std::time::Duration;
 
 use bytes::Bytes;
+use clients_common::{python_module_available, python_script, SCRUBBED_ENV, SUBPROCESS_TIMEOUT};
 use gw::TestGateway;
 use rustls_pki_types::pem::PemObject;
 use support::{metric, KillOnDrop, Origin, OriginConfig, RawHttp1, TestCa};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-/// Hang guard for any one subprocess (killed past it).
-const SUBPROCESS_TIMEOUT: Duration = Duration::from_secs(90);
 /// Hang guard for one read in the raw clients.
 const READ_TIMEOUT: Duration = Duration::from_secs(30);
 
-const SCRUBBED_ENV: &[&str] = &[
-    "http_proxy",
-    "HTTP_PROXY",
-    "https_proxy",
-    "HTTPS_PROXY",
-    "all_proxy",
-    "ALL_PROXY",
-    "no_proxy",
-    "NO_PROXY",
-    "SSL_CERT_FILE",
-    "SSL_CERT_DIR",
-];
-
-fn python_script(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/python")
-        .join(name)
-}
-
 /// `python3` with `websockets` importable; otherwise a loud SKIPPED (a panic under CI=true).
 async fn websockets_available() -> bool {
-    if !support::require_tool("python3") {
-        return false;
-    }
-    let out = tokio::process::Command::new("python3")
-        .args([
-            "-c",
-            "import websockets.asyncio.client, websockets.asyncio.server",
-        ])
-        .stdin(Stdio::null())
-        .output()
-        .await
-        .expect("run python3");
-    if out.status.success() {
-        return true;
-    }
-    let why = String::from_utf8_lossy(&out.stderr);
-    let why = why.trim().lines().last().unwrap_or("").to_string();
-    support::skip(&format!(
-        "python module `websockets` not importable by python3 ({why}); install it with \
-         `python3 -m pip install websockets`"
-    ))
+    support::require_tool("python3") && python_module_available("websockets").await
 }
 
 /// The Python echo origin: a child process, its port and its event log.
