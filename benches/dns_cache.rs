@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use edgepool::config::Config;
-use edgepool::dns::{DnsConfig, Resolver, Source};
+use edgepool::dns::{Resolver, Source};
 use edgepool::guard::TargetPolicy;
 use edgepool::lab::dns::LabDns;
 
@@ -41,7 +41,7 @@ fn dns_stage(c: &mut Criterion) {
 
     // The resolver alone.
     let resolver = Resolver::new(
-        DnsConfig::from_config(&cfg),
+        cfg.dns(),
         TargetPolicy::new(cfg.targets.allow.clone()),
         &mut prometheus_client::registry::Registry::default(),
     );

@@ -1122,6 +1122,31 @@ impl<'de> Deserialize<'de> for PortRange {
 }
 
 impl Config {
+    /// The resolver's settings from `[upstream]` and `[limits]`.
+    pub fn dns(&self) -> crate::dns::DnsConfig {
+        let up = &self.upstream;
+        crate::dns::DnsConfig {
+            servers: up.dns_servers.clone(),
+            min_ttl: up.dns_min_ttl,
+            max_ttl: up.dns_max_ttl,
+            stale_ttl: up.dns_stale_ttl,
+            timeout: up.dns_timeout,
+            attempts: up.dns_attempts.max(1),
+            family_grace: up.dns_family_grace,
+            cache_size: up.dns_cache_size.max(1),
+            hosts_file: (!up.hosts_file.as_os_str().is_empty()).then(|| up.hosts_file.clone()),
+            max_in_flight: self.limits.max_dns_in_flight.max(1),
+        }
+    }
+}
+
+impl Default for crate::dns::DnsConfig {
+    fn default() -> Self {
+        Config::default().dns()
+    }
+}
+
+impl Config {
     /// Parses a TOML document and validates it. Missing keys take their defaults; an unknown
     /// key or a wrong type is [`ConfigError::Parse`] (the message names the key, line and
     /// column); an inconsistent value is [`ConfigError::Invalid`].

@@ -24,6 +24,7 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use crate::exitproto::HandshakeError;
+pub use crate::exits::authority;
 use crate::exits::{ExitKey, ExitKind, ExitNode};
 use crate::pool::{BoxFuture, ConnWatch, Connected, Connector, EndCause, PoolConn};
 
@@ -106,15 +107,6 @@ impl UpstreamKey {
             exit,
             verify: true,
         }
-    }
-}
-
-/// `host:port` with IPv6 hosts in brackets.
-pub fn authority(host: &str, port: u16) -> String {
-    if host.contains(':') {
-        format!("[{host}]:{port}")
-    } else {
-        format!("{host}:{port}")
     }
 }
 

@@ -71,7 +71,8 @@ const MAX_STALE_CAP: Duration = Duration::from_secs(7 * 86_400);
 /// How often the hosts file is checked for changes.
 pub const HOSTS_POLL: Duration = Duration::from_secs(1);
 
-/// Settings of the [`Resolver`] (from `[upstream]` and `[limits]`).
+/// Settings of the [`Resolver`] (from `[upstream]` and `[limits]`: `Config::dns`; the
+/// default is the embedded configuration's).
 #[derive(Clone, Debug)]
 pub struct DnsConfig {
     /// Servers to ask; empty: the system configuration (`/etc/resolv.conf`).
@@ -97,32 +98,9 @@ pub struct DnsConfig {
 }
 
 impl DnsConfig {
-    /// The settings a gateway configuration gives.
-    pub fn from_config(cfg: &crate::config::Config) -> DnsConfig {
-        let up = &cfg.upstream;
-        DnsConfig {
-            servers: up.dns_servers.clone(),
-            min_ttl: up.dns_min_ttl,
-            max_ttl: up.dns_max_ttl,
-            stale_ttl: up.dns_stale_ttl,
-            timeout: up.dns_timeout,
-            attempts: up.dns_attempts.max(1),
-            family_grace: up.dns_family_grace,
-            cache_size: up.dns_cache_size.max(1),
-            hosts_file: (!up.hosts_file.as_os_str().is_empty()).then(|| up.hosts_file.clone()),
-            max_in_flight: cfg.limits.max_dns_in_flight.max(1),
-        }
-    }
-
     /// The longest a lookup can take: `timeout` × `attempts`.
     pub fn lookup_limit(&self) -> Duration {
         self.timeout * self.attempts.max(1)
-    }
-}
-
-impl Default for DnsConfig {
-    fn default() -> Self {
-        DnsConfig::from_config(&crate::config::Config::default())
     }
 }
 

@@ -37,6 +37,16 @@ const FORCED_SERIAL: u64 = u64::MAX;
 /// Name of the implicit pool (and node) that connects straight to targets.
 pub const DIRECT: &str = "direct";
 
+/// `host:port` with IPv6 hosts in brackets: an exit's or a target's label and a CONNECT
+/// request-target.
+pub fn authority(host: &str, port: u16) -> String {
+    if host.contains(':') {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
+    }
+}
+
 /// Whether the authority of URL `s` spells a port (`host:3128`, `[::1]:1080`); `url::Url`
 /// drops a port equal to the scheme's default, so the text itself is read.
 fn has_explicit_port(s: &str) -> bool {
@@ -169,7 +179,7 @@ impl ExitSpec {
     pub fn endpoint(&self) -> String {
         match self.kind {
             ExitKind::Direct => DIRECT.to_string(),
-            _ => crate::dial::authority(&self.host, self.port),
+            _ => authority(&self.host, self.port),
         }
     }
 }

@@ -21,7 +21,8 @@ use http_body_util::{BodyExt, Full};
 use tokio::time::Instant;
 
 use crate::body::{BoxError, ProxyBody};
-use crate::dial::{authority, DialError, Scheme, UpstreamConn, UpstreamKey};
+use crate::dial::{DialError, Scheme, UpstreamConn, UpstreamKey};
+use crate::exits::authority;
 use crate::dns::Resolver;
 use crate::error::{EdgeError, ErrorKind, Sent};
 use crate::guard::TargetPolicy;

@@ -13,7 +13,7 @@ use tokio::time::Instant;
 use crate::ca::{CertAuthority, LeafCache};
 use crate::config::Config;
 use crate::dial::{DialConfig, Dialer};
-use crate::dns::{DnsConfig, Resolver};
+use crate::dns::Resolver;
 use crate::forward::{ForwardConfig, Forwarder};
 use crate::guard::TargetPolicy;
 use crate::pool::Pool;
@@ -133,7 +133,7 @@ impl Gateway {
         let own = crate::dial::OwnAddrs::default();
         let mut registry = prometheus_client::registry::Registry::default();
         let resolver = Resolver::new(
-            DnsConfig::from_config(&cfg),
+            cfg.dns(),
             TargetPolicy::new(cfg.targets.allow.clone()),
             &mut registry,
         );
