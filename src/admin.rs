@@ -2,6 +2,7 @@
 //! accounting per target), `/healthz`, `/readyz`, `/ca.pem` and a small `/` page.
 use std::collections::BTreeMap;
 use std::convert::Infallible;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -13,17 +14,136 @@ use serde::Serialize;
 use tokio::net::TcpStream;
 
 use crate::body::{full_body, ProxyBody};
-use crate::gateway::Gateway;
+use crate::ca::CertAuthority;
+use crate::config::Config;
+use crate::forward::Forwarder;
+use crate::portguard::PortGuard;
+use crate::report::ReportStore;
+use crate::telemetry::Telemetry;
 use crate::telemetry::{TargetCounts, Verdict};
 
 /// Admin connections open at once; more are closed at accept. Dashboards, scrapers and the
 /// CLI need a handful.
 pub const ADMIN_MAX_CONNECTIONS: usize = 64;
 
+/// Interval of the dashboard time series (`/status/history`) and of SLO re-evaluation.
+pub const HISTORY_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// What the operator listener reads: the configuration, the CA, the forwarder (pool, exits,
+/// resolver), accounting, the report store and the port budget, plus uptime and whether
+/// shutdown started. Built once by [`crate::gateway::Gateway`].
+pub struct Admin {
+    cfg: Arc<Config>,
+    ca: Arc<CertAuthority>,
+    forwarder: Arc<Forwarder>,
+    telemetry: Arc<Telemetry>,
+    report: Arc<ReportStore>,
+    /// Fleet totals at the last report flush (the next bucket is the difference).
+    report_last: tokio::sync::Mutex<TargetCounts>,
+    ports: PortGuard,
+    started: tokio::time::Instant,
+    shutting_down: Arc<AtomicBool>,
+}
+
+/// The parts an [`Admin`] is built from.
+pub struct AdminParts {
+    /// The configuration.
+    pub cfg: Arc<Config>,
+    /// The interception CA (`/ca.pem`).
+    pub ca: Arc<CertAuthority>,
+    /// The forwarder (pool, exits, resolver).
+    pub forwarder: Arc<Forwarder>,
+    /// Accounting.
+    pub telemetry: Arc<Telemetry>,
+    /// The reuse-killers store.
+    pub report: Arc<ReportStore>,
+    /// The ephemeral-port budget.
+    pub ports: PortGuard,
+    /// Set once shutdown starts (`/readyz` answers 503 from then on).
+    pub shutting_down: Arc<AtomicBool>,
+}
+
+impl Admin {
+    /// The operator side's context; uptime counts from now.
+    pub fn new(p: AdminParts) -> Admin {
+        Admin {
+            cfg: p.cfg,
+            ca: p.ca,
+            forwarder: p.forwarder,
+            telemetry: p.telemetry,
+            report: p.report,
+            report_last: Default::default(),
+            ports: p.ports,
+            started: tokio::time::Instant::now(),
+            shutting_down: p.shutting_down,
+        }
+    }
+    /// The configuration.
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+    /// The interception CA.
+    pub fn ca(&self) -> &CertAuthority {
+        &self.ca
+    }
+    /// The forwarder (and through it, the pool).
+    pub fn forwarder(&self) -> &Forwarder {
+        &self.forwarder
+    }
+    /// Metrics and reuse accounting.
+    pub fn telemetry(&self) -> &Telemetry {
+        &self.telemetry
+    }
+    /// The reuse-killers store.
+    pub fn report(&self) -> &Arc<ReportStore> {
+        &self.report
+    }
+    /// The ephemeral-port budget.
+    pub fn ports(&self) -> &PortGuard {
+        &self.ports
+    }
+    /// Time since start.
+    pub fn uptime(&self) -> std::time::Duration {
+        self.started.elapsed()
+    }
+    /// True once shutdown started.
+    pub fn is_shutting_down(&self) -> bool {
+        self.shutting_down.load(Ordering::Relaxed)
+    }
+
+    /// Writes what happened since the last flush into the report store (off the runtime
+    /// threads).
+    pub async fn flush_report(&self, prune: bool) {
+        let mut last = self.report_last.lock().await;
+        // Advance the baseline only once the bucket is stored: a failed write keeps its counts
+        // for the next flush.
+        let mut next = last.clone();
+        let counts = self.telemetry.minute_counts(&mut next);
+        let store = self.report.clone();
+        let now_minute = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs() / 60)
+            .unwrap_or(0);
+        let res = tokio::task::spawn_blocking(move || {
+            store.record(now_minute, &counts)?;
+            if prune {
+                store.prune(now_minute, crate::report::RETENTION_MINUTES)?;
+            }
+            Ok::<_, crate::report::ReportError>(())
+        })
+        .await;
+        match res {
+            Ok(Ok(())) => *last = next,
+            Ok(Err(e)) => tracing::warn!("reuse report store: {e}"),
+            Err(e) => tracing::warn!("reuse report task: {e}"),
+        }
+    }
+}
+
 /// Serves one admin connection: HTTP/1.1 only (no client of the admin listener needs HTTP/2),
 /// every head — the next one on an idle keep-alive connection too — within
 /// `limits.header_read_timeout`, heads at most `limits.max_header_bytes`.
-pub async fn serve_admin(gw: Arc<Gateway>, stream: TcpStream) {
+pub async fn serve_admin(gw: Arc<Admin>, stream: TcpStream) {
     let limits = gw.config().limits.clone();
     let svc = service_fn(move |req: Request<Incoming>| {
         let gw = gw.clone();
@@ -55,7 +175,7 @@ pub async fn serve_admin(gw: Arc<Gateway>, stream: TcpStream) {
 
 /// With `auth.admin_token` set, every admin request needs `Authorization: Bearer <token>`
 /// (compared in constant time); otherwise 401 with a `WWW-Authenticate: Bearer` challenge.
-fn check_bearer(gw: &Gateway, req: &Request<Incoming>) -> Option<Response<ProxyBody>> {
+fn check_bearer(gw: &Admin, req: &Request<Incoming>) -> Option<Response<ProxyBody>> {
     use subtle::ConstantTimeEq;
     let want = gw.config().auth.admin_token.as_ref()?;
     let given = req
@@ -106,7 +226,7 @@ fn query_param(req: &Request<Incoming>, name: &str) -> Option<String> {
         .map(|(_, v)| v.into_owned())
 }
 
-fn route(gw: &Gateway, req: &Request<Incoming>) -> Response<ProxyBody> {
+fn route(gw: &Admin, req: &Request<Incoming>) -> Response<ProxyBody> {
     if req.method() != Method::GET && req.method() != Method::HEAD {
         return respond(
             StatusCode::METHOD_NOT_ALLOWED,
@@ -122,7 +242,7 @@ fn route(gw: &Gateway, req: &Request<Incoming>) -> Response<ProxyBody> {
         ),
         "/status" => json(&status(gw)),
         "/status/history" => json(&serde_json::json!({
-            "interval_seconds": crate::gateway::HISTORY_INTERVAL.as_secs(),
+            "interval_seconds": HISTORY_INTERVAL.as_secs(),
             "points": gw.telemetry().history(),
         })),
         "/trace" => trace_stream(gw, query_param(req, "target")),
@@ -154,7 +274,7 @@ fn route(gw: &Gateway, req: &Request<Incoming>) -> Response<ProxyBody> {
 
 /// `GET /report?window=7d`: the reuse-killers report from the embedded store, with the
 /// current partial minute included.
-async fn report(gw: &Arc<Gateway>, window: &str) -> Response<ProxyBody> {
+async fn report(gw: &Arc<Admin>, window: &str) -> Response<ProxyBody> {
     let window = match crate::report::parse_window(window) {
         Ok(w) => w,
         Err(e) => return respond(StatusCode::BAD_REQUEST, "text/plain", format!("{e}\n")),
@@ -182,7 +302,7 @@ async fn report(gw: &Arc<Gateway>, window: &str) -> Response<ProxyBody> {
 
 /// Streams the trace log as JSON lines until the client goes away. `target` filters on the
 /// host (with or without port).
-fn trace_stream(gw: &Gateway, target: Option<String>) -> Response<ProxyBody> {
+fn trace_stream(gw: &Admin, target: Option<String>) -> Response<ProxyBody> {
     use http_body_util::BodyExt;
     let mut rx = gw.telemetry().subscribe_trace();
     let (tx, body_rx) = tokio::sync::mpsc::channel::<Bytes>(256);
@@ -379,7 +499,7 @@ fn rate(requests: u64, new: u64) -> f64 {
     }
 }
 
-fn exit_rows(gw: &Gateway) -> (Vec<ExitStatus>, Vec<PoolStatus>) {
+fn exit_rows(gw: &Admin) -> (Vec<ExitStatus>, Vec<PoolStatus>) {
     use std::sync::atomic::Ordering::Relaxed;
     let exits = gw.forwarder().exits();
     let mut rows = Vec::new();
@@ -481,7 +601,7 @@ fn row(
 }
 
 /// Builds the status document.
-pub fn status(gw: &Gateway) -> Status {
+pub fn status(gw: &Admin) -> Status {
     let pool = gw.forwarder().pool();
     let mut live: BTreeMap<String, (usize, usize)> = BTreeMap::new();
     for ks in pool.key_stats() {

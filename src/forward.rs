@@ -22,9 +22,9 @@ use tokio::time::Instant;
 
 use crate::body::{BoxError, ProxyBody};
 use crate::dial::{DialError, Scheme, UpstreamConn, UpstreamKey};
-use crate::exits::authority;
 use crate::dns::Resolver;
 use crate::error::{EdgeError, ErrorKind, Sent};
+use crate::exits::authority;
 use crate::guard::TargetPolicy;
 use crate::headers::{clean_response_headers, parse_keep_alive};
 use crate::pool::{

@@ -8,28 +8,27 @@ use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio::task::JoinSet;
-use tokio::time::Instant;
 
+use crate::admin::{Admin, AdminParts};
 use crate::ca::{CertAuthority, LeafCache};
 use crate::config::Config;
 use crate::dial::{DialConfig, Dialer};
 use crate::dns::Resolver;
 use crate::forward::{ForwardConfig, Forwarder};
 use crate::guard::TargetPolicy;
+use crate::ingress::{Ingress, IngressParts};
 use crate::pool::Pool;
 use crate::portguard::PortGuard;
 use crate::report::ReportStore;
+use crate::splice::Drain;
 use crate::telemetry::Telemetry;
+use crate::upgrade::Upgrades;
 
 /// How long in-flight worker connections get to finish after shutdown starts.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
-/// How long the reuse-killers store keeps its minute buckets: 8 days (a 7-day window plus a
-/// day of slack).
-pub const REPORT_KEEP_MINUTES: u64 = crate::report::RETENTION_MINUTES;
-
 /// Interval of the dashboard time series (`/status/history`) and of SLO re-evaluation.
-pub const HISTORY_INTERVAL: Duration = Duration::from_secs(5);
+pub use crate::admin::HISTORY_INTERVAL;
 
 /// Stream limit assumed for an HTTP/2 server whose SETTINGS set none.
 pub const DEFAULT_H2_MAX_STREAMS: usize = 100;
@@ -51,26 +50,19 @@ pub enum StartError {
     Report(#[from] crate::report::ReportError),
 }
 
-/// The running gateway's shared parts.
+/// The running gateway: the worker side ([`Ingress`]) and the operator side ([`Admin`]), each
+/// handed only what it reads, plus what the background tasks and shutdown need.
 pub struct Gateway {
-    cfg: Config,
-    auth: crate::worker::WorkerAuth,
-    ca: Arc<CertAuthority>,
-    leaves: LeafCache,
-    forwarder: Forwarder,
+    cfg: Arc<Config>,
+    ingress: Arc<Ingress>,
+    admin: Arc<Admin>,
+    forwarder: Arc<Forwarder>,
     telemetry: Arc<Telemetry>,
-    report: Arc<ReportStore>,
-    /// Fleet totals at the last report flush (the next bucket is the difference).
-    report_last: tokio::sync::Mutex<crate::telemetry::TargetCounts>,
     ports: PortGuard,
-    started: Instant,
-    shutting_down: AtomicBool,
+    shutting_down: Arc<AtomicBool>,
     /// Flips to true when shutdown starts: worker connections then close gracefully
     /// (HTTP/2 GOAWAY, HTTP/1 `Connection: close` after the response in flight).
     draining: tokio::sync::watch::Sender<bool>,
-    admission: Arc<crate::admission::Admission>,
-    /// Upgrade (WebSocket) counters and the open-upgrades gauge.
-    upgrades: Arc<crate::upgrade::UpgradeMetrics>,
 }
 
 /// A burst of buffered request bodies at least this large is followed by handing freed memory
@@ -148,7 +140,7 @@ impl Gateway {
             own: own.clone(),
         })
         .map_err(StartError::Tls)?;
-        let upgrades = Arc::new(crate::upgrade::UpgradeMetrics::register(&mut registry));
+        let upgrade_metrics = crate::upgrade::UpgradeMetrics::register(&mut registry);
         let telemetry = Arc::new(Telemetry::with_registry(
             registry,
             cfg.slo.clone(),
@@ -184,85 +176,71 @@ impl Gateway {
             },
             own,
         );
-        let auth = crate::worker::WorkerAuth::new(&cfg.auth.tokens);
-        let cfg_limits = cfg.limits.clone();
-        Ok(Arc::new(Gateway {
-            auth,
-            cfg,
-            ca,
+        let cfg = Arc::new(cfg);
+        let forwarder = Arc::new(forwarder);
+        let (draining, drain) = Drain::channel();
+        let shutting_down = Arc::new(AtomicBool::new(false));
+        let upgrades = Arc::new(Upgrades::new(
+            cfg.clone(),
+            forwarder.clone(),
+            telemetry.clone(),
+            upgrade_metrics,
+            drain.clone(),
+        ));
+        let ingress = Arc::new(Ingress::new(IngressParts {
+            cfg: cfg.clone(),
             leaves,
+            forwarder: forwarder.clone(),
+            telemetry: telemetry.clone(),
+            admission: crate::admission::Admission::new(&cfg.limits),
+            upgrades,
+            drain,
+        }));
+        let admin = Arc::new(Admin::new(AdminParts {
+            cfg: cfg.clone(),
+            ca,
+            forwarder: forwarder.clone(),
+            telemetry: telemetry.clone(),
+            report,
+            ports: ports.clone(),
+            shutting_down: shutting_down.clone(),
+        }));
+        Ok(Arc::new(Gateway {
+            cfg,
+            ingress,
+            admin,
             forwarder,
             telemetry,
-            report,
-            report_last: Default::default(),
             ports,
-            started: Instant::now(),
-            shutting_down: AtomicBool::new(false),
-            draining: tokio::sync::watch::channel(false).0,
-            admission: crate::admission::Admission::new(&cfg_limits),
-            upgrades,
+            shutting_down,
+            draining,
         }))
     }
 
+    /// The worker side (for serving a worker connection over any byte stream:
+    /// [`crate::ingress::serve_worker_io`]).
+    pub fn ingress(&self) -> &Arc<Ingress> {
+        &self.ingress
+    }
+
+    /// The operator side (for [`crate::admin::status`]).
+    pub fn admin(&self) -> &Arc<Admin> {
+        &self.admin
+    }
+
     /// Upgrade (WebSocket) counters.
-    pub fn upgrades(&self) -> &Arc<crate::upgrade::UpgradeMetrics> {
-        &self.upgrades
+    pub fn upgrades(&self) -> &crate::upgrade::UpgradeMetrics {
+        self.ingress.upgrades()
     }
 
     /// Capacity limits (connections per worker, tunnels, requests in flight).
     pub fn admission(&self) -> &Arc<crate::admission::Admission> {
-        &self.admission
-    }
-
-    /// Resolves when shutdown starts (at once if it already has).
-    pub async fn draining(&self) {
-        let mut rx = self.draining.subscribe();
-        let _ = rx.wait_for(|d| *d).await;
-    }
-
-    /// Head and size limits for the strict HTTP/1 framer.
-    pub fn h1_limits(&self) -> crate::h1guard::Limits {
-        crate::h1guard::Limits {
-            max_head_bytes: self.cfg.limits.max_header_bytes,
-            max_headers: self.cfg.limits.max_headers,
-            max_uri_bytes: self.cfg.limits.max_uri_bytes,
-        }
-    }
-
-    /// Worker-side timeouts for the strict HTTP/1 framer.
-    pub fn h1_timeouts(&self) -> crate::h1guard::Timeouts {
-        crate::h1guard::Timeouts {
-            header_read: self.cfg.limits.header_read_timeout,
-            body_idle: self.cfg.limits.body_idle_timeout,
-        }
-    }
-
-    /// The server side for worker connections (plain and intercepted): hyper's own limits set
-    /// at or above the framer's, HTTP/2 limits explicit (streams, header list, resets).
-    pub fn worker_builder(
-        &self,
-    ) -> hyper_util::server::conn::auto::Builder<hyper_util::rt::TokioExecutor> {
-        let l = &self.cfg.limits;
-        let mut b =
-            hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
-        b.http1()
-            // The framer enforces the real limits; hyper's must not be tighter (plus the
-            // framer's own marker request).
-            .max_headers(l.max_headers + 8)
-            .max_buf_size((l.max_header_bytes + 16 * 1024).max(64 * 1024));
-        b.http2()
-            .max_concurrent_streams(l.h2_max_streams)
-            .max_header_list_size(l.max_header_bytes.min(u32::MAX as usize) as u32)
-            .max_pending_accept_reset_streams(l.h2_max_pending_resets)
-            .max_local_error_reset_streams(l.h2_max_local_error_resets)
-            // RFC 8441 extended CONNECT: WebSockets over HTTP/2 (see crate::upgrade).
-            .enable_connect_protocol();
-        b
+        self.ingress.admission()
     }
 
     /// Worker authentication.
     pub fn auth(&self) -> &crate::worker::WorkerAuth {
-        &self.auth
+        self.ingress.auth()
     }
     /// The configuration.
     pub fn config(&self) -> &Config {
@@ -270,11 +248,11 @@ impl Gateway {
     }
     /// The interception CA.
     pub fn ca(&self) -> &CertAuthority {
-        &self.ca
+        self.admin.ca()
     }
     /// Leaf certificates for intercepted hosts.
     pub fn leaves(&self) -> &LeafCache {
-        &self.leaves
+        self.ingress.leaves()
     }
     /// The forwarder (and through it, the pool).
     pub fn forwarder(&self) -> &Forwarder {
@@ -286,7 +264,7 @@ impl Gateway {
     }
     /// The reuse-killers store.
     pub fn report(&self) -> &Arc<ReportStore> {
-        &self.report
+        self.admin.report()
     }
     /// The ephemeral-port budget.
     pub fn ports(&self) -> &PortGuard {
@@ -294,11 +272,16 @@ impl Gateway {
     }
     /// Time since start.
     pub fn uptime(&self) -> Duration {
-        self.started.elapsed()
+        self.admin.uptime()
     }
     /// True once shutdown started.
     pub fn is_shutting_down(&self) -> bool {
         self.shutting_down.load(Ordering::Relaxed)
+    }
+
+    /// Writes what happened since the last flush into the report store.
+    pub async fn flush_report(&self, prune: bool) {
+        self.admin.flush_report(prune).await
     }
 
     /// Periodic work that lives as long as `serve`: the time series / SLO tick and the trace
@@ -409,34 +392,6 @@ impl Gateway {
         set
     }
 
-    /// Writes what happened since the last flush into the report store (off the runtime
-    /// threads).
-    pub async fn flush_report(&self, prune: bool) {
-        let mut last = self.report_last.lock().await;
-        // Advance the baseline only once the bucket is stored: a failed write keeps its counts
-        // for the next flush.
-        let mut next = last.clone();
-        let counts = self.telemetry.minute_counts(&mut next);
-        let store = self.report.clone();
-        let now_minute = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs() / 60)
-            .unwrap_or(0);
-        let res = tokio::task::spawn_blocking(move || {
-            store.record(now_minute, &counts)?;
-            if prune {
-                store.prune(now_minute, REPORT_KEEP_MINUTES)?;
-            }
-            Ok::<_, crate::report::ReportError>(())
-        })
-        .await;
-        match res {
-            Ok(Ok(())) => *last = next,
-            Ok(Err(e)) => tracing::warn!("reuse report store: {e}"),
-            Err(e) => tracing::warn!("reuse report task: {e}"),
-        }
-    }
-
     /// Serves workers on `proxy` and operators on `admin` until `shutdown` completes; then
     /// stops accepting, lets in-flight connections finish for up to [`SHUTDOWN_GRACE`], and
     /// closes the pool.
@@ -460,7 +415,7 @@ impl Gateway {
                 _ = &mut shutdown => break,
                 accepted = proxy.accept() => match accepted {
                     Ok((stream, _)) => {
-                        conns.spawn(crate::ingress::serve_worker(self.clone(), stream));
+                        conns.spawn(crate::ingress::serve_worker(self.ingress.clone(), stream));
                     }
                     Err(e) => {
                         // EMFILE and friends: back off instead of spinning.
@@ -474,7 +429,7 @@ impl Gateway {
                         drop(stream);
                     }
                     Ok((stream, _)) => {
-                        admin_conns.spawn(crate::admin::serve_admin(self.clone(), stream));
+                        admin_conns.spawn(crate::admin::serve_admin(self.admin.clone(), stream));
                     }
                     Err(e) => {
                         tracing::warn!("accept failed on the admin listener: {e}");

@@ -17,21 +17,152 @@ use hyper_util::rt::TokioIo;
 use serde::Deserialize;
 use tokio::net::TcpStream;
 
+use crate::admission::Admission;
 use crate::admission::{Refused, Ticket};
 use crate::body::{full_body, ProxyBody};
+use crate::ca::LeafCache;
+use crate::config::Config;
 use crate::dial::Scheme;
 use crate::error::{EdgeError, ErrorKind};
+use crate::forward::Forwarder;
 use crate::forward::Outgoing;
-use crate::gateway::Gateway;
 use crate::headers::clean_request_headers;
+use crate::splice::Drain;
+use crate::telemetry::Telemetry;
+use crate::upgrade::Upgrades;
+use crate::worker::WorkerAuth;
 
 /// How long a worker has to finish the TLS handshake inside an intercepted CONNECT.
 const WORKER_TLS_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// What the worker side needs from the gateway: the configuration, worker authentication,
+/// the leaf certificates, the forwarder, accounting, capacity limits, the upgrade path and the
+/// drain signal. Built once by [`crate::gateway::Gateway`]; shared by every worker connection.
+pub struct Ingress {
+    cfg: Arc<Config>,
+    auth: WorkerAuth,
+    leaves: LeafCache,
+    forwarder: Arc<Forwarder>,
+    telemetry: Arc<Telemetry>,
+    admission: Arc<Admission>,
+    upgrades: Arc<Upgrades>,
+    drain: Drain,
+}
+
+/// The parts an [`Ingress`] is built from.
+pub struct IngressParts {
+    /// The configuration.
+    pub cfg: Arc<Config>,
+    /// Leaf certificates for intercepted hosts.
+    pub leaves: LeafCache,
+    /// The forwarder (and through it, the pool).
+    pub forwarder: Arc<Forwarder>,
+    /// Accounting.
+    pub telemetry: Arc<Telemetry>,
+    /// Capacity limits.
+    pub admission: Arc<Admission>,
+    /// The upgrade (WebSocket) path.
+    pub upgrades: Arc<Upgrades>,
+    /// Raised when shutdown starts.
+    pub drain: Drain,
+}
+
+impl Ingress {
+    /// The worker side's context (worker tokens from `cfg.auth`).
+    pub fn new(p: IngressParts) -> Ingress {
+        Ingress {
+            auth: WorkerAuth::new(&p.cfg.auth.tokens),
+            cfg: p.cfg,
+            leaves: p.leaves,
+            forwarder: p.forwarder,
+            telemetry: p.telemetry,
+            admission: p.admission,
+            upgrades: p.upgrades,
+            drain: p.drain,
+        }
+    }
+
+    /// Upgrade (WebSocket) counters.
+    pub fn upgrades(&self) -> &crate::upgrade::UpgradeMetrics {
+        self.upgrades.upgrades()
+    }
+
+    /// Capacity limits (connections per worker, tunnels, requests in flight).
+    pub fn admission(&self) -> &Arc<Admission> {
+        &self.admission
+    }
+
+    /// Resolves when shutdown starts (at once if it already has).
+    pub async fn draining(&self) {
+        self.drain.wait().await
+    }
+
+    /// Head and size limits for the strict HTTP/1 framer.
+    pub fn h1_limits(&self) -> crate::h1guard::Limits {
+        crate::h1guard::Limits {
+            max_head_bytes: self.cfg.limits.max_header_bytes,
+            max_headers: self.cfg.limits.max_headers,
+            max_uri_bytes: self.cfg.limits.max_uri_bytes,
+        }
+    }
+
+    /// Worker-side timeouts for the strict HTTP/1 framer.
+    pub fn h1_timeouts(&self) -> crate::h1guard::Timeouts {
+        crate::h1guard::Timeouts {
+            header_read: self.cfg.limits.header_read_timeout,
+            body_idle: self.cfg.limits.body_idle_timeout,
+        }
+    }
+
+    /// The server side for worker connections (plain and intercepted): hyper's own limits set
+    /// at or above the framer's, HTTP/2 limits explicit (streams, header list, resets).
+    pub fn worker_builder(
+        &self,
+    ) -> hyper_util::server::conn::auto::Builder<hyper_util::rt::TokioExecutor> {
+        let l = &self.cfg.limits;
+        let mut b =
+            hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
+        b.http1()
+            // The framer enforces the real limits; hyper's must not be tighter (plus the
+            // framer's own marker request).
+            .max_headers(l.max_headers + 8)
+            .max_buf_size((l.max_header_bytes + 16 * 1024).max(64 * 1024));
+        b.http2()
+            .max_concurrent_streams(l.h2_max_streams)
+            .max_header_list_size(l.max_header_bytes.min(u32::MAX as usize) as u32)
+            .max_pending_accept_reset_streams(l.h2_max_pending_resets)
+            .max_local_error_reset_streams(l.h2_max_local_error_resets)
+            // RFC 8441 extended CONNECT: WebSockets over HTTP/2 (see crate::upgrade).
+            .enable_connect_protocol();
+        b
+    }
+
+    /// Worker authentication.
+    pub fn auth(&self) -> &WorkerAuth {
+        &self.auth
+    }
+    /// The configuration.
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+    /// Leaf certificates for intercepted hosts.
+    pub fn leaves(&self) -> &LeafCache {
+        &self.leaves
+    }
+    /// The forwarder (and through it, the pool).
+    pub fn forwarder(&self) -> &Forwarder {
+        &self.forwarder
+    }
+    /// Metrics and reuse accounting.
+    pub fn telemetry(&self) -> &Telemetry {
+        &self.telemetry
+    }
+}
+
 /// Serves one accepted worker connection until it closes: a place under
 /// `limits.max_connections_per_worker` first, then strict HTTP/1 framing ([`crate::h1guard`])
 /// in front of hyper; on shutdown the connection drains gracefully.
-pub async fn serve_worker(gw: Arc<Gateway>, stream: TcpStream) {
+pub async fn serve_worker(gw: Arc<Ingress>, stream: TcpStream) {
     let _ = stream.set_nodelay(true);
     let Some(place) = stream
         .peer_addr()
@@ -47,7 +178,7 @@ pub async fn serve_worker(gw: Arc<Gateway>, stream: TcpStream) {
 /// Serves one worker connection over any byte stream (`place`: its place under
 /// `limits.max_connections_per_worker`). Public for the fuzz target that feeds raw bytes
 /// (HTTP/1 and HTTP/2 frames) into the worker side.
-pub async fn serve_worker_io<S>(gw: Arc<Gateway>, stream: S, place: Ticket)
+pub async fn serve_worker_io<S>(gw: Arc<Ingress>, stream: S, place: Ticket)
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
@@ -363,7 +494,7 @@ enum BodyError {
 
 impl BodyError {
     /// The answer (TooLarge is the caller's: its status depends on the endpoint).
-    fn respond(self, gw: &Gateway, kind: ErrorKind, what: &str) -> Response<ProxyBody> {
+    fn respond(self, gw: &Ingress, kind: ErrorKind, what: &str) -> Response<ProxyBody> {
         match self {
             BodyError::TooLarge => error(gw, EdgeError::new(kind, what.to_string())),
             BodyError::Budget(why) => error(gw, buffer_full(gw, why)),
@@ -387,7 +518,7 @@ const BUDGET_STEP: u64 = 64 * 1024;
 /// its bytes under `limits.max_buffered_bytes` and the address's share until dropped. A
 /// declared length is reserved, and allocated, at once — one buffer, handed back whole.
 async fn buffer_body(
-    gw: &Gateway,
+    gw: &Ingress,
     body: Incoming,
     limit: u64,
     peer: IpAddr,
@@ -417,7 +548,7 @@ async fn buffer_body(
 const DRAIN_REFUSED_BODY: Duration = Duration::from_secs(5);
 
 async fn read_body(
-    gw: &Gateway,
+    gw: &Ingress,
     mut body: std::pin::Pin<&mut IdleBody<Incoming>>,
     limit: u64,
     peer: IpAddr,
@@ -467,7 +598,7 @@ const IDLE_CLOSE_GRACE: Duration = Duration::from_secs(5);
 
 /// Runs a worker connection to its end; when shutdown starts, asks it to finish gracefully
 /// (HTTP/2 GOAWAY; HTTP/1 closes after the response in flight) and keeps driving it.
-async fn drive<C, E>(gw: &Gateway, conn: C, watch: &ConnWatch)
+async fn drive<C, E>(gw: &Ingress, conn: C, watch: &ConnWatch)
 where
     C: std::future::Future<Output = Result<(), E>> + GracefulConn,
     E: std::fmt::Display,
@@ -539,7 +670,7 @@ where
 }
 
 /// Over `limits.max_connections_per_worker`: a plain HTTP/1.1 503 and close.
-async fn refuse_connection(gw: &Gateway, mut stream: TcpStream) {
+async fn refuse_connection(gw: &Ingress, mut stream: TcpStream) {
     use tokio::io::AsyncWriteExt;
     let e = EdgeError::new(ErrorKind::WorkerConnectionLimit,
         format!(
@@ -564,7 +695,7 @@ async fn refuse_connection(gw: &Gateway, mut stream: TcpStream) {
 
 /// The answer to [`crate::h1guard`]'s stand-in for a refused request head, if `req` is one.
 fn violation_response(
-    gw: &Gateway,
+    gw: &Ingress,
     req: &Request<Incoming>,
     slot: &crate::h1guard::ViolationSlot,
 ) -> Option<Response<ProxyBody>> {
@@ -587,7 +718,7 @@ fn violation_response(
 
 /// The 503 (with `Retry-After`) for a request over `limits.max_in_flight`: answered at once,
 /// before the body is read or a connection waited for.
-fn in_flight_full(gw: &Gateway, why: Refused) -> EdgeError {
+fn in_flight_full(gw: &Ingress, why: Refused) -> EdgeError {
     let l = &gw.config().limits;
     match why {
         Refused::Full => EdgeError::new(ErrorKind::Overloaded,
@@ -606,7 +737,7 @@ fn in_flight_full(gw: &Gateway, why: Refused) -> EdgeError {
 }
 
 /// 503 for a body that does not fit the buffer budget (or the address's share of it).
-fn buffer_full(gw: &Gateway, why: Refused) -> EdgeError {
+fn buffer_full(gw: &Ingress, why: Refused) -> EdgeError {
     let l = &gw.config().limits;
     match why {
         Refused::Full => EdgeError::new(ErrorKind::MemoryBudget,
@@ -664,7 +795,7 @@ fn via_loop(headers: &http::HeaderMap) -> Option<EdgeError> {
     })
 }
 
-async fn handle(gw: Arc<Gateway>, req: Request<Incoming>, peer: IpAddr) -> Response<ProxyBody> {
+async fn handle(gw: Arc<Ingress>, req: Request<Incoming>, peer: IpAddr) -> Response<ProxyBody> {
     if let Some(e) = via_loop(req.headers()) {
         return error(&gw, e);
     }
@@ -741,7 +872,7 @@ async fn handle(gw: Arc<Gateway>, req: Request<Incoming>, peer: IpAddr) -> Respo
     }
 }
 
-fn error(gw: &Gateway, e: EdgeError) -> Response<ProxyBody> {
+fn error(gw: &Ingress, e: EdgeError) -> Response<ProxyBody> {
     gw.telemetry().record_error(None, e.token);
     e.to_response()
 }
@@ -780,7 +911,7 @@ fn request_worker(
 
 /// Buffers the worker's body (bounded), cleans headers and forwards.
 async fn forward_worker_request(
-    gw: Arc<Gateway>,
+    gw: Arc<Ingress>,
     req: Request<Incoming>,
     scheme: Scheme,
     host: String,
@@ -844,7 +975,7 @@ async fn forward_worker_request(
 /// connection is a tunnel; inside a CONNECT tunnel it shares that tunnel's place), then
 /// [`crate::upgrade::forward`].
 async fn forward_upgrade(
-    gw: Arc<Gateway>,
+    gw: Arc<Ingress>,
     req: Request<Incoming>,
     scheme: Scheme,
     host: String,
@@ -875,11 +1006,11 @@ async fn forward_upgrade(
         req.extensions().get::<ConnHold>().map(|c| c.0.open()),
     ));
     let target = crate::upgrade::Target { scheme, host, port };
-    crate::upgrade::forward(gw, req, target, worker, hold).await
+    crate::upgrade::forward(gw.upgrades.clone(), req, target, worker, hold).await
 }
 
 /// 503 for a tunnel (or upgraded connection) over `limits.max_tunnels` or the address's share.
-fn tunnel_full(gw: &Gateway, why: Refused) -> EdgeError {
+fn tunnel_full(gw: &Ingress, why: Refused) -> EdgeError {
     let l = &gw.config().limits;
     match why {
         Refused::Full => EdgeError::new(ErrorKind::TunnelLimit,
@@ -898,7 +1029,7 @@ fn tunnel_full(gw: &Gateway, why: Refused) -> EdgeError {
 }
 
 async fn handle_connect(
-    gw: Arc<Gateway>,
+    gw: Arc<Ingress>,
     req: Request<Incoming>,
     worker: crate::worker::Worker,
     peer: IpAddr,
@@ -1037,7 +1168,7 @@ const TLS_HANDSHAKE_RECORD: u8 = 0x16;
 /// `places` (tunnel, worker connection) are held until then.
 #[allow(clippy::too_many_arguments)]
 async fn serve_tunnel<S>(
-    gw: Arc<Gateway>,
+    gw: Arc<Ingress>,
     stream: S,
     scheme: Scheme,
     host: String,
@@ -1174,7 +1305,7 @@ impl<T: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Rewind<T> {
 /// worker's exit (routed like a request to `host:port`), with the same failover on a dead
 /// node.
 async fn tunnel(
-    gw: Arc<Gateway>,
+    gw: Arc<Ingress>,
     req: Request<Incoming>,
     host: &str,
     port: u16,
@@ -1213,11 +1344,11 @@ async fn tunnel(
                 // A blind tunnel has a clock too: nothing either way for
                 // limits.worker_idle_timeout ends it (and gives its tunnel place back).
                 let idle = gw.config().limits.worker_idle_timeout;
-                let mut up = ActivityIo::new(up);
-                let last = up.last.clone();
+                let mut up = crate::splice::ActivityIo::new(up);
+                let last = up.last();
                 tokio::select! {
                     _ = tokio::io::copy_bidirectional(&mut up, &mut upstream) => {}
-                    _ = idle_for(&last, idle) => {
+                    _ = crate::splice::idle_for(&last, idle) => {
                         tracing::debug!("blind tunnel idle past limits.worker_idle_timeout: closed");
                     }
                 }
@@ -1230,80 +1361,6 @@ async fn tunnel(
         resp.headers_mut().insert("x-edgepool-exit", v);
     }
     resp
-}
-
-/// A stream that notes when bytes last moved through it, either way.
-pub(crate) struct ActivityIo<T> {
-    inner: T,
-    last: Arc<parking_lot::Mutex<tokio::time::Instant>>,
-}
-
-impl<T> ActivityIo<T> {
-    pub(crate) fn new(inner: T) -> Self {
-        ActivityIo {
-            inner,
-            last: Arc::new(parking_lot::Mutex::new(tokio::time::Instant::now())),
-        }
-    }
-    fn touch(&self) {
-        *self.last.lock() = tokio::time::Instant::now();
-    }
-    /// When bytes last moved (shared; for [`idle_for`]).
-    pub(crate) fn last(&self) -> Arc<parking_lot::Mutex<tokio::time::Instant>> {
-        self.last.clone()
-    }
-}
-
-impl<T: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for ActivityIo<T> {
-    fn poll_read(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &mut tokio::io::ReadBuf<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        let before = buf.filled().len();
-        let r = std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
-        if buf.filled().len() > before {
-            self.touch();
-        }
-        r
-    }
-}
-
-impl<T: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for ActivityIo<T> {
-    fn poll_write(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &[u8],
-    ) -> std::task::Poll<std::io::Result<usize>> {
-        let r = std::pin::Pin::new(&mut self.inner).poll_write(cx, buf);
-        if matches!(r, std::task::Poll::Ready(Ok(n)) if n > 0) {
-            self.touch();
-        }
-        r
-    }
-    fn poll_flush(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
-    }
-    fn poll_shutdown(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
-}
-
-/// Resolves once nothing has moved for `limit` (by `last`).
-pub(crate) async fn idle_for(last: &parking_lot::Mutex<tokio::time::Instant>, limit: Duration) {
-    loop {
-        let deadline = *last.lock() + limit;
-        if deadline <= tokio::time::Instant::now() {
-            return;
-        }
-        tokio::time::sleep_until(deadline).await;
-    }
 }
 
 /// A `/v1/fetch` document as the endpoint reads it: the JSON, then the request it describes,
@@ -1356,7 +1413,7 @@ enum FetchHeaders {
 }
 
 async fn fetch(
-    gw: Arc<Gateway>,
+    gw: Arc<Ingress>,
     req: Request<Incoming>,
     worker: crate::worker::Worker,
     peer: IpAddr,

@@ -75,6 +75,7 @@ pub mod portguard;
 pub mod report;
 pub mod retry;
 pub mod route;
+pub mod splice;
 pub mod telemetry;
 pub mod upgrade;
 pub mod worker;

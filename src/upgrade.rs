@@ -29,9 +29,12 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
 use crate::body::{full_body, ProxyBody};
+use crate::config::Config;
 use crate::dial::Scheme;
 use crate::error::{EdgeError, ErrorKind};
-use crate::gateway::Gateway;
+use crate::forward::Forwarder;
+use crate::splice::Drain;
+use crate::telemetry::Telemetry;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct OutcomeLabels {
@@ -230,17 +233,66 @@ pub struct Target {
     pub port: u16,
 }
 
+/// What forwarding an upgrade needs from the gateway: the dialer (through the forwarder),
+/// accounting, the upgrade metrics, the limits and the drain signal.
+pub struct Upgrades {
+    cfg: Arc<Config>,
+    forwarder: Arc<Forwarder>,
+    telemetry: Arc<Telemetry>,
+    metrics: UpgradeMetrics,
+    drain: Drain,
+}
+
+impl Upgrades {
+    /// The context; `metrics` registered by the caller ([`UpgradeMetrics::register`]).
+    pub fn new(
+        cfg: Arc<Config>,
+        forwarder: Arc<Forwarder>,
+        telemetry: Arc<Telemetry>,
+        metrics: UpgradeMetrics,
+        drain: Drain,
+    ) -> Upgrades {
+        Upgrades {
+            cfg,
+            forwarder,
+            telemetry,
+            metrics,
+            drain,
+        }
+    }
+    /// The configuration (limits).
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+    /// The forwarder (its dialer opens the dedicated upstream connection).
+    pub fn forwarder(&self) -> &Forwarder {
+        &self.forwarder
+    }
+    /// Accounting and traces.
+    pub fn telemetry(&self) -> &Telemetry {
+        &self.telemetry
+    }
+    /// Upgrade counters and the open-upgrades gauge.
+    pub fn upgrades(&self) -> &UpgradeMetrics {
+        &self.metrics
+    }
+    /// Resolves when shutdown starts.
+    pub async fn draining(&self) {
+        self.drain.wait().await
+    }
+}
+
 /// Forwards one upgrade request (see the module doc). `hold` is kept for as long as the
 /// upgraded connection lives: its place under `limits.max_tunnels`, the worker connection's
 /// place, its HTTP/2 connection's idle clock.
 pub async fn forward(
-    gw: Arc<Gateway>,
+    gw: Arc<Upgrades>,
     mut req: Request<Incoming>,
     target: Target,
     worker: crate::worker::Worker,
     hold: Box<dyn Send + Sync>,
 ) -> Response<ProxyBody> {
-    let metrics = gw.upgrades().clone();
+    let metrics = gw.upgrades();
     let h2_worker = req.version() == Version::HTTP_2;
     let refuse = |e: EdgeError| {
         metrics.record(Outcome::Refused);
@@ -482,7 +534,7 @@ pub async fn forward(
 /// Copies both ways between the worker's and the target's upgraded streams until one side
 /// closes or a clock ends it.
 async fn splice(
-    gw: &Gateway,
+    gw: &Upgrades,
     worker: hyper::upgrade::OnUpgrade,
     upstream: hyper::upgrade::OnUpgrade,
     limits: &crate::config::LimitsConfig,
@@ -499,12 +551,12 @@ async fn splice(
     let (Ok(w), Ok(u)) = (w, u) else {
         return End::Closed;
     };
-    let mut w = crate::ingress::ActivityIo::new(TokioIo::new(w));
+    let mut w = crate::splice::ActivityIo::new(TokioIo::new(w));
     let last = w.last();
     let mut u = TokioIo::new(u);
     let r = tokio::select! {
         _ = tokio::io::copy_bidirectional(&mut w, &mut u) => End::Closed,
-        _ = crate::ingress::idle_for(&last, limits.upgrade_idle_timeout) => End::Idle,
+        _ = crate::splice::idle_for(&last, limits.upgrade_idle_timeout) => End::Idle,
         _ = &mut lifetime => End::Lifetime,
         _ = gw.draining() => End::Shutdown,
     };
@@ -522,7 +574,7 @@ async fn splice(
 
 /// Traces one upgrade request (`kind: "upgrade"`, always: each has a connection of its own).
 fn trace(
-    gw: &Gateway,
+    gw: &Upgrades,
     target: &str,
     exit: &str,
     status: u16,

@@ -78,7 +78,7 @@ fuzz_target!(|data: &[u8]| {
             .expect("a connection place");
         let (mut client, server) = tokio::io::duplex(64 * 1024);
         let serve = tokio::spawn(edgepool::ingress::serve_worker_io(
-            gw.clone(),
+            gw.ingress().clone(),
             server,
             place,
         ));
