@@ -130,6 +130,69 @@ pub struct Meta {
     pub retried: bool,
 }
 
+/// One request on its way through address failover, exit failover and the retry: where it
+/// goes now and what it has tried.
+struct Attempts<'a> {
+    out: &'a Outgoing,
+    target: &'a str,
+    /// Whether the target's certificate is verified (part of the pool key).
+    verify: bool,
+    /// The checked addresses, failed ones last; `candidate` is the one in use.
+    candidates: Vec<SocketAddr>,
+    candidate: usize,
+    /// Exit nodes that failed this request (by index).
+    failed_exits: Vec<usize>,
+    route: crate::exits::Route,
+    key: UpstreamKey,
+    meta: Meta,
+    attempt: u32,
+    /// The retry wants a fresh connection.
+    fresh_retry: bool,
+    retry_reason: Option<&'static str>,
+}
+
+impl Attempts<'_> {
+    /// The address in use.
+    fn addr(&self) -> SocketAddr {
+        self.candidates[self.candidate]
+    }
+
+    /// The pool key through `exit` to the address in use.
+    fn key_for(&self, exit: crate::exits::ExitKey) -> UpstreamKey {
+        let out = self.out;
+        Router::upstream_key(
+            out.scheme,
+            &out.host,
+            out.port,
+            self.verify,
+            exit,
+            self.addr(),
+        )
+    }
+
+    /// The request as telemetry counts it (`handshake`: what its new connection paid).
+    fn record(&self, handshake: Option<Duration>) -> RequestRecord<'_> {
+        RequestRecord {
+            target: self.target,
+            reused: self.meta.reused,
+            protocol: self.meta.protocol,
+            handshake,
+            retry_reason: self.retry_reason,
+            new_reason: self.meta.new_reason,
+            dns: if self.attempt == 0 {
+                self.meta.dns
+            } else {
+                Duration::ZERO
+            },
+            queue: self.meta.queue,
+            bytes_up: self.out.body.len() as u64,
+            exit: &self.route.key.node,
+            forced: self.route.forced,
+            via_proxy: self.key.via_proxy(),
+        }
+    }
+}
+
 /// Sends requests upstream through the pool.
 pub struct Forwarder {
     pool: Pool<crate::dial::Dialer>,
@@ -259,25 +322,20 @@ impl Forwarder {
         self.router.exits()
     }
 
-    /// Routes again after `failed` exits failed for this request (nothing was sent to the
-    /// target): updates the route and the response metadata.
-    fn reroute(
-        &self,
-        out: &Outgoing,
-        target: &str,
-        failed: &[usize],
-        route: &mut crate::exits::Route,
-        meta: &mut Meta,
-        warm_key: &dyn Fn(crate::exits::ExitKey) -> UpstreamKey,
-    ) -> Result<(), EdgeError> {
-        let warm = |k: &crate::exits::ExitKey| self.pool.has_idle(&warm_key(k.clone()));
-        let next = self.router.route(target, &out.worker, failed, &warm)?;
-        *route = next;
-        if route.cold_reason.is_none() && out.worker.options.session.is_none() {
-            route.cold_reason = Some(NewReason::SessionChange);
+    /// Routes again after the exits in `st.failed_exits` failed for this request (nothing was
+    /// sent to the target): updates the route, the pool key and the response metadata.
+    fn reroute(&self, st: &mut Attempts<'_>) -> Result<(), EdgeError> {
+        let warm = |k: &crate::exits::ExitKey| self.pool.has_idle(&st.key_for(k.clone()));
+        let next = self
+            .router
+            .route(st.target, &st.out.worker, &st.failed_exits, &warm)?;
+        st.route = next;
+        if st.route.cold_reason.is_none() && st.out.worker.options.session.is_none() {
+            st.route.cold_reason = Some(NewReason::SessionChange);
         }
-        meta.session_renewed |= route.renewed;
-        meta.exit = route.key.node.label.clone();
+        st.meta.session_renewed |= st.route.renewed;
+        st.meta.exit = st.route.key.node.label.clone();
+        st.key = st.key_for(st.route.key.clone());
         Ok(())
     }
 
@@ -367,140 +425,15 @@ impl Forwarder {
         earlier_sent: &mut Sent,
         dns_stage: &mut Option<(Duration, &'static str)>,
     ) -> Result<(Response<ProxyBody>, Meta), EdgeError> {
-        let t_dns = Instant::now();
-        let (candidates, dns, dns_source) = match self.router.candidates(&out.host, out.port).await
-        {
-            Ok(c) => {
-                *dns_stage = Some((c.took, c.source.as_str()));
-                (c.addrs, c.took, c.source)
-            }
-            Err(e) => {
-                // No usable answer (failed, forbidden, or edgepool itself): the trace says how
-                // long the DNS stage took.
-                *dns_stage = Some((t_dns.elapsed(), "failed"));
-                return Err(e);
-            }
-        };
-        self.retry_budget.deposit();
-        let mut candidate = 0;
-        let verify = self.verifies(&out.host);
-        let key_for = |exit: crate::exits::ExitKey, addr: SocketAddr| {
-            Router::upstream_key(out.scheme, &out.host, out.port, verify, exit, addr)
-        };
-        let mut failed_exits: Vec<usize> = Vec::new();
-        let warm =
-            |k: &crate::exits::ExitKey| self.pool.has_idle(&key_for(k.clone(), candidates[0]));
-        let mut route = self
-            .router
-            .route(target, &out.worker, &failed_exits, &warm)?;
-        let mut key = key_for(route.key.clone(), candidates[0]);
-        let mut meta = Meta {
-            exit: route.key.node.label.clone(),
-            session_renewed: route.renewed,
-            session: out.worker.options.session.clone(),
-            dns,
-            dns_source: Some(dns_source),
-            ..Default::default()
-        };
-        let mut fresh_retry = false;
-        let mut retry_reason: Option<&'static str> = None;
-        let mut attempt = 0;
+        let mut st = self.begin(out, target, dns_stage).await?;
         loop {
-            *exit_tried = Some(route.key.node.label.clone());
+            *exit_tried = Some(st.route.key.node.label.clone());
             let t_queue = Instant::now();
-            let opts = CheckoutOpts {
-                deadline: t_queue + self.cfg.queue_timeout,
-                fresh: attempt > 0 && fresh_retry,
-                cold_reason: route.cold_reason,
+            let Some(mut lease) = self.checkout_attempt(&mut st, t_queue).await? else {
+                continue;
             };
-            let mut lease = match self.pool.checkout(&key, opts).await {
-                Ok(l) => l,
-                // Nothing was sent: another address of the target is safe for any method.
-                Err(CheckoutError::Dial(d))
-                    if matches!(
-                        &*d,
-                        DialError::Connect { .. } | DialError::ConnectTimeout { .. }
-                    ) && candidate < MAX_ADDR_FAILOVER.min(candidates.len() - 1) =>
-                {
-                    self.router.mark_failed(key.addr.ip());
-                    candidate += 1;
-                    tracing::debug!(target = %target, failed = %key.addr, next = %candidates[candidate], "connect failed; trying the next address");
-                    key.addr = candidates[candidate];
-                    continue;
-                }
-                // The exit node failed before anything was sent: another node is safe for
-                // any method (a strict session fails instead).
-                Err(CheckoutError::Dial(d))
-                    if Router::node_fault(&d) && failed_exits.len() + 1 < MAX_EXIT_FAILOVER =>
-                {
-                    failed_exits.push(route.key.node.index);
-                    tracing::debug!(target = %target, exit = %route.key.node.label, error = %d, "exit failed; trying another");
-                    let addr = candidates[candidate];
-                    if let Err(e) =
-                        self.reroute(out, target, &failed_exits, &mut route, &mut meta, &|e| {
-                            key_for(e, addr)
-                        })
-                    {
-                        // Say what failed, not only that nothing is left.
-                        if e.kind == ErrorKind::NoHealthyExit {
-                            return Err(checkout_error(
-                                CheckoutError::Dial(d),
-                                target,
-                                self.cfg.queue_timeout,
-                            ));
-                        }
-                        return Err(e);
-                    }
-                    key = key_for(route.key.clone(), addr);
-                    continue;
-                }
-                Err(e) => {
-                    if let CheckoutError::Dial(d) = &e {
-                        if matches!(
-                            &**d,
-                            DialError::Connect { .. } | DialError::ConnectTimeout { .. }
-                        ) {
-                            self.router.mark_failed(key.addr.ip());
-                        }
-                    }
-                    return Err(checkout_error(e, target, self.cfg.queue_timeout));
-                }
-            };
-            meta.queue += t_queue.elapsed();
-            let shared = lease.conn().shared().clone();
-            meta.reused = lease.reused();
-            meta.new_reason = lease.new_reason();
-            meta.protocol = shared.protocol;
-            let handshake = (!lease.reused())
-                .then(|| shared.timings.tcp + shared.timings.exit + shared.timings.tls);
-            if !lease.reused() {
-                meta.tcp_connect = shared.timings.tcp;
-                meta.exit_handshake = shared.timings.exit;
-                meta.tls_handshake = shared.timings.tls;
-                self.telemetry.record_handshake(
-                    shared.timings.tcp,
-                    shared.timings.exit,
-                    shared.timings.tls,
-                );
-            }
-            let record = RequestRecord {
-                target,
-                reused: meta.reused,
-                protocol: meta.protocol,
-                handshake,
-                retry_reason,
-                new_reason: meta.new_reason,
-                dns: if attempt == 0 {
-                    meta.dns
-                } else {
-                    Duration::ZERO
-                },
-                queue: meta.queue,
-                bytes_up: out.body.len() as u64,
-                exit: &route.key.node,
-                forced: route.forced,
-                via_proxy: key.via_proxy(),
-            };
+            st.meta.queue += t_queue.elapsed();
+            let handshake = self.note_connection(&mut lease, &mut st.meta);
             let t_send = Instant::now();
             let sent = match lease.conn() {
                 UpstreamConn::H1 { .. } => self.send_h1(&mut lease, out).await,
@@ -512,122 +445,274 @@ impl Forwarder {
                 // (the worker would read it as edgepool asking for its token). Nothing reached
                 // the target, so another node may take the request, whatever its method.
                 Ok(Upstream::H1(r))
-                    if key.via_proxy()
+                    if st.key.via_proxy()
                         && r.status() == http::StatusCode::PROXY_AUTHENTICATION_REQUIRED =>
                 {
                     drop(r);
                     lease.release(Release::Close(CloseReason::Error));
-                    let msg = format!(
-                        "exit {} rejected the proxy credentials (HTTP 407 to a forwarded request)",
-                        route.key.node.label
-                    );
-                    route.key.node.record_failure(&msg);
-                    failed_exits.push(route.key.node.index);
-                    let addr = candidates[candidate];
-                    if failed_exits.len() >= MAX_EXIT_FAILOVER
-                        || self
-                            .reroute(out, target, &failed_exits, &mut route, &mut meta, &|e| {
-                                key_for(e, addr)
-                            })
-                            .is_err()
-                    {
-                        return Err(EdgeError::new(ErrorKind::ExitAuthFailed, msg));
-                    }
-                    key = key_for(route.key.clone(), addr);
-                    continue;
+                    self.exit_refused_credentials(&mut st)?;
                 }
                 Ok(resp) => {
-                    route.key.node.note_success(!lease.reused());
-                    meta.ttfb = t_send.elapsed();
-                    self.telemetry.record_request(&record);
-                    self.telemetry.record_ttfb(meta.ttfb);
-                    // Every request that waited for DNS is traced, like every new connection.
-                    let waited_dns = meta.dns_source.is_some_and(|s| s.waited());
-                    let trace = self
-                        .telemetry
-                        .should_trace(meta.reused && !waited_dns, false)
-                        .then(|| TraceRecord {
-                            kind: "request",
-                            target: target.to_string(),
-                            exit: meta.exit.to_string(),
-                            method: out.method.to_string(),
-                            reused: Some(meta.reused),
-                            new_reason: meta.new_reason.map(|r| r.as_str()),
-                            dns_ms: Some(ms(meta.dns)),
-                            dns: meta.dns_source.map(|s| s.as_str()),
-                            queue_ms: Some(ms(meta.queue)),
-                            tcp_connect_ms: (!meta.reused).then(|| ms(meta.tcp_connect)),
-                            tls_handshake_ms: (!meta.reused).then(|| ms(meta.tls_handshake)),
-                            ttfb_ms: Some(ms(meta.ttfb)),
-                            retried: meta.retried,
-                            pool: (!meta.reused).then(|| "connection added".to_string()),
-                            ..Default::default()
-                        });
-                    let done = Completion {
-                        telemetry: self.telemetry.clone(),
-                        started,
-                        bytes: 0,
-                        trace,
-                    };
-                    // A forced-rotation request through a rotating gateway had a provider
-                    // session of its own: nobody can use its connection again.
-                    let single_use = route.forced && route.key.node.session_template.is_some();
-                    let resp =
-                        self.finish_response(&out.method, resp, lease, &meta, done, single_use);
-                    return Ok((resp, meta));
+                    st.meta.ttfb = t_send.elapsed();
+                    let resp = self.respond(&st, resp, lease, handshake, started);
+                    return Ok((resp, st.meta));
                 }
-                Err(f) => {
-                    let reused = lease.reused();
-                    lease.release(f.release());
-                    if f.failure == Failure::Invalid {
-                        return Err(EdgeError::new(ErrorKind::InvalidRequest, f.message));
-                    }
-                    let mut decision = crate::retry::decide(
-                        &f,
-                        Attempt {
-                            number: attempt,
-                            reused,
-                            // Through a proxy exit, a brand-new connection can also die because
-                            // the exit died (the retry fails over if this one is gone).
-                            via_exit: route.key.node.spec.kind != crate::exits::ExitKind::Direct,
-                            idempotent: out.idempotent(),
-                        },
-                    );
-                    // Unprocessed streams move freely; any other retry draws on the budget, so
-                    // a failing target is not hit with amplified load.
-                    if let Decision::Retry { budgeted: true, .. } = decision {
-                        if !self.retry_budget.try_withdraw() {
-                            tracing::warn!(target = %target, "retry budget exhausted (limits.retry_budget): not retrying");
-                            decision = Decision::GiveUp;
-                        }
-                    }
-                    // A worker request counts once, however many attempts it took (README,
-                    // "Reuse accounting"): an attempt that is retried is not a request of its
-                    // own (the retry is counted in edgepool_retries_total, its new connection
-                    // as after_error). A final failed attempt counts only if it may have
-                    // reached the target: the origin counts what it received.
-                    if decision == Decision::GiveUp && f.sent != Sent::None && !f.unprocessed() {
-                        self.telemetry.record_request(&record);
-                    }
-                    if let Decision::Retry { fresh, reason, .. } = decision {
-                        *earlier_sent = earlier_sent.max_with(f.sent);
-                        tracing::debug!(target = %target, error = %f.message, "retrying once");
-                        meta.retried = true;
-                        fresh_retry = fresh;
-                        retry_reason = Some(reason);
-                        attempt += 1;
-                        continue;
-                    }
-                    return Err(send_error(
-                        f,
-                        out,
-                        reused,
-                        target,
-                        self.cfg.response_header_timeout,
-                    ));
-                }
+                Err(f) => self.after_send_failure(&mut st, f, lease, handshake, earlier_sent)?,
             }
         }
+    }
+
+    /// Resolves and checks the target's addresses, routes the request to an exit and builds
+    /// its first pool key. `dns_stage` says how long DNS took, failed or not (for the trace).
+    async fn begin<'a>(
+        &self,
+        out: &'a Outgoing,
+        target: &'a str,
+        dns_stage: &mut Option<(Duration, &'static str)>,
+    ) -> Result<Attempts<'a>, EdgeError> {
+        let t_dns = Instant::now();
+        let c = match self.router.candidates(&out.host, out.port).await {
+            Ok(c) => c,
+            Err(e) => {
+                // No usable answer (failed, forbidden, or edgepool itself): the trace says how
+                // long the DNS stage took.
+                *dns_stage = Some((t_dns.elapsed(), "failed"));
+                return Err(e);
+            }
+        };
+        *dns_stage = Some((c.took, c.source.as_str()));
+        self.retry_budget.deposit();
+        let verify = self.verifies(&out.host);
+        let first = c.addrs[0];
+        let key_for =
+            |exit| Router::upstream_key(out.scheme, &out.host, out.port, verify, exit, first);
+        let warm = |k: &crate::exits::ExitKey| self.pool.has_idle(&key_for(k.clone()));
+        let route = self.router.route(target, &out.worker, &[], &warm)?;
+        let key = key_for(route.key.clone());
+        let meta = Meta {
+            exit: route.key.node.label.clone(),
+            session_renewed: route.renewed,
+            session: out.worker.options.session.clone(),
+            dns: c.took,
+            dns_source: Some(c.source),
+            ..Default::default()
+        };
+        Ok(Attempts {
+            out,
+            target,
+            verify,
+            candidates: c.addrs,
+            candidate: 0,
+            failed_exits: Vec::new(),
+            route,
+            key,
+            meta,
+            attempt: 0,
+            fresh_retry: false,
+            retry_reason: None,
+        })
+    }
+
+    /// Checks out a connection for the current key. `Ok(None)`: a connect failed before
+    /// anything was sent and the request moved to another address or exit — try again.
+    async fn checkout_attempt(
+        &self,
+        st: &mut Attempts<'_>,
+        t_queue: Instant,
+    ) -> Result<Option<Lease<crate::dial::Dialer>>, EdgeError> {
+        let opts = CheckoutOpts {
+            deadline: t_queue + self.cfg.queue_timeout,
+            fresh: st.attempt > 0 && st.fresh_retry,
+            cold_reason: st.route.cold_reason,
+        };
+        let d = match self.pool.checkout(&st.key, opts).await {
+            Ok(l) => return Ok(Some(l)),
+            Err(CheckoutError::Dial(d)) => d,
+            Err(e) => return Err(checkout_error(e, st.target, self.cfg.queue_timeout)),
+        };
+        let target = st.target;
+        let connect_failed = matches!(
+            &*d,
+            DialError::Connect { .. } | DialError::ConnectTimeout { .. }
+        );
+        // Nothing was sent: another address of the target is safe for any method.
+        if connect_failed && st.candidate < MAX_ADDR_FAILOVER.min(st.candidates.len() - 1) {
+            self.router.mark_failed(st.key.addr.ip());
+            st.candidate += 1;
+            tracing::debug!(target = %target, failed = %st.key.addr, next = %st.addr(), "connect failed; trying the next address");
+            st.key.addr = st.addr();
+            return Ok(None);
+        }
+        // The exit node failed before anything was sent: another node is safe for any method
+        // (a strict session fails instead).
+        if Router::node_fault(&d) && st.failed_exits.len() + 1 < MAX_EXIT_FAILOVER {
+            st.failed_exits.push(st.route.key.node.index);
+            tracing::debug!(target = %target, exit = %st.route.key.node.label, error = %d, "exit failed; trying another");
+            return match self.reroute(st) {
+                Ok(()) => Ok(None),
+                // Say what failed, not only that nothing is left.
+                Err(e) if e.kind == ErrorKind::NoHealthyExit => Err(checkout_error(
+                    CheckoutError::Dial(d),
+                    target,
+                    self.cfg.queue_timeout,
+                )),
+                Err(e) => Err(e),
+            };
+        }
+        if connect_failed {
+            self.router.mark_failed(st.key.addr.ip());
+        }
+        Err(checkout_error(
+            CheckoutError::Dial(d),
+            target,
+            self.cfg.queue_timeout,
+        ))
+    }
+
+    /// Notes the connection a lease holds in the response metadata (and a new one's
+    /// handshakes in telemetry); returns the handshake time a new connection paid.
+    fn note_connection(
+        &self,
+        lease: &mut Lease<crate::dial::Dialer>,
+        meta: &mut Meta,
+    ) -> Option<Duration> {
+        meta.reused = lease.reused();
+        meta.new_reason = lease.new_reason();
+        let shared = lease.conn().shared();
+        meta.protocol = shared.protocol;
+        if meta.reused {
+            return None;
+        }
+        let t = &shared.timings;
+        meta.tcp_connect = t.tcp;
+        meta.exit_handshake = t.exit;
+        meta.tls_handshake = t.tls;
+        self.telemetry.record_handshake(t.tcp, t.exit, t.tls);
+        Some(t.tcp + t.exit + t.tls)
+    }
+
+    /// The exit answered a forwarded request with its own 407: its failure (nothing reached
+    /// the target), so the request moves to another node; none left is `exit_auth_failed`.
+    fn exit_refused_credentials(&self, st: &mut Attempts<'_>) -> Result<(), EdgeError> {
+        let msg = format!(
+            "exit {} rejected the proxy credentials (HTTP 407 to a forwarded request)",
+            st.route.key.node.label
+        );
+        st.route.key.node.record_failure(&msg);
+        st.failed_exits.push(st.route.key.node.index);
+        if st.failed_exits.len() >= MAX_EXIT_FAILOVER || self.reroute(st).is_err() {
+            return Err(EdgeError::new(ErrorKind::ExitAuthFailed, msg));
+        }
+        Ok(())
+    }
+
+    /// Accounts for and traces a request that got its response head, and wraps the response
+    /// so that its body returns the connection when it ends.
+    fn respond(
+        &self,
+        st: &Attempts<'_>,
+        resp: Upstream,
+        lease: Lease<crate::dial::Dialer>,
+        handshake: Option<Duration>,
+        started: Instant,
+    ) -> Response<ProxyBody> {
+        let meta = &st.meta;
+        st.route.key.node.note_success(!lease.reused());
+        self.telemetry.record_request(&st.record(handshake));
+        self.telemetry.record_ttfb(meta.ttfb);
+        // Every request that waited for DNS is traced, like every new connection.
+        let waited_dns = meta.dns_source.is_some_and(|s| s.waited());
+        let trace = self
+            .telemetry
+            .should_trace(meta.reused && !waited_dns, false)
+            .then(|| TraceRecord {
+                kind: "request",
+                target: st.target.to_string(),
+                exit: meta.exit.to_string(),
+                method: st.out.method.to_string(),
+                reused: Some(meta.reused),
+                new_reason: meta.new_reason.map(|r| r.as_str()),
+                dns_ms: Some(ms(meta.dns)),
+                dns: meta.dns_source.map(|s| s.as_str()),
+                queue_ms: Some(ms(meta.queue)),
+                tcp_connect_ms: (!meta.reused).then(|| ms(meta.tcp_connect)),
+                tls_handshake_ms: (!meta.reused).then(|| ms(meta.tls_handshake)),
+                ttfb_ms: Some(ms(meta.ttfb)),
+                retried: meta.retried,
+                pool: (!meta.reused).then(|| "connection added".to_string()),
+                ..Default::default()
+            });
+        let done = Completion {
+            telemetry: self.telemetry.clone(),
+            started,
+            bytes: 0,
+            trace,
+        };
+        // A forced-rotation request through a rotating gateway had a provider session of its
+        // own: nobody can use its connection again.
+        let single_use = st.route.forced && st.route.key.node.session_template.is_some();
+        self.finish_response(&st.out.method, resp, lease, meta, done, single_use)
+    }
+
+    /// A send attempt failed: gives the connection its fate, then either sets up the retry
+    /// (`Ok`) or returns the worker's error. Accounts for the attempt as a request only if it
+    /// is the last one and may have reached the target.
+    fn after_send_failure(
+        &self,
+        st: &mut Attempts<'_>,
+        f: SendFailure,
+        lease: Lease<crate::dial::Dialer>,
+        handshake: Option<Duration>,
+        earlier_sent: &mut Sent,
+    ) -> Result<(), EdgeError> {
+        let reused = lease.reused();
+        lease.release(f.release());
+        if f.failure == Failure::Invalid {
+            return Err(EdgeError::new(ErrorKind::InvalidRequest, f.message));
+        }
+        let mut decision = crate::retry::decide(
+            &f,
+            Attempt {
+                number: st.attempt,
+                reused,
+                // Through a proxy exit, a brand-new connection can also die because the exit
+                // died (the retry fails over if this one is gone).
+                via_exit: st.route.key.node.spec.kind != crate::exits::ExitKind::Direct,
+                idempotent: st.out.idempotent(),
+            },
+        );
+        // Unprocessed streams move freely; any other retry draws on the budget, so a failing
+        // target is not hit with amplified load.
+        if let Decision::Retry { budgeted: true, .. } = decision {
+            if !self.retry_budget.try_withdraw() {
+                tracing::warn!(target = %st.target, "retry budget exhausted (limits.retry_budget): not retrying");
+                decision = Decision::GiveUp;
+            }
+        }
+        // A worker request counts once, however many attempts it took (README, "Reuse
+        // accounting"): an attempt that is retried is not a request of its own (the retry is
+        // counted in edgepool_retries_total, its new connection as after_error). A final
+        // failed attempt counts only if it may have reached the target: the origin counts what
+        // it received.
+        if decision == Decision::GiveUp && f.sent != Sent::None && !f.unprocessed() {
+            self.telemetry.record_request(&st.record(handshake));
+        }
+        let Decision::Retry { fresh, reason, .. } = decision else {
+            return Err(send_error(
+                f,
+                st.out,
+                reused,
+                st.target,
+                self.cfg.response_header_timeout,
+            ));
+        };
+        *earlier_sent = earlier_sent.max_with(f.sent);
+        tracing::debug!(target = %st.target, error = %f.message, "retrying once");
+        st.meta.retried = true;
+        st.fresh_retry = fresh;
+        st.retry_reason = Some(reason);
+        st.attempt += 1;
+        Ok(())
     }
 
     async fn send_h1(
