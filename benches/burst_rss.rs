@@ -75,6 +75,7 @@ async fn sink() -> std::net::SocketAddr {
     addr
 }
 
+#[allow(clippy::disallowed_methods)] // benchmark timer: wall time
 fn main() {
     let n: usize = std::env::var("BURST_N")
         .ok()

@@ -470,6 +470,7 @@ impl Client {
 
     /// Opens `n` connections (`CONCURRENCY` dials at once), one request each, and returns them
     /// to the pool idle. Returns how long opening took.
+    #[allow(clippy::disallowed_methods)] // benchmark timer: wall time
     async fn open_idle(self: &Arc<Self>, prefix: char, n: usize) -> Duration {
         let t0 = Instant::now();
         let leases: Vec<Lease<Dialer>> = futures_util::stream::iter(0..n)
@@ -489,6 +490,7 @@ impl Client {
         took
     }
 
+    #[allow(clippy::disallowed_methods)] // benchmark timer: wall time
     async fn wait_until(&self, pred: impl Fn(&edgepool::pool::PoolStats) -> bool, what: &str) {
         let t0 = Instant::now();
         loop {

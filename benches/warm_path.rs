@@ -17,6 +17,7 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[i]
 }
 
+#[allow(clippy::disallowed_methods)] // benchmark timer: wall time
 async fn measure(client: &reqwest::Client, url: &str, n: usize) -> Vec<Duration> {
     for _ in 0..500 {
         client.get(url).send().await.unwrap().bytes().await.unwrap();
@@ -48,6 +49,7 @@ fn report(name: &str, direct: &[Duration], proxied: &[Duration]) {
     );
 }
 
+#[allow(clippy::disallowed_methods)] // main thread, after block_on: lets the gateway tasks end
 fn main() {
     let n: usize = std::env::var("WARM_PATH_SAMPLES")
         .ok()

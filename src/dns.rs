@@ -684,6 +684,7 @@ impl Inner {
                 if ips.is_empty() {
                     FamilyAnswer::Empty { nxdomain: false }
                 } else {
+                    #[allow(clippy::disallowed_methods)] // hickory's deadline is a std Instant
                     let ttl = lookup
                         .valid_until()
                         .saturating_duration_since(std::time::Instant::now());

@@ -251,6 +251,15 @@ where
     }
 }
 
+/// SOCKS protocol version 5 (RFC 1928).
+const SOCKS5_VER: u8 = 0x05;
+/// SOCKS5 method: no authentication.
+const SOCKS5_NO_AUTH: u8 = 0x00;
+/// SOCKS5 method: username/password (RFC 1929).
+const SOCKS5_USER_PASS: u8 = 0x02;
+/// SOCKS5 method selection: none of the offered methods is acceptable.
+const SOCKS5_NO_ACCEPTABLE: u8 = 0xFF;
+
 /// RFC 1928 `CONNECT`: ATYP domain name for names (socks5h semantics: the proxy resolves),
 /// IPv4/IPv6 for literals. Offers no-auth, or only username/password (RFC 1929) when `auth`
 /// is given. Reads and discards the reply's bound address for every ATYP, so on success the
@@ -264,11 +273,6 @@ pub async fn socks5_connect<S>(
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    const VER: u8 = 0x05;
-    const NO_AUTH: u8 = 0x00;
-    const USER_PASS: u8 = 0x02;
-    const NO_ACCEPTABLE: u8 = 0xFF;
-
     let target = parse_target(host)?;
     if let Some(auth) = auth {
         if auth.username.len() > 255 || auth.password.len() > 255 {
@@ -278,69 +282,97 @@ where
         }
     }
 
-    // Method negotiation.
-    let method = if auth.is_some() { USER_PASS } else { NO_AUTH };
-    stream.write_all(&[VER, 1, method]).await?;
+    socks5_select_method(stream, auth).await?;
+    if let Some(auth) = auth {
+        socks5_authenticate(stream, auth).await?;
+    }
+
+    // CONNECT request.
+    let req = socks5_connect_request(target, port);
+    stream.write_all(&req).await?;
+    stream.flush().await?;
+
+    socks5_read_reply(stream).await
+}
+
+/// SOCKS5 method negotiation: offers no-auth, or username/password when `auth` is given, and
+/// checks the proxy chose it.
+async fn socks5_select_method<S>(
+    stream: &mut S,
+    auth: Option<&ProxyAuth>,
+) -> Result<(), HandshakeError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let method = if auth.is_some() {
+        SOCKS5_USER_PASS
+    } else {
+        SOCKS5_NO_AUTH
+    };
+    stream.write_all(&[SOCKS5_VER, 1, method]).await?;
     stream.flush().await?;
     let mut choice = [0u8; 2];
     stream
         .read_exact(&mut choice)
         .await
         .map_err(|e| eof_is_protocol(e, "during SOCKS5 method selection"))?;
-    if choice[0] != VER {
+    if choice[0] != SOCKS5_VER {
         return Err(HandshakeError::Protocol(format!(
             "not a SOCKS5 server (version byte {:#04x})",
             choice[0]
         )));
     }
     match choice[1] {
-        m if m == method => {}
-        NO_ACCEPTABLE => {
-            return Err(HandshakeError::Auth(if auth.is_some() {
-                "SOCKS5 proxy does not accept username/password authentication".into()
-            } else {
-                "SOCKS5 proxy requires authentication and no credentials are configured".into()
-            }))
-        }
-        m => {
-            return Err(HandshakeError::Protocol(format!(
-                "SOCKS5 proxy chose method {m:#04x}, which was not offered"
-            )))
-        }
+        m if m == method => Ok(()),
+        SOCKS5_NO_ACCEPTABLE => Err(HandshakeError::Auth(if auth.is_some() {
+            "SOCKS5 proxy does not accept username/password authentication".into()
+        } else {
+            "SOCKS5 proxy requires authentication and no credentials are configured".into()
+        })),
+        m => Err(HandshakeError::Protocol(format!(
+            "SOCKS5 proxy chose method {m:#04x}, which was not offered"
+        ))),
     }
+}
 
-    // RFC 1929 username/password sub-negotiation.
-    if let Some(auth) = auth {
-        let mut msg = Vec::with_capacity(3 + auth.username.len() + auth.password.len());
-        msg.push(0x01);
-        msg.push(auth.username.len() as u8);
-        msg.extend_from_slice(auth.username.as_bytes());
-        msg.push(auth.password.len() as u8);
-        msg.extend_from_slice(auth.password.as_bytes());
-        stream.write_all(&msg).await?;
-        stream.flush().await?;
-        let mut reply = [0u8; 2];
-        stream
-            .read_exact(&mut reply)
-            .await
-            .map_err(|e| eof_is_protocol(e, "during SOCKS5 authentication"))?;
-        // RFC 1929 says version 0x01; some servers answer 0x05. Accept both.
-        if reply[0] != 0x01 && reply[0] != VER {
-            return Err(HandshakeError::Protocol(format!(
-                "bad SOCKS5 authentication reply version {:#04x}",
-                reply[0]
-            )));
-        }
-        if reply[1] != 0x00 {
-            return Err(HandshakeError::Auth(format!(
-                "SOCKS5 username/password rejected (status {:#04x})",
-                reply[1]
-            )));
-        }
+/// RFC 1929 username/password sub-negotiation (lengths already checked to fit a byte).
+async fn socks5_authenticate<S>(stream: &mut S, auth: &ProxyAuth) -> Result<(), HandshakeError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut msg = Vec::with_capacity(3 + auth.username.len() + auth.password.len());
+    msg.push(0x01);
+    msg.push(auth.username.len() as u8);
+    msg.extend_from_slice(auth.username.as_bytes());
+    msg.push(auth.password.len() as u8);
+    msg.extend_from_slice(auth.password.as_bytes());
+    stream.write_all(&msg).await?;
+    stream.flush().await?;
+    let mut reply = [0u8; 2];
+    stream
+        .read_exact(&mut reply)
+        .await
+        .map_err(|e| eof_is_protocol(e, "during SOCKS5 authentication"))?;
+    // RFC 1929 says version 0x01; some servers answer 0x05. Accept both.
+    if reply[0] != 0x01 && reply[0] != SOCKS5_VER {
+        return Err(HandshakeError::Protocol(format!(
+            "bad SOCKS5 authentication reply version {:#04x}",
+            reply[0]
+        )));
     }
+    if reply[1] != 0x00 {
+        return Err(HandshakeError::Auth(format!(
+            "SOCKS5 username/password rejected (status {:#04x})",
+            reply[1]
+        )));
+    }
+    Ok(())
+}
 
-    // CONNECT request.
-    let mut req = vec![VER, 0x01, 0x00];
+/// The SOCKS5 `CONNECT` request for `target:port`: ATYP IPv4/IPv6 for literals, domain name
+/// otherwise.
+fn socks5_connect_request(target: Target<'_>, port: u16) -> Vec<u8> {
+    let mut req = vec![SOCKS5_VER, 0x01, 0x00];
     match target {
         Target::Ip(IpAddr::V4(ip)) => {
             req.push(0x01);
@@ -358,15 +390,21 @@ where
         }
     }
     req.extend_from_slice(&port.to_be_bytes());
-    stream.write_all(&req).await?;
-    stream.flush().await?;
+    req
+}
 
+/// Reads the SOCKS5 `CONNECT` reply: a refusal by its reply code, or success with the bound
+/// address and port read and discarded (the stream is then at the first tunnelled byte).
+async fn socks5_read_reply<S>(stream: &mut S) -> Result<(), HandshakeError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
     let mut head = [0u8; 4];
     stream
         .read_exact(&mut head)
         .await
         .map_err(|e| eof_is_protocol(e, "before the SOCKS5 CONNECT reply"))?;
-    if head[0] != VER {
+    if head[0] != SOCKS5_VER {
         return Err(HandshakeError::Protocol(format!(
             "bad SOCKS5 reply version {:#04x}",
             head[0]
@@ -374,25 +412,7 @@ where
     }
     let rep = head[1];
     if rep != 0x00 {
-        let what = match rep {
-            0x01 => "general SOCKS server failure",
-            0x02 => "connection not allowed by ruleset",
-            0x03 => "network unreachable",
-            0x04 => "host unreachable",
-            0x05 => "connection refused",
-            0x06 => "TTL expired",
-            0x07 => "command not supported",
-            0x08 => "address type not supported",
-            _ => {
-                return Err(HandshakeError::Protocol(format!(
-                    "unknown SOCKS5 reply code {rep:#04x}"
-                )))
-            }
-        };
-        return Err(HandshakeError::Refused {
-            status: None,
-            reason: format!("SOCKS5 reply {rep:#04x}: {what}"),
-        });
+        return Err(socks5_refusal(rep));
     }
     // Bound address and port: read and discard.
     let addr_len = match head[3] {
@@ -418,6 +438,28 @@ where
         .await
         .map_err(|e| eof_is_protocol(e, "in the SOCKS5 CONNECT reply"))?;
     Ok(())
+}
+
+/// The error for a SOCKS5 reply code other than success: a refusal for the RFC 1928 codes
+/// 0x01..=0x08, a protocol error for any other.
+fn socks5_refusal(rep: u8) -> HandshakeError {
+    let what = match rep {
+        0x01 => "general SOCKS server failure",
+        0x02 => "connection not allowed by ruleset",
+        0x03 => "network unreachable",
+        0x04 => "host unreachable",
+        0x05 => "connection refused",
+        0x06 => "TTL expired",
+        0x07 => "command not supported",
+        0x08 => "address type not supported",
+        _ => {
+            return HandshakeError::Protocol(format!("unknown SOCKS5 reply code {rep:#04x}"));
+        }
+    };
+    HandshakeError::Refused {
+        status: None,
+        reason: format!("SOCKS5 reply {rep:#04x}: {what}"),
+    }
 }
 
 #[cfg(test)]

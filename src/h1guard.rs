@@ -192,6 +192,43 @@ pub fn check_head(head: &[u8], limits: &Limits) -> Result<Framing, Violation> {
         .split(|b| *b == b'\n')
         .map(|l| l.strip_suffix(b"\r").unwrap_or(l));
     let request_line = lines.next().unwrap_or_default();
+    let RequestLine {
+        method,
+        target,
+        version,
+    } = check_request_line(request_line, limits)?;
+    let http10 = match version {
+        b"HTTP/1.1" => false,
+        b"HTTP/1.0" => true,
+        b"HTTP/2.0" if method == b"PRI" && target == b"*" && body == b"PRI * HTTP/2.0" => {
+            return Ok(Framing::Passthrough); // the HTTP/2 connection preface
+        }
+        other => {
+            return Err(syntax(format!(
+                "unsupported HTTP version {} (HTTP/1.1 or HTTP/1.0)",
+                show(other)
+            )))
+        }
+    };
+    let fields = HeadFields::read(lines, limits)?;
+    fields.check(http10)?;
+    Ok(fields.framing(method))
+}
+
+/// A request line's three parts.
+struct RequestLine<'a> {
+    method: &'a [u8],
+    target: &'a [u8],
+    version: &'a [u8],
+}
+
+/// Splits the request line into method, target and version and checks the first two (a
+/// token; a target within `limits.max_uri_bytes` of visible ASCII). The version is the
+/// caller's.
+fn check_request_line<'a>(
+    request_line: &'a [u8],
+    limits: &Limits,
+) -> Result<RequestLine<'a>, Violation> {
     let parts: Vec<&[u8]> = request_line.split(|b| *b == b' ').collect();
     let [method, target, version] = parts[..] else {
         return Err(syntax(format!(
@@ -220,113 +257,146 @@ pub fn check_head(head: &[u8], limits: &Limits) -> Result<Framing, Violation> {
             "byte 0x{b:02x} in the request target (percent-encode it)"
         )));
     }
-    let http10 = match version {
-        b"HTTP/1.1" => false,
-        b"HTTP/1.0" => true,
-        b"HTTP/2.0" if method == b"PRI" && target == b"*" && body == b"PRI * HTTP/2.0" => {
-            return Ok(Framing::Passthrough); // the HTTP/2 connection preface
-        }
-        other => {
-            return Err(syntax(format!(
-                "unsupported HTTP version {} (HTTP/1.1 or HTTP/1.0)",
-                show(other)
-            )))
-        }
-    };
-    let (mut fields, mut hosts) = (0usize, 0usize);
-    let mut content_length: Option<u64> = None;
-    let mut transfer_encoding: Vec<&[u8]> = Vec::new();
-    // An upgrade (`Upgrade` named by `Connection`): after a 101 the bytes are not HTTP/1.
-    let (mut upgrade, mut connection_upgrade) = (false, false);
-    for line in lines {
-        fields += 1;
-        if fields > limits.max_headers {
-            return Err(head_err(
-                ErrorKind::RequestHeaderTooLarge,
-                format!(
-                    "more than limits.max_headers ({}) header fields",
-                    limits.max_headers
-                ),
-            ));
-        }
-        let (name, value) = field_line(line).map_err(syntax)?;
-        if name.eq_ignore_ascii_case(b"content-length") {
-            if value.is_empty() || value.len() > 19 || !value.iter().all(u8::is_ascii_digit) {
-                return Err(framing(format!("malformed Content-Length {}", show(value))));
-            }
-            let n: u64 = std::str::from_utf8(value)
-                .ok()
-                .and_then(|s| s.parse().ok())
-                .ok_or_else(|| framing("malformed Content-Length"))?;
-            if content_length.is_some_and(|m| m != n) {
-                return Err(framing("two Content-Length headers with different values"));
-            }
-            content_length = Some(n);
-        } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
-            transfer_encoding.push(value);
-        } else if name.eq_ignore_ascii_case(b"host") {
-            hosts += 1;
-        } else if name.eq_ignore_ascii_case(b"upgrade") {
-            upgrade = true;
-        } else if name.eq_ignore_ascii_case(b"connection") {
-            connection_upgrade |= value
-                .split(|b| *b == b',')
-                .any(|t| trim_ows(t).eq_ignore_ascii_case(b"upgrade"));
-        } else if name.eq_ignore_ascii_case(VIOLATION_MARKER.as_bytes()) {
-            return Err(syntax(format!("{VIOLATION_MARKER} is reserved")));
-        }
-    }
-    if hosts > 1 {
-        return Err(head_err(
-            ErrorKind::BadHostHeader,
-            "more than one Host header",
-        ));
-    }
-    if hosts == 0 && !http10 {
-        return Err(head_err(
-            ErrorKind::BadHostHeader,
-            "an HTTP/1.1 request needs a Host header",
-        ));
-    }
-    if !transfer_encoding.is_empty() {
-        if http10 {
-            return Err(framing("Transfer-Encoding in an HTTP/1.0 request"));
-        }
-        if content_length.is_some() {
-            return Err(framing(
-                "both Content-Length and Transfer-Encoding: the body's end is ambiguous",
-            ));
-        }
-        if transfer_encoding.len() > 1 || !transfer_encoding[0].eq_ignore_ascii_case(b"chunked") {
-            return Err(framing(format!(
-                "Transfer-Encoding must be exactly \"chunked\", got {}",
-                transfer_encoding
-                    .iter()
-                    .map(|v| show(v))
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            )));
-        }
-    }
-    Ok(if method == b"CONNECT" {
-        Framing::Passthrough
-    } else if upgrade
-        && connection_upgrade
-        && transfer_encoding.is_empty()
-        && content_length.unwrap_or(0) == 0
-    {
-        // A bodiless upgrade request (a WebSocket handshake): whatever follows it is the new
-        // protocol's if the answer is 101. Ingress closes the connection after any other
-        // answer, so no request after it is ever parsed without this framer.
-        Framing::Passthrough
-    } else if !transfer_encoding.is_empty() {
-        Framing::Chunked
-    } else {
-        match content_length {
-            Some(n) if n > 0 => Framing::Length(n),
-            _ => Framing::Empty,
-        }
+    Ok(RequestLine {
+        method,
+        target,
+        version,
     })
+}
+
+/// What a head's header fields say about its host and framing.
+struct HeadFields<'a> {
+    /// `Host` fields seen.
+    hosts: usize,
+    /// The `Content-Length` (all such fields agree).
+    content_length: Option<u64>,
+    /// Each `Transfer-Encoding` field's value.
+    transfer_encoding: Vec<&'a [u8]>,
+    /// An `Upgrade` field is present. With `connection_upgrade`, an upgrade: after a 101 the
+    /// bytes are not HTTP/1.
+    upgrade: bool,
+    /// `Connection` names `upgrade`.
+    connection_upgrade: bool,
+}
+
+impl<'a> HeadFields<'a> {
+    /// Reads the header lines: each a valid field line, at most `limits.max_headers`, a
+    /// well-formed and consistent `Content-Length`, no [`VIOLATION_MARKER`].
+    fn read(
+        lines: impl Iterator<Item = &'a [u8]>,
+        limits: &Limits,
+    ) -> Result<HeadFields<'a>, Violation> {
+        let mut fields = 0usize;
+        let mut seen = HeadFields {
+            hosts: 0,
+            content_length: None,
+            transfer_encoding: Vec::new(),
+            upgrade: false,
+            connection_upgrade: false,
+        };
+        for line in lines {
+            fields += 1;
+            if fields > limits.max_headers {
+                return Err(head_err(
+                    ErrorKind::RequestHeaderTooLarge,
+                    format!(
+                        "more than limits.max_headers ({}) header fields",
+                        limits.max_headers
+                    ),
+                ));
+            }
+            let (name, value) = field_line(line).map_err(syntax)?;
+            if name.eq_ignore_ascii_case(b"content-length") {
+                if value.is_empty() || value.len() > 19 || !value.iter().all(u8::is_ascii_digit) {
+                    return Err(framing(format!("malformed Content-Length {}", show(value))));
+                }
+                let n: u64 = std::str::from_utf8(value)
+                    .ok()
+                    .and_then(|s| s.parse().ok())
+                    .ok_or_else(|| framing("malformed Content-Length"))?;
+                if seen.content_length.is_some_and(|m| m != n) {
+                    return Err(framing("two Content-Length headers with different values"));
+                }
+                seen.content_length = Some(n);
+            } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
+                seen.transfer_encoding.push(value);
+            } else if name.eq_ignore_ascii_case(b"host") {
+                seen.hosts += 1;
+            } else if name.eq_ignore_ascii_case(b"upgrade") {
+                seen.upgrade = true;
+            } else if name.eq_ignore_ascii_case(b"connection") {
+                seen.connection_upgrade |= value
+                    .split(|b| *b == b',')
+                    .any(|t| trim_ows(t).eq_ignore_ascii_case(b"upgrade"));
+            } else if name.eq_ignore_ascii_case(VIOLATION_MARKER.as_bytes()) {
+                return Err(syntax(format!("{VIOLATION_MARKER} is reserved")));
+            }
+        }
+        Ok(seen)
+    }
+
+    /// Checks the fields together: exactly one `Host` (none allowed in HTTP/1.0), and a
+    /// `Transfer-Encoding` only as a lone `chunked` in HTTP/1.1 without `Content-Length`.
+    fn check(&self, http10: bool) -> Result<(), Violation> {
+        if self.hosts > 1 {
+            return Err(head_err(
+                ErrorKind::BadHostHeader,
+                "more than one Host header",
+            ));
+        }
+        if self.hosts == 0 && !http10 {
+            return Err(head_err(
+                ErrorKind::BadHostHeader,
+                "an HTTP/1.1 request needs a Host header",
+            ));
+        }
+        let transfer_encoding = &self.transfer_encoding;
+        if !transfer_encoding.is_empty() {
+            if http10 {
+                return Err(framing("Transfer-Encoding in an HTTP/1.0 request"));
+            }
+            if self.content_length.is_some() {
+                return Err(framing(
+                    "both Content-Length and Transfer-Encoding: the body's end is ambiguous",
+                ));
+            }
+            if transfer_encoding.len() > 1 || !transfer_encoding[0].eq_ignore_ascii_case(b"chunked")
+            {
+                return Err(framing(format!(
+                    "Transfer-Encoding must be exactly \"chunked\", got {}",
+                    transfer_encoding
+                        .iter()
+                        .map(|v| show(v))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// How the body after a checked head with `method` is framed.
+    fn framing(&self, method: &[u8]) -> Framing {
+        if method == b"CONNECT" {
+            Framing::Passthrough
+        } else if self.upgrade
+            && self.connection_upgrade
+            && self.transfer_encoding.is_empty()
+            && self.content_length.unwrap_or(0) == 0
+        {
+            // A bodiless upgrade request (a WebSocket handshake): whatever follows it is the new
+            // protocol's if the answer is 101. Ingress closes the connection after any other
+            // answer, so no request after it is ever parsed without this framer.
+            Framing::Passthrough
+        } else if !self.transfer_encoding.is_empty() {
+            Framing::Chunked
+        } else {
+            match self.content_length {
+                Some(n) if n > 0 => Framing::Length(n),
+                _ => Framing::Empty,
+            }
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -268,6 +268,7 @@ fn main() -> ExitCode {
                 }
                 // A failed fetch (gateway restarting) is reported and retried, not fatal.
                 let _ = status(admin, json);
+                #[allow(clippy::disallowed_methods)] // status --watch: the main thread, no runtime
                 std::thread::sleep(std::time::Duration::from_secs(2));
             }
         }

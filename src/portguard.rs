@@ -779,6 +779,7 @@ mod tests {
     }
 
     #[test]
+    #[allow(clippy::disallowed_methods)] // a sync test: real time must pass between refreshes
     fn rate_between_refreshes() {
         let dir = tempfile::tempdir().unwrap();
         let g = fixture_guard(dir.path(), "32768 33767", &synthetic_tcp(1, 0), None);
@@ -880,6 +881,7 @@ mod tests {
     /// connections sits in TIME_WAIT toward the listener, rendered as `127.0.0.1:port`.
     #[cfg(target_os = "linux")]
     #[test]
+    #[allow(clippy::disallowed_methods)] // a sync test: the kernel needs real time to list the sockets
     fn real_system_time_wait_is_seen() {
         use std::net::{TcpListener, TcpStream};
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
@@ -914,6 +916,7 @@ mod tests {
 
     #[cfg(target_endian = "little")]
     #[test]
+    #[allow(clippy::disallowed_methods)] // times a parse in wall time, no runtime involved
     fn parse_timing_50k_lines() {
         let mut text = synthetic_tcp(50_000, 20_000);
         // Spread the TIME_WAIT destinations over 250 addresses (10.0.0.1-250).

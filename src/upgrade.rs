@@ -297,40 +297,10 @@ pub async fn forward(
     let refuse = |e: EdgeError| {
         metrics.record(Outcome::Refused);
         gw.telemetry().record_error(None, e.token);
-        let mut resp = e.to_response();
-        if !h2_worker {
-            // The framer let the bytes after the head through unparsed: the connection ends.
-            resp.headers_mut()
-                .insert(header::CONNECTION, HeaderValue::from_static("close"));
-        }
-        resp
+        stop_response(e, h2_worker)
     };
-    let protocol = protocol_of(&req);
-    if !protocol.eq_ignore_ascii_case("websocket") {
-        return refuse(EdgeError::new(
-            ErrorKind::UnsupportedUpgrade,
-            format!("edgepool forwards WebSocket upgrades only, not Upgrade: {protocol}"),
-        ));
-    }
-    if !h2_worker && req.method() != Method::GET {
-        return refuse(EdgeError::new(
-            ErrorKind::UnsupportedUpgrade,
-            format!(
-                "a WebSocket handshake is a GET request, not {}",
-                req.method()
-            ),
-        ));
-    }
-    let has_body = req.headers().contains_key(header::TRANSFER_ENCODING)
-        || req
-            .headers()
-            .get(header::CONTENT_LENGTH)
-            .is_some_and(|v| v.as_bytes() != b"0");
-    if !h2_worker && has_body {
-        return refuse(EdgeError::new(
-            ErrorKind::UnsupportedUpgrade,
-            "a WebSocket handshake has no request body",
-        ));
+    if let Err(e) = check_handshake(&req, h2_worker) {
+        return refuse(e);
     }
     let Target { scheme, host, port } = target;
     let started = tokio::time::Instant::now();
@@ -354,117 +324,21 @@ pub async fn forward(
             Some(e.token),
             started,
         );
-        let mut resp = e.to_response();
-        if !h2_worker {
-            resp.headers_mut()
-                .insert(header::CONNECTION, HeaderValue::from_static("close"));
-        }
-        resp
+        stop_response(e, h2_worker)
     };
-    let (opened, exit) = match fwd.open_dedicated(&host, port, addr, &worker).await {
-        Ok(o) => o,
-        Err(e) => return failed(e),
-    };
-    let crate::dial::Opened {
-        stream,
-        slot,
-        early,
-        ..
-    } = opened;
-    if !early.is_empty() {
-        return failed(EdgeError::new(
-            ErrorKind::UpstreamBadResponse,
-            format!(
-                "{host}:{port} sent {} bytes before the upgrade request",
-                early.len()
-            ),
-        ));
-    }
-    let io: Box<dyn Io> = match scheme {
-        Scheme::Http => Box::new(stream),
-        Scheme::Https => {
-            match fwd
-                .pool()
-                .connector()
-                .tls_h1(stream, &host, fwd.verifies(&host))
-                .await
-            {
-                Ok(s) => Box::new(s),
-                Err(e) => return failed(crate::forward::dial_error(&e)),
-            }
-        }
-    };
-    let (mut send, conn) = match hyper::client::conn::http1::Builder::new()
-        .handshake::<_, Empty<Bytes>>(TokioIo::new(io))
-        .await
-    {
-        Ok(x) => x,
-        Err(e) => {
-            return failed(EdgeError::request_failed(
-                format!("{host}:{port}: {e}"),
-                crate::error::Sent::None,
-            ))
-        }
-    };
-    let slot = Arc::new(slot);
-    let conn_slot = slot.clone();
-    tokio::spawn(async move {
-        let _slot = conn_slot; // the exit's budget, until the connection is gone or upgraded
-        let _ = conn.with_upgrades().await;
-    });
-    // The worker's headers minus hop-by-hop and X-Edgepool-*, then the upgrade restored.
-    let mut headers = parts.headers;
-    crate::headers::clean_request_headers(&mut headers);
-    headers.remove(header::HOST);
-    let authority_host = if port == scheme.default_port() {
-        bracket(&host)
-    } else {
-        crate::dial::authority(&host, port)
-    };
-    if let Ok(v) = HeaderValue::from_str(&authority_host) {
-        headers.insert(header::HOST, v);
-    }
-    headers.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
-    headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
-    if h2_worker {
-        // RFC 8441 §5: no key on HTTP/2; HTTP/1.1 needs one (the answer is checked by the
-        // target's Sec-WebSocket-Accept, which edgepool does not pass on to HTTP/2).
-        headers.insert("sec-websocket-key", websocket_key());
-    }
-    let path = parts
-        .uri
-        .path_and_query()
-        .map(|p| p.as_str().to_string())
-        .unwrap_or_else(|| "/".into());
-    let mut up_req = match Request::builder()
-        .method(Method::GET)
-        .uri(path)
-        .version(Version::HTTP_11)
-        .body(Empty::<Bytes>::new())
-    {
+    let (mut send, slot, exit) =
+        match open_upstream(fwd, scheme, &host, port, addr, &worker, &failed).await {
+            Ok(o) => o,
+            Err(resp) => return resp,
+        };
+    let up_req = match upgrade_request(parts.headers, &parts.uri, scheme, &host, port, h2_worker) {
         Ok(r) => r,
-        Err(e) => {
-            return refuse(EdgeError::new(
-                ErrorKind::InvalidRequest,
-                format!("invalid upgrade request: {e}"),
-            ))
-        }
+        Err(e) => return refuse(e),
     };
-    *up_req.headers_mut() = headers;
     let rht = fwd.config().response_header_timeout;
-    let mut resp = match tokio::time::timeout(rht, send.send_request(up_req)).await {
-        Err(_) => {
-            return failed(EdgeError::new(ErrorKind::UpstreamResponseTimeout, format!(
-                "{host}:{port} sent no answer to the upgrade request within upstream.response_header_timeout ({rht:?})"
-            )))
-        }
-        Ok(Err(e)) => {
-            return failed(EdgeError::request_failed(
-                format!("{host}:{port}: {e}"),
-                crate::error::Sent::Maybe,
-            ))
-        }
-        Ok(Ok(r)) => r,
+    let mut resp = match send_upgrade(&mut send, up_req, rht, &host, port).await {
+        Ok(r) => r,
+        Err(e) => return failed(e),
     };
     let upgraded = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
     trace(
@@ -477,36 +351,258 @@ pub async fn forward(
     );
     let up_upgrade = upgraded.then(|| hyper::upgrade::on(&mut resp));
     let (mut rparts, body) = resp.into_parts();
+    relayed_head(&mut rparts, &exit);
+    let Some(up_upgrade) = up_upgrade else {
+        metrics.record(Outcome::Declined);
+        return declined(rparts, body, h2_worker, &host, port, &failed);
+    };
+    metrics.record(Outcome::Upgraded);
+    metrics.opened();
+    switched_head(&mut rparts, h2_worker);
+    spawn_splice(gw.clone(), worker_up, up_upgrade, hold, slot);
+    Response::from_parts(rparts, full_body(Bytes::new()))
+}
+
+/// The answer to an upgrade request that stops before a splice: `e`'s response, and to an
+/// HTTP/1 worker `Connection: close` (the framer let the bytes after the head through
+/// unparsed, so the connection ends).
+fn stop_response(e: EdgeError, h2_worker: bool) -> Response<ProxyBody> {
+    let mut resp = e.to_response();
+    if !h2_worker {
+        resp.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    resp
+}
+
+/// Checks the worker's handshake before anything is dialed: a WebSocket upgrade, and from an
+/// HTTP/1 worker a `GET` without a body.
+fn check_handshake(req: &Request<Incoming>, h2_worker: bool) -> Result<(), EdgeError> {
+    let protocol = protocol_of(req);
+    if !protocol.eq_ignore_ascii_case("websocket") {
+        return Err(EdgeError::new(
+            ErrorKind::UnsupportedUpgrade,
+            format!("edgepool forwards WebSocket upgrades only, not Upgrade: {protocol}"),
+        ));
+    }
+    if !h2_worker && req.method() != Method::GET {
+        return Err(EdgeError::new(
+            ErrorKind::UnsupportedUpgrade,
+            format!(
+                "a WebSocket handshake is a GET request, not {}",
+                req.method()
+            ),
+        ));
+    }
+    let has_body = req.headers().contains_key(header::TRANSFER_ENCODING)
+        || req
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .is_some_and(|v| v.as_bytes() != b"0");
+    if !h2_worker && has_body {
+        return Err(EdgeError::new(
+            ErrorKind::UnsupportedUpgrade,
+            "a WebSocket handshake has no request body",
+        ));
+    }
+    Ok(())
+}
+
+/// Opens the dedicated upstream connection: TCP through the worker's exit, TLS for `wss`,
+/// an HTTP/1.1 handshake whose connection task holds the exit's budget slot. Returns the
+/// sender, the slot (kept until the upgraded connection ends) and the exit's label; on a
+/// failure, `failed`'s answer (called while what was opened is still held).
+async fn open_upstream(
+    fwd: &crate::forward::Forwarder,
+    scheme: Scheme,
+    host: &str,
+    port: u16,
+    addr: std::net::SocketAddr,
+    worker: &crate::worker::Worker,
+    failed: &impl Fn(EdgeError) -> Response<ProxyBody>,
+) -> Result<
+    (
+        hyper::client::conn::http1::SendRequest<Empty<Bytes>>,
+        Arc<crate::dial::BudgetSlot>,
+        Arc<str>,
+    ),
+    Response<ProxyBody>,
+> {
+    let (opened, exit) = match fwd.open_dedicated(host, port, addr, worker).await {
+        Ok(o) => o,
+        Err(e) => return Err(failed(e)),
+    };
+    let crate::dial::Opened {
+        stream,
+        slot,
+        early,
+        ..
+    } = opened;
+    if !early.is_empty() {
+        return Err(failed(EdgeError::new(
+            ErrorKind::UpstreamBadResponse,
+            format!(
+                "{host}:{port} sent {} bytes before the upgrade request",
+                early.len()
+            ),
+        )));
+    }
+    let io: Box<dyn Io> = match scheme {
+        Scheme::Http => Box::new(stream),
+        Scheme::Https => {
+            match fwd
+                .pool()
+                .connector()
+                .tls_h1(stream, host, fwd.verifies(host))
+                .await
+            {
+                Ok(s) => Box::new(s),
+                Err(e) => return Err(failed(crate::forward::dial_error(&e))),
+            }
+        }
+    };
+    let (send, conn) = match hyper::client::conn::http1::Builder::new()
+        .handshake::<_, Empty<Bytes>>(TokioIo::new(io))
+        .await
+    {
+        Ok(x) => x,
+        Err(e) => {
+            return Err(failed(EdgeError::request_failed(
+                format!("{host}:{port}: {e}"),
+                crate::error::Sent::None,
+            )))
+        }
+    };
+    let slot = Arc::new(slot);
+    let conn_slot = slot.clone();
+    tokio::spawn(async move {
+        let _slot = conn_slot; // the exit's budget, until the connection is gone or upgraded
+        let _ = conn.with_upgrades().await;
+    });
+    Ok((send, slot, exit))
+}
+
+/// The HTTP/1.1 upgrade request to the target: the worker's headers minus hop-by-hop and
+/// X-Edgepool-*, `Host` for the target, the upgrade restored (with a `Sec-WebSocket-Key` for an
+/// HTTP/2 worker's request, which has none), and the worker's path.
+fn upgrade_request(
+    mut headers: HeaderMap,
+    uri: &http::Uri,
+    scheme: Scheme,
+    host: &str,
+    port: u16,
+    h2_worker: bool,
+) -> Result<Request<Empty<Bytes>>, EdgeError> {
+    // The worker's headers minus hop-by-hop and X-Edgepool-*, then the upgrade restored.
+    crate::headers::clean_request_headers(&mut headers);
+    headers.remove(header::HOST);
+    let authority_host = if port == scheme.default_port() {
+        bracket(host)
+    } else {
+        crate::dial::authority(host, port)
+    };
+    if let Ok(v) = HeaderValue::from_str(&authority_host) {
+        headers.insert(header::HOST, v);
+    }
+    headers.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+    headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    if h2_worker {
+        // RFC 8441 §5: no key on HTTP/2; HTTP/1.1 needs one (the answer is checked by the
+        // target's Sec-WebSocket-Accept, which edgepool does not pass on to HTTP/2).
+        headers.insert("sec-websocket-key", websocket_key());
+    }
+    let path = uri
+        .path_and_query()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_else(|| "/".into());
+    let mut up_req = match Request::builder()
+        .method(Method::GET)
+        .uri(path)
+        .version(Version::HTTP_11)
+        .body(Empty::<Bytes>::new())
+    {
+        Ok(r) => r,
+        Err(e) => {
+            return Err(EdgeError::new(
+                ErrorKind::InvalidRequest,
+                format!("invalid upgrade request: {e}"),
+            ))
+        }
+    };
+    *up_req.headers_mut() = headers;
+    Ok(up_req)
+}
+
+/// Sends the upgrade request and waits for the target's answer head, at most
+/// `upstream.response_header_timeout` (`rht`).
+async fn send_upgrade(
+    send: &mut hyper::client::conn::http1::SendRequest<Empty<Bytes>>,
+    up_req: Request<Empty<Bytes>>,
+    rht: Duration,
+    host: &str,
+    port: u16,
+) -> Result<Response<Incoming>, EdgeError> {
+    match tokio::time::timeout(rht, send.send_request(up_req)).await {
+        Err(_) => {
+            Err(EdgeError::new(ErrorKind::UpstreamResponseTimeout, format!(
+                "{host}:{port} sent no answer to the upgrade request within upstream.response_header_timeout ({rht:?})"
+            )))
+        }
+        Ok(Err(e)) => {
+            Err(EdgeError::request_failed(
+                format!("{host}:{port}: {e}"),
+                crate::error::Sent::Maybe,
+            ))
+        }
+        Ok(Ok(r)) => Ok(r),
+    }
+}
+
+/// The target's answer head as the worker sees it: response hygiene, `X-Edgepool-Reused: 0`
+/// (a dedicated connection), the exit, HTTP/1.1.
+fn relayed_head(rparts: &mut http::response::Parts, exit: &str) {
     crate::headers::clean_response_headers(&mut rparts.headers);
     rparts
         .headers
         .insert("x-edgepool-reused", HeaderValue::from_static("0"));
-    if let Ok(v) = HeaderValue::from_str(&exit) {
+    if let Ok(v) = HeaderValue::from_str(exit) {
         rparts.headers.insert("x-edgepool-exit", v);
     }
     rparts.version = Version::HTTP_11;
-    let Some(up_upgrade) = up_upgrade else {
-        metrics.record(Outcome::Declined);
-        if h2_worker && rparts.status.is_success() {
-            // A 2xx to an extended CONNECT would tell the worker the tunnel is open.
-            return failed(EdgeError::new(
-                ErrorKind::UpstreamBadResponse,
-                format!(
-                    "{host}:{port} answered the WebSocket handshake with {} instead of 101",
-                    rparts.status
-                ),
-            ));
-        }
-        if !h2_worker {
-            rparts
-                .headers
-                .insert(header::CONNECTION, HeaderValue::from_static("close"));
-        }
-        let body = body.map_err(crate::body::BoxError::from).boxed_unsync();
-        return Response::from_parts(rparts, body);
-    };
-    metrics.record(Outcome::Upgraded);
-    metrics.opened();
+}
+
+/// Relays an answer other than `101` as an ordinary response (an HTTP/1 worker's connection
+/// then ends); a 2xx to an HTTP/2 worker's extended CONNECT is `failed` instead.
+fn declined(
+    mut rparts: http::response::Parts,
+    body: Incoming,
+    h2_worker: bool,
+    host: &str,
+    port: u16,
+    failed: &impl Fn(EdgeError) -> Response<ProxyBody>,
+) -> Response<ProxyBody> {
+    if h2_worker && rparts.status.is_success() {
+        // A 2xx to an extended CONNECT would tell the worker the tunnel is open.
+        return failed(EdgeError::new(
+            ErrorKind::UpstreamBadResponse,
+            format!(
+                "{host}:{port} answered the WebSocket handshake with {} instead of 101",
+                rparts.status
+            ),
+        ));
+    }
+    if !h2_worker {
+        rparts
+            .headers
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    let body = body.map_err(crate::body::BoxError::from).boxed_unsync();
+    Response::from_parts(rparts, body)
+}
+
+/// The head of a `101` as the worker sees it: `200` without `Sec-WebSocket-Accept` to an
+/// HTTP/2 worker (RFC 8441), the upgrade restored for an HTTP/1 one.
+fn switched_head(rparts: &mut http::response::Parts, h2_worker: bool) {
     if h2_worker {
         rparts.status = StatusCode::OK;
         rparts.headers.remove("sec-websocket-accept");
@@ -518,17 +614,26 @@ pub async fn forward(
             .headers
             .insert(header::UPGRADE, HeaderValue::from_static("websocket"));
     }
+}
+
+/// Splices the upgraded connection in a task of its own; `hold` and the exit's `slot` are
+/// released when it ends, before the gauge says so.
+fn spawn_splice(
+    gw: Arc<Gateway>,
+    worker_up: hyper::upgrade::OnUpgrade,
+    up_upgrade: hyper::upgrade::OnUpgrade,
+    hold: Box<dyn Send + Sync>,
+    slot: Arc<crate::dial::BudgetSlot>,
+) {
     let limits = gw.config().limits.clone();
-    let gw2 = gw.clone();
     tokio::spawn(async move {
         let held = (hold, slot);
-        let why = splice(&gw2, worker_up, up_upgrade, &limits).await;
+        let why = splice(&gw, worker_up, up_upgrade, &limits).await;
         // Places back before the gauge says the connection is gone.
         drop(held);
         tracing::debug!(reason = why.as_str(), "upgraded connection ended");
-        gw2.upgrades().ended(why);
+        gw.upgrades().ended(why);
     });
-    Response::from_parts(rparts, full_body(Bytes::new()))
 }
 
 /// Copies both ways between the worker's and the target's upgraded streams until one side

@@ -22,6 +22,7 @@ const TARGETS: usize = 4;
 const CONN_LIMIT: u64 = 1000;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[allow(clippy::disallowed_methods)] // wall time of real sockets; this runtime is never paused
 async fn sixteen_workers_four_https_targets_reach_near_minimum_connections() {
     let per_worker: usize = if std::env::var("EDGEPOOL_ACCEPT_FULL").is_ok() {
         5000

@@ -39,6 +39,7 @@ fn assert_no_key(what: &str, text: &str, fragments: &[String]) {
     }
 }
 
+#[allow(clippy::disallowed_methods)] // waits on a child process in wall time
 async fn wait_listening(addr: SocketAddr) {
     let deadline = Instant::now() + Duration::from_secs(20);
     while tokio::net::TcpStream::connect(addr).await.is_err() {
@@ -51,6 +52,7 @@ async fn wait_listening(addr: SocketAddr) {
 }
 
 #[tokio::test]
+#[allow(clippy::disallowed_methods)] // waits on a child process in wall time
 async fn the_ca_key_never_appears_in_any_output() {
     let data = tempfile::tempdir().unwrap();
     let logs = tempfile::tempdir().unwrap();

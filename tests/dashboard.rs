@@ -136,6 +136,7 @@ fn screenshot_path() -> PathBuf {
 }
 
 /// Polls `/status/history` until a point with requests exists (up to 12 s: one point per 5 s).
+#[allow(clippy::disallowed_methods)] // wall time of real sockets; this runtime is never paused
 async fn wait_for_history(gw: &TestGateway) -> serde_json::Value {
     let deadline = Instant::now() + Duration::from_secs(12);
     loop {

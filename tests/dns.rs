@@ -73,6 +73,7 @@ fn zone(names: &[(&str, &[&str])], ttl: u32) -> edgepool::lab::dns::Handler {
 }
 
 #[tokio::test]
+#[allow(clippy::disallowed_methods)] // wall time of real sockets; this runtime is never paused
 async fn warm_names_keep_serving_through_a_resolver_outage() {
     let origin = Origin::start(OriginConfig::default()).await;
     let dns = LabDns::start(zone(&[("shop.test", &["127.0.0.1"])], 1))
@@ -152,6 +153,7 @@ async fn warm_names_keep_serving_through_a_resolver_outage() {
 }
 
 #[tokio::test]
+#[allow(clippy::disallowed_methods)] // wall time of real sockets; this runtime is never paused
 async fn no_request_waits_for_a_silent_aaaa() {
     let origin = Origin::start(OriginConfig::default()).await;
     // A answers; AAAA is never answered (the classic resolver hiccup).
@@ -306,6 +308,7 @@ async fn a_rotating_answer_costs_no_new_connection() {
 }
 
 #[tokio::test]
+#[allow(clippy::disallowed_methods)] // wall time of real sockets; this runtime is never paused
 async fn an_address_that_leaves_the_answer_is_no_longer_used() {
     let (one, two) = twin_origins().await;
     let dns = LabDns::start(Arc::new(|q: &DnsQuery| match q.qtype {
@@ -341,6 +344,7 @@ async fn an_address_that_leaves_the_answer_is_no_longer_used() {
 }
 
 #[tokio::test]
+#[allow(clippy::disallowed_methods)] // wall time of real sockets; this runtime is never paused
 async fn hosts_file_names_are_final_and_edits_are_picked_up() {
     let origin = Origin::start(OriginConfig::default()).await;
     let dir = tempfile::tempdir().unwrap();
@@ -462,6 +466,7 @@ fn bare_resolver(dns: &LabDns) -> edgepool::dns::Resolver {
 
 /// Resolves `name` until `done` holds for its addresses (each call may start a background
 /// refresh); at most 5 s.
+#[allow(clippy::disallowed_methods)] // wall time of real sockets; this runtime is never paused
 async fn resolve_until(
     r: &edgepool::dns::Resolver,
     name: &str,
@@ -516,6 +521,7 @@ async fn a_refresh_whose_aaaa_times_out_keeps_the_ipv6_addresses() {
 }
 
 #[tokio::test]
+#[allow(clippy::disallowed_methods)] // wall time of real sockets; this runtime is never paused
 async fn a_refresh_that_turns_forbidden_refuses_the_name() {
     let dns = LabDns::start(zone(&[("turn.test", &["127.0.0.1"])], 0))
         .await
@@ -581,6 +587,7 @@ async fn every_request_that_waited_for_dns_is_traced() {
 }
 
 #[tokio::test]
+#[allow(clippy::disallowed_methods)] // wall time of real sockets; this runtime is never paused
 async fn a_failed_lookup_is_remembered_for_a_second() {
     let dns = LabDns::start(LabDns::silent()).await.unwrap();
     let gw = gateway(dns.addr(), |c| {

@@ -177,6 +177,7 @@ struct Edgepool {
 }
 
 impl Edgepool {
+    #[allow(clippy::disallowed_methods)] // waits on a child process in wall time
     async fn start(hosts: &Path, resolv: &Path, dir: &Path) -> Edgepool {
         let (proxy, admin) = (support::free_addr(), support::free_addr());
         let data = dir.join("data");
@@ -258,6 +259,7 @@ fn worker(proxy: SocketAddr) -> reqwest::Client {
 }
 
 /// One GET: status, the `X-Edgepool-Error` token, the body, and how long it took.
+#[allow(clippy::disallowed_methods)] // wall time of real sockets; this runtime is never paused
 async fn fetch(client: &reqwest::Client, url: &str) -> (u16, String, String, Duration) {
     let t0 = Instant::now();
     let r = client
@@ -303,6 +305,7 @@ async fn hosts_file_names_are_final_with_a_dropping_nameserver() {
 }
 
 /// The whole story against one kind of dead nameserver.
+#[allow(clippy::disallowed_methods)] // wall time of real sockets; this runtime is never paused
 async fn etc_hosts_is_honoured(ns: Nameserver) {
     let machine_hosts = std::fs::read("/etc/hosts").ok();
     let dir = tempfile::tempdir().unwrap();

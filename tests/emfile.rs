@@ -35,6 +35,7 @@ fn get_via(proxy: SocketAddr, origin: &Origin) -> String {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[allow(clippy::disallowed_methods)] // waits on a child process in wall time
 async fn accept_backs_off_on_emfile_and_recovers() {
     let origin = Origin::start(OriginConfig::default()).await;
     let data = tempfile::tempdir().unwrap();

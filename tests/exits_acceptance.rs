@@ -45,6 +45,7 @@ fn zipf(x: f64) -> usize {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[allow(clippy::disallowed_methods)] // wall time of real sockets; this runtime is never paused
 async fn eight_exits_sixteen_workers_twenty_targets_one_exit_killed() {
     let per_worker: usize = if std::env::var("EDGEPOOL_ACCEPT_FULL").is_ok() {
         4000

@@ -1346,6 +1346,7 @@ async fn relay_goaway(
 // ---------------------------------------------------------------------------------------------
 
 #[tokio::test]
+#[allow(clippy::disallowed_methods)] // wall time of real sockets; this runtime is never paused
 async fn ledger_connect_refused_timeout_and_dns() {
     let mut violations = Vec::new();
 
@@ -1836,6 +1837,7 @@ async fn ledger_cut_mid_body() {
 }
 
 #[tokio::test]
+#[allow(clippy::disallowed_methods)] // wall time of real sockets; this runtime is never paused
 async fn ledger_stalled_and_junk_origins() {
     let mut violations = Vec::new();
     // Stalled origin: even ledger ids get no answer at all.

@@ -27,6 +27,7 @@ async fn read_head(s: &mut TcpStream) -> String {
 }
 
 /// Whether the peer closes `s` within 5 s (reading and discarding what comes).
+#[allow(clippy::disallowed_methods)] // wall time of real sockets; this runtime is never paused
 async fn closes(s: &mut TcpStream) -> bool {
     let mut buf = [0u8; 4096];
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -333,6 +334,7 @@ async fn raw_reset_burst(proxy: SocketAddr, authority: &str, path: &str) -> Burs
 }
 
 #[tokio::test]
+#[allow(clippy::disallowed_methods)] // wall time of real sockets; this runtime is never paused
 async fn rapid_reset_closes_the_attackers_connection_and_others_are_served() {
     let origin = Origin::start(OriginConfig::default()).await;
     let gw = TestGateway::start(&[]).await;

@@ -87,6 +87,7 @@ impl Nginx {
         panic!("nginx did not start (ports kept being taken):\n{last_error}");
     }
 
+    #[allow(clippy::disallowed_methods)] // waits on a child process in wall time
     async fn spawn(
         dir: tempfile::TempDir,
         http_port: u16,

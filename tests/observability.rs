@@ -341,6 +341,7 @@ async fn reuse_killers_report_ranks_the_scripted_reason_first_and_survives_a_res
 }
 
 #[tokio::test]
+#[allow(clippy::disallowed_methods)] // wall time of real sockets; this runtime is never paused
 async fn nearly_exhausted_ephemeral_ports_hold_the_dial_then_answer_503() {
     let o = Origin::start(OriginConfig::default()).await;
     let gw = TestGateway::start_with(&[], |c| {

@@ -509,6 +509,7 @@ impl Ctx {
     }
 }
 
+#[allow(clippy::disallowed_methods)] // a soak runs in wall time against a child process
 async fn worker(
     w: usize,
     ctx: Arc<Ctx>,
@@ -590,6 +591,7 @@ async fn attacker_conn(to: SocketAddr) -> Option<TcpStream> {
 
 /// 32 connections from the attacker's address that each send `hello` and then hold on, silent,
 /// until the gateway closes them (then another is opened), until `until`. `opened` counts.
+#[allow(clippy::disallowed_methods)] // a soak runs in wall time against a child process
 fn hold(
     set: &mut JoinSet<()>,
     proxy: SocketAddr,
@@ -621,6 +623,7 @@ fn hold(
 
 /// Runs the attacks until `until`, each kind as a bounded pool of connections reopened as the
 /// gateway closes them.
+#[allow(clippy::disallowed_methods)] // a soak runs in wall time against a child process
 async fn attack(proxy: SocketAddr, target: &str, until: Instant) -> AttackReport {
     let report = Arc::new(std::sync::Mutex::new(AttackReport::default()));
     let mut set = JoinSet::new();
@@ -755,6 +758,7 @@ impl Relay {
         }
     }
 
+    #[allow(clippy::disallowed_methods)] // a soak runs in wall time against a child process
     async fn restart(&mut self) {
         assert!(self.task.is_none());
         let until = Instant::now() + Duration::from_secs(10);
@@ -815,6 +819,7 @@ impl Drop for Gateway {
 }
 
 impl Gateway {
+    #[allow(clippy::disallowed_methods)] // a soak runs in wall time against a child process
     fn start(origin_ca: &Path, connect_ports: &[u16]) -> Gateway {
         let dir = tempfile::tempdir().unwrap();
         let data = dir.path().join("data");
@@ -1034,6 +1039,7 @@ async fn soak() {
         .unwrap_or_else(|_| panic!("soak test exceeded its {limit:?} bound"));
 }
 
+#[allow(clippy::disallowed_methods)] // a soak runs in wall time against a child process
 async fn soak_run(run: Duration, rps: u64) {
     // Origins: four plain HTTP/1.1 (the first behind the stoppable relay), two TLS.
     let ca = TestCa::new();

@@ -1217,6 +1217,7 @@ fn parse_responses(raw: &[u8], eof: bool) -> (Vec<Resp>, usize) {
 /// peer closes, `want` responses arrived (if given; then [`GRACE`] more to catch stray bytes)
 /// or [`READ_WINDOW`] passed. The write side is
 /// kept open the whole time (no FIN from the worker).
+#[allow(clippy::disallowed_methods)] // wall time of real sockets; this runtime is never paused
 async fn exchange(proxy: SocketAddr, steps: Vec<Step>, want: Option<usize>) -> Outcome {
     let tcp = TcpStream::connect(proxy)
         .await

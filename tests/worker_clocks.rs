@@ -38,6 +38,7 @@ async fn gateway(
 }
 
 /// Reads until the peer closes (or `within` passes); returns how long that took, or `None`.
+#[allow(clippy::disallowed_methods)] // wall time of real sockets; this runtime is never paused
 async fn closed_within<S: AsyncRead + Unpin>(s: &mut S, within: Duration) -> Option<Duration> {
     let t0 = Instant::now();
     let mut buf = [0u8; 4096];
@@ -85,6 +86,7 @@ async fn a_headers_block_that_never_ends_is_closed() {
 }
 
 #[tokio::test]
+#[allow(clippy::disallowed_methods)] // wall time of real sockets; this runtime is never paused
 async fn an_http2_request_body_that_stalls_gets_408() {
     let origin = Origin::start(OriginConfig::default()).await;
     let gw = gateway(&[], |c| c.limits.max_in_flight = 1).await;
@@ -203,6 +205,7 @@ async fn an_idle_intercepted_http2_tunnel_is_closed_and_its_place_freed() {
 }
 
 #[tokio::test]
+#[allow(clippy::disallowed_methods)] // wall time of real sockets; this runtime is never paused
 async fn working_connections_and_slow_answers_are_left_alone() {
     let origin = Origin::start(OriginConfig::default()).await;
     let gw = gateway(&[], |_| {}).await;
@@ -234,6 +237,7 @@ async fn working_connections_and_slow_answers_are_left_alone() {
 }
 
 #[tokio::test]
+#[allow(clippy::disallowed_methods)] // wall time of real sockets; this runtime is never paused
 async fn a_target_that_stalls_mid_body_is_cut_off() {
     // A raw origin: a response head announcing 1,000 bytes, 10 of them, then silence; it
     // reports when edgepool closes the connection.

@@ -391,6 +391,7 @@ impl LabNames {
                 dns::QType::Aaaa => dns::Reply::Drop,
                 _ => answer(q),
             }),
+            #[allow(clippy::disallowed_methods)] // the lab DNS server's outage starts in wall time
             DnsFault::Outage { after } => {
                 let first = std::sync::OnceLock::new();
                 Arc::new(move |q: &dns::DnsQuery| {

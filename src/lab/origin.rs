@@ -1256,6 +1256,7 @@ mod tests {
     }
 
     #[tokio::test]
+    #[allow(clippy::disallowed_methods)] // measures real wall time (the runtime is not paused)
     async fn injected_delays_are_paid_once_per_connection() {
         let ca = LabCa::new().expect("ca");
         // Lower bounds are exact (the delays are sleeps). The upper bound only has to tell
@@ -1283,6 +1284,7 @@ mod tests {
     }
 
     #[tokio::test]
+    #[allow(clippy::disallowed_methods)] // measures real wall time (the runtime is not paused)
     async fn accept_loop_is_not_slowed_by_delays() {
         // 8 connections × 1 s: an accept loop that waited out each delay would take ≥ 8 s; a
         // concurrent one takes ~1 s. The 4 s bound leaves 3 s of scheduling slack.

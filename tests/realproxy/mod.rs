@@ -310,6 +310,7 @@ fn start(
     panic!("{kind} did not start (ports kept being taken):\n{last_error}");
 }
 
+#[allow(clippy::disallowed_methods)] // waits on a child process in wall time
 fn spawn(
     kind: &'static str,
     auth: Option<(&str, &str)>,
