@@ -619,7 +619,7 @@ fn switched_head(rparts: &mut http::response::Parts, h2_worker: bool) {
 /// Splices the upgraded connection in a task of its own; `hold` and the exit's `slot` are
 /// released when it ends, before the gauge says so.
 fn spawn_splice(
-    gw: Arc<Gateway>,
+    gw: Arc<Upgrades>,
     worker_up: hyper::upgrade::OnUpgrade,
     up_upgrade: hyper::upgrade::OnUpgrade,
     hold: Box<dyn Send + Sync>,
