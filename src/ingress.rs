@@ -1034,34 +1034,10 @@ async fn handle_connect(
     worker: crate::worker::Worker,
     peer: IpAddr,
 ) -> Response<ProxyBody> {
-    let Some(auth) = req.uri().authority().cloned() else {
-        return error(
-            &gw,
-            EdgeError::new(ErrorKind::BadConnectTarget, "CONNECT needs host:port"),
-        );
+    let (host, port) = match connect_target(&gw, &req) {
+        Ok(t) => t,
+        Err(e) => return error(&gw, e),
     };
-    let Some(port) = auth.port_u16() else {
-        return error(
-            &gw,
-            EdgeError::new(
-                ErrorKind::BadConnectTarget,
-                "CONNECT needs an explicit port (host:port)",
-            ),
-        );
-    };
-    if !gw.config().targets.connect_port_allowed(port) {
-        return error(&gw, EdgeError::connect_port_forbidden(port));
-    }
-    let host = normalize_host(auth.host());
-    if host.is_empty() {
-        return error(
-            &gw,
-            EdgeError::new(
-                ErrorKind::BadConnectTarget,
-                "the CONNECT target has no host",
-            ),
-        );
-    }
     // Resolve and check now, so a forbidden or unknown target fails at CONNECT with a clear
     // status instead of inside TLS.
     let addr = match gw.forwarder().resolve_checked(&host, port).await {
@@ -1073,91 +1049,148 @@ async fn handle_connect(
         Ok(t) => t,
         Err(why) => return error(&gw, tunnel_full(&gw, why)),
     };
+    let places = (tunnel_place, worker_place);
     let icfg = &gw.config().intercept;
     if !icfg.enabled || icfg.is_passthrough(&host) || worker.options.mitm_off {
-        return tunnel(
-            gw,
-            req,
-            &host,
-            port,
-            addr,
-            &worker,
-            (tunnel_place, worker_place),
-        )
-        .await;
+        return tunnel(gw, req, &host, port, addr, &worker, places).await;
     }
-    let server_cfg = match gw.leaves().server_config(&host).await {
+    let server_cfg = match leaf_config(&gw, &host).await {
         Ok(c) => c,
-        Err(e @ crate::ca::CaError::InvalidHost { .. }) => {
-            return error(
-                &gw,
-                EdgeError::new(ErrorKind::BadConnectTarget, e.to_string()),
-            )
-        }
-        Err(e) => {
-            return error(
-                &gw,
-                EdgeError::new(
-                    ErrorKind::InternalError,
-                    format!("leaf certificate for {host}: {e}"),
-                ),
-            )
-        }
+        Err(e) => return error(&gw, e),
     };
-    let gw2 = gw.clone();
     tokio::spawn(async move {
-        let upgraded = match hyper::upgrade::on(req).await {
-            Ok(u) => u,
-            Err(e) => {
-                tracing::debug!("CONNECT upgrade failed: {e}");
-                return;
+        match hyper::upgrade::on(req).await {
+            Ok(upgraded) => {
+                let tunnel = Tunnel {
+                    host,
+                    port,
+                    worker,
+                    peer,
+                    places,
+                };
+                intercept(gw, upgraded, server_cfg, tunnel).await
             }
-        };
-        // One clock from the 200 to the end of the worker's TLS handshake, as before: the
-        // wait for the first byte (is it TLS?) is part of it.
-        let deadline = tokio::time::Instant::now() + WORKER_TLS_TIMEOUT;
-        let mut io = TokioIo::new(upgraded);
-        let mut first = [0u8; 1];
-        let n = {
-            use tokio::io::AsyncReadExt;
-            match tokio::time::timeout_at(deadline, io.read(&mut first)).await {
-                Ok(Ok(n)) => n,
-                Ok(Err(e)) => {
-                    tracing::debug!(host = %host, "tunnel read failed: {e}");
-                    return;
-                }
-                Err(_) => {
-                    tracing::debug!(host = %host, "nothing sent inside the tunnel: closed");
-                    return;
-                }
-            }
-        };
-        if n == 0 {
-            return;
+            Err(e) => tracing::debug!("CONNECT upgrade failed: {e}"),
         }
-        let io = Rewind::new(Bytes::copy_from_slice(&first), io);
-        let places = (tunnel_place, worker_place);
-        if first[0] != TLS_HANDSHAKE_RECORD {
-            // Plaintext inside the tunnel (ws://, http:// sent through CONNECT): HTTP/1 or
-            // h2c, served as plain http to the CONNECT's target and pooled as such.
-            serve_tunnel(gw2, io, Scheme::Http, host, port, worker, peer, places).await;
-            return;
+    });
+    Response::new(full_body(Bytes::new()))
+}
+
+/// A CONNECT's `host:port`, checked: an explicit port the configuration allows, a host.
+fn connect_target(gw: &Ingress, req: &Request<Incoming>) -> Result<(String, u16), EdgeError> {
+    let Some(auth) = req.uri().authority() else {
+        return Err(EdgeError::new(
+            ErrorKind::BadConnectTarget,
+            "CONNECT needs host:port",
+        ));
+    };
+    let Some(port) = auth.port_u16() else {
+        return Err(EdgeError::new(
+            ErrorKind::BadConnectTarget,
+            "CONNECT needs an explicit port (host:port)",
+        ));
+    };
+    if !gw.config().targets.connect_port_allowed(port) {
+        return Err(EdgeError::connect_port_forbidden(port));
+    }
+    let host = normalize_host(auth.host());
+    if host.is_empty() {
+        return Err(EdgeError::new(
+            ErrorKind::BadConnectTarget,
+            "the CONNECT target has no host",
+        ));
+    }
+    Ok((host, port))
+}
+
+/// The TLS server side for an intercepted `host`, with its leaf certificate.
+async fn leaf_config(gw: &Ingress, host: &str) -> Result<Arc<rustls::ServerConfig>, EdgeError> {
+    gw.leaves().server_config(host).await.map_err(|e| match e {
+        e @ crate::ca::CaError::InvalidHost { .. } => {
+            EdgeError::new(ErrorKind::BadConnectTarget, e.to_string())
         }
-        let acceptor = tokio_rustls::TlsAcceptor::from(server_cfg);
-        let tls = match tokio::time::timeout_at(deadline, acceptor.accept(io)).await {
-            Ok(Ok(t)) => t,
+        e => EdgeError::new(
+            ErrorKind::InternalError,
+            format!("leaf certificate for {host}: {e}"),
+        ),
+    })
+}
+
+/// An accepted CONNECT that edgepool serves itself: its target, its worker and the places it
+/// holds while it lives.
+struct Tunnel {
+    host: String,
+    port: u16,
+    worker: crate::worker::Worker,
+    peer: IpAddr,
+    places: (crate::admission::Ticket, Option<WorkerPlace>),
+}
+
+/// Serves an intercepted CONNECT after its `200`: TLS (with the leaf) if the worker's first
+/// byte opens a handshake, plain HTTP otherwise; requests inside go to the CONNECT's target.
+async fn intercept(
+    gw: Arc<Ingress>,
+    upgraded: hyper::upgrade::Upgraded,
+    server_cfg: Arc<rustls::ServerConfig>,
+    t: Tunnel,
+) {
+    let host = &t.host;
+    // One clock from the 200 to the end of the worker's TLS handshake: the wait for the first
+    // byte (is it TLS?) is part of it.
+    let deadline = tokio::time::Instant::now() + WORKER_TLS_TIMEOUT;
+    let mut io = TokioIo::new(upgraded);
+    let mut first = [0u8; 1];
+    let n = {
+        use tokio::io::AsyncReadExt;
+        match tokio::time::timeout_at(deadline, io.read(&mut first)).await {
+            Ok(Ok(n)) => n,
             Ok(Err(e)) => {
-                tracing::debug!(host = %host, "worker TLS handshake failed: {e}");
+                tracing::debug!(host = %host, "tunnel read failed: {e}");
                 return;
             }
             Err(_) => {
-                tracing::debug!(host = %host, "worker TLS handshake timed out");
+                tracing::debug!(host = %host, "nothing sent inside the tunnel: closed");
                 return;
             }
-        };
-        serve_tunnel(gw2, tls, Scheme::Https, host, port, worker, peer, places).await;
-    });
-    Response::new(full_body(Bytes::new()))
+        }
+    };
+    if n == 0 {
+        return;
+    }
+    let io = Rewind::new(Bytes::copy_from_slice(&first), io);
+    if first[0] != TLS_HANDSHAKE_RECORD {
+        // Plaintext inside the tunnel (ws://, http:// sent through CONNECT): HTTP/1 or h2c,
+        // served as plain http to the CONNECT's target and pooled as such.
+        let Tunnel {
+            host,
+            port,
+            worker,
+            peer,
+            places,
+        } = t;
+        serve_tunnel(gw, io, Scheme::Http, host, port, worker, peer, places).await;
+        return;
+    }
+    let acceptor = tokio_rustls::TlsAcceptor::from(server_cfg);
+    let tls = match tokio::time::timeout_at(deadline, acceptor.accept(io)).await {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(e)) => {
+            tracing::debug!(host = %host, "worker TLS handshake failed: {e}");
+            return;
+        }
+        Err(_) => {
+            tracing::debug!(host = %host, "worker TLS handshake timed out");
+            return;
+        }
+    };
+    let Tunnel {
+        host,
+        port,
+        worker,
+        peer,
+        places,
+    } = t;
+    serve_tunnel(gw, tls, Scheme::Https, host, port, worker, peer, places).await;
 }
 
 /// The first byte of a TLS connection: a handshake record (ClientHello).
