@@ -335,6 +335,7 @@ impl Forwarder {
         }
         st.meta.session_renewed |= st.route.renewed;
         st.meta.exit = st.route.key.node.label.clone();
+        tracing::Span::current().record("exit", tracing::field::display(&st.meta.exit));
         st.key = st.key_for(st.route.key.clone());
         Ok(())
     }
@@ -433,6 +434,7 @@ impl Forwarder {
                 continue;
             };
             st.meta.queue += t_queue.elapsed();
+            tracing::Span::current().record("addr", tracing::field::display(st.key.addr));
             let handshake = self.note_connection(&mut lease, &mut st.meta);
             let t_send = Instant::now();
             let sent = match lease.conn() {
@@ -488,6 +490,7 @@ impl Forwarder {
             |exit| Router::upstream_key(out.scheme, &out.host, out.port, verify, exit, first);
         let warm = |k: &crate::exits::ExitKey| self.pool.has_idle(&key_for(k.clone()));
         let route = self.router.route(target, &out.worker, &[], &warm)?;
+        tracing::Span::current().record("exit", tracing::field::display(&route.key.node.label));
         let key = key_for(route.key.clone());
         let meta = Meta {
             exit: route.key.node.label.clone(),

@@ -16,6 +16,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use serde::Deserialize;
 use tokio::net::TcpStream;
+use tracing::Instrument;
 
 use crate::admission::Admission;
 use crate::admission::{Refused, Ticket};
@@ -191,10 +192,13 @@ where
     let peer = place.ip();
     let place = WorkerPlace(Arc::new(place));
     let place2 = place.clone();
+    let conn_span = tracing::info_span!("worker", %peer);
+    let conn_span2 = conn_span.clone();
     let svc = service_fn(move |mut req: Request<Incoming>| {
         let gw = gw2.clone();
         let slot = slot.clone();
         let watch = watch2.clone();
+        let span = request_span(&conn_span2, &req);
         if req.method() == Method::CONNECT || crate::upgrade::is_upgrade_request(&req) {
             // Only a CONNECT or an upgrade can outlive the connection (as a tunnel, or a
             // spliced WebSocket): no per-request cost else.
@@ -220,11 +224,28 @@ where
             }
             Ok::<_, Infallible>(resp)
         }
+        .instrument(span)
     });
     let builder = gw.worker_builder();
     let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), svc);
-    drive(&gw, conn, &watch).await;
+    drive(&gw, conn, &watch).instrument(conn_span).await;
     drop(place);
+}
+
+/// The span of one worker request: its method and the target it names (empty for a request
+/// inside an intercepted tunnel: the tunnel's span names the target); `forward` records the
+/// exit and the address it rides. Every log line of the request carries it, under its worker
+/// connection's span.
+fn request_span<B>(conn: &tracing::Span, req: &Request<B>) -> tracing::Span {
+    let target = req.uri().authority().map(|a| a.as_str()).unwrap_or("");
+    tracing::info_span!(
+        parent: conn,
+        "request",
+        method = %req.method(),
+        target = %target,
+        exit = tracing::field::Empty,
+        addr = tracing::field::Empty,
+    )
 }
 
 /// An HTTP/1 upgrade request: [`crate::h1guard`] passes the bytes after its head unparsed, so
@@ -1058,21 +1079,24 @@ async fn handle_connect(
         Ok(c) => c,
         Err(e) => return error(&gw, e),
     };
-    tokio::spawn(async move {
-        match hyper::upgrade::on(req).await {
-            Ok(upgraded) => {
-                let tunnel = Tunnel {
-                    host,
-                    port,
-                    worker,
-                    peer,
-                    places,
-                };
-                intercept(gw, upgraded, server_cfg, tunnel).await
+    tokio::spawn(
+        async move {
+            match hyper::upgrade::on(req).await {
+                Ok(upgraded) => {
+                    let tunnel = Tunnel {
+                        host,
+                        port,
+                        worker,
+                        peer,
+                        places,
+                    };
+                    intercept(gw, upgraded, server_cfg, tunnel).await
+                }
+                Err(e) => tracing::debug!("CONNECT upgrade failed: {e}"),
             }
-            Err(e) => tracing::debug!("CONNECT upgrade failed: {e}"),
         }
-    });
+        .in_current_span(),
+    );
     Response::new(full_body(Bytes::new()))
 }
 
@@ -1224,12 +1248,16 @@ async fn serve_tunnel<S>(
     let watch = ConnWatch::new(gw.config().limits.h2_max_cancelled_streams);
     let gw3 = gw.clone();
     let watch2 = watch.clone();
+    let conn_span =
+        tracing::info_span!("tunnel", target = %crate::exits::authority(&host, port), ?scheme);
+    let conn_span2 = conn_span.clone();
     let svc = service_fn(move |mut req: Request<Incoming>| {
         let gw = gw3.clone();
         let host = host.clone();
         let worker = worker.clone();
         let slot = slot.clone();
         let watch = watch2.clone();
+        let span = request_span(&conn_span2, &req);
         if crate::upgrade::is_upgrade_request(&req) {
             if let Some(p) = &worker_place {
                 req.extensions_mut().insert(p.clone());
@@ -1267,10 +1295,11 @@ async fn serve_tunnel<S>(
             }
             Ok::<_, Infallible>(resp)
         }
+        .instrument(span)
     });
     let builder = gw.worker_builder();
     let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), svc);
-    drive(&gw, conn, &watch).await;
+    drive(&gw, conn, &watch).instrument(conn_span).await;
     drop(places);
 }
 
@@ -1388,7 +1417,8 @@ async fn tunnel(
             }
             Err(e) => tracing::debug!("CONNECT upgrade failed: {e}"),
         }
-    });
+    }
+    .in_current_span());
     let mut resp = Response::new(full_body(Bytes::new()));
     if let Ok(v) = HeaderValue::from_str(&exit) {
         resp.headers_mut().insert("x-edgepool-exit", v);

@@ -27,6 +27,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
+use tracing::Instrument;
 
 use crate::body::{full_body, ProxyBody};
 use crate::config::Config;
@@ -475,10 +476,13 @@ async fn open_upstream(
     };
     let slot = Arc::new(slot);
     let conn_slot = slot.clone();
-    tokio::spawn(async move {
-        let _slot = conn_slot; // the exit's budget, until the connection is gone or upgraded
-        let _ = conn.with_upgrades().await;
-    });
+    tokio::spawn(
+        async move {
+            let _slot = conn_slot; // the exit's budget, until the connection is gone or upgraded
+            let _ = conn.with_upgrades().await;
+        }
+        .in_current_span(),
+    );
     Ok((send, slot, exit))
 }
 
@@ -626,14 +630,17 @@ fn spawn_splice(
     slot: Arc<crate::dial::BudgetSlot>,
 ) {
     let limits = gw.config().limits.clone();
-    tokio::spawn(async move {
-        let held = (hold, slot);
-        let why = splice(&gw, worker_up, up_upgrade, &limits).await;
-        // Places back before the gauge says the connection is gone.
-        drop(held);
-        tracing::debug!(reason = why.as_str(), "upgraded connection ended");
-        gw.upgrades().ended(why);
-    });
+    tokio::spawn(
+        async move {
+            let held = (hold, slot);
+            let why = splice(&gw, worker_up, up_upgrade, &limits).await;
+            // Places back before the gauge says the connection is gone.
+            drop(held);
+            tracing::debug!(reason = why.as_str(), "upgraded connection ended");
+            gw.upgrades().ended(why);
+        }
+        .in_current_span(),
+    );
 }
 
 /// Copies both ways between the worker's and the target's upgraded streams until one side
