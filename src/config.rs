@@ -358,6 +358,20 @@ pub struct ExitPoolConfig {
     pub max_connections_per_node: Option<usize>,
 }
 
+/// Why a `--exit POOL=URL` argument was refused (never echoing credentials).
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum CliExitError {
+    /// No `=`.
+    #[error("expected POOL=URL, e.g. dc=http://user:pass@10.0.0.1:3128")]
+    NoEquals,
+    /// The part before `=` is no pool name (not echoed: it may hold a URL's userinfo).
+    #[error("the part before '=' must be a pool name ([A-Za-z0-9_]{{1,64}}): POOL=URL, e.g. dc=http://user:pass@10.0.0.1:3128")]
+    PoolName,
+    /// The URL was refused.
+    #[error(transparent)]
+    Node(#[from] crate::exits::ExitsError),
+}
+
 impl ExitsConfig {
     fn validate(&self) -> Result<(), ConfigError> {
         positive("exits.sticky_window", self.sticky_window)?;
@@ -403,8 +417,9 @@ impl ExitsConfig {
                 return Err(invalid(&key("nodes"), "a pool needs at least one node"));
             }
             for (j, n) in p.nodes.iter().enumerate() {
-                crate::exits::ExitSpec::parse(n)
-                    .map_err(|why| invalid(&format!("exits.pools[{i}].nodes[{j}]"), why))?;
+                crate::exits::ExitSpec::parse(n).map_err(|why| {
+                    invalid(&format!("exits.pools[{i}].nodes[{j}]"), why.to_string())
+                })?;
             }
             if let Some(t) = &p.session_template {
                 let without_user = p.nodes.iter().any(|n| {
@@ -450,17 +465,15 @@ impl ExitsConfig {
 
     /// Adds a node from the command line's `--exit POOL=URL`: to the pool of that name, or a
     /// new pool at the end. Errors never echo credentials.
-    pub fn add_cli_exit(&mut self, arg: &str) -> Result<(), String> {
-        let (pool, url) = arg
-            .split_once('=')
-            .ok_or("expected POOL=URL, e.g. dc=http://user:pass@10.0.0.1:3128")?;
+    pub fn add_cli_exit(&mut self, arg: &str) -> Result<(), CliExitError> {
+        let (pool, url) = arg.split_once('=').ok_or(CliExitError::NoEquals)?;
         let pool = pool.trim();
         // Never echo the part before '=': if POOL= was forgotten it holds a URL's userinfo.
-        crate::worker::validate_name(pool).map_err(|_| {
-            "the part before '=' must be a pool name ([A-Za-z0-9_]{1,64}): POOL=URL, e.g. dc=http://user:pass@10.0.0.1:3128"
-                .to_string()
+        crate::worker::validate_name(pool).map_err(|_| CliExitError::PoolName)?;
+        crate::exits::ExitSpec::parse(url).map_err(|source| crate::exits::ExitsError::Node {
+            pool: pool.to_string(),
+            source,
         })?;
-        crate::exits::ExitSpec::parse(url).map_err(|why| format!("pool {pool}: {why}"))?;
         match self.pools.iter_mut().find(|p| p.name == pool) {
             Some(p) => p.nodes.push(url.trim().to_string()),
             None => self.pools.push(ExitPoolConfig {
@@ -489,7 +502,7 @@ impl ExitsConfig {
     }
 
     /// The pools, parsed (call after validation).
-    pub fn pool_specs(&self) -> Result<Vec<crate::exits::PoolSpec>, String> {
+    pub fn pool_specs(&self) -> Result<Vec<crate::exits::PoolSpec>, crate::exits::ExitsError> {
         self.pools
             .iter()
             .map(|p| {
@@ -498,7 +511,14 @@ impl ExitsConfig {
                     nodes: p
                         .nodes
                         .iter()
-                        .map(|n| crate::exits::ExitSpec::parse(n))
+                        .map(|n| {
+                            crate::exits::ExitSpec::parse(n).map_err(|source| {
+                                crate::exits::ExitsError::Node {
+                                    pool: p.name.clone(),
+                                    source,
+                                }
+                            })
+                        })
                         .collect::<Result<_, _>>()?,
                     session_template: p.session_template.clone(),
                     max_connections_per_node: p
@@ -981,39 +1001,83 @@ impl Default for LimitsConfig {
     }
 }
 
+/// Why a CIDR was refused (the text says how to write it).
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum CidrError {
+    /// An address without `/len` (`bits`: the length for this one address).
+    #[error("{text} has no prefix length; write {text}/{bits} for this one address")]
+    NoPrefix {
+        /// The input.
+        text: String,
+        /// 32 or 128.
+        bits: u8,
+    },
+    /// Neither an address nor `address/len`.
+    #[error("{0:?} is not a CIDR (address/prefix length, e.g. 10.20.0.0/16)")]
+    NotCidr(String),
+    /// The part before `/` is no address.
+    #[error("{0:?} is not an IPv4 or IPv6 address")]
+    BadAddress(String),
+    /// The prefix length is not a number in range for the family.
+    #[error("prefix length /{len} is wrong for an {family} address: 0 to {max}")]
+    BadPrefix {
+        /// What was written after `/`.
+        len: String,
+        /// `IPv4` or `IPv6`.
+        family: &'static str,
+        /// 32 or 128.
+        max: u8,
+    },
+    /// Bits set after the prefix (a typo, usually).
+    #[error("{text} has host bits set; write {network} (or /{max} for a single address)")]
+    HostBits {
+        /// The input.
+        text: String,
+        /// What was probably meant.
+        network: IpNet,
+        /// 32 or 128.
+        max: u8,
+    },
+}
+
 /// Parses a CIDR for `--allow-target` / `targets.allow`, saying what is wrong: a missing or
 /// too long prefix length, a bad address, host bits set.
-pub fn parse_cidr(s: &str) -> Result<IpNet, String> {
+pub fn parse_cidr(s: &str) -> Result<IpNet, CidrError> {
     parse_cidr_inner(s, true)
 }
 
-fn parse_cidr_inner(s: &str, host_bits_checked: bool) -> Result<IpNet, String> {
+fn parse_cidr_inner(s: &str, host_bits_checked: bool) -> Result<IpNet, CidrError> {
     let s = s.trim();
     let Some((addr, len)) = s.split_once('/') else {
         return Err(match s.parse::<std::net::IpAddr>() {
-            Ok(ip) => format!(
-                "{s} has no prefix length; write {s}/{} for this one address",
-                if ip.is_ipv4() { 32 } else { 128 }
-            ),
-            Err(_) => format!("{s:?} is not a CIDR (address/prefix length, e.g. 10.20.0.0/16)"),
+            Ok(ip) => CidrError::NoPrefix {
+                text: s.to_string(),
+                bits: if ip.is_ipv4() { 32 } else { 128 },
+            },
+            Err(_) => CidrError::NotCidr(s.to_string()),
         });
     };
     let ip: std::net::IpAddr = addr
         .parse()
-        .map_err(|_| format!("{addr:?} is not an IPv4 or IPv6 address"))?;
+        .map_err(|_| CidrError::BadAddress(addr.to_string()))?;
     let max = if ip.is_ipv4() { 32 } else { 128 };
-    let len: u8 = len.parse().ok().filter(|l| *l <= max).ok_or_else(|| {
-        format!(
-            "prefix length /{len} is wrong for an {} address: 0 to {max}",
-            if ip.is_ipv4() { "IPv4" } else { "IPv6" }
-        )
-    })?;
-    let net = IpNet::new(ip, len).map_err(|e| e.to_string())?;
+    let bad_prefix = || CidrError::BadPrefix {
+        len: len.to_string(),
+        family: if ip.is_ipv4() { "IPv4" } else { "IPv6" },
+        max,
+    };
+    let len: u8 = len
+        .parse()
+        .ok()
+        .filter(|l| *l <= max)
+        .ok_or_else(bad_prefix)?;
+    let net = IpNet::new(ip, len).map_err(|_| bad_prefix())?;
     if host_bits_checked && net.trunc() != net {
-        return Err(format!(
-            "{s} has host bits set; write {} (or /{max} for a single address)",
-            net.trunc()
-        ));
+        return Err(CidrError::HostBits {
+            text: s.to_string(),
+            network: net.trunc(),
+            max,
+        });
     }
     Ok(net)
 }
@@ -1085,12 +1149,23 @@ impl PortRange {
     }
 }
 
+/// Why a port or port range was refused.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum PortRangeError {
+    /// Not a number from 1 to 65535.
+    #[error("{0:?} is not a port (1-65535)")]
+    NotAPort(String),
+    /// `hi-lo`.
+    #[error("{0:?}: the range starts after it ends")]
+    Reversed(String),
+}
+
 impl std::str::FromStr for PortRange {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        let port = |p: &str| -> Result<u16, String> {
+    type Err = PortRangeError;
+    fn from_str(s: &str) -> Result<Self, PortRangeError> {
+        let port = |p: &str| -> Result<u16, PortRangeError> {
             match p.trim().parse::<u16>() {
-                Ok(0) | Err(_) => Err(format!("{p:?} is not a port (1-65535)")),
+                Ok(0) | Err(_) => Err(PortRangeError::NotAPort(p.to_string())),
                 Ok(n) => Ok(n),
             }
         };
@@ -1099,7 +1174,7 @@ impl std::str::FromStr for PortRange {
             None => (port(s)?, port(s)?),
         };
         if lo > hi {
-            return Err(format!("{s:?}: the range starts after it ends"));
+            return Err(PortRangeError::Reversed(s.to_string()));
         }
         Ok(PortRange { lo, hi })
     }

@@ -109,7 +109,7 @@ impl std::fmt::Debug for ExitSpec {
 
 impl ExitSpec {
     /// Parses a node URL. Errors never echo the credentials.
-    pub fn parse(s: &str) -> Result<ExitSpec, String> {
+    pub fn parse(s: &str) -> Result<ExitSpec, ExitSpecError> {
         let s = s.trim();
         if s.eq_ignore_ascii_case(DIRECT) {
             return Ok(ExitSpec {
@@ -119,45 +119,33 @@ impl ExitSpec {
                 auth: None,
             });
         }
-        let url = url::Url::parse(s).map_err(|e| {
-            format!("not a proxy URL ({e}); expected direct, http://[user:pass@]host:port or socks5://[user:pass@]host:port")
-        })?;
+        let url = url::Url::parse(s).map_err(ExitSpecError::NotAUrl)?;
         let kind = match url.scheme() {
             "http" => ExitKind::Http,
             "socks5" | "socks5h" => ExitKind::Socks5,
-            "https" => return Err(
-                "https:// proxies (TLS to the proxy) are not supported; use http:// or socks5://"
-                    .into(),
-            ),
-            other => {
-                return Err(format!(
-                    "unsupported proxy scheme {other}://; use http:// or socks5://"
-                ))
-            }
+            "https" => return Err(ExitSpecError::Https),
+            other => return Err(ExitSpecError::Scheme(other.to_string())),
         };
         let host = url
             .host_str()
-            .ok_or("the proxy URL has no host")?
+            .ok_or(ExitSpecError::NoHost)?
             .trim_start_matches('[')
             .trim_end_matches(']')
             .to_ascii_lowercase();
         // The port must be written: proxies listen anywhere (3128, 8080, 1080, provider ports),
         // and guessing 80 for http:// sends the credentials to whatever answers there.
         if !has_explicit_port(s) {
-            return Err(format!(
-                "the proxy URL has no port; write it, e.g. {}://host:3128",
-                url.scheme()
-            ));
+            return Err(ExitSpecError::NoPort(url.scheme().to_string()));
         }
         let port = url.port_or_known_default().unwrap_or(1080);
         if url.path() != "/" && !url.path().is_empty() || url.query().is_some() {
-            return Err("a proxy URL has no path or query".into());
+            return Err(ExitSpecError::PathOrQuery);
         }
         let decode = |v: &str| {
             percent_encoding::percent_decode_str(v)
                 .decode_utf8()
                 .map(|c| c.into_owned())
-                .map_err(|_| "the proxy credentials are not valid percent-encoded UTF-8")
+                .map_err(|_| ExitSpecError::Credentials)
         };
         let auth = if url.username().is_empty() && url.password().is_none() {
             None
@@ -633,6 +621,60 @@ pub struct Route {
     pub forced: bool,
 }
 
+/// Why an exit node URL was refused. The text never echoes credentials (`url`'s parse errors
+/// name no part of the input).
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ExitSpecError {
+    /// Not a URL at all.
+    #[error("not a proxy URL ({0}); expected direct, http://[user:pass@]host:port or socks5://[user:pass@]host:port")]
+    NotAUrl(url::ParseError),
+    /// `https://`: TLS to the proxy.
+    #[error("https:// proxies (TLS to the proxy) are not supported; use http:// or socks5://")]
+    Https,
+    /// Another scheme.
+    #[error("unsupported proxy scheme {0}://; use http:// or socks5://")]
+    Scheme(String),
+    /// No host.
+    #[error("the proxy URL has no host")]
+    NoHost,
+    /// No explicit port (the scheme is kept for the example).
+    #[error("the proxy URL has no port; write it, e.g. {0}://host:3128")]
+    NoPort(String),
+    /// A path or a query.
+    #[error("a proxy URL has no path or query")]
+    PathOrQuery,
+    /// User or password not valid percent-encoded UTF-8.
+    #[error("the proxy credentials are not valid percent-encoded UTF-8")]
+    Credentials,
+}
+
+/// Why the exit pools could not be built.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ExitsError {
+    /// A node URL of a pool was refused.
+    #[error("pool {pool}: {source}")]
+    Node {
+        /// The pool.
+        pool: String,
+        /// Why.
+        source: ExitSpecError,
+    },
+    /// A pool named `direct`.
+    #[error("\"direct\" is the built-in pool; name yours differently")]
+    DirectIsBuiltIn,
+    /// One node twice in a pool.
+    #[error("pool {pool:?} lists the node {endpoint} twice")]
+    DuplicateNode {
+        /// The pool.
+        pool: String,
+        /// The node's `host:port`.
+        endpoint: String,
+    },
+    /// `exits.default_pool` names no pool.
+    #[error("exits.default_pool {0:?} is not a configured pool")]
+    UnknownDefaultPool(String),
+}
+
 /// Why no route.
 #[derive(Debug, thiserror::Error)]
 pub enum RouteError {
@@ -684,7 +726,7 @@ impl Exits {
         pools: &[PoolSpec],
         default_pool: Option<&str>,
         settings: ExitSettings,
-    ) -> Result<Exits, String> {
+    ) -> Result<Exits, ExitsError> {
         let mut nodes = vec![Arc::new(Self::node(
             0,
             DIRECT,
@@ -702,7 +744,7 @@ impl Exits {
         });
         for p in pools {
             if p.name == DIRECT {
-                return Err("\"direct\" is the built-in pool; name yours differently".into());
+                return Err(ExitsError::DirectIsBuiltIn);
             }
             let mut idx: Vec<usize> = Vec::new();
             for (k, spec) in p.nodes.iter().enumerate() {
@@ -711,11 +753,10 @@ impl Exits {
                 // be a metric label and a response header.
                 let label = format!("{}/{}", p.name, k + 1);
                 if idx.iter().any(|j| nodes[*j].spec == *spec) {
-                    return Err(format!(
-                        "pool {:?} lists the node {} twice",
-                        p.name,
-                        spec.endpoint()
-                    ));
+                    return Err(ExitsError::DuplicateNode {
+                        pool: p.name.clone(),
+                        endpoint: spec.endpoint(),
+                    });
                 }
                 let budget = (spec.kind != ExitKind::Direct).then_some(p.max_connections_per_node);
                 nodes.push(Arc::new(Self::node(
@@ -739,7 +780,7 @@ impl Exits {
             Some(name) => entries
                 .iter()
                 .position(|e| &*e.name == name)
-                .ok_or_else(|| format!("exits.default_pool {name:?} is not a configured pool"))?,
+                .ok_or_else(|| ExitsError::UnknownDefaultPool(name.to_string()))?,
             None => usize::from(entries.len() > 1),
         };
         let seed = std::time::SystemTime::now()
@@ -1377,8 +1418,8 @@ mod tests {
             "http://gw.example:",
         ] {
             let e = ExitSpec::parse(portless).unwrap_err();
-            assert!(e.contains("has no port"), "{portless}: {e}");
-            assert!(!e.contains("secretpw"), "{portless}: {e}");
+            assert!(matches!(e, ExitSpecError::NoPort(_)), "{portless}: {e}");
+            assert!(!e.to_string().contains("secretpw"), "{portless}: {e}");
         }
         assert_eq!(
             ExitSpec::parse("socks5://u:p@[::1]:1080/").unwrap().port,
@@ -1390,7 +1431,7 @@ mod tests {
             "http://u:secretpw@h:1/path",
             "not a url secretpw",
         ] {
-            let e = ExitSpec::parse(bad).unwrap_err();
+            let e = ExitSpec::parse(bad).unwrap_err().to_string();
             assert!(!e.contains("secretpw"), "{bad}: {e}");
         }
     }

@@ -44,7 +44,7 @@ pub enum StartError {
     Tls(String),
     /// The exit pools are inconsistent.
     #[error("exits: {0}")]
-    Exits(String),
+    Exits(#[from] crate::exits::ExitsError),
     /// The reuse report store could not be opened.
     #[error("reuse report store: {0}")]
     Report(#[from] crate::report::ReportError),
@@ -147,14 +147,11 @@ impl Gateway {
             cfg.trace.clone(),
         ));
         let pool = Pool::new(cfg.pool.to_pool_config(), dialer, telemetry.clone());
-        let exits = Arc::new(
-            crate::exits::Exits::new(
-                &cfg.exits.pool_specs().map_err(StartError::Exits)?,
-                cfg.exits.default_pool.as_deref(),
-                cfg.exits.settings(),
-            )
-            .map_err(StartError::Exits)?,
-        );
+        let exits = Arc::new(crate::exits::Exits::new(
+            &cfg.exits.pool_specs()?,
+            cfg.exits.default_pool.as_deref(),
+            cfg.exits.settings(),
+        )?);
         telemetry.register_exits(exits.nodes());
         for n in exits.nodes().iter().skip(1) {
             tracing::info!(exit = %n.label, kind = n.spec.kind.as_str(), gateway = n.session_template.is_some(), "exit node");
