@@ -6,7 +6,9 @@
 //! Modules, one job each (data flow: ingress → forward (→ dns) → pool → dial; telemetry
 //! watches):
 //! - [`config`]: typed configuration, embedded defaults, TOML loading and validation.
-//! - [`gateway`]: builds the parts from a config and runs the listeners until shutdown.
+//! - [`gateway`]: builds the parts from a config, hands the worker side ([`ingress::Ingress`])
+//!   and the operator side ([`admin::Admin`]) each a narrow context, and runs the listeners
+//!   until shutdown. No module below it imports it.
 //! - [`ingress`]: worker side — absolute-form HTTP, CONNECT (TLS interception or blind tunnel),
 //!   `POST /v1/fetch`; routes per request.
 //! - [`forward`]: one request upstream — resolve and check, checkout, send, safe retry, stream
@@ -40,6 +42,8 @@
 //! - [`lab`]: the reuse lab (`edgepool lab`): origins with behaviour profiles, a worker fleet
 //!   in several modes, the greedy reference (`lab::oracle`), and the side-by-side report
 //!   (table, JSON, HTML).
+//! - [`splice`]: what ends a spliced stream (blind tunnel, upgraded connection) besides a
+//!   close: the activity clock and the gateway's drain signal.
 //! - [`upgrade`]: WebSockets — `Upgrade: websocket` and HTTP/2 extended CONNECT forwarded
 //!   over a dedicated (never pooled) upstream connection, spliced both ways after `101`, with
 //!   their own idle and lifetime clocks.
