@@ -83,11 +83,33 @@ pub enum CaError {
         /// The file concerned.
         path: PathBuf,
         /// What is wrong with it.
-        reason: String,
+        #[source]
+        reason: CaFileError,
     },
-    /// Generating a key, a certificate or a TLS server config failed.
-    #[error("certificate generation failed: {0}")]
-    Generate(String),
+    /// rcgen failed to generate a key or to sign a certificate.
+    #[error("certificate generation failed: {what}: {source}")]
+    Generate {
+        /// What was being generated (`CA key`, `leaf certificate`, ...).
+        what: &'static str,
+        /// The underlying error.
+        #[source]
+        source: rcgen::Error,
+    },
+    /// rustls refused to build a leaf's TLS server config.
+    #[error("certificate generation failed: {what}: {source}")]
+    ServerConfig {
+        /// Which step failed (`TLS versions`, `TLS server config`).
+        what: &'static str,
+        /// The underlying error.
+        #[source]
+        source: rustls::Error,
+    },
+    /// The issuer handle rebuilt from a loaded CA does not parse back.
+    #[error("certificate generation failed: CA issuer handle: {0}")]
+    IssuerHandle(#[source] DerError),
+    /// The system random number generator failed.
+    #[error("certificate generation failed: system random number generator failed")]
+    Random,
     /// The host given to [`LeafCache::server_config`] is neither a valid DNS name
     /// nor an IP literal.
     #[error("cannot issue a certificate for host {host:?}: {reason}")]
@@ -95,8 +117,151 @@ pub enum CaError {
         /// The host as given.
         host: String,
         /// Why it was rejected.
-        reason: String,
+        reason: &'static str,
     },
+}
+
+/// What is wrong with the content of a CA file ([`CaError::Parse`] names the file).
+#[derive(Debug, thiserror::Error)]
+pub enum CaFileError {
+    /// The key path is not a regular file.
+    #[error("not a regular file")]
+    NotAFile,
+    /// The key file is not a PEM private key rcgen can use.
+    #[error("not a usable PEM private key: {0}")]
+    Key(#[source] rcgen::Error),
+    /// The certificate file is not valid PEM.
+    #[error("invalid PEM: {0}")]
+    Pem(#[source] rustls_pki_types::pem::Error),
+    /// The certificate file holds no or several certificates.
+    #[error("expected exactly one CERTIFICATE block, found {0}")]
+    CertificateCount(usize),
+    /// The certificate's DER does not parse.
+    #[error("invalid certificate: {0}")]
+    Certificate(#[source] DerError),
+    /// An extension (basicConstraints, subjectKeyIdentifier) does not parse.
+    #[error("{0}")]
+    Extension(#[source] DerError),
+    /// The subject name does not parse or cannot be represented.
+    #[error("subject: {0}")]
+    Subject(#[source] DerError),
+    /// The certificate's public key is not the key file's.
+    #[error("certificate does not match the private key in {}", key.display())]
+    KeyMismatch {
+        /// The key file.
+        key: PathBuf,
+    },
+    /// basicConstraints is missing or says CA:FALSE.
+    #[error("not a CA certificate (basicConstraints CA:FALSE or missing)")]
+    NotCa,
+    /// The CA certificate has expired.
+    #[error(
+        "CA certificate expired on {not_after}; delete {} and {} to create a new CA \
+         (workers must then trust the new one)",
+        cert.display(),
+        key.display()
+    )]
+    Expired {
+        /// Its notAfter.
+        not_after: OffsetDateTime,
+        /// The certificate file.
+        cert: PathBuf,
+        /// The key file.
+        key: PathBuf,
+    },
+    /// rcgen would re-encode the subject differently, so leaves would not chain.
+    #[error("subject name uses an encoding this tool cannot reproduce")]
+    SubjectEncoding,
+}
+
+/// What is wrong with DER this module reads (a CA certificate, its names and extensions).
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum DerError {
+    /// The input ends inside an element (`part`: tag, length or value).
+    #[error("truncated DER ({part})")]
+    Truncated {
+        /// Which part of the element is missing.
+        part: &'static str,
+    },
+    /// A high-tag-number tag (not used by X.509).
+    #[error("unsupported DER multi-byte tag")]
+    MultiByteTag,
+    /// A length that is indefinite, too long or past the end.
+    #[error("invalid DER length")]
+    Length,
+    /// A named field failed to read.
+    #[error("{what}: {source}")]
+    Field {
+        /// The field (`subject`, `validity`, ...).
+        what: &'static str,
+        /// Why.
+        #[source]
+        source: Box<DerError>,
+    },
+    /// A named field has the wrong tag.
+    #[error("{what}: expected DER tag 0x{expected:02x}, found 0x{found:02x}")]
+    Tag {
+        /// The field.
+        what: &'static str,
+        /// The tag required.
+        expected: u8,
+        /// The tag found.
+        found: u8,
+    },
+    /// Content follows the certificate.
+    #[error("trailing data after the certificate")]
+    TrailingData,
+    /// The serial number is not an INTEGER.
+    #[error("serial number: expected INTEGER")]
+    Serial,
+    /// An extension's value is not an OCTET STRING.
+    #[error("extension value: expected OCTET STRING")]
+    ExtensionValue,
+    /// basicConstraints holds something other than cA and pathLenConstraint.
+    #[error("basicConstraints: unexpected field")]
+    BasicConstraints,
+    /// Empty OID or OID with an unterminated arc.
+    #[error("malformed OID")]
+    Oid,
+    /// An OID arc beyond 64 bits.
+    #[error("OID arc too large")]
+    OidArc,
+    /// A time whose content is not ASCII.
+    #[error("time is not ASCII")]
+    TimeNotAscii,
+    /// A time not in UTC (`Z`).
+    #[error("time must end in Z")]
+    TimeNotUtc,
+    /// A time with non-digits.
+    #[error("malformed time {0:?}")]
+    TimeMalformed(String),
+    /// A time of the wrong length for its type.
+    #[error("unsupported time encoding {0:?}")]
+    TimeEncoding(String),
+    /// A time that is not a calendar date and time.
+    #[error("invalid time {text:?}")]
+    TimeInvalid {
+        /// The time as encoded.
+        text: String,
+        /// Which component is out of range.
+        #[source]
+        source: time::error::ComponentRange,
+    },
+    /// A name with a multi-valued RDN (rcgen cannot represent it).
+    #[error("multi-valued RDNs are not supported")]
+    MultiValuedRdn,
+    /// A name attribute value that is not UTF-8.
+    #[error("attribute value is not UTF-8")]
+    AttributeNotUtf8,
+    /// A name attribute value rcgen refuses.
+    #[error("attribute value: {0}")]
+    AttributeValue(#[source] rcgen::Error),
+    /// A name attribute of a string type rcgen cannot represent.
+    #[error("unsupported attribute string type (DER tag 0x{0:02x})")]
+    AttributeType(u8),
+    /// A name with the same attribute type twice (rcgen cannot represent it).
+    #[error("repeated attribute types are not supported")]
+    RepeatedAttribute,
 }
 
 /// The local certificate authority used to sign interception leaves.
@@ -225,8 +390,12 @@ impl CertAuthority {
                 source,
             })?;
 
-        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
-            .map_err(|e| CaError::Generate(format!("CA key: {e}")))?;
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(|source| {
+            CaError::Generate {
+                what: "CA key",
+                source,
+            }
+        })?;
         let mut suffix = [0u8; 4];
         random_fill(&mut suffix)?;
         let mut dn = DistinguishedName::new();
@@ -245,7 +414,10 @@ impl CertAuthority {
         let not_after = params.not_after;
         let cert = params
             .self_signed(&key)
-            .map_err(|e| CaError::Generate(format!("CA certificate: {e}")))?;
+            .map_err(|source| CaError::Generate {
+                what: "CA certificate",
+                source,
+            })?;
         let cert_der = cert.der().clone();
         let cert_pem = pem_encode_cert(&cert_der);
 
@@ -292,11 +464,11 @@ impl CertAuthority {
             path: key_path.to_owned(),
             source,
         };
-        let key_err = |reason: String| CaError::Parse {
+        let key_err = |reason: CaFileError| CaError::Parse {
             path: key_path.to_owned(),
             reason,
         };
-        let cert_err = |reason: String| CaError::Parse {
+        let cert_err = |reason: CaFileError| CaError::Parse {
             path: cert_path.to_owned(),
             reason,
         };
@@ -305,7 +477,7 @@ impl CertAuthority {
         let mut key_file = File::open(key_path).map_err(key_io)?;
         let meta = key_file.metadata().map_err(key_io)?;
         if !meta.is_file() {
-            return Err(key_err("not a regular file".into()));
+            return Err(key_err(CaFileError::NotAFile));
         }
         let mode = meta.permissions().mode() & 0o7777;
         if mode & 0o077 != 0 {
@@ -316,8 +488,7 @@ impl CertAuthority {
         }
         let mut key_pem = String::new();
         key_file.read_to_string(&mut key_pem).map_err(key_io)?;
-        let key = KeyPair::from_pem(&key_pem)
-            .map_err(|e| key_err(format!("not a usable PEM private key: {e}")))?;
+        let key = KeyPair::from_pem(&key_pem).map_err(|e| key_err(CaFileError::Key(e)))?;
 
         let cert_bytes = fs::read(cert_path).map_err(|source| CaError::Io {
             path: cert_path.to_owned(),
@@ -325,60 +496,54 @@ impl CertAuthority {
         })?;
         let certs = CertificateDer::pem_slice_iter(&cert_bytes)
             .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| cert_err(format!("invalid PEM: {e}")))?;
+            .map_err(|e| cert_err(CaFileError::Pem(e)))?;
         let cert_der = match <[CertificateDer<'static>; 1]>::try_from(certs) {
             Ok([der]) => der,
-            Err(certs) => {
-                return Err(cert_err(format!(
-                    "expected exactly one CERTIFICATE block, found {}",
-                    certs.len()
-                )))
-            }
+            Err(certs) => return Err(cert_err(CaFileError::CertificateCount(certs.len()))),
         };
-        let parsed = ParsedCert::parse(&cert_der)
-            .map_err(|e| cert_err(format!("invalid certificate: {e}")))?;
+        let parsed =
+            ParsedCert::parse(&cert_der).map_err(|e| cert_err(CaFileError::Certificate(e)))?;
 
         if parsed.spki != key.public_key_der().as_slice() {
-            return Err(cert_err(format!(
-                "certificate does not match the private key in {}",
-                key_path.display()
-            )));
+            return Err(cert_err(CaFileError::KeyMismatch {
+                key: key_path.to_owned(),
+            }));
         }
-        match parsed.basic_constraints().map_err(&cert_err)? {
+        match parsed
+            .basic_constraints()
+            .map_err(|e| cert_err(CaFileError::Extension(e)))?
+        {
             Some((true, _)) => {}
-            _ => {
-                return Err(cert_err(
-                    "not a CA certificate (basicConstraints CA:FALSE or missing)".into(),
-                ))
-            }
+            _ => return Err(cert_err(CaFileError::NotCa)),
         }
         if parsed.not_after <= OffsetDateTime::now_utc() {
-            return Err(cert_err(format!(
-                "CA certificate expired on {}; delete {} and {} to create a new CA \
-                 (workers must then trust the new one)",
-                parsed.not_after,
-                cert_path.display(),
-                key_path.display()
-            )));
+            return Err(cert_err(CaFileError::Expired {
+                not_after: parsed.not_after,
+                cert: cert_path.to_owned(),
+                key: key_path.to_owned(),
+            }));
         }
 
         // Rebuild an rcgen issuer handle with the same subject and key identifier.
-        let dn = parse_name(parsed.subject).map_err(|e| cert_err(format!("subject: {e}")))?;
-        let key_id = match parsed.subject_key_id().map_err(&cert_err)? {
+        let dn = parse_name(parsed.subject).map_err(|e| cert_err(CaFileError::Subject(e)))?;
+        let key_id = match parsed
+            .subject_key_id()
+            .map_err(|e| cert_err(CaFileError::Extension(e)))?
+        {
             Some(id) => KeyIdMethod::PreSpecified(id.to_vec()),
             None => KeyIdMethod::Sha256,
         };
         let issuer = ca_params(dn, parsed.not_before, parsed.not_after, key_id)?
             .self_signed(&key)
-            .map_err(|e| CaError::Generate(format!("CA issuer handle: {e}")))?;
+            .map_err(|source| CaError::Generate {
+                what: "CA issuer handle",
+                source,
+            })?;
         // Leaves carry the issuer name re-encoded by rcgen; it must be
         // byte-identical to the stored certificate's subject or chains break.
-        let reencoded = ParsedCert::parse(issuer.der())
-            .map_err(|e| CaError::Generate(format!("CA issuer handle: {e}")))?;
+        let reencoded = ParsedCert::parse(issuer.der()).map_err(CaError::IssuerHandle)?;
         if reencoded.subject != parsed.subject {
-            return Err(cert_err(
-                "subject name uses an encoding this tool cannot reproduce".into(),
-            ));
+            return Err(cert_err(CaFileError::SubjectEncoding));
         }
 
         let not_after = parsed.not_after;
@@ -547,7 +712,8 @@ impl LeafCache {
 impl LeafFactory {
     /// Mints a key and certificate for `name` and wraps them in a server config.
     fn generate(&self, name: &LeafName) -> Result<Leaf, CaError> {
-        let gen_err = |what: &str, e: &dyn fmt::Display| CaError::Generate(format!("{what}: {e}"));
+        let gen_err = |what, source| CaError::Generate { what, source };
+        let tls_err = |what, source| CaError::ServerConfig { what, source };
         let now = now_utc_secs();
         let validity = time::Duration::try_from(self.validity).unwrap_or(time::Duration::MAX);
         let wanted_not_after = now.checked_add(validity).unwrap_or(self.ca.not_after);
@@ -571,20 +737,20 @@ impl LeafFactory {
         params.not_after = not_after;
 
         let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
-            .map_err(|e| gen_err("leaf key", &e))?;
+            .map_err(|e| gen_err("leaf key", e))?;
         let cert = params
             .signed_by(&key, &self.ca.issuer, &self.ca.key)
-            .map_err(|e| gen_err("leaf certificate", &e))?;
+            .map_err(|e| gen_err("leaf certificate", e))?;
 
         let mut config = ServerConfig::builder_with_provider(Arc::clone(&self.provider))
             .with_safe_default_protocol_versions()
-            .map_err(|e| gen_err("TLS versions", &e))?
+            .map_err(|e| tls_err("TLS versions", e))?
             .with_no_client_auth()
             .with_single_cert(
                 vec![cert.der().clone(), self.ca.cert_der.clone()],
                 PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
             )
-            .map_err(|e| gen_err("TLS server config", &e))?;
+            .map_err(|e| tls_err("TLS server config", e))?;
         config.alpn_protocols = self.alpn.clone();
         config.session_storage = Arc::clone(&self.session_storage);
         if let Some(ticketer) = &self.ticketer {
@@ -617,9 +783,9 @@ struct LeafName {
 
 impl LeafName {
     fn parse(host: &str) -> Result<Self, CaError> {
-        let invalid = |reason: &str| CaError::InvalidHost {
+        let invalid = |reason: &'static str| CaError::InvalidHost {
             host: host.to_owned(),
-            reason: reason.to_owned(),
+            reason,
         };
         if let Some(inner) = host.strip_prefix('[') {
             let inner = inner
@@ -725,7 +891,7 @@ fn random_fill(buf: &mut [u8]) -> Result<(), CaError> {
     rustls::crypto::ring::default_provider()
         .secure_random
         .fill(buf)
-        .map_err(|_| CaError::Generate("system random number generator failed".into()))
+        .map_err(|_| CaError::Random)
 }
 
 /// A random positive 128-bit serial number.
@@ -764,7 +930,7 @@ fn pem_encode_cert(der: &[u8]) -> String {
 /// Parses an X.509 `Name` (raw DER) into an rcgen `DistinguishedName`.
 /// Only single-valued RDNs with distinct attribute types are supported (what
 /// rcgen can represent); the caller checks the re-encoding is identical.
-fn parse_name(name_der: &[u8]) -> Result<DistinguishedName, String> {
+fn parse_name(name_der: &[u8]) -> Result<DistinguishedName, DerError> {
     let mut input = name_der;
     let name = der::expect(&mut input, der::SEQUENCE, "name")?;
     let mut rdns = name.value;
@@ -774,16 +940,14 @@ fn parse_name(name_der: &[u8]) -> Result<DistinguishedName, String> {
         let mut set_items = set.value;
         let atv = der::expect(&mut set_items, der::SEQUENCE, "attribute")?;
         if !set_items.is_empty() {
-            return Err("multi-valued RDNs are not supported".into());
+            return Err(DerError::MultiValuedRdn);
         }
         let mut atv_items = atv.value;
         let oid = der::expect(&mut atv_items, der::OID, "attribute type")?;
         let value = der::next(&mut atv_items)?;
         let ty = DnType::from_oid(&der::oid_arcs(oid.value)?);
-        let text = || {
-            std::str::from_utf8(value.value).map_err(|_| "attribute value is not UTF-8".to_owned())
-        };
-        let bad = |e: rcgen::Error| format!("attribute value: {e}");
+        let text = || std::str::from_utf8(value.value).map_err(|_| DerError::AttributeNotUtf8);
+        let bad = DerError::AttributeValue;
         let dn_value = match value.tag {
             0x0c => DnValue::Utf8String(text()?.to_owned()),
             0x13 => DnValue::PrintableString(PrintableString::try_from(text()?).map_err(bad)?),
@@ -793,14 +957,10 @@ fn parse_name(name_der: &[u8]) -> Result<DistinguishedName, String> {
                 UniversalString::from_utf32be(value.value.to_vec()).map_err(bad)?,
             ),
             0x1e => DnValue::BmpString(BmpString::from_utf16be(value.value.to_vec()).map_err(bad)?),
-            tag => {
-                return Err(format!(
-                    "unsupported attribute string type (DER tag 0x{tag:02x})"
-                ))
-            }
+            tag => return Err(DerError::AttributeType(tag)),
         };
         if dn.get(&ty).is_some() {
-            return Err("repeated attribute types are not supported".into());
+            return Err(DerError::RepeatedAttribute);
         }
         dn.push(ty, dn_value);
     }
@@ -834,11 +994,11 @@ const OID_SUBJECT_KEY_ID: &[u8] = &[0x55, 0x1d, 0x0e];
 const OID_BASIC_CONSTRAINTS: &[u8] = &[0x55, 0x1d, 0x13];
 
 impl<'a> ParsedCert<'a> {
-    fn parse(cert_der: &'a [u8]) -> Result<Self, String> {
+    fn parse(cert_der: &'a [u8]) -> Result<Self, DerError> {
         let mut input = cert_der;
         let cert = der::expect(&mut input, der::SEQUENCE, "certificate")?;
         if !input.is_empty() {
-            return Err("trailing data after the certificate".into());
+            return Err(DerError::TrailingData);
         }
         let mut cert_items = cert.value;
         let tbs = der::expect(&mut cert_items, der::SEQUENCE, "tbsCertificate")?;
@@ -848,7 +1008,7 @@ impl<'a> ParsedCert<'a> {
             serial = der::next(&mut t)?; // skip [0] version
         }
         if serial.tag != der::INTEGER {
-            return Err("serial number: expected INTEGER".into());
+            return Err(DerError::Serial);
         }
         der::expect(&mut t, der::SEQUENCE, "signature algorithm")?;
         let issuer = der::expect(&mut t, der::SEQUENCE, "issuer")?;
@@ -875,7 +1035,7 @@ impl<'a> ParsedCert<'a> {
                     field = der::next(&mut e)?;
                 }
                 if field.tag != der::OCTET_STRING {
-                    return Err("extension value: expected OCTET STRING".into());
+                    return Err(DerError::ExtensionValue);
                 }
                 extensions.push(Extension {
                     oid: oid.value,
@@ -902,7 +1062,7 @@ impl<'a> ParsedCert<'a> {
     }
 
     /// `(cA, pathLenConstraint)` from basicConstraints, if present.
-    fn basic_constraints(&self) -> Result<Option<(bool, Option<u64>)>, String> {
+    fn basic_constraints(&self) -> Result<Option<(bool, Option<u64>)>, DerError> {
         let Some(ext) = self.extension(OID_BASIC_CONSTRAINTS) else {
             return Ok(None);
         };
@@ -922,14 +1082,14 @@ impl<'a> ParsedCert<'a> {
                             .fold(0u64, |acc, &b| (acc << 8) | u64::from(b)),
                     )
                 }
-                _ => return Err("basicConstraints: unexpected field".into()),
+                _ => return Err(DerError::BasicConstraints),
             }
         }
         Ok(Some((ca, path_len)))
     }
 
     /// The subjectKeyIdentifier octets, if present.
-    fn subject_key_id(&self) -> Result<Option<&'a [u8]>, String> {
+    fn subject_key_id(&self) -> Result<Option<&'a [u8]>, DerError> {
         let Some(ext) = self.extension(OID_SUBJECT_KEY_ID) else {
             return Ok(None);
         };
@@ -943,6 +1103,8 @@ impl<'a> ParsedCert<'a> {
 /// A minimal DER reader: just enough of X.509 for this module (and its tests).
 mod der {
     use time::{Date, Month, OffsetDateTime, Time};
+
+    use super::DerError;
 
     pub(super) const BOOLEAN: u8 = 0x01;
     pub(super) const INTEGER: u8 = 0x02;
@@ -966,19 +1128,23 @@ mod der {
     }
 
     /// Reads one element from the front of `input` and advances it.
-    pub(super) fn next<'a>(input: &mut &'a [u8]) -> Result<Tlv<'a>, String> {
+    pub(super) fn next<'a>(input: &mut &'a [u8]) -> Result<Tlv<'a>, DerError> {
         let data: &'a [u8] = input;
-        let (&tag, rest) = data.split_first().ok_or("truncated DER (tag)")?;
+        let (&tag, rest) = data
+            .split_first()
+            .ok_or(DerError::Truncated { part: "tag" })?;
         if tag & 0x1f == 0x1f {
-            return Err("unsupported DER multi-byte tag".into());
+            return Err(DerError::MultiByteTag);
         }
-        let (&first, rest) = rest.split_first().ok_or("truncated DER (length)")?;
+        let (&first, rest) = rest
+            .split_first()
+            .ok_or(DerError::Truncated { part: "length" })?;
         let (len, rest) = if first < 0x80 {
             (usize::from(first), rest)
         } else {
             let n = usize::from(first & 0x7f);
             if n == 0 || n > 4 || rest.len() < n {
-                return Err("invalid DER length".into());
+                return Err(DerError::Length);
             }
             let len = rest[..n]
                 .iter()
@@ -986,7 +1152,7 @@ mod der {
             (len, &rest[n..])
         };
         if rest.len() < len {
-            return Err("truncated DER (value)".into());
+            return Err(DerError::Truncated { part: "value" });
         }
         let header = data.len() - rest.len();
         *input = &rest[len..];
@@ -998,27 +1164,35 @@ mod der {
     }
 
     /// Like [`next`], requiring `tag`; `what` names the field in errors.
-    pub(super) fn expect<'a>(input: &mut &'a [u8], tag: u8, what: &str) -> Result<Tlv<'a>, String> {
-        let tlv = next(input).map_err(|e| format!("{what}: {e}"))?;
+    pub(super) fn expect<'a>(
+        input: &mut &'a [u8],
+        tag: u8,
+        what: &'static str,
+    ) -> Result<Tlv<'a>, DerError> {
+        let tlv = next(input).map_err(|e| DerError::Field {
+            what,
+            source: Box::new(e),
+        })?;
         if tlv.tag != tag {
-            return Err(format!(
-                "{what}: expected DER tag 0x{tag:02x}, found 0x{:02x}",
-                tlv.tag
-            ));
+            return Err(DerError::Tag {
+                what,
+                expected: tag,
+                found: tlv.tag,
+            });
         }
         Ok(tlv)
     }
 
     /// Decodes OID content octets into arcs.
-    pub(super) fn oid_arcs(content: &[u8]) -> Result<Vec<u64>, String> {
+    pub(super) fn oid_arcs(content: &[u8]) -> Result<Vec<u64>, DerError> {
         if content.is_empty() || content[content.len() - 1] & 0x80 != 0 {
-            return Err("malformed OID".into());
+            return Err(DerError::Oid);
         }
         let mut arcs = Vec::new();
         let mut acc: u64 = 0;
         for &b in content {
             if acc > u64::MAX >> 7 {
-                return Err("OID arc too large".into());
+                return Err(DerError::OidArc);
             }
             acc = (acc << 7) | u64::from(b & 0x7f);
             if b & 0x80 == 0 {
@@ -1036,15 +1210,15 @@ mod der {
     }
 
     /// Decodes a UTCTime or GeneralizedTime of the form X.509 mandates (`...Z`).
-    pub(super) fn time(tlv: Tlv<'_>) -> Result<OffsetDateTime, String> {
-        let text = std::str::from_utf8(tlv.value).map_err(|_| "time is not ASCII")?;
-        let digits = text.strip_suffix('Z').ok_or("time must end in Z")?;
+    pub(super) fn time(tlv: Tlv<'_>) -> Result<OffsetDateTime, DerError> {
+        let text = std::str::from_utf8(tlv.value).map_err(|_| DerError::TimeNotAscii)?;
+        let digits = text.strip_suffix('Z').ok_or(DerError::TimeNotUtc)?;
         if !digits.bytes().all(|b| b.is_ascii_digit()) {
-            return Err(format!("malformed time {text:?}"));
+            return Err(DerError::TimeMalformed(text.to_owned()));
         }
         let num = |s: &str| {
             s.parse::<u16>()
-                .map_err(|_| format!("malformed time {text:?}"))
+                .map_err(|_| DerError::TimeMalformed(text.to_owned()))
         };
         let (year, rest) = match (tlv.tag, digits.len()) {
             (UTC_TIME, 12) => {
@@ -1052,12 +1226,15 @@ mod der {
                 (if yy < 50 { 2000 + yy } else { 1900 + yy }, &digits[2..])
             }
             (GENERALIZED_TIME, 14) => (num(&digits[..4])?, &digits[4..]),
-            _ => return Err(format!("unsupported time encoding {text:?}")),
+            _ => return Err(DerError::TimeEncoding(text.to_owned())),
         };
-        let field = |i: usize| -> Result<u8, String> {
+        let field = |i: usize| -> Result<u8, DerError> {
             num(&rest[i..i + 2]).map(|v| v as u8) // two digits always fit
         };
-        let bad = |_| format!("invalid time {text:?}");
+        let bad = |source| DerError::TimeInvalid {
+            text: text.to_owned(),
+            source,
+        };
         let month = Month::try_from(field(0)?).map_err(bad)?;
         let date = Date::from_calendar_date(i32::from(year), month, field(2)?).map_err(bad)?;
         let time = Time::from_hms(field(4)?, field(6)?, field(8)?).map_err(bad)?;
@@ -1197,6 +1374,72 @@ mod tests {
     }
 
     #[test]
+    fn a_broken_certificate_file_is_named_with_a_typed_reason() {
+        let (dir, _ca) = new_ca();
+        let data = dir.path().join("data");
+        let cert_path = CertAuthority::cert_path(&data);
+        let parse_error = |pem: &str| {
+            fs::write(&cert_path, pem).unwrap();
+            match CertAuthority::load_or_create(&data) {
+                Err(CaError::Parse { path, reason }) => {
+                    assert_eq!(path, cert_path);
+                    reason
+                }
+                other => panic!("expected Parse error, got {other:?}"),
+            }
+        };
+        let none = parse_error("");
+        assert!(matches!(none, CaFileError::CertificateCount(0)), "{none:?}");
+        // Valid PEM around DER that is a SEQUENCE cut short.
+        let cut = parse_error("-----BEGIN CERTIFICATE-----\nMAU=\n-----END CERTIFICATE-----\n");
+        assert!(
+            matches!(
+                &cut,
+                CaFileError::Certificate(DerError::Field { what: "certificate", source })
+                    if **source == DerError::Truncated { part: "value" }
+            ),
+            "{cut:?}"
+        );
+        let text = CaError::Parse {
+            path: cert_path.clone(),
+            reason: cut,
+        }
+        .to_string();
+        assert_eq!(
+            text,
+            format!(
+                "{}: invalid certificate: certificate: truncated DER (value)",
+                cert_path.display()
+            )
+        );
+    }
+
+    #[test]
+    fn der_time_errors_say_what_is_wrong() {
+        let utc = |text: &'static str| der::Tlv {
+            tag: 0x17,
+            value: text.as_bytes(),
+            raw: text.as_bytes(),
+        };
+        assert_eq!(der::time(utc("261204060000")), Err(DerError::TimeNotUtc));
+        assert_eq!(
+            der::time(utc("2612040600Z")),
+            Err(DerError::TimeEncoding("2612040600Z".into()))
+        );
+        let bad_month = der::time(utc("261304060000Z")).unwrap_err();
+        assert!(
+            matches!(&bad_month, DerError::TimeInvalid { text, .. } if text == "261304060000Z"),
+            "{bad_month:?}"
+        );
+        assert_eq!(bad_month.to_string(), "invalid time \"261304060000Z\"");
+        assert_eq!(
+            der::time(utc("261204060000Z")).unwrap().year(),
+            2026,
+            "a valid UTCTime still decodes"
+        );
+    }
+
+    #[test]
     fn half_present_or_mismatched_files_are_refused_not_overwritten() {
         let (dir_a, ca_a) = new_ca();
         let (dir_b, _ca_b) = new_ca();
@@ -1212,7 +1455,11 @@ mod tests {
         match CertAuthority::load_or_create(&data_a) {
             Err(CaError::Parse { path, reason }) => {
                 assert_eq!(path, CertAuthority::cert_path(&data_a));
-                assert!(reason.contains("does not match"), "{reason}");
+                assert!(
+                    matches!(&reason, CaFileError::KeyMismatch { key } if *key == CertAuthority::key_path(&data_a)),
+                    "{reason:?}"
+                );
+                assert!(reason.to_string().contains("does not match"), "{reason}");
             }
             other => panic!("expected Parse error, got {other:?}"),
         }

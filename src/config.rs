@@ -248,7 +248,7 @@ impl AuthConfig {
         }
         for (i, t) in self.tokens.iter().enumerate() {
             crate::worker::validate_token(t)
-                .map_err(|why| invalid(&format!("auth.tokens[{i}]"), why))?;
+                .map_err(|why| invalid(&format!("auth.tokens[{i}]"), why.to_string()))?;
         }
         Ok(())
     }
@@ -400,7 +400,8 @@ impl ExitsConfig {
         let mut names = std::collections::HashSet::new();
         for (i, p) in self.pools.iter().enumerate() {
             let key = |k: &str| format!("exits.pools[{i}].{k}");
-            crate::worker::validate_name(&p.name).map_err(|why| invalid(&key("name"), why))?;
+            crate::worker::validate_name(&p.name)
+                .map_err(|why| invalid(&key("name"), why.to_string()))?;
             if p.name == crate::exits::DIRECT {
                 return Err(invalid(
                     &key("name"),

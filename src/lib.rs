@@ -35,8 +35,8 @@
 //!   Prometheus metrics and the sampled trace log.
 //! - [`report`]: the reuse-killers report — per-minute reason counts in an embedded redb store.
 //! - [`portguard`]: the ephemeral-port budget; holds new dials when ports run out.
-//! - [`cli`]: the command line's library half: the admin client, and the `status` table and
-//!   `trace` text formatted from the admin documents.
+//! - [`cli`]: the command line's library half: each subcommand's work (serve start-up, `ca`,
+//!   the admin client behind `status`/`report`/`trace`, the lab's arguments) and what it prints.
 //! - [`admin`]: `/` (dashboard), `/status`, `/status/history`, `/report`, `/trace`, `/metrics`,
 //!   `/healthz`, `/readyz`, `/ca.pem`.
 //! - [`lab`]: the reuse lab (`edgepool lab`): origins with behaviour profiles, a worker fleet

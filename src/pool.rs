@@ -1818,6 +1818,11 @@ mod tests {
 
     type Watched = (ConnWatch<Arc<Fake>>, Arc<AtomicBool>);
 
+    /// The fake connector's dial failure.
+    #[derive(Debug, PartialEq, thiserror::Error)]
+    #[error("refused")]
+    struct Refused;
+
     #[derive(Default)]
     struct Fake {
         dials: AtomicUsize,
@@ -1831,18 +1836,18 @@ mod tests {
     impl Connector for Arc<Fake> {
         type Key = &'static str;
         type Conn = FakeConn;
-        type Error = String;
+        type Error = Refused;
         fn connect(
             &self,
             _key: &&'static str,
             watch: ConnWatch<Self>,
-        ) -> BoxFuture<Result<Connected<FakeConn>, String>> {
+        ) -> BoxFuture<Result<Connected<FakeConn>, Refused>> {
             let me = self.clone();
             Box::pin(async move {
                 me.dials.fetch_add(1, Ordering::SeqCst);
                 tokio::time::sleep(me.delay).await;
                 if me.fail.load(Ordering::SeqCst) {
-                    return Err("refused".to_string());
+                    return Err(Refused);
                 }
                 let open = Arc::new(AtomicBool::new(true));
                 me.watches.lock().push((watch, open.clone()));
@@ -2261,7 +2266,7 @@ mod tests {
         let p2 = pool.clone();
         let t = tokio::spawn(async move { p2.checkout(&"h2", opts()).await });
         let r = pool.checkout(&"h2", opts()).await;
-        assert!(matches!(r, Err(CheckoutError::Dial(ref e)) if e.as_str() == "refused"));
+        assert!(matches!(r, Err(CheckoutError::Dial(ref e)) if **e == Refused));
         let r2 = t.await.unwrap();
         assert!(
             matches!(r2, Err(CheckoutError::Dial(_))),

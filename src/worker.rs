@@ -227,7 +227,7 @@ pub fn parse_session_header(value: &[u8]) -> Result<WorkerOptions, AuthError> {
     if value.contains('-') {
         return parse_options(value);
     }
-    validate_name(value).map_err(|reason| AuthError::option(SESSION_HEADER, reason))?;
+    validate_name(value).map_err(|reason| AuthError::option(SESSION_HEADER, reason.to_string()))?;
     Ok(WorkerOptions {
         session: Some(value.to_owned()),
         ..WorkerOptions::default()
@@ -294,11 +294,11 @@ fn parse_parts<'a>(mut parts: impl Iterator<Item = &'a str>) -> Result<WorkerOpt
         seen |= opt.bit();
         match opt {
             Opt::Session => {
-                validate_name(value).map_err(|r| AuthError::option(name, r))?;
+                validate_name(value).map_err(|r| AuthError::option(name, r.to_string()))?;
                 out.session = Some(value.to_owned());
             }
             Opt::Pool => {
-                validate_name(value).map_err(|r| AuthError::option(name, r))?;
+                validate_name(value).map_err(|r| AuthError::option(name, r.to_string()))?;
                 out.pool = Some(value.to_owned());
             }
             Opt::SessTime => {
@@ -461,41 +461,61 @@ impl WorkerAuth {
 /// Checks a configured token's form: non-empty, at most 128 bytes, only
 /// `A-Z a-z 0-9 _ . ~ + / =` (so never `-`, which separates options, nor `:`).
 /// `Err(reason)` for config validation; the reason never contains the token.
-pub fn validate_token(token: &str) -> Result<(), String> {
+pub fn validate_token(token: &str) -> Result<(), TokenError> {
     if token.is_empty() {
-        return Err("worker token is empty".into());
+        return Err(TokenError::Empty);
     }
     if token.len() > MAX_TOKEN_LEN {
-        return Err(format!(
-            "worker token is longer than {MAX_TOKEN_LEN} characters"
-        ));
+        return Err(TokenError::TooLong);
     }
     if let Some(c) = token
         .chars()
         .find(|c| !(c.is_ascii_alphanumeric() || "_.~+/=".contains(*c)))
     {
-        let what = match c {
-            '-' => "'-' (it separates username options)".to_owned(),
-            ':' => "':' (it separates username and password)".to_owned(),
-            _ => "a character outside A-Z a-z 0-9 _ . ~ + / =".to_owned(),
-        };
-        return Err(format!("worker token contains {what}"));
+        return Err(match c {
+            '-' => TokenError::Dash,
+            ':' => TokenError::Colon,
+            _ => TokenError::Character,
+        });
     }
     Ok(())
 }
 
+/// Why a configured worker token is refused ([`validate_token`]); never contains the token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum TokenError {
+    /// The token is empty.
+    #[error("worker token is empty")]
+    Empty,
+    /// The token is longer than [`MAX_TOKEN_LEN`] bytes.
+    #[error("worker token is longer than {MAX_TOKEN_LEN} characters")]
+    TooLong,
+    /// The token contains `-`.
+    #[error("worker token contains '-' (it separates username options)")]
+    Dash,
+    /// The token contains `:`.
+    #[error("worker token contains ':' (it separates username and password)")]
+    Colon,
+    /// The token contains another character outside its alphabet.
+    #[error("worker token contains a character outside A-Z a-z 0-9 _ . ~ + / =")]
+    Character,
+}
+
 /// Checks a session id's or pool name's form: `[A-Za-z0-9_]{1,64}`.
-pub fn validate_name(name: &str) -> Result<(), String> {
+pub fn validate_name(name: &str) -> Result<(), NameError> {
     if name.is_empty()
         || name.len() > MAX_NAME_LEN
         || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
     {
-        return Err(format!(
-            "must be 1 to {MAX_NAME_LEN} characters of A-Z a-z 0-9 _"
-        ));
+        return Err(NameError);
     }
     Ok(())
 }
+
+/// A session id or pool name not of the form `[A-Za-z0-9_]{1,64}` ([`validate_name`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("must be 1 to {MAX_NAME_LEN} characters of A-Z a-z 0-9 _")]
+pub struct NameError;
 
 #[cfg(test)]
 mod tests {
@@ -1006,7 +1026,7 @@ mod tests {
             ("abé", "outside"),
         ];
         for (token, why) in bad {
-            let e = validate_token(token).unwrap_err();
+            let e = validate_token(token).unwrap_err().to_string();
             assert!(e.contains(why), "{token}: {e}");
             if token.len() > 1 {
                 assert!(!e.contains(token), "{e}");
@@ -1016,8 +1036,11 @@ mod tests {
             assert_eq!(validate_name(ok), Ok(()));
         }
         for bad in ["", "a-b", "a.b", "a b", "é", &"n".repeat(65)] {
-            assert!(validate_name(bad).is_err(), "{bad}");
+            assert_eq!(validate_name(bad), Err(NameError), "{bad}");
         }
+        assert_eq!(validate_token("ab-cd"), Err(TokenError::Dash));
+        assert_eq!(validate_token("ab:cd"), Err(TokenError::Colon));
+        assert_eq!(validate_token(&"t".repeat(129)), Err(TokenError::TooLong));
     }
 
     #[test]

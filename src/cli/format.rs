@@ -1,13 +1,11 @@
-//! cli: the command line's library half — the admin-listener client, and what `edgepool
-//! status` and `edgepool trace` print, as pure functions of the admin documents, so they are
-//! tested in-process (the binary parses arguments, fetches and prints).
+//! What `edgepool status` and `edgepool trace` print, as pure functions of the admin
+//! documents, so they are tested in-process.
 //!
 //! Every figure is the `/status` figure (README, "Reuse accounting": one definition per
 //! figure); this module only formats. A target with no requests shows `—` for R (there is no
 //! rate), a verdict is spelt the way a reader says it (`warming up`), and exit circuit states
 //! read as health (`healthy`, `probing`, `circuit open`).
 use std::fmt::Write as _;
-use std::net::SocketAddr;
 
 use serde_json::Value;
 
@@ -184,61 +182,6 @@ pub fn status_table(v: &Value) -> String {
         );
     }
     out
-}
-
-/// GET `path` on the admin listener at `admin` (HTTP/1.1, bearer `token` if given), handing
-/// each body chunk to `each` until it returns `false`. Errors are sentences: an unreachable
-/// listener, a missing token, and a proxy port given where the admin port belongs.
-pub async fn admin_get(
-    admin: SocketAddr,
-    path: &str,
-    token: Option<&str>,
-    mut each: impl FnMut(&[u8]) -> bool,
-) -> Result<(), String> {
-    use http_body_util::BodyExt;
-    let stream = tokio::net::TcpStream::connect(admin)
-        .await
-        .map_err(|e| format!("cannot reach the admin listener at {admin}: {e}"))?;
-    let (mut send, conn) = hyper::client::conn::http1::handshake::<
-        _,
-        http_body_util::Empty<bytes::Bytes>,
-    >(hyper_util::rt::TokioIo::new(stream))
-    .await
-    .map_err(|e| e.to_string())?;
-    tokio::spawn(conn);
-    let mut req = http::Request::get(path).header("host", admin.to_string());
-    if let Some(token) = token {
-        req = req.header("authorization", format!("Bearer {}", token.trim()));
-    }
-    let req = req
-        .body(http_body_util::Empty::new())
-        .map_err(|e| e.to_string())?;
-    let resp = send.send_request(req).await.map_err(|e| e.to_string())?;
-    if resp.status() == http::StatusCode::UNAUTHORIZED {
-        return Err(format!(
-            "{path}: the admin listener needs its bearer token: set EDGEPOOL_ADMIN_TOKEN"
-        ));
-    }
-    if !resp.status().is_success() {
-        // The proxy listener answers admin paths with its own error: a wrong port.
-        if resp.headers().contains_key("x-edgepool-error") {
-            return Err(format!(
-                "{admin} is an edgepool proxy listener, not the admin listener; --admin \
-                 takes listen.admin (default 127.0.0.1:9180)"
-            ));
-        }
-        return Err(format!("{path}: the gateway answered {}", resp.status()));
-    }
-    let mut body = resp.into_body();
-    while let Some(frame) = body.frame().await {
-        let frame = frame.map_err(|e| e.to_string())?;
-        if let Some(d) = frame.data_ref() {
-            if !each(d) {
-                break;
-            }
-        }
-    }
-    Ok(())
 }
 
 /// One `/trace` record in the domain note's trace format (§04), one block per record.

@@ -1,0 +1,177 @@
+//! cli: the command line's library half. The binary (`main.rs`) only parses arguments; what
+//! each subcommand does lives here, so it is tested in-process:
+//! - [`serve`]: `serve` (command-line overrides on a config, the listeners, the start line),
+//!   `check`, and `ca path|export` (which never create a CA).
+//! - [`admin`]: the admin-listener client, and the `status`, `report` and `trace` commands
+//!   that fetch from it.
+//! - [`format`]: what `status` and `trace` print, as pure functions of the admin documents.
+//! - [`lab`]: `edgepool lab`'s argument rules and run (feature `lab`).
+//!
+//! Commands return typed errors ([`CliError`], [`lab::LabError`]); the binary prints them
+//! as `edgepool: <error>` and exits non-zero ([`finish`]).
+use std::ffi::OsStr;
+use std::fmt::Display;
+use std::io;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+pub mod admin;
+pub mod format;
+#[cfg(feature = "lab")]
+pub mod lab;
+pub mod serve;
+
+pub use admin::{admin_get, AdminError};
+pub use format::{
+    exit_state_text, rate_text, reachable_url, status_table, trace_text, verdict_text,
+};
+
+/// Why a subcommand failed; the Display text is what the user reads after `edgepool: `.
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    /// A configuration file given on the command line does not load.
+    #[error("{}: {source}", path.display())]
+    ConfigFile {
+        /// The file.
+        path: PathBuf,
+        /// Why (names the bad key).
+        #[source]
+        source: crate::config::ConfigError,
+    },
+    /// An `--exit POOL=URL` argument is malformed.
+    #[error("--exit: {reason}")]
+    ExitArg {
+        /// What is wrong (never echoes the URL's userinfo).
+        reason: crate::config::CliExitError,
+    },
+    /// The configuration with the command-line overrides applied is invalid.
+    #[error("{0}")]
+    Config(#[from] crate::config::ConfigError),
+    /// A listener address cannot be bound.
+    #[error("cannot listen on {addr} ({key}): {source}")]
+    Listen {
+        /// The address.
+        addr: SocketAddr,
+        /// The configuration key it came from (`listen.proxy`, `listen.admin`).
+        key: &'static str,
+        /// The underlying error.
+        #[source]
+        source: io::Error,
+    },
+    /// The gateway could not start.
+    #[error("{0}")]
+    Start(#[from] crate::gateway::StartError),
+    /// The bound listeners' addresses cannot be read.
+    #[error("cannot read the listening addresses")]
+    LocalAddr(#[source] io::Error),
+    /// The interception CA cannot be read.
+    #[error("{0}")]
+    Ca(#[from] crate::ca::CaError),
+    /// The admin listener could not be asked.
+    #[error("{0}")]
+    Admin(#[from] AdminError),
+    /// The admin listener's answer is not the document expected.
+    #[error("unexpected {path} answer: {source}")]
+    Answer {
+        /// The admin path (`/status`, `/report`).
+        path: &'static str,
+        /// Why it does not parse.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// A `--window` the report store cannot answer.
+    #[error("{0}")]
+    Window(#[source] crate::report::ReportError),
+    /// The async runtime cannot be started.
+    #[error("cannot start the async runtime: {0}")]
+    Runtime(#[source] io::Error),
+}
+
+/// A multi-threaded tokio runtime for one command.
+pub fn runtime() -> io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+}
+
+/// The exit code of a command, printing its error as `edgepool: <error>` on stderr.
+pub fn finish<E: Display>(result: Result<(), E>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("{}", failure_text(&e));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The line a failed command prints.
+pub fn failure_text(e: &dyn Display) -> String {
+    format!("edgepool: {e}")
+}
+
+/// Whether log lines are coloured: only for a person at a terminal (log files and journald
+/// get plain text), and never with a non-empty `NO_COLOR`.
+pub fn log_colour(stderr_is_terminal: bool, no_color: Option<&OsStr>) -> bool {
+    stderr_is_terminal && no_color.is_none_or(|v| v.is_empty())
+}
+
+/// Logs to stderr at `info` (`warn` when `quiet`) unless `RUST_LOG` says otherwise, coloured
+/// per [`log_colour`].
+pub fn init_logging(quiet: bool) {
+    let default_filter = if quiet { "warn" } else { "info" };
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter)),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(log_colour(
+            std::io::IsTerminal::is_terminal(&std::io::stderr()),
+            std::env::var_os("NO_COLOR").as_deref(),
+        ))
+        .init();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn colour_only_at_a_terminal_without_no_color() {
+        assert!(log_colour(true, None));
+        // NO_COLOR set but empty does not count (no-color.org).
+        assert!(log_colour(true, Some(OsStr::new(""))));
+        assert!(!log_colour(true, Some(OsStr::new("1"))));
+        assert!(!log_colour(false, None));
+        assert!(!log_colour(false, Some(OsStr::new(""))));
+    }
+
+    #[test]
+    fn failures_read_as_edgepool_colon_reason() {
+        let e = CliError::ExitArg {
+            reason: crate::config::CliExitError::Node(crate::exits::ExitsError::Node {
+                pool: "dc".into(),
+                source: crate::exits::ExitSpecError::NoPort("http".into()),
+            }),
+        };
+        assert_eq!(
+            failure_text(&e),
+            "edgepool: --exit: pool dc: the proxy URL has no port; write it, e.g. http://host:3128"
+        );
+        let listen = CliError::Listen {
+            addr: "127.0.0.1:9180".parse().unwrap(),
+            key: "listen.admin",
+            source: io::Error::from(io::ErrorKind::AddrInUse),
+        };
+        let text = listen.to_string();
+        assert!(
+            text.starts_with("cannot listen on 127.0.0.1:9180 (listen.admin): "),
+            "{text}"
+        );
+        assert!(std::error::Error::source(&listen).is_some());
+        assert_eq!(finish::<CliError>(Ok(())), ExitCode::SUCCESS);
+        assert_eq!(finish(Err(e)), ExitCode::FAILURE);
+    }
+}
