@@ -130,12 +130,12 @@ pub enum DialError {
         after: Duration,
     },
     /// TLS handshake failed (including certificate verification).
-    #[error("TLS handshake with {host} failed: {reason}")]
+    #[error("TLS handshake with {host} failed: {source}")]
     Tls {
         /// SNI host.
         host: String,
-        /// rustls' reason.
-        reason: String,
+        /// Why: a bad server name, rustls' refusal, or the connection.
+        source: TlsFailure,
     },
     /// TLS handshake did not finish in time.
     #[error("TLS handshake with {host} timed out after {after:?}")]
@@ -150,12 +150,12 @@ pub enum DialError {
     PortsExhausted(crate::portguard::PortsExhausted, Duration),
     /// The TCP connect to an exit (upstream proxy) failed or timed out, or the exit broke
     /// its protocol (garbage, early close): the node's fault.
-    #[error("exit {exit}: {reason}")]
+    #[error("exit {exit}: {source}")]
     ExitConnect {
         /// Exit label.
         exit: String,
         /// Why (never credentials).
-        reason: String,
+        source: ExitFault,
     },
     /// The exit took our request to reach the target but did not answer in time: the target
     /// is slow or unreachable from the exit (not counted against the node).
@@ -167,21 +167,22 @@ pub enum DialError {
         after: Duration,
     },
     /// The exit rejected our credentials (HTTP 407, SOCKS5 auth failure).
-    #[error("exit {exit} rejected the proxy credentials: {reason}")]
+    #[error("exit {exit} rejected the proxy credentials: {source}")]
     ExitAuth {
         /// Exit label.
         exit: String,
-        /// Why.
-        reason: String,
+        /// The handshake's failure ([`HandshakeError::Auth`]).
+        source: HandshakeError,
     },
     /// The exit answered but would not reach the target (CONNECT 403/502/..., SOCKS5 reply
-    /// error).
-    #[error("exit {exit} refused to reach the target: {reason}")]
+    /// error), or the target name cannot be put in a proxy request.
+    #[error("exit {exit} refused to reach the target: {source}")]
     ExitRefused {
         /// Exit label.
         exit: String,
-        /// Status / reply.
-        reason: String,
+        /// The handshake's failure: [`HandshakeError::Refused`] (status / reply), or
+        /// [`HandshakeError::Io`] of kind `InvalidInput` (a target name no request can carry).
+        source: HandshakeError,
     },
     /// The exit's address is one of edgepool's own listeners: dialling it would loop.
     #[error("exit {exit} resolves to {addr}, edgepool's own listener; a request through it would loop (fix the exit's address in exits.pools)")]
@@ -202,13 +203,91 @@ pub enum DialError {
         after: Duration,
     },
     /// The HTTP/1.1 or HTTP/2 connection setup failed.
-    #[error("HTTP handshake with {host} failed: {reason}")]
+    #[error("HTTP handshake with {host} failed: {source}")]
     Handshake {
         /// Host.
         host: String,
-        /// Reason.
-        reason: String,
+        /// Why.
+        source: HttpFailure,
     },
+}
+
+/// Why a TLS handshake failed ([`DialError::Tls`]). The text is the cause's own.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsFailure {
+    /// The host cannot be a TLS server name.
+    #[error("invalid server name: {0}")]
+    InvalidName(#[source] rustls::pki_types::InvalidDnsNameError),
+    /// rustls ended the handshake: certificate verification, a TLS alert, a protocol error.
+    #[error("{0}")]
+    Rustls(#[source] rustls::Error),
+    /// The connection failed during the handshake (reset, closed early).
+    #[error("{0}")]
+    Io(#[source] io::Error),
+}
+
+impl TlsFailure {
+    /// Sorts an error from `tokio_rustls`' handshake: rustls' own errors arrive wrapped in an
+    /// `io::Error` (kind `InvalidData`), and are taken out of it; the rest are the connection's.
+    fn from_io(e: io::Error) -> Self {
+        if !e.get_ref().is_some_and(|inner| inner.is::<rustls::Error>()) {
+            return TlsFailure::Io(e);
+        }
+        let kind = e.kind();
+        match e
+            .into_inner()
+            .map(|inner| inner.downcast::<rustls::Error>())
+        {
+            Some(Ok(r)) => TlsFailure::Rustls(*r),
+            // Not reached: the check above saw a rustls::Error inside.
+            Some(Err(other)) => TlsFailure::Io(io::Error::new(kind, other)),
+            None => TlsFailure::Io(io::Error::from(kind)),
+        }
+    }
+}
+
+/// Why an exit node failed ([`DialError::ExitConnect`]): its TCP connect or its handshake. The
+/// node's circuit is told each of these.
+#[derive(Debug, thiserror::Error)]
+pub enum ExitFault {
+    /// The proxy host's name gave no address (the cached resolver's answer).
+    #[error("TCP connect failed: {0}")]
+    Resolve(crate::dns::ResolveError),
+    /// The proxy host's name resolved to no address at all.
+    #[error("TCP connect failed: the proxy host has no address")]
+    NoAddress,
+    /// The TCP connect (or the system's name lookup) failed; the last address's error.
+    #[error("TCP connect failed: {0}")]
+    Connect(#[source] io::Error),
+    /// The TCP connect did not finish within the connect timeout.
+    #[error("TCP connect timed out after {0:?}")]
+    ConnectTimeout(Duration),
+    /// The proxy sent nothing within the connect timeout (`kind`: `http` / `socks5`).
+    #[error("no answer to the {kind} handshake within {after:?}")]
+    HandshakeTimeout {
+        /// The exit's protocol.
+        kind: &'static str,
+        /// The timeout.
+        after: Duration,
+    },
+    /// The proxy broke its protocol or the connection failed mid-handshake
+    /// ([`HandshakeError::Protocol`] / [`HandshakeError::Io`]).
+    #[error("{0}")]
+    Handshake(#[source] HandshakeError),
+}
+
+/// Why the HTTP/1.1 or HTTP/2 setup failed ([`DialError::Handshake`]).
+#[derive(Debug, thiserror::Error)]
+pub enum HttpFailure {
+    /// The target spoke (this many bytes) before any request: not an HTTP server.
+    #[error("the target sent {0} bytes through the tunnel before any request")]
+    EarlyBytes(usize),
+    /// hyper's HTTP/1.1 handshake failed.
+    #[error("{0}")]
+    Http1(#[source] hyper::Error),
+    /// h2's handshake failed.
+    #[error("{0}")]
+    Http2(#[source] h2::Error),
 }
 
 /// How long each phase of opening a connection took.
@@ -257,14 +336,71 @@ pub struct Opened {
 }
 
 /// Records a node fault on its circuit and builds the error.
-/// Tells an exit pointing at edgepool itself apart from other connect failures.
-const LOOP_MARKER: &str = "edgepool-own-listener";
-
-fn node_fault(node: &ExitNode, reason: String) -> DialError {
-    node.record_failure(&reason);
+fn node_fault(node: &ExitNode, fault: ExitFault) -> DialError {
+    node.record_failure(&fault.to_string());
     DialError::ExitConnect {
         exit: node.label.to_string(),
-        reason,
+        source: fault,
+    }
+}
+
+/// Why the TCP connect to an exit's proxy failed.
+enum ProxyConnectError {
+    /// The node's fault.
+    Fault(ExitFault),
+    /// The proxy host resolves to this address, one of edgepool's own listeners (not dialled).
+    Loop(SocketAddr),
+}
+
+/// The DialError for an exit's failed handshake, telling the node's circuit whose fault it
+/// was: credentials (a failure), the proxy's decision about the target (the node works), a
+/// target name no request can carry (no verdict on the node), or the node's own fault.
+fn handshake_failure(node: &ExitNode, e: HandshakeError) -> DialError {
+    let exit = node.label.to_string();
+    match e {
+        HandshakeError::Auth(_) => {
+            node.record_failure(&e.to_string());
+            DialError::ExitAuth { exit, source: e }
+        }
+        // The node works; it will not reach this target (or the target name cannot be put
+        // in a request).
+        HandshakeError::Refused { .. } => {
+            node.mark_ok();
+            DialError::ExitRefused { exit, source: e }
+        }
+        HandshakeError::Io(ref io) if io.kind() == io::ErrorKind::InvalidInput => {
+            node.release_probe();
+            DialError::ExitRefused { exit, source: e }
+        }
+        HandshakeError::Protocol(_) | HandshakeError::Io(_) => {
+            node_fault(node, ExitFault::Handshake(e))
+        }
+    }
+}
+
+/// TLS to `host` over `tcp` with `tls` (which decides ALPN and verification), within
+/// `timeout`.
+async fn tls_connect(
+    tls: Arc<rustls::ClientConfig>,
+    tcp: TcpStream,
+    host: &str,
+    timeout: Duration,
+) -> Result<tokio_rustls::client::TlsStream<TcpStream>, DialError> {
+    let name = ServerName::try_from(host.to_string()).map_err(|e| DialError::Tls {
+        host: host.to_string(),
+        source: TlsFailure::InvalidName(e),
+    })?;
+    let connector = tokio_rustls::TlsConnector::from(tls);
+    match tokio::time::timeout(timeout, connector.connect(name, tcp)).await {
+        Err(_) => Err(DialError::TlsTimeout {
+            host: host.to_string(),
+            after: timeout,
+        }),
+        Ok(Err(e)) => Err(DialError::Tls {
+            host: host.to_string(),
+            source: TlsFailure::from_io(e),
+        }),
+        Ok(Ok(s)) => Ok(s),
     }
 }
 
@@ -544,31 +680,18 @@ impl Dialer {
         host: &str,
         verify: bool,
     ) -> Result<tokio_rustls::client::TlsStream<TcpStream>, DialError> {
-        let name = ServerName::try_from(host.to_string()).map_err(|e| DialError::Tls {
-            host: host.to_string(),
-            reason: format!("invalid server name: {e}"),
-        })?;
         let tls = if verify {
             self.tls_h1_verify.clone()
         } else {
             self.tls_h1_insecure.clone()
         };
-        let connector = tokio_rustls::TlsConnector::from(tls);
-        match tokio::time::timeout(self.cfg.tls_handshake_timeout, connector.connect(name, tcp))
-            .await
-        {
-            Err(_) => Err(DialError::TlsTimeout {
-                host: host.to_string(),
-                after: self.cfg.tls_handshake_timeout,
-            }),
-            Ok(Err(e)) => Err(DialError::Tls {
-                host: host.to_string(),
-                reason: e.to_string(),
-            }),
-            Ok(Ok(s)) => Ok(s),
-        }
+        tls_connect(tls, tcp, host, self.cfg.tls_handshake_timeout).await
     }
 
+    /// See [`open_stream`](Self::open_stream); `http_proxy_only` stops after the TCP connect
+    /// to an HTTP proxy. Takes a place in the exit's budget, connects
+    /// ([`connect_tcp`](Self::connect_tcp)), then performs the exit's handshake
+    /// ([`exit_handshake`](Self::exit_handshake)).
     async fn open(
         cfg: &DialConfig,
         exit: &ExitKey,
@@ -578,191 +701,13 @@ impl Dialer {
         http_proxy_only: bool,
     ) -> Result<Opened, DialError> {
         let node = &exit.node;
-        let label = || node.label.to_string();
-        let permit = match node.permits() {
-            None => None,
-            Some(sem) => {
-                match tokio::time::timeout(cfg.connect_timeout, sem.clone().acquire_owned()).await {
-                    Ok(Ok(p)) => Some(p),
-                    _ => {
-                        node.release_probe();
-                        return Err(DialError::ExitBudget {
-                            exit: label(),
-                            budget: node.budget.unwrap_or(0),
-                            after: cfg.connect_timeout,
-                        });
-                    }
-                }
-            }
-        };
-        let slot = BudgetSlot::new(node.clone(), permit);
-        if let Some(ports) = &cfg.ports {
-            // Hold the dial (bounded) rather than fail with EADDRNOTAVAIL.
-            if let Err(e) = ports.admit(cfg.connect_timeout).await {
-                node.release_probe();
-                return Err(DialError::PortsExhausted(e, cfg.connect_timeout));
-            }
-        }
-        let t0 = Instant::now();
+        let slot = Self::budget_slot(cfg, node).await?;
+        let (mut tcp, tcp_time) = Self::connect_tcp(cfg, node, addr).await?;
         let direct = node.spec.kind == ExitKind::Direct;
-        let connect = async {
-            if direct {
-                return TcpStream::connect(addr).await.map_err(|e| (addr, e));
-            }
-            let proxy = (node.spec.host.as_str(), node.spec.port);
-            let mut last = None;
-            let unresolved = SocketAddr::from(([0, 0, 0, 0], node.spec.port));
-            let addrs: Vec<SocketAddr> = match &cfg.resolver {
-                Some(r) => r
-                    .resolve_configured(&node.spec.host)
-                    .await
-                    .map_err(|e| {
-                        (
-                            unresolved,
-                            io::Error::new(io::ErrorKind::NotFound, e.to_string()),
-                        )
-                    })?
-                    .addrs
-                    .iter()
-                    .map(|ip| SocketAddr::new(*ip, node.spec.port))
-                    .collect(),
-                None => tokio::net::lookup_host(proxy)
-                    .await
-                    .map_err(|e| (unresolved, e))?
-                    .collect(),
-            };
-            if let Some(own) = addrs.iter().find(|a| cfg.own.contains(**a)) {
-                return Err((*own, io::Error::other(LOOP_MARKER)));
-            }
-            for a in addrs {
-                match TcpStream::connect(a).await {
-                    Ok(s) => return Ok(s),
-                    Err(e) => last = Some((a, e)),
-                }
-            }
-            Err(last.unwrap_or_else(|| {
-                (
-                    SocketAddr::from(([0, 0, 0, 0], node.spec.port)),
-                    io::Error::new(io::ErrorKind::NotFound, "the proxy host has no address"),
-                )
-            }))
-        };
-        let mut tcp = match tokio::time::timeout(cfg.connect_timeout, connect).await {
-            Err(_) if direct => {
-                return Err(DialError::ConnectTimeout {
-                    addr,
-                    after: cfg.connect_timeout,
-                })
-            }
-            Err(_) => {
-                return Err(node_fault(
-                    node,
-                    format!("TCP connect timed out after {:?}", cfg.connect_timeout),
-                ))
-            }
-            Ok(Err((addr, source))) if direct => return Err(DialError::Connect { addr, source }),
-            Ok(Err((addr, source))) if source.to_string() == LOOP_MARKER => {
-                let e = DialError::ExitIsEdgepool {
-                    exit: node.label.to_string(),
-                    addr,
-                };
-                tracing::error!("{e}");
-                // The node is unusable as configured: routing avoids it like a failing one.
-                node.record_failure(&e.to_string());
-                return Err(e);
-            }
-            Ok(Err((_, source))) => {
-                return Err(node_fault(node, format!("TCP connect failed: {source}")))
-            }
-            Ok(Ok(s)) => s,
-        };
-        let _ = tcp.set_nodelay(true);
-        let tcp_time = t0.elapsed();
-        if let Some(ports) = &cfg.ports {
-            ports.note_new_connection();
-        }
         let t1 = Instant::now();
         let mut early = Vec::new();
         if !direct && !http_proxy_only {
-            let auth = node.auth_for(exit.provider_session());
-            let kind = node.spec.kind;
-            let mut counted = ReadCounter {
-                inner: &mut tcp,
-                read: 0,
-            };
-            let res = tokio::time::timeout(cfg.connect_timeout, async {
-                match kind {
-                    ExitKind::Http => {
-                        crate::exitproto::http_connect(&mut counted, host, port, auth.as_ref())
-                            .await
-                    }
-                    ExitKind::Socks5 => {
-                        crate::exitproto::socks5_connect(&mut counted, host, port, auth.as_ref())
-                            .await
-                            .map(|()| Vec::new())
-                    }
-                    ExitKind::Direct => Ok(Vec::new()),
-                }
-            })
-            .await;
-            let heard_from_proxy = counted.read > 0;
-            match res {
-                // An HTTP proxy answers CONNECT once it has reached the target (or given up);
-                // a SOCKS5 proxy that has answered the greeting is alive: a slow answer is the
-                // target's, not the node's.
-                Err(_) if kind == ExitKind::Http || heard_from_proxy => {
-                    node.release_probe();
-                    return Err(DialError::ExitTargetTimeout {
-                        exit: label(),
-                        after: cfg.connect_timeout,
-                    });
-                }
-                Err(_) => {
-                    return Err(node_fault(
-                        node,
-                        format!(
-                            "no answer to the {} handshake within {:?}",
-                            kind.as_str(),
-                            cfg.connect_timeout
-                        ),
-                    ))
-                }
-                Ok(Err(e)) => {
-                    let reason = e.to_string();
-                    return Err(match e {
-                        HandshakeError::Auth(_) => {
-                            node.record_failure(&reason);
-                            DialError::ExitAuth {
-                                exit: label(),
-                                reason,
-                            }
-                        }
-                        // The node works; it will not reach this target (or the target name
-                        // cannot be put in a request).
-                        HandshakeError::Refused { .. } => {
-                            node.mark_ok();
-                            DialError::ExitRefused {
-                                exit: label(),
-                                reason,
-                            }
-                        }
-                        HandshakeError::Io(ref io) if io.kind() == io::ErrorKind::InvalidInput => {
-                            node.release_probe();
-                            DialError::ExitRefused {
-                                exit: label(),
-                                reason,
-                            }
-                        }
-                        HandshakeError::Protocol(_) | HandshakeError::Io(_) => {
-                            node_fault(node, reason)
-                        }
-                    });
-                }
-                Ok(Ok(bytes)) => {
-                    node.mark_ok();
-                    early = bytes;
-                }
-            }
+            early = Self::exit_handshake(cfg, exit, &mut tcp, host, port).await?;
         }
         let timings = DialTimings {
             tcp: tcp_time,
@@ -781,6 +726,137 @@ impl Dialer {
         })
     }
 
+    /// Takes a place in `node`'s connection budget, waiting up to the connect timeout for
+    /// one when the node has a budget.
+    async fn budget_slot(cfg: &DialConfig, node: &Arc<ExitNode>) -> Result<BudgetSlot, DialError> {
+        let permit = match node.permits() {
+            None => None,
+            Some(sem) => {
+                match tokio::time::timeout(cfg.connect_timeout, sem.clone().acquire_owned()).await {
+                    Ok(Ok(p)) => Some(p),
+                    _ => {
+                        node.release_probe();
+                        return Err(DialError::ExitBudget {
+                            exit: node.label.to_string(),
+                            budget: node.budget.unwrap_or(0),
+                            after: cfg.connect_timeout,
+                        });
+                    }
+                }
+            }
+        };
+        Ok(BudgetSlot::new(node.clone(), permit))
+    }
+
+    /// The TCP connect, through the ephemeral-port guard (the dial is held, bounded, while
+    /// the ports are nearly used up, rather than failing with `EADDRNOTAVAIL`): to `addr`
+    /// when `node` is direct, else to the exit's proxy (its faults told to its circuit), within
+    /// the connect timeout; then `TCP_NODELAY`. Returns the stream and how long the connect
+    /// took.
+    async fn connect_tcp(
+        cfg: &DialConfig,
+        node: &ExitNode,
+        addr: SocketAddr,
+    ) -> Result<(TcpStream, Duration), DialError> {
+        if let Some(ports) = &cfg.ports {
+            if let Err(e) = ports.admit(cfg.connect_timeout).await {
+                node.release_probe();
+                return Err(DialError::PortsExhausted(e, cfg.connect_timeout));
+            }
+        }
+        let t0 = Instant::now();
+        let after = cfg.connect_timeout;
+        let tcp = if node.spec.kind == ExitKind::Direct {
+            match tokio::time::timeout(after, TcpStream::connect(addr)).await {
+                Err(_) => return Err(DialError::ConnectTimeout { addr, after }),
+                Ok(Err(source)) => return Err(DialError::Connect { addr, source }),
+                Ok(Ok(s)) => s,
+            }
+        } else {
+            match tokio::time::timeout(after, connect_proxy(cfg, node)).await {
+                Err(_) => return Err(node_fault(node, ExitFault::ConnectTimeout(after))),
+                Ok(Err(ProxyConnectError::Loop(addr))) => {
+                    let e = DialError::ExitIsEdgepool {
+                        exit: node.label.to_string(),
+                        addr,
+                    };
+                    tracing::error!("{e}");
+                    // The node is unusable as configured: routing avoids it like a failing one.
+                    node.record_failure(&e.to_string());
+                    return Err(e);
+                }
+                Ok(Err(ProxyConnectError::Fault(f))) => return Err(node_fault(node, f)),
+                Ok(Ok(s)) => s,
+            }
+        };
+        let _ = tcp.set_nodelay(true);
+        let tcp_time = t0.elapsed();
+        if let Some(ports) = &cfg.ports {
+            ports.note_new_connection();
+        }
+        Ok((tcp, tcp_time))
+    }
+
+    /// The exit's handshake over `tcp` (HTTP `CONNECT` / SOCKS5 to `host:port`) within the
+    /// connect timeout, telling the node's circuit how it went. Returns the tunnel's bytes
+    /// that came with the proxy's answer.
+    async fn exit_handshake(
+        cfg: &DialConfig,
+        exit: &ExitKey,
+        tcp: &mut TcpStream,
+        host: &str,
+        port: u16,
+    ) -> Result<Vec<u8>, DialError> {
+        let node = &exit.node;
+        let auth = node.auth_for(exit.provider_session());
+        let kind = node.spec.kind;
+        let mut counted = ReadCounter {
+            inner: tcp,
+            read: 0,
+        };
+        let res = tokio::time::timeout(cfg.connect_timeout, async {
+            match kind {
+                ExitKind::Http => {
+                    crate::exitproto::http_connect(&mut counted, host, port, auth.as_ref()).await
+                }
+                ExitKind::Socks5 => {
+                    crate::exitproto::socks5_connect(&mut counted, host, port, auth.as_ref())
+                        .await
+                        .map(|()| Vec::new())
+                }
+                ExitKind::Direct => Ok(Vec::new()),
+            }
+        })
+        .await;
+        let heard_from_proxy = counted.read > 0;
+        match res {
+            // An HTTP proxy answers CONNECT once it has reached the target (or given up);
+            // a SOCKS5 proxy that has answered the greeting is alive: a slow answer is the
+            // target's, not the node's.
+            Err(_) if kind == ExitKind::Http || heard_from_proxy => {
+                node.release_probe();
+                Err(DialError::ExitTargetTimeout {
+                    exit: node.label.to_string(),
+                    after: cfg.connect_timeout,
+                })
+            }
+            Err(_) => Err(node_fault(
+                node,
+                ExitFault::HandshakeTimeout {
+                    kind: kind.as_str(),
+                    after: cfg.connect_timeout,
+                },
+            )),
+            Ok(Err(e)) => Err(handshake_failure(node, e)),
+            Ok(Ok(bytes)) => {
+                node.mark_ok();
+                Ok(bytes)
+            }
+        }
+    }
+
+    /// Opens a pooled connection for `key`: the stream ([`open`](Self::open)), TLS for https,
+    /// then the HTTP handshake.
     async fn dial(
         cfg: DialConfig,
         tls: Arc<rustls::ClientConfig>,
@@ -800,10 +876,7 @@ impl Dialer {
             // request): a target that talks before being asked is not an HTTP server.
             return Err(DialError::Handshake {
                 host,
-                reason: format!(
-                    "the target sent {} bytes through the tunnel before any request",
-                    early.len()
-                ),
+                source: HttpFailure::EarlyBytes(early.len()),
             });
         }
         match key.scheme {
@@ -814,31 +887,7 @@ impl Dialer {
             }
             Scheme::Https => {
                 let t1 = Instant::now();
-                let name = ServerName::try_from(host.clone()).map_err(|e| DialError::Tls {
-                    host: host.clone(),
-                    reason: format!("invalid server name: {e}"),
-                })?;
-                let connector = tokio_rustls::TlsConnector::from(tls);
-                let stream = match tokio::time::timeout(
-                    cfg.tls_handshake_timeout,
-                    connector.connect(name, tcp),
-                )
-                .await
-                {
-                    Err(_) => {
-                        return Err(DialError::TlsTimeout {
-                            host,
-                            after: cfg.tls_handshake_timeout,
-                        })
-                    }
-                    Ok(Err(e)) => {
-                        return Err(DialError::Tls {
-                            host,
-                            reason: e.to_string(),
-                        })
-                    }
-                    Ok(Ok(s)) => s,
-                };
+                let stream = tls_connect(tls, tcp, &host, cfg.tls_handshake_timeout).await?;
                 timings.tls = t1.elapsed();
                 let is_h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
                 if is_h2 {
@@ -856,6 +905,40 @@ impl Dialer {
     }
 }
 
+/// Resolves the exit's proxy host (the cached resolver, else the system's `getaddrinfo`) and
+/// connects to its addresses in turn; refuses, dialling none, when any of them is one of
+/// edgepool's own listeners.
+async fn connect_proxy(cfg: &DialConfig, node: &ExitNode) -> Result<TcpStream, ProxyConnectError> {
+    let port = node.spec.port;
+    let addrs: Vec<SocketAddr> = match &cfg.resolver {
+        Some(r) => r
+            .resolve_configured(&node.spec.host)
+            .await
+            .map_err(|e| ProxyConnectError::Fault(ExitFault::Resolve(e)))?
+            .addrs
+            .iter()
+            .map(|ip| SocketAddr::new(*ip, port))
+            .collect(),
+        None => tokio::net::lookup_host((node.spec.host.as_str(), port))
+            .await
+            .map_err(|e| ProxyConnectError::Fault(ExitFault::Connect(e)))?
+            .collect(),
+    };
+    if let Some(own) = addrs.iter().find(|a| cfg.own.contains(**a)) {
+        return Err(ProxyConnectError::Loop(*own));
+    }
+    let mut last = None;
+    for a in addrs {
+        match TcpStream::connect(a).await {
+            Ok(s) => return Ok(s),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(ProxyConnectError::Fault(
+        last.map_or(ExitFault::NoAddress, ExitFault::Connect),
+    ))
+}
+
 async fn h1_handshake<T>(
     io: WatchedIo<T>,
     shared: Arc<ConnShared>,
@@ -870,7 +953,7 @@ where
         .await
         .map_err(|e| DialError::Handshake {
             host,
-            reason: e.to_string(),
+            source: HttpFailure::Http1(e),
         })?;
     let s2 = shared.clone();
     tokio::spawn(async move {
@@ -880,6 +963,9 @@ where
         let cause = match res {
             _ if read_end == READ_RESET => EndCause::Reset,
             Ok(()) => EndCause::Fin,
+            // A response with no request outstanding (the server spoke unasked). hyper 1.x
+            // has this kind (`Kind::UnexpectedMessage`) but no accessor for it, so its Display
+            // text is the only way to tell; every other case here is decided by type.
             Err(e) if e.to_string().contains("unexpected message") => EndCause::StrayBytes,
             Err(e) if e.is_parse() => EndCause::StrayBytes,
             Err(_) if read_end == READ_EOF => EndCause::Fin,
@@ -912,7 +998,7 @@ where
         .await
         .map_err(|e| DialError::Handshake {
             host,
-            reason: e.to_string(),
+            source: HttpFailure::Http2(e),
         })?;
     let s2 = shared.clone();
     tokio::spawn(async move {
@@ -1194,5 +1280,85 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for WatchedIo<T> {
     }
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::error::Error as _;
+
+    #[test]
+    fn tls_failures_keep_rustls_errors_typed_and_the_text_unchanged() {
+        let wrapped = io::Error::new(
+            io::ErrorKind::InvalidData,
+            rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer),
+        );
+        let text = wrapped.to_string();
+        let f = TlsFailure::from_io(wrapped);
+        assert!(
+            matches!(
+                &f,
+                TlsFailure::Rustls(rustls::Error::InvalidCertificate(
+                    rustls::CertificateError::UnknownIssuer
+                ))
+            ),
+            "{f:?}"
+        );
+        assert_eq!(f.to_string(), text);
+        let reset = io::Error::from(io::ErrorKind::ConnectionReset);
+        let text = reset.to_string();
+        let f = TlsFailure::from_io(reset);
+        assert!(matches!(&f, TlsFailure::Io(e) if e.kind() == io::ErrorKind::ConnectionReset));
+        assert_eq!(f.to_string(), text);
+        let e = DialError::Tls {
+            host: "example.com".into(),
+            source: f,
+        };
+        assert!(e
+            .to_string()
+            .starts_with("TLS handshake with example.com failed: "));
+        assert!(e.source().is_some_and(|s| s.is::<TlsFailure>()));
+    }
+
+    #[test]
+    fn exit_errors_carry_their_cause_as_a_source_with_the_same_text() {
+        let e = DialError::ExitConnect {
+            exit: "p/1".into(),
+            source: ExitFault::ConnectTimeout(Duration::from_secs(10)),
+        };
+        assert_eq!(e.to_string(), "exit p/1: TCP connect timed out after 10s");
+        let e = DialError::ExitConnect {
+            exit: "p/1".into(),
+            source: ExitFault::Handshake(HandshakeError::Protocol("garbage".into())),
+        };
+        assert_eq!(
+            e.to_string(),
+            "exit p/1: exit proxy protocol error: garbage"
+        );
+        let fault = e.source().and_then(|s| s.downcast_ref::<ExitFault>());
+        let inner = fault
+            .and_then(|f| f.source())
+            .and_then(|s| s.downcast_ref());
+        assert!(
+            matches!(inner, Some(HandshakeError::Protocol(_))),
+            "{fault:?}"
+        );
+        let e = DialError::ExitAuth {
+            exit: "p/1".into(),
+            source: HandshakeError::Auth("HTTP 407".into()),
+        };
+        assert_eq!(
+            e.to_string(),
+            "exit p/1 rejected the proxy credentials: exit proxy rejected the credentials: HTTP 407"
+        );
+        let e = DialError::Handshake {
+            host: "h".into(),
+            source: HttpFailure::EarlyBytes(5),
+        };
+        assert_eq!(
+            e.to_string(),
+            "HTTP handshake with h failed: the target sent 5 bytes through the tunnel before any request"
+        );
     }
 }

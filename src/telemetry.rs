@@ -338,33 +338,400 @@ struct ExitHandles {
     forced: Counter,
 }
 
-/// Metrics and counters. One per gateway; passed down, never global.
-pub struct Telemetry {
-    registry: Registry,
+/// Reuse accounting: requests, connections opened (every reason's series from start, at 0)
+/// and closed, failed dials, handshake time paid and saved.
+struct ReuseMetrics {
     requests: Family<RequestLabels, Counter>,
     opened: Family<ReasonLabels, Counter>,
     closed: Family<ReasonLabels, Counter>,
     dial_failures: Counter,
     handshake_seconds: Counter<f64, AtomicU64>,
     handshake_saved: Counter<f64, AtomicU64>,
+}
+
+impl ReuseMetrics {
+    fn register(registry: &mut Registry) -> Self {
+        let m = ReuseMetrics {
+            requests: Family::default(),
+            opened: Family::default(),
+            closed: Family::default(),
+            dial_failures: Counter::default(),
+            handshake_seconds: Counter::default(),
+            handshake_saved: Counter::default(),
+        };
+        registry.register(
+            "edgepool_requests",
+            "Upstream requests, by whether they reused a warm connection",
+            m.requests.clone(),
+        );
+        registry.register(
+            "edgepool_upstream_connections_opened",
+            "New upstream connections, by why they were needed",
+            m.opened.clone(),
+        );
+        registry.register(
+            "edgepool_upstream_connections_closed",
+            "Upstream connections that left the pool, by reason",
+            m.closed.clone(),
+        );
+        registry.register(
+            "edgepool_upstream_dial_failures",
+            "Upstream connection attempts that failed",
+            m.dial_failures.clone(),
+        );
+        registry.register(
+            "edgepool_handshake_seconds",
+            "TCP + TLS handshake time paid for new upstream connections",
+            m.handshake_seconds.clone(),
+        );
+        registry.register(
+            "edgepool_handshake_saved_seconds",
+            "Handshake time saved: reused requests x the mean handshake cost of their target",
+            m.handshake_saved.clone(),
+        );
+        for r in NewReason::ALL {
+            let _ = m.opened.get_or_create(&ReasonLabels { reason: r.as_str() });
+        }
+        m
+    }
+
+    fn opened(&self, reason: NewReason) {
+        self.opened
+            .get_or_create(&ReasonLabels {
+                reason: reason.as_str(),
+            })
+            .inc();
+    }
+}
+
+/// What became of requests besides their response: edgepool's own errors (by token), retries
+/// (by reason), blind tunnels.
+struct OutcomeMetrics {
     errors: Family<ErrorLabels, Counter>,
     retries: Family<ReasonLabels, Counter>,
     tunnels: Counter,
+}
+
+impl OutcomeMetrics {
+    fn register(registry: &mut Registry) -> Self {
+        let m = OutcomeMetrics {
+            errors: Family::default(),
+            retries: Family::default(),
+            tunnels: Counter::default(),
+        };
+        registry.register(
+            "edgepool_errors",
+            "Requests answered with an edgepool error, by X-Edgepool-Error token",
+            m.errors.clone(),
+        );
+        registry.register(
+            "edgepool_retries",
+            "Requests sent a second time, by why it was safe",
+            m.retries.clone(),
+        );
+        registry.register(
+            "edgepool_tunnels",
+            "Blind CONNECT tunnels (passthrough hosts), not pooled",
+            m.tunnels.clone(),
+        );
+        m
+    }
+}
+
+/// The pool now (refreshed at each scrape): connections by state, queued requests.
+struct PoolGauges {
     connections: Family<StateLabels, Gauge>,
     waiting: Gauge,
+}
+
+impl PoolGauges {
+    fn register(registry: &mut Registry) -> Self {
+        let m = PoolGauges {
+            connections: Family::default(),
+            waiting: Gauge::default(),
+        };
+        registry.register(
+            "edgepool_upstream_connections",
+            "Upstream connections now, by state (active, idle, connecting)",
+            m.connections.clone(),
+        );
+        registry.register(
+            "edgepool_pool_waiting_requests",
+            "Requests queued for a connection now",
+            m.waiting.clone(),
+        );
+        m
+    }
+
+    fn set(&self, stats: &PoolStats) {
+        let active = stats.total.saturating_sub(stats.idle + stats.connecting);
+        for (state, v) in [
+            ("active", active),
+            ("idle", stats.idle),
+            ("connecting", stats.connecting),
+        ] {
+            self.connections
+                .get_or_create(&StateLabels { state })
+                .set(v as i64);
+        }
+        self.waiting.set(stats.waiting as i64);
+    }
+}
+
+/// A phase of a request, one `edgepool_phase_seconds` series each.
+#[derive(Clone, Copy, Debug)]
+enum Phase {
+    Dns,
+    Queue,
+    TcpConnect,
+    ExitHandshake,
+    TlsHandshake,
+    Ttfb,
+    Total,
+}
+
+impl Phase {
+    const COUNT: usize = 7;
+
+    fn as_str(self) -> &'static str {
+        match self {
+            Phase::Dns => "dns",
+            Phase::Queue => "queue",
+            Phase::TcpConnect => "tcp_connect",
+            Phase::ExitHandshake => "exit_handshake",
+            Phase::TlsHandshake => "tls_handshake",
+            Phase::Ttfb => "ttfb",
+            Phase::Total => "total",
+        }
+    }
+}
+
+/// Which way body bytes went, one `edgepool_bytes` series each.
+#[derive(Clone, Copy, Debug)]
+enum Direction {
+    Up,
+    Down,
+}
+
+impl Direction {
+    fn as_str(self) -> &'static str {
+        match self {
+            Direction::Up => "up",
+            Direction::Down => "down",
+        }
+    }
+}
+
+/// Time and volume: per-phase latency, requests per connection, body bytes. A phase's or a
+/// direction's handle is looked up once, at its first observation (a series still appears
+/// only once it has a value).
+struct PhaseMetrics {
     phases: Family<PhaseLabels, Histogram, fn() -> Histogram>,
+    phase_handles: [std::sync::OnceLock<Histogram>; Phase::COUNT],
     per_connection: Histogram,
     bytes: Family<DirectionLabels, Counter>,
+    byte_handles: [std::sync::OnceLock<Counter>; 2],
+}
+
+impl PhaseMetrics {
+    fn register(registry: &mut Registry) -> Self {
+        let m = PhaseMetrics {
+            phases: Family::new_with_constructor(phase_histogram as fn() -> Histogram),
+            phase_handles: Default::default(),
+            per_connection: per_conn_histogram(),
+            bytes: Family::default(),
+            byte_handles: Default::default(),
+        };
+        registry.register(
+            "edgepool_phase_seconds",
+            "Time spent per phase: dns, queue, tcp_connect, tls_handshake, ttfb, total",
+            m.phases.clone(),
+        );
+        registry.register(
+            "edgepool_requests_per_connection",
+            "Requests a connection carried before it closed",
+            m.per_connection.clone(),
+        );
+        registry.register(
+            "edgepool_bytes",
+            "Body bytes forwarded: up (worker to target) and down",
+            m.bytes.clone(),
+        );
+        m
+    }
+
+    fn observe(&self, phase: Phase, d: Duration) {
+        self.phase_handles[phase as usize]
+            .get_or_init(|| {
+                let labels = PhaseLabels {
+                    phase: phase.as_str(),
+                };
+                self.phases.get_or_create(&labels).clone()
+            })
+            .observe(d.as_secs_f64());
+    }
+
+    fn add_bytes(&self, direction: Direction, n: u64) {
+        self.byte_handles[direction as usize]
+            .get_or_init(|| {
+                let labels = DirectionLabels {
+                    direction: direction.as_str(),
+                };
+                self.bytes.get_or_create(&labels).clone()
+            })
+            .inc_by(n);
+    }
+}
+
+/// Per-target reuse gauges, cleared and rebuilt at each scrape (top targets, `other`, `*`).
+struct TargetGauges {
     reuse_ratio: Family<TargetLabels, Gauge<f64, AtomicU64>>,
     slo_breach: Family<TargetLabels, Gauge>,
-    ports_used: Gauge<f64, AtomicU64>,
-    exit_requests: Family<ExitReusedLabels, Counter>,
-    exit_opened: Family<ExitLabels, Counter>,
-    exit_forced: Family<ExitLabels, Counter>,
-    exit_state: Family<ExitLabels, Gauge>,
+}
+
+impl TargetGauges {
+    fn register(registry: &mut Registry) -> Self {
+        let m = TargetGauges {
+            reuse_ratio: Family::default(),
+            slo_breach: Family::default(),
+        };
+        registry.register(
+            "edgepool_reuse_ratio",
+            "R = 1 - new_connections / requests since start, per target (top targets, rest other) and fleet (*)",
+            m.reuse_ratio.clone(),
+        );
+        registry.register(
+            "edgepool_slo_breach",
+            "1 while a target's R is more than 5 points below its objective",
+            m.slo_breach.clone(),
+        );
+        m
+    }
+}
+
+/// Registers the ephemeral-port budget gauge.
+fn register_ports_used(registry: &mut Registry) -> Gauge<f64, AtomicU64> {
+    let ports_used = Gauge::<f64, AtomicU64>::default();
+    registry.register(
+        "edgepool_ephemeral_ports_used_ratio",
+        "Share of the local ephemeral port range held by sockets (TIME_WAIT included)",
+        ports_used.clone(),
+    );
+    ports_used
+}
+
+/// Per exit node: requests, connections opened, forced rotations, circuit state. Counters
+/// go through per-node handles looked up once ([`ExitMetrics::set_nodes`]).
+struct ExitMetrics {
+    requests: Family<ExitReusedLabels, Counter>,
+    opened: Family<ExitLabels, Counter>,
+    forced: Family<ExitLabels, Counter>,
+    state: Family<ExitLabels, Gauge>,
     /// Per-exit counter handles, looked up once per node (index = node index): the request
     /// path touches no label set for exits.
-    exit_handles: std::sync::OnceLock<Vec<ExitHandles>>,
+    handles: std::sync::OnceLock<Vec<ExitHandles>>,
+}
+
+impl ExitMetrics {
+    fn register(registry: &mut Registry) -> Self {
+        let m = ExitMetrics {
+            requests: Family::default(),
+            opened: Family::default(),
+            forced: Family::default(),
+            state: Family::default(),
+            handles: std::sync::OnceLock::new(),
+        };
+        registry.register(
+            "edgepool_exit_requests",
+            "Upstream requests per exit node (pool/N) and pool, by whether they reused a warm connection",
+            m.requests.clone(),
+        );
+        registry.register(
+            "edgepool_exit_connections_opened",
+            "New upstream connections per exit node",
+            m.opened.clone(),
+        );
+        registry.register(
+            "edgepool_exit_forced_rotation_requests",
+            "Requests that asked for a new exit each time (rotate-request), per exit node",
+            m.forced.clone(),
+        );
+        registry.register(
+            "edgepool_exit_circuit_state",
+            "Exit node circuit: 0 closed (healthy), 1 half-open (probing), 2 open (down)",
+            m.state.clone(),
+        );
+        m
+    }
+
+    /// Looks up every node's handles once (their series exist from then on, at 0).
+    fn set_nodes(&self, nodes: &[Arc<crate::exits::ExitNode>]) {
+        if nodes.iter().enumerate().all(|(i, n)| n.index == i) {
+            let _ = self
+                .handles
+                .set(nodes.iter().map(|n| self.make_handles(n)).collect());
+        }
+    }
+
+    fn make_handles(&self, n: &crate::exits::ExitNode) -> ExitHandles {
+        let (pool, exit) = (n.pool.to_string(), n.label.to_string());
+        let requests = |reused: &str| {
+            self.requests
+                .get_or_create(&ExitReusedLabels {
+                    pool: pool.clone(),
+                    exit: exit.clone(),
+                    reused: reused.into(),
+                })
+                .clone()
+        };
+        let labels = ExitLabels {
+            pool: pool.clone(),
+            exit: exit.clone(),
+        };
+        ExitHandles {
+            requests_reused: requests("1"),
+            requests_new: requests("0"),
+            opened: self.opened.get_or_create(&labels).clone(),
+            forced: self.forced.get_or_create(&labels).clone(),
+        }
+    }
+
+    /// `f` with `node`'s counters: the registered handles, or (a node not registered, as in
+    /// unit tests) handles looked up now.
+    fn with<R>(&self, node: &crate::exits::ExitNode, f: impl FnOnce(&ExitHandles) -> R) -> R {
+        match self.handles.get().and_then(|v| v.get(node.index)) {
+            Some(h) => f(h),
+            None => f(&self.make_handles(node)),
+        }
+    }
+}
+
+impl TraceLog {
+    fn new(cfg: &crate::config::TraceConfig) -> Self {
+        let every = if cfg.sample_rate <= 0.0 {
+            0
+        } else {
+            (1.0 / cfg.sample_rate).round().max(1.0) as u64
+        };
+        let (tx, _) = tokio::sync::broadcast::channel(4096);
+        TraceLog {
+            tx,
+            every,
+            seen: AtomicU64::new(0),
+        }
+    }
+}
+
+/// Metrics and counters. One per gateway; passed down, never global.
+pub struct Telemetry {
+    registry: Registry,
+    reuse: ReuseMetrics,
+    outcomes: OutcomeMetrics,
+    pool: PoolGauges,
+    phases: PhaseMetrics,
+    target_gauges: TargetGauges,
+    ports_used: Gauge<f64, AtomicU64>,
+    exits: ExitMetrics,
     /// Serializes scrapes (per-target gauges are cleared and rebuilt on each).
     scrape: Mutex<()>,
     targets: Mutex<HashMap<String, TargetCounts>>,
@@ -397,226 +764,35 @@ impl Telemetry {
     }
 
     /// Like [`new`](Self::new), adding its metrics to `registry`, which other modules have
-    /// registered theirs in (the DNS cache's, for one); `/metrics` encodes them all.
+    /// registered theirs in (the DNS cache's, for one); `/metrics` encodes them all. Each
+    /// group registers its own families; the order here is `/metrics`' order.
     pub fn with_registry(
         mut registry: Registry,
         slo: crate::config::SloConfig,
         trace: crate::config::TraceConfig,
     ) -> Self {
-        let requests = Family::<RequestLabels, Counter>::default();
-        registry.register(
-            "edgepool_requests",
-            "Upstream requests, by whether they reused a warm connection",
-            requests.clone(),
-        );
-        let opened = Family::<ReasonLabels, Counter>::default();
-        registry.register(
-            "edgepool_upstream_connections_opened",
-            "New upstream connections, by why they were needed",
-            opened.clone(),
-        );
-        let closed = Family::<ReasonLabels, Counter>::default();
-        registry.register(
-            "edgepool_upstream_connections_closed",
-            "Upstream connections that left the pool, by reason",
-            closed.clone(),
-        );
-        let dial_failures = Counter::default();
-        registry.register(
-            "edgepool_upstream_dial_failures",
-            "Upstream connection attempts that failed",
-            dial_failures.clone(),
-        );
-        let handshake_seconds = Counter::<f64, AtomicU64>::default();
-        registry.register(
-            "edgepool_handshake_seconds",
-            "TCP + TLS handshake time paid for new upstream connections",
-            handshake_seconds.clone(),
-        );
-        let handshake_saved = Counter::<f64, AtomicU64>::default();
-        registry.register(
-            "edgepool_handshake_saved_seconds",
-            "Handshake time saved: reused requests x the mean handshake cost of their target",
-            handshake_saved.clone(),
-        );
-        let errors = Family::<ErrorLabels, Counter>::default();
-        registry.register(
-            "edgepool_errors",
-            "Requests answered with an edgepool error, by X-Edgepool-Error token",
-            errors.clone(),
-        );
-        let retries = Family::<ReasonLabels, Counter>::default();
-        registry.register(
-            "edgepool_retries",
-            "Requests sent a second time, by why it was safe",
-            retries.clone(),
-        );
-        let tunnels = Counter::default();
-        registry.register(
-            "edgepool_tunnels",
-            "Blind CONNECT tunnels (passthrough hosts), not pooled",
-            tunnels.clone(),
-        );
-        let connections = Family::<StateLabels, Gauge>::default();
-        registry.register(
-            "edgepool_upstream_connections",
-            "Upstream connections now, by state (active, idle, connecting)",
-            connections.clone(),
-        );
-        let waiting = Gauge::default();
-        registry.register(
-            "edgepool_pool_waiting_requests",
-            "Requests queued for a connection now",
-            waiting.clone(),
-        );
-        let phases = Family::<PhaseLabels, Histogram, fn() -> Histogram>::new_with_constructor(
-            phase_histogram as fn() -> Histogram,
-        );
-        registry.register(
-            "edgepool_phase_seconds",
-            "Time spent per phase: dns, queue, tcp_connect, tls_handshake, ttfb, total",
-            phases.clone(),
-        );
-        let per_connection = per_conn_histogram();
-        registry.register(
-            "edgepool_requests_per_connection",
-            "Requests a connection carried before it closed",
-            per_connection.clone(),
-        );
-        let bytes = Family::<DirectionLabels, Counter>::default();
-        registry.register(
-            "edgepool_bytes",
-            "Body bytes forwarded: up (worker to target) and down",
-            bytes.clone(),
-        );
-        let reuse_ratio = Family::<TargetLabels, Gauge<f64, AtomicU64>>::default();
-        registry.register(
-            "edgepool_reuse_ratio",
-            "R = 1 - new_connections / requests since start, per target (top targets, rest other) and fleet (*)",
-            reuse_ratio.clone(),
-        );
-        let slo_breach = Family::<TargetLabels, Gauge>::default();
-        registry.register(
-            "edgepool_slo_breach",
-            "1 while a target's R is more than 5 points below its objective",
-            slo_breach.clone(),
-        );
-        let ports_used = Gauge::<f64, AtomicU64>::default();
-        registry.register(
-            "edgepool_ephemeral_ports_used_ratio",
-            "Share of the local ephemeral port range held by sockets (TIME_WAIT included)",
-            ports_used.clone(),
-        );
-        let exit_requests = Family::<ExitReusedLabels, Counter>::default();
-        registry.register(
-            "edgepool_exit_requests",
-            "Upstream requests per exit node (pool/N) and pool, by whether they reused a warm connection",
-            exit_requests.clone(),
-        );
-        let exit_opened = Family::<ExitLabels, Counter>::default();
-        registry.register(
-            "edgepool_exit_connections_opened",
-            "New upstream connections per exit node",
-            exit_opened.clone(),
-        );
-        let exit_forced = Family::<ExitLabels, Counter>::default();
-        registry.register(
-            "edgepool_exit_forced_rotation_requests",
-            "Requests that asked for a new exit each time (rotate-request), per exit node",
-            exit_forced.clone(),
-        );
-        let exit_state = Family::<ExitLabels, Gauge>::default();
-        registry.register(
-            "edgepool_exit_circuit_state",
-            "Exit node circuit: 0 closed (healthy), 1 half-open (probing), 2 open (down)",
-            exit_state.clone(),
-        );
-        for r in NewReason::ALL {
-            let _ = opened.get_or_create(&ReasonLabels { reason: r.as_str() });
-        }
-        let every = if trace.sample_rate <= 0.0 {
-            0
-        } else {
-            (1.0 / trace.sample_rate).round().max(1.0) as u64
-        };
-        let (tx, _) = tokio::sync::broadcast::channel(4096);
         Telemetry {
+            reuse: ReuseMetrics::register(&mut registry),
+            outcomes: OutcomeMetrics::register(&mut registry),
+            pool: PoolGauges::register(&mut registry),
+            phases: PhaseMetrics::register(&mut registry),
+            target_gauges: TargetGauges::register(&mut registry),
+            ports_used: register_ports_used(&mut registry),
+            exits: ExitMetrics::register(&mut registry),
             registry,
-            requests,
-            opened,
-            closed,
-            dial_failures,
-            handshake_seconds,
-            handshake_saved,
-            errors,
-            retries,
-            tunnels,
-            connections,
-            waiting,
-            phases,
-            per_connection,
-            bytes,
-            reuse_ratio,
-            slo_breach,
-            ports_used,
-            exit_requests,
-            exit_opened,
-            exit_forced,
-            exit_state,
-            exit_handles: std::sync::OnceLock::new(),
             scrape: Mutex::new(()),
             targets: Mutex::new(HashMap::new()),
             unrouted: Mutex::new(TargetCounts::default()),
             history: Mutex::new(History::default()),
             slo,
-            trace: TraceLog {
-                tx,
-                every,
-                seen: AtomicU64::new(0),
-            },
+            trace: TraceLog::new(&trace),
         }
     }
 
     /// Looks up every exit node's counters once (call when the exits are built), so requests
     /// count through handles instead of label sets.
     pub fn register_exits(&self, nodes: &[Arc<crate::exits::ExitNode>]) {
-        if nodes.iter().enumerate().all(|(i, n)| n.index == i) {
-            let _ = self
-                .exit_handles
-                .set(nodes.iter().map(|n| self.make_exit_handles(n)).collect());
-        }
-    }
-
-    fn make_exit_handles(&self, n: &crate::exits::ExitNode) -> ExitHandles {
-        let (pool, exit) = (n.pool.to_string(), n.label.to_string());
-        let requests = |reused: &str| {
-            self.exit_requests
-                .get_or_create(&ExitReusedLabels {
-                    pool: pool.clone(),
-                    exit: exit.clone(),
-                    reused: reused.into(),
-                })
-                .clone()
-        };
-        let labels = ExitLabels {
-            pool: pool.clone(),
-            exit: exit.clone(),
-        };
-        ExitHandles {
-            requests_reused: requests("1"),
-            requests_new: requests("0"),
-            opened: self.exit_opened.get_or_create(&labels).clone(),
-            forced: self.exit_forced.get_or_create(&labels).clone(),
-        }
-    }
-
-    /// `f` with `node`'s counters: the registered handles, or (a node not registered, as in
-    /// unit tests) handles looked up now.
-    fn with_exit<R>(&self, node: &crate::exits::ExitNode, f: impl FnOnce(&ExitHandles) -> R) -> R {
-        match self.exit_handles.get().and_then(|v| v.get(node.index)) {
-            Some(h) => f(h),
-            None => f(&self.make_exit_handles(node)),
-        }
+        self.exits.set_nodes(nodes);
     }
 
     /// The reuse objective configuration.
@@ -624,37 +800,31 @@ impl Telemetry {
         &self.slo
     }
 
-    fn phase(&self, phase: &'static str, d: Duration) {
-        self.phases
-            .get_or_create(&PhaseLabels { phase })
-            .observe(d.as_secs_f64());
-    }
-
     /// Records one upstream request (at its response head, or its failure).
     pub fn record_request(&self, r: &RequestRecord<'_>) {
-        self.requests
+        self.reuse
+            .requests
             .get_or_create(&RequestLabels {
                 reused: if r.reused { "1" } else { "0" },
                 protocol: r.protocol,
             })
             .inc();
-        self.phase("dns", r.dns);
-        self.phase("queue", r.queue);
+        self.phases.observe(Phase::Dns, r.dns);
+        self.phases.observe(Phase::Queue, r.queue);
         if r.bytes_up > 0 {
-            self.bytes
-                .get_or_create(&DirectionLabels { direction: "up" })
-                .inc_by(r.bytes_up);
+            self.phases.add_bytes(Direction::Up, r.bytes_up);
         }
         if let Some(h) = r.handshake {
-            self.handshake_seconds.inc_by(h.as_secs_f64());
+            self.reuse.handshake_seconds.inc_by(h.as_secs_f64());
         }
         if let Some(why) = r.retry_reason {
-            self.retries
+            self.outcomes
+                .retries
                 .get_or_create(&ReasonLabels { reason: why })
                 .inc();
         }
         let exit = r.exit;
-        self.with_exit(exit, |h| {
+        self.exits.with(exit, |h| {
             if r.reused {
                 h.requests_reused.inc();
             } else {
@@ -674,11 +844,7 @@ impl Telemetry {
                 .new_connections
                 .fetch_add(1, Ordering::Relaxed);
             if let Some(why) = r.new_reason {
-                self.opened
-                    .get_or_create(&ReasonLabels {
-                        reason: why.as_str(),
-                    })
-                    .inc();
+                self.reuse.opened(why);
             }
         }
         if r.forced {
@@ -717,7 +883,7 @@ impl Telemetry {
             if c.handshakes > 0 {
                 let mean = c.handshake_seconds / c.handshakes as f64;
                 c.handshake_saved_seconds += mean;
-                self.handshake_saved.inc_by(mean);
+                self.reuse.handshake_saved.inc_by(mean);
             }
         }
         c.protocol = r.protocol;
@@ -732,18 +898,18 @@ impl Telemetry {
 
     /// Records the phases of a new connection (once, with its first request).
     pub fn record_handshake(&self, tcp: Duration, exit: Duration, tls: Duration) {
-        self.phase("tcp_connect", tcp);
+        self.phases.observe(Phase::TcpConnect, tcp);
         if !exit.is_zero() {
-            self.phase("exit_handshake", exit);
+            self.phases.observe(Phase::ExitHandshake, exit);
         }
         if !tls.is_zero() {
-            self.phase("tls_handshake", tls);
+            self.phases.observe(Phase::TlsHandshake, tls);
         }
     }
 
     /// Records a response head's arrival.
     pub fn record_ttfb(&self, ttfb: Duration) {
-        self.phase("ttfb", ttfb);
+        self.phases.observe(Phase::Ttfb, ttfb);
     }
 
     /// Publishes exit nodes' circuit states (0 closed, 1 half-open, 2 open).
@@ -754,7 +920,8 @@ impl Telemetry {
                 crate::exits::CircuitState::HalfOpen => 1,
                 crate::exits::CircuitState::Open => 2,
             };
-            self.exit_state
+            self.exits
+                .state
                 .get_or_create(&ExitLabels {
                     pool: n.pool.to_string(),
                     exit: n.label.to_string(),
@@ -765,11 +932,9 @@ impl Telemetry {
 
     /// Records the end of a response body.
     pub fn record_done(&self, total: Duration, bytes_down: u64) {
-        self.phase("total", total);
+        self.phases.observe(Phase::Total, total);
         if bytes_down > 0 {
-            self.bytes
-                .get_or_create(&DirectionLabels { direction: "down" })
-                .inc_by(bytes_down);
+            self.phases.add_bytes(Direction::Down, bytes_down);
         }
     }
 
@@ -779,7 +944,8 @@ impl Telemetry {
     /// request was routed (CONNECT-time refusals, bad requests): those count in the fleet row
     /// only, so probes of unknown names cannot grow the per-target table.
     pub fn record_error(&self, target: Option<&str>, token: &'static str) {
-        self.errors
+        self.outcomes
+            .errors
             .get_or_create(&ErrorLabels { error: token })
             .inc();
         match target {
@@ -790,14 +956,15 @@ impl Telemetry {
 
     /// How many errors with `token` were recorded (`edgepool_errors_total{error=token}`).
     pub fn error_count(&self, token: &'static str) -> u64 {
-        self.errors
+        self.outcomes
+            .errors
             .get_or_create(&ErrorLabels { error: token })
             .get()
     }
 
     /// Records a blind tunnel.
     pub fn record_tunnel(&self) {
-        self.tunnels.inc();
+        self.outcomes.tunnels.inc();
     }
 
     /// Sets the ephemeral-port budget gauge.
@@ -965,23 +1132,13 @@ impl Telemetry {
 
     /// Prometheus text exposition, with the pool gauges refreshed from `stats`.
     pub fn encode(&self, stats: PoolStats) -> String {
-        let active = stats.total.saturating_sub(stats.idle + stats.connecting);
-        for (state, v) in [
-            ("active", active),
-            ("idle", stats.idle),
-            ("connecting", stats.connecting),
-        ] {
-            self.connections
-                .get_or_create(&StateLabels { state })
-                .set(v as i64);
-        }
-        self.waiting.set(stats.waiting as i64);
+        self.pool.set(&stats);
         // Per-target gauges: the busiest targets by name, the rest folded into `other`. Cleared
         // first so a target that left the top does not keep a frozen series (or a stuck
         // breach alert); the lock keeps two scrapes from interleaving clear and set.
         let _scrape = self.scrape.lock();
-        self.reuse_ratio.clear();
-        self.slo_breach.clear();
+        self.target_gauges.reuse_ratio.clear();
+        self.target_gauges.slo_breach.clear();
         let targets = self.targets();
         // Targets that only ever saw edgepool errors (refused, unresolvable) have no R.
         let mut ranked: Vec<(&String, &TargetCounts)> =
@@ -1011,14 +1168,18 @@ impl Telemetry {
         let label = TargetLabels {
             target: target.to_string(),
         };
-        self.reuse_ratio.get_or_create(&label).set(c.reuse_rate());
+        self.target_gauges
+            .reuse_ratio
+            .get_or_create(&label)
+            .set(c.reuse_rate());
         let v = Verdict::of(
             c.reuse_rate(),
             c.requests,
             self.slo.target_for(target),
             self.slo.min_requests,
         );
-        self.slo_breach
+        self.target_gauges
+            .slo_breach
             .get_or_create(&label)
             .set(i64::from(v == Verdict::Breach));
     }
@@ -1030,13 +1191,9 @@ impl PoolEvents<UpstreamKey> for Telemetry {
             // Counted everywhere with the request that first rides it (the key has no target).
             return;
         }
-        self.opened
-            .get_or_create(&ReasonLabels {
-                reason: reason.as_str(),
-            })
-            .inc();
+        self.reuse.opened(reason);
         let node = &key.exit.node;
-        self.with_exit(node, |h| h.opened.inc());
+        self.exits.with(node, |h| h.opened.inc());
         node.counters
             .new_connections
             .fetch_add(1, Ordering::Relaxed);
@@ -1046,7 +1203,7 @@ impl PoolEvents<UpstreamKey> for Telemetry {
         *c.new_by_reason.entry(reason.as_str()).or_default() += 1;
     }
     fn dial_failed(&self, key: &UpstreamKey) {
-        self.dial_failures.inc();
+        self.reuse.dial_failures.inc();
         if key.via_proxy() {
             return; // a proxy connection for every plain-http target: no target row
         }
@@ -1057,13 +1214,14 @@ impl PoolEvents<UpstreamKey> for Telemetry {
             .dial_failures += 1;
     }
     fn connection_closed(&self, key: &UpstreamKey, reason: CloseReason, requests: u64) {
-        self.closed
+        self.reuse
+            .closed
             .get_or_create(&ReasonLabels {
                 reason: reason.as_str(),
             })
             .inc();
         if requests > 0 {
-            self.per_connection.observe(requests as f64);
+            self.phases.per_connection.observe(requests as f64);
         }
         if key.via_proxy() {
             *self
