@@ -25,7 +25,7 @@ use tokio::time::Instant;
 
 use crate::exitproto::HandshakeError;
 pub use crate::exits::authority;
-use crate::exits::{ExitKey, ExitKind, ExitNode};
+use crate::exits::{ExitKey, ExitKind, ExitNode, NodeOutcome};
 use crate::pool::{BoxFuture, ConnWatch, Connected, Connector, EndCause, PoolConn};
 
 /// `http` or `https` target.
@@ -337,7 +337,7 @@ pub struct Opened {
 
 /// Records a node fault on its circuit and builds the error.
 fn node_fault(node: &ExitNode, fault: ExitFault) -> DialError {
-    node.record_failure(&fault.to_string());
+    node.report(NodeOutcome::Fault(&fault.to_string()));
     DialError::ExitConnect {
         exit: node.label.to_string(),
         source: fault,
@@ -359,17 +359,17 @@ fn handshake_failure(node: &ExitNode, e: HandshakeError) -> DialError {
     let exit = node.label.to_string();
     match e {
         HandshakeError::Auth(_) => {
-            node.record_failure(&e.to_string());
+            node.report(NodeOutcome::Fault(&e.to_string()));
             DialError::ExitAuth { exit, source: e }
         }
         // The node works; it will not reach this target (or the target name cannot be put
         // in a request).
         HandshakeError::Refused { .. } => {
-            node.mark_ok();
+            node.report(NodeOutcome::Answered);
             DialError::ExitRefused { exit, source: e }
         }
         HandshakeError::Io(ref io) if io.kind() == io::ErrorKind::InvalidInput => {
-            node.release_probe();
+            node.report(NodeOutcome::NoVerdict);
             DialError::ExitRefused { exit, source: e }
         }
         HandshakeError::Protocol(_) | HandshakeError::Io(_) => {
@@ -735,7 +735,7 @@ impl Dialer {
                 match tokio::time::timeout(cfg.connect_timeout, sem.clone().acquire_owned()).await {
                     Ok(Ok(p)) => Some(p),
                     _ => {
-                        node.release_probe();
+                        node.report(NodeOutcome::NoVerdict);
                         return Err(DialError::ExitBudget {
                             exit: node.label.to_string(),
                             budget: node.budget.unwrap_or(0),
@@ -760,7 +760,7 @@ impl Dialer {
     ) -> Result<(TcpStream, Duration), DialError> {
         if let Some(ports) = &cfg.ports {
             if let Err(e) = ports.admit(cfg.connect_timeout).await {
-                node.release_probe();
+                node.report(NodeOutcome::NoVerdict);
                 return Err(DialError::PortsExhausted(e, cfg.connect_timeout));
             }
         }
@@ -782,7 +782,7 @@ impl Dialer {
                     };
                     tracing::error!("{e}");
                     // The node is unusable as configured: routing avoids it like a failing one.
-                    node.record_failure(&e.to_string());
+                    node.report(NodeOutcome::Fault(&e.to_string()));
                     return Err(e);
                 }
                 Ok(Err(ProxyConnectError::Fault(f))) => return Err(node_fault(node, f)),
@@ -834,7 +834,7 @@ impl Dialer {
             // a SOCKS5 proxy that has answered the greeting is alive: a slow answer is the
             // target's, not the node's.
             Err(_) if kind == ExitKind::Http || heard_from_proxy => {
-                node.release_probe();
+                node.report(NodeOutcome::NoVerdict);
                 Err(DialError::ExitTargetTimeout {
                     exit: node.label.to_string(),
                     after: cfg.connect_timeout,
@@ -849,7 +849,7 @@ impl Dialer {
             )),
             Ok(Err(e)) => Err(handshake_failure(node, e)),
             Ok(Ok(bytes)) => {
-                node.mark_ok();
+                node.report(NodeOutcome::Answered);
                 Ok(bytes)
             }
         }

@@ -6,8 +6,8 @@
 //! Data flow: the forwarder asks [`Exits::route`] for a [`Route`] (which node, which isolation
 //! scope, why a connection would be new) and builds the pool key with the route's [`ExitKey`].
 //! The dialer reads the node's [`ExitSpec`] from the key to open the connection through it and
-//! tells the node's circuit what happened, once per dial ([`ExitNode::record_failure`],
-//! [`ExitNode::mark_ok`]); the forwarder reports responses ([`ExitNode::note_success`]).
+//! tells the node's circuit what happened, once per dial, and the forwarder reports responses,
+//! both through [`ExitNode::report`] — the node alone decides what an outcome does to its health.
 //!
 //! Isolation: [`ExitKey`] is part of the pool key, so a connection is only ever shared by
 //! requests with the same node *and* the same session scope. Worker sessions get a scope of
@@ -237,6 +237,27 @@ pub struct NodeCounters {
     pub failures: AtomicU64,
 }
 
+/// What happened on an exit node, as the dialer and the forwarder saw it
+/// ([`ExitNode::report`]).
+#[derive(Clone, Copy, Debug)]
+pub enum NodeOutcome<'a> {
+    /// A failure only the node can cause: unreachable, broke its protocol, rejected our
+    /// credentials, or is edgepool itself. Counts toward opening its circuit.
+    Fault(&'a str),
+    /// The node answered in protocol: a tunnel came up, or it refused the target itself.
+    /// Closes its circuit.
+    Answered,
+    /// A dial through the node ended without a verdict on it (our budget or local ports, a
+    /// target name no request can carry, a slow target): a half-open probe slot is given back.
+    NoVerdict,
+    /// A request through the node got its response (on a new connection: the node is
+    /// healthy; on a reused one only a half-open probe's success counts).
+    Responded {
+        /// The request rode a connection opened for it.
+        new_connection: bool,
+    },
+}
+
 /// One exit node.
 pub struct ExitNode {
     /// Index in [`Exits::nodes`].
@@ -292,6 +313,17 @@ impl ExitNode {
         }
     }
 
+    /// Tells the node what happened on it. The one way into its health: callers report
+    /// outcomes, the node's circuit decides what each means.
+    pub fn report(&self, outcome: NodeOutcome<'_>) {
+        match outcome {
+            NodeOutcome::Fault(why) => self.record_failure(why),
+            NodeOutcome::Answered => self.mark_ok(),
+            NodeOutcome::NoVerdict => self.release_probe(),
+            NodeOutcome::Responded { new_connection } => self.note_success(new_connection),
+        }
+    }
+
     /// Whether the node may carry a request now; moves Open → HalfOpen when the backoff is
     /// over and lets exactly one probe through. (`unhealthy` is set while the node has
     /// failures or an open circuit; a healthy node costs one atomic load.)
@@ -324,7 +356,7 @@ impl ExitNode {
     /// `circuit_failures` consecutive failures, at once when half-open (the probe failed,
     /// backoff doubled up to `circuit_open_max`). A failure while open changes nothing but the
     /// counts.
-    pub fn record_failure(&self, why: &str) {
+    fn record_failure(&self, why: &str) {
         self.counters.failures.fetch_add(1, Ordering::Relaxed);
         if self.spec.kind == ExitKind::Direct {
             return; // direct's health is the targets', not a node's
@@ -352,7 +384,7 @@ impl ExitNode {
     /// A request through the node got its response: on a new connection the node is healthy
     /// (closes the circuit); on a reused one only a half-open probe's success counts (a warm
     /// connection working says nothing about new tunnels).
-    pub fn note_success(&self, new_connection: bool) {
+    fn note_success(&self, new_connection: bool) {
         if !self.unhealthy.load(Ordering::Acquire) {
             return;
         }
@@ -363,7 +395,7 @@ impl ExitNode {
 
     /// The node answered properly (a tunnel came up, or it refused a target in protocol):
     /// closes the circuit and clears the failure count. Cheap when the node is healthy.
-    pub fn mark_ok(&self) {
+    fn mark_ok(&self) {
         if !self.unhealthy.load(Ordering::Acquire) {
             return;
         }
@@ -380,7 +412,7 @@ impl ExitNode {
 
     /// A dial through the node ended before reaching it for reasons of our own (budget,
     /// local ports): a half-open probe slot is given back, nothing else changes.
-    pub fn release_probe(&self) {
+    fn release_probe(&self) {
         if self.unhealthy.load(Ordering::Acquire) {
             self.circuit.lock().probing = false;
         }

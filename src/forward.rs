@@ -24,7 +24,7 @@ use crate::body::{BoxError, ProxyBody};
 use crate::dial::{DialError, Scheme, UpstreamConn, UpstreamKey};
 use crate::dns::Resolver;
 use crate::error::{EdgeError, ErrorKind, Sent};
-use crate::exits::authority;
+use crate::exits::{authority, NodeOutcome};
 use crate::guard::TargetPolicy;
 use crate::headers::{clean_response_headers, parse_keep_alive};
 use crate::pool::{
@@ -601,7 +601,7 @@ impl Forwarder {
             "exit {} rejected the proxy credentials (HTTP 407 to a forwarded request)",
             st.route.key.node.label
         );
-        st.route.key.node.record_failure(&msg);
+        st.route.key.node.report(NodeOutcome::Fault(&msg));
         st.failed_exits.push(st.route.key.node.index);
         if st.failed_exits.len() >= MAX_EXIT_FAILOVER || self.reroute(st).is_err() {
             return Err(EdgeError::new(ErrorKind::ExitAuthFailed, msg));
@@ -620,7 +620,9 @@ impl Forwarder {
         started: Instant,
     ) -> Response<ProxyBody> {
         let meta = &st.meta;
-        st.route.key.node.note_success(!lease.reused());
+        st.route.key.node.report(NodeOutcome::Responded {
+            new_connection: !lease.reused(),
+        });
         self.telemetry.record_request(&st.record(handshake));
         self.telemetry.record_ttfb(meta.ttfb);
         // Every request that waited for DNS is traced, like every new connection.
