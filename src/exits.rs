@@ -21,6 +21,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use parking_lot::Mutex;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
 use tokio::time::Instant;
 
 use crate::exitproto::ProxyAuth;
@@ -1348,6 +1352,136 @@ impl Exits {
     /// Pins currently on `node`.
     pub fn pins_of(&self, node: &ExitNode) -> usize {
         node.pins.load(Ordering::Relaxed)
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+struct ExitLabels {
+    pool: String,
+    exit: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+struct ExitReusedLabels {
+    pool: String,
+    exit: String,
+    reused: String,
+}
+
+/// One exit node's counters (handles into the labelled families).
+#[derive(Clone)]
+pub struct ExitHandles {
+    /// Handle into its family.
+    pub requests_reused: Counter,
+    /// Handle into its family.
+    pub requests_new: Counter,
+    /// Handle into its family.
+    pub opened: Counter,
+    /// Handle into its family.
+    pub forced: Counter,
+}
+
+/// Per exit node: requests, connections opened, forced rotations, circuit state. Counters
+/// go through per-node handles looked up once ([`ExitMetrics::set_nodes`]).
+pub struct ExitMetrics {
+    requests: Family<ExitReusedLabels, Counter>,
+    opened: Family<ExitLabels, Counter>,
+    forced: Family<ExitLabels, Counter>,
+    state: Family<ExitLabels, Gauge>,
+    /// Per-exit counter handles, looked up once per node (index = node index): the request
+    /// path touches no label set for exits.
+    handles: std::sync::OnceLock<Vec<ExitHandles>>,
+}
+
+impl ExitMetrics {
+    /// Creates the families and registers them in `registry`.
+    pub fn register(registry: &mut Registry) -> Self {
+        let m = ExitMetrics {
+            requests: Family::default(),
+            opened: Family::default(),
+            forced: Family::default(),
+            state: Family::default(),
+            handles: std::sync::OnceLock::new(),
+        };
+        registry.register(
+            "edgepool_exit_requests",
+            "Upstream requests per exit node (pool/N) and pool, by whether they reused a warm connection",
+            m.requests.clone(),
+        );
+        registry.register(
+            "edgepool_exit_connections_opened",
+            "New upstream connections per exit node",
+            m.opened.clone(),
+        );
+        registry.register(
+            "edgepool_exit_forced_rotation_requests",
+            "Requests that asked for a new exit each time (rotate-request), per exit node",
+            m.forced.clone(),
+        );
+        registry.register(
+            "edgepool_exit_circuit_state",
+            "Exit node circuit: 0 closed (healthy), 1 half-open (probing), 2 open (down)",
+            m.state.clone(),
+        );
+        m
+    }
+
+    /// Looks up every node's handles once (their series exist from then on, at 0).
+    pub fn set_nodes(&self, nodes: &[Arc<ExitNode>]) {
+        if nodes.iter().enumerate().all(|(i, n)| n.index == i) {
+            let _ = self
+                .handles
+                .set(nodes.iter().map(|n| self.make_handles(n)).collect());
+        }
+    }
+
+    fn make_handles(&self, n: &ExitNode) -> ExitHandles {
+        let (pool, exit) = (n.pool.to_string(), n.label.to_string());
+        let requests = |reused: &str| {
+            self.requests
+                .get_or_create(&ExitReusedLabels {
+                    pool: pool.clone(),
+                    exit: exit.clone(),
+                    reused: reused.into(),
+                })
+                .clone()
+        };
+        let labels = ExitLabels {
+            pool: pool.clone(),
+            exit: exit.clone(),
+        };
+        ExitHandles {
+            requests_reused: requests("1"),
+            requests_new: requests("0"),
+            opened: self.opened.get_or_create(&labels).clone(),
+            forced: self.forced.get_or_create(&labels).clone(),
+        }
+    }
+
+    /// `f` with `node`'s counters: the registered handles, or (a node not registered, as in
+    /// unit tests) handles looked up now.
+    pub fn with<R>(&self, node: &ExitNode, f: impl FnOnce(&ExitHandles) -> R) -> R {
+        match self.handles.get().and_then(|v| v.get(node.index)) {
+            Some(h) => f(h),
+            None => f(&self.make_handles(node)),
+        }
+    }
+
+    /// Publishes the nodes' circuit states (0 closed, 1 half-open, 2 open).
+    pub fn record_states(&self, exits: &Exits) {
+        for n in exits.nodes() {
+            let v = match n.state() {
+                CircuitState::Closed => 0,
+                CircuitState::HalfOpen => 1,
+                CircuitState::Open => 2,
+            };
+            self.state
+                .get_or_create(&ExitLabels {
+                    pool: n.pool.to_string(),
+                    exit: n.label.to_string(),
+                })
+                .set(v);
+        }
     }
 }
 

@@ -523,6 +523,20 @@ fn render_endpoint(field: &str, ipv6: bool, out: &mut String) -> bool {
     written.is_ok()
 }
 
+/// Registers the ephemeral-port budget gauge (`edgepool_ephemeral_ports_used_ratio`); the
+/// gateway sets it from [`PortGuard::budget`] once a second.
+pub fn register_used_gauge(
+    registry: &mut prometheus_client::registry::Registry,
+) -> prometheus_client::metrics::gauge::Gauge<f64, AtomicU64> {
+    let ports_used = prometheus_client::metrics::gauge::Gauge::<f64, AtomicU64>::default();
+    registry.register(
+        "edgepool_ephemeral_ports_used_ratio",
+        "Share of the local ephemeral port range held by sockets (TIME_WAIT included)",
+        ports_used.clone(),
+    );
+    ports_used
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

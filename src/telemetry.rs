@@ -62,19 +62,6 @@ struct DirectionLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct ExitLabels {
-    pool: String,
-    exit: String,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct ExitReusedLabels {
-    pool: String,
-    exit: String,
-    reused: String,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct TargetLabels {
     target: String,
 }
@@ -327,15 +314,6 @@ struct TraceLog {
     /// Trace every `every`-th reused request (0: none). Deterministic, no RNG.
     every: u64,
     seen: AtomicU64,
-}
-
-/// One exit node's counters (handles into the labelled families).
-#[derive(Clone)]
-struct ExitHandles {
-    requests_reused: Counter,
-    requests_new: Counter,
-    opened: Counter,
-    forced: Counter,
 }
 
 /// Reuse accounting: requests, connections opened (every reason's series from start, at 0)
@@ -609,103 +587,6 @@ impl TargetGauges {
     }
 }
 
-/// Registers the ephemeral-port budget gauge.
-fn register_ports_used(registry: &mut Registry) -> Gauge<f64, AtomicU64> {
-    let ports_used = Gauge::<f64, AtomicU64>::default();
-    registry.register(
-        "edgepool_ephemeral_ports_used_ratio",
-        "Share of the local ephemeral port range held by sockets (TIME_WAIT included)",
-        ports_used.clone(),
-    );
-    ports_used
-}
-
-/// Per exit node: requests, connections opened, forced rotations, circuit state. Counters
-/// go through per-node handles looked up once ([`ExitMetrics::set_nodes`]).
-struct ExitMetrics {
-    requests: Family<ExitReusedLabels, Counter>,
-    opened: Family<ExitLabels, Counter>,
-    forced: Family<ExitLabels, Counter>,
-    state: Family<ExitLabels, Gauge>,
-    /// Per-exit counter handles, looked up once per node (index = node index): the request
-    /// path touches no label set for exits.
-    handles: std::sync::OnceLock<Vec<ExitHandles>>,
-}
-
-impl ExitMetrics {
-    fn register(registry: &mut Registry) -> Self {
-        let m = ExitMetrics {
-            requests: Family::default(),
-            opened: Family::default(),
-            forced: Family::default(),
-            state: Family::default(),
-            handles: std::sync::OnceLock::new(),
-        };
-        registry.register(
-            "edgepool_exit_requests",
-            "Upstream requests per exit node (pool/N) and pool, by whether they reused a warm connection",
-            m.requests.clone(),
-        );
-        registry.register(
-            "edgepool_exit_connections_opened",
-            "New upstream connections per exit node",
-            m.opened.clone(),
-        );
-        registry.register(
-            "edgepool_exit_forced_rotation_requests",
-            "Requests that asked for a new exit each time (rotate-request), per exit node",
-            m.forced.clone(),
-        );
-        registry.register(
-            "edgepool_exit_circuit_state",
-            "Exit node circuit: 0 closed (healthy), 1 half-open (probing), 2 open (down)",
-            m.state.clone(),
-        );
-        m
-    }
-
-    /// Looks up every node's handles once (their series exist from then on, at 0).
-    fn set_nodes(&self, nodes: &[Arc<crate::exits::ExitNode>]) {
-        if nodes.iter().enumerate().all(|(i, n)| n.index == i) {
-            let _ = self
-                .handles
-                .set(nodes.iter().map(|n| self.make_handles(n)).collect());
-        }
-    }
-
-    fn make_handles(&self, n: &crate::exits::ExitNode) -> ExitHandles {
-        let (pool, exit) = (n.pool.to_string(), n.label.to_string());
-        let requests = |reused: &str| {
-            self.requests
-                .get_or_create(&ExitReusedLabels {
-                    pool: pool.clone(),
-                    exit: exit.clone(),
-                    reused: reused.into(),
-                })
-                .clone()
-        };
-        let labels = ExitLabels {
-            pool: pool.clone(),
-            exit: exit.clone(),
-        };
-        ExitHandles {
-            requests_reused: requests("1"),
-            requests_new: requests("0"),
-            opened: self.opened.get_or_create(&labels).clone(),
-            forced: self.forced.get_or_create(&labels).clone(),
-        }
-    }
-
-    /// `f` with `node`'s counters: the registered handles, or (a node not registered, as in
-    /// unit tests) handles looked up now.
-    fn with<R>(&self, node: &crate::exits::ExitNode, f: impl FnOnce(&ExitHandles) -> R) -> R {
-        match self.handles.get().and_then(|v| v.get(node.index)) {
-            Some(h) => f(h),
-            None => f(&self.make_handles(node)),
-        }
-    }
-}
-
 impl TraceLog {
     fn new(cfg: &crate::config::TraceConfig) -> Self {
         let every = if cfg.sample_rate <= 0.0 {
@@ -731,7 +612,7 @@ pub struct Telemetry {
     phases: PhaseMetrics,
     target_gauges: TargetGauges,
     ports_used: Gauge<f64, AtomicU64>,
-    exits: ExitMetrics,
+    exits: crate::exits::ExitMetrics,
     /// Serializes scrapes (per-target gauges are cleared and rebuilt on each).
     scrape: Mutex<()>,
     targets: Mutex<HashMap<String, TargetCounts>>,
@@ -777,8 +658,8 @@ impl Telemetry {
             pool: PoolGauges::register(&mut registry),
             phases: PhaseMetrics::register(&mut registry),
             target_gauges: TargetGauges::register(&mut registry),
-            ports_used: register_ports_used(&mut registry),
-            exits: ExitMetrics::register(&mut registry),
+            ports_used: crate::portguard::register_used_gauge(&mut registry),
+            exits: crate::exits::ExitMetrics::register(&mut registry),
             registry,
             scrape: Mutex::new(()),
             targets: Mutex::new(HashMap::new()),
@@ -914,20 +795,7 @@ impl Telemetry {
 
     /// Publishes exit nodes' circuit states (0 closed, 1 half-open, 2 open).
     pub fn record_exit_states(&self, exits: &crate::exits::Exits) {
-        for n in exits.nodes() {
-            let v = match n.state() {
-                crate::exits::CircuitState::Closed => 0,
-                crate::exits::CircuitState::HalfOpen => 1,
-                crate::exits::CircuitState::Open => 2,
-            };
-            self.exits
-                .state
-                .get_or_create(&ExitLabels {
-                    pool: n.pool.to_string(),
-                    exit: n.label.to_string(),
-                })
-                .set(v);
-        }
+        self.exits.record_states(exits);
     }
 
     /// Records the end of a response body.
