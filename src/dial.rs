@@ -252,7 +252,7 @@ impl TlsFailure {
 pub enum ExitFault {
     /// The proxy host's name gave no address (the cached resolver's answer).
     #[error("TCP connect failed: {0}")]
-    Resolve(crate::dns::ResolveError),
+    Resolve(#[source] crate::dns::ResolveError),
     /// The proxy host's name resolved to no address at all.
     #[error("TCP connect failed: the proxy host has no address")]
     NoAddress,

@@ -173,6 +173,8 @@ impl std::fmt::Display for ResolveError {
     }
 }
 
+impl std::error::Error for ResolveError {}
+
 type Outcome = Result<Resolved, ResolveError>;
 
 /// Resolves target names: hosts file, then a serve-stale, refresh-ahead cache in front of
