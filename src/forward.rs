@@ -130,6 +130,14 @@ pub struct Meta {
     pub retried: bool,
 }
 
+/// Records `value` as `field` of the request's span (`ingress` opens it at INFO), looking the
+/// span up only when INFO is enabled at all.
+fn record_in_span(field: &'static str, value: &dyn std::fmt::Display) {
+    if tracing::enabled!(tracing::Level::INFO) {
+        tracing::Span::current().record(field, tracing::field::display(value));
+    }
+}
+
 /// One request on its way through address failover, exit failover and the retry: where it
 /// goes now and what it has tried.
 struct Attempts<'a> {
@@ -335,7 +343,7 @@ impl Forwarder {
         }
         st.meta.session_renewed |= st.route.renewed;
         st.meta.exit = st.route.key.node.label.clone();
-        tracing::Span::current().record("exit", tracing::field::display(&st.meta.exit));
+        record_in_span("exit", &st.meta.exit);
         st.key = st.key_for(st.route.key.clone());
         Ok(())
     }
@@ -434,7 +442,7 @@ impl Forwarder {
                 continue;
             };
             st.meta.queue += t_queue.elapsed();
-            tracing::Span::current().record("addr", tracing::field::display(st.key.addr));
+            record_in_span("addr", &st.key.addr);
             let handshake = self.note_connection(&mut lease, &mut st.meta);
             let t_send = Instant::now();
             let sent = match lease.conn() {
@@ -490,7 +498,7 @@ impl Forwarder {
             |exit| Router::upstream_key(out.scheme, &out.host, out.port, verify, exit, first);
         let warm = |k: &crate::exits::ExitKey| self.pool.has_idle(&key_for(k.clone()));
         let route = self.router.route(target, &out.worker, &[], &warm)?;
-        tracing::Span::current().record("exit", tracing::field::display(&route.key.node.label));
+        record_in_span("exit", &route.key.node.label);
         let key = key_for(route.key.clone());
         let meta = Meta {
             exit: route.key.node.label.clone(),
