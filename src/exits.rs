@@ -319,6 +319,7 @@ impl ExitNode {
 
     /// Tells the node what happened on it. The one way into its health: callers report
     /// outcomes, the node's circuit decides what each means.
+    #[inline]
     pub fn report(&self, outcome: NodeOutcome<'_>) {
         match outcome {
             NodeOutcome::Fault(why) => self.record_failure(why),

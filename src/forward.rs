@@ -132,6 +132,7 @@ pub struct Meta {
 
 /// Records `value` as `field` of the request's span (`ingress` opens it at INFO), looking the
 /// span up only when INFO is enabled at all.
+#[inline]
 fn record_in_span(field: &'static str, value: &dyn std::fmt::Display) {
     if tracing::enabled!(tracing::Level::INFO) {
         tracing::Span::current().record(field, tracing::field::display(value));

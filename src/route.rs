@@ -108,6 +108,7 @@ impl Router {
     /// `addr`. Plain http through an HTTP proxy rides the proxy's shared connection; through
     /// any proxy the exit resolves the name, so our address is only checked and does not split
     /// keys (round-robin DNS would cost connections).
+    #[inline]
     pub fn upstream_key(
         scheme: Scheme,
         host: &str,
