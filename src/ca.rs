@@ -22,6 +22,10 @@ use std::time::Duration;
 
 use lru::LruCache;
 use parking_lot::Mutex;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
 use rcgen::{
     BasicConstraints, BmpString, CertificateParams, DistinguishedName, DnType, DnValue,
     ExtendedKeyUsagePurpose, Ia5String, IsCa, KeyIdMethod, KeyPair, KeyUsagePurpose,
@@ -581,6 +585,40 @@ fn ca_params(
 pub struct LeafCache {
     factory: LeafFactory,
     entries: Mutex<LruCache<String, Arc<Slot>>>,
+    metrics: LeafMetrics,
+}
+
+/// Lookup outcome label of `edgepool_leaf_cache_lookups_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+struct LookupLabels {
+    result: &'static str,
+}
+
+/// The leaf cache's figures: lookups by result (handles looked up once), hosts dropped to stay
+/// within the bound, hosts held.
+struct LeafMetrics {
+    lookups: Family<LookupLabels, Counter>,
+    hit: Counter,
+    miss: Counter,
+    expired: Counter,
+    evictions: Counter,
+    hosts: Gauge,
+}
+
+impl LeafMetrics {
+    fn new() -> Self {
+        let lookups = Family::<LookupLabels, Counter>::default();
+        let handle = |result| lookups.get_or_create(&LookupLabels { result }).clone();
+        let (hit, miss, expired) = (handle("hit"), handle("miss"), handle("expired"));
+        LeafMetrics {
+            lookups,
+            hit,
+            miss,
+            expired,
+            evictions: Counter::default(),
+            hosts: Gauge::default(),
+        }
+    }
 }
 
 /// One cache entry; initialised once by whichever caller gets there first,
@@ -646,7 +684,31 @@ impl LeafCache {
                 generated: AtomicU64::new(0),
             },
             entries: Mutex::new(LruCache::new(capacity)),
+            metrics: LeafMetrics::new(),
         }
+    }
+
+    /// Registers the cache's metrics in `registry`: lookups by result (`hit`: a fresh leaf or
+    /// one being made; `miss`: none for the host; `expired`: too close to its end, made anew),
+    /// evictions (a host dropped to stay within `intercept.leaf_cache_size`) and hosts held.
+    /// The hit rate is `hit / (hit + miss + expired)`.
+    pub fn register_metrics(&self, registry: &mut Registry) {
+        let m = &self.metrics;
+        registry.register(
+            "edgepool_leaf_cache_lookups",
+            "Leaf certificate lookups for intercepted hosts, by result: hit (cached), miss (generated), expired (regenerated)",
+            m.lookups.clone(),
+        );
+        registry.register(
+            "edgepool_leaf_cache_evictions",
+            "Hosts whose leaf certificate was dropped to keep the cache within intercept.leaf_cache_size",
+            m.evictions.clone(),
+        );
+        registry.register(
+            "edgepool_leaf_cache_hosts",
+            "Hosts with a cached leaf certificate",
+            m.hosts.clone(),
+        );
     }
 
     /// The server config for `host` (a DNS name or an IP literal; IPv6 may come
@@ -670,14 +732,22 @@ impl LeafCache {
         let slot = {
             let mut entries = self.entries.lock();
             let now = OffsetDateTime::now_utc();
+            let m = &self.metrics;
             match entries.get(&name.key) {
                 // A slot still being generated counts as fresh: wait for it.
                 Some(slot) if slot.get().is_none_or(|leaf| now < leaf.refresh_at) => {
+                    m.hit.inc();
                     Arc::clone(slot)
                 }
-                _ => {
+                found => {
+                    if found.is_some() { &m.expired } else { &m.miss }.inc();
                     let slot = Arc::new(Slot::new());
-                    entries.put(name.key.clone(), Arc::clone(&slot));
+                    if let Some((old, _)) = entries.push(name.key.clone(), Arc::clone(&slot)) {
+                        if old != name.key {
+                            m.evictions.inc();
+                        }
+                    }
+                    m.hosts.set(entries.len() as i64);
                     slot
                 }
             }
@@ -1568,6 +1638,17 @@ mod tests {
         cache.server_config("a.example").await.unwrap(); // was evicted
         assert_eq!(cache.generated(), 4);
         assert_eq!(cache.len(), 2);
+        // Lookups: a b c miss, c hit, a miss; a was evicted by c, b by a again.
+        let m = metrics_text(&cache);
+        for line in [
+            "edgepool_leaf_cache_lookups_total{result=\"hit\"} 1\n",
+            "edgepool_leaf_cache_lookups_total{result=\"miss\"} 4\n",
+            "edgepool_leaf_cache_lookups_total{result=\"expired\"} 0\n",
+            "edgepool_leaf_cache_evictions_total 2\n",
+            "edgepool_leaf_cache_hosts 2\n",
+        ] {
+            assert!(m.contains(line), "{line:?} in:\n{m}");
+        }
     }
 
     #[tokio::test]
@@ -1579,6 +1660,21 @@ mod tests {
         let second = cache.server_config("shop.example").await.unwrap();
         assert_eq!(cache.generated(), 2);
         assert!(!Arc::ptr_eq(&first, &second));
+        let m = metrics_text(&cache);
+        assert!(
+            m.contains("edgepool_leaf_cache_lookups_total{result=\"expired\"} 1\n"),
+            "{m}"
+        );
+        assert!(m.contains("edgepool_leaf_cache_evictions_total 0\n"), "{m}");
+    }
+
+    /// The cache's metrics in the Prometheus text format.
+    fn metrics_text(cache: &LeafCache) -> String {
+        let mut registry = Registry::default();
+        cache.register_metrics(&mut registry);
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        text
     }
 
     #[tokio::test]

@@ -124,6 +124,7 @@ impl Gateway {
         }
         let own = crate::dial::OwnAddrs::default();
         let mut registry = prometheus_client::registry::Registry::default();
+        leaves.register_metrics(&mut registry);
         let resolver = Resolver::new(
             cfg.dns(),
             TargetPolicy::new(cfg.targets.allow.clone()),

@@ -261,6 +261,19 @@ async fn every_surface_reports_the_same_figures_and_r_matches_the_origins() {
         new
     );
     assert_eq!(metric_sum(&m, "edgepool_errors_total") as u64, errors);
+    // Both TLS origins are `localhost`: one leaf made, every later CONNECT's lookup a hit.
+    let leaf = |result: &str| {
+        support::metric(
+            &m,
+            &format!("edgepool_leaf_cache_lookups_total{{result=\"{result}\"}}"),
+        )
+    };
+    assert_eq!((leaf("miss"), leaf("expired")), (1.0, 0.0), "{m}");
+    assert!(
+        leaf("hit") >= 1.0,
+        "two TLS origins, two CONNECTs at least: {m}"
+    );
+    assert_eq!(support::metric(&m, "edgepool_leaf_cache_hosts"), 1.0);
     let fleet_ratio = support::metric(&m, "edgepool_reuse_ratio{target=\"*\"}");
     assert!(
         (fleet_ratio - status_r).abs() < 1e-4,
