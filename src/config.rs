@@ -538,6 +538,9 @@ pub const DEFAULT_REUSE_TARGET: f64 = 0.92;
 /// first, unavoidable connection than about the pool (one cold connection costs 1/N of R: 9
 /// points at 11 requests, 1 point at 100), so its verdict is `warming_up`, not a breach.
 pub const DEFAULT_SLO_MIN_REQUESTS: u64 = 100;
+/// Default [`SloConfig::max_targets`]: 2,000 target rows (about 1 MiB of `/status`); a broad
+/// crawl touching millions of hosts keeps the most recently active ones.
+pub const DEFAULT_SLO_MAX_TARGETS: usize = 2_000;
 /// Default [`TraceConfig::sample_rate`]: 1% of reused requests; errors and requests on new
 /// connections are always traced.
 pub const DEFAULT_TRACE_SAMPLE_RATE: f64 = 0.01;
@@ -555,6 +558,11 @@ pub struct SloConfig {
     /// Requests a target (or the fleet) needs before it is judged; fewer are `warming_up`.
     /// Default [`DEFAULT_SLO_MIN_REQUESTS`]; 0 judges from the first request.
     pub min_requests: u64,
+    /// Targets with an accounting row of their own (in `/status`, verdicts and per-target
+    /// figures). Beyond it the least recently active target's row is folded into the fleet
+    /// totals (which stay exact) and counted in `edgepool_target_rows_folded_total`. Default
+    /// [`DEFAULT_SLO_MAX_TARGETS`]; at least 1.
+    pub max_targets: usize,
 }
 
 impl Default for SloConfig {
@@ -563,6 +571,7 @@ impl Default for SloConfig {
             reuse_target: DEFAULT_REUSE_TARGET,
             targets: Default::default(),
             min_requests: DEFAULT_SLO_MIN_REQUESTS,
+            max_targets: DEFAULT_SLO_MAX_TARGETS,
         }
     }
 }
@@ -579,6 +588,12 @@ impl SloConfig {
     fn validate(&self) -> Result<(), ConfigError> {
         if !(0.0..=1.0).contains(&self.reuse_target) {
             return Err(invalid("slo.reuse_target", "must be between 0 and 1"));
+        }
+        if self.max_targets == 0 {
+            return Err(invalid(
+                "slo.max_targets",
+                "must be at least 1: every target's figures would be folded away at once",
+            ));
         }
         for (t, v) in &self.targets {
             if !(0.0..=1.0).contains(v) {

@@ -278,6 +278,35 @@ pub struct TargetCounts {
 }
 
 impl TargetCounts {
+    /// Adds `c`'s counts (not its protocol) to these: fleet totals, folded rows.
+    pub fn add(&mut self, c: &TargetCounts) {
+        self.requests += c.requests;
+        self.reused += c.reused;
+        self.new_connections += c.new_connections;
+        self.dial_failures += c.dial_failures;
+        self.errors += c.errors;
+        self.handshake_seconds += c.handshake_seconds;
+        self.handshakes += c.handshakes;
+        self.handshake_saved_seconds += c.handshake_saved_seconds;
+        self.forced_requests += c.forced_requests;
+        self.forced_new += c.forced_new;
+        for (l, n) in &c.by_exit {
+            match self.by_exit.iter_mut().find(|(x, _)| x == l) {
+                Some((_, m)) => *m += n,
+                None => self.by_exit.push((l.clone(), *n)),
+            }
+        }
+        for (k, v) in &c.handshake_by_reason {
+            *self.handshake_by_reason.entry(k).or_default() += v;
+        }
+        for (k, v) in &c.new_by_reason {
+            *self.new_by_reason.entry(k).or_default() += v;
+        }
+        for (k, v) in &c.closed_by_reason {
+            *self.closed_by_reason.entry(k).or_default() += v;
+        }
+    }
+
     /// R = 1 − new_connections / requests (1.0 with no requests).
     pub fn reuse_rate(&self) -> f64 {
         if self.requests == 0 {
@@ -603,6 +632,50 @@ impl TraceLog {
     }
 }
 
+/// The per-target accounting rows, bounded by `slo.max_targets`: a new target beyond the bound
+/// folds the least recently active row into `folded`, so fleet totals stay exact while memory
+/// and `/status` stay flat however many targets a crawl touches.
+struct TargetTable {
+    rows: lru::LruCache<String, TargetCounts>,
+    cap: usize,
+    /// The sum of every folded row.
+    folded: TargetCounts,
+    /// Rows folded (`edgepool_target_rows_folded_total`).
+    folds: Counter,
+}
+
+impl TargetTable {
+    fn new(cap: usize, registry: &mut Registry) -> TargetTable {
+        let folds = Counter::default();
+        registry.register(
+            "edgepool_target_rows_folded",
+            "Per-target accounting rows folded into the fleet totals to stay within slo.max_targets (least recently active first)",
+            folds.clone(),
+        );
+        TargetTable {
+            rows: lru::LruCache::unbounded(),
+            cap: cap.max(1),
+            folded: TargetCounts::default(),
+            folds,
+        }
+    }
+
+    /// `target`'s row (made the most recently active), created if new — allocating its name
+    /// only then — after folding the least recently active row if the table is full.
+    fn row(&mut self, target: &str) -> &mut TargetCounts {
+        if !self.rows.contains(target) {
+            if self.rows.len() >= self.cap {
+                if let Some((_, old)) = self.rows.pop_lru() {
+                    self.folded.add(&old);
+                    self.folds.inc();
+                }
+            }
+            self.rows.put(target.to_string(), TargetCounts::default());
+        }
+        self.rows.get_mut(target).expect("present: inserted above")
+    }
+}
+
 /// Metrics and counters. One per gateway; passed down, never global.
 pub struct Telemetry {
     registry: Registry,
@@ -615,7 +688,7 @@ pub struct Telemetry {
     exits: crate::exits::ExitMetrics,
     /// Serializes scrapes (per-target gauges are cleared and rebuilt on each).
     scrape: Mutex<()>,
-    targets: Mutex<HashMap<String, TargetCounts>>,
+    targets: Mutex<TargetTable>,
     /// Fleet figures with no target row: errors answered before routing, closes of shared
     /// plain-http proxy connections.
     unrouted: Mutex<TargetCounts>,
@@ -652,6 +725,7 @@ impl Telemetry {
         slo: crate::config::SloConfig,
         trace: crate::config::TraceConfig,
     ) -> Self {
+        let targets = Mutex::new(TargetTable::new(slo.max_targets, &mut registry));
         Telemetry {
             reuse: ReuseMetrics::register(&mut registry),
             outcomes: OutcomeMetrics::register(&mut registry),
@@ -662,7 +736,7 @@ impl Telemetry {
             exits: crate::exits::ExitMetrics::register(&mut registry),
             registry,
             scrape: Mutex::new(()),
-            targets: Mutex::new(HashMap::new()),
+            targets,
             unrouted: Mutex::new(TargetCounts::default()),
             history: Mutex::new(History::default()),
             slo,
@@ -737,11 +811,7 @@ impl Telemetry {
             }
         }
         let mut t = self.targets.lock();
-        // The target's row, allocating its name only the first time.
-        if !t.contains_key(r.target) {
-            t.insert(r.target.to_string(), TargetCounts::default());
-        }
-        let c = t.get_mut(r.target).expect("inserted above");
+        let c = t.row(r.target);
         c.requests += 1;
         if r.forced {
             c.forced_requests += 1;
@@ -817,7 +887,7 @@ impl Telemetry {
             .get_or_create(&ErrorLabels { error: token })
             .inc();
         match target {
-            Some(t) => self.targets.lock().entry(t.to_string()).or_default().errors += 1,
+            Some(t) => self.targets.lock().row(t).errors += 1,
             None => self.unrouted.lock().errors += 1,
         }
     }
@@ -873,6 +943,7 @@ impl Telemetry {
     pub fn targets(&self) -> BTreeMap<String, TargetCounts> {
         self.targets
             .lock()
+            .rows
             .iter()
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect()
@@ -885,32 +956,9 @@ impl Telemetry {
         let unrouted = self.unrouted.lock().clone();
         let t = self.targets.lock();
         let mut sum = TargetCounts::default();
-        for c in t.values().chain(std::iter::once(&unrouted)) {
-            sum.requests += c.requests;
-            sum.reused += c.reused;
-            sum.new_connections += c.new_connections;
-            sum.dial_failures += c.dial_failures;
-            sum.errors += c.errors;
-            sum.handshake_seconds += c.handshake_seconds;
-            sum.handshakes += c.handshakes;
-            sum.handshake_saved_seconds += c.handshake_saved_seconds;
-            sum.forced_requests += c.forced_requests;
-            sum.forced_new += c.forced_new;
-            for (l, n) in &c.by_exit {
-                match sum.by_exit.iter_mut().find(|(x, _)| x == l) {
-                    Some((_, m)) => *m += n,
-                    None => sum.by_exit.push((l.clone(), *n)),
-                }
-            }
-            for (k, v) in &c.handshake_by_reason {
-                *sum.handshake_by_reason.entry(k).or_default() += v;
-            }
-            for (k, v) in &c.new_by_reason {
-                *sum.new_by_reason.entry(k).or_default() += v;
-            }
-            for (k, v) in &c.closed_by_reason {
-                *sum.closed_by_reason.entry(k).or_default() += v;
-            }
+        let rows = t.rows.iter().map(|(_, c)| c);
+        for c in rows.chain([&unrouted, &t.folded]) {
+            sum.add(c);
         }
         sum
     }
@@ -1066,7 +1114,7 @@ impl PoolEvents<UpstreamKey> for Telemetry {
             .new_connections
             .fetch_add(1, Ordering::Relaxed);
         let mut t = self.targets.lock();
-        let c = t.entry(key.target()).or_default();
+        let c = t.row(&key.target());
         c.new_connections += 1;
         *c.new_by_reason.entry(reason.as_str()).or_default() += 1;
     }
@@ -1075,11 +1123,7 @@ impl PoolEvents<UpstreamKey> for Telemetry {
         if key.via_proxy() {
             return; // a proxy connection for every plain-http target: no target row
         }
-        self.targets
-            .lock()
-            .entry(key.target())
-            .or_default()
-            .dial_failures += 1;
+        self.targets.lock().row(&key.target()).dial_failures += 1;
     }
     fn connection_closed(&self, key: &UpstreamKey, reason: CloseReason, requests: u64) {
         self.reuse
@@ -1100,8 +1144,7 @@ impl PoolEvents<UpstreamKey> for Telemetry {
                 .or_default() += 1;
         } else {
             let mut t = self.targets.lock();
-            *t.entry(key.target())
-                .or_default()
+            *t.row(&key.target())
                 .closed_by_reason
                 .entry(reason.as_str())
                 .or_default() += 1;
@@ -1218,5 +1261,39 @@ mod tests {
             "still bounded after the ranking changed"
         );
         assert!(text.contains(&format!("edgepool_reuse_ratio{{target=\"{late}\"}}")));
+    }
+
+    #[test]
+    fn target_rows_are_bounded_and_folded_rows_stay_in_the_fleet_totals() {
+        let slo = crate::config::SloConfig {
+            max_targets: 2,
+            ..Default::default()
+        };
+        let t = Telemetry::new(slo, Default::default());
+        t.record_request(&rec("a:443", false));
+        t.record_request(&rec("a:443", true));
+        t.record_request(&rec("b:443", false));
+        t.record_request(&rec("a:443", true)); // a is now the most recently active
+        t.record_error(Some("c:443"), "dns_failed"); // a new row: b, the least recent, folds
+        let rows = t.targets();
+        assert_eq!(rows.keys().collect::<Vec<_>>(), ["a:443", "c:443"]);
+        assert_eq!((rows["a:443"].requests, rows["c:443"].errors), (3, 1));
+        let fleet = t.totals();
+        assert_eq!(
+            (fleet.requests, fleet.reused),
+            (4, 2),
+            "b's requests still counted"
+        );
+        assert_eq!(fleet.errors, 1);
+        assert_eq!(fleet.by_exit.iter().map(|(_, n)| n).sum::<u64>(), 4);
+        let text = t.encode(PoolStats::default());
+        assert!(
+            text.contains("edgepool_target_rows_folded_total 1\n"),
+            "{text}"
+        );
+        // A folded target that comes back starts a new row (its old counts stay folded).
+        t.record_request(&rec("b:443", true));
+        assert_eq!(t.targets()["b:443"].requests, 1);
+        assert_eq!(t.totals().requests, 5);
     }
 }
