@@ -24,7 +24,7 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use crate::exitproto::HandshakeError;
-pub use crate::exits::authority;
+use crate::exits::authority;
 use crate::exits::{ExitKey, ExitKind, ExitNode, NodeOutcome};
 use crate::pool::{BoxFuture, ConnWatch, Connected, Connector, EndCause, PoolConn};
 

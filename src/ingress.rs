@@ -1185,14 +1185,7 @@ async fn intercept(
     if first[0] != TLS_HANDSHAKE_RECORD {
         // Plaintext inside the tunnel (ws://, http:// sent through CONNECT): HTTP/1 or h2c,
         // served as plain http to the CONNECT's target and pooled as such.
-        let Tunnel {
-            host,
-            port,
-            worker,
-            peer,
-            places,
-        } = t;
-        serve_tunnel(gw, io, Scheme::Http, host, port, worker, peer, places).await;
+        serve_tunnel(gw, io, Scheme::Http, t).await;
         return;
     }
     let acceptor = tokio_rustls::TlsAcceptor::from(server_cfg);
@@ -1207,14 +1200,7 @@ async fn intercept(
             return;
         }
     };
-    let Tunnel {
-        host,
-        port,
-        worker,
-        peer,
-        places,
-    } = t;
-    serve_tunnel(gw, tls, Scheme::Https, host, port, worker, peer, places).await;
+    serve_tunnel(gw, tls, Scheme::Https, t).await;
 }
 
 /// The first byte of a TLS connection: a handshake record (ClientHello).
@@ -1222,20 +1208,18 @@ const TLS_HANDSHAKE_RECORD: u8 = 0x16;
 
 /// Serves the requests inside an intercepted tunnel (decrypted TLS, or plaintext) until it
 /// ends: every request goes to the CONNECT's `host:port` with `scheme`, through the pool.
-/// `places` (tunnel, worker connection) are held until then.
-#[allow(clippy::too_many_arguments)]
-async fn serve_tunnel<S>(
-    gw: Arc<Ingress>,
-    stream: S,
-    scheme: Scheme,
-    host: String,
-    port: u16,
-    worker: crate::worker::Worker,
-    peer: IpAddr,
-    places: (crate::admission::Ticket, Option<WorkerPlace>),
-) where
+/// The tunnel's places (tunnel, worker connection) are held until then.
+async fn serve_tunnel<S>(gw: Arc<Ingress>, stream: S, scheme: Scheme, t: Tunnel)
+where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
+    let Tunnel {
+        host,
+        port,
+        worker,
+        peer,
+        places,
+    } = t;
     let host = Arc::new(host);
     let worker = Arc::new(worker);
     let worker_place = places.1.clone();

@@ -20,39 +20,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the gateway (embedded defaults when no --config is given).
-    Serve {
-        /// TOML configuration file.
-        #[arg(long)]
-        config: Option<PathBuf>,
-        /// Worker-facing proxy address (overrides listen.proxy).
-        #[arg(long)]
-        listen: Option<SocketAddr>,
-        /// Admin address (overrides listen.admin).
-        #[arg(long)]
-        admin: Option<SocketAddr>,
-        /// Data directory: CA and state (overrides data_dir).
-        #[arg(long)]
-        data_dir: Option<PathBuf>,
-        /// Allow targets in this CIDR despite the private/loopback deny list (repeatable).
-        #[arg(long = "allow-target", value_name = "CIDR", value_parser = edgepool::config::parse_cidr)]
-        allow_target: Vec<ipnet::IpNet>,
-        /// Allow CONNECT to this port or range, e.g. `8443` or `8000-8999` (repeatable; adds to
-        /// targets.connect_ports, default 443 and 80).
-        #[arg(long = "allow-connect-port", value_name = "PORT[-PORT]")]
-        allow_connect_port: Vec<edgepool::config::PortRange>,
-        /// Extra PEM roots trusted for target certificates (repeatable).
-        #[arg(long = "upstream-ca", value_name = "FILE")]
-        upstream_ca: Vec<PathBuf>,
-        /// Add an exit node to a pool: POOL=URL with URL `http://user:pass@host:port`,
-        /// `socks5://user:pass@host:port` or `direct` (repeatable; repeat a pool name to add
-        /// nodes; the first pool named is the default unless the config names one).
-        #[arg(long = "exit", value_name = "POOL=URL")]
-        exit: Vec<String>,
-        /// A worker token (repeatable): workers must send it as the first part of their proxy
-        /// username (adds to auth.tokens).
-        #[arg(long = "token", value_name = "TOKEN")]
-        token: Vec<String>,
-    },
+    Serve(cli::serve::ServeOptions),
     /// Validate a configuration file; exits non-zero naming the bad key.
     Check {
         /// TOML configuration file.
@@ -165,31 +133,7 @@ fn main() -> ExitCode {
     let quiet = false;
     cli::init_logging(quiet);
     match cli.command {
-        Command::Serve {
-            config,
-            listen,
-            admin,
-            data_dir,
-            allow_target,
-            allow_connect_port,
-            upstream_ca,
-            exit,
-            token,
-        } => cli::finish(
-            cli::serve::ServeOptions {
-                config,
-                listen,
-                admin,
-                data_dir,
-                allow_target,
-                allow_connect_port,
-                upstream_ca,
-                exit,
-                token,
-            }
-            .config()
-            .and_then(cli::serve::serve),
-        ),
+        Command::Serve(options) => cli::finish(options.config().and_then(cli::serve::serve)),
         Command::Check { config } => cli::finish(cli::serve::check(&config)),
         Command::Ca { what } => {
             let (data_dir, config, export) = match what {

@@ -305,7 +305,7 @@ pub async fn forward(
     }
     let Target { scheme, host, port } = target;
     let started = tokio::time::Instant::now();
-    let target_label = crate::dial::authority(&host, port);
+    let target_label = crate::exits::authority(&host, port);
     let fwd = gw.forwarder();
     // The same target policy as any request: SSRF guard, edgepool's own listeners.
     let addr = match fwd.resolve_checked(&host, port).await {
@@ -503,7 +503,7 @@ fn upgrade_request(
     let authority_host = if port == scheme.default_port() {
         bracket(host)
     } else {
-        crate::dial::authority(host, port)
+        crate::exits::authority(host, port)
     };
     if let Ok(v) = HeaderValue::from_str(&authority_host) {
         headers.insert(header::HOST, v);

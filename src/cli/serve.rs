@@ -10,26 +10,39 @@ use crate::gateway::Gateway;
 use super::{reachable_url, runtime, CliError};
 
 /// `edgepool serve`'s arguments: a configuration file (embedded defaults without one) and
-/// what the command line overrides or adds.
-#[derive(Debug, Default)]
+/// what the command line overrides or adds. The field docs are `--help`'s text.
+#[derive(Debug, Default, clap::Args)]
 pub struct ServeOptions {
     /// TOML configuration file.
+    #[arg(long)]
     pub config: Option<PathBuf>,
-    /// Overrides `listen.proxy`.
+    /// Worker-facing proxy address (overrides listen.proxy).
+    #[arg(long)]
     pub listen: Option<SocketAddr>,
-    /// Overrides `listen.admin`.
+    /// Admin address (overrides listen.admin).
+    #[arg(long)]
     pub admin: Option<SocketAddr>,
-    /// Overrides `data_dir`.
+    /// Data directory: CA and state (overrides data_dir).
+    #[arg(long)]
     pub data_dir: Option<PathBuf>,
-    /// Added to `targets.allow`.
+    /// Allow targets in this CIDR despite the private/loopback deny list (repeatable).
+    #[arg(long = "allow-target", value_name = "CIDR", value_parser = crate::config::parse_cidr)]
     pub allow_target: Vec<ipnet::IpNet>,
-    /// Added to `targets.connect_ports`.
+    /// Allow CONNECT to this port or range, e.g. `8443` or `8000-8999` (repeatable; adds to
+    /// targets.connect_ports, default 443 and 80).
+    #[arg(long = "allow-connect-port", value_name = "PORT[-PORT]")]
     pub allow_connect_port: Vec<PortRange>,
-    /// Added to `upstream.extra_ca_files`.
+    /// Extra PEM roots trusted for target certificates (repeatable).
+    #[arg(long = "upstream-ca", value_name = "FILE")]
     pub upstream_ca: Vec<PathBuf>,
-    /// `POOL=URL` exit nodes, added to the exit pools.
+    /// Add an exit node to a pool: POOL=URL with URL `http://user:pass@host:port`,
+    /// `socks5://user:pass@host:port` or `direct` (repeatable; repeat a pool name to add
+    /// nodes; the first pool named is the default unless the config names one).
+    #[arg(long = "exit", value_name = "POOL=URL")]
     pub exit: Vec<String>,
-    /// Added to `auth.tokens`.
+    /// A worker token (repeatable): workers must send it as the first part of their proxy
+    /// username (adds to auth.tokens).
+    #[arg(long = "token", value_name = "TOKEN")]
     pub token: Vec<String>,
 }
 
