@@ -729,12 +729,15 @@ impl std::fmt::Display for EdgeError {
 
 impl std::error::Error for EdgeError {}
 
+/// `Proxy-Status` (RFC 9209) as a name: a `&str` key is parsed on every lookup.
+const PROXY_STATUS: http::HeaderName = http::HeaderName::from_static("proxy-status");
+
 /// Removes, from a response edgepool did not make, every `Proxy-Status` member that names
 /// edgepool (RFC 9209: each intermediary writes its own member): a target or an upstream proxy
 /// cannot make a worker believe edgepool refused or failed something. Other intermediaries'
 /// members pass unchanged; a header left with no member is removed.
 pub fn strip_foreign_proxy_status(headers: &mut HeaderMap) {
-    if !headers.contains_key("proxy-status") {
+    if !headers.contains_key(PROXY_STATUS) {
         return;
     }
     let mut kept: Vec<HeaderValue> = Vec::new();

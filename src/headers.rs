@@ -37,30 +37,39 @@ pub fn parse_keep_alive(v: &str) -> Hints {
 /// `Upgrade` goes too: only [`crate::upgrade`] puts it back, on a WebSocket handshake's own
 /// dedicated connection (and in the `101` it relays).
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
-        .collect();
-    for n in named {
-        headers.remove(n);
+    if headers.contains_key(header::CONNECTION) {
+        let named: Vec<HeaderName> = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+            .collect();
+        for n in named {
+            headers.remove(n);
+        }
     }
-    for n in [
-        "connection",
-        "keep-alive",
-        "proxy-connection",
-        "proxy-authenticate",
-        "proxy-authorization",
-        "te",
-        "trailer",
-        "transfer-encoding",
-        "upgrade",
-    ] {
-        headers.remove(n);
+    // Most messages carry none of them: one pass over the few names present is cheaper than
+    // a lookup for each of the nine.
+    if headers.keys().any(|k| HOP_BY_HOP.contains(k)) {
+        for n in HOP_BY_HOP {
+            headers.remove(n);
+        }
     }
 }
+
+/// The hop-by-hop headers of RFC 9110 §7.6.1, plus `Proxy-Connection` and `Upgrade`.
+const HOP_BY_HOP: [HeaderName; 9] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+];
 
 /// Removes hop-by-hop and every `X-Edgepool-*` header from a worker's request.
 pub fn clean_request_headers(headers: &mut HeaderMap) {
@@ -78,11 +87,11 @@ pub fn clean_response_headers(headers: &mut HeaderMap) {
 }
 
 fn strip_edgepool_headers(headers: &mut HeaderMap) {
-    let ours: Vec<HeaderName> = headers
-        .keys()
-        .filter(|k| k.as_str().starts_with("x-edgepool-"))
-        .cloned()
-        .collect();
+    let ours = |k: &HeaderName| k.as_str().starts_with("x-edgepool-");
+    if !headers.keys().any(ours) {
+        return;
+    }
+    let ours: Vec<HeaderName> = headers.keys().filter(|k| ours(k)).cloned().collect();
     for k in ours {
         headers.remove(k);
     }

@@ -127,11 +127,28 @@ pub fn init_logging(quiet: bool) {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter)),
         )
         .with_writer(std::io::stderr)
+        .fmt_fields(plain_fields())
         .with_ansi(log_colour(
             std::io::IsTerminal::is_terminal(&std::io::stderr()),
             std::env::var_os("NO_COLOR").as_deref(),
         ))
         .init();
+}
+
+/// Fields as `name=value`, the event's message bare — the default layout without its
+/// styling. Every request opens a span whose fields are formatted as they are recorded, log
+/// line or not; the default formatter's per-field styling cost about 2,900 instructions a
+/// request.
+fn plain_fields() -> impl for<'w> tracing_subscriber::fmt::FormatFields<'w> {
+    use tracing_subscriber::field::MakeExt;
+    tracing_subscriber::fmt::format::debug_fn(|w, field, value| {
+        if field.name() == "message" {
+            write!(w, "{value:?}")
+        } else {
+            write!(w, "{field}={value:?}")
+        }
+    })
+    .delimited(" ")
 }
 
 #[cfg(test)]
