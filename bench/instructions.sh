@@ -85,7 +85,7 @@ one_run() {
     local total guard
     total=$(callgrind_annotate "$out" 2>/dev/null | awk '/PROGRAM TOTALS/ { gsub(",", "", $1); print $1 }')
     guard=$(callgrind_annotate --inclusive=yes "$out" 2>/dev/null |
-        awk '/PortGuard::refresh_locked \[/ { gsub(",", "", $1); print $1; exit }')
+        awk '/PortGuard::refresh_locked \[/ && !seen { gsub(",", "", $1); print $1; seen = 1 }')
     echo "$total ${guard:-0}"
 }
 
