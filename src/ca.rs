@@ -374,6 +374,18 @@ impl CertAuthority {
         Self::load_or_create(data_dir)
     }
 
+    /// A secret the gateways of one fleet share because they share this CA: SHA-256 of a
+    /// label and the CA's private key. It keys the fleet's rendezvous choice of exits
+    /// ([`crate::exits::SessionChoice::Rendezvous`]); the key itself never leaves the CA.
+    pub fn fleet_key(&self) -> [u8; 32] {
+        let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+        ctx.update(b"edgepool fleet key v1\0");
+        ctx.update(&self.key.serialize_der());
+        let mut out = [0u8; 32];
+        out.copy_from_slice(ctx.finish().as_ref());
+        out
+    }
+
     /// The CA certificate, PEM.
     pub fn cert_pem(&self) -> &str {
         &self.cert_pem

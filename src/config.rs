@@ -300,6 +300,11 @@ pub struct ExitsConfig {
     /// `flex`: a session whose exit dies moves to another (`X-Edgepool-Session-Renewed: 1`);
     /// `strict`: it fails with 502 `session_exit_lost`. Default `flex`.
     pub session_mode: crate::exits::SessionMode,
+    /// How a session's exit is chosen: `least_loaded` (one gateway's best spread) or
+    /// `rendezvous` (every gateway sharing the CA and the pools picks the same exit for a
+    /// session, with no shared state — for fleets behind a balancer; see docs/SCALE.md).
+    /// Default `least_loaded`.
+    pub session_choice: crate::exits::SessionChoice,
     /// Concurrent connections through one proxy node, all targets together (pools may
     /// override). Default [`DEFAULT_MAX_CONNECTIONS_PER_NODE`].
     pub max_connections_per_node: usize,
@@ -330,6 +335,7 @@ impl Default for ExitsConfig {
             session_idle: DEFAULT_SESSION_IDLE,
             jitter: DEFAULT_JITTER,
             session_mode: crate::exits::SessionMode::Flex,
+            session_choice: crate::exits::SessionChoice::LeastLoaded,
             max_connections_per_node: DEFAULT_MAX_CONNECTIONS_PER_NODE,
             circuit_failures: DEFAULT_CIRCUIT_FAILURES,
             circuit_open_min: DEFAULT_CIRCUIT_OPEN_MIN,
@@ -499,6 +505,8 @@ impl ExitsConfig {
             circuit_open_min: self.circuit_open_min,
             circuit_open_max: self.circuit_open_max,
             allow_direct: self.allow_direct.unwrap_or(self.pools.is_empty()),
+            session_choice: self.session_choice,
+            fleet_key: None,
         }
     }
 

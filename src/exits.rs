@@ -167,6 +167,13 @@ impl ExitSpec {
         })
     }
 
+    /// What names the node to the fleet's rendezvous hashing: kind, endpoint and user (never
+    /// the password) — the same on every gateway whatever the pool's order or labels.
+    pub fn identity(&self) -> String {
+        let user = self.auth.as_ref().map_or("", |a| a.username.as_str());
+        format!("{}://{}#{user}", self.kind.as_str(), self.endpoint())
+    }
+
     /// `host:port` (IPv6 bracketed), or `direct`.
     pub fn endpoint(&self) -> String {
         match self.kind {
@@ -554,6 +561,22 @@ pub enum SessionMode {
     Strict,
 }
 
+/// How a worker session's exit is chosen when its pin starts.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SessionChoice {
+    /// The healthy node with the fewest pins and open connections (ties at random): the best
+    /// spread for one gateway, but another gateway would choose differently.
+    #[default]
+    LeastLoaded,
+    /// Rendezvous (highest-random-weight) hashing of the session over the pool's healthy
+    /// nodes, keyed by the fleet key (derived from the shared CA): every gateway that shares
+    /// the CA and the pool's node list puts a session on the same exit, with no shared state.
+    /// Lifetimes follow wall-clock periods (per-session phase) so gateways agree on when a
+    /// session moves too.
+    Rendezvous,
+}
+
 /// Router settings.
 #[derive(Clone, Debug)]
 pub struct ExitSettings {
@@ -575,6 +598,11 @@ pub struct ExitSettings {
     pub circuit_open_max: Duration,
     /// Whether workers may pick the `direct` pool (leave from edgepool's own address).
     pub allow_direct: bool,
+    /// How a session's exit is chosen.
+    pub session_choice: SessionChoice,
+    /// The key of rendezvous choices and of their isolation scopes: the same on every gateway
+    /// of a fleet (derived from the shared CA). `None`: a fixed key (tests; a lone gateway).
+    pub fleet_key: Option<[u8; 32]>,
 }
 
 /// A pool as configured.
@@ -753,6 +781,11 @@ pub struct Exits {
     hash_key: std::collections::hash_map::RandomState,
     /// Isolation scopes whose pin ended: their connections can never be used again.
     ended: Mutex<Vec<Arc<str>>>,
+    /// HMAC-SHA256 under the fleet key: rendezvous scores and session scopes.
+    fleet: ring::hmac::Key,
+    /// A monotonic instant and the Unix time (seconds) it was: wall-clock session periods read
+    /// through the runtime's clock (paused and advanced in tests).
+    wall_anchor: (Instant, u64),
 }
 
 impl Exits {
@@ -828,13 +861,23 @@ impl Exits {
             nodes,
             pools: entries,
             default_pool,
-            settings,
             state: Mutex::new(RouterState {
                 rng: seed,
                 ..Default::default()
             }),
             hash_key: Default::default(),
             ended: Default::default(),
+            fleet: ring::hmac::Key::new(
+                ring::hmac::HMAC_SHA256,
+                &settings.fleet_key.unwrap_or([0; 32]),
+            ),
+            wall_anchor: (
+                Instant::now(),
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs()),
+            ),
+            settings,
         })
     }
 
@@ -1280,12 +1323,27 @@ impl Exits {
             let p = st.sessions.remove(&sk).expect("present");
             self.unpin(&p);
         }
-        let node = self.choose(st, pool, q.exclude, avoid, None, now)?;
+        let (node, scope, p) = if self.settings.session_choice == SessionChoice::Rendezvous {
+            let (node, scope, ends) = self.rendezvous(pool, q, id, life, now)?;
+            self.nodes[node].pins.fetch_add(1, Ordering::Relaxed);
+            let p = Pin {
+                node,
+                pool,
+                expires: ends,
+                last_used: now,
+                idle: self.settings.session_idle,
+                scope: Some(scope.clone()),
+            };
+            (node, scope, p)
+        } else {
+            let node = self.choose(st, pool, q.exclude, avoid, None, now)?;
+            st.seq += 1;
+            let scope = self.session_scope(&sk.0, &sk.1, st.seq);
+            let idle = self.settings.session_idle;
+            let p = self.pin(st, node, pool, life, idle, Some(scope.clone()), now);
+            (node, scope, p)
+        };
         self.nodes[node].admit(now);
-        st.seq += 1;
-        let scope = self.session_scope(&sk.0, &sk.1, st.seq);
-        let idle = self.settings.session_idle;
-        let p = self.pin(st, node, pool, life, idle, Some(scope.clone()), now);
         st.sessions.insert(sk, p);
         Ok(Route {
             key: ExitKey {
@@ -1296,6 +1354,106 @@ impl Exits {
             renewed,
             forced: false,
         })
+    }
+
+    /// The rendezvous choice for a session starting a pin at `now`: the pool's node with the
+    /// highest score among those that are healthy and not excluded, the scope of that pin,
+    /// and when the pin ends. Nothing here depends on this gateway's history, only on the
+    /// fleet key, the pool's nodes, the worker's token and session id, and the wall-clock
+    /// period — so every gateway of a fleet gives the same answer:
+    /// - the period is `life` long, shifted by a per-session phase (sessions do not all move
+    ///   at once), and numbered from the Unix epoch;
+    /// - each node scores HMAC(fleet key, pool, token, id, period, node identity); the best
+    ///   wins, and the next best takes over while it is down (flex), so a failed exit moves
+    ///   only its own sessions, each to the same place on every gateway;
+    /// - the previous period's winner is passed over when another node is healthy: a session
+    ///   that moves on gets a new exit, as with least-loaded choice.
+    ///
+    /// The scope (the pool key's isolation and a rotating gateway's provider session) is
+    /// derived the same way, so a provider session is shared by the fleet too; it changes with
+    /// the period and the node.
+    fn rendezvous(
+        &self,
+        pool: usize,
+        q: &RouteQuery<'_>,
+        id: &str,
+        life: Duration,
+        now: Instant,
+    ) -> Result<(usize, Arc<str>, Instant), RouteError> {
+        let life_s = life.as_secs().max(1);
+        let wall = self.wall_anchor.1 + now.saturating_duration_since(self.wall_anchor.0).as_secs();
+        let pool_name = &*self.pools[pool].name;
+        let phase = self.fleet_hash(&[
+            b"phase",
+            pool_name.as_bytes(),
+            q.token.as_bytes(),
+            id.as_bytes(),
+        ]) % life_s;
+        let shifted = wall + phase;
+        let period = shifted / life_s;
+        let ends = now + Duration::from_secs(life_s - shifted % life_s);
+        let score = |node: usize, period: u64| {
+            self.fleet_hash(&[
+                b"node",
+                pool_name.as_bytes(),
+                q.token.as_bytes(),
+                id.as_bytes(),
+                &period.to_be_bytes(),
+                self.nodes[node].spec.identity().as_bytes(),
+            ])
+        };
+        let nodes = &self.pools[pool].nodes;
+        let best = |period: u64, among: &mut dyn Iterator<Item = usize>| {
+            among.max_by_key(|i| (score(*i, period), std::cmp::Reverse(*i)))
+        };
+        let previous = period
+            .checked_sub(1)
+            .and_then(|p| best(p, &mut nodes.iter().copied()));
+        let usable = |i: &usize| !q.exclude.contains(i) && self.nodes[*i].admissible(now);
+        let usable_count = nodes.iter().filter(|i| usable(i)).count();
+        let node = best(
+            period,
+            &mut nodes
+                .iter()
+                .copied()
+                .filter(|i| usable(i))
+                .filter(|i| usable_count < 2 || Some(*i) != previous),
+        );
+        let Some(node) = node else {
+            // Nothing usable: `choose` says why and when to retry.
+            let mut st = RouterState::default();
+            return Err(self
+                .choose(&mut st, pool, q.exclude, None, None, now)
+                .err()
+                .unwrap_or_else(|| RouteError::NoHealthyExit {
+                    pool: pool_name.to_string(),
+                    why: "no node is usable".into(),
+                    retry_after: Duration::from_secs(1),
+                }));
+        };
+        let tag = self.fleet_hash(&[
+            b"scope",
+            pool_name.as_bytes(),
+            q.token.as_bytes(),
+            id.as_bytes(),
+            &period.to_be_bytes(),
+            self.nodes[node].spec.identity().as_bytes(),
+        ]);
+        Ok((node, format!("f{tag:016x}").into(), ends))
+    }
+
+    /// The first 8 bytes of HMAC-SHA256(fleet key, parts), each part length-prefixed so no
+    /// two different part lists hash alike.
+    fn fleet_hash(&self, parts: &[&[u8]]) -> u64 {
+        let mut ctx = ring::hmac::Context::with_key(&self.fleet);
+        for p in parts {
+            ctx.update(&(p.len() as u64).to_be_bytes());
+            ctx.update(p);
+        }
+        let tag = ctx.sign();
+        let mut b = [0u8; 8];
+        b.copy_from_slice(&tag.as_ref()[..8]);
+        u64::from_be_bytes(b)
     }
 
     /// The isolation scope of a worker session: a keyed hash (per-process random key), so
@@ -1501,6 +1659,8 @@ mod tests {
             circuit_open_min: Duration::from_secs(2),
             circuit_open_max: Duration::from_secs(60),
             allow_direct: true,
+            session_choice: SessionChoice::LeastLoaded,
+            fleet_key: None,
         }
     }
 
@@ -1689,6 +1849,138 @@ mod tests {
         for n in &x.nodes()[1..] {
             assert_eq!(x.pins_of(n), 10, "{}", n.label);
         }
+    }
+
+    /// A gateway of a fleet: rendezvous choice under `key`, the pool's nodes in `order`
+    /// (indices into `pool("dc", 4, None)`'s nodes).
+    fn fleet_gateway(key: u8, order: &[usize]) -> Exits {
+        let all = pool("dc", 4, None);
+        let p = PoolSpec {
+            nodes: order.iter().map(|i| all.nodes[*i].clone()).collect(),
+            ..all
+        };
+        let s = ExitSettings {
+            session_choice: SessionChoice::Rendezvous,
+            fleet_key: Some([key; 32]),
+            ..settings()
+        };
+        Exits::new(&[p], None, s).unwrap()
+    }
+
+    /// The chosen exit's identity and the session's scope.
+    fn placed(x: &Exits, token: &str, id: &str, exclude: &[usize]) -> (String, Arc<str>) {
+        let r = route_ex(x, "t:443", token, &session(id), exclude).unwrap();
+        (r.key.node.spec.identity(), r.key.scope.unwrap())
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn rendezvous_sessions_agree_across_gateways_and_spread_over_the_pool() {
+        let a = fleet_gateway(7, &[0, 1, 2, 3]);
+        // Another gateway, its pool listed in another order: nodes are named by what they are.
+        let b = fleet_gateway(7, &[3, 1, 0, 2]);
+        let mut per_node: HashMap<String, usize> = HashMap::new();
+        for i in 0..400 {
+            let id = format!("s{i}");
+            let on_a = placed(&a, "tok", &id, &[]);
+            let on_b = placed(&b, "tok", &id, &[]);
+            assert_eq!(
+                on_a, on_b,
+                "session {id}: same exit and scope on both gateways"
+            );
+            *per_node.entry(on_a.0).or_default() += 1;
+            // Later requests of the session, on either gateway, stay put.
+            assert_eq!(placed(&b, "tok", &id, &[]).0, on_b.0);
+        }
+        assert_eq!(per_node.len(), 4, "{per_node:?}");
+        for (node, n) in &per_node {
+            // 100 expected each; the assignment is a fixed function of the key, so this
+            // bound is not a matter of luck: it holds or the hashing is skewed.
+            assert!((70..=130).contains(n), "{node}: {n} of 400");
+        }
+        // Another fleet (another CA, so another key) places sessions independently.
+        let c = fleet_gateway(8, &[0, 1, 2, 3]);
+        let moved = (0..400)
+            .filter(|i| {
+                placed(&c, "tok", &format!("s{i}"), &[]).0
+                    != placed(&a, "tok", &format!("s{i}"), &[]).0
+            })
+            .count();
+        assert!(
+            moved > 200,
+            "{moved} of 400 placed differently under another key"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn rendezvous_failover_moves_only_the_failed_exits_sessions_the_same_way_everywhere() {
+        let before = fleet_gateway(7, &[0, 1, 2, 3]);
+        let ids: Vec<String> = (0..200).map(|i| format!("s{i}")).collect();
+        let home: Vec<String> = ids
+            .iter()
+            .map(|id| placed(&before, "tok", id, &[]).0)
+            .collect();
+        // Node index 2 (the pool's second node on gateway a: indices are per gateway, 0 is
+        // direct) fails; gateway b lists the pool in another order, so its index differs.
+        let failed = before.nodes()[2].spec.identity();
+        let a = fleet_gateway(7, &[0, 1, 2, 3]);
+        let b = fleet_gateway(7, &[3, 1, 0, 2]);
+        let index_on = |x: &Exits| {
+            x.nodes()
+                .iter()
+                .position(|n| n.spec.identity() == failed)
+                .unwrap()
+        };
+        let (xa, xb) = ([index_on(&a)], [index_on(&b)]);
+        let mut moved = 0;
+        for (id, home) in ids.iter().zip(&home) {
+            let on_a = placed(&a, "tok", id, &xa);
+            let on_b = placed(&b, "tok", id, &xb);
+            assert_eq!(
+                on_a, on_b,
+                "session {id}: the same failover target everywhere"
+            );
+            assert_ne!(on_a.0, failed);
+            if *home == failed {
+                moved += 1;
+            } else {
+                assert_eq!(
+                    &on_a.0, home,
+                    "session {id} was not on the failed exit: it stays"
+                );
+            }
+        }
+        assert!(
+            (25..=75).contains(&moved),
+            "{moved} of 200 sessions were on the failed node"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn rendezvous_session_moves_at_its_period_end_to_another_exit() {
+        let x = fleet_gateway(7, &[0, 1, 2, 3]);
+        let o = WorkerOptions {
+            session: Some("short".into()),
+            session_minutes: Some(1),
+            ..Default::default()
+        };
+        let first = route(&x, "a:443", "t", &o).unwrap();
+        // Within at most one period (60 s) the session moves, once.
+        let mut changes = Vec::new();
+        for _ in 0..61 {
+            tokio::time::advance(Duration::from_secs(1)).await;
+            let r = route(&x, "a:443", "t", &o).unwrap();
+            if r.cold_reason.is_some() {
+                changes.push(r);
+            }
+        }
+        assert_eq!(changes.len(), 1, "one move per period");
+        let next = &changes[0];
+        assert_eq!(next.cold_reason, Some(NewReason::SessionChange));
+        assert_ne!(
+            next.key.node.index, first.key.node.index,
+            "a new period, a new exit"
+        );
+        assert_ne!(next.key.scope, first.key.scope);
     }
 
     #[tokio::test(start_paused = true)]

@@ -151,7 +151,10 @@ impl Gateway {
         let exits = Arc::new(crate::exits::Exits::new(
             &cfg.exits.pool_specs()?,
             cfg.exits.default_pool.as_deref(),
-            cfg.exits.settings(),
+            crate::exits::ExitSettings {
+                fleet_key: Some(ca.fleet_key()),
+                ..cfg.exits.settings()
+            },
         )?);
         telemetry.register_exits(exits.nodes());
         for n in exits.nodes().iter().skip(1) {

@@ -281,6 +281,92 @@ async fn sessions_pin_an_exit_and_never_share_a_connection() {
     gw.stop().await;
 }
 
+/// Two gateways of one fleet (one data dir, so one CA and one fleet key), rendezvous session
+/// choice, the pool listed in a different order on each: every session leaves through the
+/// same exit whichever gateway a request reaches — the origin sees the same exit address —
+/// and when that exit dies, both move the session to the same other exit.
+#[tokio::test]
+async fn fleet_gateways_sharing_a_ca_send_each_session_through_the_same_exit() {
+    let origin = Origin::start(tls()).await;
+    let exits = [
+        http_exit(31).await,
+        http_exit(32).await,
+        http_exit(33).await,
+        http_exit(34).await,
+    ];
+    let forward: Vec<&FakeExit> = exits.iter().collect();
+    let backward: Vec<&FakeExit> = exits.iter().rev().collect();
+    let extra = [origin.ca().cert_path.clone()];
+    let gw1 = TestGateway::start_with(&extra, |c| {
+        c.exits.pools.push(pool("dc", &forward));
+        c.exits.session_choice = edgepool::exits::SessionChoice::Rendezvous;
+        c.auth.tokens = vec!["tok".into()];
+    })
+    .await;
+    let shared = gw1.data_dir.path().to_path_buf();
+    let gw2 = TestGateway::start_with(&extra, |c| {
+        c.data_dir = Some(shared);
+        // Another node: another instance name, so its own report store in the shared dir.
+        c.listen.proxy.set_port(18081);
+        c.exits.pools.push(pool("dc", &backward));
+        c.exits.session_choice = edgepool::exits::SessionChoice::Rendezvous;
+        c.auth.tokens = vec!["tok".into()];
+    })
+    .await;
+    assert_eq!(gw1.ca_pem(), gw2.ca_pem(), "one CA for the fleet");
+    let mut homes = Vec::new();
+    for i in 0..12 {
+        let user = format!("tok-session-s{i}");
+        let (w1, w2) = (worker(&gw1, &user, None), worker(&gw2, &user, None));
+        let mut peers = Vec::new();
+        for _ in 0..2 {
+            for w in [&w1, &w2] {
+                let got = fetch(w, &origin.url("/echo")).await;
+                assert_eq!(got.status, 200, "{}", got.error);
+                peers.push(got.peer);
+            }
+        }
+        peers.dedup();
+        assert_eq!(
+            peers.len(),
+            1,
+            "session s{i}: one exit on both gateways: {peers:?}"
+        );
+        homes.push(peers.remove(0));
+    }
+    let mut distinct = homes.clone();
+    distinct.sort();
+    distinct.dedup();
+    assert!(
+        distinct.len() >= 2,
+        "12 sessions over 4 exits used {distinct:?}"
+    );
+    // Session s0's exit dies: both gateways move it, to the same exit.
+    let dead = exits
+        .iter()
+        .find(|e| homes[0].starts_with(&e.config().bind_ip.to_string()))
+        .expect("s0's exit is one of ours");
+    dead.kill();
+    let user = "tok-session-s0";
+    let (w1, w2) = (worker(&gw1, user, None), worker(&gw2, user, None));
+    let (a, b) = (
+        fetch(&w1, &origin.url("/echo")).await,
+        fetch(&w2, &origin.url("/echo")).await,
+    );
+    assert_eq!(
+        (a.status, b.status),
+        (200, 200),
+        "{} / {}",
+        a.error,
+        b.error
+    );
+    assert_eq!(a.peer, b.peer, "the same failover exit on both gateways");
+    assert_ne!(a.peer, homes[0]);
+    assert!(a.renewed && b.renewed, "the worker hears its session moved");
+    gw2.stop().await;
+    gw1.stop().await;
+}
+
 #[tokio::test]
 async fn worker_tokens_and_options_are_checked_with_precise_errors() {
     let origin = Origin::start(OriginConfig::default()).await;
