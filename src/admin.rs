@@ -43,6 +43,7 @@ pub struct Admin {
     ports: PortGuard,
     started: tokio::time::Instant,
     shutting_down: Arc<AtomicBool>,
+    node: String,
 }
 
 /// The parts an [`Admin`] is built from.
@@ -61,6 +62,8 @@ pub struct AdminParts {
     pub ports: PortGuard,
     /// Set once shutdown starts (`/readyz` answers 503 from then on).
     pub shutting_down: Arc<AtomicBool>,
+    /// This gateway's node name (`host-proxyport`), in `/status`.
+    pub node: String,
 }
 
 impl Admin {
@@ -76,6 +79,7 @@ impl Admin {
             ports: p.ports,
             started: tokio::time::Instant::now(),
             shutting_down: p.shutting_down,
+            node: p.node,
         }
     }
     /// The configuration.
@@ -403,6 +407,8 @@ pub struct TargetStatus {
 pub struct Status {
     /// edgepool version.
     pub version: &'static str,
+    /// This gateway's node name (`host-proxyport`; `edgepool status --fleet` shows it).
+    pub node: String,
     /// Seconds since start.
     pub uptime_seconds: u64,
     /// The objective.
@@ -628,6 +634,7 @@ pub fn status(gw: &Admin) -> Status {
     let pinned = gw.forwarder().exits().pinned();
     Status {
         version: env!("CARGO_PKG_VERSION"),
+        node: gw.node.clone(),
         uptime_seconds: gw.uptime().as_secs(),
         slo: serde_json::json!({
             "reuse_target": slo.reuse_target,

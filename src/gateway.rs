@@ -78,6 +78,23 @@ fn release_free_memory() {
     }
 }
 
+/// `edgepool_node_info{node, version} 1`: which gateway a scrape came from, by the name its
+/// `/status` and report store use — a fleet's dashboards join on it (docs/SCALE.md).
+fn register_node_info(registry: &mut prometheus_client::registry::Registry, node: &str) {
+    use prometheus_client::metrics::{family::Family, gauge::Gauge};
+    let info = Family::<Vec<(String, String)>, Gauge>::default();
+    info.get_or_create(&vec![
+        ("node".to_string(), node.to_string()),
+        ("version".to_string(), env!("CARGO_PKG_VERSION").to_string()),
+    ])
+    .set(1);
+    registry.register(
+        "edgepool_node_info",
+        "This gateway: its node name (host-proxyport, as in /status) and version; always 1",
+        info,
+    );
+}
+
 /// This instance's name in a shared data dir: `<host name>-<proxy port>` (instances on one
 /// host listen on different ports; hosts sharing storage have different names).
 pub fn instance_name(proxy_port: u16) -> String {
@@ -103,10 +120,8 @@ impl Gateway {
     pub fn new(cfg: Config) -> Result<Arc<Gateway>, StartError> {
         let data_dir = cfg.data_dir();
         let ca = Arc::new(CertAuthority::load_or_create(&data_dir)?);
-        let report = Arc::new(ReportStore::open_instance(
-            &data_dir,
-            &instance_name(cfg.listen.proxy.port()),
-        )?);
+        let node = instance_name(cfg.listen.proxy.port());
+        let report = Arc::new(ReportStore::open_instance(&data_dir, &node)?);
         let ports = PortGuard::new();
         let alpn = if cfg.intercept.worker_http2 {
             vec![b"h2".to_vec(), b"http/1.1".to_vec()]
@@ -124,6 +139,7 @@ impl Gateway {
         }
         let own = crate::dial::OwnAddrs::default();
         let mut registry = prometheus_client::registry::Registry::default();
+        register_node_info(&mut registry, &node);
         leaves.register_metrics(&mut registry);
         let resolver = Resolver::new(
             cfg.dns(),
@@ -205,6 +221,7 @@ impl Gateway {
             report,
             ports: ports.clone(),
             shutting_down: shutting_down.clone(),
+            node,
         }));
         Ok(Arc::new(Gateway {
             cfg,

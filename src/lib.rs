@@ -36,7 +36,8 @@
 //! - [`report`]: the reuse-killers report — per-minute reason counts in an embedded redb store.
 //! - [`portguard`]: the ephemeral-port budget; holds new dials when ports run out.
 //! - [`cli`]: the command line's library half: each subcommand's work (serve start-up, `ca`,
-//!   the admin client behind `status`/`report`/`trace`, the lab's arguments) and what it prints.
+//!   the admin client behind `status`/`report`/`trace`, `status --fleet`'s sums over several
+//!   gateways, the lab's arguments) and what it prints.
 //! - [`admin`]: `/` (dashboard), `/status`, `/status/history`, `/report`, `/trace`, `/metrics`,
 //!   `/healthz`, `/readyz`, `/ca.pem`.
 //! - [`lab`]: the reuse lab (`edgepool lab`): origins with behaviour profiles, a worker fleet
@@ -51,7 +52,8 @@
 //!   `Proxy-Status` type, side, `Retry-After`), checked against the README's error table.
 //! - [`worker`]: worker authentication — token and options in the proxy username.
 //! - [`exits`]: exit pools (direct, HTTP CONNECT / SOCKS5 proxies, rotating gateways), node
-//!   health (circuit breaker), sticky sessions and windows, reuse-aware node choice.
+//!   health (circuit breaker), sticky sessions and windows, reuse-aware node choice, and the
+//!   rendezvous choice that lets a fleet of gateways agree on a session's exit.
 //! - [`exitproto`]: client side of exit-proxy handshakes (HTTP `CONNECT`, SOCKS5).
 #![warn(missing_docs)]
 

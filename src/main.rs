@@ -43,6 +43,11 @@ enum Command {
         /// Refresh in place every 2 s until interrupted.
         #[arg(long)]
         watch: bool,
+        /// Several gateways' admin addresses (comma-separated): their /status added up, with
+        /// how many nodes served each target and each exit's state on every node. Replaces
+        /// --admin.
+        #[arg(long, value_delimiter = ',', num_args = 1.., value_name = "ADDR[,ADDR...]")]
+        fleet: Vec<SocketAddr>,
     },
     /// Rank why new connections were needed (and why connections closed) over a window.
     Report {
@@ -142,9 +147,16 @@ fn main() -> ExitCode {
             };
             cli::finish(cli::serve::ca(data_dir, config.as_deref(), export))
         }
-        Command::Status { admin, json, watch } => {
-            cli::finish(cli::admin::status(admin, json, watch))
-        }
+        Command::Status {
+            admin,
+            json,
+            watch,
+            fleet,
+        } => cli::finish(if fleet.is_empty() {
+            cli::admin::status(admin, json, watch)
+        } else {
+            cli::admin::fleet_status(&fleet, json, watch)
+        }),
         Command::Trace {
             admin,
             target,

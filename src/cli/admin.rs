@@ -134,15 +134,73 @@ fn encode(v: &str) -> String {
 /// `edgepool status`: the table (or with `json` the raw document); with `watch`, redrawn
 /// every 2 s until interrupted, a failed fetch (gateway restarting) reported and retried.
 pub fn status(admin: SocketAddr, json: bool, watch: bool) -> Result<(), CliError> {
+    watching(watch, json, || status_once(admin, json))
+}
+
+/// `edgepool status --fleet`: every node's `/status` fetched at once (each within
+/// [`FLEET_NODE_TIMEOUT`]; a node that does not answer is shown down, not waited for), then
+/// the fleet table ([`super::fleet`]) or with `json` the fleet document.
+pub fn fleet_status(nodes: &[SocketAddr], json: bool, watch: bool) -> Result<(), CliError> {
+    watching(watch, json, || {
+        let answers = fetch_fleet(nodes)?;
+        let v = super::fleet::aggregate(&answers);
+        if json {
+            println!("{v}");
+        } else {
+            print!("{}", super::fleet::fleet_table(&v));
+        }
+        Ok(())
+    })
+}
+
+/// How long `status --fleet` waits for one node's `/status`.
+pub const FLEET_NODE_TIMEOUT: Duration = Duration::from_secs(5);
+
+fn fetch_fleet(nodes: &[SocketAddr]) -> Result<Vec<super::fleet::NodeStatus>, CliError> {
+    let token = std::env::var(TOKEN_ENV).ok();
+    let rt = runtime().map_err(CliError::Runtime)?;
+    Ok(rt.block_on(async {
+        let fetches = nodes.iter().map(|addr| {
+            let token = token.clone();
+            async move {
+                let mut body = Vec::new();
+                let got = tokio::time::timeout(
+                    FLEET_NODE_TIMEOUT,
+                    admin_get(*addr, "/status", token.as_deref(), |d| {
+                        body.extend_from_slice(d);
+                        true
+                    }),
+                )
+                .await;
+                let doc = match got {
+                    Err(_) => Err(format!("no answer within {FLEET_NODE_TIMEOUT:?}")),
+                    Ok(Err(e)) => Err(e.to_string()),
+                    Ok(Ok(())) => serde_json::from_slice::<Value>(&body)
+                        .map_err(|e| format!("/status is not JSON: {e}")),
+                };
+                (addr.to_string(), doc)
+            }
+        });
+        futures_util::future::join_all(fetches).await
+    }))
+}
+
+/// Runs `once`, or with `watch` redraws it every 2 s until interrupted, a failure (a gateway
+/// restarting) reported and retried.
+fn watching(
+    watch: bool,
+    json: bool,
+    mut once: impl FnMut() -> Result<(), CliError>,
+) -> Result<(), CliError> {
     if !watch {
-        return status_once(admin, json);
+        return once();
     }
     loop {
         if !json {
             // Clear the screen and home the cursor, then redraw.
             print!("\x1b[2J\x1b[H");
         }
-        if let Err(e) = status_once(admin, json) {
+        if let Err(e) = once() {
             eprintln!("{}", super::failure_text(&e));
         }
         #[allow(clippy::disallowed_methods)] // status --watch: the main thread, no runtime

@@ -5,6 +5,7 @@
 //! - [`admin`]: the admin-listener client, and the `status`, `report` and `trace` commands
 //!   that fetch from it.
 //! - [`format`]: what `status` and `trace` print, as pure functions of the admin documents.
+//! - [`fleet`]: `status --fleet`, several gateways' `/status` added up.
 //! - [`lab`]: `edgepool lab`'s argument rules and run (feature `lab`).
 //!
 //! Commands return typed errors ([`CliError`], [`lab::LabError`]); the binary prints them
@@ -17,6 +18,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 pub mod admin;
+pub mod fleet;
 pub mod format;
 #[cfg(feature = "lab")]
 pub mod lab;
