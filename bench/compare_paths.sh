@@ -42,8 +42,12 @@
 #   CONNECT_LOAD_BIN=target/release/examples/connect_load
 #   MITMDUMP=             mitmdump to use; default: on PATH, else a venv under
 #                         ${XDG_CACHE_HOME:-~/.cache}/edgepool-bench/ (pip install mitmproxy)
-#   PERF=1                perf record -g (software clock) edgepool during each of its runs;
-#                         prints the top of each profile
+#   PERF=1                perf record (software clock, 999 Hz) edgepool during each of its runs;
+#                         prints its CPU by object and top symbols
+#   PERF_CALLGRAPH=dwarf  with PERF=1: record call graphs too (perf --call-graph), and print
+#                         inclusive shares
+#   PERF_STAT=1           perf stat every proxy (its whole process tree) during its runs:
+#                         syscalls, context switches and task-clock per request
 #   KEEP_TMP=1            keep the temp dir (configs, certificates, logs)
 #
 # Every process is started here and stopped by pid on exit. Before any timing, each proxy must
@@ -124,7 +128,8 @@ fi
 [[ -x $EDGEPOOL_BIN ]] || die "$EDGEPOOL_BIN not found: build it first (cargo build --release) or set EDGEPOOL_BIN"
 [[ -x $CONNECT_LOAD_BIN ]] || die "$CONNECT_LOAD_BIN not found: build it first (cargo build --release --example connect_load) or set CONNECT_LOAD_BIN"
 [[ -r $LUA ]] || die "$LUA not found"
-if [[ $PERF == 1 ]]; then command -v perf >/dev/null || die "PERF=1 but perf is not installed"; fi
+PERF_STAT=${PERF_STAT:-0}
+if [[ $PERF == 1 || $PERF_STAT == 1 ]]; then command -v perf >/dev/null || die "PERF=1 or PERF_STAT=1 but perf is not installed"; fi
 
 # ---- temp dir, ports ------------------------------------------------------------------------
 setup_tmp edgepool-paths
@@ -462,6 +467,12 @@ tree_ticks() {
         END { s = 0; for (p in t) { q = p; n = 0; while (q != root && (q in pp) && q > 1 && n++ < 64) q = pp[q]; if (q == root) s += t[p] } print s }'
 }
 
+tree_pids() { # pid -> "pid,child,..." (pid and its live descendants)
+    { cat /proc/[0-9]*/stat 2>/dev/null || true; } | sed 's/^\([0-9]*\) (.*) /\1 /' | awk -v root="$1" '
+        { pp[$1] = $3 }
+        END { s = ""; for (p in pp) { q = p; n = 0; while (q != root && (q in pp) && q > 1 && n++ < 64) q = pp[q]; if (q == root) s = s (s == "" ? "" : ",") p } print s }'
+}
+
 # ---- who else used the CPU ------------------------------------------------------------------
 # A snapshot of every process: pid, ppid, CPU ticks (utime+stime), name. After a run,
 # other_procs names the processes outside this script's tree that used the most CPU in it
@@ -507,12 +518,18 @@ run() { # key proxy-process-name-or-empty kind(wrk|load|h2load) cmd...
     opid=$(pid_of origin); dpid=$(pid_of dns)
     echo "-- $key: $*"
     if [[ $PERF == 1 && $proxy == edgepool ]]; then
-        perf record -e cpu-clock -F 999 -g -p "$ppid" -o "$TMP/perf.${key//\//-}.data" -- sleep $((DUR_S > 3 ? DUR_S - 2 : DUR_S)) \
+        perf record -e cpu-clock -F 999 ${PERF_CALLGRAPH:+--call-graph "$PERF_CALLGRAPH"} -p "$ppid" -o "$TMP/perf.${key//\//-}.data" -- sleep $((DUR_S > 3 ? DUR_S - 2 : DUR_S)) \
             >"$TMP/perf.log" 2>&1 &
         perfpid=$!
         PIDS+=("$perfpid"); NAMES+=(perf)
     fi
-    local p0 o0 d0 c0 s0 t0 st0 q0 si0 p1 o1 d1 c1 s1 t1 st1 q1 si1 who
+    local p0 o0 d0 c0 s0 t0 st0 q0 si0 p1 o1 d1 c1 s1 t1 st1 q1 si1 who statpid=""
+    if [[ $PERF_STAT == 1 && -n $ppid ]]; then
+        perf stat -x, -e task-clock,context-switches,raw_syscalls:sys_enter -p "$(tree_pids "$ppid")" \
+            -o "$TMP/perfstat.${key//\//-}" -- sleep "$DUR_S" >/dev/null 2>&1 &
+        statpid=$!
+        PIDS+=("$statpid"); NAMES+=(perf-stat)
+    fi
     proc_snapshot "$TMP/procs.before"
     p0=$(tree_ticks "$ppid"); o0=$(pid_ticks "$opid"); d0=$(pid_ticks "$dpid"); q0=$(dns_count)
     si0=$(softirq_ticks); child_ticks c0; read -r s0 t0 st0 < <(sys_ticks)
@@ -526,6 +543,7 @@ run() { # key proxy-process-name-or-empty kind(wrk|load|h2load) cmd...
     proc_snapshot "$TMP/procs.after"
     who=$(other_procs "$TMP/procs.before" "$TMP/procs.after")
     if [[ -n $perfpid ]]; then wait "$perfpid" 2>/dev/null || true; fi
+    if [[ -n $statpid ]]; then wait "$statpid" 2>/dev/null || true; fi
     out=$(cat "$TMP/run.out")
     cp "$TMP/run.out" "$TMP/run.${key//\//-}.out"
     ((rc == 0)) || { echo "$out" | tail -n 20; die "load failed for $key (exit $rc)"; }
@@ -579,6 +597,13 @@ run() { # key proxy-process-name-or-empty kind(wrk|load|h2load) cmd...
     echo "   CPU during the run (s): ${proxy:-no proxy}${proxy:+ $(secs "$dp")}, origin $(secs "$dorg"), load generator $(secs "$dc")," \
         "other $(secs "$dother") (softirq $(secs $((si1 - si0))), steal $(secs "$dsteal")${who:+; busiest others: $who})," \
         "machine busy $(secs "$ds") of $(secs "$dt")"
+    if [[ -n $statpid && -s $TMP/perfstat.${key//\//-} ]]; then
+        # counts over DUR_S seconds, the run's length: per request (or new connection)
+        awk -F, -v n="${f[requests]}" -v d="$DUR_S" -v e="${f[elapsed_s]:-${f[duration_s]:-$DUR_S}}" '
+            $3 == "task-clock" { tc = $1 } $3 == "context-switches" { cs = $1 } $3 == "raw_syscalls:sys_enter" { sc = $1 }
+            END { m = n * d / e; if (m > 0) printf "   perf stat: %.1f syscalls, %.2f context switches, %.1f µs task-clock per request\n", sc / m, cs / m, tc * 1000 / m }' \
+            "$TMP/perfstat.${key//\//-}"
+    fi
     if [[ -n $ppid ]] && ! kill -0 "$ppid" 2>/dev/null; then
         echo "!! $proxy exited during its run; its log:" >&2
         tail -n 20 "$TMP/$proxy.log" >&2 || true
@@ -754,8 +779,13 @@ if [[ $PERF == 1 ]]; then
     for f in "$TMP"/perf.*.data; do
         [[ -s $f ]] || continue
         echo
-        echo "== perf: edgepool during $(basename "$f" .data | sed 's/^perf\.//'), top symbols (children, % of samples)"
-        perf report -i "$f" --children --sort sym --stdio 2>/dev/null | grep -E '^ +[0-9]' | head -n 30
+        echo "== perf: edgepool during $(basename "$f" .data | sed 's/^perf\.//'): CPU by object, then the top symbols (self)"
+        { perf report -i "$f" --no-children --sort dso --stdio 2>/dev/null || true; } | grep -E '^ +[0-9]' | head -n 8 || true
+        { perf report -i "$f" --no-children --sort dso,sym --stdio -g none 2>/dev/null || true; } | grep -E '^ +[0-9]' | head -n 40 || true
+        if [[ -n ${PERF_CALLGRAPH:-} ]]; then
+            echo "-- inclusive (children)"
+            { perf report -i "$f" --children --sort sym --stdio -g none 2>/dev/null || true; } | grep -E '^ +[0-9]' | head -n 60 || true
+        fi
     done
 fi
 
