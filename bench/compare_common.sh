@@ -114,7 +114,7 @@ worker_rlimit_nofile 8192;
 events { worker_connections 4096; }
 EOF
 }
-nginx_http_common() { # dir
+nginx_http_common() { # dir [keepalive_requests (default 100000)]
     cat <<EOF
     access_log off;
     client_body_temp_path $1/client_body;
@@ -122,7 +122,7 @@ nginx_http_common() { # dir
     fastcgi_temp_path $1/fastcgi_temp;
     uwsgi_temp_path $1/uwsgi_temp;
     scgi_temp_path $1/scgi_temp;
-    keepalive_requests 100000;
+    keepalive_requests ${2:-100000};
     keepalive_timeout 75s;
 EOF
 }
