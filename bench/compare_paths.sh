@@ -378,7 +378,7 @@ check_load() { # label args... : connect_load --check must pass
     CHECK_OUT=$out
 }
 
-echo "starting the origin, the DNS server ($DNS_ADDR:$DNS_PORT), edgepool, squid (ssl-bump), nginx, mitmproxy on $BIND (temp dir $TMP)"
+echo "starting the origin, the DNS server ($DNS_ADDR:$DNS_PORT), edgepool, squid (ssl-bump), nginx$(want intercept || want h2 || want newconn && echo ", mitmproxy") on $BIND (temp dir $TMP)"
 start origin "$TMP/origin.log" "$NGINX" -p "$TMP/origin/" -e "$TMP/origin/error.log" -c "$TMP/origin/nginx.conf"
 wait_curl origin "origin (plain)" "http://$ORIGIN/"
 wait_curl origin "origin (TLS)" --cacert "$PKI/origin-ca.pem" --resolve "$TLS_TARGET:$BIND" "https://$TLS_TARGET/"
@@ -595,7 +595,7 @@ run() { # key proxy-process-name-or-empty kind(wrk|load|h2load) cmd...
     OTHER[$key]=$(awk -v o="$dother" -v t="$dt" 'BEGIN { printf "%.0f %%", t ? 100 * o / t : 0 }')
     OTHERWHO[$key]=$who
     echo "   ${f[requests]} requests, $(fmt_int "${f[rps]}")/s, p50 $(fmt_lat "${f[p50_us]}"), p99 $(fmt_lat "${f[p99_us]}"), errors ${f[errors]}" \
-        "(${ERRDETAIL[$key]}), handshakes ${f[handshakes]:-0} (resumed ${f[resumed]:-0}), DNS queries ${NQ[$key]}"
+        "(${ERRDETAIL[$key]}), handshakes ${f[handshakes]:-0} (resumed ${f[resumed]:-0}${f[tickets_offered]:+; TLS tickets received ${f[tickets_received]}, offered ${f[tickets_offered]}}), DNS queries ${NQ[$key]}"
     echo "   CPU during the run (s): ${proxy:-no proxy}${proxy:+ $(secs "$dp")}, origin $(secs "$dorg"), load generator $(secs "$dc")," \
         "other $(secs "$dother") (softirq $(secs $((si1 - si0))), steal $(secs "$dsteal")${who:+; busiest others: $who})," \
         "machine busy $(secs "$ds") of $(secs "$dt")"
