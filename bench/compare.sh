@@ -3,8 +3,12 @@
 #
 #   bench/compare.sh                                   # defaults below
 #   DURATION=10s CONNECTIONS=32 THREADS=1 bench/compare.sh
+#   SUITE=paths bench/compare.sh   # names, intercepted HTTPS, HTTP/2, new TLS connections
+#                                  # (bench/compare_paths.sh; its options are described there)
+#   SUITE=all bench/compare.sh     # this suite, then the paths suite
 #
 # Environment (all optional):
+#   SUITE=plain       plain (this file), paths (bench/compare_paths.sh) or all
 #   DURATION=10s      wrk -d per run (baseline + 3 proxies)
 #   CONNECTIONS=32    wrk -c
 #   THREADS=1         wrk -t
@@ -29,6 +33,17 @@
 # a non-2xx/3xx response.
 set -euo pipefail
 
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+case ${SUITE:-plain} in
+    plain) ;;
+    paths) exec "$HERE/compare_paths.sh" ;;
+    all) SUITE=plain "$HERE/compare.sh" && exec "$HERE/compare_paths.sh" ;;
+    *) echo "compare.sh: error: SUITE=$SUITE: plain, paths or all" >&2; exit 1 ;;
+esac
+PROG=compare.sh
+# shellcheck source=bench/compare_common.sh
+source "$HERE/compare_common.sh"
+
 DURATION=${DURATION:-10s}
 CONNECTIONS=${CONNECTIONS:-32}
 THREADS=${THREADS:-1}
@@ -37,20 +52,11 @@ BIND=${BIND:-127.0.0.1}
 PERF=${PERF:-0}
 KEEP_TMP=${KEEP_TMP:-0}
 
-HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 ROOT=$(cd "$HERE/.." && pwd)
 EDGEPOOL_BIN=${EDGEPOOL_BIN:-$ROOT/target/release/edgepool}
 LUA=$HERE/absolute.lua
 
-die() { echo "compare.sh: error: $*" >&2; exit 1; }
-note() { echo "compare.sh: $*" >&2; }
-
 # ---- refuse anything that is not loopback -------------------------------------------------
-is_loopback_v4() {
-    [[ $1 =~ ^127\.([0-9]{1,3})\.([0-9]{1,3})\.([0-9]{1,3})$ ]] || return 1
-    local o
-    for o in "${BASH_REMATCH[@]:1}"; do ((o <= 255)) || return 1; done
-}
 is_loopback_v4 "$BIND" || die "BIND=$BIND is not a 127.0.0.0/8 address; this benchmark runs on loopback only"
 [[ $CONNECTIONS =~ ^[0-9]+$ && $THREADS =~ ^[0-9]+$ && $CONNECTIONS -ge $THREADS && $THREADS -ge 1 ]] ||
     die "need integers CONNECTIONS >= THREADS >= 1 (got CONNECTIONS=$CONNECTIONS THREADS=$THREADS)"
@@ -58,30 +64,9 @@ is_loopback_v4 "$BIND" || die "BIND=$BIND is not a 127.0.0.0/8 address; this ben
 [[ $PAUSE =~ ^[0-9]+$ ]] || die "PAUSE=$PAUSE: whole seconds"
 
 # ---- tools ----------------------------------------------------------------------------------
-find_bin() { # name -> path or empty
-    local p
-    p=$(command -v "$1" 2>/dev/null) && { echo "$p"; return; }
-    for p in /usr/sbin/$1 /usr/bin/$1 /sbin/$1; do [[ -x $p ]] && { echo "$p"; return; }; done
-    true
-}
 missing=()
 for pkg in squid nginx wrk; do [[ -n $(find_bin $pkg) ]] || missing+=("$pkg"); done
-if ((${#missing[@]})); then
-    if [[ $(id -u) == 0 ]]; then SUDO=()
-    elif command -v sudo >/dev/null && sudo -n true 2>/dev/null; then SUDO=(sudo)
-    else
-        die "missing: ${missing[*]}. Install them (Debian/Ubuntu): sudo apt-get install -y ${missing[*]}
-  (squid: /usr/sbin/squid, nginx: /usr/sbin/nginx, wrk: /usr/bin/wrk), then run this again."
-    fi
-    command -v apt-get >/dev/null || die "missing: ${missing[*]} and no apt-get; install them with your package manager"
-    note "installing ${missing[*]} (apt-get install -y)"
-    for pkg in "${missing[@]}"; do
-        [[ $pkg == wrk ]] || note "note: the $pkg package's postinst may start a system $pkg service; this benchmark does not use it"
-    done
-    "${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y "${missing[@]}" >&2 ||
-        { "${SUDO[@]}" apt-get update >&2 && "${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y "${missing[@]}" >&2; } ||
-        die "apt-get install ${missing[*]} failed"
-fi
+if ((${#missing[@]})); then apt_install "${missing[@]}"; fi
 SQUID=$(find_bin squid); NGINX=$(find_bin nginx); WRK=$(find_bin wrk)
 command -v curl >/dev/null || die "curl is needed (apt-get install curl)"
 [[ -x $EDGEPOOL_BIN ]] || die "$EDGEPOOL_BIN not found: build it first (cargo build --release) or set EDGEPOOL_BIN"
@@ -89,63 +74,10 @@ command -v curl >/dev/null || die "curl is needed (apt-get install curl)"
 if [[ $PERF == 1 ]]; then command -v perf >/dev/null || die "PERF=1 but perf is not installed"; fi
 
 # ---- temp dir, process bookkeeping, cleanup -------------------------------------------------
-TMP=$(mktemp -d /tmp/edgepool-compare.XXXXXX)
-chmod 755 "$TMP" # squid drops to user `proxy` when started as root
-PIDS=() NAMES=()
-cleanup() {
-    local rc=$? i pid n
-    trap - EXIT INT TERM HUP
-    for ((i = ${#PIDS[@]} - 1; i >= 0; i--)); do
-        kill -TERM "${PIDS[i]}" 2>/dev/null || true
-    done
-    for ((i = ${#PIDS[@]} - 1; i >= 0; i--)); do
-        pid=${PIDS[i]}
-        for ((n = 0; n < 50; n++)); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-        if kill -0 "$pid" 2>/dev/null; then
-            note "${NAMES[i]} (pid $pid) did not stop on TERM; killing"
-            kill -KILL "$pid" 2>/dev/null || true
-        fi
-        wait "$pid" 2>/dev/null || true
-    done
-    if [[ $KEEP_TMP == 1 ]]; then note "kept $TMP"; else rm -rf "$TMP"; fi
-    exit "$rc"
-}
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
-trap 'exit 129' HUP
+setup_tmp edgepool-compare
 
-start() { # name logfile cmd...  (background; pid recorded for cleanup)
-    local name=$1 log=$2; shift 2
-    "$@" >"$log" 2>&1 &
-    PIDS+=("$!"); NAMES+=("$name")
-}
-pid_of() { local i; for i in "${!NAMES[@]}"; do if [[ ${NAMES[i]} == "$1" ]]; then echo "${PIDS[i]}"; return 0; fi; done; return 0; }
-
-# ---- free loopback ports --------------------------------------------------------------------
-USED_PORTS=" "
-port_busy() {
-    if command -v ss >/dev/null; then [[ -n $(ss -Htan "sport = :$1" 2>/dev/null) ]]
-    else (exec 3<>"/dev/tcp/$BIND/$1") 2>/dev/null; fi
-}
-pick_port() { # varname
-    local p tries
-    for ((tries = 0; tries < 500; tries++)); do
-        p=$((20000 + (RANDOM * 32768 + RANDOM) % 40000))
-        [[ $USED_PORTS == *" $p "* ]] && continue
-        port_busy "$p" && continue
-        USED_PORTS+="$p "
-        printf -v "$1" %s "$p"
-        return
-    done
-    die "no free port found"
-}
 pick_port P_EDGE; pick_port P_ADMIN; pick_port P_SQUID; pick_port P_NGINX; pick_port P_ORIGIN
 ORIGIN=$BIND:$P_ORIGIN
-
-# curl without any proxy settings from the environment (NO_PROXY=127.0.0.1 would bypass -x)
-ccurl() { env -u http_proxy -u HTTP_PROXY -u https_proxy -u HTTPS_PROXY -u all_proxy -u ALL_PROXY \
-    -u no_proxy -u NO_PROXY curl "$@"; }
 
 wait_ready() { # name url [proxy]  -> waits for 200 "hello"
     local name=$1 url=$2 proxy=${3:-} pid code body i
@@ -170,30 +102,6 @@ wait_ready() { # name url [proxy]  -> waits for 200 "hello"
 }
 
 # ---- configs --------------------------------------------------------------------------------
-nginx_common() { # dir
-    cat <<EOF
-daemon off;
-master_process off;
-worker_processes 1;
-pid $1/nginx.pid;
-error_log $1/error.log warn;
-worker_rlimit_nofile 8192;
-events { worker_connections 4096; }
-EOF
-}
-nginx_http_common() { # dir
-    cat <<EOF
-    access_log off;
-    client_body_temp_path $1/client_body;
-    proxy_temp_path $1/proxy_temp;
-    fastcgi_temp_path $1/fastcgi_temp;
-    uwsgi_temp_path $1/uwsgi_temp;
-    scgi_temp_path $1/scgi_temp;
-    keepalive_requests 100000;
-    keepalive_timeout 75s;
-EOF
-}
-
 mkdir -p "$TMP/origin" "$TMP/nginx" "$TMP/squid" "$TMP/ep"
 {
     nginx_common "$TMP/origin"
@@ -280,12 +188,7 @@ wait_ready nginx "http://$ORIGIN/" "$BIND:$P_NGINX"
 # ---- machine and versions -------------------------------------------------------------------
 echo
 echo "== machine"
-echo "date:    $(date -u)"
-echo "nproc:   $(nproc)"
-echo "cpu:     $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')"
-echo "kernel:  $(uname -sr)"
-echo "mem:     $(awk '/MemTotal/ {printf "%.1f GiB", $2/1048576}' /proc/meminfo)"
-echo "load:    $(cut -d' ' -f1-3 /proc/loadavg) (1/5/15 min, before the runs)"
+print_machine
 echo "== versions"
 echo "edgepool: $("$EDGEPOOL_BIN" --version 2>&1 | head -n1)"
 echo "squid:    $("$SQUID" -v 2>&1 | head -n1)"
@@ -297,21 +200,6 @@ echo "  (nginx at its best: only an upstream block pools connections; edgepool a
 echo "  the request's own target)"
 echo "edgepool: tokio runtime, up to $(nproc) worker threads; squid and each nginx: one process"
 echo
-
-# ---- CPU accounting (clock ticks) -----------------------------------------------------------
-# Per run: CPU time of the proxy and the origin (from /proc/PID/stat, all threads), of wrk (this
-# shell's reaped-children times) and of the whole machine (/proc/stat); "other" = the rest, i.e.
-# what unrelated work on the machine took during the run (the noise indicator; it also holds
-# the kernel's softirq work not charged to any process, a few % on an otherwise idle machine).
-HZ=$(getconf CLK_TCK 2>/dev/null || echo 100)
-pid_ticks() { [[ -n ${1:-} && -r /proc/$1/stat ]] || { echo 0; return; }; sed 's/^.*) //' "/proc/$1/stat" | awk '{ print $12 + $13 }'; }
-# busy (user nice system irq softirq steal), total (+ idle iowait), steal
-sys_ticks() { awk '/^cpu / { print $2 + $3 + $4 + $7 + $8 + $9, $2 + $3 + $4 + $5 + $6 + $7 + $8 + $9, $9 }' /proc/stat; }
-child_ticks() { # varname; `times` must run in this shell (a subshell has no reaped children)
-    times >"$TMP/times"
-    printf -v "$1" %s "$(tail -n1 "$TMP/times" | awk -v hz="$HZ" '{ t = 0; for (i = 1; i <= 2; i++) { split($i, a, /[ms]/); t += a[1] * 60 + a[2] } printf "%.0f", t * hz }')"
-}
-secs() { awk -v t="$1" -v hz="$HZ" 'BEGIN { printf "%.1f", t / hz }'; }
 
 # ---- runs -----------------------------------------------------------------------------------
 declare -A RPS P50 P99 ERR ERRDETAIL CPUREQ OTHER
@@ -393,7 +281,6 @@ echo " other load: CPU taken by processes other than wrk, origin and proxy, plus
 echo " % of the machine's $(nproc) CPUs during the run: above a few % the run shared the machine)"
 
 # ---- table ----------------------------------------------------------------------------------
-fmt_lat() { awk -v u="$1" 'BEGIN { if (u < 1000) printf "%.0f µs", u; else printf "%.2f ms", u / 1000 }'; }
 echo
 echo "| proxy | req/s | p50 | p99 | errors | vs edgepool | proxy CPU per request | other load |"
 echo "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
@@ -404,7 +291,7 @@ for name in "${ORDER[@]}"; do
     [[ $name == squid ]] && label="squid $("$SQUID" -v 2>&1 | head -n1 | sed 's/.*Version //')"
     ratio=$(awk -v a="${RPS[$name]}" -v b="${RPS[edgepool]}" 'BEGIN { printf "%.2f×", a / b }')
     printf '| %s | %s | %s | %s | %s | %s | %s | %s |\n' "$label" \
-        "$(awk -v r="${RPS[$name]}" 'BEGIN { s = sprintf("%.0f", r); o = ""; while (length(s) > 3) { o = "," substr(s, length(s) - 2) o; s = substr(s, 1, length(s) - 3) } print s o }')" \
+        "$(fmt_int "${RPS[$name]}")" \
         "$(fmt_lat "${P50[$name]}")" "$(fmt_lat "${P99[$name]}")" "${ERR[$name]}" "$ratio" \
         "${CPUREQ[$name]}" "${OTHER[$name]}"
 done
