@@ -22,6 +22,7 @@ import http.client
 import http.server
 import json
 import os
+import shutil
 import ssl
 import subprocess
 import sys
@@ -177,6 +178,7 @@ def main(argv):
         json.dump(report, f, indent=1)
     for s in plain + tls:
         s.shutdown()
+    shutil.rmtree(tmp, ignore_errors=True)
     for way, s in stats.items():
         print(f"{way:9} sent {s['sent']:6}  ok {s['ok_first']:6}  failed first try {s['failed_first']:4}  lost {s['lost']:4}")
 
