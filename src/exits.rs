@@ -572,8 +572,8 @@ pub enum SessionChoice {
     /// Rendezvous (highest-random-weight) hashing of the session over the pool's healthy
     /// nodes, keyed by the fleet key (derived from the shared CA): every gateway that shares
     /// the CA and the pool's node list puts a session on the same exit, with no shared state.
-    /// Lifetimes follow wall-clock periods (per-session phase) so gateways agree on when a
-    /// session moves too.
+    /// Lifetimes follow wall-clock periods (per-session phase), each period the next node of
+    /// the session's order, so gateways agree on when and where a session moves too.
     Rendezvous,
 }
 
@@ -1356,18 +1356,18 @@ impl Exits {
         })
     }
 
-    /// The rendezvous choice for a session starting a pin at `now`: the pool's node with the
-    /// highest score among those that are healthy and not excluded, the scope of that pin,
-    /// and when the pin ends. Nothing here depends on this gateway's history, only on the
+    /// The rendezvous choice for a session starting a pin at `now`: the exit, the scope of the
+    /// pin, and when the pin ends. Nothing here depends on this gateway's history, only on the
     /// fleet key, the pool's nodes, the worker's token and session id, and the wall-clock
     /// period — so every gateway of a fleet gives the same answer:
+    /// - the session ranks the pool's nodes by HMAC(fleet key, pool, token, id, node
+    ///   identity), highest first (rendezvous hashing: each session its own order, uniform
+    ///   over sessions, the same on every gateway whatever its config's order);
     /// - the period is `life` long, shifted by a per-session phase (sessions do not all move
-    ///   at once), and numbered from the Unix epoch;
-    /// - each node scores HMAC(fleet key, pool, token, id, period, node identity); the best
-    ///   wins, and the next best takes over while it is down (flex), so a failed exit moves
-    ///   only its own sessions, each to the same place on every gateway;
-    /// - the previous period's winner is passed over when another node is healthy: a session
-    ///   that moves on gets a new exit, as with least-loaded choice.
+    ///   at once), numbered from the Unix epoch; period p takes the node at position p mod n
+    ///   of that order, so each period's exit differs from the last one's;
+    /// - a node that is down or excluded is skipped, taking the next in the session's order:
+    ///   a failed exit moves only its own sessions, each to the same place on every gateway.
     ///
     /// The scope (the pool key's isolation and a rotating gateway's provider session) is
     /// derived the same way, so a provider session is shared by the fleet too; it changes with
@@ -1392,33 +1392,26 @@ impl Exits {
         let shifted = wall + phase;
         let period = shifted / life_s;
         let ends = now + Duration::from_secs(life_s - shifted % life_s);
-        let score = |node: usize, period: u64| {
-            self.fleet_hash(&[
+        // The session's own order of the pool's nodes (rendezvous scores, highest first): the
+        // same on every gateway, whatever its config's order, and independent of the period.
+        let mut ranked: Vec<usize> = self.pools[pool].nodes.clone();
+        ranked.sort_by_cached_key(|i| {
+            let score = self.fleet_hash(&[
                 b"node",
                 pool_name.as_bytes(),
                 q.token.as_bytes(),
                 id.as_bytes(),
-                &period.to_be_bytes(),
-                self.nodes[node].spec.identity().as_bytes(),
-            ])
-        };
-        let nodes = &self.pools[pool].nodes;
-        let best = |period: u64, among: &mut dyn Iterator<Item = usize>| {
-            among.max_by_key(|i| (score(*i, period), std::cmp::Reverse(*i)))
-        };
-        let previous = period
-            .checked_sub(1)
-            .and_then(|p| best(p, &mut nodes.iter().copied()));
+                self.nodes[*i].spec.identity().as_bytes(),
+            ]);
+            std::cmp::Reverse(score)
+        });
+        // Period p starts at position p (mod the pool's size) of that order, so consecutive
+        // periods start on different nodes; down or excluded nodes are skipped, in order.
         let usable = |i: &usize| !q.exclude.contains(i) && self.nodes[*i].admissible(now);
-        let usable_count = nodes.iter().filter(|i| usable(i)).count();
-        let node = best(
-            period,
-            &mut nodes
-                .iter()
-                .copied()
-                .filter(|i| usable(i))
-                .filter(|i| usable_count < 2 || Some(*i) != previous),
-        );
+        let first = (period % ranked.len() as u64) as usize;
+        let node = (0..ranked.len())
+            .map(|k| ranked[(first + k) % ranked.len()])
+            .find(|i| usable(i));
         let Some(node) = node else {
             // Nothing usable: `choose` says why and when to retry.
             let mut st = RouterState::default();
@@ -1958,29 +1951,39 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn rendezvous_session_moves_at_its_period_end_to_another_exit() {
         let x = fleet_gateway(7, &[0, 1, 2, 3]);
-        let o = WorkerOptions {
-            session: Some("short".into()),
-            session_minutes: Some(1),
-            ..Default::default()
-        };
-        let first = route(&x, "a:443", "t", &o).unwrap();
-        // Within at most one period (60 s) the session moves, once.
-        let mut changes = Vec::new();
-        for _ in 0..61 {
+        // Twenty sessions: their periods start at different wall-clock phases, so whatever
+        // the real time at construction, some cross a boundary early and some late.
+        let opts: Vec<WorkerOptions> = (0..20)
+            .map(|i| WorkerOptions {
+                session: Some(format!("short{i}")),
+                session_minutes: Some(1),
+                ..Default::default()
+            })
+            .collect();
+        let first: Vec<Route> = opts
+            .iter()
+            .map(|o| route(&x, "a:443", "t", o).unwrap())
+            .collect();
+        let mut changes: Vec<Vec<Route>> = vec![Vec::new(); opts.len()];
+        // Within one period (60 s) every session moves, once.
+        for _ in 0..60 {
             tokio::time::advance(Duration::from_secs(1)).await;
-            let r = route(&x, "a:443", "t", &o).unwrap();
-            if r.cold_reason.is_some() {
-                changes.push(r);
+            for (o, c) in opts.iter().zip(changes.iter_mut()) {
+                let r = route(&x, "a:443", "t", o).unwrap();
+                if r.cold_reason.is_some() {
+                    c.push(r);
+                }
             }
         }
-        assert_eq!(changes.len(), 1, "one move per period");
-        let next = &changes[0];
-        assert_eq!(next.cold_reason, Some(NewReason::SessionChange));
-        assert_ne!(
-            next.key.node.index, first.key.node.index,
-            "a new period, a new exit"
-        );
-        assert_ne!(next.key.scope, first.key.scope);
+        for (i, (f, c)) in first.iter().zip(&changes).enumerate() {
+            assert_eq!(c.len(), 1, "session {i}: one move per period");
+            assert_eq!(c[0].cold_reason, Some(NewReason::SessionChange));
+            assert_ne!(
+                c[0].key.node.index, f.key.node.index,
+                "session {i}: a new period, a new exit"
+            );
+            assert_ne!(c[0].key.scope, f.key.scope);
+        }
     }
 
     #[tokio::test(start_paused = true)]
