@@ -244,7 +244,23 @@ fn route(gw: &Admin, req: &Request<Incoming>) -> Response<ProxyBody> {
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
             gw.telemetry().encode(gw.forwarder().pool().stats()),
         ),
-        "/status" => json(&status(gw)),
+        "/status" => {
+            let limit = match query_param(req, "targets").as_deref() {
+                None => STATUS_TARGETS,
+                Some("all") => usize::MAX,
+                Some(n) => match n.parse() {
+                    Ok(n) => n,
+                    Err(_) => {
+                        return respond(
+                            StatusCode::BAD_REQUEST,
+                            "text/plain",
+                            "targets= takes a number of rows or \"all\"\n",
+                        )
+                    }
+                },
+            };
+            json(&status(gw, limit))
+        }
         "/status/history" => json(&serde_json::json!({
             "interval_seconds": HISTORY_INTERVAL.as_secs(),
             "points": gw.telemetry().history(),
@@ -421,8 +437,16 @@ pub struct Status {
     pub connecting: usize,
     /// The ephemeral-port budget (local ports held by sockets, TIME_WAIT included).
     pub ports: crate::portguard::PortBudget,
-    /// Per target, busiest first. Blind tunnels are not pooled and not in these counts.
+    /// Per target, busiest first: the [`STATUS_TARGETS`] busiest by default, `?targets=N` for
+    /// another number, `?targets=all` for every row held. Blind tunnels are not pooled and not
+    /// in these counts.
     pub targets: Vec<TargetStatus>,
+    /// Targets with a row of their own (at most `slo.max_targets`; older ones are folded into
+    /// the fleet totals).
+    pub targets_total: usize,
+    /// Rows held but not listed here (`targets_total` minus the rows listed); the fleet row
+    /// counts them all.
+    pub targets_omitted: usize,
     /// Exit nodes (the implicit `direct` first) with their health and reuse.
     pub exits: Vec<ExitStatus>,
     /// Exit pools: reuse per pool.
@@ -606,8 +630,12 @@ fn row(
     }
 }
 
-/// Builds the status document.
-pub fn status(gw: &Admin) -> Status {
+/// Rows `/status` lists unless asked for another number (`?targets=`): the busiest targets.
+/// Keeps the document under about 1 MiB however many targets are held (`slo.max_targets`).
+pub const STATUS_TARGETS: usize = 500;
+
+/// Builds the status document, listing the `limit` busiest targets.
+pub fn status(gw: &Admin, limit: usize) -> Status {
     let pool = gw.forwarder().pool();
     let mut live: BTreeMap<String, (usize, usize)> = BTreeMap::new();
     for ks in pool.key_stats() {
@@ -617,9 +645,13 @@ pub fn status(gw: &Admin) -> Status {
     }
     let uptime = gw.uptime().as_secs_f64();
     let slo = gw.telemetry().slo();
-    let mut targets: Vec<TargetStatus> = gw
-        .telemetry()
-        .targets()
+    // Rank on the counts first, build rows for the listed ones only.
+    let mut counts: Vec<(String, crate::telemetry::TargetCounts)> =
+        gw.telemetry().targets().into_iter().collect();
+    let targets_total = counts.len();
+    counts.sort_by(|a, b| b.1.requests.cmp(&a.1.requests).then(a.0.cmp(&b.0)));
+    counts.truncate(limit);
+    let targets: Vec<TargetStatus> = counts
         .into_iter()
         .map(|(t, c)| {
             let l = live.get(&t).copied().unwrap_or_default();
@@ -627,7 +659,7 @@ pub fn status(gw: &Admin) -> Status {
             row(t, &c, l, (objective, slo.min_requests), uptime)
         })
         .collect();
-    targets.sort_by(|a, b| b.requests.cmp(&a.requests).then(a.target.cmp(&b.target)));
+    let targets_omitted = targets_total - targets.len();
     let stats = pool.stats();
     let active = stats.total.saturating_sub(stats.idle + stats.connecting);
     let exit_rows = exit_rows(gw);
@@ -652,6 +684,8 @@ pub fn status(gw: &Admin) -> Status {
         connecting: stats.connecting,
         ports: gw.ports().budget(),
         targets,
+        targets_total,
+        targets_omitted,
         exits: exit_rows.0,
         pools: exit_rows.1,
         default_pool: gw.forwarder().exits().default_pool().to_string(),

@@ -751,6 +751,7 @@ impl PoolSection {
             keepalive_margin: self.keepalive_margin,
             sweep_interval,
             learn_idle_timeout: self.learn_idle_timeout,
+            max_remembered_keys: crate::pool::DEFAULT_MAX_REMEMBERED_KEYS,
         }
     }
 }

@@ -69,6 +69,11 @@ pub struct Gateway {
 /// back to the OS once it has passed.
 const RELEASE_AFTER_BURST: u64 = 32 << 20;
 
+/// Likewise after the pool has closed at least this many upstream connections (each held tens
+/// of KiB of buffers), three quarters of its high-water mark since the last release: a crawl's
+/// wave of new targets otherwise leaves the process at its connection high-water mark for good.
+const RELEASE_AFTER_CONNECTIONS: usize = 512;
+
 /// Returns freed heap memory to the OS (glibc `malloc_trim`; a no-op elsewhere).
 fn release_free_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
@@ -328,18 +333,26 @@ impl Gateway {
                 gw.telemetry.record_exit_states(gw.forwarder.exits());
             }
         });
-        // Memory after a burst of buffered bodies: hand it back to the OS once the burst has
-        // passed (glibc keeps freed heap pages otherwise; RSS would stay at the peak).
+        // Memory after a burst of buffered bodies, or of upstream connections: hand it back to
+        // the OS once the burst has passed (glibc keeps freed heap pages otherwise; RSS would
+        // stay at the peak).
         let gw = self.clone();
         set.spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_secs(1));
             let mut pending = 0u64;
+            let mut conns_peak = 0usize;
             loop {
                 tick.tick().await;
                 let adm = gw.admission();
                 pending = pending.max(adm.take_buffered_peak());
-                if pending >= RELEASE_AFTER_BURST && adm.buffered() < pending / 4 {
+                let conns = gw.forwarder.pool().stats().total;
+                conns_peak = conns_peak.max(conns);
+                let bodies = pending >= RELEASE_AFTER_BURST && adm.buffered() < pending / 4;
+                let connections =
+                    conns_peak - conns >= RELEASE_AFTER_CONNECTIONS && conns <= conns_peak / 4;
+                if bodies || connections {
                     pending = 0;
+                    conns_peak = conns;
                     let _ = tokio::task::spawn_blocking(release_free_memory).await;
                 }
             }

@@ -21,7 +21,21 @@
 //!
 //! # Time
 //! The pool reads `tokio::time::Instant`, so tests pause and advance time.
-use std::collections::{BTreeSet, HashMap, VecDeque};
+//!
+//! # Memory and cost per key
+//! A crawl touches far more keys than it keeps connections to, so the pool's memory follows
+//! its connections, not the keys it has seen:
+//! - The key map (`State::keys`) holds a key only while it has a connection, a dial or a
+//!   waiter. The path that empties a key retires it at once; its first connection lives
+//!   inline in the map's slot (most keys hold one), so a checkout chases no pointer to it.
+//! - What an empty key learned (why it lost its last connection, HTTP/2 or not, a learned idle
+//!   timeout) is kept in a bounded LRU ([`PoolConfig::max_remembered_keys`]), forgotten after
+//!   ten quiet minutes or, past the bound, least recently used first — counted
+//!   ([`PoolStats::forgotten`]).
+//! - Idle connections are ordered for LRU eviction and expiry by an insertion-ordered queue
+//!   with lazy deletion (`IdleQueue`): a checkout or return costs O(1) and touches one
+//!   small table, where an ordered set cost a tree walk (several cache misses) each way.
+use std::collections::{HashMap, VecDeque};
 use std::fmt::Debug;
 use std::future::Future;
 use std::hash::Hash;
@@ -29,7 +43,9 @@ use std::pin::Pin;
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
+use lru::LruCache;
 use parking_lot::Mutex;
+use smallvec::SmallVec;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
@@ -321,6 +337,10 @@ pub struct PoolConfig {
     pub sweep_interval: Duration,
     /// Learn a server's idle timeout from idle closes and retire connections before it.
     pub learn_idle_timeout: bool,
+    /// Keys with no connection whose learned facts (why the last connection ended, protocol,
+    /// idle timeout) are remembered; past it the least recently used are forgotten, counted in
+    /// [`PoolStats::forgotten`].
+    pub max_remembered_keys: usize,
 }
 
 /// Default [`PoolConfig::max_per_key`].
@@ -333,6 +353,9 @@ pub const DEFAULT_MAX_IDLE_TOTAL: usize = 4096;
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 /// Default [`PoolConfig::keepalive_margin`].
 pub const DEFAULT_KEEPALIVE_MARGIN: Duration = Duration::from_millis(1000);
+/// Default [`PoolConfig::max_remembered_keys`]: about 4 MiB at most with the gateway's keys
+/// (key, facts and LRU links, about 250 bytes each).
+pub const DEFAULT_MAX_REMEMBERED_KEYS: usize = 16_384;
 
 impl Default for PoolConfig {
     fn default() -> Self {
@@ -346,6 +369,7 @@ impl Default for PoolConfig {
             keepalive_margin: DEFAULT_KEEPALIVE_MARGIN,
             sweep_interval: Duration::from_millis(500),
             learn_idle_timeout: true,
+            max_remembered_keys: DEFAULT_MAX_REMEMBERED_KEYS,
         }
     }
 }
@@ -374,6 +398,9 @@ impl<X: Connector> Drop for WaiterGuard<'_, X> {
         let mut st = self.inner.state.lock();
         if let Some(ks) = st.keys.get_mut(self.key) {
             ks.waiters.retain(|w| w.id != self.id);
+            if ks.is_empty() {
+                self.inner.retire_if_empty(&mut st, self.key);
+            }
         }
     }
 }
@@ -426,8 +453,13 @@ pub struct PoolStats {
     pub idle: usize,
     /// Requests waiting for a connection.
     pub waiting: usize,
-    /// Keys with any state.
+    /// Keys with a connection, a dial or a waiter.
     pub keys: usize,
+    /// Keys with none, whose learned facts are remembered ([`PoolConfig::max_remembered_keys`]).
+    pub remembered: usize,
+    /// Remembered keys forgotten to stay within [`PoolConfig::max_remembered_keys`], since
+    /// start (least recently used first; keys quiet for ten minutes are forgotten uncounted).
+    pub forgotten: u64,
 }
 
 /// Per-key counts.
@@ -485,6 +517,10 @@ struct Entry<C> {
     dead: Option<CloseReason>,
     /// Why it was opened (reported on its first lease).
     new_reason: NewReason,
+    /// Its slot in the idle queue's generation table ([`IdleQueue`]), for its whole life.
+    slot: u32,
+    /// Whether its current idle period has a live mark in the idle queue.
+    marked: bool,
 }
 
 impl<C: PoolConn> Entry<C> {
@@ -500,8 +536,11 @@ impl<C: PoolConn> Entry<C> {
     }
 }
 
-/// Every this many sweeps, one pass over all keys forgets the empty ones.
-const FORGET_EVERY_SWEEPS: u64 = 120;
+/// Every this many sweeps, one pass over all keys retires any empty one that was missed (a
+/// safety net: every path that can empty a key retires it at once).
+const RETIRE_PASS_EVERY_SWEEPS: u64 = 120;
+/// A remembered key quiet for this long (or the idle timeout, if longer) is forgotten.
+const FORGET_AFTER: Duration = Duration::from_secs(600);
 
 /// How long a learned idle timeout is trusted before it must be observed again.
 const LEARNED_IDLE_TTL: Duration = Duration::from_secs(600);
@@ -544,9 +583,13 @@ impl IdleLearning {
     }
 }
 
-/// One key's connections and waiters.
+/// One key's connections and waiters. Lives in [`State::keys`] only while the key has a
+/// connection, a dial under way or a waiter; an empty key is retired at once
+/// ([`Inner::retire_if_empty`]) and what it learned moves to [`State::remembered`].
 struct KeyState<X: Connector> {
-    conns: Vec<Entry<X::Conn>>,
+    /// Most keys hold one connection: it lives inline, in the key map's own slot, so a checkout
+    /// chases no pointer to find it.
+    conns: SmallVec<[Entry<X::Conn>; 1]>,
     connecting: usize,
     /// Dials started for a key that may be multiplexed but whose protocol is not yet known.
     waiters: VecDeque<Waiter<X>>,
@@ -560,16 +603,28 @@ struct KeyState<X: Connector> {
     cold_reason: Option<NewReason>,
     /// The server's unannounced idle timeout, as observed from idle closes.
     idle_learning: IdleLearning,
-    /// Last time anything happened on the key (for forgetting empty keys).
+    /// Last time anything happened on the key (for forgetting it once empty and quiet).
     touched: Instant,
     /// SETTINGS that arrived while their connection's dial had not returned yet.
     early_settle: Vec<(ConnId, usize)>,
 }
 
+/// What an empty key keeps: the facts that make its next connection's reason and limits right
+/// (`idle_expired` rather than `cold_key`, a learned idle timeout, HTTP/2 or not). Small, and
+/// bounded in number by [`PoolConfig::max_remembered_keys`].
+#[derive(Clone, Copy, Debug)]
+struct Remembered {
+    multiplexed: Option<bool>,
+    known_max_streams: Option<usize>,
+    last_loss: Option<CloseReason>,
+    idle_learning: IdleLearning,
+    touched: Instant,
+}
+
 impl<X: Connector> KeyState<X> {
     fn new(now: Instant) -> Self {
         KeyState {
-            conns: Vec::new(),
+            conns: SmallVec::new(),
             connecting: 0,
             waiters: VecDeque::new(),
             multiplexed: None,
@@ -581,24 +636,196 @@ impl<X: Connector> KeyState<X> {
             early_settle: Vec::new(),
         }
     }
+    /// A key coming back: what it had learned, as it was when it went empty.
+    fn revive(r: Remembered, now: Instant) -> Self {
+        KeyState {
+            multiplexed: r.multiplexed,
+            known_max_streams: r.known_max_streams,
+            last_loss: r.last_loss,
+            idle_learning: r.idle_learning,
+            ..KeyState::new(now)
+        }
+    }
+    /// Nothing in it: no connection, no dial, no waiter.
+    fn is_empty(&self) -> bool {
+        self.conns.is_empty() && self.connecting == 0 && self.waiters.is_empty()
+    }
+    /// What is worth keeping once it is empty (`None`: nothing was learned).
+    fn remembered(&self) -> Option<Remembered> {
+        let learned = self.multiplexed.is_some()
+            || self.last_loss.is_some()
+            || self.idle_learning.last.is_some()
+            || self.idle_learning.learned.is_some();
+        learned.then_some(Remembered {
+            multiplexed: self.multiplexed,
+            known_max_streams: self.known_max_streams,
+            last_loss: self.last_loss,
+            idle_learning: self.idle_learning,
+            touched: self.touched,
+        })
+    }
     fn in_flight(&self) -> usize {
         self.conns.iter().map(|e| e.in_flight).sum()
     }
 }
 
+/// Idle connections of all keys in the order they became idle, for the pool-wide idle limit
+/// (least recently used goes first) and the idle sweep (oldest first, O(expired)).
+///
+/// An insertion-ordered queue with lazy deletion, instead of an ordered set: a connection that
+/// becomes idle pushes a *mark* (when, its slot, the slot's generation, its key) at the back,
+/// which is O(1) and touches only the queue's hot end. A connection that stops being idle
+/// (checked out, closed) does not search for its mark: it bumps its slot's generation in
+/// `gens`, a dense `u32` table indexed by slot, which makes the mark stale. Stale marks are
+/// dropped when they reach the front, and the whole queue is compacted once it holds more than
+/// twice as many marks as idle connections (plus a constant), so it stays O(idle) in memory
+/// and every operation is amortised O(1). Checking a mark is one read of `gens` — no hash
+/// lookup.
+///
+/// Invariant: every connection with no request in flight has exactly one live mark
+/// (`Entry::marked`), whose `since` is its `idle_since`; busy connections have none; `len`
+/// counts the live marks. Marks are in the order they were pushed, under the pool lock; their
+/// instants are read just before the lock is taken, so two threads' marks may be out of order
+/// by that gap (microseconds): a connection then expires at most one sweep late.
+struct IdleQueue<K> {
+    marks: VecDeque<Mark<K>>,
+    /// Per slot: the generation a live mark of it must carry.
+    gens: Vec<u32>,
+    /// Slots of connections that left the pool, for reuse (so `gens` is as long as the most
+    /// connections ever held at once).
+    free: Vec<u32>,
+    /// Live marks (idle connections).
+    len: usize,
+}
+
+struct Mark<K> {
+    since: Instant,
+    slot: u32,
+    gen: u32,
+    key: K,
+}
+
+impl<K: Clone> IdleQueue<K> {
+    fn new() -> Self {
+        IdleQueue {
+            marks: VecDeque::new(),
+            gens: Vec::new(),
+            free: Vec::new(),
+            len: 0,
+        }
+    }
+
+    /// Idle connections.
+    fn len(&self) -> usize {
+        self.len
+    }
+
+    /// A slot for a new connection.
+    fn new_slot(&mut self) -> u32 {
+        self.free.pop().unwrap_or_else(|| {
+            self.gens.push(0);
+            u32::try_from(self.gens.len() - 1).expect("fewer than 2^32 connections at once")
+        })
+    }
+
+    fn live(&self, m: &Mark<K>) -> bool {
+        self.gens[m.slot as usize] == m.gen
+    }
+
+    /// `e` became idle (at `e.idle_since`).
+    fn mark<C>(&mut self, e: &mut Entry<C>, key: &K) {
+        let slot = e.slot as usize;
+        if e.marked {
+            // Not expected (a connection becomes idle once per idle period); keep one mark.
+            self.gens[slot] = self.gens[slot].wrapping_add(1);
+        } else {
+            e.marked = true;
+            self.len += 1;
+        }
+        self.marks.push_back(Mark {
+            since: e.idle_since,
+            slot: e.slot,
+            gen: self.gens[slot],
+            key: key.clone(),
+        });
+        if self.marks.len() > 2 * self.len + 64 {
+            let gens = &self.gens;
+            self.marks.retain(|m| gens[m.slot as usize] == m.gen);
+        }
+    }
+
+    /// `e` is no longer idle (checked out, or leaving the pool).
+    fn unmark<C>(&mut self, e: &mut Entry<C>) {
+        if e.marked {
+            let slot = e.slot as usize;
+            self.gens[slot] = self.gens[slot].wrapping_add(1);
+            e.marked = false;
+            self.len -= 1;
+        }
+    }
+
+    /// `e` left the pool: its mark (if any) goes stale and its slot is free again.
+    fn remove<C>(&mut self, e: &mut Entry<C>) {
+        self.unmark(e);
+        let slot = e.slot as usize;
+        // Bump again so a mark pushed before a reuse of the slot can never match.
+        self.gens[slot] = self.gens[slot].wrapping_add(1);
+        self.free.push(e.slot);
+    }
+
+    /// The oldest idle connection: (since, slot, key). Drops stale marks on the way.
+    fn oldest(&mut self) -> Option<(Instant, u32, &K)> {
+        while let Some(m) = self.marks.front() {
+            if self.live(m) {
+                break;
+            }
+            self.marks.pop_front();
+        }
+        self.marks.front().map(|m| (m.since, m.slot, &m.key))
+    }
+
+    /// Removes the oldest mark (after [`oldest`](Self::oldest) returned it) and gives its key.
+    /// The caller takes its connection out of the pool ([`remove`](Self::remove)).
+    fn pop_oldest(&mut self) -> Option<K> {
+        self.marks.pop_front().map(|m| m.key)
+    }
+
+    /// Gives memory back after a burst (called by the sweep): the queue keeps at most about
+    /// four times the room its marks need.
+    fn shrink(&mut self) {
+        let want = self.marks.len().max(64);
+        if self.marks.capacity() > 4 * want {
+            self.marks.shrink_to(2 * want);
+        }
+    }
+
+    /// Live marks, oldest first: (slot, key).
+    fn iter(&self) -> impl Iterator<Item = (u32, &K)> + '_ {
+        self.marks
+            .iter()
+            .filter(|m| self.live(m))
+            .map(|m| (m.slot, &m.key))
+    }
+}
+
 struct State<X: Connector> {
+    /// Keys with a connection, a dial under way or a waiter (see [`KeyState`]).
     keys: HashMap<X::Key, KeyState<X>>,
+    /// What empty keys learned, least recently used first out.
+    remembered: LruCache<X::Key, Remembered>,
+    /// Remembered keys dropped for the bound ([`PoolStats::forgotten`]).
+    forgotten: u64,
     /// Open + connecting connections, all keys.
     total: usize,
-    /// Idle connections by (idle since, id) for pool-wide LRU eviction.
-    idle_lru: BTreeSet<(Instant, ConnId, X::Key)>,
+    /// Idle connections, oldest first, for pool-wide LRU eviction and the idle sweep.
+    idle: IdleQueue<X::Key>,
     /// Keys that wait for a dial the pool-wide limit blocked.
     blocked: VecDeque<X::Key>,
     /// Keys whose connections have their own, shorter idle limits (a server's `Keep-Alive:
     /// timeout=`, a learned idle timeout): the sweep prunes these keys fully; all others only
     /// need the pool-wide idle timeout, which the sweep applies from the oldest idle entry.
     hinted: std::collections::HashSet<X::Key>,
-    /// Sweeps since the last pass over every key (to forget empty keys).
+    /// Sweeps since start (a pass over every key runs every [`RETIRE_PASS_EVERY_SWEEPS`]).
     sweeps: u64,
     next_id: u64,
     closed: bool,
@@ -794,8 +1021,10 @@ impl<X: Connector> Pool<X> {
         let inner = Arc::new(Inner {
             state: Mutex::new(State {
                 keys: HashMap::new(),
+                remembered: LruCache::unbounded(),
+                forgotten: 0,
                 total: 0,
-                idle_lru: BTreeSet::new(),
+                idle: IdleQueue::new(),
                 blocked: VecDeque::new(),
                 hinted: Default::default(),
                 sweeps: 0,
@@ -848,19 +1077,30 @@ impl<X: Connector> Pool<X> {
                 return Err(CheckoutError::Closed);
             }
             let st = &mut *st;
-            let ks = st
-                .keys
-                .entry(key.clone())
-                .or_insert_with(|| KeyState::new(now));
+            if !st.keys.contains_key(key) {
+                // A key with no state: revive what it learned before it went empty, if
+                // anything (and hint the sweep if that includes an idle timeout).
+                let ks = match st.remembered.pop(key) {
+                    Some(r) => {
+                        if r.idle_learning.current(now).is_some() {
+                            st.hinted.insert(key.clone());
+                        }
+                        KeyState::revive(r, now)
+                    }
+                    None => KeyState::new(now),
+                };
+                st.keys.insert(key.clone(), ks);
+            }
+            let ks = st.keys.get_mut(key).expect("inserted above");
             ks.touched = now;
-            inner.prune_key(key, ks, &mut st.idle_lru, &mut st.total, now, &mut fx);
+            inner.prune_key(key, ks, &mut st.idle, &mut st.total, now, &mut fx);
             if opts.cold_reason.is_some() && ks.conns.is_empty() && ks.connecting == 0 {
                 ks.cold_reason = opts.cold_reason;
             }
             let found = if opts.fresh {
                 None
             } else {
-                inner.grant_from(key, ks, &mut st.idle_lru)
+                inner.grant_from(key, ks, &mut st.idle)
             };
             match found {
                 Some(lease) => Step::Got(Ok(lease)),
@@ -926,8 +1166,10 @@ impl<X: Connector> Pool<X> {
         let st = self.inner.state.lock();
         let mut s = PoolStats {
             total: st.total,
-            idle: st.idle_lru.len(),
+            idle: st.idle.len(),
             keys: st.keys.len(),
+            remembered: st.remembered.len(),
+            forgotten: st.forgotten,
             ..Default::default()
         };
         for ks in st.keys.values() {
@@ -937,7 +1179,7 @@ impl<X: Connector> Pool<X> {
         s
     }
 
-    /// Per-key counts for every key with any state.
+    /// Per-key counts for every key with a connection, a dial or a waiter.
     pub fn key_stats(&self) -> Vec<KeyStats<X::Key>> {
         let st = self.inner.state.lock();
         st.keys
@@ -963,21 +1205,22 @@ impl<X: Connector> Pool<X> {
         let n = {
             let mut st = inner.state.lock();
             let st = &mut *st;
-            let victims: Vec<_> = st
-                .idle_lru
+            let victims: Vec<(u32, X::Key)> = st
+                .idle
                 .iter()
-                .filter(|(_, _, k)| pred(k))
-                .cloned()
+                .filter(|(_, k)| pred(k))
+                .map(|(slot, k)| (slot, k.clone()))
                 .collect();
             let mut n = 0;
-            for (since, id, key) in victims {
-                st.idle_lru.remove(&(since, id, key.clone()));
+            for (slot, key) in victims {
                 if let Some(ks) = st.keys.get_mut(&key) {
-                    if let Some(pos) = ks.conns.iter().position(|e| e.id == id) {
-                        let e = ks.conns.swap_remove(pos);
+                    if let Some(pos) = ks.conns.iter().position(|e| e.slot == slot) {
+                        let mut e = ks.conns.swap_remove(pos);
+                        st.idle.remove(&mut e);
                         st.total -= 1;
-                        fx.closed.push((key, reason, e.requests, e.conn));
+                        fx.closed.push((key.clone(), reason, e.requests, e.conn));
                         n += 1;
+                        inner.retire_if_empty(st, &key);
                     }
                 }
             }
@@ -1019,8 +1262,8 @@ impl<X: Connector> Pool<X> {
                 let mut i = 0;
                 while i < ks.conns.len() {
                     if ks.conns[i].is_idle() {
-                        let e = ks.conns.swap_remove(i);
-                        st.idle_lru.remove(&(e.idle_since, e.id, k.clone()));
+                        let mut e = ks.conns.swap_remove(i);
+                        st.idle.remove(&mut e);
                         st.total -= 1;
                         fx.closed
                             .push((k.clone(), CloseReason::Shutdown, e.requests, e.conn));
@@ -1030,6 +1273,9 @@ impl<X: Connector> Pool<X> {
                     }
                 }
             }
+            // Nothing will come back for these: no need to remember them either.
+            st.keys.retain(|_, ks| !ks.is_empty());
+            st.remembered.clear();
         }
         self.inner.run_effects(fx);
     }
@@ -1052,7 +1298,7 @@ impl<X: Connector> Inner<X> {
         &self,
         key: &X::Key,
         ks: &mut KeyState<X>,
-        idle_lru: &mut BTreeSet<(Instant, ConnId, X::Key)>,
+        idle: &mut IdleQueue<X::Key>,
         total: &mut usize,
         now: Instant,
         fx: &mut Effects<X>,
@@ -1084,8 +1330,8 @@ impl<X: Connector> Inner<X> {
                 None
             };
             if let Some(r) = reason {
-                let e = ks.conns.swap_remove(i);
-                idle_lru.remove(&(e.idle_since, e.id, key.clone()));
+                let mut e = ks.conns.swap_remove(i);
+                idle.remove(&mut e);
                 *total -= 1;
                 ks.last_loss = Some(r);
                 fx.closed.push((key.clone(), r, e.requests, e.conn));
@@ -1100,7 +1346,7 @@ impl<X: Connector> Inner<X> {
         self: &Arc<Self>,
         key: &X::Key,
         ks: &mut KeyState<X>,
-        idle_lru: &mut BTreeSet<(Instant, ConnId, X::Key)>,
+        idle: &mut IdleQueue<X::Key>,
     ) -> Option<Lease<X>> {
         // Exclusive: most recently idle first. Shared: the busiest one with room, so load packs
         // onto few connections and spare ones can idle out.
@@ -1123,17 +1369,17 @@ impl<X: Connector> Inner<X> {
             };
         }
         let i = best?;
-        Some(self.lease_on(key, &mut ks.conns[i], idle_lru))
+        Some(self.lease_on(key, &mut ks.conns[i], idle))
     }
 
     fn lease_on(
         self: &Arc<Self>,
         key: &X::Key,
         e: &mut Entry<X::Conn>,
-        idle_lru: &mut BTreeSet<(Instant, ConnId, X::Key)>,
+        idle: &mut IdleQueue<X::Key>,
     ) -> Lease<X> {
         if e.in_flight == 0 {
-            idle_lru.remove(&(e.idle_since, e.id, key.clone()));
+            idle.unmark(e);
         }
         let conn = if e.multiplexed {
             e.conn.as_ref().and_then(|c| c.share())
@@ -1273,41 +1519,94 @@ impl<X: Connector> Inner<X> {
 
     /// Evicts the pool's least recently used idle connection. False if there is none.
     fn evict_one_idle(&self, st: &mut State<X>, fx: &mut Effects<X>) -> bool {
-        let Some((since, id, key)) = st.idle_lru.iter().next().cloned() else {
+        let Some((_, slot, _)) = st.idle.oldest() else {
             return false;
         };
-        st.idle_lru.remove(&(since, id, key.clone()));
-        if let Some(ks) = st.keys.get_mut(&key) {
-            if let Some(pos) = ks.conns.iter().position(|e| e.id == id) {
-                let e = ks.conns.swap_remove(pos);
-                st.total -= 1;
-                ks.last_loss = Some(CloseReason::Evicted);
-                fx.closed
-                    .push((key, CloseReason::Evicted, e.requests, e.conn));
-                return true;
-            }
+        let key = st.idle.pop_oldest().expect("oldest() found it");
+        self.take_idle(st, key, slot, CloseReason::Evicted, fx)
+    }
+
+    /// Takes the idle connection in `slot` of `key` out of the pool for `reason` (its mark was
+    /// just popped), and retires the key if that emptied it. False if it was not there.
+    fn take_idle(
+        &self,
+        st: &mut State<X>,
+        key: X::Key,
+        slot: u32,
+        reason: CloseReason,
+        fx: &mut Effects<X>,
+    ) -> bool {
+        let Some(ks) = st.keys.get_mut(&key) else {
+            return false;
+        };
+        let Some(pos) = ks.conns.iter().position(|e| e.slot == slot) else {
+            return false;
+        };
+        let mut e = ks.conns.swap_remove(pos);
+        debug_assert!(e.marked, "a live mark is an idle connection's");
+        st.idle.remove(&mut e);
+        st.total -= 1;
+        ks.last_loss = Some(reason);
+        let empty = ks.is_empty();
+        fx.closed.push((key.clone(), reason, e.requests, e.conn));
+        if empty {
+            self.retire_if_empty(st, &key);
         }
-        false
+        true
+    }
+
+    /// Moves an empty key out of [`State::keys`]: what it learned goes to the bounded
+    /// [`State::remembered`] (forgetting the least recently used key past the bound, counted),
+    /// the rest is freed. Every path that can empty a key calls this, so the key map holds only
+    /// keys with something in them: its size follows the connections, not the names ever seen.
+    fn retire_if_empty(&self, st: &mut State<X>, key: &X::Key) {
+        if !st.keys.get(key).is_some_and(KeyState::is_empty) {
+            return;
+        }
+        let (key, ks) = st.keys.remove_entry(key).expect("present: checked above");
+        st.hinted.remove(&key);
+        let Some(r) = ks.remembered() else {
+            return;
+        };
+        if self.cfg.max_remembered_keys == 0 {
+            st.forgotten += 1;
+            return;
+        }
+        if st.remembered.len() >= self.cfg.max_remembered_keys && !st.remembered.contains(&key) {
+            st.remembered.pop_lru();
+            st.forgotten += 1;
+        }
+        st.remembered.put(key, r);
     }
 
     /// Hands usable connections of the key to its waiters, oldest first.
     fn serve_waiters(self: &Arc<Self>, st: &mut State<X>, key: &X::Key, fx: &mut Effects<X>) {
-        let now = Instant::now();
-        let State { keys, idle_lru, .. } = st;
+        let State { keys, idle, .. } = st;
         let Some(ks) = keys.get_mut(key) else { return };
+        self.serve_key_waiters(key, ks, idle, fx);
+    }
+
+    /// [`serve_waiters`](Self::serve_waiters) on a key state already at hand.
+    fn serve_key_waiters(
+        self: &Arc<Self>,
+        key: &X::Key,
+        ks: &mut KeyState<X>,
+        idle: &mut IdleQueue<X::Key>,
+        fx: &mut Effects<X>,
+    ) {
         while let Some(pos) = ks.waiters.iter().position(|w| !w.fresh) {
             if ks.waiters[pos].tx.is_closed() {
                 ks.waiters.remove(pos);
                 continue;
             }
-            let Some(lease) = self.grant_from(key, ks, idle_lru) else {
+            let Some(lease) = self.grant_from(key, ks, idle) else {
                 break;
             };
             let w = ks.waiters.remove(pos).expect("position is valid");
             if let Err(Ok(mut lease)) = w.tx.send(Ok(lease)) {
                 // The waiter left between our check and the send: undo the grant.
                 let conn = lease.disarm();
-                undo_grant(ks, idle_lru, key, lease.id, conn, now);
+                undo_grant(ks, idle, key, lease.id, conn, Instant::now());
                 fx.dead_leases.push(lease);
             }
         }
@@ -1355,6 +1654,7 @@ impl<X: Connector> Inner<X> {
                     } else {
                         1
                     };
+                    let slot = st.idle.new_slot();
                     ks.conns.push(Entry {
                         id,
                         conn: Some(c.conn),
@@ -1370,25 +1670,25 @@ impl<X: Connector> Inner<X> {
                         draining: None,
                         dead: None,
                         new_reason: reason,
+                        slot,
+                        marked: false,
                     });
                     let idx = ks.conns.len() - 1;
                     // The requester that caused the dial gets it first, if still waiting.
                     if let Some(pos) = owner.and_then(|o| ks.waiters.iter().position(|w| w.id == o))
                     {
                         let w = ks.waiters.remove(pos).expect("position is valid");
-                        let lease = self.lease_on(key, &mut ks.conns[idx], &mut st.idle_lru);
+                        let lease = self.lease_on(key, &mut ks.conns[idx], &mut st.idle);
                         if let Err(Ok(mut lease)) = w.tx.send(Ok(lease)) {
                             let conn = lease.disarm();
-                            undo_grant(ks, &mut st.idle_lru, key, id, conn, now);
+                            undo_grant(ks, &mut st.idle, key, id, conn, now);
                             fx.dead_leases.push(lease);
                         }
                     }
-                    self.serve_waiters(st, key, &mut fx);
-                    if let Some(ks) = st.keys.get(key) {
-                        if let Some(e) = ks.conns.iter().find(|e| e.id == id) {
-                            if e.in_flight == 0 {
-                                st.idle_lru.insert((e.idle_since, e.id, key.clone()));
-                            }
+                    self.serve_key_waiters(key, ks, &mut st.idle, &mut fx);
+                    if let Some(e) = ks.conns.iter_mut().find(|e| e.id == id) {
+                        if e.in_flight == 0 && !e.marked {
+                            st.idle.mark(e, key);
                         }
                     }
                     self.enforce_idle_limit(st, &mut fx);
@@ -1423,6 +1723,7 @@ impl<X: Connector> Inner<X> {
                     self.kick_blocked(st, &mut fx);
                 }
             }
+            self.retire_if_empty(st, key);
         }
         if failed {
             self.events.dial_failed(key);
@@ -1435,7 +1736,7 @@ impl<X: Connector> Inner<X> {
 
     /// Keeps the number of idle connections within `max_idle_total`.
     fn enforce_idle_limit(&self, st: &mut State<X>, fx: &mut Effects<X>) {
-        while st.idle_lru.len() > self.cfg.max_idle_total {
+        while st.idle.len() > self.cfg.max_idle_total {
             if !self.evict_one_idle(st, fx) {
                 break;
             }
@@ -1446,7 +1747,7 @@ impl<X: Connector> Inner<X> {
     fn kick_blocked(self: &Arc<Self>, st: &mut State<X>, fx: &mut Effects<X>) {
         let n = st.blocked.len();
         for _ in 0..n {
-            if st.total >= self.cfg.max_total && st.idle_lru.is_empty() {
+            if st.total >= self.cfg.max_total && st.idle.len() == 0 {
                 break;
             }
             let Some(k) = st.blocked.pop_front() else {
@@ -1535,7 +1836,8 @@ impl<X: Connector> Inner<X> {
                         e.draining = Some(r);
                     }
                 } else {
-                    let e = ks.conns.swap_remove(pos);
+                    let mut e = ks.conns.swap_remove(pos);
+                    st.idle.remove(&mut e);
                     st.total -= 1;
                     ks.last_loss = Some(r);
                     fx.closed.push((key.clone(), r, e.requests, e.conn));
@@ -1543,16 +1845,18 @@ impl<X: Connector> Inner<X> {
                 self.serve_waiters(st, key, &mut fx);
                 self.dial_if_needed(st, key, None, &mut fx);
                 self.kick_blocked(st, &mut fx);
+                self.retire_if_empty(st, key);
             } else {
                 if e.in_flight == 0 {
                     e.idle_since = now;
                 }
-                self.serve_waiters(st, key, &mut fx);
-                if let Some(ks) = st.keys.get(key) {
-                    if let Some(e) = ks.conns.iter().find(|e| e.id == id) {
-                        if e.in_flight == 0 {
-                            st.idle_lru.insert((e.idle_since, e.id, key.clone()));
-                        }
+                // The common case: back to idle, nobody waiting — one key lookup in all.
+                if !ks.waiters.is_empty() {
+                    self.serve_key_waiters(key, ks, &mut st.idle, &mut fx);
+                }
+                if let Some(e) = ks.conns.iter_mut().find(|e| e.id == id) {
+                    if e.in_flight == 0 && !e.marked {
+                        st.idle.mark(e, key);
                     }
                 }
                 if !st.blocked.is_empty() {
@@ -1587,8 +1891,8 @@ impl<X: Connector> Inner<X> {
             let idle_for = now.saturating_duration_since(e.idle_since);
             if e.is_idle() && (e.multiplexed || e.conn.is_some()) {
                 let reason = e.draining.unwrap_or(reason);
-                let e = ks.conns.swap_remove(pos);
-                st.idle_lru.remove(&(e.idle_since, e.id, key.clone()));
+                let mut e = ks.conns.swap_remove(pos);
+                st.idle.remove(&mut e);
                 st.total -= 1;
                 ks.last_loss = Some(reason);
                 if cause == EndCause::Fin
@@ -1605,6 +1909,7 @@ impl<X: Connector> Inner<X> {
                 fx.closed.push((key.clone(), reason, e.requests, e.conn));
                 self.dial_if_needed(st, key, None, &mut fx);
                 self.kick_blocked(st, &mut fx);
+                self.retire_if_empty(st, key);
             } else {
                 // A request is on it; the request sees the end and releases it. A GOAWAY
                 // that came first explains the end better than the end itself.
@@ -1656,8 +1961,8 @@ impl<X: Connector> Inner<X> {
             let e = &mut ks.conns[pos];
             e.draining.get_or_insert(why);
             if e.is_idle() && (e.multiplexed || e.conn.is_some()) {
-                let e = ks.conns.swap_remove(pos);
-                st.idle_lru.remove(&(e.idle_since, e.id, key.clone()));
+                let mut e = ks.conns.swap_remove(pos);
+                st.idle.remove(&mut e);
                 st.total -= 1;
                 ks.last_loss = Some(why);
                 fx.closed.push((key.clone(), why, e.requests, e.conn));
@@ -1665,6 +1970,7 @@ impl<X: Connector> Inner<X> {
                 ks.last_loss = Some(why);
             }
             self.dial_if_needed(st, key, None, &mut fx);
+            self.retire_if_empty(st, key);
         }
         self.run_effects(fx);
     }
@@ -1679,26 +1985,18 @@ impl<X: Connector> Inner<X> {
             let st = &mut *st;
             // 1. Past the pool-wide idle timeout, oldest idle first: O(expired), not O(keys),
             //    so a pool with 100k warm keys does not stall checkouts every sweep.
-            while let Some((since, id, key)) = st.idle_lru.first().cloned() {
+            while let Some((since, slot, _)) = st.idle.oldest() {
                 if now.saturating_duration_since(since) < self.cfg.idle_timeout {
                     break;
                 }
-                st.idle_lru.remove(&(since, id, key.clone()));
-                if let Some(ks) = st.keys.get_mut(&key) {
-                    if let Some(pos) = ks.conns.iter().position(|e| e.id == id) {
-                        let e = ks.conns.swap_remove(pos);
-                        st.total -= 1;
-                        ks.last_loss = Some(CloseReason::IdleExpired);
-                        fx.closed
-                            .push((key, CloseReason::IdleExpired, e.requests, e.conn));
-                    }
-                }
+                let key = st.idle.pop_oldest().expect("oldest() found it");
+                self.take_idle(st, key, slot, CloseReason::IdleExpired, &mut fx);
             }
             // 2. Keys with shorter per-connection limits, and every key when connections have
             //    a maximum lifetime: full prune.
             let State {
                 keys,
-                idle_lru,
+                idle,
                 total,
                 hinted,
                 sweeps,
@@ -1706,9 +2004,13 @@ impl<X: Connector> Inner<X> {
             } = st;
             *sweeps += 1;
             let full = self.cfg.max_lifetime.is_some();
+            let mut emptied = Vec::new();
             if full {
                 for (k, ks) in keys.iter_mut() {
-                    self.prune_key(k, ks, idle_lru, total, now, &mut fx);
+                    self.prune_key(k, ks, idle, total, now, &mut fx);
+                    if ks.is_empty() {
+                        emptied.push(k.clone());
+                    }
                 }
             }
             hinted.retain(|k| {
@@ -1716,21 +2018,41 @@ impl<X: Connector> Inner<X> {
                     return false;
                 };
                 if !full {
-                    self.prune_key(k, ks, idle_lru, total, now, &mut fx);
+                    self.prune_key(k, ks, idle, total, now, &mut fx);
+                    if ks.is_empty() {
+                        emptied.push(k.clone());
+                    }
                 }
                 ks.idle_learning.current(now).is_some()
                     || ks.conns.iter().any(|e| e.server_idle.is_some())
             });
-            // 3. Forget keys with nothing in them after a quiet spell (their learned facts go
-            //    too); a pass over every key, so only about once a minute.
-            if *sweeps % FORGET_EVERY_SWEEPS == 0 {
-                let forget_after = self.cfg.idle_timeout.max(Duration::from_secs(600));
-                keys.retain(|_, ks| {
-                    !(ks.conns.is_empty()
-                        && ks.connecting == 0
-                        && ks.waiters.is_empty()
-                        && now.saturating_duration_since(ks.touched) >= forget_after)
-                });
+            // 3. Retire keys the prunes emptied; and, about once a minute, any empty key a
+            //    path failed to retire (a safety net: O(keys), but keys are only live ones).
+            if *sweeps % RETIRE_PASS_EVERY_SWEEPS == 0 {
+                emptied.extend(
+                    keys.iter()
+                        .filter(|(_, ks)| ks.is_empty())
+                        .map(|(k, _)| k.clone()),
+                );
+            }
+            for k in emptied {
+                self.retire_if_empty(st, &k);
+            }
+            // 4. After a burst, give back the room the key map and the idle queue grew to
+            //    (the map is rehashed only when it is at most a quarter full).
+            st.idle.shrink();
+            let live = st.keys.len().max(64);
+            if st.keys.capacity() > 4 * live {
+                st.keys.shrink_to(2 * live);
+            }
+            // 5. Forget remembered keys after a quiet spell, least recently retired first:
+            //    O(forgotten).
+            let forget_after = self.cfg.idle_timeout.max(FORGET_AFTER);
+            while let Some((_, r)) = st.remembered.peek_lru() {
+                if now.saturating_duration_since(r.touched) < forget_after {
+                    break;
+                }
+                st.remembered.pop_lru();
             }
             let blocked: Vec<X::Key> = st.blocked.iter().cloned().collect();
             for k in blocked {
@@ -1772,7 +2094,7 @@ impl<X: Connector> Inner<X> {
 /// Puts back a grant whose waiter left before receiving it.
 fn undo_grant<X: Connector>(
     ks: &mut KeyState<X>,
-    idle_lru: &mut BTreeSet<(Instant, ConnId, X::Key)>,
+    idle: &mut IdleQueue<X::Key>,
     key: &X::Key,
     id: ConnId,
     conn: Option<X::Conn>,
@@ -1789,7 +2111,7 @@ fn undo_grant<X: Connector>(
         }
         if e.in_flight == 0 {
             e.idle_since = now;
-            idle_lru.insert((now, e.id, key.clone()));
+            idle.mark(e, key);
         }
     }
 }
@@ -2382,5 +2704,139 @@ mod tests {
             4,
             "HTTP/1.1 learned: one per request"
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_empty_key_leaves_the_key_map_and_comes_back_with_what_it_learned() {
+        let (pool, _fake, _rec) = setup(Fake::default(), PoolConfig::default());
+        used(&pool, "a").await.release(keep());
+        assert_eq!((pool.stats().keys, pool.stats().remembered), (1, 0));
+        tokio::time::advance(DEFAULT_IDLE_TIMEOUT + Duration::from_secs(1)).await;
+        pool.sweep_now();
+        let s = pool.stats();
+        assert_eq!((s.keys, s.remembered, s.total), (0, 1, 0), "{s:?}");
+        assert!(
+            pool.key_stats().is_empty(),
+            "per-key state went with the last connection"
+        );
+        // Back: the reason is the one it learned, and it is live again.
+        let l = used(&pool, "a").await;
+        assert_eq!(l.new_reason(), Some(NewReason::IdleExpired));
+        assert_eq!((pool.stats().keys, pool.stats().remembered), (1, 0));
+        l.release(keep());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn remembered_keys_are_bounded_and_the_forgotten_are_counted() {
+        let cfg = PoolConfig {
+            max_remembered_keys: 2,
+            ..Default::default()
+        };
+        let (pool, _fake, _rec) = setup(Fake::default(), cfg);
+        for key in ["a", "b", "c"] {
+            let l = used(&pool, key).await;
+            l.release(Release::Close(CloseReason::ServerClose));
+        }
+        let s = pool.stats();
+        assert_eq!((s.keys, s.remembered, s.forgotten), (0, 2, 1), "{s:?}");
+        // "a", the least recently used, was forgotten: cold again. "c" was not.
+        assert_eq!(
+            used(&pool, "a").await.new_reason(),
+            Some(NewReason::ColdKey)
+        );
+        assert_eq!(
+            used(&pool, "c").await.new_reason(),
+            Some(NewReason::ServerClose)
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn remembered_keys_are_forgotten_after_a_quiet_spell() {
+        let (pool, _fake, _rec) = setup(Fake::default(), PoolConfig::default());
+        used(&pool, "a")
+            .await
+            .release(Release::Close(CloseReason::ServerClose));
+        assert_eq!(pool.stats().remembered, 1);
+        tokio::time::advance(FORGET_AFTER + Duration::from_secs(1)).await;
+        pool.sweep_now();
+        let s = pool.stats();
+        assert_eq!(
+            (s.remembered, s.forgotten),
+            (0, 0),
+            "quiet keys go uncounted"
+        );
+        assert_eq!(
+            used(&pool, "a").await.new_reason(),
+            Some(NewReason::ColdKey)
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_reused_connection_becomes_the_most_recently_used_for_eviction() {
+        let cfg = PoolConfig {
+            max_idle_total: 2,
+            ..Default::default()
+        };
+        let (pool, _fake, rec) = setup(Fake::default(), cfg);
+        used(&pool, "a").await.release(keep());
+        tokio::time::advance(Duration::from_millis(5)).await;
+        used(&pool, "b").await.release(keep());
+        tokio::time::advance(Duration::from_millis(5)).await;
+        // "a" is used again: now "b" is the least recently used idle connection.
+        let a = used(&pool, "a").await;
+        assert!(a.reused());
+        a.release(keep());
+        tokio::time::advance(Duration::from_millis(5)).await;
+        used(&pool, "c").await.release(keep());
+        assert_eq!(*rec.closed.lock(), vec![CloseReason::Evicted]);
+        assert!(pool.has_idle(&"a") && pool.has_idle(&"c") && !pool.has_idle(&"b"));
+        assert_eq!(pool.stats().idle, 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn idle_queue_stays_small_and_exact_through_many_reuses() {
+        let (pool, fake, rec) = setup(Fake::default(), PoolConfig::default());
+        used(&pool, "quiet").await.release(keep());
+        for _ in 0..1_000 {
+            used(&pool, "busy").await.release(keep());
+        }
+        assert_eq!(fake.dials.load(Ordering::SeqCst), 2);
+        {
+            let st = pool.inner.state.lock();
+            assert_eq!(st.idle.len(), 2);
+            assert!(
+                st.idle.marks.len() <= 2 * 2 + 64 + 1,
+                "{}",
+                st.idle.marks.len()
+            );
+            assert_eq!(st.idle.gens.len(), 2, "two connections, two slots");
+        }
+        // The oldest idle connection is still found first, past all the stale marks.
+        tokio::time::advance(DEFAULT_IDLE_TIMEOUT - Duration::from_secs(5)).await;
+        used(&pool, "busy").await.release(keep());
+        tokio::time::advance(Duration::from_secs(6)).await;
+        pool.sweep_now();
+        assert_eq!(*rec.closed.lock(), vec![CloseReason::IdleExpired]);
+        assert!(!pool.has_idle(&"quiet") && pool.has_idle(&"busy"));
+        assert_eq!(pool.stats().idle, 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn closed_slots_are_reused_and_their_old_marks_stay_dead() {
+        let (pool, _fake, rec) = setup(Fake::default(), PoolConfig::default());
+        for round in 0..50 {
+            let key = if round % 2 == 0 { "x" } else { "y" };
+            used(&pool, key).await.release(keep());
+            assert_eq!(pool.close_idle_where(|_| true, CloseReason::ScopeEnded), 1);
+        }
+        assert_eq!(rec.closed.lock().len(), 50);
+        let st = pool.inner.state.lock();
+        assert_eq!((st.idle.len(), st.total, st.keys.len()), (0, 0, 0));
+        assert_eq!(
+            st.idle.gens.len(),
+            1,
+            "one connection at a time: one slot, reused"
+        );
+        assert_eq!(st.idle.iter().count(), 0);
     }
 }

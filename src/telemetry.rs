@@ -445,10 +445,14 @@ impl OutcomeMetrics {
     }
 }
 
-/// The pool now (refreshed at each scrape): connections by state, queued requests.
+/// The pool now (refreshed at each scrape): connections by state, queued requests, keys.
 struct PoolGauges {
     connections: Family<StateLabels, Gauge>,
     waiting: Gauge,
+    keys: Family<StateLabels, Gauge>,
+    /// `PoolStats::forgotten` as a counter: advanced by the difference at each scrape.
+    forgotten: Counter,
+    forgotten_seen: AtomicU64,
 }
 
 impl PoolGauges {
@@ -456,6 +460,9 @@ impl PoolGauges {
         let m = PoolGauges {
             connections: Family::default(),
             waiting: Gauge::default(),
+            keys: Family::default(),
+            forgotten: Counter::default(),
+            forgotten_seen: AtomicU64::new(0),
         };
         registry.register(
             "edgepool_upstream_connections",
@@ -466,6 +473,16 @@ impl PoolGauges {
             "edgepool_pool_waiting_requests",
             "Requests queued for a connection now",
             m.waiting.clone(),
+        );
+        registry.register(
+            "edgepool_pool_keys",
+            "Pool keys now: live (a connection, dial or waiter) and remembered (none, what they learned kept, bounded)",
+            m.keys.clone(),
+        );
+        registry.register(
+            "edgepool_pool_keys_forgotten",
+            "Remembered pool keys forgotten to stay within the bound, least recently used first",
+            m.forgotten.clone(),
         );
         m
     }
@@ -482,6 +499,17 @@ impl PoolGauges {
                 .set(v as i64);
         }
         self.waiting.set(stats.waiting as i64);
+        for (state, v) in [("live", stats.keys), ("remembered", stats.remembered)] {
+            self.keys
+                .get_or_create(&StateLabels { state })
+                .set(v as i64);
+        }
+        let seen = self
+            .forgotten_seen
+            .fetch_max(stats.forgotten, Ordering::Relaxed);
+        if stats.forgotten > seen {
+            self.forgotten.inc_by(stats.forgotten - seen);
+        }
     }
 }
 
@@ -1012,6 +1040,9 @@ impl Telemetry {
                 tracing::info!(target = %t, reuse_rate = c.reuse_rate(), "reuse SLO recovered");
             }
         }
+        // Only targets that still have a row keep a verdict: the rows are bounded
+        // (`slo.max_targets`), so the verdicts are too.
+        h.verdicts.retain(|t, _| targets.contains_key(t));
     }
 
     /// What happened since `last` (a previous [`Telemetry::totals`]), as one report bucket;
@@ -1295,5 +1326,56 @@ mod tests {
         t.record_request(&rec("b:443", true));
         assert_eq!(t.targets()["b:443"].requests, 1);
         assert_eq!(t.totals().requests, 5);
+    }
+
+    #[test]
+    fn slo_verdicts_are_kept_only_for_targets_with_a_row() {
+        let slo = crate::config::SloConfig {
+            max_targets: 3,
+            ..Default::default()
+        };
+        let t = Telemetry::new(slo, Default::default());
+        for i in 0..50 {
+            t.record_request(&rec(&format!("t{i}:443"), false));
+            t.tick();
+        }
+        assert_eq!(
+            t.history.lock().verdicts.len(),
+            3,
+            "one per row, not per name seen"
+        );
+    }
+
+    #[test]
+    fn pool_key_figures_are_exported() {
+        let t = Telemetry::default();
+        let stats = PoolStats {
+            keys: 2,
+            remembered: 5,
+            forgotten: 7,
+            ..Default::default()
+        };
+        let text = t.encode(stats);
+        assert!(
+            text.contains("edgepool_pool_keys{state=\"live\"} 2\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("edgepool_pool_keys{state=\"remembered\"} 5\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("edgepool_pool_keys_forgotten_total 7\n"),
+            "{text}"
+        );
+        // A counter: a later scrape adds only what was forgotten since.
+        let text = t.encode(PoolStats {
+            forgotten: 9,
+            ..stats
+        });
+        assert!(
+            text.contains("edgepool_pool_keys_forgotten_total 9\n"),
+            "{text}"
+        );
     }
 }

@@ -282,6 +282,60 @@ async fn history_fills_once_per_interval() {
     // An interval without requests has no R (null), not a perfect one.
 }
 
+#[tokio::test]
+async fn status_lists_the_busiest_targets_and_counts_the_rest() {
+    let origins = [
+        Origin::start(OriginConfig::default()).await,
+        Origin::start(OriginConfig::default()).await,
+        Origin::start(OriginConfig::default()).await,
+    ];
+    let gw = TestGateway::start(&[]).await;
+    let worker = gw.client();
+    // 3, 2 and 1 requests: the ranking is by requests.
+    for (i, o) in origins.iter().enumerate() {
+        for _ in 0..(3 - i) {
+            get(&worker, &o.url("/echo")).await;
+        }
+    }
+    let all = gw.status().await;
+    assert_eq!(all["targets"].as_array().unwrap().len(), 3);
+    assert_eq!(
+        (
+            all["targets_total"].as_u64(),
+            all["targets_omitted"].as_u64()
+        ),
+        (Some(3), Some(0))
+    );
+    let top: serde_json::Value = gw
+        .admin_get("/status?targets=1")
+        .await
+        .json()
+        .await
+        .unwrap();
+    let rows = top["targets"].as_array().unwrap();
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0]["target"], origins[0].authority());
+    assert_eq!(
+        (
+            top["targets_total"].as_u64(),
+            top["targets_omitted"].as_u64()
+        ),
+        (Some(3), Some(2))
+    );
+    assert_eq!(
+        top["fleet"]["requests"], 6,
+        "the fleet row counts the omitted rows too"
+    );
+    let every: serde_json::Value = gw
+        .admin_get("/status?targets=all")
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(every["targets"].as_array().unwrap().len(), 3);
+    assert_eq!(gw.admin_get("/status?targets=many").await.status(), 400);
+}
+
 async fn report(gw: &TestGateway, window: &str) -> serde_json::Value {
     gw.admin_get(&format!("/report?window={window}"))
         .await

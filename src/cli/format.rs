@@ -118,6 +118,13 @@ pub fn status_table(v: &Value) -> String {
     for t in v["targets"].as_array().into_iter().flatten() {
         row(&mut out, t);
     }
+    let omitted = u(&v["targets_omitted"]);
+    if omitted > 0 {
+        let _ = writeln!(
+            out,
+            "({omitted} quieter targets not listed; the fleet row counts them)"
+        );
+    }
     row(&mut out, &v["fleet"]);
     let fleet = &v["fleet"];
     if u(&fleet["forced_rotation_requests"]) > 0 {

@@ -760,11 +760,11 @@ async fn run_mode(
         .map(|g: &LabGateway| g.gw.forwarder().resolver().stats());
     let before_reasons = gateway
         .as_ref()
-        .map(|g| crate::admin::status(g.gw.admin()).fleet.new_by_reason)
+        .map(|g| crate::admin::status(g.gw.admin(), 0).fleet.new_by_reason)
         .unwrap_or_default();
     // edgepool's own count of the same run (`/status` fleet), to set beside the origins'.
     let before_fleet = gateway.as_ref().map(|g| {
-        let f = crate::admin::status(g.gw.admin()).fleet;
+        let f = crate::admin::status(g.gw.admin(), 0).fleet;
         (f.requests, f.new_connections)
     });
     let started = Instant::now();
@@ -853,7 +853,7 @@ async fn run_mode(
     };
     let gateway_counts = match (before_fleet, gateway.as_ref()) {
         (Some((req0, new0)), Some(g)) => {
-            let f = crate::admin::status(g.gw.admin()).fleet;
+            let f = crate::admin::status(g.gw.admin(), 0).fleet;
             let (req, new) = (f.requests - req0, f.new_connections - new0);
             json!({"requests": req, "new_connections": new,
                    "reuse_rate": round4(oracle::reuse_rate(req, new))})
@@ -863,7 +863,7 @@ async fn run_mode(
     let reasons: BTreeMap<&'static str, u64> = gateway
         .as_ref()
         .map(|g| {
-            crate::admin::status(g.gw.admin())
+            crate::admin::status(g.gw.admin(), 0)
                 .fleet
                 .new_by_reason
                 .into_iter()
