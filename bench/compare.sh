@@ -151,24 +151,7 @@ fi
 cat >"$TMP/squid/squid.conf" <<EOF
 http_port $BIND:$P_SQUID
 $SQUID_USER_LINE
-acl bench_clients src 127.0.0.0/8
-http_access allow bench_clients
-http_access deny all
-# no caching at all: nothing stored, no cache_dir (no disk cache)
-cache deny all
-server_persistent_connections on
-client_persistent_connections on
-pinger_enable off
-workers 1
-pid_filename $TMP/squid/squid.pid
-cache_log $TMP/squid/cache.log
-access_log none
-cache_store_log none
-netdb_filename none
-coredump_dir $TMP/squid
-logfile_rotate 0
-shutdown_lifetime 1 seconds
-visible_hostname edgepool-bench
+$(squid_common_conf)
 EOF
 chmod 644 "$TMP/squid/squid.conf"
 

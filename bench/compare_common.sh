@@ -156,3 +156,28 @@ secs() { awk -v t="$1" -v hz="$HZ" 'BEGIN { printf "%.1f", t / hz }'; }
 # ---- formatting -----------------------------------------------------------------------------
 fmt_lat() { awk -v u="$1" 'BEGIN { if (u < 1000) printf "%.0f µs", u; else printf "%.2f ms", u / 1000 }'; }
 fmt_int() { awk -v r="$1" 'BEGIN { s = sprintf("%.0f", r); o = ""; while (length(s) > 3) { o = "," substr(s, length(s) - 2) o; s = substr(s, 1, length(s) - 3) } print s o }'; }
+
+# The squid.conf lines every suite shares (after its own http_port/TLS lines): loopback clients
+# only, no cache at all, persistent connections both ways, one worker, files in $TMP/squid.
+squid_common_conf() {
+    cat <<EOF
+acl bench_clients src 127.0.0.0/8
+http_access allow bench_clients
+http_access deny all
+# no caching at all: nothing stored, no cache_dir (no disk cache)
+cache deny all
+server_persistent_connections on
+client_persistent_connections on
+pinger_enable off
+workers 1
+pid_filename $TMP/squid/squid.pid
+cache_log $TMP/squid/cache.log
+access_log none
+cache_store_log none
+netdb_filename none
+coredump_dir $TMP/squid
+logfile_rotate 0
+shutdown_lifetime 1 seconds
+visible_hostname edgepool-bench
+EOF
+}
