@@ -402,14 +402,14 @@ struct Client {
 
 impl Client {
     fn key(&self, host: String) -> UpstreamKey {
-        UpstreamKey {
-            scheme: Scheme::Https,
-            host: Arc::from(host),
-            port: self.port,
-            addr: self.addr,
-            exit: self.exit.clone(),
-            verify: true,
-        }
+        UpstreamKey::new(
+            Scheme::Https,
+            Arc::from(host),
+            self.port,
+            self.addr,
+            self.exit.clone(),
+            true,
+        )
     }
 
     /// The key of the `i`-th measured connection (`prefix` `c`), or warm-up one (`w`).

@@ -63,7 +63,14 @@ impl Scheme {
 ///   provider session never shares a connection with another);
 /// - `verify`: whether the certificate was verified (an insecure connection never serves a
 ///   request that asked for verification).
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+///
+/// The key's hash is computed once, by [`UpstreamKey::new`], with a keyed hash (SipHash under
+/// a per-process random key, so target names from a crawl cannot be chosen to collide): a
+/// request looks its key up several times (the warm check, checkout, return), and hashing the
+/// fields each time cost about 700 instructions a lookup. Build keys with `new` (or
+/// [`with_addr`](Self::with_addr)); never assign a field, the hash would go stale (debug
+/// builds check).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub struct UpstreamKey {
     /// Target scheme.
     pub scheme: Scheme,
@@ -77,9 +84,77 @@ pub struct UpstreamKey {
     pub exit: ExitKey,
     /// Certificate verification on.
     pub verify: bool,
+    /// The fields' keyed hash (last: the derived order and equality look at it only when
+    /// every field is equal, when it is too).
+    hash: u64,
+}
+
+impl std::hash::Hash for UpstreamKey {
+    fn hash<H: std::hash::Hasher>(&self, h: &mut H) {
+        debug_assert_eq!(
+            self.hash,
+            Self::hash_fields(
+                self.scheme,
+                &self.host,
+                self.port,
+                self.addr,
+                &self.exit,
+                self.verify
+            ),
+            "an UpstreamKey field was assigned after construction"
+        );
+        h.write_u64(self.hash);
+    }
 }
 
 impl UpstreamKey {
+    /// A key; its hash is computed here, once.
+    pub fn new(
+        scheme: Scheme,
+        host: Arc<str>,
+        port: u16,
+        addr: SocketAddr,
+        exit: ExitKey,
+        verify: bool,
+    ) -> UpstreamKey {
+        let hash = Self::hash_fields(scheme, &host, port, addr, &exit, verify);
+        UpstreamKey {
+            scheme,
+            host,
+            port,
+            addr,
+            exit,
+            verify,
+            hash,
+        }
+    }
+
+    /// The same key with another address.
+    pub fn with_addr(&self, addr: SocketAddr) -> UpstreamKey {
+        UpstreamKey::new(
+            self.scheme,
+            self.host.clone(),
+            self.port,
+            addr,
+            self.exit.clone(),
+            self.verify,
+        )
+    }
+
+    fn hash_fields(
+        scheme: Scheme,
+        host: &str,
+        port: u16,
+        addr: SocketAddr,
+        exit: &ExitKey,
+        verify: bool,
+    ) -> u64 {
+        use std::hash::BuildHasher;
+        static KEYED: std::sync::LazyLock<std::hash::RandomState> =
+            std::sync::LazyLock::new(std::hash::RandomState::new);
+        KEYED.hash_one((scheme, host, port, addr, exit, verify))
+    }
+
     /// `host:port` (IPv6 in brackets): the per-target label for status and metrics. For
     /// [`via_proxy`](Self::via_proxy) keys, `via <exit>`.
     pub fn target(&self) -> String {
@@ -99,14 +174,14 @@ impl UpstreamKey {
 
     /// The key of the proxy connection that carries plain-http requests through `exit`.
     pub fn http_via(exit: ExitKey) -> UpstreamKey {
-        UpstreamKey {
-            scheme: Scheme::Http,
-            host: Arc::from(""),
-            port: 0,
-            addr: SocketAddr::from(([0, 0, 0, 0], 0)),
+        UpstreamKey::new(
+            Scheme::Http,
+            Arc::from(""),
+            0,
+            SocketAddr::from(([0, 0, 0, 0], 0)),
             exit,
-            verify: true,
-        }
+            true,
+        )
     }
 }
 

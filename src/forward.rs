@@ -130,12 +130,81 @@ pub struct Meta {
     pub retried: bool,
 }
 
-/// Records `value` as `field` of the request's span (`ingress` opens it at INFO), looking the
-/// span up only when INFO is enabled at all.
-#[inline]
-fn record_in_span(field: &'static str, value: &dyn std::fmt::Display) {
-    if tracing::enabled!(tracing::Level::INFO) {
-        tracing::Span::current().record(field, tracing::field::display(value));
+/// Records the exit and the address a request rides as fields `exit` and `addr` of its span
+/// (`ingress` opens it at INFO), in one call, looking the span up only when INFO is enabled at
+/// all. Called when the route is chosen and again whenever the exit or the address changes
+/// (the `fmt` layer appends the new values).
+fn record_route(exit: &str, addr: SocketAddr) {
+    if !tracing::enabled!(tracing::Level::INFO) {
+        return;
+    }
+    let span = tracing::Span::current();
+    let Some(meta) = span.metadata() else { return };
+    let fields = meta.fields();
+    let (Some(e), Some(a)) = (fields.field("exit"), fields.field("addr")) else {
+        return;
+    };
+    let exit = tracing::field::display(exit);
+    let addr = tracing::field::display(AddrText::new(addr));
+    span.record_all(&fields.value_set(&[
+        (&e, Some(&exit as &dyn tracing::Value)),
+        (&a, Some(&addr as &dyn tracing::Value)),
+    ]));
+}
+
+/// A socket address written as `Display` writes it, IPv4 without the formatting machinery
+/// (a span records the address on every request).
+struct AddrText {
+    addr: SocketAddr,
+    v4: [u8; 21],
+    v4_len: usize,
+}
+
+impl AddrText {
+    fn new(addr: SocketAddr) -> AddrText {
+        let mut t = AddrText {
+            addr,
+            v4: [0; 21],
+            v4_len: 0,
+        };
+        if let SocketAddr::V4(a) = addr {
+            fn put(v: u16, buf: &mut [u8; 21], n: &mut usize) {
+                let mut digits = [0u8; 5];
+                let mut k = 0;
+                let mut v = v;
+                loop {
+                    digits[k] = b'0' + (v % 10) as u8;
+                    k += 1;
+                    v /= 10;
+                    if v == 0 {
+                        break;
+                    }
+                }
+                while k > 0 {
+                    k -= 1;
+                    buf[*n] = digits[k];
+                    *n += 1;
+                }
+            }
+            let mut n = 0;
+            for (i, o) in a.ip().octets().into_iter().enumerate() {
+                put(u16::from(o), &mut t.v4, &mut n);
+                t.v4[n] = if i < 3 { b'.' } else { b':' };
+                n += 1;
+            }
+            put(a.port(), &mut t.v4, &mut n);
+            t.v4_len = n;
+        }
+        t
+    }
+}
+
+impl std::fmt::Display for AddrText {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match std::str::from_utf8(&self.v4[..self.v4_len]) {
+            Ok(s) if self.v4_len > 0 => f.write_str(s),
+            _ => self.addr.fmt(f),
+        }
     }
 }
 
@@ -344,8 +413,8 @@ impl Forwarder {
         }
         st.meta.session_renewed |= st.route.renewed;
         st.meta.exit = st.route.key.node.label.clone();
-        record_in_span("exit", &st.meta.exit);
         st.key = st.key_for(st.route.key.clone());
+        record_route(&st.meta.exit, st.key.addr);
         Ok(())
     }
 
@@ -443,7 +512,6 @@ impl Forwarder {
                 continue;
             };
             st.meta.queue += t_queue.elapsed();
-            record_in_span("addr", &st.key.addr);
             let handshake = self.note_connection(&mut lease, &mut st.meta);
             let t_send = Instant::now();
             let sent = match lease.conn() {
@@ -499,8 +567,8 @@ impl Forwarder {
             |exit| Router::upstream_key(out.scheme, &out.host, out.port, verify, exit, first);
         let warm = |k: &crate::exits::ExitKey| self.pool.has_idle(&key_for(k.clone()));
         let route = self.router.route(target, &out.worker, &[], &warm)?;
-        record_in_span("exit", &route.key.node.label);
         let key = key_for(route.key.clone());
+        record_route(&route.key.node.label, key.addr);
         let meta = Meta {
             exit: route.key.node.label.clone(),
             session_renewed: route.renewed,
@@ -552,7 +620,8 @@ impl Forwarder {
             self.router.mark_failed(st.key.addr.ip());
             st.candidate += 1;
             tracing::debug!(target = %target, failed = %st.key.addr, next = %st.addr(), "connect failed; trying the next address");
-            st.key.addr = st.addr();
+            st.key = st.key.with_addr(st.addr());
+            record_route(&st.meta.exit, st.key.addr);
             return Ok(None);
         }
         // The exit node failed before anything was sent: another node is safe for any method
@@ -1441,5 +1510,22 @@ mod tests {
             http::StatusCode::NOT_MODIFIED,
             &none
         ));
+    }
+
+    #[test]
+    fn addr_text_writes_what_display_writes() {
+        for a in [
+            "0.0.0.0:0",
+            "255.255.255.255:65535",
+            "10.0.0.1:80",
+            "127.0.0.2:8443",
+            "1.20.255.9:1000",
+            "[::1]:443",
+            "[2001:db8::7]:8080",
+        ] {
+            let addr: SocketAddr = a.parse().unwrap();
+            assert_eq!(AddrText::new(addr).to_string(), addr.to_string());
+            assert_eq!(AddrText::new(addr).to_string(), a);
+        }
     }
 }

@@ -38,21 +38,40 @@ pub fn parse_keep_alive(v: &str) -> Hints {
 /// dedicated connection (and in the `101` it relays).
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     if headers.contains_key(header::CONNECTION) {
+        // The usual options (`keep-alive`, `close`) name no other header, or one removed
+        // below anyway: only the rest are parsed into names (an allocation each).
         let named: Vec<HeaderName> = headers
             .get_all(header::CONNECTION)
             .iter()
             .filter_map(|v| v.to_str().ok())
             .flat_map(|v| v.split(','))
-            .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+            .map(str::trim)
+            .filter(|t| {
+                !t.is_empty()
+                    && !t.eq_ignore_ascii_case("close")
+                    && !HOP_BY_HOP
+                        .iter()
+                        .any(|h| t.eq_ignore_ascii_case(h.as_str()))
+            })
+            .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
             .collect();
         for n in named {
             headers.remove(n);
         }
     }
-    // Most messages carry none of them: one pass over the few names present is cheaper than
-    // a lookup for each of the nine.
-    if headers.keys().any(|k| HOP_BY_HOP.contains(k)) {
-        for n in HOP_BY_HOP {
+    // One pass over the few names present, then a removal for each hop-by-hop name found
+    // (usually none, or `Connection` and `Keep-Alive` of a keep-alive response): cheaper
+    // than a hashed removal for each of the nine.
+    let mut found = [false; 9];
+    let mut any = false;
+    for k in headers.keys() {
+        if let Some(i) = HOP_BY_HOP.iter().position(|h| h == k) {
+            found[i] = true;
+            any = true;
+        }
+    }
+    if any {
+        for (n, _) in HOP_BY_HOP.iter().zip(found).filter(|(_, f)| *f) {
             headers.remove(n);
         }
     }
@@ -139,5 +158,16 @@ mod tests {
         clean_request_headers(&mut h);
         assert_eq!(h.len(), 1);
         assert!(h.contains_key("accept"));
+
+        // Options in any case, empty list members, hop-by-hop names among them, several
+        // Connection fields; a response loses the same.
+        let mut h = HeaderMap::new();
+        h.append("connection", HeaderValue::from_static("Close , X-A,, TE"));
+        h.append("connection", HeaderValue::from_static("x-b"));
+        for n in ["x-a", "x-b", "te", "upgrade", "trailer", "accept"] {
+            h.insert(n, HeaderValue::from_static("1"));
+        }
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.keys().collect::<Vec<_>>(), ["accept"]);
     }
 }

@@ -123,11 +123,16 @@ impl Ingress {
         let l = &self.cfg.limits;
         let mut b =
             hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
+        // The framer enforces the real limits; hyper's must not be tighter. hyper parses a
+        // head into header arrays of 100 slots on the stack; any explicit limit makes it
+        // allocate and fill two arrays of that size on every parse (≈ 2,100 instructions a
+        // request at 108), so it gets one only when ours is larger. The framer's marker
+        // request has two fields.
         b.http1()
-            // The framer enforces the real limits; hyper's must not be tighter (plus the
-            // framer's own marker request).
-            .max_headers(l.max_headers + 8)
             .max_buf_size((l.max_header_bytes + 16 * 1024).max(64 * 1024));
+        if l.max_headers > HYPER_STACK_HEADERS {
+            b.http1().max_headers(l.max_headers);
+        }
         b.http2()
             .max_concurrent_streams(l.h2_max_streams)
             .max_header_list_size(l.max_header_bytes.min(u32::MAX as usize) as u32)
@@ -289,8 +294,11 @@ struct ConnWatch {
     open: std::sync::atomic::AtomicU64,
     /// When `open` last fell to 0 (or the connection started).
     idle_since: parking_lot::Mutex<tokio::time::Instant>,
-    /// `open` moved: the idle clock re-arms.
-    changed: tokio::sync::Notify,
+    /// Some request has opened: the clock's limit is `worker_idle_timeout` from now on.
+    opened_any: std::sync::atomic::AtomicBool,
+    /// The first request opened (the only change the idle clock is told about: it wakes on
+    /// its own deadline otherwise, so a request costs no wake-up of the connection's task).
+    first_opened: tokio::sync::Notify,
 }
 
 impl ConnWatch {
@@ -302,45 +310,77 @@ impl ConnWatch {
             tripped: tokio::sync::Notify::new(),
             open: Default::default(),
             idle_since: parking_lot::Mutex::new(tokio::time::Instant::now()),
-            changed: tokio::sync::Notify::new(),
+            opened_any: Default::default(),
+            first_opened: tokio::sync::Notify::new(),
         })
     }
 
     /// One more request open until the returned guard drops.
     fn open(self: &Arc<Self>) -> OpenRequest {
-        self.open.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
-        self.changed.notify_waiters();
+        use std::sync::atomic::Ordering::{AcqRel, Relaxed};
+        self.open.fetch_add(1, AcqRel);
+        if !self.opened_any.load(Relaxed) && !self.opened_any.swap(true, AcqRel) {
+            self.first_opened.notify_waiters();
+        }
         OpenRequest(self.clone())
     }
 
-    /// Resolves once the connection has been idle (no open request) for its limit.
+    /// Resolves once the connection has been idle (no open request) for its limit:
+    /// `before_first` until a request opens, `between` after.
+    ///
+    /// The clock is not told when requests open and end (that would wake the connection's
+    /// task twice per request): it sleeps until the earliest moment the connection could have
+    /// been idle for its limit, then looks. Idle then since `idle_since`: sleep until
+    /// `idle_since + limit` (a request that ended meanwhile moved `idle_since` later) or
+    /// close; busy: look again one limit later — a request that ends within it leaves
+    /// `idle_since + limit` after that look, so the close comes on time, never early.
     async fn idle(&self, before_first: Duration, between: Duration) {
         use std::sync::atomic::Ordering::Acquire;
+        let first = self.first_opened.notified();
+        tokio::pin!(first);
+        first.as_mut().enable();
+        let sleep = tokio::time::sleep_until(*self.idle_since.lock() + before_first);
+        tokio::pin!(sleep);
+        let mut waiting_first = !self.opened_any.load(Acquire);
         loop {
-            let changed = self.changed.notified();
-            tokio::pin!(changed);
-            changed.as_mut().enable();
-            if self.open.load(Acquire) > 0 {
-                changed.await;
-                continue;
-            }
-            let limit = if self.started.load(Acquire) == 0 {
-                before_first
-            } else {
-                between
-            };
-            let deadline = *self.idle_since.lock() + limit;
-            tokio::select! {
-                _ = tokio::time::sleep_until(deadline) => {
-                    if self.open.load(Acquire) == 0 && *self.idle_since.lock() + limit <= tokio::time::Instant::now() {
-                        return;
+            if waiting_first {
+                tokio::select! {
+                    _ = sleep.as_mut() => {}
+                    _ = first.as_mut() => {
+                        // The limit changes to `between`, which may be the shorter one.
+                        waiting_first = false;
+                        sleep.as_mut().reset(tokio::time::Instant::now() + between);
+                        continue;
                     }
                 }
-                _ = changed => {}
+            } else {
+                sleep.as_mut().await;
             }
+            let limit = if self.opened_any.load(Acquire) {
+                waiting_first = false;
+                between
+            } else {
+                before_first
+            };
+            let now = tokio::time::Instant::now();
+            let next = if self.open.load(Acquire) == 0 {
+                let due = *self.idle_since.lock() + limit;
+                if due <= now {
+                    return;
+                }
+                due
+            } else {
+                now + limit
+            };
+            sleep.as_mut().reset(next);
         }
     }
 }
+
+/// How many header fields hyper's HTTP/1 parser holds without an explicit limit
+/// (`hyper::proto::h1::role::DEFAULT_MAX_HEADERS`, private; a test holds a request at
+/// `limits.max_headers` to passing, at the default and above it).
+const HYPER_STACK_HEADERS: usize = 100;
 
 /// A request counted open on its connection's idle clock; dropped when its answer ends.
 struct OpenRequest(Arc<ConnWatch>);
@@ -355,7 +395,6 @@ impl Drop for OpenRequest {
         {
             *self.0.idle_since.lock() = tokio::time::Instant::now();
         }
-        self.0.changed.notify_waiters();
     }
 }
 

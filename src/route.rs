@@ -125,14 +125,7 @@ impl Router {
         } else {
             SocketAddr::new(std::net::Ipv4Addr::UNSPECIFIED.into(), addr.port())
         };
-        UpstreamKey {
-            scheme,
-            host: Arc::from(host),
-            port,
-            addr,
-            exit,
-            verify,
-        }
+        UpstreamKey::new(scheme, Arc::from(host), port, addr, exit, verify)
     }
 
     /// Every address of `host`, all checked against the target policy here, where they are

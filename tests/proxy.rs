@@ -808,3 +808,39 @@ async fn a_host_of_dots_only_is_no_host() {
     assert!(got.starts_with("HTTP/1.1 400"), "{got}");
     gw.stop().await;
 }
+
+/// A request with exactly `limits.max_headers` fields goes through and one more is refused
+/// (431), at the default limit (hyper's own stack-sized parse, 100 fields, is then the only
+/// one it uses) and above it (hyper's limit raised to ours).
+#[tokio::test]
+async fn requests_at_the_header_count_limit_pass_and_one_more_is_refused() {
+    let origin = Origin::start(h1()).await;
+    for limit in [edgepool::config::LimitsConfig::default().max_headers, 150] {
+        let gw = TestGateway::start_with(&[], |c| c.limits.max_headers = limit).await;
+        for (fields, want) in [(limit, "HTTP/1.1 200"), (limit + 1, "HTTP/1.1 431")] {
+            // Host plus `fields - 1` others.
+            let extra: String = (1..fields).map(|i| format!("X-H{i}: v\r\n")).collect();
+            let head = format!(
+                "GET {} HTTP/1.1\r\nHost: {}\r\n{extra}Connection: close\r\n\r\n",
+                origin.url("/echo"),
+                origin.authority()
+            );
+            // `Connection` is one more field: count it in.
+            let head = head.replacen(&format!("X-H{}: v\r\n", fields - 1), "", 1);
+            let mut s = tokio::net::TcpStream::connect(gw.proxy).await.unwrap();
+            s.write_all(head.as_bytes()).await.unwrap();
+            let mut resp = Vec::new();
+            tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut resp))
+                .await
+                .expect("answer within 10 s")
+                .unwrap();
+            let resp = String::from_utf8_lossy(&resp);
+            assert!(
+                resp.starts_with(want),
+                "limit {limit}, {fields} fields: want {want}, got {}",
+                resp.lines().next().unwrap_or("")
+            );
+        }
+        gw.stop().await;
+    }
+}

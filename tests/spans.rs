@@ -64,7 +64,7 @@ async fn log_lines_carry_the_worker_and_request_spans() {
     let line = log.line("connect failed; trying the next address");
     assert!(
         line.contains(&format!(
-            "worker{{peer=127.0.0.1}}:request{{method=GET target=two.test:{port} exit=direct}}"
+            "worker{{peer=127.0.0.1}}:request{{method=GET target=two.test:{port} exit=direct addr=127.0.0.2:{port}}}"
         )),
         "{line}"
     );

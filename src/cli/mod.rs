@@ -144,11 +144,13 @@ pub fn init_logging(quiet: bool) {
 fn plain_fields() -> impl for<'w> tracing_subscriber::fmt::FormatFields<'w> {
     use tracing_subscriber::field::MakeExt;
     tracing_subscriber::fmt::format::debug_fn(|w, field, value| {
-        if field.name() == "message" {
-            write!(w, "{value:?}")
-        } else {
-            write!(w, "{field}={value:?}")
+        // The name written as it is, not through the formatting machinery: spans format
+        // their fields on every request, log line or not.
+        if field.name() != "message" {
+            w.write_str(field.name())?;
+            w.write_char('=')?;
         }
+        write!(w, "{value:?}")
     })
     .delimited(" ")
 }
