@@ -185,7 +185,7 @@ echo "edgepool: tokio runtime, up to $(nproc) worker threads; squid and each ngi
 echo
 
 # ---- runs -----------------------------------------------------------------------------------
-declare -A RPS P50 P99 ERR ERRDETAIL CPUREQ OTHER
+declare -A RPS P50 P99 ERR ERRDETAIL CPUREQ SPLIT OTHER
 ORDER=(direct edgepool squid nginx)
 FAILED=0
 run_wrk() { # name proxyport-or-empty
@@ -202,7 +202,8 @@ run_wrk() { # name proxyport-or-empty
     local ppid="" opid wpid rc=0
     [[ $name == direct ]] || ppid=$(pid_of "$name")
     opid=$(pid_of origin)
-    local p0 o0 c0 s0 t0 st0 p1 o1 c1 s1 t1 st1
+    local p0 o0 c0 s0 t0 st0 p1 o1 c1 s1 t1 st1 pu0 pk0 pu1 pk1
+    read -r pu0 pk0 < <(pid_ticks_split "$ppid")
     p0=$(pid_ticks "$ppid"); o0=$(pid_ticks "$opid"); child_ticks c0; read -r s0 t0 st0 < <(sys_ticks)
     if [[ -n $port ]]; then export WRK_TARGET=$ORIGIN; else unset WRK_TARGET; fi
     "$WRK" -t"$THREADS" -c"$CONNECTIONS" -d"$DURATION" --latency -s "$LUA" "$url" >"$TMP/wrk.$name.out" 2>&1 &
@@ -211,6 +212,7 @@ run_wrk() { # name proxyport-or-empty
     wait "$wpid" || rc=$?
     child_ticks c1
     p1=$(pid_ticks "$ppid"); o1=$(pid_ticks "$opid"); read -r s1 t1 st1 < <(sys_ticks)
+    read -r pu1 pk1 < <(pid_ticks_split "$ppid")
     [[ -n $perfpid ]] && wait "$perfpid" 2>/dev/null || true
     unset WRK_TARGET
     out=$(cat "$TMP/wrk.$name.out")
@@ -231,7 +233,9 @@ run_wrk() { # name proxyport-or-empty
     RPS[$name]=${f[rps]}; P50[$name]=${f[p50_us]}; P99[$name]=${f[p99_us]}; ERR[$name]=$errs
     if [[ -n $ppid ]] && ((f[requests] > 0)); then
         CPUREQ[$name]=$(awk -v t="$dp" -v n="${f[requests]}" -v hz="$HZ" 'BEGIN { printf "%.0f µs", t / hz * 1e6 / n }')
-    else CPUREQ[$name]="—"; fi
+        SPLIT[$name]=$(awk -v u="$((pu1 - pu0))" -v k="$((pk1 - pk0))" -v n="${f[requests]}" -v hz="$HZ" \
+            'BEGIN { printf "%.1f + %.1f µs", u / hz * 1e6 / n, k / hz * 1e6 / n }')
+    else CPUREQ[$name]="—"; SPLIT[$name]="—"; fi
     OTHER[$name]=$(awk -v o="$dother" -v t="$dt" 'BEGIN { printf "%.0f %%", t ? 100 * o / t : 0 }')
     echo "   CPU during the run (s): ${ppid:+$name $(secs $dp), }origin $(secs $dorg), wrk $(secs $dc)," \
         "other processes $(secs $dproc) + hypervisor steal $(secs $dsteal)," \
@@ -260,23 +264,25 @@ for name in "${ORDER[@]}"; do
 done
 echo "load after the runs: $(cut -d' ' -f1-3 /proc/loadavg)"
 echo "(proxy CPU per request: the proxy's CPU time, all threads, over its run / requests served;"
+echo " user + kernel: the same split into user-space and kernel time (the kernel's share is the"
+echo " sockets' work, about the same for any proxy making the same system calls);"
 echo " other load: CPU taken by processes other than wrk, origin and proxy, plus hypervisor steal,"
 echo " % of the machine's $(nproc) CPUs during the run: above a few % the run shared the machine)"
 
 # ---- table ----------------------------------------------------------------------------------
 echo
-echo "| proxy | req/s | p50 | p99 | errors | vs edgepool | proxy CPU per request | other load |"
-echo "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+echo "| proxy | req/s | p50 | p99 | errors | vs edgepool | proxy CPU per request | user + kernel | other load |"
+echo "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
 for name in "${ORDER[@]}"; do
     label=$name
     [[ $name == direct ]] && label="direct to origin (baseline)"
     [[ $name == nginx ]] && label="nginx (fixed upstream, keepalive 64)"
     [[ $name == squid ]] && label="squid $("$SQUID" -v 2>&1 | head -n1 | sed 's/.*Version //')"
     ratio=$(awk -v a="${RPS[$name]}" -v b="${RPS[edgepool]}" 'BEGIN { printf "%.2f×", a / b }')
-    printf '| %s | %s | %s | %s | %s | %s | %s | %s |\n' "$label" \
+    printf '| %s | %s | %s | %s | %s | %s | %s | %s | %s |\n' "$label" \
         "$(fmt_int "${RPS[$name]}")" \
         "$(fmt_lat "${P50[$name]}")" "$(fmt_lat "${P99[$name]}")" "${ERR[$name]}" "$ratio" \
-        "${CPUREQ[$name]}" "${OTHER[$name]}"
+        "${CPUREQ[$name]}" "${SPLIT[$name]}" "${OTHER[$name]}"
 done
 
 if [[ $PERF == 1 && -s $TMP/perf.data ]]; then

@@ -145,6 +145,8 @@ print_machine() {
 # idle machine).
 HZ=$(getconf CLK_TCK 2>/dev/null || echo 100)
 pid_ticks() { [[ -n ${1:-} && -r /proc/$1/stat ]] || { echo 0; return; }; sed 's/^.*) //' "/proc/$1/stat" | awk '{ print $12 + $13 }'; }
+# user and kernel ticks of a pid, all threads: "utime stime"
+pid_ticks_split() { [[ -n ${1:-} && -r /proc/$1/stat ]] || { echo 0 0; return; }; sed 's/^.*) //' "/proc/$1/stat" | awk '{ print $12, $13 }'; }
 # busy (user nice system irq softirq steal), total (+ idle iowait), steal
 sys_ticks() { awk '/^cpu / { print $2 + $3 + $4 + $7 + $8 + $9, $2 + $3 + $4 + $5 + $6 + $7 + $8 + $9, $9 }' /proc/stat; }
 child_ticks() { # varname; `times` must run in this shell (a subshell has no reaped children)

@@ -1046,24 +1046,26 @@ impl Forwarder {
         };
         clean_response_headers(&mut parts.headers);
         parts.version = Version::HTTP_11;
+        // Names as constants: a `&str` name is copied into a new allocation at every insert.
         parts.headers.insert(
-            "x-edgepool-reused",
+            crate::headers::X_EDGEPOOL_REUSED,
             HeaderValue::from_static(if meta.reused { "1" } else { "0" }),
         );
         if let Ok(v) = HeaderValue::from_str(&meta.exit) {
-            parts.headers.insert("x-edgepool-exit", v);
+            parts.headers.insert(crate::headers::X_EDGEPOOL_EXIT, v);
         }
         if let Some(v) = meta
             .session
             .as_deref()
             .and_then(|s| HeaderValue::from_str(s).ok())
         {
-            parts.headers.insert("x-edgepool-session", v);
+            parts.headers.insert(crate::headers::X_EDGEPOOL_SESSION, v);
         }
         if meta.session_renewed {
-            parts
-                .headers
-                .insert("x-edgepool-session-renewed", HeaderValue::from_static("1"));
+            parts.headers.insert(
+                crate::headers::X_EDGEPOOL_SESSION_RENEWED,
+                HeaderValue::from_static("1"),
+            );
         }
         let mut done = done;
         if let Some(t) = done.trace.as_mut() {
@@ -1173,15 +1175,16 @@ enum Upstream {
 
 /// What the response head says about the connection's future (HTTP/1.1).
 fn h1_release_plan(version: Version, headers: &HeaderMap, index: u64) -> Release {
-    let conn_tokens: Vec<String> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(|t| t.trim().to_ascii_lowercase())
-        .collect();
-    let close = conn_tokens.iter().any(|t| t == "close")
-        || (version == Version::HTTP_10 && !conn_tokens.iter().any(|t| t == "keep-alive"));
+    // Connection options, compared in place (no copy of them per response).
+    let has_option = |option: &str| {
+        headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|t| t.trim().eq_ignore_ascii_case(option))
+    };
+    let close = has_option("close") || (version == Version::HTTP_10 && !has_option("keep-alive"));
     if close {
         // On a connection's first response it means "no keep-alive here"; later it is almost
         // always the server's requests-per-connection limit.
@@ -1486,6 +1489,18 @@ mod tests {
             h1_release_plan(Version::HTTP_11, &empty, 1),
             Release::Keep(_)
         ));
+        // Options in any case, among others, over several fields.
+        let mut h = HeaderMap::new();
+        h.append("connection", HeaderValue::from_static("x-a, Keep-Alive"));
+        assert!(matches!(
+            h1_release_plan(Version::HTTP_10, &h, 1),
+            Release::Keep(_)
+        ));
+        h.append("connection", HeaderValue::from_static(" CLOSE "));
+        assert_eq!(
+            h1_release_plan(Version::HTTP_11, &h, 2),
+            Release::Close(CloseReason::MaxRequests)
+        );
     }
 
     #[test]

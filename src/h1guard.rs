@@ -645,7 +645,45 @@ impl RequestFramer {
                 syntax(detail)
             }
         };
-        for (i, &b) in input.iter().enumerate() {
+        let too_large = |line_start: usize| {
+            if trailer {
+                return body_err("trailer section larger than limits.max_header_bytes");
+            }
+            if line_start == 0 {
+                head_err(
+                    ErrorKind::UriTooLong,
+                    format!(
+                        "the request line is over {} bytes; limits.max_uri_bytes is {}",
+                        self.limits.max_head_bytes, self.limits.max_uri_bytes
+                    ),
+                )
+            } else {
+                head_err(
+                    ErrorKind::RequestHeaderTooLarge,
+                    format!(
+                        "the request head is over limits.max_header_bytes ({})",
+                        self.limits.max_head_bytes
+                    ),
+                )
+            }
+        };
+        let mut i = 0;
+        while i < input.len() {
+            let b = input[i];
+            if b != b'\r' && b != b'\n' {
+                // A run of ordinary bytes, up to the next CR or LF, copied at once (the
+                // per-byte checks below only concern line endings).
+                if self.buf.last() == Some(&b'\r') {
+                    return Err(err("bare CR (not followed by LF)".into()));
+                }
+                let end = memchr::memchr2(b'\r', b'\n', &input[i..]).map_or(input.len(), |p| i + p);
+                if self.buf.len() + (end - i) > self.limits.max_head_bytes {
+                    return Err(too_large(self.line_start));
+                }
+                self.buf.extend_from_slice(&input[i..end]);
+                i = end;
+                continue;
+            }
             let prev = self.buf.last().copied();
             if prev == Some(b'\r') && b != b'\n' {
                 return Err(err("bare CR (not followed by LF)".into()));
@@ -654,30 +692,9 @@ impl RequestFramer {
                 return Err(err("bare LF line ending (lines end in CRLF)".into()));
             }
             self.buf.push(b);
+            i += 1;
             if self.buf.len() > self.limits.max_head_bytes {
-                if trailer {
-                    return Err(body_err(
-                        "trailer section larger than limits.max_header_bytes",
-                    ));
-                }
-                let in_request_line = self.line_start == 0;
-                return Err(if in_request_line {
-                    head_err(
-                        ErrorKind::UriTooLong,
-                        format!(
-                            "the request line is over {} bytes; limits.max_uri_bytes is {}",
-                            self.limits.max_head_bytes, self.limits.max_uri_bytes
-                        ),
-                    )
-                } else {
-                    head_err(
-                        ErrorKind::RequestHeaderTooLarge,
-                        format!(
-                            "the request head is over limits.max_header_bytes ({})",
-                            self.limits.max_head_bytes
-                        ),
-                    )
-                });
+                return Err(too_large(self.line_start));
             }
             if b != b'\n' {
                 continue;
@@ -728,7 +745,7 @@ impl RequestFramer {
             self.buf.clear();
             self.line_start = 0;
             self.leading_empty = 0;
-            return Ok(i + 1);
+            return Ok(i);
         }
         Ok(input.len())
     }
@@ -980,6 +997,61 @@ mod tests {
     }
 
     const GET: &[u8] = b"GET http://a.example/ HTTP/1.1\r\nHost: a.example\r\n\r\n";
+
+    /// Heads are collected in runs between line endings: the result must be the same for
+    /// every place a read can split the input, at the head-size limit too.
+    #[test]
+    fn every_two_way_split_gives_the_whole_input_result() {
+        let limits = Limits {
+            max_head_bytes: 64,
+            ..Limits::default()
+        };
+        // 64 bytes exactly, and the same head one byte longer.
+        let at_limit = b"GET http://a.example/xxxxxxxxxxxxx HTTP/1.1\r\nHost: a.example\r\n\r\n";
+        let over = b"GET http://a.example/xxxxxxxxxxxxxx HTTP/1.1\r\nHost: a.example\r\n\r\n";
+        let long_line = [b"GET http://a.example/".as_slice(), &[b'y'; 80]].concat();
+        assert_eq!(at_limit.len(), 64);
+        let cases: Vec<Vec<u8>> = vec![
+            at_limit.to_vec(),
+            over.to_vec(),
+            long_line,
+            [at_limit.as_slice(), at_limit.as_slice()].concat(),
+            b"\r\n\r\nGET / HTTP/1.1\r\nHost: a\r\n\r\n".to_vec(),
+            b"GET / HTTP/1.1\r\nHost: a\rX: b\r\n\r\n".to_vec(),
+            b"GET / HTTP/1.1\r\nHost: a\r\r\n\r\n".to_vec(),
+            b"GET / HTTP/1.1\nHost: a\r\n\r\n".to_vec(),
+            b"GET / HTTP/1.1\r\nHost: a\r\n\n".to_vec(),
+            b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n1\r\nx\r\n0\r\nT: 1\r\n\r\n".to_vec(),
+            b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n0\r\nT: 1\rx\r\n\r\n".to_vec(),
+        ];
+        let feed = |parts: &[&[u8]]| {
+            let mut f = RequestFramer::new(limits);
+            let mut out = BytesMut::new();
+            for p in parts {
+                if let Err(v) = f.feed(p, &mut out) {
+                    return (out.to_vec(), Err(v));
+                }
+            }
+            (out.to_vec(), Ok(()))
+        };
+        for input in &cases {
+            let whole = feed(&[input]);
+            for k in 0..=input.len() {
+                assert_eq!(
+                    feed(&[&input[..k], &input[k..]]),
+                    whole,
+                    "{:?} split at {k}",
+                    String::from_utf8_lossy(input)
+                );
+            }
+        }
+        // The limit itself: 64 bytes pass, 65 are refused (431: past the request line).
+        assert_eq!(feed(&[at_limit]).1, Ok(()));
+        assert_eq!(
+            feed(&[over]).1.unwrap_err().kind,
+            ErrorKind::RequestHeaderTooLarge
+        );
+    }
 
     #[test]
     fn valid_requests_pass_whole_and_in_order() {

@@ -77,6 +77,16 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
+/// `X-Edgepool-Reused` (response): `1` if the request rode a pooled connection.
+pub const X_EDGEPOOL_REUSED: HeaderName = HeaderName::from_static("x-edgepool-reused");
+/// `X-Edgepool-Exit` (response): the exit node's label.
+pub const X_EDGEPOOL_EXIT: HeaderName = HeaderName::from_static("x-edgepool-exit");
+/// `X-Edgepool-Session` (response): the worker session the request belonged to.
+pub const X_EDGEPOOL_SESSION: HeaderName = HeaderName::from_static("x-edgepool-session");
+/// `X-Edgepool-Session-Renewed` (response): the session moved to another exit.
+pub const X_EDGEPOOL_SESSION_RENEWED: HeaderName =
+    HeaderName::from_static("x-edgepool-session-renewed");
+
 /// The hop-by-hop headers of RFC 9110 §7.6.1, plus `Proxy-Connection` and `Upgrade`.
 const HOP_BY_HOP: [HeaderName; 9] = [
     header::CONNECTION,

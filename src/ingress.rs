@@ -1484,7 +1484,8 @@ async fn tunnel(
     .in_current_span());
     let mut resp = Response::new(full_body(Bytes::new()));
     if let Ok(v) = HeaderValue::from_str(&exit) {
-        resp.headers_mut().insert("x-edgepool-exit", v);
+        resp.headers_mut()
+            .insert(crate::headers::X_EDGEPOOL_EXIT, v);
     }
     resp
 }
