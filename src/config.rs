@@ -220,6 +220,39 @@ pub struct Config {
     /// Upstream proxies (exits), sticky sessions and rotation. Default:
     /// [`ExitsConfig::default`] (no pools: every request goes direct).
     pub exits: ExitsConfig,
+    /// The async runtime. Default: [`RuntimeConfig::default`] (a worker thread per CPU).
+    pub runtime: RuntimeConfig,
+}
+
+/// Most worker threads `runtime.worker_threads` may ask for.
+pub const MAX_WORKER_THREADS: usize = 1024;
+
+/// `[runtime]`: the threads edgepool runs on.
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RuntimeConfig {
+    /// Worker threads of the async runtime; 0 (the default) means one per CPU (or the
+    /// `TOKIO_WORKER_THREADS` environment variable, if set). Requests move between threads
+    /// as their sockets wake them, so every thread past what the load needs costs CPU per
+    /// request (measured on 2 CPUs: 17 µs of user time per proxied request on 1 thread, 23–28
+    /// µs on 2; docs/BENCHMARKS.md). Set it to the cores you give edgepool. At most
+    /// [`MAX_WORKER_THREADS`].
+    pub worker_threads: usize,
+}
+
+impl RuntimeConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.worker_threads > MAX_WORKER_THREADS {
+            return Err(invalid(
+                "runtime.worker_threads",
+                format!(
+                    "{} is more than {MAX_WORKER_THREADS}; use 0 for one thread per CPU",
+                    self.worker_threads
+                ),
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// `[auth]`: worker tokens.
@@ -1288,6 +1321,7 @@ impl Config {
         self.trace.validate()?;
         self.auth.validate()?;
         self.exits.validate()?;
+        self.runtime.validate()?;
         if !self.listen.proxy.ip().is_loopback() && self.auth.tokens.is_empty() {
             return Err(invalid(
                 "listen.proxy",
@@ -1821,6 +1855,17 @@ mod tests {
     fn example_parses_validates_and_equals_defaults() {
         let config = Config::from_toml_str(EXAMPLE).expect("example.toml is valid");
         assert_eq!(config, Config::default());
+    }
+
+    #[test]
+    fn worker_threads_are_bounded_and_named_in_errors() {
+        let c = Config::from_toml_str("[runtime]\nworker_threads = 1\n").unwrap();
+        assert_eq!(c.runtime.worker_threads, 1);
+        let e = parse_err("[runtime]\nworker_threads = 1025\n").to_string();
+        assert!(e.contains("runtime.worker_threads"), "{e}");
+        assert!(e.contains("1025 is more than 1024"), "{e}");
+        let e = parse_err("[runtime]\nworker_threads = -1\n").to_string();
+        assert!(e.contains("worker_threads"), "{e}");
     }
 
     #[test]

@@ -92,9 +92,17 @@ pub enum CliError {
 
 /// A multi-threaded tokio runtime for one command.
 pub fn runtime() -> io::Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
+    runtime_with_threads(0)
+}
+
+/// A multi-threaded tokio runtime with `threads` workers (0: tokio's default, one per CPU or
+/// `TOKIO_WORKER_THREADS`).
+pub fn runtime_with_threads(threads: usize) -> io::Result<tokio::runtime::Runtime> {
+    let mut b = tokio::runtime::Builder::new_multi_thread();
+    if threads > 0 {
+        b.worker_threads(threads);
+    }
+    b.enable_all().build()
 }
 
 /// The exit code of a command, printing its error as `edgepool: <error>` on stderr.
@@ -158,6 +166,12 @@ fn plain_fields() -> impl for<'w> tracing_subscriber::fmt::FormatFields<'w> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_runtime_has_the_threads_asked_for() {
+        assert_eq!(runtime_with_threads(1).unwrap().metrics().num_workers(), 1);
+        assert_eq!(runtime_with_threads(3).unwrap().metrics().num_workers(), 3);
+    }
 
     #[test]
     fn colour_only_at_a_terminal_without_no_color() {

@@ -7,7 +7,7 @@ use crate::ca::CertAuthority;
 use crate::config::{Config, PortRange};
 use crate::gateway::Gateway;
 
-use super::{reachable_url, runtime, CliError};
+use super::{reachable_url, CliError};
 
 /// `edgepool serve`'s arguments: a configuration file (embedded defaults without one) and
 /// what the command line overrides or adds. The field docs are `--help`'s text.
@@ -104,7 +104,8 @@ pub fn start_message(proxy: SocketAddr, admin: SocketAddr, ca: &Path) -> String 
 /// `edgepool serve`: binds both listeners (errors name the config key), starts the gateway,
 /// logs the start line and serves until SIGINT or SIGTERM.
 pub fn serve(cfg: Config) -> Result<(), CliError> {
-    runtime().map_err(CliError::Runtime)?.block_on(async move {
+    let rt = super::runtime_with_threads(cfg.runtime.worker_threads).map_err(CliError::Runtime)?;
+    rt.block_on(async move {
         let bind = |addr: SocketAddr, key: &'static str| async move {
             tokio::net::TcpListener::bind(addr)
                 .await
