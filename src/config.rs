@@ -232,11 +232,11 @@ pub const MAX_WORKER_THREADS: usize = 1024;
 #[serde(default, deny_unknown_fields)]
 pub struct RuntimeConfig {
     /// Worker threads of the async runtime; 0 (the default) means one per CPU (or the
-    /// `TOKIO_WORKER_THREADS` environment variable, if set). Requests move between threads
-    /// as their sockets wake them, so every thread past what the load needs costs CPU per
-    /// request (measured on 2 CPUs: 17 µs of user time per proxied request on 1 thread, 23–28
-    /// µs on 2; docs/BENCHMARKS.md). Set it to the cores you give edgepool. At most
-    /// [`MAX_WORKER_THREADS`].
+    /// `TOKIO_WORKER_THREADS` environment variable, if set). Set it to the cores edgepool
+    /// should use when it shares the machine (scrapers on the same host, a container's CPU
+    /// share): a request's tasks move between threads as their sockets wake them, so threads
+    /// beyond the cores edgepool really gets only add switching (docs/BENCHMARKS.md compares 1
+    /// and 2 threads). At most [`MAX_WORKER_THREADS`].
     pub worker_threads: usize,
 }
 
