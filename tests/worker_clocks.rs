@@ -313,3 +313,63 @@ async fn an_idle_blind_tunnel_is_closed_and_its_place_freed() {
     );
     gw.stop().await;
 }
+
+/// Reads one HTTP/1.1 response with a `Content-Length` body; returns its status line.
+async fn read_h1_response(s: &mut TcpStream) -> String {
+    let mut buf = Vec::new();
+    let mut byte = [0u8; 1];
+    while !buf.ends_with(b"\r\n\r\n") {
+        assert_eq!(s.read(&mut byte).await.unwrap(), 1, "closed mid-head");
+        buf.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&buf).into_owned();
+    let len: usize = head
+        .lines()
+        .find_map(|l| {
+            l.to_ascii_lowercase()
+                .strip_prefix("content-length:")
+                .map(|v| v.trim().parse().unwrap())
+        })
+        .expect("a Content-Length");
+    let mut body = vec![0u8; len];
+    s.read_exact(&mut body).await.unwrap();
+    head.lines().next().unwrap().to_string()
+}
+
+/// The idle clock counts from the end of the connection's last answer, with the limit that
+/// applies after a first request (`worker_idle_timeout`, here 1 s, shorter than the 4 s
+/// before a first request): an HTTP/1.1 keep-alive connection that worked for a while closes
+/// about 1 s after its last answer — not earlier (counted from its first request), and not at
+/// the before-first-request limit.
+#[tokio::test]
+#[allow(clippy::disallowed_methods)] // wall time of real sockets; this runtime is never paused
+async fn a_keep_alive_connection_closes_one_limit_after_its_last_answer() {
+    let origin = Origin::start(OriginConfig::default()).await;
+    let gw = gateway(&[], |c| {
+        c.limits.header_read_timeout = Duration::from_secs(3);
+        c.limits.worker_idle_timeout = Duration::from_secs(1);
+    })
+    .await;
+    let mut s = TcpStream::connect(gw.proxy).await.unwrap();
+    let req = format!(
+        "GET {} HTTP/1.1\r\nHost: {}\r\n\r\n",
+        origin.url("/echo"),
+        origin.authority()
+    );
+    // Requests for 1.6 s, longer than the idle limit, 400 ms apart.
+    for _ in 0..5 {
+        s.write_all(req.as_bytes()).await.unwrap();
+        assert_eq!(read_h1_response(&mut s).await, "HTTP/1.1 200 OK");
+        tokio::time::sleep(Duration::from_millis(400)).await;
+    }
+    // The last answer ended ≈ 400 ms ago: the close is due ≈ 600 ms from now (3 s of slack
+    // for a loaded machine still tells it from the 4 s before-first-request limit).
+    let closed = closed_within(&mut s, Duration::from_secs(5))
+        .await
+        .expect("the idle connection stayed open 5 s");
+    assert!(
+        closed >= Duration::from_millis(450) && closed <= Duration::from_millis(3_000),
+        "closed {closed:?} after the check began; due ≈ 600 ms (1 s after the last answer)"
+    );
+    gw.stop().await;
+}
