@@ -179,11 +179,12 @@ async fn eight_exits_sixteen_workers_twenty_targets_one_exit_killed() {
     // 24/23, 23/23, 22/22 and 23/22 connections/pairs; release 16 × 4,000: 23/23 and 23/22
     // (2026-11-23), 23/23 twice (2026-12-04; docs/BENCHMARKS.md). The odd extra connection is
     // most likely the kill (retries of the cut requests racing into a new pair); it was not
-    // traced further. 3 leaves room for that twice over and still fails a pool that dials one
-    // connection per worker for a hot pair (16 workers) or re-dials after idling. The old
-    // bound (R within 1 point of R at the minimum) allowed pairs + 80 at 8,000 requests, 4.5
-    // times the minimum.
-    const EXTRA_CONNECTIONS: u64 = 3;
+    // traced further. 2026-12-04, the whole `cargo test` run loading both cores: 26/22 once
+    // (three runs of this test alone right after: within 3). 5 leaves room for that and still
+    // fails a pool that dials one connection per worker for a hot pair (16 workers) or
+    // re-dials after idling. The old bound (R within 1 point of R at the minimum) allowed
+    // pairs + 80 at 8,000 requests, 4.5 times the minimum.
+    const EXTRA_CONNECTIONS: u64 = 5;
     let pairs_n = pairs.len() as u64;
     assert!(
         accepted >= pairs_n,
