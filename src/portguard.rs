@@ -3,7 +3,9 @@
 //! warns at 70% and holds new dials at 90% instead of letting them fail with EADDRNOTAVAIL.
 //!
 //! Data sources (Linux only): `/proc/sys/net/ipv4/ip_local_port_range` for the range and
-//! `/proc/net/tcp` + `/proc/net/tcp6` for the sockets. Every socket whose local port lies inside
+//! `/proc/net/tcp` + `/proc/net/tcp6` for the sockets (that census is skipped while the totals
+//! of `/proc/net/sockstat(6)` stay below half the range, at most [`FULL_CENSUS_EVERY`]; see
+//! [`PortGuard::refresh`]). Every socket whose local port lies inside
 //! the range counts as holding a port, whatever its state, except listeners. On other systems,
 //! or when `/proc` cannot be read, the budget is "unknown" (`known == false`) and the guard never
 //! holds anything: it fails open.
@@ -47,6 +49,15 @@ const ST_LISTEN: u8 = 0x0A;
 const RANGE_PATH: &str = "/proc/sys/net/ipv4/ip_local_port_range";
 const TCP_PATH: &str = "/proc/net/tcp";
 const TCP6_PATH: &str = "/proc/net/tcp6";
+const SOCKSTAT_PATH: &str = "/proc/net/sockstat";
+const SOCKSTAT6_PATH: &str = "/proc/net/sockstat6";
+
+/// Below this share of the range, counted from `/proc/net/sockstat`'s totals (every TCP socket
+/// and every TIME_WAIT, a bound on the sockets holding ports in the range), a refresh skips the
+/// full census: nothing can be near [`WARN_RATIO`].
+const QUICK_RATIO: f64 = 0.5;
+/// The full census runs at least this often anyway (for `time_wait_top` and exact counts).
+const FULL_CENSUS_EVERY: Duration = Duration::from_secs(10);
 
 /// A snapshot of the ephemeral-port budget.
 #[derive(Clone, Debug, Default, PartialEq, serde::Serialize)]
@@ -120,6 +131,9 @@ struct Source {
     range: PathBuf,
     tcp: PathBuf,
     tcp6: PathBuf,
+    /// `/proc/net/sockstat` and `sockstat6`: socket totals, a few lines whatever the load.
+    sockstat: PathBuf,
+    sockstat6: PathBuf,
 }
 
 #[derive(Default)]
@@ -134,6 +148,10 @@ struct State {
     warned: bool,
     last_refresh: Option<Instant>,
     last_count: u64,
+    /// When the last full census of `/proc/net/tcp(6)` succeeded.
+    last_census: Option<Instant>,
+    /// Full censuses taken (for tests and the refresh's own accounting).
+    censuses: u64,
 }
 
 impl Default for PortGuard {
@@ -158,6 +176,8 @@ impl PortGuard {
             range: RANGE_PATH.into(),
             tcp: TCP_PATH.into(),
             tcp6: TCP6_PATH.into(),
+            sockstat: SOCKSTAT_PATH.into(),
+            sockstat6: SOCKSTAT6_PATH.into(),
         });
         Self::with_source(source)
     }
@@ -179,6 +199,13 @@ impl PortGuard {
     /// the st column; TIME_WAIT = 06, LISTEN = 0A); updates the budget; logs a warning
     /// (tracing::warn!) once when crossing WARN_RATIO upward and an info when going back below.
     ///
+    /// The full census costs milliseconds of kernel and parse time per ten thousand sockets, and
+    /// a busy gateway holds many (TIME_WAIT above all). So a refresh first reads the socket
+    /// totals of `/proc/net/sockstat(6)`: when every TCP socket plus every TIME_WAIT is below
+    /// [`QUICK_RATIO`] of the range, no destination can be near a limit, and the census is
+    /// skipped (the counts are only lowered to that bound) unless the last one is older than
+    /// [`FULL_CENSUS_EVERY`] or the warning is raised.
+    ///
     /// Also re-reads the port range, so widening `ip_local_port_range` at runtime takes effect.
     /// Blocking file I/O (a few milliseconds with tens of thousands of sockets): call it from
     /// `spawn_blocking` or a dedicated task.
@@ -191,7 +218,18 @@ impl PortGuard {
     fn refresh_locked(&self) {
         let now = Instant::now();
         let count = self.inner.new_connections.load(Ordering::Relaxed);
-        let reading = self.inner.source.as_ref().map(read_source);
+        let census_due = {
+            let st = self.inner.state.lock();
+            st.warned
+                || st
+                    .last_census
+                    .is_none_or(|t| now.saturating_duration_since(t) >= FULL_CENSUS_EVERY)
+        };
+        let reading = self
+            .inner
+            .source
+            .as_ref()
+            .map(|src| read_source(src, census_due));
 
         let mut st = self.inner.state.lock();
         let elapsed = st.last_refresh.map(|t| now.saturating_duration_since(t));
@@ -212,12 +250,20 @@ impl PortGuard {
                     st.budget.range_size = u32::from(high) - u32::from(low) + 1;
                 }
                 match census {
-                    Some(census) if st.budget.range_size > 0 => {
+                    Counted::Full(census) if st.budget.range_size > 0 => {
                         st.budget.known = true;
                         st.measured_in_use = census.in_use;
                         st.measured_busiest = census.busiest_dest;
                         st.budget.time_wait = census.time_wait;
                         st.budget.time_wait_top = top_destinations(&census.time_wait_by_dest);
+                        st.last_census = Some(now);
+                        st.censuses += 1;
+                    }
+                    // Far below any limit: the last census stands, lowered to the bound.
+                    Counted::Bounded(bound) if st.budget.known && st.budget.range_size > 0 => {
+                        st.measured_in_use = st.measured_in_use.min(bound);
+                        st.measured_busiest = st.measured_busiest.min(bound);
+                        st.budget.time_wait = st.budget.time_wait.min(bound);
                     }
                     _ => {
                         st.budget.known = false;
@@ -225,6 +271,7 @@ impl PortGuard {
                         st.measured_busiest = 0;
                         st.budget.time_wait = 0;
                         st.budget.time_wait_top.clear();
+                        st.last_census = None;
                     }
                 }
             }
@@ -382,23 +429,45 @@ impl PortGuard {
 /// `census` is `None` if `/proc/net/tcp` is unreadable or the range is unknown.
 struct Reading {
     range: Option<(u16, u16)>,
-    census: Option<Census>,
+    census: Counted,
 }
 
-fn read_source(src: &Source) -> Reading {
+/// What a refresh learned about the sockets.
+enum Counted {
+    /// The full census of `/proc/net/tcp(6)`.
+    Full(Census),
+    /// Only an upper bound on the sockets holding ports (socket totals), below
+    /// [`QUICK_RATIO`] of the range: the census was skipped.
+    Bounded(u32),
+    /// Nothing readable.
+    Unknown,
+}
+
+fn read_source(src: &Source, census_due: bool) -> Reading {
     let range = std::fs::read_to_string(&src.range)
         .ok()
         .and_then(|t| parse_port_range(&t));
     let Some((low, high)) = range else {
         return Reading {
             range: None,
-            census: None,
+            census: Counted::Unknown,
         };
     };
+    if !census_due {
+        let size = u32::from(high) - u32::from(low) + 1;
+        if let Some(bound) = read_socket_totals(src) {
+            if f64::from(bound) < QUICK_RATIO * f64::from(size) {
+                return Reading {
+                    range,
+                    census: Counted::Bounded(bound),
+                };
+            }
+        }
+    }
     let Ok(v4) = std::fs::read_to_string(&src.tcp) else {
         return Reading {
             range,
-            census: None,
+            census: Counted::Unknown,
         };
     };
     let mut census = Census::default();
@@ -410,8 +479,36 @@ fn read_source(src: &Source) -> Reading {
     }
     Reading {
         range,
-        census: Some(census),
+        census: Counted::Full(census),
     }
+}
+
+/// Every TCP socket (IPv4 and IPv6, any state but TIME_WAIT) plus every TIME_WAIT, from
+/// `/proc/net/sockstat` (`TCP: inuse N ... tw N`) and `sockstat6` (`TCP6: inuse N`, absent
+/// without IPv6): at least the sockets holding ports in the range. `None` if unreadable.
+fn read_socket_totals(src: &Source) -> Option<u32> {
+    let v4 = std::fs::read_to_string(&src.sockstat).ok()?;
+    let (inuse, tw) = parse_sockstat(&v4, "TCP:")?;
+    let inuse6 = std::fs::read_to_string(&src.sockstat6)
+        .ok()
+        .and_then(|t| parse_sockstat(&t, "TCP6:"))
+        .map_or(0, |(n, _)| n);
+    Some(inuse.saturating_add(inuse6).saturating_add(tw.unwrap_or(0)))
+}
+
+/// `inuse` and `tw` of the line starting with `label` in a sockstat file.
+fn parse_sockstat(text: &str, label: &str) -> Option<(u32, Option<u32>)> {
+    let line = text.lines().find(|l| l.starts_with(label))?;
+    let mut fields = line[label.len()..].split_ascii_whitespace();
+    let (mut inuse, mut tw) = (None, None);
+    while let (Some(k), Some(v)) = (fields.next(), fields.next()) {
+        match k {
+            "inuse" => inuse = v.parse().ok(),
+            "tw" => tw = v.parse().ok(),
+            _ => {}
+        }
+    }
+    Some((inuse?, tw))
 }
 
 /// `ip_local_port_range` content: two decimal ports separated by whitespace (a tab in practice).
@@ -671,6 +768,8 @@ mod tests {
             range: dir.join("range"),
             tcp: dir.join("tcp"),
             tcp6: dir.join("tcp6"),
+            sockstat: dir.join("sockstat"),
+            sockstat6: dir.join("sockstat6"),
         }))
     }
 
@@ -737,10 +836,76 @@ mod tests {
             range: dir.path().join("missing"),
             tcp: dir.path().join("missing"),
             tcp6: dir.path().join("missing"),
+            sockstat: dir.path().join("missing"),
+            sockstat6: dir.path().join("missing"),
         }));
         assert!(!g.budget().known);
         g.set_in_use_for_test(Some(60_000));
         assert_eq!(g.budget().used_ratio, 0.0);
+    }
+
+    #[test]
+    fn sockstat_lines_parse() {
+        let v4 =
+            "sockets: used 290\nTCP: inuse 10 orphan 0 tw 3 alloc 12 mem 1\nUDP: inuse 2 mem 0\n";
+        assert_eq!(parse_sockstat(v4, "TCP:"), Some((10, Some(3))));
+        assert_eq!(
+            parse_sockstat("TCP6: inuse 7\nUDP6: inuse 1\n", "TCP6:"),
+            Some((7, None))
+        );
+        assert_eq!(parse_sockstat("UDP: inuse 2\n", "TCP:"), None);
+        assert_eq!(parse_sockstat("TCP: orphan 0 tw 3\n", "TCP:"), None);
+    }
+
+    /// Far below the limits by the socket totals, a refresh skips the census (its counts only
+    /// lowered to the totals' bound); near them, or when the census is old, it takes one.
+    #[cfg(target_endian = "little")]
+    #[test]
+    fn the_census_is_skipped_only_far_below_the_limits() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let sockstat = |inuse: u32, tw: u32| {
+            std::fs::write(
+                d.join("sockstat"),
+                format!("sockets: used 9\nTCP: inuse {inuse} orphan 0 tw {tw} alloc 1 mem 0\n"),
+            )
+            .unwrap();
+            std::fs::write(d.join("sockstat6"), "TCP6: inuse 5\nUDP6: inuse 0\n").unwrap();
+        };
+        sockstat(200, 50);
+        let g = fixture_guard(d, "32768 33767", &synthetic_tcp(250, 40), None);
+        let censuses = || g.inner.state.lock().censuses;
+        assert_eq!(
+            (censuses(), g.budget().in_use),
+            (1, 250),
+            "the first refresh counts"
+        );
+        // 400 sockets by the census file, but the totals say 255 of 1,000: skipped.
+        write_fixture(d, "32768 33767", &synthetic_tcp(400, 40), None);
+        g.refresh();
+        assert_eq!((censuses(), g.budget().in_use), (1, 250));
+        // Totals fall below the last count: the count follows them down.
+        sockstat(100, 20);
+        g.refresh();
+        assert_eq!(
+            (censuses(), g.budget().in_use, g.budget().time_wait),
+            (1, 125, 40)
+        );
+        // Totals at half the range: counted again.
+        sockstat(450, 50);
+        g.refresh();
+        assert_eq!((censuses(), g.budget().in_use), (2, 400));
+        // Far below again, but the census is older than FULL_CENSUS_EVERY: counted.
+        sockstat(10, 0);
+        g.refresh();
+        assert_eq!(censuses(), 2);
+        g.inner.state.lock().last_census = Some(Instant::now() - FULL_CENSUS_EVERY);
+        g.refresh();
+        assert_eq!(censuses(), 3);
+        // Unreadable totals: always counted.
+        std::fs::remove_file(d.join("sockstat")).unwrap();
+        g.refresh();
+        assert_eq!(censuses(), 4);
     }
 
     #[test]
@@ -916,6 +1081,8 @@ mod tests {
             drop(server);
         }
         std::thread::sleep(Duration::from_millis(100));
+        // A census now (a quiet machine's refresh would skip it within FULL_CENSUS_EVERY).
+        g.inner.state.lock().last_census = None;
         g.refresh();
         let b = g.budget();
         let dest = format!("127.0.0.1:{port}");
