@@ -625,21 +625,14 @@ fn main() {
         "  retained per name: {per_name:.0} B ((after - before) / {n}); at 100%: {:.0} B",
         (at_end as f64 - before as f64) * 1024.0 / n as f64
     );
-    if !status.1.is_empty() {
-        println!(
-            "  /status: {} B, median {:.1} ms of {}",
-            status.0,
-            median(status.1.clone()).as_secs_f64() * 1e3,
-            status.1.len()
-        );
-    }
-    if !metrics.1.is_empty() {
-        println!(
-            "  /metrics: {} B, median {:.1} ms of {}",
-            metrics.0,
-            median(metrics.1.clone()).as_secs_f64() * 1e3,
-            metrics.1.len()
-        );
+    for (path, (bytes, times)) in [("/status", &status), ("/metrics", &metrics)] {
+        if !times.is_empty() {
+            println!(
+                "  {path}: {bytes} B, median {:.1} ms of {}",
+                median(times.clone()).as_secs_f64() * 1e3,
+                times.len()
+            );
+        }
     }
     for g in gauges {
         println!("  {g}");

@@ -145,7 +145,7 @@ fn record_route(exit: &str, addr: SocketAddr) {
         return;
     };
     let exit = tracing::field::display(exit);
-    let addr = tracing::field::display(AddrText::new(addr));
+    let addr = tracing::field::display(AddrText(addr));
     span.record_all(&fields.value_set(&[
         (&e, Some(&exit as &dyn tracing::Value)),
         (&a, Some(&addr as &dyn tracing::Value)),
@@ -154,57 +154,19 @@ fn record_route(exit: &str, addr: SocketAddr) {
 
 /// A socket address written as `Display` writes it, IPv4 without the formatting machinery
 /// (a span records the address on every request).
-struct AddrText {
-    addr: SocketAddr,
-    v4: [u8; 21],
-    v4_len: usize,
-}
-
-impl AddrText {
-    fn new(addr: SocketAddr) -> AddrText {
-        let mut t = AddrText {
-            addr,
-            v4: [0; 21],
-            v4_len: 0,
-        };
-        if let SocketAddr::V4(a) = addr {
-            fn put(v: u16, buf: &mut [u8; 21], n: &mut usize) {
-                let mut digits = [0u8; 5];
-                let mut k = 0;
-                let mut v = v;
-                loop {
-                    digits[k] = b'0' + (v % 10) as u8;
-                    k += 1;
-                    v /= 10;
-                    if v == 0 {
-                        break;
-                    }
-                }
-                while k > 0 {
-                    k -= 1;
-                    buf[*n] = digits[k];
-                    *n += 1;
-                }
-            }
-            let mut n = 0;
-            for (i, o) in a.ip().octets().into_iter().enumerate() {
-                put(u16::from(o), &mut t.v4, &mut n);
-                t.v4[n] = if i < 3 { b'.' } else { b':' };
-                n += 1;
-            }
-            put(a.port(), &mut t.v4, &mut n);
-            t.v4_len = n;
-        }
-        t
-    }
-}
+struct AddrText(SocketAddr);
 
 impl std::fmt::Display for AddrText {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match std::str::from_utf8(&self.v4[..self.v4_len]) {
-            Ok(s) if self.v4_len > 0 => f.write_str(s),
-            _ => self.addr.fmt(f),
+        let SocketAddr::V4(a) = self.0 else {
+            return self.0.fmt(f);
+        };
+        let mut digits = itoa::Buffer::new();
+        for (i, octet) in a.ip().octets().into_iter().enumerate() {
+            f.write_str(digits.format(octet))?;
+            f.write_str(if i < 3 { "." } else { ":" })?;
         }
+        f.write_str(digits.format(a.port()))
     }
 }
 
@@ -1539,8 +1501,8 @@ mod tests {
             "[2001:db8::7]:8080",
         ] {
             let addr: SocketAddr = a.parse().unwrap();
-            assert_eq!(AddrText::new(addr).to_string(), addr.to_string());
-            assert_eq!(AddrText::new(addr).to_string(), a);
+            assert_eq!(AddrText(addr).to_string(), addr.to_string());
+            assert_eq!(AddrText(addr).to_string(), a);
         }
     }
 }

@@ -62,18 +62,14 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     // One pass over the few names present, then a removal for each hop-by-hop name found
     // (usually none, or `Connection` and `Keep-Alive` of a keep-alive response): cheaper
     // than a hashed removal for each of the nine.
-    let mut found = [false; 9];
-    let mut any = false;
+    let mut found = [false; HOP_BY_HOP_COUNT];
     for k in headers.keys() {
         if let Some(i) = HOP_BY_HOP.iter().position(|h| h == k) {
             found[i] = true;
-            any = true;
         }
     }
-    if any {
-        for (n, _) in HOP_BY_HOP.iter().zip(found).filter(|(_, f)| *f) {
-            headers.remove(n);
-        }
+    for (n, _) in HOP_BY_HOP.iter().zip(found).filter(|(_, f)| *f) {
+        headers.remove(n);
     }
 }
 
@@ -82,13 +78,14 @@ pub const X_EDGEPOOL_REUSED: HeaderName = HeaderName::from_static("x-edgepool-re
 /// `X-Edgepool-Exit` (response): the exit node's label.
 pub const X_EDGEPOOL_EXIT: HeaderName = HeaderName::from_static("x-edgepool-exit");
 /// `X-Edgepool-Session` (response): the worker session the request belonged to.
-pub const X_EDGEPOOL_SESSION: HeaderName = HeaderName::from_static("x-edgepool-session");
+pub const X_EDGEPOOL_SESSION: HeaderName = HeaderName::from_static(crate::worker::SESSION_HEADER);
 /// `X-Edgepool-Session-Renewed` (response): the session moved to another exit.
 pub const X_EDGEPOOL_SESSION_RENEWED: HeaderName =
     HeaderName::from_static("x-edgepool-session-renewed");
 
 /// The hop-by-hop headers of RFC 9110 §7.6.1, plus `Proxy-Connection` and `Upgrade`.
-const HOP_BY_HOP: [HeaderName; 9] = [
+const HOP_BY_HOP_COUNT: usize = 9;
+const HOP_BY_HOP: [HeaderName; HOP_BY_HOP_COUNT] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),

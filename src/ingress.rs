@@ -294,11 +294,10 @@ struct ConnWatch {
     open: std::sync::atomic::AtomicU64,
     /// When `open` last fell to 0 (or the connection started).
     idle_since: parking_lot::Mutex<tokio::time::Instant>,
-    /// Some request has opened: the clock's limit is `worker_idle_timeout` from now on.
-    opened_any: std::sync::atomic::AtomicBool,
-    /// The first request opened (the only change the idle clock is told about: it wakes on
-    /// its own deadline otherwise, so a request costs no wake-up of the connection's task).
-    first_opened: tokio::sync::Notify,
+    /// The first request started (`started` left 0): the only change the idle clock is told
+    /// about, since its limit changes then; it wakes on its own deadline otherwise, so a
+    /// request costs no wake-up of the connection's task.
+    first_started: tokio::sync::Notify,
 }
 
 impl ConnWatch {
@@ -310,18 +309,13 @@ impl ConnWatch {
             tripped: tokio::sync::Notify::new(),
             open: Default::default(),
             idle_since: parking_lot::Mutex::new(tokio::time::Instant::now()),
-            opened_any: Default::default(),
-            first_opened: tokio::sync::Notify::new(),
+            first_started: tokio::sync::Notify::new(),
         })
     }
 
     /// One more request open until the returned guard drops.
     fn open(self: &Arc<Self>) -> OpenRequest {
-        use std::sync::atomic::Ordering::{AcqRel, Relaxed};
-        self.open.fetch_add(1, AcqRel);
-        if !self.opened_any.load(Relaxed) && !self.opened_any.swap(true, AcqRel) {
-            self.first_opened.notify_waiters();
-        }
+        self.open.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
         OpenRequest(self.clone())
     }
 
@@ -336,28 +330,26 @@ impl ConnWatch {
     /// `idle_since + limit` after that look, so the close comes on time, never early.
     async fn idle(&self, before_first: Duration, between: Duration) {
         use std::sync::atomic::Ordering::Acquire;
-        let first = self.first_opened.notified();
+        let first = self.first_started.notified();
         tokio::pin!(first);
         first.as_mut().enable();
         let sleep = tokio::time::sleep_until(*self.idle_since.lock() + before_first);
         tokio::pin!(sleep);
-        let mut waiting_first = !self.opened_any.load(Acquire);
         loop {
-            if waiting_first {
+            let started = self.started.load(Acquire) > 0;
+            if started {
+                sleep.as_mut().await;
+            } else {
                 tokio::select! {
                     _ = sleep.as_mut() => {}
                     _ = first.as_mut() => {
                         // The limit changes to `between`, which may be the shorter one.
-                        waiting_first = false;
                         sleep.as_mut().reset(tokio::time::Instant::now() + between);
                         continue;
                     }
                 }
-            } else {
-                sleep.as_mut().await;
             }
-            let limit = if self.opened_any.load(Acquire) {
-                waiting_first = false;
+            let limit = if self.started.load(Acquire) > 0 {
                 between
             } else {
                 before_first
@@ -401,8 +393,13 @@ impl Drop for OpenRequest {
 impl ConnWatch {
     /// Starts watching one request.
     fn answering(self: &Arc<Self>) -> Answering {
-        self.started
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if self
+            .started
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel)
+            == 0
+        {
+            self.first_started.notify_waiters();
+        }
         Answering {
             watch: self.clone(),
             answered: false,
@@ -1634,7 +1631,7 @@ async fn fetch(
     resp.headers_mut()
         .insert("content-type", HeaderValue::from_static("application/json"));
     resp.headers_mut().insert(
-        "x-edgepool-reused",
+        crate::headers::X_EDGEPOOL_REUSED,
         HeaderValue::from_static(if meta.reused { "1" } else { "0" }),
     );
     *resp.status_mut() = StatusCode::OK;

@@ -566,11 +566,12 @@ async fn send_upgrade(
 /// (a dedicated connection), the exit, HTTP/1.1.
 fn relayed_head(rparts: &mut http::response::Parts, exit: &str) {
     crate::headers::clean_response_headers(&mut rparts.headers);
-    rparts
-        .headers
-        .insert("x-edgepool-reused", HeaderValue::from_static("0"));
+    rparts.headers.insert(
+        crate::headers::X_EDGEPOOL_REUSED,
+        HeaderValue::from_static("0"),
+    );
     if let Ok(v) = HeaderValue::from_str(exit) {
-        rparts.headers.insert("x-edgepool-exit", v);
+        rparts.headers.insert(crate::headers::X_EDGEPOOL_EXIT, v);
     }
     rparts.version = Version::HTTP_11;
 }

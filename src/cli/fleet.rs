@@ -12,14 +12,10 @@ use std::fmt::Write as _;
 
 use serde_json::{json, Map, Value};
 
-use super::format::{exit_state_text, rate_text};
+use super::format::{exit_state_text, listed_exits, pad_right as pad, rate_text, u};
 
 /// One node's answer: its admin address and its `/status` document, or why it gave none.
 pub type NodeStatus = (String, Result<Value, String>);
-
-fn u(v: &Value) -> u64 {
-    v.as_u64().unwrap_or(0)
-}
 
 fn rate(requests: u64, new: u64) -> f64 {
     if requests == 0 {
@@ -216,10 +212,6 @@ pub fn aggregate(nodes: &[NodeStatus]) -> Value {
     })
 }
 
-fn pad(text: &str, width: usize) -> String {
-    format!("{text:<width$}")
-}
-
 /// The fleet table: one line per node, the fleet's R and reasons, the targets (busiest 50)
 /// with the number of nodes that served each, and the exits with their state on every node.
 pub fn fleet_table(v: &Value) -> String {
@@ -316,12 +308,7 @@ pub fn fleet_table(v: &Value) -> String {
             u(&t["nodes"]),
         );
     }
-    let exits: Vec<&Value> = v["exits"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter(|e| e["kind"] != "direct" || u(&e["requests"]) > 0)
-        .collect();
+    let exits = listed_exits(v);
     if !exits.is_empty() {
         let _ = writeln!(out);
         let _ = writeln!(

@@ -46,7 +46,7 @@ pub fn rate_text(requests: u64, rate: f64) -> String {
     }
 }
 
-fn u(v: &Value) -> u64 {
+pub(super) fn u(v: &Value) -> u64 {
     v.as_u64().unwrap_or(0)
 }
 
@@ -59,7 +59,7 @@ fn s(v: &Value) -> &str {
 }
 
 /// Pads `text` to `width` characters (not bytes: `—` is one column).
-fn pad_right(text: &str, width: usize) -> String {
+pub(super) fn pad_right(text: &str, width: usize) -> String {
     let n = text.chars().count();
     format!("{text}{}", " ".repeat(width.saturating_sub(n)))
 }
@@ -67,6 +67,16 @@ fn pad_right(text: &str, width: usize) -> String {
 fn pad_left(text: &str, width: usize) -> String {
     let n = text.chars().count();
     format!("{}{text}", " ".repeat(width.saturating_sub(n)))
+}
+
+/// The exits a table lists: every exit node, and the direct exit once it carried requests.
+pub(super) fn listed_exits(v: &Value) -> Vec<&Value> {
+    v["exits"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|e| e["kind"] != "direct" || u(&e["requests"]) > 0)
+        .collect()
 }
 
 /// The `edgepool status` table for one `/status` document.
@@ -135,12 +145,7 @@ pub fn status_table(v: &Value) -> String {
             f(&fleet["reuse_rate_excluding_forced"])
         );
     }
-    let exits: Vec<&Value> = v["exits"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter(|e| e["kind"] != "direct" || u(&e["requests"]) > 0)
-        .collect();
+    let exits = listed_exits(v);
     if !exits.is_empty() {
         let _ = writeln!(out);
         let _ = writeln!(
