@@ -150,7 +150,7 @@ struct State {
     last_count: u64,
     /// When the last full census of `/proc/net/tcp(6)` succeeded.
     last_census: Option<Instant>,
-    /// Full censuses taken (for tests and the refresh's own accounting).
+    /// Full censuses taken (read by the tests).
     censuses: u64,
 }
 
