@@ -44,11 +44,23 @@ pub const DIRECT: &str = "direct";
 /// `host:port` with IPv6 hosts in brackets: an exit's or a target's label and a CONNECT
 /// request-target.
 pub fn authority(host: &str, port: u16) -> String {
-    if host.contains(':') {
-        format!("[{host}]:{port}")
-    } else {
-        format!("{host}:{port}")
+    // Built by hand rather than with `format!`: this runs at least twice per proxied request
+    // (the target label and the Host header), and the formatting machinery cost ~850
+    // instructions a call against ~100 for two copies and a digit conversion.
+    let v6 = host.contains(':');
+    let mut digits = itoa::Buffer::new();
+    let port = digits.format(port);
+    let mut s = String::with_capacity(host.len() + port.len() + 3);
+    if v6 {
+        s.push('[');
     }
+    s.push_str(host);
+    if v6 {
+        s.push(']');
+    }
+    s.push(':');
+    s.push_str(port);
+    s
 }
 
 /// Whether the authority of URL `s` spells a port (`host:3128`, `[::1]:1080`); `url::Url`
@@ -1640,6 +1652,17 @@ impl ExitMetrics {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn authority_brackets_ipv6_and_spells_every_port() {
+        assert_eq!(authority("example.com", 443), "example.com:443");
+        assert_eq!(authority("10.0.0.1", 0), "10.0.0.1:0");
+        assert_eq!(authority("::1", 8080), "[::1]:8080");
+        assert_eq!(authority("2001:db8::7", 65535), "[2001:db8::7]:65535");
+        for port in [1, 9, 10, 99, 100, 999, 1000, 9999, 10000] {
+            assert_eq!(authority("h", port), format!("h:{port}"));
+        }
+    }
 
     fn settings() -> ExitSettings {
         ExitSettings {

@@ -823,7 +823,8 @@ impl Forwarder {
         } else {
             authority(&out.host, out.port)
         };
-        match HeaderValue::from_str(&host) {
+        // `from_maybe_shared` takes the string's buffer instead of copying it.
+        match HeaderValue::from_maybe_shared(Bytes::from(host)) {
             Ok(v) => {
                 req.headers_mut().insert(header::HOST, v);
             }
