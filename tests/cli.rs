@@ -43,6 +43,40 @@ fn check_accepts_the_example_and_names_a_bad_key() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("pool.max_per_key"));
 }
 
+/// `RUST_LOG`: static lists, bare levels and span filters are taken without a word; one that
+/// parses as neither is named on stderr and the default level is used.
+#[test]
+fn an_invalid_rust_log_is_named_and_valid_ones_pass_silently() {
+    let example = concat!(env!("CARGO_MANIFEST_DIR"), "/config/example.toml");
+    let run = |filter: &str| {
+        let out = edgepool()
+            .args(["check", "--config", example])
+            .env("RUST_LOG", filter)
+            .env("NO_COLOR", "1")
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "RUST_LOG={filter}");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let err = run("edgepool=loud");
+    assert!(
+        err.contains("RUST_LOG=\"edgepool=loud\" is not a valid filter")
+            && err.contains("logging at info"),
+        "{err}"
+    );
+    let err = run("edgepool[request{method=GET]=debug");
+    assert!(err.contains("is not a valid filter"), "{err}");
+    for ok in [
+        "warn",
+        "edgepool=debug,hyper=warn",
+        "edgepool[request]=debug",
+        "  ",
+    ] {
+        let err = run(ok);
+        assert!(!err.contains("not a valid filter"), "RUST_LOG={ok}: {err}");
+    }
+}
+
 #[test]
 fn ca_path_and_export_read_the_ca_and_never_create_one() {
     let dir = tempfile::tempdir().unwrap();

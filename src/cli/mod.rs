@@ -128,21 +128,65 @@ pub fn log_colour(stderr_is_terminal: bool, no_color: Option<&OsStr>) -> bool {
 }
 
 /// Logs to stderr at `info` (`warn` when `quiet`) unless `RUST_LOG` says otherwise, coloured
-/// per [`log_colour`].
+/// per [`log_colour`]. An invalid `RUST_LOG` is reported and the default is used.
+///
+/// The filter is a static per-target one ([`Targets`](tracing_subscriber::filter::Targets))
+/// unless `RUST_LOG` filters on spans or fields ([`log_filter_is_dynamic`]), which only
+/// `EnvFilter` can do. `EnvFilter` takes two process-wide read locks for every span's creation,
+/// every enter and exit, every record and every close — about a dozen per proxied request,
+/// each an atomic write to a cache line every worker thread shares — to track span-based
+/// directives; with none to track, that is pure cost.
 pub fn init_logging(quiet: bool) {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
     let default_filter = if quiet { "warn" } else { "info" };
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter)),
-        )
+    let fmt = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
         .fmt_fields(plain_fields())
         .with_ansi(log_colour(
             std::io::IsTerminal::is_terminal(&std::io::stderr()),
             std::env::var_os("NO_COLOR").as_deref(),
-        ))
-        .init();
+        ));
+    let spec = std::env::var("RUST_LOG")
+        .ok()
+        .filter(|s| !s.trim().is_empty());
+    type Filter = Box<dyn tracing_subscriber::Layer<tracing_subscriber::Registry> + Send + Sync>;
+    let mut invalid = None;
+    let filter: Filter = match spec.as_deref() {
+        Some(s) if log_filter_is_dynamic(s) => match tracing_subscriber::EnvFilter::try_new(s) {
+            Ok(f) => Box::new(f),
+            Err(e) => {
+                invalid = Some((s.to_string(), e.to_string()));
+                Box::new(static_filter(default_filter))
+            }
+        },
+        Some(s) => match s.parse::<tracing_subscriber::filter::Targets>() {
+            Ok(t) => Box::new(t),
+            Err(e) => {
+                invalid = Some((s.to_string(), e.to_string()));
+                Box::new(static_filter(default_filter))
+            }
+        },
+        None => Box::new(static_filter(default_filter)),
+    };
+    tracing_subscriber::registry().with(filter).with(fmt).init();
+    if let Some((spec, why)) = invalid {
+        tracing::warn!(
+            "RUST_LOG={spec:?} is not a valid filter ({why}): logging at {default_filter}"
+        );
+    }
+}
+
+fn static_filter(level: &str) -> tracing_subscriber::filter::Targets {
+    level
+        .parse()
+        .expect("a bare level is a valid static filter")
+}
+
+/// Whether a `RUST_LOG` filter selects by span or by field value (`target[span{field=v}]=level`,
+/// `[{field}]=level`): those need `EnvFilter`. Plain `target=level` lists and bare levels do not.
+pub fn log_filter_is_dynamic(spec: &str) -> bool {
+    spec.contains('[')
 }
 
 /// Fields as `name=value`, the event's message bare — the default layout without its
@@ -166,6 +210,33 @@ fn plain_fields() -> impl for<'w> tracing_subscriber::fmt::FormatFields<'w> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_span_and_field_filters_need_the_dynamic_filter() {
+        for s in [
+            "info",
+            "warn",
+            "edgepool=debug,hyper=warn",
+            "edgepool::pool=trace,info",
+            "off",
+        ] {
+            assert!(!log_filter_is_dynamic(s), "{s}");
+            assert!(
+                s.parse::<tracing_subscriber::filter::Targets>().is_ok(),
+                "{s}"
+            );
+        }
+        for s in [
+            "edgepool[request]=debug",
+            "[{target=x}]=debug",
+            "info,edgepool[request{method=GET}]=trace",
+        ] {
+            assert!(log_filter_is_dynamic(s), "{s}");
+            assert!(tracing_subscriber::EnvFilter::try_new(s).is_ok(), "{s}");
+        }
+        assert!(static_filter("info").would_enable("edgepool::pool", &tracing::Level::INFO));
+        assert!(!static_filter("warn").would_enable("edgepool::pool", &tracing::Level::INFO));
+    }
 
     #[test]
     fn the_runtime_has_the_threads_asked_for() {
