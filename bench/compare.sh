@@ -16,6 +16,10 @@
 #   BIND=127.0.0.1    address every process listens on and every request goes to; must be
 #                     in 127.0.0.0/8 (the script refuses anything else)
 #   EDGEPOOL_BIN=target/release/edgepool   (build it first: cargo build --release)
+#   FLOOR=1           also run examples/hyper_floor (FLOOR_BIN=target/release/examples/hyper_floor;
+#                     build it: cargo build --release --example hyper_floor): tokio + hyper with
+#                     nothing else, to the same fixed upstream as nginx; what edgepool costs above
+#                     it is edgepool's own work, what it costs above nginx is the stack's
 #   PERF=1            also sample edgepool with `perf record` during its run and print the
 #                     hottest symbols (flat profile)
 #   KEEP_TMP=1        keep the temp dir (configs, logs) instead of deleting it
@@ -50,11 +54,13 @@ THREADS=${THREADS:-1}
 PAUSE=${PAUSE:-2}
 BIND=${BIND:-127.0.0.1}
 PERF=${PERF:-0}
+FLOOR=${FLOOR:-0}
 KEEP_TMP=${KEEP_TMP:-0}
 
 ROOT=$(cd "$HERE/.." && pwd)
 EDGEPOOL_BIN=${EDGEPOOL_BIN:-$ROOT/target/release/edgepool}
 LUA=$HERE/absolute.lua
+FLOOR_BIN=${FLOOR_BIN:-$ROOT/target/release/examples/hyper_floor}
 
 # ---- refuse anything that is not loopback -------------------------------------------------
 is_loopback_v4 "$BIND" || die "BIND=$BIND is not a 127.0.0.0/8 address; this benchmark runs on loopback only"
@@ -71,12 +77,15 @@ SQUID=$(find_bin squid); NGINX=$(find_bin nginx); WRK=$(find_bin wrk)
 command -v curl >/dev/null || die "curl is needed (apt-get install curl)"
 [[ -x $EDGEPOOL_BIN ]] || die "$EDGEPOOL_BIN not found: build it first (cargo build --release) or set EDGEPOOL_BIN"
 [[ -r $LUA ]] || die "$LUA not found"
+[[ $FLOOR != 1 || -x $FLOOR_BIN ]] ||
+    die "FLOOR=1: $FLOOR_BIN not found: cargo build --release --example hyper_floor, or set FLOOR_BIN"
 if [[ $PERF == 1 ]]; then command -v perf >/dev/null || die "PERF=1 but perf is not installed"; fi
 
 # ---- temp dir, process bookkeeping, cleanup -------------------------------------------------
 setup_tmp edgepool-compare
 
 pick_port P_EDGE; pick_port P_ADMIN; pick_port P_SQUID; pick_port P_NGINX; pick_port P_ORIGIN
+pick_port P_FLOOR
 ORIGIN=$BIND:$P_ORIGIN
 
 wait_ready() { # name url [proxy]  -> waits for 200 "hello"
@@ -167,6 +176,10 @@ start squid "$TMP/squid.log" "$SQUID" -N -n "epbench$$" -f "$TMP/squid/squid.con
 wait_ready squid "http://$ORIGIN/" "$BIND:$P_SQUID"
 start nginx "$TMP/nginx.log" "$NGINX" -p "$TMP/nginx/" -e "$TMP/nginx/error.log" -c "$TMP/nginx/nginx.conf"
 wait_ready nginx "http://$ORIGIN/" "$BIND:$P_NGINX"
+if [[ $FLOOR == 1 ]]; then
+    start floor "$TMP/floor.log" "$FLOOR_BIN" --listen "$BIND:$P_FLOOR" --upstream "$ORIGIN"
+    wait_ready floor "http://$ORIGIN/" "$BIND:$P_FLOOR"
+fi
 
 # ---- machine and versions -------------------------------------------------------------------
 echo
@@ -187,6 +200,7 @@ echo
 # ---- runs -----------------------------------------------------------------------------------
 declare -A RPS P50 P99 ERR ERRDETAIL CPUREQ SPLIT OTHER
 ORDER=(direct edgepool squid nginx)
+[[ $FLOOR == 1 ]] && ORDER+=(floor)
 FAILED=0
 run_wrk() { # name proxyport-or-empty
     local name=$1 port=$2 url out line perfpid=""
@@ -260,6 +274,7 @@ for name in "${ORDER[@]}"; do
         edgepool) run_wrk edgepool "$P_EDGE" ;;
         squid) run_wrk squid "$P_SQUID" ;;
         nginx) run_wrk nginx "$P_NGINX" ;;
+        floor) run_wrk floor "$P_FLOOR" ;;
     esac
 done
 echo "load after the runs: $(cut -d' ' -f1-3 /proc/loadavg)"
@@ -277,6 +292,7 @@ for name in "${ORDER[@]}"; do
     label=$name
     [[ $name == direct ]] && label="direct to origin (baseline)"
     [[ $name == nginx ]] && label="nginx (fixed upstream, keepalive 64)"
+    [[ $name == floor ]] && label="hyper floor (examples/hyper_floor: tokio + hyper only, fixed upstream)"
     [[ $name == squid ]] && label="squid $("$SQUID" -v 2>&1 | head -n1 | sed 's/.*Version //')"
     ratio=$(awk -v a="${RPS[$name]}" -v b="${RPS[edgepool]}" 'BEGIN { printf "%.2f×", a / b }')
     printf '| %s | %s | %s | %s | %s | %s | %s | %s | %s |\n' "$label" \

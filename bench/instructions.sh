@@ -14,7 +14,9 @@
 # shutdown cancel. Printed twice: all instructions, and without edgepool's timer-driven port
 # check (PortGuard::refresh_locked reads /proc/net/tcp on a clock; under valgrind's ~50x
 # slowdown a run lasts long enough for it to weigh far more than in real time).
-# Environment: N1, N2, EDGEPOOL_BIN, KEEP_TMP=1 (keep the callgrind files), BIND (127.x.y.z).
+# Environment: N1, N2, EDGEPOOL_BIN, KEEP_TMP=1 (keep the callgrind files), BIND (127.x.y.z),
+# FLOOR=1: count examples/hyper_floor instead (tokio + hyper only, to the one origin: the stack's
+# own cost; cargo build --release --example hyper_floor; FLOOR_BIN to point elsewhere).
 set -euo pipefail
 
 N1=${N1:-1000}
@@ -24,6 +26,12 @@ KEEP_TMP=${KEEP_TMP:-0}
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 ROOT=$(cd "$HERE/.." && pwd)
 EDGEPOOL_BIN=${EDGEPOOL_BIN:-$ROOT/target/release/edgepool}
+FLOOR=${FLOOR:-0}
+FLOOR_BIN=${FLOOR_BIN:-$ROOT/target/release/examples/hyper_floor}
+if [[ $FLOOR == 1 ]]; then
+    [[ -x $FLOOR_BIN ]] || die "FLOOR=1: $FLOOR_BIN not found (cargo build --release --example hyper_floor)"
+    EDGEPOOL_BIN=$FLOOR_BIN
+fi
 
 die() { echo "instructions.sh: error: $*" >&2; exit 1; }
 [[ $BIND =~ ^127\.[0-9]{1,3}\.[0-9]{1,3}\.[0-9]{1,3}$ ]] || die "BIND=$BIND is not in 127.0.0.0/8"
@@ -67,15 +75,25 @@ PIDS+=($!)
 one_run() {
     local n=$1 out=$2 ep i
     rm -rf "$TMP/ep"; mkdir -p "$TMP/ep"
-    valgrind --tool=callgrind --callgrind-out-file="$out" "$EDGEPOOL_BIN" serve \
-        --listen "$BIND:$P_EDGE" --admin "$BIND:$P_ADMIN" --allow-target 127.0.0.0/8 \
-        --data-dir "$TMP/ep" >"$TMP/edgepool.$n.log" 2>&1 &
+    if [[ $FLOOR == 1 ]]; then
+        valgrind --tool=callgrind --callgrind-out-file="$out" "$EDGEPOOL_BIN" \
+            --listen "$BIND:$P_EDGE" --upstream "$BIND:$P_ORIGIN" >"$TMP/edgepool.$n.log" 2>&1 &
+    else
+        valgrind --tool=callgrind --callgrind-out-file="$out" "$EDGEPOOL_BIN" serve \
+            --listen "$BIND:$P_EDGE" --admin "$BIND:$P_ADMIN" --allow-target 127.0.0.0/8 \
+            --data-dir "$TMP/ep" >"$TMP/edgepool.$n.log" 2>&1 &
+    fi
     ep=$!
     PIDS+=("$ep")
     # Ready once its admin port answers /readyz (no request through the proxy: it would count).
+    # The floor has no admin port: one request through it, in both runs, so it cancels out.
     for ((i = 0; i < 600; i++)); do
-        kill -0 "$ep" 2>/dev/null || { tail -n 20 "$TMP/edgepool.$n.log" >&2; die "edgepool exited during start-up"; }
-        curl -s -o /dev/null --max-time 2 "http://$BIND:$P_ADMIN/readyz" && break
+        kill -0 "$ep" 2>/dev/null || { tail -n 20 "$TMP/edgepool.$n.log" >&2; die "the proxy exited during start-up"; }
+        if [[ $FLOOR == 1 ]]; then
+            curl -s -o /dev/null --max-time 2 -x "http://$BIND:$P_EDGE" "http://$BIND:$P_ORIGIN/" && break
+        else
+            curl -s -o /dev/null --max-time 2 "http://$BIND:$P_ADMIN/readyz" && break
+        fi
         sleep 0.2
     done
     timeout 900 python3 "$HERE/keepalive_client.py" "$P_EDGE" "$BIND:$P_ORIGIN" "$n" "$BIND" >&2 ||
@@ -89,7 +107,8 @@ one_run() {
     echo "$total ${guard:-0}"
 }
 
-echo "edgepool: $("$EDGEPOOL_BIN" --version 2>&1 | head -n1) ($EDGEPOOL_BIN)"
+if [[ $FLOOR == 1 ]]; then echo "proxy: hyper floor ($EDGEPOOL_BIN)"
+else echo "edgepool: $("$EDGEPOOL_BIN" --version 2>&1 | head -n1) ($EDGEPOOL_BIN)"; fi
 echo "date: $(date -u)"
 read -r t1 g1 < <(one_run "$N1" "$TMP/callgrind.$N1.out")
 read -r t2 g2 < <(one_run "$N2" "$TMP/callgrind.$N2.out")
