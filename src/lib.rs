@@ -32,7 +32,8 @@
 //!   in flight) and the retry budget.
 //! - [`ca`]: the interception CA and the per-host leaf certificate cache.
 //! - [`telemetry`]: reuse accounting per target, SLO verdicts, the dashboard time series,
-//!   Prometheus metrics and the sampled trace log.
+//!   Prometheus metrics and the sampled trace log; [`histogram`]: the lock-free latency
+//!   histogram those metrics observe into on every request.
 //! - [`report`]: the reuse-killers report — per-minute reason counts in an embedded redb store.
 //! - [`portguard`]: the ephemeral-port budget; holds new dials when ports run out.
 //! - [`cli`]: the command line's library half: each subcommand's work (serve start-up, `ca`,
@@ -73,6 +74,7 @@ pub mod gateway;
 pub mod guard;
 pub mod h1guard;
 pub mod headers;
+pub mod histogram;
 pub mod ingress;
 #[cfg(feature = "lab")]
 pub mod lab;

@@ -23,7 +23,9 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::metrics::histogram::exponential_buckets;
+
+use crate::histogram::AtomicHistogram;
 use prometheus_client::registry::Registry;
 use serde::Serialize;
 
@@ -71,18 +73,15 @@ pub const TOP_TARGETS: usize = 20;
 /// Points kept in the dashboard time series.
 pub const HISTORY_POINTS: usize = 720;
 
-fn phase_histogram() -> Histogram {
+fn phase_histogram() -> AtomicHistogram {
     // 100 µs .. ~26 s.
-    Histogram::new(exponential_buckets(0.0001, 2.0, 19))
+    AtomicHistogram::new(exponential_buckets(0.0001, 2.0, 19))
 }
 
-fn per_conn_histogram() -> Histogram {
-    Histogram::new(
-        [
-            1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0, 2000.0, 5000.0, 10000.0,
-        ]
-        .into_iter(),
-    )
+fn per_conn_histogram() -> AtomicHistogram {
+    AtomicHistogram::new([
+        1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0, 2000.0, 5000.0, 10000.0,
+    ])
 }
 
 /// `optimal` at or above the SLO, `monitor` within 5 points below, `breach` lower; `idle`
@@ -349,6 +348,9 @@ struct TraceLog {
 /// and closed, failed dials, handshake time paid and saved.
 struct ReuseMetrics {
     requests: Family<RequestLabels, Counter>,
+    /// `requests`' series for (reused, HTTP/1.1 or h2), looked up once: a family lookup takes
+    /// the family's lock, shared by every thread, and this is counted on every request.
+    request_handles: [std::sync::OnceLock<Counter>; 4],
     opened: Family<ReasonLabels, Counter>,
     closed: Family<ReasonLabels, Counter>,
     dial_failures: Counter,
@@ -357,9 +359,28 @@ struct ReuseMetrics {
 }
 
 impl ReuseMetrics {
+    fn count_request(&self, reused: bool, protocol: &'static str) {
+        let labels = || RequestLabels {
+            reused: if reused { "1" } else { "0" },
+            protocol,
+        };
+        let slot = match protocol {
+            "http/1.1" => 0,
+            "h2" => 2,
+            _ => {
+                self.requests.get_or_create(&labels()).inc();
+                return;
+            }
+        } + usize::from(reused);
+        self.request_handles[slot]
+            .get_or_init(|| self.requests.get_or_create(&labels()).clone())
+            .inc();
+    }
+
     fn register(registry: &mut Registry) -> Self {
         let m = ReuseMetrics {
             requests: Family::default(),
+            request_handles: Default::default(),
             opened: Family::default(),
             closed: Family::default(),
             dial_failures: Counter::default(),
@@ -561,9 +582,9 @@ impl Direction {
 /// direction's handle is looked up once, at its first observation (a series still appears
 /// only once it has a value).
 struct PhaseMetrics {
-    phases: Family<PhaseLabels, Histogram, fn() -> Histogram>,
-    phase_handles: [std::sync::OnceLock<Histogram>; Phase::COUNT],
-    per_connection: Histogram,
+    phases: Family<PhaseLabels, AtomicHistogram, fn() -> AtomicHistogram>,
+    phase_handles: [std::sync::OnceLock<AtomicHistogram>; Phase::COUNT],
+    per_connection: AtomicHistogram,
     bytes: Family<DirectionLabels, Counter>,
     byte_handles: [std::sync::OnceLock<Counter>; 2],
 }
@@ -571,7 +592,7 @@ struct PhaseMetrics {
 impl PhaseMetrics {
     fn register(registry: &mut Registry) -> Self {
         let m = PhaseMetrics {
-            phases: Family::new_with_constructor(phase_histogram as fn() -> Histogram),
+            phases: Family::new_with_constructor(phase_histogram as fn() -> AtomicHistogram),
             phase_handles: Default::default(),
             per_connection: per_conn_histogram(),
             bytes: Family::default(),
@@ -785,13 +806,7 @@ impl Telemetry {
 
     /// Records one upstream request (at its response head, or its failure).
     pub fn record_request(&self, r: &RequestRecord<'_>) {
-        self.reuse
-            .requests
-            .get_or_create(&RequestLabels {
-                reused: if r.reused { "1" } else { "0" },
-                protocol: r.protocol,
-            })
-            .inc();
+        self.reuse.count_request(r.reused, r.protocol);
         self.phases.observe(Phase::Dns, r.dns);
         self.phases.observe(Phase::Queue, r.queue);
         if r.bytes_up > 0 {
@@ -1198,6 +1213,48 @@ impl PoolEvents<UpstreamKey> for Telemetry {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every (reused, protocol) pair lands on its own series, through the cached handles for
+    /// HTTP/1.1 and h2 and the family for anything else; the phase histograms count too.
+    #[test]
+    fn request_counts_reach_their_series() {
+        let t = Telemetry::new(Default::default(), Default::default());
+        let mut r = rec("a.example:443", true);
+        for (protocol, reused, times) in [
+            ("http/1.1", false, 1),
+            ("http/1.1", true, 2),
+            ("h2", false, 3),
+            ("h2", true, 4),
+            ("h3", true, 5),
+        ] {
+            r.protocol = protocol;
+            r.reused = reused;
+            for _ in 0..times {
+                t.record_request(&r);
+            }
+        }
+        let m = t.encode(PoolStats::default());
+        for (protocol, reused, times) in [
+            ("http/1.1", 0, 1),
+            ("http/1.1", 1, 2),
+            ("h2", 0, 3),
+            ("h2", 1, 4),
+            ("h3", 1, 5),
+        ] {
+            let line = format!(
+                "edgepool_requests_total{{reused=\"{reused}\",protocol=\"{protocol}\"}} {times}\n"
+            );
+            assert!(m.contains(&line), "{line} in\n{m}");
+        }
+        assert!(
+            m.contains("edgepool_phase_seconds_count{phase=\"dns\"} 15\n"),
+            "{m}"
+        );
+        assert!(
+            m.contains("edgepool_phase_seconds_bucket{le=\"0.0001\",phase=\"queue\"} 15\n"),
+            "{m}"
+        );
+    }
 
     #[test]
     fn verdicts_follow_the_objective_with_a_five_point_monitor_band() {
