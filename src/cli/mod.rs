@@ -160,7 +160,7 @@ pub fn init_logging(quiet: bool) {
                 Box::new(static_filter(default_filter))
             }
         },
-        Some(s) => match s.parse::<tracing_subscriber::filter::Targets>() {
+        Some(s) => match static_spec(s).parse::<tracing_subscriber::filter::Targets>() {
             Ok(t) => Box::new(t),
             Err(e) => {
                 invalid = Some((s.to_string(), e.to_string()));
@@ -175,6 +175,17 @@ pub fn init_logging(quiet: bool) {
             "RUST_LOG={spec:?} is not a valid filter ({why}): logging at {default_filter}"
         );
     }
+}
+
+/// A static filter list as `Targets` parses it: spaces around directives and empty ones
+/// dropped (`EnvFilter` tolerates `info, edgepool=debug,`; `Targets` would take the space as
+/// part of the target name and match nothing).
+fn static_spec(spec: &str) -> String {
+    spec.split(',')
+        .map(str::trim)
+        .filter(|d| !d.is_empty())
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 fn static_filter(level: &str) -> tracing_subscriber::filter::Targets {
@@ -219,6 +230,8 @@ mod tests {
             "edgepool=debug,hyper=warn",
             "edgepool::pool=trace,info",
             "off",
+            "INFO,edgepool=DEBUG",
+            "edgepool=3",
         ] {
             assert!(!log_filter_is_dynamic(s), "{s}");
             assert!(
@@ -234,6 +247,13 @@ mod tests {
             assert!(log_filter_is_dynamic(s), "{s}");
             assert!(tracing_subscriber::EnvFilter::try_new(s).is_ok(), "{s}");
         }
+        let spaced: tracing_subscriber::filter::Targets =
+            static_spec(" warn, edgepool::pool=debug ,")
+                .parse()
+                .unwrap();
+        assert!(spaced.would_enable("edgepool::pool", &tracing::Level::DEBUG));
+        assert!(!spaced.would_enable("edgepool::dial", &tracing::Level::INFO));
+        assert!(spaced.would_enable("hyper", &tracing::Level::WARN));
         assert!(static_filter("info").would_enable("edgepool::pool", &tracing::Level::INFO));
         assert!(!static_filter("warn").would_enable("edgepool::pool", &tracing::Level::INFO));
     }
