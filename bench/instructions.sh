@@ -28,12 +28,11 @@ ROOT=$(cd "$HERE/.." && pwd)
 EDGEPOOL_BIN=${EDGEPOOL_BIN:-$ROOT/target/release/edgepool}
 FLOOR=${FLOOR:-0}
 FLOOR_BIN=${FLOOR_BIN:-$ROOT/target/release/examples/hyper_floor}
+die() { echo "instructions.sh: error: $*" >&2; exit 1; }
 if [[ $FLOOR == 1 ]]; then
     [[ -x $FLOOR_BIN ]] || die "FLOOR=1: $FLOOR_BIN not found (cargo build --release --example hyper_floor)"
     EDGEPOOL_BIN=$FLOOR_BIN
 fi
-
-die() { echo "instructions.sh: error: $*" >&2; exit 1; }
 [[ $BIND =~ ^127\.[0-9]{1,3}\.[0-9]{1,3}\.[0-9]{1,3}$ ]] || die "BIND=$BIND is not in 127.0.0.0/8"
 [[ $N1 =~ ^[0-9]+$ && $N2 =~ ^[0-9]+$ && $N2 -gt $N1 ]] || die "need integers N2 > N1 (got $N1, $N2)"
 [[ -x $EDGEPOOL_BIN ]] || die "no edgepool binary at $EDGEPOOL_BIN (cargo build --release)"
@@ -90,7 +89,9 @@ one_run() {
     for ((i = 0; i < 600; i++)); do
         kill -0 "$ep" 2>/dev/null || { tail -n 20 "$TMP/edgepool.$n.log" >&2; die "the proxy exited during start-up"; }
         if [[ $FLOOR == 1 ]]; then
-            curl -s -o /dev/null --max-time 2 -x "http://$BIND:$P_EDGE" "http://$BIND:$P_ORIGIN/" && break
+            # Generous: under callgrind the first request is slow, and a curl that gave up
+            # and retried would put a different number of requests in each run.
+            curl -s -o /dev/null --max-time 60 -x "http://$BIND:$P_EDGE" "http://$BIND:$P_ORIGIN/" && break
         else
             curl -s -o /dev/null --max-time 2 "http://$BIND:$P_ADMIN/readyz" && break
         fi

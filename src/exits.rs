@@ -50,7 +50,8 @@ pub fn authority(host: &str, port: u16) -> String {
     let v6 = host.contains(':');
     let mut digits = itoa::Buffer::new();
     let port = digits.format(port);
-    let mut s = String::with_capacity(host.len() + port.len() + 3);
+    // Exact, so that `Bytes::from` can take the buffer without a second allocation.
+    let mut s = String::with_capacity(host.len() + port.len() + 1 + if v6 { 2 } else { 0 });
     if v6 {
         s.push('[');
     }

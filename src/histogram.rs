@@ -14,7 +14,10 @@
 //! It encodes exactly as `prometheus_client`'s histogram does (same buckets, `+Inf` bucket,
 //! `_sum`, `_count`), through the same encoder, so `/metrics` does not change. The count is
 //! the total of the bucket counts, so it always equals the `+Inf` bucket; `_sum` read during
-//! an observation may not include it yet (a scrape is a snapshot, not a transaction).
+//! an observation may not include it yet (a scrape is a snapshot, not a transaction). Two
+//! values that never occur here (durations and counts) are treated differently:
+//! `prometheus_client` counts NaN and `+inf` in `_count` but in no bucket; here `+inf` is in
+//! the `+Inf` bucket and NaN in neither (both still go into `_sum`).
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};

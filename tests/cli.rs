@@ -64,8 +64,13 @@ fn an_invalid_rust_log_is_named_and_valid_ones_pass_silently() {
             && err.contains("logging at info"),
         "{err}"
     );
-    let err = run("edgepool[request{method=GET]=debug");
-    assert!(err.contains("is not a valid filter"), "{err}");
+    for bad in ["edgepool[request{method=GET]=debug", "*=debug", ","] {
+        let err = run(bad);
+        assert!(
+            err.contains("is not a valid filter"),
+            "RUST_LOG={bad}: {err}"
+        );
+    }
     for ok in [
         "warn",
         "edgepool=debug,hyper=warn",

@@ -160,7 +160,10 @@ pub fn init_logging(quiet: bool) {
                 Box::new(static_filter(default_filter))
             }
         },
-        Some(s) => match static_spec(s).parse::<tracing_subscriber::filter::Targets>() {
+        Some(s) => match static_spec(s).and_then(|d| {
+            d.parse::<tracing_subscriber::filter::Targets>()
+                .map_err(|e| e.to_string())
+        }) {
             Ok(t) => Box::new(t),
             Err(e) => {
                 invalid = Some((s.to_string(), e.to_string()));
@@ -177,15 +180,33 @@ pub fn init_logging(quiet: bool) {
     }
 }
 
-/// A static filter list as `Targets` parses it: spaces around directives and empty ones
-/// dropped (`EnvFilter` tolerates `info, edgepool=debug,`; `Targets` would take the space as
-/// part of the target name and match nothing).
-fn static_spec(spec: &str) -> String {
-    spec.split(',')
-        .map(str::trim)
-        .filter(|d| !d.is_empty())
-        .collect::<Vec<_>>()
-        .join(",")
+/// A static filter list as `Targets` should parse it, or why it is not one.
+///
+/// - Spaces around directives and empty directives are dropped (`info, edgepool=debug,`;
+///   `Targets` would take ` edgepool` as a target name, and `EnvFilter` refused it outright).
+/// - `target=` with no level means `trace`, as `EnvFilter` reads it (`Targets` would read
+///   `error`).
+/// - A target must start with a letter, a digit, `-`, `:` or `_`, as `EnvFilter` requires
+///   (`*=debug` would otherwise be taken and match nothing).
+/// - A list with no directive at all is refused.
+fn static_spec(spec: &str) -> Result<String, String> {
+    let mut out: Vec<String> = Vec::new();
+    for d in spec.split(',').map(str::trim).filter(|d| !d.is_empty()) {
+        let first = d.chars().next().expect("not empty");
+        if !(first.is_ascii_alphanumeric() || matches!(first, '-' | ':' | '_')) {
+            return Err(format!(
+                "directive {d:?}: a target starts with a letter, a digit, '-', ':' or '_'"
+            ));
+        }
+        out.push(match d.strip_suffix('=') {
+            Some(target) => format!("{target}=trace"),
+            None => d.to_string(),
+        });
+    }
+    if out.is_empty() {
+        return Err("no directive".to_string());
+    }
+    Ok(out.join(","))
 }
 
 fn static_filter(level: &str) -> tracing_subscriber::filter::Targets {
@@ -249,11 +270,20 @@ mod tests {
         }
         let spaced: tracing_subscriber::filter::Targets =
             static_spec(" warn, edgepool::pool=debug ,")
+                .unwrap()
                 .parse()
                 .unwrap();
         assert!(spaced.would_enable("edgepool::pool", &tracing::Level::DEBUG));
         assert!(!spaced.would_enable("edgepool::dial", &tracing::Level::INFO));
         assert!(spaced.would_enable("hyper", &tracing::Level::WARN));
+        let bare: tracing_subscriber::filter::Targets = static_spec("warn,edgepool::pool=")
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!(bare.would_enable("edgepool::pool", &tracing::Level::TRACE));
+        for bad in [",", " , ", "*=debug", "=debug"] {
+            assert!(static_spec(bad).is_err(), "{bad:?}");
+        }
         assert!(static_filter("info").would_enable("edgepool::pool", &tracing::Level::INFO));
         assert!(!static_filter("warn").would_enable("edgepool::pool", &tracing::Level::INFO));
     }
