@@ -1,7 +1,7 @@
 //! Cost of one latency observation when every runtime thread observes into the same
 //! histogram at once, as edgepool's per-phase histograms are on every proxied request:
 //! `prometheus_client`'s `Histogram` (an exclusive lock per observation) against
-//! `edgepool::histogram::AtomicHistogram` (two atomic additions).
+//! `edgepool::histogram::ShardedHistogram` (two atomic additions).
 //!
 //! ```text
 //! cargo bench --bench histogram_contention            # HISTOGRAM_THREADS=1,2 HISTOGRAM_OBS=2000000
@@ -14,7 +14,7 @@
 use std::sync::Barrier;
 use std::time::{Duration, Instant};
 
-use edgepool::histogram::AtomicHistogram;
+use edgepool::histogram::ShardedHistogram;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 
 trait Observe: Clone + Send + 'static {
@@ -39,9 +39,9 @@ impl Observe for Histogram {
     }
 }
 
-impl Observe for AtomicHistogram {
+impl Observe for ShardedHistogram {
     fn observe(&self, v: f64) {
-        AtomicHistogram::observe(self, v)
+        ShardedHistogram::observe(self, v)
     }
     fn count(&self) -> u64 {
         self.snapshot().1
@@ -121,8 +121,8 @@ fn main() {
             n,
         );
         measure(
-            "AtomicHistogram",
-            || AtomicHistogram::new(exponential_buckets(0.0001, 2.0, 19)),
+            "ShardedHistogram",
+            || ShardedHistogram::new(exponential_buckets(0.0001, 2.0, 19)),
             t,
             n,
         );

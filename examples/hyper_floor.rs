@@ -123,11 +123,10 @@ async fn proxy(
     match send.send_request(req).await {
         Ok(resp) => {
             let (parts, inner) = resp.into_parts();
-            let body = Returning {
+            let mut body = Returning {
                 inner,
                 back: Some((send, idle)),
             };
-            let mut body = body;
             if body.is_end_stream() {
                 body.give_back();
             }

@@ -54,7 +54,7 @@ fn my_shard() -> usize {
 
 /// A histogram with fixed upper bounds (plus `+Inf`); cheap to clone (shares its counts).
 #[derive(Clone, Debug)]
-pub struct AtomicHistogram {
+pub struct ShardedHistogram {
     inner: Arc<Inner>,
 }
 
@@ -75,7 +75,7 @@ impl Inner {
     }
 }
 
-impl AtomicHistogram {
+impl ShardedHistogram {
     /// A histogram with these upper bounds (ascending; `+Inf` is added).
     pub fn new(bounds: impl IntoIterator<Item = f64>) -> Self {
         let mut b: Vec<f64> = bounds.into_iter().collect();
@@ -85,7 +85,7 @@ impl AtomicHistogram {
         let lines = (0..stride * shard_count())
             .map(|_| Line::default())
             .collect();
-        AtomicHistogram {
+        ShardedHistogram {
             inner: Arc::new(Inner {
                 bounds: b.into_boxed_slice(),
                 stride,
@@ -133,11 +133,11 @@ impl AtomicHistogram {
     }
 }
 
-impl TypedMetric for AtomicHistogram {
+impl TypedMetric for ShardedHistogram {
     const TYPE: MetricType = MetricType::Histogram;
 }
 
-impl EncodeMetric for AtomicHistogram {
+impl EncodeMetric for ShardedHistogram {
     fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
         let (sum, count, buckets) = self.snapshot();
         encoder.encode_histogram::<()>(sum, count, &buckets, None)
@@ -167,7 +167,7 @@ mod tests {
     /// including values on a bound, below the first, above the last, zero and NaN.
     #[test]
     fn encodes_exactly_like_the_locking_histogram() {
-        let ours = AtomicHistogram::new(exponential_buckets(0.0001, 2.0, 19));
+        let ours = ShardedHistogram::new(exponential_buckets(0.0001, 2.0, 19));
         let theirs = Histogram::new(exponential_buckets(0.0001, 2.0, 19));
         let values = [
             0.0, 0.00005, 0.0001, 0.00011, 0.0002, 0.003, 0.5, 1.0, 13.1, 26.2144, 30.0, 1e9,
@@ -192,7 +192,7 @@ mod tests {
     /// Observations from many threads at once are all counted, in the right buckets.
     #[test]
     fn concurrent_observations_are_all_counted() {
-        let h = AtomicHistogram::new([1.0, 2.0, 3.0]);
+        let h = ShardedHistogram::new([1.0, 2.0, 3.0]);
         let threads: Vec<_> = (0..4)
             .map(|t| {
                 let h = h.clone();

@@ -25,7 +25,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::exponential_buckets;
 
-use crate::histogram::AtomicHistogram;
+use crate::histogram::ShardedHistogram;
 use prometheus_client::registry::Registry;
 use serde::Serialize;
 
@@ -73,13 +73,13 @@ pub const TOP_TARGETS: usize = 20;
 /// Points kept in the dashboard time series.
 pub const HISTORY_POINTS: usize = 720;
 
-fn phase_histogram() -> AtomicHistogram {
+fn phase_histogram() -> ShardedHistogram {
     // 100 µs .. ~26 s.
-    AtomicHistogram::new(exponential_buckets(0.0001, 2.0, 19))
+    ShardedHistogram::new(exponential_buckets(0.0001, 2.0, 19))
 }
 
-fn per_conn_histogram() -> AtomicHistogram {
-    AtomicHistogram::new([
+fn per_conn_histogram() -> ShardedHistogram {
+    ShardedHistogram::new([
         1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0, 2000.0, 5000.0, 10000.0,
     ])
 }
@@ -582,9 +582,9 @@ impl Direction {
 /// direction's handle is looked up once, at its first observation (a series still appears
 /// only once it has a value).
 struct PhaseMetrics {
-    phases: Family<PhaseLabels, AtomicHistogram, fn() -> AtomicHistogram>,
-    phase_handles: [std::sync::OnceLock<AtomicHistogram>; Phase::COUNT],
-    per_connection: AtomicHistogram,
+    phases: Family<PhaseLabels, ShardedHistogram, fn() -> ShardedHistogram>,
+    phase_handles: [std::sync::OnceLock<ShardedHistogram>; Phase::COUNT],
+    per_connection: ShardedHistogram,
     bytes: Family<DirectionLabels, Counter>,
     byte_handles: [std::sync::OnceLock<Counter>; 2],
 }
@@ -592,7 +592,7 @@ struct PhaseMetrics {
 impl PhaseMetrics {
     fn register(registry: &mut Registry) -> Self {
         let m = PhaseMetrics {
-            phases: Family::new_with_constructor(phase_histogram as fn() -> AtomicHistogram),
+            phases: Family::new_with_constructor(phase_histogram as fn() -> ShardedHistogram),
             phase_handles: Default::default(),
             per_connection: per_conn_histogram(),
             bytes: Family::default(),

@@ -150,27 +150,13 @@ pub fn init_logging(quiet: bool) {
     let spec = std::env::var("RUST_LOG")
         .ok()
         .filter(|s| !s.trim().is_empty());
-    type Filter = Box<dyn tracing_subscriber::Layer<tracing_subscriber::Registry> + Send + Sync>;
     let mut invalid = None;
-    let filter: Filter = match spec.as_deref() {
-        Some(s) if log_filter_is_dynamic(s) => match tracing_subscriber::EnvFilter::try_new(s) {
-            Ok(f) => Box::new(f),
-            Err(e) => {
-                invalid = Some((s.to_string(), e.to_string()));
-                Box::new(static_filter(default_filter))
-            }
-        },
-        Some(s) => match static_spec(s).and_then(|d| {
-            d.parse::<tracing_subscriber::filter::Targets>()
-                .map_err(|e| e.to_string())
-        }) {
-            Ok(t) => Box::new(t),
-            Err(e) => {
-                invalid = Some((s.to_string(), e.to_string()));
-                Box::new(static_filter(default_filter))
-            }
-        },
-        None => Box::new(static_filter(default_filter)),
+    let filter = match spec.as_deref() {
+        None => Box::new(static_filter(default_filter)) as LogFilter,
+        Some(s) => parse_log_filter(s).unwrap_or_else(|why| {
+            invalid = Some((s.to_string(), why));
+            Box::new(static_filter(default_filter))
+        }),
     };
     tracing_subscriber::registry().with(filter).with(fmt).init();
     if let Some((spec, why)) = invalid {
@@ -178,6 +164,21 @@ pub fn init_logging(quiet: bool) {
             "RUST_LOG={spec:?} is not a valid filter ({why}): logging at {default_filter}"
         );
     }
+}
+
+type LogFilter = Box<dyn tracing_subscriber::Layer<tracing_subscriber::Registry> + Send + Sync>;
+
+/// `RUST_LOG`'s filter: `EnvFilter` for span or field filters, else the static `Targets`; or
+/// why it is not a valid filter.
+fn parse_log_filter(spec: &str) -> Result<LogFilter, String> {
+    if log_filter_is_dynamic(spec) {
+        let f = tracing_subscriber::EnvFilter::try_new(spec).map_err(|e| e.to_string())?;
+        return Ok(Box::new(f));
+    }
+    let t = static_spec(spec)?
+        .parse::<tracing_subscriber::filter::Targets>()
+        .map_err(|e| e.to_string())?;
+    Ok(Box::new(t))
 }
 
 /// A static filter list as `Targets` should parse it, or why it is not one.
