@@ -109,6 +109,8 @@ impl Drop for Ticket {
                 self.adm.in_flight.fetch_sub(1, Ordering::Relaxed);
                 (ip, 2)
             }
+            // Nothing held (a request without a body): nothing to give back.
+            Kind::Bytes(_, 0) => return,
             Kind::Bytes(ip, n) => {
                 self.adm.buffered.fetch_sub(n, Ordering::Relaxed);
                 (ip, 3)
@@ -245,6 +247,11 @@ impl Admission {
     }
 
     fn reserve_bytes(&self, ip: IpAddr, n: u64) -> Result<(), Refused> {
+        if n == 0 {
+            // Within any budget and share, and changes neither: most requests have no body,
+            // and take no lock for it.
+            return Ok(());
+        }
         let mut map = self.per_worker.lock();
         let max = self.max_buffered;
         let before = self
@@ -459,6 +466,33 @@ mod tests {
         assert_eq!(adm.take_buffered_peak(), 2000);
         assert_eq!(adm.take_buffered_peak(), 0);
         assert!(adm.per_worker.lock().is_empty(), "nothing left behind");
+    }
+
+    #[test]
+    fn an_empty_body_holds_nothing_and_may_still_grow() {
+        let cfg = LimitsConfig {
+            max_buffered_bytes: 1000,
+            max_worker_share: 0.5,
+            ..Default::default()
+        };
+        let adm = Admission::new(&cfg);
+        let a: IpAddr = "10.0.0.1".parse().unwrap();
+        let empty = adm.buffer(a, 0).unwrap();
+        assert!(
+            adm.per_worker.lock().is_empty(),
+            "no entry for nothing held"
+        );
+        drop(empty);
+        let mut body = adm.buffer(a, 0).unwrap();
+        body.grow(400).unwrap();
+        assert_eq!(adm.buffered(), 400);
+        assert_eq!(body.grow(200).err(), Some(Refused::Share), "600 > a's 500");
+        drop(body);
+        assert_eq!(adm.buffered(), 0);
+        assert!(
+            adm.per_worker.lock().is_empty(),
+            "the grown bytes are given back"
+        );
     }
 
     #[test]
