@@ -1,7 +1,14 @@
 //! admission: edgepool's own capacity limits — connections per worker address, CONNECT
-//! tunnels, requests in flight — and the retry budget. Each limit hands out a [`Ticket`] that
-//! gives its place back when dropped; over a limit the caller answers 503 with `Retry-After`
-//! at once, before reading a body, instead of queueing without bound.
+//! tunnels, requests in flight, buffered body bytes — and the retry budget. Each limit hands
+//! out a place that is given back when dropped: a [`Ticket`] for what outlives a request
+//! (connections, tunnels), a [`RequestPlace`] or [`BodyBudget`] borrowed for one request. Over
+//! a limit the caller answers 503 with `Retry-After` at once, before reading a body, instead of
+//! queueing without bound.
+//!
+//! The per-request path takes no lock: a worker connection holds its address's entry (a
+//! [`WorkerAddr`]) and counts its requests and body bytes there with atomics. The address
+//! table's lock is taken when a connection opens or closes, and when the last place an address
+//! held is given back.
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -21,11 +28,13 @@ const RETRY_BUDGET_CAP: u64 = 100 * MILLI;
 ///
 /// Fairness: besides the global limits, one worker address may hold at most
 /// `limits.max_worker_share` of each (requests in flight, tunnels, buffered bytes), so one
-/// client can never lock the others out. One lock guards the per-address table; the global
-/// counters are atomics.
+/// client can never lock the others out. The global counters are atomics; so are each
+/// address's ([`Holder`]), which its connections reach without the table.
 pub struct Admission {
     max_per_worker: usize,
-    per_worker: Mutex<HashMap<IpAddr, PerAddr>>,
+    /// The addresses holding anything. An entry is removed, under this lock, once it holds
+    /// nothing.
+    per_worker: Mutex<HashMap<IpAddr, Arc<Holder>>>,
     max_tunnels: usize,
     tunnels: AtomicUsize,
     max_in_flight: usize,
@@ -40,33 +49,64 @@ pub struct Admission {
     addr_buffered: u64,
 }
 
-/// What one worker address holds.
-#[derive(Default)]
-struct PerAddr {
-    connections: usize,
-    requests: usize,
-    tunnels: usize,
-    bytes: u64,
+/// What one worker address holds. `connections` changes only under the table's lock (a new
+/// connection finds the entry there); the rest change through a connection's [`WorkerAddr`],
+/// without it.
+struct Holder {
+    ip: IpAddr,
+    connections: AtomicUsize,
+    requests: AtomicUsize,
+    tunnels: AtomicUsize,
+    bytes: AtomicU64,
 }
 
-impl PerAddr {
+impl Holder {
     fn is_empty(&self) -> bool {
-        self.connections == 0 && self.requests == 0 && self.tunnels == 0 && self.bytes == 0
+        self.connections.load(Ordering::SeqCst) == 0
+            && self.requests.load(Ordering::SeqCst) == 0
+            && self.tunnels.load(Ordering::SeqCst) == 0
+            && self.bytes.load(Ordering::SeqCst) == 0
     }
 }
 
-/// A place taken under one limit; dropping it gives the place back.
+/// A worker address as its connections hold it: requests, tunnels and body bytes are counted
+/// against its share through it, without looking the address up.
+#[derive(Clone)]
+pub struct WorkerAddr(Arc<Holder>);
+
+impl WorkerAddr {
+    /// The address.
+    pub fn ip(&self) -> IpAddr {
+        self.0.ip
+    }
+}
+
+/// A place that may outlive a request — a worker connection or a tunnel; dropping it gives
+/// the place back.
 pub struct Ticket {
     adm: Arc<Admission>,
+    holder: Arc<Holder>,
     kind: Kind,
 }
 
 enum Kind {
-    Worker(IpAddr),
-    Tunnel(IpAddr),
-    Request(IpAddr),
-    /// Buffered bytes (grows with [`Ticket::grow`]).
-    Bytes(IpAddr, u64),
+    Worker,
+    Tunnel,
+}
+
+/// A request's place under `limits.max_in_flight`, borrowed for the request (no reference
+/// count touched); dropping it gives the place back.
+pub struct RequestPlace<'a> {
+    adm: &'a Admission,
+    holder: &'a Arc<Holder>,
+}
+
+/// Bytes of a request body under `limits.max_buffered_bytes`, grown as the body arrives;
+/// dropping it gives them back.
+pub struct BodyBudget<'a> {
+    adm: &'a Admission,
+    holder: &'a Arc<Holder>,
+    held: u64,
 }
 
 /// Why a place was refused: the global limit, or the address's share of it.
@@ -81,58 +121,69 @@ pub enum Refused {
 impl Ticket {
     /// The worker address this place belongs to.
     pub fn ip(&self) -> IpAddr {
-        match self.kind {
-            Kind::Worker(ip) | Kind::Tunnel(ip) | Kind::Request(ip) | Kind::Bytes(ip, _) => ip,
-        }
+        self.holder.ip
     }
 
-    /// For a byte budget ticket: `n` more bytes, if the budget and the address's share allow.
-    pub fn grow(&mut self, n: u64) -> Result<(), Refused> {
-        let Kind::Bytes(ip, ref mut held) = self.kind else {
-            return Ok(());
-        };
-        self.adm.reserve_bytes(ip, n)?;
-        *held += n;
-        Ok(())
+    /// The address's entry, for the places its requests take.
+    pub fn addr(&self) -> WorkerAddr {
+        WorkerAddr(self.holder.clone())
     }
 }
 
 impl Drop for Ticket {
     fn drop(&mut self) {
-        let (ip, what) = match self.kind {
-            Kind::Worker(ip) => (ip, 0),
-            Kind::Tunnel(ip) => {
+        match self.kind {
+            Kind::Worker => {
+                let mut map = self.adm.per_worker.lock();
+                self.holder.connections.fetch_sub(1, Ordering::SeqCst);
+                forget_if_empty(&mut map, &self.holder);
+            }
+            Kind::Tunnel => {
                 self.adm.tunnels.fetch_sub(1, Ordering::Relaxed);
-                (ip, 1)
-            }
-            Kind::Request(ip) => {
-                self.adm.in_flight.fetch_sub(1, Ordering::Relaxed);
-                (ip, 2)
-            }
-            // Nothing held (a request without a body): nothing to give back.
-            Kind::Bytes(_, 0) => return,
-            Kind::Bytes(ip, n) => {
-                self.adm.buffered.fetch_sub(n, Ordering::Relaxed);
-                (ip, 3)
-            }
-        };
-        let mut map = self.adm.per_worker.lock();
-        if let Some(a) = map.get_mut(&ip) {
-            match (what, &self.kind) {
-                (0, _) => a.connections -= 1,
-                (1, _) => a.tunnels -= 1,
-                (2, _) => a.requests -= 1,
-                (_, Kind::Bytes(_, n)) => a.bytes -= n,
-                _ => {}
-            }
-            if a.is_empty() {
-                map.remove(&ip);
+                self.holder.tunnels.fetch_sub(1, Ordering::SeqCst);
+                self.adm.after_release(&self.holder);
             }
         }
     }
 }
 
-/// Takes a place under `max` in `counter`, or `None` when full.
+impl Drop for RequestPlace<'_> {
+    fn drop(&mut self) {
+        self.adm.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.holder.requests.fetch_sub(1, Ordering::SeqCst);
+        self.adm.after_release(self.holder);
+    }
+}
+
+impl BodyBudget<'_> {
+    /// `n` more bytes, if the budget and the address's share allow.
+    pub fn grow(&mut self, n: u64) -> Result<(), Refused> {
+        self.adm.reserve_bytes(self.holder, n)?;
+        self.held += n;
+        Ok(())
+    }
+}
+
+impl Drop for BodyBudget<'_> {
+    fn drop(&mut self) {
+        if self.held == 0 {
+            return; // a request without a body held nothing
+        }
+        self.adm.buffered.fetch_sub(self.held, Ordering::Relaxed);
+        self.holder.bytes.fetch_sub(self.held, Ordering::SeqCst);
+        self.adm.after_release(self.holder);
+    }
+}
+
+/// Removes `holder`'s entry if it is still the table's entry for its address and holds
+/// nothing (the caller holds the table's lock).
+fn forget_if_empty(map: &mut HashMap<IpAddr, Arc<Holder>>, holder: &Arc<Holder>) {
+    if holder.is_empty() && map.get(&holder.ip).is_some_and(|h| Arc::ptr_eq(h, holder)) {
+        map.remove(&holder.ip);
+    }
+}
+
+/// Takes a place under `max` in `counter`, or `false` when full.
 fn take(counter: &AtomicUsize, max: usize) -> bool {
     counter
         .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |n| {
@@ -169,90 +220,104 @@ impl Admission {
     /// A connection from `ip`, if it has fewer than `limits.max_connections_per_worker` open.
     pub fn worker_connection(self: &Arc<Self>, ip: IpAddr) -> Option<Ticket> {
         let mut map = self.per_worker.lock();
-        let a = map.entry(ip).or_default();
-        if a.connections >= self.max_per_worker {
+        let holder = map.entry(ip).or_insert_with(|| {
+            Arc::new(Holder {
+                ip,
+                connections: AtomicUsize::new(0),
+                requests: AtomicUsize::new(0),
+                tunnels: AtomicUsize::new(0),
+                bytes: AtomicU64::new(0),
+            })
+        });
+        if holder.connections.load(Ordering::SeqCst) >= self.max_per_worker {
+            let holder = holder.clone();
+            forget_if_empty(&mut map, &holder); // refused its first: nothing to keep
             return None;
         }
-        a.connections += 1;
+        holder.connections.fetch_add(1, Ordering::SeqCst);
         Some(Ticket {
             adm: self.clone(),
-            kind: Kind::Worker(ip),
+            holder: holder.clone(),
+            kind: Kind::Worker,
         })
     }
 
-    /// A CONNECT tunnel for `ip`, if fewer than `limits.max_tunnels` are open and `ip` holds
-    /// less than its share of them.
-    pub fn tunnel(self: &Arc<Self>, ip: IpAddr) -> Result<Ticket, Refused> {
+    /// A CONNECT tunnel for `addr`, if fewer than `limits.max_tunnels` are open and `addr`
+    /// holds less than its share of them.
+    pub fn tunnel(self: &Arc<Self>, addr: &WorkerAddr) -> Result<Ticket, Refused> {
+        let h = &addr.0;
         self.take_place(
-            ip,
             &self.tunnels,
             self.max_tunnels,
+            &h.tunnels,
             self.addr_tunnels,
-            |a| &mut a.tunnels,
         )?;
         Ok(Ticket {
             adm: self.clone(),
-            kind: Kind::Tunnel(ip),
+            holder: h.clone(),
+            kind: Kind::Tunnel,
         })
     }
 
-    /// A request in flight for `ip`, if fewer than `limits.max_in_flight` are and `ip` holds
-    /// less than its share of them.
-    pub fn request(self: &Arc<Self>, ip: IpAddr) -> Result<Ticket, Refused> {
+    /// A request in flight for `addr`, if fewer than `limits.max_in_flight` are and `addr`
+    /// holds less than its share of them.
+    pub fn request<'a>(&'a self, addr: &'a WorkerAddr) -> Result<RequestPlace<'a>, Refused> {
+        let h = &addr.0;
         self.take_place(
-            ip,
             &self.in_flight,
             self.max_in_flight,
+            &h.requests,
             self.addr_in_flight,
-            |a| &mut a.requests,
         )?;
-        Ok(Ticket {
-            adm: self.clone(),
-            kind: Kind::Request(ip),
+        Ok(RequestPlace {
+            adm: self,
+            holder: h,
         })
     }
 
-    /// One place under `max` in `global` and under `share` of it for `ip` (the address's
-    /// counter picked by `held`). The limit itself is checked first: when both are reached,
-    /// "full" is the truer answer.
+    /// One place under `max` in `global` and under `share` in the address's `held`. The limit
+    /// itself is checked first: when both are reached, "full" is the truer answer.
     fn take_place(
         &self,
-        ip: IpAddr,
         global: &AtomicUsize,
         max: usize,
+        held: &AtomicUsize,
         share: usize,
-        held: fn(&mut PerAddr) -> &mut usize,
     ) -> Result<(), Refused> {
-        let mut map = self.per_worker.lock();
         if !take(global, max) {
             return Err(Refused::Full);
         }
-        let n = held(map.entry(ip).or_default());
-        if *n >= share {
+        if !take(held, share) {
             global.fetch_sub(1, Ordering::Relaxed);
             return Err(Refused::Share);
         }
-        *n += 1;
         Ok(())
     }
 
-    /// A byte budget for a body `ip` is about to buffer: `n` bytes now, more with
-    /// [`Ticket::grow`].
-    pub fn buffer(self: &Arc<Self>, ip: IpAddr, n: u64) -> Result<Ticket, Refused> {
-        self.reserve_bytes(ip, n)?;
-        Ok(Ticket {
-            adm: self.clone(),
-            kind: Kind::Bytes(ip, n),
+    /// After a place of `holder`'s was given back: forgets the address once it holds nothing
+    /// (no connection is left to find it through).
+    fn after_release(&self, holder: &Arc<Holder>) {
+        if holder.is_empty() {
+            forget_if_empty(&mut self.per_worker.lock(), holder);
+        }
+    }
+
+    /// A byte budget for a body `addr` is about to buffer: `n` bytes now, more with
+    /// [`BodyBudget::grow`].
+    pub fn buffer<'a>(&'a self, addr: &'a WorkerAddr, n: u64) -> Result<BodyBudget<'a>, Refused> {
+        self.reserve_bytes(&addr.0, n)?;
+        Ok(BodyBudget {
+            adm: self,
+            holder: &addr.0,
+            held: n,
         })
     }
 
-    fn reserve_bytes(&self, ip: IpAddr, n: u64) -> Result<(), Refused> {
+    fn reserve_bytes(&self, holder: &Arc<Holder>, n: u64) -> Result<(), Refused> {
         if n == 0 {
-            // Within any budget and share, and changes neither: most requests have no body,
-            // and take no lock for it.
+            // Within any budget and share, and changes neither: most requests have no body.
             return Ok(());
         }
-        let mut map = self.per_worker.lock();
         let max = self.max_buffered;
         let before = self
             .buffered
@@ -260,15 +325,16 @@ impl Admission {
                 (b + n <= max).then_some(b + n)
             })
             .map_err(|_| Refused::Full)?;
-        let a = map.entry(ip).or_default();
-        if a.bytes + n > self.addr_buffered {
+        let share = self.addr_buffered;
+        let mine = holder
+            .bytes
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |b| {
+                (b + n <= share).then_some(b + n)
+            });
+        if mine.is_err() {
             self.buffered.fetch_sub(n, Ordering::Relaxed);
-            if a.is_empty() {
-                map.remove(&ip);
-            }
             return Err(Refused::Share);
         }
-        a.bytes += n;
         self.buffered_peak.fetch_max(before + n, Ordering::Relaxed);
         Ok(())
     }
@@ -293,7 +359,7 @@ impl Admission {
             self.per_worker
                 .lock()
                 .values()
-                .filter(|a| a.connections > 0)
+                .filter(|a| a.connections.load(Ordering::Relaxed) > 0)
                 .count(),
         )
     }
@@ -381,35 +447,116 @@ mod tests {
         }
     }
 
+    /// A connection from `ip` (held by the caller) and its address's entry.
+    fn connect(adm: &Arc<Admission>, ip: &str) -> (Ticket, WorkerAddr) {
+        let t = adm.worker_connection(ip.parse().unwrap()).unwrap();
+        let addr = t.addr();
+        (t, addr)
+    }
+
     #[test]
     fn tickets_are_bounded_and_given_back() {
         let adm = Admission::new(&limits(2, 1, 3));
         let a: IpAddr = "10.0.0.1".parse().unwrap();
-        let b: IpAddr = "10.0.0.2".parse().unwrap();
         let t1 = adm.worker_connection(a).unwrap();
-        let _t2 = adm.worker_connection(a).unwrap();
+        let t2 = adm.worker_connection(a).unwrap();
         assert!(
             adm.worker_connection(a).is_none(),
             "third from the same address"
         );
-        assert!(
-            adm.worker_connection(b).is_some(),
-            "another worker is not affected"
-        );
+        let (tb, b) = connect(&adm, "10.0.0.2");
+        assert_eq!(adm.usage().2, 2, "two addresses with connections");
         drop(t1);
-        assert!(adm.worker_connection(a).is_some());
+        let t3 = adm.worker_connection(a).expect("a place was given back");
+        let a = t3.addr();
 
-        let tun = adm.tunnel(a).unwrap();
-        assert!(adm.tunnel(b).is_err());
+        let tun = adm.tunnel(&a).unwrap();
+        assert!(adm.tunnel(&b).is_err());
         drop(tun);
-        assert!(adm.tunnel(b).is_ok());
+        assert!(adm.tunnel(&b).is_ok());
 
-        let reqs: Vec<_> = (0..3)
-            .map(|i| adm.request(if i == 0 { a } else { b }).unwrap())
-            .collect();
-        assert_eq!(adm.request(a).err(), Some(Refused::Full));
-        drop(reqs);
+        {
+            let reqs: Vec<_> = [&a, &b, &b]
+                .into_iter()
+                .map(|w| adm.request(w).unwrap())
+                .collect();
+            assert_eq!(adm.request(&a).err(), Some(Refused::Full));
+            assert_eq!(adm.usage().1, 3);
+            drop(reqs);
+        }
         assert_eq!(adm.usage().1, 0);
+        drop((t2, t3, tb));
+        assert!(
+            adm.per_worker.lock().is_empty(),
+            "no connection and nothing held: the addresses are forgotten"
+        );
+    }
+
+    #[test]
+    fn an_address_is_forgotten_only_when_its_last_place_goes() {
+        let adm = Admission::new(&limits(4, 4, 4));
+        let (conn, a) = connect(&adm, "10.0.0.1");
+        let req = adm.request(&a).unwrap();
+        let tunnel = adm.tunnel(&a).unwrap();
+        drop(conn);
+        assert_eq!(
+            adm.per_worker.lock().len(),
+            1,
+            "a request and a tunnel still held"
+        );
+        assert_eq!(adm.usage().2, 0, "but no connection");
+        drop(req);
+        assert_eq!(adm.per_worker.lock().len(), 1, "the tunnel still held");
+        drop(tunnel);
+        assert!(adm.per_worker.lock().is_empty());
+        // A new connection from the address starts a fresh entry with nothing held.
+        let (_conn, a) = connect(&adm, "10.0.0.1");
+        let all: Vec<_> = (0..4).map(|_| adm.request(&a).unwrap()).collect();
+        assert_eq!(all.len(), 4);
+        // An address refused its first connection leaves no entry behind.
+        let none = Admission::new(&limits(0, 4, 4));
+        assert!(none
+            .worker_connection("10.0.0.9".parse().unwrap())
+            .is_none());
+        assert!(none.per_worker.lock().is_empty());
+    }
+
+    #[test]
+    fn threads_taking_and_giving_back_places_leave_nothing_behind() {
+        let adm = Admission::new(&LimitsConfig {
+            max_connections_per_worker: 1000,
+            max_in_flight: 64,
+            max_tunnels: 64,
+            max_buffered_bytes: 1 << 20,
+            max_worker_share: 0.5,
+            ..Default::default()
+        });
+        std::thread::scope(|s| {
+            for t in 0..4 {
+                let adm = adm.clone();
+                s.spawn(move || {
+                    let ip = format!("10.0.0.{}", t % 2);
+                    for i in 0..2000 {
+                        let (conn, a) = connect(&adm, &ip);
+                        let req = adm.request(&a);
+                        let mut body = adm.buffer(&a, (i % 3) as u64).ok();
+                        if let Some(b) = body.as_mut() {
+                            let _ = b.grow(100);
+                        }
+                        let tunnel = (i % 5 == 0).then(|| adm.tunnel(&a));
+                        // Drop in varying orders: the connection first, last, or between.
+                        match i % 3 {
+                            0 => drop((conn, req, body, tunnel)),
+                            1 => drop((req, body, tunnel, conn)),
+                            _ => drop((body, conn, tunnel, req)),
+                        }
+                    }
+                });
+            }
+        });
+        assert_eq!(adm.usage(), (0, 0, 0));
+        assert_eq!(adm.buffered(), 0);
+        assert!(adm.per_worker.lock().is_empty(), "nothing left behind");
     }
 
     #[test]
@@ -422,42 +569,42 @@ mod tests {
             ..Default::default()
         };
         let adm = Admission::new(&cfg);
-        let a: IpAddr = "10.0.0.1".parse().unwrap();
-        let b: IpAddr = "10.0.0.2".parse().unwrap();
-        let mine: Vec<_> = (0..5).map(|_| adm.request(a).unwrap()).collect();
+        let (ca, a) = connect(&adm, "10.0.0.1");
+        let (cb, b) = connect(&adm, "10.0.0.2");
+        let mine: Vec<_> = (0..5).map(|_| adm.request(&a).unwrap()).collect();
         assert_eq!(
-            adm.request(a).err(),
+            adm.request(&a).err(),
             Some(Refused::Share),
             "a holds its half"
         );
-        let theirs: Vec<_> = (0..5).map(|_| adm.request(b).unwrap()).collect();
+        let theirs: Vec<_> = (0..5).map(|_| adm.request(&b).unwrap()).collect();
         assert_eq!(
-            adm.request(b).err(),
+            adm.request(&b).err(),
             Some(Refused::Full),
             "both: full is the answer"
         );
         drop((mine, theirs));
-        let t: Vec<_> = (0..2).map(|_| adm.tunnel(a).unwrap()).collect();
-        assert_eq!(adm.tunnel(a).err(), Some(Refused::Share));
-        assert!(adm.tunnel(b).is_ok());
+        let t: Vec<_> = (0..2).map(|_| adm.tunnel(&a).unwrap()).collect();
+        assert_eq!(adm.tunnel(&a).err(), Some(Refused::Share));
+        assert!(adm.tunnel(&b).is_ok());
         drop(t);
-        let mut body = adm.buffer(a, 800).unwrap();
+        let mut body = adm.buffer(&a, 800).unwrap();
         assert_eq!(
             body.grow(300).err(),
             Some(Refused::Share),
             "1100 > a's 1000"
         );
         body.grow(200).unwrap();
-        let other = adm.buffer(b, 1000).unwrap();
+        let other = adm.buffer(&b, 1000).unwrap();
         assert_eq!(adm.buffered(), 2000);
         assert_eq!(
-            adm.buffer(b, 1).err(),
+            adm.buffer(&b, 1).err(),
             Some(Refused::Full),
             "the budget is used up"
         );
         drop(body);
         assert_eq!(
-            adm.buffer(b, 1).err(),
+            adm.buffer(&b, 1).err(),
             Some(Refused::Share),
             "b holds its share"
         );
@@ -465,6 +612,7 @@ mod tests {
         assert_eq!(adm.buffered(), 0);
         assert_eq!(adm.take_buffered_peak(), 2000);
         assert_eq!(adm.take_buffered_peak(), 0);
+        drop((ca, cb));
         assert!(adm.per_worker.lock().is_empty(), "nothing left behind");
     }
 
@@ -476,17 +624,20 @@ mod tests {
             ..Default::default()
         };
         let adm = Admission::new(&cfg);
-        let a: IpAddr = "10.0.0.1".parse().unwrap();
-        let empty = adm.buffer(a, 0).unwrap();
-        assert!(
-            adm.per_worker.lock().is_empty(),
-            "no entry for nothing held"
-        );
+        let (conn, a) = connect(&adm, "10.0.0.1");
+        let empty = adm.buffer(&a, 0).unwrap();
+        assert_eq!(a.0.bytes.load(Ordering::Relaxed), 0, "nothing held");
         drop(empty);
-        let mut body = adm.buffer(a, 0).unwrap();
+        let mut body = adm.buffer(&a, 0).unwrap();
         body.grow(400).unwrap();
         assert_eq!(adm.buffered(), 400);
         assert_eq!(body.grow(200).err(), Some(Refused::Share), "600 > a's 500");
+        drop(conn);
+        assert_eq!(
+            adm.per_worker.lock().len(),
+            1,
+            "the body's bytes still held"
+        );
         drop(body);
         assert_eq!(adm.buffered(), 0);
         assert!(

@@ -2,7 +2,6 @@
 //! interception (or a blind tunnel for passthrough hosts) and `POST /v1/fetch`, all routed
 //! per request — one worker connection may carry requests for many targets.
 use std::convert::Infallible;
-use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -19,7 +18,7 @@ use tokio::net::TcpStream;
 use tracing::Instrument;
 
 use crate::admission::Admission;
-use crate::admission::{Refused, Ticket};
+use crate::admission::{BodyBudget, Refused, Ticket, WorkerAddr};
 use crate::body::{full_body, ProxyBody};
 use crate::ca::LeafCache;
 use crate::config::Config;
@@ -191,34 +190,36 @@ where
     let slot = crate::h1guard::ViolationSlot::default();
     let io = crate::h1guard::GuardedIo::new(stream, gw.h1_limits(), gw.h1_timeouts(), slot.clone());
     let watch = ConnWatch::new(gw.config().limits.h2_max_cancelled_streams);
-    let gw2 = gw.clone();
-    let watch2 = watch.clone();
-    // The worker's place is held by the connection and, after a CONNECT, by its tunnel.
     let peer = place.ip();
-    let place = WorkerPlace(Arc::new(place));
-    let place2 = place.clone();
+    // The worker's place is held by the connection and, after a CONNECT, by its tunnel.
+    let conn = Arc::new(WorkerConn {
+        gw: gw.clone(),
+        addr: place.addr(),
+        slot,
+        watch: watch.clone(),
+        place: WorkerPlace(Arc::new(place)),
+    });
     let conn_span = tracing::info_span!("worker", %peer);
     let conn_span2 = conn_span.clone();
     let svc = service_fn(move |mut req: Request<Incoming>| {
-        let gw = gw2.clone();
-        let slot = slot.clone();
-        let watch = watch2.clone();
+        let c = conn.clone();
         let span = request_span(&conn_span2, &req);
         if req.method() == Method::CONNECT || crate::upgrade::is_upgrade_request(&req) {
             // Only a CONNECT or an upgrade can outlive the connection (as a tunnel, or a
             // spliced WebSocket): no per-request cost else.
-            req.extensions_mut().insert(place2.clone());
-            req.extensions_mut().insert(ConnHold(watch2.clone()));
+            req.extensions_mut().insert(c.place.clone());
+            req.extensions_mut().insert(ConnHold(c.watch.clone()));
         }
         async move {
-            if let Some(resp) = violation_response(&gw, &req, &slot) {
+            let gw = &c.gw;
+            if let Some(resp) = violation_response(gw, &req, &c.slot) {
                 return Ok::<_, Infallible>(resp);
             }
             let connect = req.method() == Method::CONNECT;
             let h1_upgrade = h1_upgrade(&req);
             // Boxed once: the request's future is large (routing, retries, the response), and
             // hyper moves the service future into place; a box makes that move a pointer copy.
-            let mut resp = answer(&watch, Box::pin(handle(gw, req, peer))).await;
+            let mut resp = answer(&c.watch, Box::pin(handle(gw, req, &c.addr))).await;
             if (connect && !resp.status().is_success())
                 || (h1_upgrade && resp.status() != StatusCode::SWITCHING_PROTOCOLS)
             {
@@ -234,9 +235,21 @@ where
         .instrument(span)
     });
     let builder = gw.worker_builder();
-    let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), svc);
-    drive(&gw, conn, &watch).instrument(conn_span).await;
-    drop(place);
+    let http = builder.serve_connection_with_upgrades(TokioIo::new(io), svc);
+    drive(&gw, http, &watch).instrument(conn_span).await;
+    // The connection's place goes with the service (and its `WorkerConn`), unless a tunnel
+    // or an upgraded connection still holds it.
+}
+
+/// What one worker connection's requests share: cloned once per request, a reference count
+/// of the connection's own (the process-wide `Ingress` is not touched per request).
+struct WorkerConn {
+    gw: Arc<Ingress>,
+    /// The worker address's entry in the admission table (requests and bodies counted there).
+    addr: WorkerAddr,
+    slot: crate::h1guard::ViolationSlot,
+    watch: Arc<ConnWatch>,
+    place: WorkerPlace,
 }
 
 /// The span of one worker request: its method and the target it names (empty for a request
@@ -576,16 +589,16 @@ const BUDGET_STEP: u64 = 64 * 1024;
 /// body clock (`limits.body_idle_timeout`) and the buffer budget: the returned ticket holds
 /// its bytes under `limits.max_buffered_bytes` and the address's share until dropped. A
 /// declared length is reserved, and allocated, at once — one buffer, handed back whole.
-async fn buffer_body(
-    gw: &Ingress,
+async fn buffer_body<'a>(
+    gw: &'a Ingress,
     body: Incoming,
     limit: u64,
-    peer: IpAddr,
+    addr: &'a WorkerAddr,
     http1: bool,
-) -> Result<(Bytes, Ticket), BodyError> {
+) -> Result<(Bytes, BodyBudget<'a>), BodyError> {
     let body = IdleBody::new(body, gw.config().limits.body_idle_timeout);
     tokio::pin!(body);
-    let res = read_body(gw, body.as_mut(), limit, peer).await;
+    let res = read_body(gw, body.as_mut(), limit, addr).await;
     if http1 && matches!(res, Err(BodyError::TooLarge | BodyError::Budget(_))) {
         // Refused while the worker is still sending: read the rest (discarded) for a moment,
         // so the refusal reaches it instead of a reset of the connection.
@@ -606,12 +619,12 @@ async fn buffer_body(
 /// How long a refused HTTP/1 request body is read (and discarded) before the refusal is sent.
 const DRAIN_REFUSED_BODY: Duration = Duration::from_secs(5);
 
-async fn read_body(
-    gw: &Ingress,
+async fn read_body<'a>(
+    gw: &'a Ingress,
     mut body: std::pin::Pin<&mut IdleBody<Incoming>>,
     limit: u64,
-    peer: IpAddr,
-) -> Result<(Bytes, Ticket), BodyError> {
+    addr: &'a WorkerAddr,
+) -> Result<(Bytes, BodyBudget<'a>), BodyError> {
     let hint = http_body::Body::size_hint(&*body);
     let declared = hint.exact();
     if declared.is_some_and(|n| n > limit) || hint.lower() > limit {
@@ -620,7 +633,7 @@ async fn read_body(
     let first = declared.unwrap_or(0);
     let mut ticket = gw
         .admission()
-        .buffer(peer, first)
+        .buffer(addr, first)
         .map_err(BodyError::Budget)?;
     let mut reserved = first;
     let mut buf = bytes::BytesMut::with_capacity(first as usize);
@@ -854,9 +867,13 @@ fn via_loop(headers: &http::HeaderMap) -> Option<EdgeError> {
     })
 }
 
-async fn handle(gw: Arc<Ingress>, req: Request<Incoming>, peer: IpAddr) -> Response<ProxyBody> {
+async fn handle(
+    gw: &Arc<Ingress>,
+    req: Request<Incoming>,
+    addr: &WorkerAddr,
+) -> Response<ProxyBody> {
     if let Some(e) = via_loop(req.headers()) {
-        return error(&gw, e);
+        return error(gw, e);
     }
     // Who is asking, and with which options (session, pool, rotation): from the proxy
     // username. Checked before anything else, for every kind of request.
@@ -865,7 +882,7 @@ async fn handle(gw: Arc<Ingress>, req: Request<Incoming>, peer: IpAddr) -> Respo
         .authenticate(req.headers().get(http::header::PROXY_AUTHORIZATION))
     {
         Ok(w) => w,
-        Err(e) => return error(&gw, EdgeError::new(e.kind(), e.to_string())),
+        Err(e) => return error(gw, EdgeError::new(e.kind(), e.to_string())),
     };
     // An HTTP/2 extended CONNECT (RFC 8441, a WebSocket) names a URL: forwarded like one.
     if req.method() == Method::CONNECT && !crate::upgrade::is_upgrade_request(&req) {
@@ -873,18 +890,18 @@ async fn handle(gw: Arc<Ingress>, req: Request<Incoming>, peer: IpAddr) -> Respo
         // mitm-off, pool for a blind tunnel).
         let worker = match request_worker(&worker, req.headers()) {
             Ok(w) => w,
-            Err(e) => return error(&gw, e),
+            Err(e) => return error(gw, e),
         };
         // Boxed: the tunnel's future is large and rare; inline it would grow every plain
         // request's future (and the copies hyper makes of it) to its size.
-        return Box::pin(handle_connect(gw, req, worker, peer)).await;
+        return Box::pin(handle_connect(gw.clone(), req, worker, addr.clone())).await;
     }
     // Overload: refuse at once, before reading a body or waiting for a connection.
-    let _in_flight = match gw.admission().request(peer) {
+    let _in_flight = match gw.admission().request(addr) {
         Ok(t) => t,
-        Err(why) => return error(&gw, in_flight_full(&gw, why)),
+        Err(why) => return error(gw, in_flight_full(gw, why)),
     };
-    let uri = req.uri().clone();
+    let uri = req.uri();
     let scheme = uri.scheme_str().map(|s| match s {
         "http" => Ok(Scheme::Http),
         "https" => Ok(Scheme::Https),
@@ -894,7 +911,7 @@ async fn handle(gw: Arc<Ingress>, req: Request<Incoming>, peer: IpAddr) -> Respo
     let host = uri.host().map(normalize_host).filter(|h| !h.is_empty());
     match scheme {
         Some(Err(other)) => error(
-            &gw,
+            gw,
             EdgeError::new(
                 ErrorKind::UnsupportedScheme,
                 format!("edgepool forwards http:// and https:// URLs, not {other}://"),
@@ -903,27 +920,27 @@ async fn handle(gw: Arc<Ingress>, req: Request<Incoming>, peer: IpAddr) -> Respo
         Some(Ok(scheme)) => {
             let Some(host) = host else {
                 return error(
-                    &gw,
+                    gw,
                     EdgeError::new(ErrorKind::BadTarget, "the request URL has no host"),
                 );
             };
             let port = uri.port_u16().unwrap_or(scheme.default_port());
-            forward_worker_request(gw, req, scheme, host, port, &worker, peer).await
+            forward_worker_request(gw, req, scheme, host, port, &worker, addr).await
         }
         None if req.uri().path() == "/v1/fetch" => {
             if req.method() != Method::POST {
                 return error(
-                    &gw,
+                    gw,
                     EdgeError::new(
                         ErrorKind::MethodNotAllowed,
                         "use POST /v1/fetch with a JSON body",
                     ),
                 );
             }
-            Box::pin(fetch(gw, req, worker, peer)).await // boxed, as handle_connect
+            Box::pin(fetch(gw, req, worker, addr)).await // boxed, as handle_connect
         }
         None => error(
-            &gw,
+            gw,
             EdgeError::new(
                 ErrorKind::NotAProxyRequest,
                 "edgepool is a forward proxy: send absolute-form requests (http://host/path), \
@@ -1027,37 +1044,46 @@ fn request_worker(
 
 /// Buffers the worker's body (bounded), cleans headers and forwards.
 async fn forward_worker_request(
-    gw: Arc<Ingress>,
+    gw: &Arc<Ingress>,
     req: Request<Incoming>,
     scheme: Scheme,
     host: String,
     port: u16,
     worker: &crate::worker::Worker,
-    peer: IpAddr,
+    addr: &WorkerAddr,
 ) -> Response<ProxyBody> {
     // Requests inside an intercepted tunnel (HTTP/1.1 and HTTP/2) never pass `handle`: the hop
     // cap applies here too.
     if let Some(e) = via_loop(req.headers()) {
-        return error(&gw, e);
+        return error(gw, e);
     }
     let worker = match request_worker(worker, req.headers()) {
         Ok(w) => w,
-        Err(e) => return error(&gw, e),
+        Err(e) => return error(gw, e),
     };
     if crate::upgrade::is_upgrade_request(&req) {
         // Boxed, as `handle_connect`: rare, and large inline.
-        return Box::pin(forward_upgrade(gw, req, scheme, host, port, worker, peer)).await;
+        return Box::pin(forward_upgrade(
+            gw.clone(),
+            req,
+            scheme,
+            host,
+            port,
+            worker,
+            addr.clone(),
+        ))
+        .await;
     }
     let (parts, body) = req.into_parts();
     let limit = gw.config().limits.max_request_body;
     // Held until the request is done: the buffered body lives as long (a retry resends it).
     let http1 = parts.version < http::Version::HTTP_2;
-    let (body, _budget) = match buffer_body(&gw, body, limit, peer, http1).await {
+    let (body, _budget) = match buffer_body(gw, body, limit, addr, http1).await {
         Ok(b) => b,
-        Err(BodyError::TooLarge) => return error(&gw, EdgeError::body_too_large(limit)),
+        Err(BodyError::TooLarge) => return error(gw, EdgeError::body_too_large(limit)),
         Err(e) => {
             return e.respond(
-                &gw,
+                gw,
                 ErrorKind::WorkerBodyFailed,
                 "reading the request body failed",
             )
@@ -1098,11 +1124,11 @@ async fn forward_upgrade(
     host: String,
     port: u16,
     worker: crate::worker::Worker,
-    peer: IpAddr,
+    addr: WorkerAddr,
 ) -> Response<ProxyBody> {
     let place = match req.extensions().get::<TunnelPlace>() {
         Some(p) => p.clone(),
-        None => match gw.admission().tunnel(peer) {
+        None => match gw.admission().tunnel(&addr) {
             Ok(t) => TunnelPlace(Arc::new(t)),
             Err(why) => {
                 gw.upgrades().record(crate::upgrade::Outcome::Refused);
@@ -1149,7 +1175,7 @@ async fn handle_connect(
     gw: Arc<Ingress>,
     req: Request<Incoming>,
     worker: crate::worker::Worker,
-    peer: IpAddr,
+    worker_addr: WorkerAddr,
 ) -> Response<ProxyBody> {
     let (host, port) = match connect_target(&gw, &req) {
         Ok(t) => t,
@@ -1162,7 +1188,7 @@ async fn handle_connect(
         Err(e) => return error(&gw, e),
     };
     let worker_place = req.extensions().get::<WorkerPlace>().cloned();
-    let tunnel_place = match gw.admission().tunnel(peer) {
+    let tunnel_place = match gw.admission().tunnel(&worker_addr) {
         Ok(t) => t,
         Err(why) => return error(&gw, tunnel_full(&gw, why)),
     };
@@ -1183,7 +1209,7 @@ async fn handle_connect(
                         host,
                         port,
                         worker,
-                        peer,
+                        addr: worker_addr,
                         places,
                     };
                     intercept(gw, upgraded, server_cfg, tunnel).await
@@ -1242,7 +1268,8 @@ struct Tunnel {
     host: String,
     port: u16,
     worker: crate::worker::Worker,
-    peer: IpAddr,
+    /// The worker address's admission entry (the tunnel's requests are counted there).
+    addr: WorkerAddr,
     places: (crate::admission::Ticket, Option<WorkerPlace>),
 }
 
@@ -1313,11 +1340,9 @@ where
         host,
         port,
         worker,
-        peer,
+        addr,
         places,
     } = t;
-    let host = Arc::new(host);
-    let worker = Arc::new(worker);
     let worker_place = places.1.clone();
     // An upgrade inside the tunnel is the tunnel: it shares the tunnel's place.
     let (tunnel_place, worker_place2) = places;
@@ -1326,37 +1351,41 @@ where
     let slot = crate::h1guard::ViolationSlot::default();
     let io = crate::h1guard::GuardedIo::new(stream, gw.h1_limits(), gw.h1_timeouts(), slot.clone());
     let watch = ConnWatch::new(gw.config().limits.h2_max_cancelled_streams);
-    let gw3 = gw.clone();
-    let watch2 = watch.clone();
     let conn_span =
         tracing::info_span!("tunnel", target = %crate::exits::authority(&host, port), ?scheme);
     let conn_span2 = conn_span.clone();
+    // What the tunnel's requests share: one reference count per request.
+    let tc = Arc::new(TunnelConn {
+        gw: gw.clone(),
+        host,
+        worker,
+        addr,
+        slot,
+        watch: watch.clone(),
+    });
     let svc = service_fn(move |mut req: Request<Incoming>| {
-        let gw = gw3.clone();
-        let host = host.clone();
-        let worker = worker.clone();
-        let slot = slot.clone();
-        let watch = watch2.clone();
+        let c = tc.clone();
         let span = request_span(&conn_span2, &req);
         if crate::upgrade::is_upgrade_request(&req) {
             if let Some(p) = &worker_place {
                 req.extensions_mut().insert(p.clone());
             }
-            req.extensions_mut().insert(ConnHold(watch.clone()));
+            req.extensions_mut().insert(ConnHold(c.watch.clone()));
             req.extensions_mut().insert(tunnel_place.clone());
         }
         async move {
-            if let Some(resp) = violation_response(&gw, &req, &slot) {
+            let gw = &c.gw;
+            if let Some(resp) = violation_response(gw, &req, &c.slot) {
                 return Ok::<_, Infallible>(resp);
             }
-            let _in_flight = match gw.admission().request(peer) {
+            let _in_flight = match gw.admission().request(&c.addr) {
                 Ok(t) => t,
-                Err(why) => return Ok(error(&gw, in_flight_full(&gw, why))),
+                Err(why) => return Ok(error(gw, in_flight_full(gw, why))),
             };
             let h1_upgrade = h1_upgrade(&req);
             if req.method() == Method::CONNECT && !crate::upgrade::is_upgrade_request(&req) {
                 let mut resp = error(
-                    &gw,
+                    gw,
                     EdgeError::new(
                         ErrorKind::NestedConnect,
                         "CONNECT inside an intercepted tunnel",
@@ -1367,8 +1396,9 @@ where
                 return Ok(resp);
             }
             // Boxed once, as in `serve_worker`: hyper moves the service future into place.
-            let fwd = forward_worker_request(gw, req, scheme, (*host).clone(), port, &worker, peer);
-            let mut resp = answer(&watch, Box::pin(fwd)).await;
+            let fwd =
+                forward_worker_request(gw, req, scheme, c.host.clone(), port, &c.worker, &c.addr);
+            let mut resp = answer(&c.watch, Box::pin(fwd)).await;
             if h1_upgrade && resp.status() != StatusCode::SWITCHING_PROTOCOLS {
                 // The framer let what follows the upgrade head through unparsed.
                 resp.headers_mut()
@@ -1382,6 +1412,16 @@ where
     let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), svc);
     drive(&gw, conn, &watch).instrument(conn_span).await;
     drop(places);
+}
+
+/// What an intercepted tunnel's requests share (as [`WorkerConn`] for a worker connection).
+struct TunnelConn {
+    gw: Arc<Ingress>,
+    host: String,
+    worker: crate::worker::Worker,
+    addr: WorkerAddr,
+    slot: crate::h1guard::ViolationSlot,
+    watch: Arc<ConnWatch>,
 }
 
 /// A stream with bytes already read from it put back in front.
@@ -1558,23 +1598,23 @@ enum FetchHeaders {
 }
 
 async fn fetch(
-    gw: Arc<Ingress>,
+    gw: &Arc<Ingress>,
     req: Request<Incoming>,
     worker: crate::worker::Worker,
-    peer: IpAddr,
+    addr: &WorkerAddr,
 ) -> Response<ProxyBody> {
     let worker = match request_worker(&worker, req.headers()) {
         Ok(w) => w,
-        Err(e) => return error(&gw, e),
+        Err(e) => return error(gw, e),
     };
     let limit = gw.config().limits.max_fetch_json;
     let http1 = req.version() < http::Version::HTTP_2;
-    let (raw, _budget) = match buffer_body(&gw, req.into_body(), limit, peer, http1).await {
+    let (raw, _budget) = match buffer_body(gw, req.into_body(), limit, addr, http1).await {
         Ok(b) => b,
-        Err(BodyError::TooLarge) => return error(&gw, EdgeError::fetch_too_large(limit)),
+        Err(BodyError::TooLarge) => return error(gw, EdgeError::fetch_too_large(limit)),
         Err(e) => {
             return e.respond(
-                &gw,
+                gw,
                 ErrorKind::FetchBodyUnreadable,
                 "the JSON document could not be read",
             )
@@ -1582,7 +1622,7 @@ async fn fetch(
     };
     let (doc, out) = match parse_fetch(&raw, &gw.config().limits, worker) {
         Ok(v) => v,
-        Err(e) => return error(&gw, e),
+        Err(e) => return error(gw, e),
     };
     let started = tokio::time::Instant::now();
     let work = async {
