@@ -1041,7 +1041,7 @@ impl Forwarder {
             drain_max: self.cfg.drain_max_bytes,
             drain_timeout: self.cfg.drain_timeout,
             done: Some(done),
-            idle: Box::pin(tokio::time::sleep(self.cfg.response_body_idle_timeout)),
+            idle: None,
             idle_limit: self.cfg.response_body_idle_timeout,
         };
         Response::from_parts(parts, body.boxed_unsync())
@@ -1225,9 +1225,12 @@ struct UpstreamBody {
     drain_max: u64,
     drain_timeout: Duration,
     done: Option<Completion>,
-    /// Fires when the target has sent nothing for `idle_limit`: the body is cut off with an
-    /// error and the connection closed (`upstream.response_body_idle_timeout`).
-    idle: Pin<Box<tokio::time::Sleep>>,
+    /// Fires when the target has sent nothing for `idle_limit` while the body waited for it:
+    /// the body is cut off with an error and the connection closed
+    /// (`upstream.response_body_idle_timeout`). Armed the first time the body has to wait: a
+    /// body that is already here when asked for (most small answers) costs no timer, no
+    /// allocation and no clock read.
+    idle: Option<Pin<Box<tokio::time::Sleep>>>,
     idle_limit: Duration,
 }
 
@@ -1253,11 +1256,17 @@ impl Body for UpstreamBody {
         let this = &mut *self;
         let res = match this.poll_upstream(cx) {
             Poll::Ready(r) => {
-                let next = Instant::now() + this.idle_limit;
-                this.idle.as_mut().reset(next);
+                if let Some(idle) = this.idle.as_mut() {
+                    idle.as_mut().reset(Instant::now() + this.idle_limit);
+                }
                 r
             }
-            Poll::Pending => match std::future::Future::poll(this.idle.as_mut(), cx) {
+            Poll::Pending => match std::future::Future::poll(
+                this.idle
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep(this.idle_limit)))
+                    .as_mut(),
+                cx,
+            ) {
                 Poll::Pending => return Poll::Pending,
                 Poll::Ready(()) => {
                     if matches!(this.kind, BodyKind::Done) {

@@ -283,6 +283,47 @@ async fn a_target_that_stalls_mid_body_is_cut_off() {
 }
 
 #[tokio::test]
+async fn a_body_that_keeps_coming_is_not_cut_off_by_its_idle_clock() {
+    // 10 bytes with the head, then 10 more every 300 ms, six times: 1.8 s in all, longer than
+    // the 1.5 s idle limit, but no gap comes near it. The clock restarts with every frame.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        let (mut s, _) = listener.accept().await.unwrap();
+        let mut buf = vec![0u8; 4096];
+        let _ = s.read(&mut buf).await;
+        s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 70\r\n\r\n0123456789")
+            .await
+            .unwrap();
+        for _ in 0..6 {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            s.write_all(b"abcdefghij").await.unwrap();
+        }
+        let _ = s.read(&mut buf).await;
+    });
+    let gw = gateway(&[], |c| {
+        c.upstream.response_body_idle_timeout = Duration::from_millis(1500)
+    })
+    .await;
+    let r = gw
+        .client()
+        .get(format!("http://127.0.0.1:{port}/"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let body = tokio::time::timeout(Duration::from_secs(15), r.bytes())
+        .await
+        .expect("the body never ended")
+        .expect("a body whose gaps are all shorter than the idle limit is not cut off");
+    assert_eq!(
+        &body[..],
+        &b"0123456789abcdefghijabcdefghijabcdefghijabcdefghijabcdefghijabcdefghij"[..]
+    );
+    gw.stop().await;
+}
+
+#[tokio::test]
 async fn an_idle_blind_tunnel_is_closed_and_its_place_freed() {
     let origin = Origin::start(OriginConfig::default()).await;
     let gw = gateway(&[], |c| {
