@@ -790,11 +790,20 @@ pub struct GuardedIo<T> {
     sleep: Pin<Box<tokio::time::Sleep>>,
     slot: ViolationSlot,
     fail_detail: String,
+    /// The connection's span: the parent of the line a refusal logs (the framer runs outside
+    /// any request).
+    span: tracing::Span,
 }
 
 impl<T> GuardedIo<T> {
-    /// Wraps `inner`; violations are left in `slot` for ingress.
-    pub fn new(inner: T, limits: Limits, timeouts: Timeouts, slot: ViolationSlot) -> Self {
+    /// Wraps `inner`; violations are left in `slot` for ingress and logged under `span`.
+    pub fn new(
+        inner: T,
+        limits: Limits,
+        timeouts: Timeouts,
+        slot: ViolationSlot,
+        span: tracing::Span,
+    ) -> Self {
         let now = Instant::now();
         GuardedIo {
             inner,
@@ -808,11 +817,13 @@ impl<T> GuardedIo<T> {
             sleep: Box::pin(tokio::time::sleep_until(now)),
             slot,
             fail_detail: String::new(),
+            span,
         }
     }
 
     fn violate(&mut self, v: Violation) {
         tracing::debug!(
+            parent: &self.span,
             token = v.kind.token(),
             "worker request refused: {}",
             v.detail

@@ -187,10 +187,17 @@ pub async fn serve_worker_io<S>(gw: Arc<Ingress>, stream: S, place: Ticket)
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let slot = crate::h1guard::ViolationSlot::default();
-    let io = crate::h1guard::GuardedIo::new(stream, gw.h1_limits(), gw.h1_timeouts(), slot.clone());
-    let watch = ConnWatch::new(gw.config().limits.h2_max_cancelled_streams);
     let peer = place.ip();
+    let conn_span = tracing::info_span!("worker", %peer);
+    let slot = crate::h1guard::ViolationSlot::default();
+    let io = crate::h1guard::GuardedIo::new(
+        stream,
+        gw.h1_limits(),
+        gw.h1_timeouts(),
+        slot.clone(),
+        conn_span.clone(),
+    );
+    let watch = ConnWatch::new(gw.config().limits.h2_max_cancelled_streams);
     // The worker's place is held by the connection and, after a CONNECT, by its tunnel.
     let conn = Arc::new(WorkerConn {
         gw: gw.clone(),
@@ -199,7 +206,6 @@ where
         watch: watch.clone(),
         place: WorkerPlace(Arc::new(place)),
     });
-    let conn_span = tracing::info_span!("worker", %peer);
     let conn_span2 = conn_span.clone();
     let svc = service_fn(move |mut req: Request<Incoming>| {
         let c = conn.clone();
@@ -236,7 +242,7 @@ where
     });
     let builder = gw.worker_builder();
     let http = builder.serve_connection_with_upgrades(TokioIo::new(io), svc);
-    drive(&gw, http, &watch).instrument(conn_span).await;
+    drive(&gw, http, &watch, &conn_span).await;
     // The connection's place goes with the service (and its `WorkerConn`), unless a tunnel
     // or an upgraded connection still holds it.
 }
@@ -670,7 +676,12 @@ const IDLE_CLOSE_GRACE: Duration = Duration::from_secs(5);
 
 /// Runs a worker connection to its end; when shutdown starts, asks it to finish gracefully
 /// (HTTP/2 GOAWAY; HTTP/1 closes after the response in flight) and keeps driving it.
-async fn drive<C, E>(gw: &Ingress, conn: C, watch: &ConnWatch)
+///
+/// The connection's own lines name `span` (`worker{peer}` or `tunnel{target}`) as their
+/// parent; the connection is not run inside it, since entering a span on every poll of every
+/// connection cost about 600 instructions a request. Each request's span has it as parent, so
+/// a request's lines carry both.
+async fn drive<C, E>(gw: &Ingress, conn: C, watch: &ConnWatch, span: &tracing::Span)
 where
     C: std::future::Future<Output = Result<(), E>> + GracefulConn,
     E: std::fmt::Display,
@@ -685,7 +696,7 @@ where
             // Nothing under way for the whole limit: a slowloris (an HTTP/2 preface and
             // nothing, a HEADERS block never ended), an idle tunnel, or a worker that left its
             // connection open. GOAWAY / close, then drop whatever does not finish.
-            tracing::debug!("worker connection idle past its limit: closing");
+            tracing::debug!(parent: span, "worker connection idle past its limit: closing");
             conn.as_mut().begin_graceful();
             match tokio::time::timeout(IDLE_CLOSE_GRACE, conn.as_mut()).await {
                 Ok(r) => r,
@@ -695,6 +706,7 @@ where
         _ = watch.tripped.notified() => {
             gw.telemetry().record_error(None, "rapid_reset");
             tracing::warn!(
+                parent: span,
                 cancelled = watch.cancelled.load(std::sync::atomic::Ordering::Relaxed),
                 started = watch.started.load(std::sync::atomic::Ordering::Relaxed),
                 "a worker cancelled most of its requests before their answers (HTTP/2 rapid reset): connection closed (limits.h2_max_cancelled_streams)"
@@ -707,7 +719,7 @@ where
         }
     };
     if let Err(e) = result {
-        tracing::debug!("worker connection ended: {e}");
+        tracing::debug!(parent: span, "worker connection ended: {e}");
     }
 }
 
@@ -1348,11 +1360,17 @@ where
     let (tunnel_place, worker_place2) = places;
     let tunnel_place = TunnelPlace(Arc::new(tunnel_place));
     let places = (tunnel_place.clone(), worker_place2);
-    let slot = crate::h1guard::ViolationSlot::default();
-    let io = crate::h1guard::GuardedIo::new(stream, gw.h1_limits(), gw.h1_timeouts(), slot.clone());
-    let watch = ConnWatch::new(gw.config().limits.h2_max_cancelled_streams);
     let conn_span =
         tracing::info_span!("tunnel", target = %crate::exits::authority(&host, port), ?scheme);
+    let slot = crate::h1guard::ViolationSlot::default();
+    let io = crate::h1guard::GuardedIo::new(
+        stream,
+        gw.h1_limits(),
+        gw.h1_timeouts(),
+        slot.clone(),
+        conn_span.clone(),
+    );
+    let watch = ConnWatch::new(gw.config().limits.h2_max_cancelled_streams);
     let conn_span2 = conn_span.clone();
     // What the tunnel's requests share: one reference count per request.
     let tc = Arc::new(TunnelConn {
@@ -1410,7 +1428,7 @@ where
     });
     let builder = gw.worker_builder();
     let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), svc);
-    drive(&gw, conn, &watch).instrument(conn_span).await;
+    drive(&gw, conn, &watch, &conn_span).await;
     drop(places);
 }
 

@@ -92,5 +92,31 @@ async fn log_lines_carry_the_worker_and_request_spans() {
         )),
         "{line}"
     );
+
+    // A request the framer refuses (both Content-Length and Transfer-Encoding: a smuggling
+    // vector) is refused before any request exists; its line still names the connection.
+    let mut s = tokio::net::TcpStream::connect(gw.proxy).await.unwrap();
+    s.write_all(
+        format!(
+            "POST http://two.test:{port}/ HTTP/1.1\r\nHost: two.test:{port}\r\n\
+             Content-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        s.read_to_end(&mut answer),
+    )
+    .await;
+    assert!(
+        answer.starts_with(b"HTTP/1.1 400"),
+        "{:?}",
+        String::from_utf8_lossy(&answer)
+    );
+    let line = log.line("worker request refused");
+    assert!(line.contains("worker{peer=127.0.0.1}"), "{line}");
     gw.stop().await;
 }
