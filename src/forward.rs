@@ -65,12 +65,13 @@ pub struct Outgoing {
     pub method: Method,
     /// Target scheme.
     pub scheme: Scheme,
-    /// Target host (lower-case; IPv6 without brackets).
-    pub host: String,
+    /// Target host (lower-case; IPv6 without brackets). Shared with the pool key, which
+    /// clones it per request.
+    pub host: Arc<str>,
     /// Target port.
     pub port: u16,
-    /// Origin-form path and query (`/x?y`).
-    pub path: String,
+    /// Origin-form path and query (`/x?y`): cloning it shares its bytes.
+    pub path: http::uri::PathAndQuery,
     /// Headers to send.
     pub headers: HeaderMap,
     /// Body.
@@ -789,14 +790,17 @@ impl Forwarder {
         // Through an HTTP proxy, plain-http requests go in absolute form with the proxy's
         // credentials (the worker's own Proxy-Authorization was removed at ingress).
         let via = lease.key().via_proxy();
-        let uri = if via {
-            format!("http://{}{}", authority(&out.host, out.port), out.path)
+        let builder = Request::builder().method(out.method.clone());
+        let builder = if via {
+            builder.uri(format!(
+                "http://{}{}",
+                authority(&out.host, out.port),
+                out.path
+            ))
         } else {
-            out.path.clone()
+            builder.uri(http::Uri::from(out.path.clone()))
         };
-        let mut req = Request::builder()
-            .method(out.method.clone())
-            .uri(uri)
+        let mut req = builder
             .version(Version::HTTP_11)
             .body(Full::new(out.body.clone()))
             .map_err(|e| {

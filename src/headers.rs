@@ -83,9 +83,11 @@ pub const X_EDGEPOOL_SESSION: HeaderName = HeaderName::from_static(crate::worker
 pub const X_EDGEPOOL_SESSION_RENEWED: HeaderName =
     HeaderName::from_static("x-edgepool-session-renewed");
 
-/// The hop-by-hop headers of RFC 9110 §7.6.1, plus `Proxy-Connection` and `Upgrade`.
+/// The hop-by-hop headers of RFC 9110 §7.6.1, plus `Proxy-Connection` and `Upgrade`. A
+/// `static`, not a `const`: a `const` array is built afresh, and dropped, wherever it is
+/// used.
 const HOP_BY_HOP_COUNT: usize = 9;
-const HOP_BY_HOP: [HeaderName; HOP_BY_HOP_COUNT] = [
+static HOP_BY_HOP: [HeaderName; HOP_BY_HOP_COUNT] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),

@@ -971,11 +971,11 @@ fn error(gw: &Ingress, e: EdgeError) -> Response<ProxyBody> {
 /// every IPv4 spelling (`2130706433`, `0x7f.1`, `017700000001`) turned into the address it
 /// means, so the target policy checks what would really be dialed; brackets and a trailing dot
 /// removed.
-fn normalize_host(host: &str) -> String {
+fn normalize_host(host: &str) -> Arc<str> {
     if already_canonical(host) {
         // Most targets: skips the WHATWG parser and the address formatting (about 4,600
         // instructions a request).
-        return host.to_string();
+        return Arc::from(host);
     }
     let bare = host.trim_start_matches('[').trim_end_matches(']');
     let canonical = if bare.contains(':') {
@@ -983,10 +983,12 @@ fn normalize_host(host: &str) -> String {
     } else {
         url::Host::parse(bare).ok().map(|h| h.to_string())
     };
-    canonical
-        .unwrap_or_else(|| bare.to_string())
-        .trim_end_matches('.')
-        .to_ascii_lowercase()
+    Arc::from(
+        canonical
+            .unwrap_or_else(|| bare.to_string())
+            .trim_end_matches('.')
+            .to_ascii_lowercase(),
+    )
 }
 
 /// Whether `host` is already what [`normalize_host`]'s WHATWG parse would make of it: a
@@ -1059,16 +1061,11 @@ async fn forward_worker_request(
     gw: &Arc<Ingress>,
     req: Request<Incoming>,
     scheme: Scheme,
-    host: String,
+    host: Arc<str>,
     port: u16,
     worker: &crate::worker::Worker,
     addr: &WorkerAddr,
 ) -> Response<ProxyBody> {
-    // Requests inside an intercepted tunnel (HTTP/1.1 and HTTP/2) never pass `handle`: the hop
-    // cap applies here too.
-    if let Some(e) = via_loop(req.headers()) {
-        return error(gw, e);
-    }
     let worker = match request_worker(worker, req.headers()) {
         Ok(w) => w,
         Err(e) => return error(gw, e),
@@ -1079,7 +1076,7 @@ async fn forward_worker_request(
             gw.clone(),
             req,
             scheme,
-            host,
+            host.to_string(),
             port,
             worker,
             addr.clone(),
@@ -1105,11 +1102,10 @@ async fn forward_worker_request(
     clean_request_headers(&mut headers);
     // The body is already here: the target must not wait for a 100-continue.
     headers.remove(http::header::EXPECT);
-    let path = parts
-        .uri
-        .path_and_query()
-        .map(|p| p.as_str().to_string())
-        .unwrap_or_else(|| "/".into());
+    // The worker's path as hyper parsed it (a slice of its buffer: nothing copied).
+    let path = http::uri::Parts::from(parts.uri)
+        .path_and_query
+        .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
     let out = Outgoing {
         method: parts.method,
         scheme,
@@ -1258,7 +1254,7 @@ fn connect_target(gw: &Ingress, req: &Request<Incoming>) -> Result<(String, u16)
             "the CONNECT target has no host",
         ));
     }
-    Ok((host, port))
+    Ok((host.to_string(), port))
 }
 
 /// The TLS server side for an intercepted `host`, with its leaf certificate.
@@ -1375,7 +1371,7 @@ where
     // What the tunnel's requests share: one reference count per request.
     let tc = Arc::new(TunnelConn {
         gw: gw.clone(),
-        host,
+        host: Arc::from(host),
         worker,
         addr,
         slot,
@@ -1395,6 +1391,11 @@ where
             let gw = &c.gw;
             if let Some(resp) = violation_response(gw, &req, &c.slot) {
                 return Ok::<_, Infallible>(resp);
+            }
+            // Requests inside an intercepted tunnel (HTTP/1.1 and HTTP/2) never pass
+            // `handle`: the hop cap applies here too.
+            if let Some(e) = via_loop(req.headers()) {
+                return Ok(error(gw, e));
             }
             let _in_flight = match gw.admission().request(&c.addr) {
                 Ok(t) => t,
@@ -1435,7 +1436,7 @@ where
 /// What an intercepted tunnel's requests share (as [`WorkerConn`] for a worker connection).
 struct TunnelConn {
     gw: Arc<Ingress>,
-    host: String,
+    host: Arc<str>,
     worker: crate::worker::Worker,
     addr: WorkerAddr,
     slot: crate::h1guard::ViolationSlot,
@@ -1746,6 +1747,15 @@ fn fetch_outgoing(
         path.push('?');
         path.push_str(q);
     }
+    let path = http::uri::PathAndQuery::from_maybe_shared(Bytes::from(path)).map_err(|e| {
+        EdgeError::new(
+            ErrorKind::FetchBadUrl,
+            format!(
+                "url {:?}: its path is not a valid request target: {e}",
+                doc.url
+            ),
+        )
+    })?;
     let method = match &doc.method {
         Some(m) => Method::from_bytes(m.to_ascii_uppercase().as_bytes()).map_err(|_| {
             EdgeError::new(
@@ -1885,7 +1895,7 @@ mod tests {
         ];
         for h in fast {
             assert!(already_canonical(h), "{h} should take the fast path");
-            assert_eq!(normalize_host(h), parsed(h), "{h}");
+            assert_eq!(&*normalize_host(h), parsed(h), "{h}");
         }
         // Each of these means something else once parsed (or may): the full parse decides.
         let slow = [
@@ -1910,8 +1920,8 @@ mod tests {
         for h in slow {
             assert!(!already_canonical(h), "{h} must take the full parse");
         }
-        assert_eq!(normalize_host("0x7f.1"), "127.0.0.1");
-        assert_eq!(normalize_host("127.000.0.1"), "127.0.0.1");
+        assert_eq!(&*normalize_host("0x7f.1"), "127.0.0.1");
+        assert_eq!(&*normalize_host("127.000.0.1"), "127.0.0.1");
     }
 
     /// The label-by-label statement of [`already_canonical`]'s rule (its earlier, slower

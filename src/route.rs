@@ -111,7 +111,7 @@ impl Router {
     #[inline]
     pub fn upstream_key(
         scheme: Scheme,
-        host: &str,
+        host: &Arc<str>,
         port: u16,
         verify: bool,
         exit: ExitKey,
@@ -125,7 +125,7 @@ impl Router {
         } else {
             SocketAddr::new(std::net::Ipv4Addr::UNSPECIFIED.into(), addr.port())
         };
-        UpstreamKey::new(scheme, Arc::from(host), port, addr, exit, verify)
+        UpstreamKey::new(scheme, host.clone(), port, addr, exit, verify)
     }
 
     /// Every address of `host`, all checked against the target policy here, where they are
