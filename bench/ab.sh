@@ -85,15 +85,16 @@ for ((i = 0; i < 50; i++)); do
     sleep 0.1
 done
 
-# one run: prints "label threads req/s user_us sys_us [perf counts...]"
-run_one() { # bin threads
-    local bin=$1 th=$2 pid i code n u0 s0 u1 s1 label perf_pid=
+# one run: prints "label threads req/s ... CPU ..." (label: the build's position and file name,
+# so two builds with the same file name stay apart)
+run_one() { # index bin threads
+    local idx=$1 bin=$2 th=$3 pid i code n u0 s0 u1 s1 label perf_pid=
     local cmd
     if [[ $bin == floor ]]; then
-        label=floor
+        label=$idx:floor
         cmd=("$FLOOR_BIN" --listen "$BIND:$P_PROXY" --upstream "$ORIGIN")
     else
-        label=$(basename "$bin")
+        label=$idx:$(basename "$bin")
         cmd=("$bin" serve --listen "$BIND:$P_PROXY" --admin "$BIND:$P_ADMIN" --allow-target 127.0.0.0/8)
     fi
     TOKIO_WORKER_THREADS=$th "${cmd[@]}" >"$TMP/proxy.log" 2>&1 &
@@ -112,8 +113,9 @@ run_one() { # bin threads
             -- sleep "$SECS" >/dev/null 2>&1 &
         perf_pid=$!
     fi
+    # A failed wrk must not end this function before the proxy is stopped: checked below.
     n=$(WRK_TARGET=$ORIGIN "$WRK" -t1 -c"$CONNECTIONS" -d"$DURATION" -s "$LUA" "http://$BIND:$P_PROXY/" |
-        awk '/requests in/ { print $1 } /Non-2xx|Socket errors/ { bad = 1 } END { if (bad) print "errors" }')
+        awk '/requests in/ { print $1 } /Non-2xx|Socket errors/ { bad = 1 } END { if (bad) print "errors" }') || n=""
     read -r u1 s1 < <(pid_ticks_split "$pid")
     [[ -n $perf_pid ]] && wait "$perf_pid" || true
     kill "$pid" 2>/dev/null || true
@@ -134,8 +136,8 @@ run_one() { # bin threads
 echo "origin nginx on $ORIGIN; wrk -t1 -c$CONNECTIONS -d$DURATION; $ROUNDS round(s); TOKIO_WORKER_THREADS in: $THREADS_LIST"
 for ((r = 1; r <= ROUNDS; r++)); do
     for th in $THREADS_LIST; do
-        for b in "${BINS[@]}"; do
-            run_one "$b" "$th" | tee -a "$TMP/runs"
+        for k in "${!BINS[@]}"; do
+            run_one "$((k + 1))" "${BINS[k]}" "$th" | tee -a "$TMP/runs"
             sleep 1
         done
     done

@@ -275,8 +275,10 @@ impl Admission {
         })
     }
 
-    /// One place under `max` in `global` and under `share` in the address's `held`. The limit
-    /// itself is checked first: when both are reached, "full" is the truer answer.
+    /// One place under `share` in the address's `held` and under `max` in `global`. The
+    /// address's share is taken first: a place taken for a moment and given back is then only
+    /// ever seen by the same address, never by another address that would be refused "full"
+    /// for it. When both are reached, "full" is the truer answer.
     fn take_place(
         &self,
         global: &AtomicUsize,
@@ -284,12 +286,16 @@ impl Admission {
         held: &AtomicUsize,
         share: usize,
     ) -> Result<(), Refused> {
-        if !take(global, max) {
-            return Err(Refused::Full);
-        }
         if !take(held, share) {
-            global.fetch_sub(1, Ordering::Relaxed);
-            return Err(Refused::Share);
+            return Err(if global.load(Ordering::Relaxed) >= max {
+                Refused::Full
+            } else {
+                Refused::Share
+            });
+        }
+        if !take(global, max) {
+            held.fetch_sub(1, Ordering::SeqCst);
+            return Err(Refused::Full);
         }
         Ok(())
     }
@@ -318,13 +324,8 @@ impl Admission {
             // Within any budget and share, and changes neither: most requests have no body.
             return Ok(());
         }
+        // The address's share first, as in `take_place`.
         let max = self.max_buffered;
-        let before = self
-            .buffered
-            .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |b| {
-                (b + n <= max).then_some(b + n)
-            })
-            .map_err(|_| Refused::Full)?;
         let share = self.addr_buffered;
         let mine = holder
             .bytes
@@ -332,9 +333,18 @@ impl Admission {
                 (b + n <= share).then_some(b + n)
             });
         if mine.is_err() {
-            self.buffered.fetch_sub(n, Ordering::Relaxed);
-            return Err(Refused::Share);
+            let full = self.buffered.load(Ordering::Relaxed) + n > max;
+            return Err(if full { Refused::Full } else { Refused::Share });
         }
+        let Ok(before) = self
+            .buffered
+            .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |b| {
+                (b + n <= max).then_some(b + n)
+            })
+        else {
+            holder.bytes.fetch_sub(n, Ordering::SeqCst);
+            return Err(Refused::Full);
+        };
         self.buffered_peak.fetch_max(before + n, Ordering::Relaxed);
         Ok(())
     }
@@ -557,6 +567,46 @@ mod tests {
         assert_eq!(adm.usage(), (0, 0, 0));
         assert_eq!(adm.buffered(), 0);
         assert!(adm.per_worker.lock().is_empty(), "nothing left behind");
+    }
+
+    #[test]
+    fn an_address_at_its_share_never_makes_another_look_full() {
+        // A holds its whole share (50 of 100) and keeps asking; B holds 49 and asks too. The
+        // limit is never really reached (99 at most), so B must never hear "full": a place A
+        // takes for a moment before its share refuses it must not be visible to B.
+        let adm = Admission::new(&LimitsConfig {
+            max_in_flight: 100,
+            max_worker_share: 0.5,
+            ..Default::default()
+        });
+        let (_ca, a) = connect(&adm, "10.0.0.1");
+        let (_cb, b) = connect(&adm, "10.0.0.2");
+        let held_a: Vec<_> = (0..50).map(|_| adm.request(&a).unwrap()).collect();
+        let held_b: Vec<_> = (0..49).map(|_| adm.request(&b).unwrap()).collect();
+        let stop = std::sync::atomic::AtomicBool::new(false);
+        let mut refused = None;
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                // Bounded, and stopped as soon as B is done.
+                for _ in 0..20_000_000 {
+                    if stop.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    // "full" when B holds the 100th place at that moment: both are reached.
+                    assert!(adm.request(&a).is_err(), "A is over its share");
+                }
+            });
+            for i in 0..200_000 {
+                if let Err(why) = adm.request(&b) {
+                    refused = Some((i, why));
+                    break;
+                }
+            }
+            stop.store(true, Ordering::Relaxed);
+        });
+        assert_eq!(refused, None, "B (49 of its 50) was refused");
+        drop((held_a, held_b));
+        assert_eq!(adm.usage().1, 0);
     }
 
     #[test]

@@ -204,8 +204,9 @@ where
         addr: place.addr(),
         slot,
         watch: watch.clone(),
-        place: WorkerPlace(Arc::new(place)),
     });
+    let place = WorkerPlace(Arc::new(place));
+    let place2 = place.clone();
     let conn_span2 = conn_span.clone();
     let svc = service_fn(move |mut req: Request<Incoming>| {
         let c = conn.clone();
@@ -213,7 +214,7 @@ where
         if req.method() == Method::CONNECT || crate::upgrade::is_upgrade_request(&req) {
             // Only a CONNECT or an upgrade can outlive the connection (as a tunnel, or a
             // spliced WebSocket): no per-request cost else.
-            req.extensions_mut().insert(c.place.clone());
+            req.extensions_mut().insert(place2.clone());
             req.extensions_mut().insert(ConnHold(c.watch.clone()));
         }
         async move {
@@ -243,8 +244,8 @@ where
     let builder = gw.worker_builder();
     let http = builder.serve_connection_with_upgrades(TokioIo::new(io), svc);
     drive(&gw, http, &watch, &conn_span).await;
-    // The connection's place goes with the service (and its `WorkerConn`), unless a tunnel
-    // or an upgraded connection still holds it.
+    // The connection's place goes now, unless a tunnel or an upgraded connection holds it.
+    drop(place);
 }
 
 /// What one worker connection's requests share: cloned once per request, a reference count
@@ -255,7 +256,6 @@ struct WorkerConn {
     addr: WorkerAddr,
     slot: crate::h1guard::ViolationSlot,
     watch: Arc<ConnWatch>,
-    place: WorkerPlace,
 }
 
 /// The span of one worker request: its method and the target it names (empty for a request
@@ -1102,10 +1102,24 @@ async fn forward_worker_request(
     clean_request_headers(&mut headers);
     // The body is already here: the target must not wait for a 100-continue.
     headers.remove(http::header::EXPECT);
-    // The worker's path as hyper parsed it (a slice of its buffer: nothing copied).
-    let path = http::uri::Parts::from(parts.uri)
-        .path_and_query
-        .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
+    // The worker's path as hyper parsed it (a slice of its buffer: nothing copied). An empty
+    // one (`http://h`, `http://h#f`) goes out as `/`, and a bare query (`http://h?q`) as `/?q`
+    // (RFC 9112 §3.2.1: origin form starts with `/`). `as_str` shows an empty path as `/`.
+    let path = match http::uri::Parts::from(parts.uri).path_and_query {
+        Some(p) if p.as_str() != "/" && p.as_str().starts_with('/') => p,
+        Some(p) if p.as_str().starts_with('?') => {
+            match http::uri::PathAndQuery::try_from(format!("/{}", p.as_str())) {
+                Ok(p) => p,
+                Err(e) => {
+                    return error(
+                        gw,
+                        EdgeError::new(ErrorKind::BadTarget, format!("the request URL: {e}")),
+                    )
+                }
+            }
+        }
+        _ => http::uri::PathAndQuery::from_static("/"),
+    };
     let out = Outgoing {
         method: parts.method,
         scheme,
@@ -1370,6 +1384,7 @@ where
     let conn_span2 = conn_span.clone();
     // What the tunnel's requests share: one reference count per request.
     let tc = Arc::new(TunnelConn {
+        _place: tunnel_place.clone(),
         gw: gw.clone(),
         host: Arc::from(host),
         worker,
@@ -1392,15 +1407,6 @@ where
             if let Some(resp) = violation_response(gw, &req, &c.slot) {
                 return Ok::<_, Infallible>(resp);
             }
-            // Requests inside an intercepted tunnel (HTTP/1.1 and HTTP/2) never pass
-            // `handle`: the hop cap applies here too.
-            if let Some(e) = via_loop(req.headers()) {
-                return Ok(error(gw, e));
-            }
-            let _in_flight = match gw.admission().request(&c.addr) {
-                Ok(t) => t,
-                Err(why) => return Ok(error(gw, in_flight_full(gw, why))),
-            };
             let h1_upgrade = h1_upgrade(&req);
             if req.method() == Method::CONNECT && !crate::upgrade::is_upgrade_request(&req) {
                 let mut resp = error(
@@ -1414,12 +1420,25 @@ where
                     .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
                 return Ok(resp);
             }
+            // Every answer from here on, refusals included, passes the upgrade check below.
+            let fwd = async {
+                let _in_flight = match gw.admission().request(&c.addr) {
+                    Ok(t) => t,
+                    Err(why) => return error(gw, in_flight_full(gw, why)),
+                };
+                // Requests inside an intercepted tunnel (HTTP/1.1 and HTTP/2) never pass
+                // `handle`: the hop cap applies here too.
+                if let Some(e) = via_loop(req.headers()) {
+                    return error(gw, e);
+                }
+                forward_worker_request(gw, req, scheme, c.host.clone(), port, &c.worker, &c.addr)
+                    .await
+            };
             // Boxed once, as in `serve_worker`: hyper moves the service future into place.
-            let fwd =
-                forward_worker_request(gw, req, scheme, c.host.clone(), port, &c.worker, &c.addr);
             let mut resp = answer(&c.watch, Box::pin(fwd)).await;
             if h1_upgrade && resp.status() != StatusCode::SWITCHING_PROTOCOLS {
-                // The framer let what follows the upgrade head through unparsed.
+                // The framer let what follows the upgrade head through unparsed (a refused
+                // upgrade, whatever refused it, ends the connection).
                 resp.headers_mut()
                     .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
             }
@@ -1434,7 +1453,10 @@ where
 }
 
 /// What an intercepted tunnel's requests share (as [`WorkerConn`] for a worker connection).
+/// It holds the tunnel's place: a request still running after the tunnel's connection ended
+/// keeps the tunnel's share, and the address's entry, taken.
 struct TunnelConn {
+    _place: TunnelPlace,
     gw: Arc<Ingress>,
     host: Arc<str>,
     worker: crate::worker::Worker,

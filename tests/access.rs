@@ -88,6 +88,64 @@ async fn the_admin_listener_takes_a_bearer_token_when_configured() {
     gw.stop().await;
 }
 
+#[tokio::test]
+async fn a_looping_upgrade_inside_a_tunnel_is_refused_and_its_connection_closed() {
+    // Plain HTTP inside an intercepted CONNECT: an upgrade request whose Via chain is a loop.
+    // The framer passes whatever follows an upgrade head unparsed, so the refusal must close
+    // the connection (anything after it would reach hyper unchecked).
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let origin = Origin::start(OriginConfig::default()).await;
+    let gw = TestGateway::start(&[]).await;
+    let host = origin.authority();
+    let mut s = tokio::net::TcpStream::connect(gw.proxy).await.unwrap();
+    s.write_all(format!("CONNECT {host} HTTP/1.1\r\nHost: {host}\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    // The CONNECT's 200, up to its blank line.
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut b = [0u8; 1];
+        s.read_exact(&mut b).await.unwrap();
+        head.push(b[0]);
+    }
+    assert!(
+        head.starts_with(b"HTTP/1.1 200"),
+        "{:?}",
+        String::from_utf8_lossy(&head)
+    );
+    let via = (0..9)
+        .map(|i| format!("1.1 proxy{i}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    s.write_all(
+        format!(
+            "GET /echo HTTP/1.1\r\nHost: {host}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+             Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+             Via: {via}\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        s.read_to_end(&mut answer),
+    )
+    .await
+    .expect("the connection is closed after the refusal")
+    .unwrap();
+    let answer = String::from_utf8_lossy(&answer).to_ascii_lowercase();
+    assert!(answer.starts_with("http/1.1 508"), "{answer}");
+    assert!(
+        answer.contains("x-edgepool-error: loop_detected"),
+        "{answer}"
+    );
+    assert!(answer.contains("connection: close"), "{answer}");
+    assert_eq!(origin.requests(), 0);
+    gw.stop().await;
+}
+
 /// Sends one raw request to the proxy and returns the status line and headers.
 async fn raw(proxy: std::net::SocketAddr, request: &str) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};

@@ -61,6 +61,42 @@ async fn plain_http_requests_reuse_one_upstream_connection() {
 }
 
 #[tokio::test]
+async fn the_request_target_upstream_is_the_workers_path_and_query() {
+    // Absolute-form targets as workers write them, and the origin-form target the origin must
+    // see: an empty path is `/` (RFC 9112 §3.2.1), a bare query gets its `/`, a fragment is
+    // never sent, the rest goes as written.
+    let origin = Origin::start(h1()).await;
+    let gw = TestGateway::start(&[]).await;
+    let host = origin.authority();
+    for (url, want) in [
+        (format!("http://{host}"), "/"),
+        (format!("http://{host}#frag"), "/"),
+        (format!("http://{host}?a=1&b=%20"), "/?a=1&b=%20"),
+        (format!("http://{host}/x/y?q=1"), "/x/y?q=1"),
+        (format!("http://{host}/"), "/"),
+        (format!("http://{host}/p#frag"), "/p"),
+    ] {
+        let mut s = tokio::net::TcpStream::connect(gw.proxy).await.unwrap();
+        s.write_all(
+            format!("GET {url} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await
+        .unwrap();
+        let mut answer = Vec::new();
+        tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut answer))
+            .await
+            .expect("the proxy answers and closes")
+            .unwrap();
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(answer.starts_with("HTTP/1.1 200"), "{url}: {answer}");
+        let body = &answer[answer.find("\r\n\r\n").unwrap() + 4..];
+        let echo: serde_json::Value = serde_json::from_str(body).unwrap();
+        assert_eq!(echo["path"], want, "{url}");
+    }
+    gw.stop().await;
+}
+
+#[tokio::test]
 async fn intercepted_https_reuses_connections_and_bodies_are_byte_identical() {
     let origin = Origin::start(tls_h1()).await;
     let gw = TestGateway::start(&[origin.ca().cert_path.clone()]).await;
