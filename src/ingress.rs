@@ -189,15 +189,7 @@ where
 {
     let peer = place.ip();
     let conn_span = tracing::info_span!("worker", %peer);
-    let slot = crate::h1guard::ViolationSlot::default();
-    let io = crate::h1guard::GuardedIo::new(
-        stream,
-        gw.h1_limits(),
-        gw.h1_timeouts(),
-        slot.clone(),
-        conn_span.clone(),
-    );
-    let watch = ConnWatch::new(gw.config().limits.h2_max_cancelled_streams);
+    let (io, slot, watch) = guarded(&gw, stream, &conn_span);
     // The worker's place is held by the connection and, after a CONNECT, by its tunnel.
     let conn = Arc::new(WorkerConn {
         gw: gw.clone(),
@@ -246,6 +238,32 @@ where
     drive(&gw, http, &watch, &conn_span).await;
     // The connection's place goes now, unless a tunnel or an upgraded connection holds it.
     drop(place);
+}
+
+/// A worker-side stream behind the strict framer (refusals logged under `span`), with the
+/// slot its violations are left in and the connection's watch (idle clock, rapid reset).
+fn guarded<S>(
+    gw: &Ingress,
+    stream: S,
+    span: &tracing::Span,
+) -> (
+    crate::h1guard::GuardedIo<S>,
+    crate::h1guard::ViolationSlot,
+    Arc<ConnWatch>,
+) {
+    let slot = crate::h1guard::ViolationSlot::default();
+    let io = crate::h1guard::GuardedIo::new(
+        stream,
+        gw.h1_limits(),
+        gw.h1_timeouts(),
+        slot.clone(),
+        span.clone(),
+    );
+    (
+        io,
+        slot,
+        ConnWatch::new(gw.config().limits.h2_max_cancelled_streams),
+    )
 }
 
 /// What one worker connection's requests share: cloned once per request, a reference count
@@ -1365,22 +1383,13 @@ where
         addr,
         places,
     } = t;
-    let worker_place = places.1.clone();
-    // An upgrade inside the tunnel is the tunnel: it shares the tunnel's place.
-    let (tunnel_place, worker_place2) = places;
+    // Held by the service (the worker's place) and by `TunnelConn` (the tunnel's) while the
+    // tunnel lives; an upgrade inside the tunnel is the tunnel: it shares the tunnel's place.
+    let (tunnel_place, worker_place) = places;
     let tunnel_place = TunnelPlace(Arc::new(tunnel_place));
-    let places = (tunnel_place.clone(), worker_place2);
     let conn_span =
         tracing::info_span!("tunnel", target = %crate::exits::authority(&host, port), ?scheme);
-    let slot = crate::h1guard::ViolationSlot::default();
-    let io = crate::h1guard::GuardedIo::new(
-        stream,
-        gw.h1_limits(),
-        gw.h1_timeouts(),
-        slot.clone(),
-        conn_span.clone(),
-    );
-    let watch = ConnWatch::new(gw.config().limits.h2_max_cancelled_streams);
+    let (io, slot, watch) = guarded(&gw, stream, &conn_span);
     let conn_span2 = conn_span.clone();
     // What the tunnel's requests share: one reference count per request.
     let tc = Arc::new(TunnelConn {
@@ -1449,7 +1458,6 @@ where
     let builder = gw.worker_builder();
     let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), svc);
     drive(&gw, conn, &watch, &conn_span).await;
-    drop(places);
 }
 
 /// What an intercepted tunnel's requests share (as [`WorkerConn`] for a worker connection).
