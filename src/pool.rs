@@ -397,7 +397,10 @@ impl<X: Connector> Drop for WaiterGuard<'_, X> {
     fn drop(&mut self) {
         let mut st = self.inner.state.lock();
         if let Some(ks) = st.keys.get_mut(self.key) {
-            ks.waiters.retain(|w| w.id != self.id);
+            if let Some(w) = ks.waiting.as_mut() {
+                w.waiters.retain(|w| w.id != self.id);
+            }
+            ks.tidy();
             if ks.is_empty() {
                 self.inner.retire_if_empty(&mut st, self.key);
             }
@@ -497,9 +500,9 @@ struct Entry<C> {
     conn: Option<C>,
     multiplexed: bool,
     /// Requests in flight on it.
-    in_flight: usize,
+    in_flight: u32,
     /// Concurrent request limit: 1 for HTTP/1.1, the server's SETTINGS for HTTP/2.
-    max_streams: usize,
+    max_streams: u32,
     /// For HTTP/2: whether the server's first SETTINGS has arrived.
     settled: bool,
     /// Requests granted on it so far.
@@ -507,10 +510,11 @@ struct Entry<C> {
     created: Instant,
     /// When it last became idle (no request in flight).
     idle_since: Instant,
-    /// Its own idle limit from the server's `Keep-Alive: timeout=` (already minus the margin).
-    server_idle: Option<Duration>,
-    /// How many more requests the server allows (`Keep-Alive: max=`).
-    remaining: Option<u64>,
+    /// Its own idle limit from the server's `Keep-Alive: timeout=` (already minus the margin),
+    /// in milliseconds (see [`KeyState`] on why the fields are this small).
+    server_idle_ms: Option<u32>,
+    /// How many more requests the server allows (`Keep-Alive: max=`, saturated at `u32::MAX`).
+    remaining: Option<u32>,
     /// Takes no new requests (GOAWAY, lifetime); removed once its last request ends.
     draining: Option<CloseReason>,
     /// Its driver reported it ended while a request was on it.
@@ -551,12 +555,31 @@ const MIN_LEARNABLE_IDLE: Duration = Duration::from_secs(1);
 /// from idle closes. One observation is not enough — a restart or a one-off close would
 /// otherwise shrink reuse for good — so two consecutive idle closes within 20% (or 250 ms) of
 /// each other set it; it then holds for [`LEARNED_IDLE_TTL`] and must be seen again.
+///
+/// Durations are kept in milliseconds (`u32`, saturating at 49 days), so that it takes 24
+/// bytes of its key's map slot rather than 48 (see [`KeyState`]).
 #[derive(Clone, Copy, Debug, Default)]
 struct IdleLearning {
-    /// The previous idle close's idle time.
-    last: Option<Duration>,
-    /// The learned limit (already minus the margin) and when it was learned.
-    learned: Option<(Duration, Instant)>,
+    /// The previous idle close's idle time, in ms (0: none yet; a learnable one is ≥ 1 s).
+    last_ms: u32,
+    /// The learned limit (already minus the margin), in ms; meaningful with `learned_at`.
+    learned_ms: u32,
+    /// When the limit was learned.
+    learned_at: Option<Instant>,
+}
+
+/// `d` in whole milliseconds, saturating at `u32::MAX` (49 days).
+fn to_ms(d: Duration) -> u32 {
+    u32::try_from(d.as_millis()).unwrap_or(u32::MAX)
+}
+
+/// A count in the pool's `u32` fields, saturating.
+fn saturate_u32(n: impl TryInto<u32>) -> u32 {
+    n.try_into().unwrap_or(u32::MAX)
+}
+
+fn from_ms(ms: u32) -> Duration {
+    Duration::from_millis(u64::from(ms))
 }
 
 impl IdleLearning {
@@ -564,39 +587,53 @@ impl IdleLearning {
         if idle_for < MIN_LEARNABLE_IDLE {
             return;
         }
-        if let Some(prev) = self.last {
+        if self.last_ms != 0 {
+            let prev = from_ms(self.last_ms);
             let diff = prev.max(idle_for) - prev.min(idle_for);
             let tolerance = (prev.min(idle_for) / 5).max(Duration::from_millis(250));
             let limit = prev.min(idle_for).saturating_sub(margin);
             if diff <= tolerance && limit >= MIN_LEARNABLE_IDLE / 2 {
-                self.learned = Some((limit, now));
+                self.learned_ms = to_ms(limit);
+                self.learned_at = Some(now);
             }
         }
-        self.last = Some(idle_for);
+        self.last_ms = to_ms(idle_for).max(1);
     }
 
     /// The learned limit, while it is fresh.
     fn current(&self, now: Instant) -> Option<Duration> {
-        self.learned
-            .filter(|(_, at)| now.saturating_duration_since(*at) < LEARNED_IDLE_TTL)
-            .map(|(d, _)| d)
+        self.learned_at
+            .filter(|at| now.saturating_duration_since(*at) < LEARNED_IDLE_TTL)
+            .map(|_| from_ms(self.learned_ms))
+    }
+
+    /// Whether anything was observed.
+    fn is_blank(&self) -> bool {
+        self.last_ms == 0 && self.learned_at.is_none()
     }
 }
 
 /// One key's connections and waiters. Lives in [`State::keys`] only while the key has a
 /// connection, a dial under way or a waiter; an empty key is retired at once
 /// ([`Inner::retire_if_empty`]) and what it learned moves to [`State::remembered`].
+///
+/// It lives in the key map's own slot, and a warm checkout and its return read only that slot
+/// (and the connection's liveness). So the slot is kept small: at 100,000 warm keys the map is
+/// slots × 131,072 buckets, and whether that fits the CPU's last-level cache decides the cost
+/// of a checkout (BENCHMARKS, pool checkout). Hence per-connection counts in `u32`, durations in milliseconds,
+/// and what only a key with waiters needs behind one pointer ([`Waiting`]).
 struct KeyState<X: Connector> {
     /// Most keys hold one connection: it lives inline, in the key map's own slot, so a checkout
     /// chases no pointer to find it.
     conns: SmallVec<[Entry<X::Conn>; 1]>,
     connecting: usize,
-    /// Dials started for a key that may be multiplexed but whose protocol is not yet known.
-    waiters: VecDeque<Waiter<X>>,
+    /// Requests waiting for a connection of the key; `None` when none waits (the common warm
+    /// case), so the slot does not carry an empty queue.
+    waiting: Option<Box<Waiting<X>>>,
     /// Learned from the first connection: whether the key's connections are multiplexed.
     multiplexed: Option<bool>,
     /// The last stream limit a server of this key announced.
-    known_max_streams: Option<usize>,
+    known_max_streams: Option<u32>,
     /// Why the key last lost a connection, consumed by the next dial.
     last_loss: Option<CloseReason>,
     /// The routing's reason for the next cold dial ([`CheckoutOpts::cold_reason`]).
@@ -605,8 +642,13 @@ struct KeyState<X: Connector> {
     idle_learning: IdleLearning,
     /// Last time anything happened on the key (for forgetting it once empty and quiet).
     touched: Instant,
+}
+
+/// What a key holds while requests wait for it or a dial is being set up.
+struct Waiting<X: Connector> {
+    waiters: VecDeque<Waiter<X>>,
     /// SETTINGS that arrived while their connection's dial had not returned yet.
-    early_settle: Vec<(ConnId, usize)>,
+    early_settle: Vec<(ConnId, u32)>,
 }
 
 /// What an empty key keeps: the facts that make its next connection's reason and limits right
@@ -615,7 +657,7 @@ struct KeyState<X: Connector> {
 #[derive(Clone, Copy, Debug)]
 struct Remembered {
     multiplexed: Option<bool>,
-    known_max_streams: Option<usize>,
+    known_max_streams: Option<u32>,
     last_loss: Option<CloseReason>,
     idle_learning: IdleLearning,
     touched: Instant,
@@ -626,14 +668,13 @@ impl<X: Connector> KeyState<X> {
         KeyState {
             conns: SmallVec::new(),
             connecting: 0,
-            waiters: VecDeque::new(),
+            waiting: None,
             multiplexed: None,
             known_max_streams: None,
             last_loss: None,
             cold_reason: None,
             idle_learning: IdleLearning::default(),
             touched: now,
-            early_settle: Vec::new(),
         }
     }
     /// A key coming back: what it had learned, as it was when it went empty.
@@ -648,14 +689,44 @@ impl<X: Connector> KeyState<X> {
     }
     /// Nothing in it: no connection, no dial, no waiter.
     fn is_empty(&self) -> bool {
-        self.conns.is_empty() && self.connecting == 0 && self.waiters.is_empty()
+        self.conns.is_empty() && self.connecting == 0 && self.waiter_count() == 0
+    }
+    fn waiter_count(&self) -> usize {
+        self.waiting.as_ref().map_or(0, |w| w.waiters.len())
+    }
+    fn waiters(&self) -> impl Iterator<Item = &Waiter<X>> {
+        self.waiting.iter().flat_map(|w| w.waiters.iter())
+    }
+    /// The key's waiting state, made if there is none.
+    fn waiting_mut(&mut self) -> &mut Waiting<X> {
+        self.waiting.get_or_insert_with(|| {
+            Box::new(Waiting {
+                waiters: VecDeque::new(),
+                early_settle: Vec::new(),
+            })
+        })
+    }
+    /// Removes the waiter at `pos` of the queue.
+    fn remove_waiter(&mut self, pos: usize) -> Option<Waiter<X>> {
+        let w = self.waiting.as_mut()?.waiters.remove(pos);
+        self.tidy();
+        w
+    }
+    /// Drops the waiting state once nothing waits and no dial's SETTINGS are pending.
+    fn tidy(&mut self) {
+        if self
+            .waiting
+            .as_ref()
+            .is_some_and(|w| w.waiters.is_empty() && w.early_settle.is_empty())
+        {
+            self.waiting = None;
+        }
     }
     /// What is worth keeping once it is empty (`None`: nothing was learned).
     fn remembered(&self) -> Option<Remembered> {
         let learned = self.multiplexed.is_some()
             || self.last_loss.is_some()
-            || self.idle_learning.last.is_some()
-            || self.idle_learning.learned.is_some();
+            || !self.idle_learning.is_blank();
         learned.then_some(Remembered {
             multiplexed: self.multiplexed,
             known_max_streams: self.known_max_streams,
@@ -665,7 +736,7 @@ impl<X: Connector> KeyState<X> {
         })
     }
     fn in_flight(&self) -> usize {
-        self.conns.iter().map(|e| e.in_flight).sum()
+        self.conns.iter().map(|e| e.in_flight as usize).sum()
     }
 }
 
@@ -1109,7 +1180,7 @@ impl<X: Connector> Pool<X> {
                     st.next_id += 1;
                     let (tx, rx) = oneshot::channel();
                     let ks = st.keys.get_mut(key).expect("inserted above");
-                    ks.waiters.push_back(Waiter {
+                    ks.waiting_mut().waiters.push_back(Waiter {
                         id,
                         fresh: opts.fresh,
                         tx,
@@ -1126,7 +1197,8 @@ impl<X: Connector> Pool<X> {
                             if let Some(w) = st
                                 .keys
                                 .get_mut(key)
-                                .and_then(|ks| ks.waiters.iter_mut().find(|w| w.id == id))
+                                .and_then(|ks| ks.waiting.as_mut())
+                                .and_then(|q| q.waiters.iter_mut().find(|w| w.id == id))
                             {
                                 w.fresh = false;
                             }
@@ -1174,7 +1246,7 @@ impl<X: Connector> Pool<X> {
         };
         for ks in st.keys.values() {
             s.connecting += ks.connecting;
-            s.waiting += ks.waiters.len();
+            s.waiting += ks.waiter_count();
         }
         s
     }
@@ -1190,7 +1262,7 @@ impl<X: Connector> Pool<X> {
                 idle: ks.conns.iter().filter(|e| e.is_idle()).count(),
                 connecting: ks.connecting,
                 in_flight: ks.in_flight(),
-                waiting: ks.waiters.len(),
+                waiting: ks.waiter_count(),
                 multiplexed: ks.multiplexed,
             })
             .collect()
@@ -1256,8 +1328,10 @@ impl<X: Connector> Pool<X> {
             st.closed = true;
             let st = &mut *st;
             for (k, ks) in st.keys.iter_mut() {
-                for w in ks.waiters.drain(..) {
-                    let _ = w.tx.send(Err(CheckoutError::Closed));
+                if let Some(waiting) = ks.waiting.take() {
+                    for w in waiting.waiters {
+                        let _ = w.tx.send(Err(CheckoutError::Closed));
+                    }
                 }
                 let mut i = 0;
                 while i < ks.conns.len() {
@@ -1285,7 +1359,10 @@ impl<X: Connector> Inner<X> {
     /// Effective idle limit of an entry.
     fn idle_limit(&self, e: &Entry<X::Conn>, learned: Option<Duration>) -> (Duration, CloseReason) {
         let mut limit = (self.cfg.idle_timeout, CloseReason::IdleExpired);
-        for d in [e.server_idle, learned].into_iter().flatten() {
+        for d in [e.server_idle_ms.map(from_ms), learned]
+            .into_iter()
+            .flatten()
+        {
             if d < limit.0 {
                 limit = (d, CloseReason::KeepAliveTimeout);
             }
@@ -1416,8 +1493,7 @@ impl<X: Connector> Inner<X> {
     ) {
         let Some(ks) = st.keys.get(key) else { return };
         let waiting = ks
-            .waiters
-            .iter()
+            .waiters()
             .filter(|w| !w.fresh && !w.tx.is_closed())
             .count();
         if waiting == 0 {
@@ -1436,13 +1512,13 @@ impl<X: Connector> Inner<X> {
             if ks.connecting > 0 && ks.multiplexed.is_none() || unsettled {
                 0
             } else {
-                let per_conn = ks.known_max_streams.unwrap_or(1).max(1);
+                let per_conn = ks.known_max_streams.unwrap_or(1).max(1) as usize;
                 let coming = ks.connecting * per_conn;
                 let spare: usize = ks
                     .conns
                     .iter()
                     .filter(|e| e.has_capacity())
-                    .map(|e| e.max_streams - e.in_flight)
+                    .map(|e| (e.max_streams - e.in_flight) as usize)
                     .sum();
                 let uncovered = waiting.saturating_sub(coming + spare);
                 if ks.multiplexed.is_none() {
@@ -1594,15 +1670,21 @@ impl<X: Connector> Inner<X> {
         idle: &mut IdleQueue<X::Key>,
         fx: &mut Effects<X>,
     ) {
-        while let Some(pos) = ks.waiters.iter().position(|w| !w.fresh) {
-            if ks.waiters[pos].tx.is_closed() {
-                ks.waiters.remove(pos);
+        loop {
+            let next = ks
+                .waiters()
+                .enumerate()
+                .find(|(_, w)| !w.fresh)
+                .map(|(pos, w)| (pos, w.tx.is_closed()));
+            let Some((pos, gone)) = next else { break };
+            if gone {
+                ks.remove_waiter(pos);
                 continue;
             }
             let Some(lease) = self.grant_from(key, ks, idle) else {
                 break;
             };
-            let w = ks.waiters.remove(pos).expect("position is valid");
+            let w = ks.remove_waiter(pos).expect("position is valid");
             if let Err(Ok(mut lease)) = w.tx.send(Ok(lease)) {
                 // The waiter left between our check and the send: undo the grant.
                 let conn = lease.disarm();
@@ -1636,21 +1718,24 @@ impl<X: Connector> Inner<X> {
             ks.connecting -= 1;
             ks.touched = now;
             match result {
-                Ok(mut c) if !closed => {
-                    if let Some(pos) = ks.early_settle.iter().position(|(i, _)| *i == id) {
-                        c.max_streams = Some(ks.early_settle.swap_remove(pos).1);
-                    }
-                    if ks.connecting == 0 {
-                        ks.early_settle.clear();
+                Ok(c) if !closed => {
+                    let mut announced = c.max_streams.map(saturate_u32);
+                    if let Some(q) = ks.waiting.as_mut() {
+                        if let Some(pos) = q.early_settle.iter().position(|(i, _)| *i == id) {
+                            announced = Some(q.early_settle.swap_remove(pos).1);
+                        }
+                        if ks.connecting == 0 {
+                            q.early_settle.clear();
+                        }
                     }
                     opened = true;
                     ks.multiplexed = Some(c.multiplexed);
-                    if let Some(m) = c.max_streams {
+                    if let Some(m) = announced {
                         ks.known_max_streams = Some(m);
                     }
                     let max_streams = if c.multiplexed {
                         // 0 is legal: the server takes no new streams on it for now.
-                        c.max_streams.or(ks.known_max_streams).unwrap_or(1)
+                        announced.or(ks.known_max_streams).unwrap_or(1)
                     } else {
                         1
                     };
@@ -1661,11 +1746,11 @@ impl<X: Connector> Inner<X> {
                         multiplexed: c.multiplexed,
                         in_flight: 0,
                         max_streams,
-                        settled: !c.multiplexed || c.max_streams.is_some(),
+                        settled: !c.multiplexed || announced.is_some(),
                         requests: 0,
                         created: now,
                         idle_since: now,
-                        server_idle: None,
+                        server_idle_ms: None,
                         remaining: None,
                         draining: None,
                         dead: None,
@@ -1675,9 +1760,8 @@ impl<X: Connector> Inner<X> {
                     });
                     let idx = ks.conns.len() - 1;
                     // The requester that caused the dial gets it first, if still waiting.
-                    if let Some(pos) = owner.and_then(|o| ks.waiters.iter().position(|w| w.id == o))
-                    {
-                        let w = ks.waiters.remove(pos).expect("position is valid");
+                    if let Some(pos) = owner.and_then(|o| ks.waiters().position(|w| w.id == o)) {
+                        let w = ks.remove_waiter(pos).expect("position is valid");
                         let lease = self.lease_on(key, &mut ks.conns[idx], &mut st.idle);
                         if let Err(Ok(mut lease)) = w.tx.send(Ok(lease)) {
                             let conn = lease.disarm();
@@ -1686,6 +1770,7 @@ impl<X: Connector> Inner<X> {
                         }
                     }
                     self.serve_key_waiters(key, ks, &mut st.idle, &mut fx);
+                    ks.tidy();
                     if let Some(e) = ks.conns.iter_mut().find(|e| e.id == id) {
                         if e.in_flight == 0 && !e.marked {
                             st.idle.mark(e, key);
@@ -1705,9 +1790,8 @@ impl<X: Connector> Inner<X> {
                     failed = true;
                     st.total -= 1;
                     let err = Arc::new(e);
-                    if let Some(pos) = owner.and_then(|o| ks.waiters.iter().position(|w| w.id == o))
-                    {
-                        let w = ks.waiters.remove(pos).expect("position is valid");
+                    if let Some(pos) = owner.and_then(|o| ks.waiters().position(|w| w.id == o)) {
+                        let w = ks.remove_waiter(pos).expect("position is valid");
                         let _ = w.tx.send(Err(CheckoutError::Dial(err.clone())));
                     }
                     let usable = ks
@@ -1716,9 +1800,12 @@ impl<X: Connector> Inner<X> {
                         .any(|e| e.dead.is_none() && e.draining.is_none());
                     if !usable && ks.connecting == 0 {
                         // Nothing else is coming for them: tell them now, not at their deadline.
-                        for w in ks.waiters.drain(..) {
-                            let _ = w.tx.send(Err(CheckoutError::Dial(err.clone())));
+                        if let Some(q) = ks.waiting.as_mut() {
+                            for w in q.waiters.drain(..) {
+                                let _ = w.tx.send(Err(CheckoutError::Dial(err.clone())));
+                            }
                         }
+                        ks.tidy();
                     }
                     self.kick_blocked(st, &mut fx);
                 }
@@ -1797,13 +1884,13 @@ impl<X: Connector> Inner<X> {
                 Release::Close(r) => Some(r),
                 Release::Keep(h) => {
                     if let Some(t) = h.idle_timeout {
-                        e.server_idle = Some(t.saturating_sub(self.cfg.keepalive_margin));
+                        e.server_idle_ms = Some(to_ms(t.saturating_sub(self.cfg.keepalive_margin)));
                         if !st.hinted.contains(key) {
                             st.hinted.insert(key.clone());
                         }
                     }
                     if let Some(m) = h.remaining_requests {
-                        e.remaining = Some(m);
+                        e.remaining = Some(saturate_u32(m));
                     }
                     None
                 }
@@ -1851,7 +1938,7 @@ impl<X: Connector> Inner<X> {
                     e.idle_since = now;
                 }
                 // The common case: back to idle, nobody waiting — one key lookup in all.
-                if !ks.waiters.is_empty() {
+                if ks.waiting.is_some() {
                     self.serve_key_waiters(key, ks, &mut st.idle, &mut fx);
                 }
                 if let Some(e) = ks.conns.iter_mut().find(|e| e.id == id) {
@@ -1934,12 +2021,13 @@ impl<X: Connector> Inner<X> {
             };
             // A limit of 0 (no new streams for now) holds for this connection only; planning
             // for the key's next connections assumes at least one stream.
+            let max_streams = saturate_u32(max_streams);
             ks.known_max_streams = Some(max_streams.max(1));
             if let Some(e) = ks.conns.iter_mut().find(|e| e.id == id) {
                 e.settled = true;
                 e.max_streams = max_streams;
             } else if ks.connecting > 0 {
-                ks.early_settle.push((id, max_streams));
+                ks.waiting_mut().early_settle.push((id, max_streams));
             }
             self.serve_waiters(st, key, &mut fx);
             self.dial_if_needed(st, key, None, &mut fx);
@@ -2024,7 +2112,7 @@ impl<X: Connector> Inner<X> {
                     }
                 }
                 ks.idle_learning.current(now).is_some()
-                    || ks.conns.iter().any(|e| e.server_idle.is_some())
+                    || ks.conns.iter().any(|e| e.server_idle_ms.is_some())
             });
             // 3. Retire keys the prunes emptied; and, about once a minute, any empty key a
             //    path failed to retire (a safety net: O(keys), but keys are only live ones).
@@ -2549,6 +2637,94 @@ mod tests {
             4,
             "one probe + 3, not 20"
         );
+    }
+
+    /// Whether any key still carries a waiting state (the boxed queue a warm checkout must not
+    /// have to look behind).
+    fn waiting_states(pool: &Pool<Arc<Fake>>) -> usize {
+        let st = pool.inner.state.lock();
+        st.keys.values().filter(|ks| ks.waiting.is_some()).count()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_keys_waiting_state_goes_once_nothing_waits() {
+        // Served waiters (HTTP/1.1, three at once, one dial each).
+        let (pool, _fake, _rec) = setup(Fake::default(), PoolConfig::default());
+        let (a, b, c) = tokio::join!(used(&pool, "a"), used(&pool, "a"), used(&pool, "a"));
+        assert_eq!(waiting_states(&pool), 0, "served: no queue left behind");
+        for l in [a, b, c] {
+            l.release(keep());
+        }
+        assert_eq!(pool.stats().idle, 3);
+        assert_eq!(waiting_states(&pool), 0);
+
+        // A waiter that gave up at its deadline.
+        let cfg = PoolConfig {
+            max_per_key: 1,
+            ..Default::default()
+        };
+        let (pool, _fake, _rec) = setup(Fake::default(), cfg);
+        let held = used(&pool, "a").await;
+        let o = CheckoutOpts {
+            deadline: Instant::now() + Duration::from_millis(100),
+            fresh: false,
+            cold_reason: None,
+        };
+        assert!(pool.checkout(&"a", o).await.is_err());
+        assert_eq!(waiting_states(&pool), 0, "timed out: no queue left behind");
+        held.release(keep());
+
+        // Waiters told of a failed dial.
+        let fake = Fake {
+            mux: true,
+            delay: Duration::from_millis(20),
+            ..Default::default()
+        };
+        fake.fail.store(true, Ordering::SeqCst);
+        let (pool, fake, _rec) = setup(fake, PoolConfig::default());
+        let (r1, r2) = tokio::join!(pool.checkout(&"h2", opts()), pool.checkout(&"h2", opts()));
+        assert!(r1.is_err() && r2.is_err());
+        assert_eq!(waiting_states(&pool), 0, "failed: no queue left behind");
+
+        // HTTP/2 SETTINGS that arrive before the dial returns are held, then applied.
+        fake.fail.store(false, Ordering::SeqCst);
+        let l = used(&pool, "h2").await;
+        assert_eq!(waiting_states(&pool), 0, "settled: no queue left behind");
+        l.release(keep());
+    }
+
+    /// A warm checkout among 100,000 keys costs what the key map's slots cost in cache
+    /// ([`KeyState`]'s doc, BENCHMARKS): a field added to the slot should be a decision.
+    #[test]
+    fn a_key_map_slot_stays_small() {
+        struct C(#[allow(dead_code)] Arc<AtomicBool>);
+        impl PoolConn for C {
+            fn share(&self) -> Option<Self> {
+                None
+            }
+            fn is_open(&self) -> bool {
+                true
+            }
+        }
+        struct F;
+        impl Connector for F {
+            type Key = u64;
+            type Conn = C;
+            type Error = ();
+            fn connect(&self, _: &u64, _: ConnWatch<Self>) -> BoxFuture<Result<Connected<C>, ()>> {
+                Box::pin(async { Err(()) })
+            }
+            fn may_multiplex(&self, _: &u64) -> bool {
+                false
+            }
+        }
+        assert!(
+            std::mem::size_of::<Entry<C>>() <= 96,
+            "{}",
+            std::mem::size_of::<Entry<C>>()
+        );
+        let slot = std::mem::size_of::<(u64, KeyState<F>)>();
+        assert!(slot <= 184, "a key map slot is {slot} bytes");
     }
 
     #[tokio::test(start_paused = true)]
