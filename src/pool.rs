@@ -20,7 +20,8 @@
 //! for a recorded [`CloseReason`] (which maps to a new-connection reason).
 //!
 //! # Time
-//! The pool reads `tokio::time::Instant`, so tests pause and advance time.
+//! The pool reads `tokio::time::Instant`, so tests pause and advance time. It keeps instants as
+//! [`Stamp`]s: nanoseconds since the pool started.
 //!
 //! # Memory and cost per key
 //! A crawl touches far more keys than it keeps connections to, so the pool's memory follows
@@ -28,6 +29,10 @@
 //! - The key map (`State::keys`) holds a key only while it has a connection, a dial or a
 //!   waiter. The path that empties a key retires it at once; its first connection lives
 //!   inline in the map's slot (most keys hold one), so a checkout chases no pointer to it.
+//!   The slot is kept small (152 bytes with a `u64` key: 8-byte [`Stamp`]s for instants, `u32`
+//!   counts, the waiter queue boxed and present only while something waits), because at
+//!   100,000 warm keys whether the map fits the CPU's last-level cache decides what a checkout
+//!   costs.
 //! - What an empty key learned (why it lost its last connection, HTTP/2 or not, a learned idle
 //!   timeout) is kept in a bounded LRU ([`PoolConfig::max_remembered_keys`]), forgotten after
 //!   ten quiet minutes or, past the bound, least recently used first — counted
@@ -507,9 +512,9 @@ struct Entry<C> {
     settled: bool,
     /// Requests granted on it so far.
     requests: u64,
-    created: Instant,
+    created: Stamp,
     /// When it last became idle (no request in flight).
-    idle_since: Instant,
+    idle_since: Stamp,
     /// Its own idle limit from the server's `Keep-Alive: timeout=` (already minus the margin),
     /// in milliseconds (see [`KeyState`] on why the fields are this small).
     server_idle_ms: Option<u32>,
@@ -562,10 +567,23 @@ const MIN_LEARNABLE_IDLE: Duration = Duration::from_secs(1);
 struct IdleLearning {
     /// The previous idle close's idle time, in ms (0: none yet; a learnable one is ≥ 1 s).
     last_ms: u32,
-    /// The learned limit (already minus the margin), in ms; meaningful with `learned_at`.
+    /// The learned limit (already minus the margin), in ms (0: none; a learned one is at least
+    /// half a second).
     learned_ms: u32,
     /// When the limit was learned.
-    learned_at: Option<Instant>,
+    learned_at: Stamp,
+}
+
+/// A pool instant: nanoseconds since the pool started ([`Inner::now`]). It takes 8 bytes where
+/// a `tokio::time::Instant` takes 16, and the key map's slot carries three (see [`KeyState`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord)]
+struct Stamp(u64);
+
+impl Stamp {
+    /// Time from `earlier` to `self` (zero if `earlier` is later).
+    fn since(self, earlier: Stamp) -> Duration {
+        Duration::from_nanos(self.0.saturating_sub(earlier.0))
+    }
 }
 
 /// `d` in whole milliseconds, saturating at `u32::MAX` (49 days).
@@ -583,7 +601,7 @@ fn from_ms(ms: u32) -> Duration {
 }
 
 impl IdleLearning {
-    fn observe(&mut self, idle_for: Duration, margin: Duration, now: Instant) {
+    fn observe(&mut self, idle_for: Duration, margin: Duration, now: Stamp) {
         if idle_for < MIN_LEARNABLE_IDLE {
             return;
         }
@@ -593,23 +611,22 @@ impl IdleLearning {
             let tolerance = (prev.min(idle_for) / 5).max(Duration::from_millis(250));
             let limit = prev.min(idle_for).saturating_sub(margin);
             if diff <= tolerance && limit >= MIN_LEARNABLE_IDLE / 2 {
-                self.learned_ms = to_ms(limit);
-                self.learned_at = Some(now);
+                self.learned_ms = to_ms(limit).max(1);
+                self.learned_at = now;
             }
         }
         self.last_ms = to_ms(idle_for).max(1);
     }
 
     /// The learned limit, while it is fresh.
-    fn current(&self, now: Instant) -> Option<Duration> {
-        self.learned_at
-            .filter(|at| now.saturating_duration_since(*at) < LEARNED_IDLE_TTL)
-            .map(|_| from_ms(self.learned_ms))
+    fn current(&self, now: Stamp) -> Option<Duration> {
+        (self.learned_ms != 0 && now.since(self.learned_at) < LEARNED_IDLE_TTL)
+            .then(|| from_ms(self.learned_ms))
     }
 
     /// Whether anything was observed.
     fn is_blank(&self) -> bool {
-        self.last_ms == 0 && self.learned_at.is_none()
+        self.last_ms == 0 && self.learned_ms == 0
     }
 }
 
@@ -620,8 +637,9 @@ impl IdleLearning {
 /// It lives in the key map's own slot, and a warm checkout and its return read only that slot
 /// (and the connection's liveness). So the slot is kept small: at 100,000 warm keys the map is
 /// slots × 131,072 buckets, and whether that fits the CPU's last-level cache decides the cost
-/// of a checkout (BENCHMARKS, pool checkout). Hence per-connection counts in `u32`, durations in milliseconds,
-/// and what only a key with waiters needs behind one pointer ([`Waiting`]).
+/// of a checkout (BENCHMARKS, pool checkout). Hence per-connection counts in `u32`, instants
+/// as 8-byte [`Stamp`]s, idle limits in milliseconds, and what only a key with waiters needs
+/// behind one pointer ([`Waiting`]).
 struct KeyState<X: Connector> {
     /// Most keys hold one connection: it lives inline, in the key map's own slot, so a checkout
     /// chases no pointer to find it.
@@ -641,7 +659,7 @@ struct KeyState<X: Connector> {
     /// The server's unannounced idle timeout, as observed from idle closes.
     idle_learning: IdleLearning,
     /// Last time anything happened on the key (for forgetting it once empty and quiet).
-    touched: Instant,
+    touched: Stamp,
 }
 
 /// What a key holds while requests wait for it or a dial is being set up.
@@ -660,11 +678,11 @@ struct Remembered {
     known_max_streams: Option<u32>,
     last_loss: Option<CloseReason>,
     idle_learning: IdleLearning,
-    touched: Instant,
+    touched: Stamp,
 }
 
 impl<X: Connector> KeyState<X> {
-    fn new(now: Instant) -> Self {
+    fn new(now: Stamp) -> Self {
         KeyState {
             conns: SmallVec::new(),
             connecting: 0,
@@ -678,7 +696,7 @@ impl<X: Connector> KeyState<X> {
         }
     }
     /// A key coming back: what it had learned, as it was when it went empty.
-    fn revive(r: Remembered, now: Instant) -> Self {
+    fn revive(r: Remembered, now: Stamp) -> Self {
         KeyState {
             multiplexed: r.multiplexed,
             known_max_streams: r.known_max_streams,
@@ -770,7 +788,7 @@ struct IdleQueue<K> {
 }
 
 struct Mark<K> {
-    since: Instant,
+    since: Stamp,
     slot: u32,
     gen: u32,
     key: K,
@@ -845,7 +863,7 @@ impl<K: Clone> IdleQueue<K> {
     }
 
     /// The oldest idle connection: (since, slot, key). Drops stale marks on the way.
-    fn oldest(&mut self) -> Option<(Instant, u32, &K)> {
+    fn oldest(&mut self) -> Option<(Stamp, u32, &K)> {
         while let Some(m) = self.marks.front() {
             if self.live(m) {
                 break;
@@ -909,6 +927,8 @@ struct Inner<X: Connector> {
     cfg: PoolConfig,
     connector: X,
     events: Arc<dyn PoolEvents<X::Key>>,
+    /// When the pool started: its [`Stamp`]s count from here.
+    epoch: Instant,
 }
 
 /// A connection that left the pool: key, reason, requests it carried, the handle to drop.
@@ -1105,6 +1125,7 @@ impl<X: Connector> Pool<X> {
             cfg,
             connector,
             events,
+            epoch: Instant::now(),
         });
         let weak = Arc::downgrade(&inner);
         let period = inner.cfg.sweep_interval;
@@ -1136,7 +1157,7 @@ impl<X: Connector> Pool<X> {
     /// is one, else waits in the key's queue while a dial runs or a connection comes back.
     pub async fn checkout(&self, key: &X::Key, opts: CheckoutOpts) -> Grant<X> {
         let inner = &self.inner;
-        let now = Instant::now();
+        let now = inner.now();
         let mut fx = Effects::new();
         enum Step<G, R> {
             Got(G),
@@ -1356,6 +1377,14 @@ impl<X: Connector> Pool<X> {
 }
 
 impl<X: Connector> Inner<X> {
+    /// The pool's clock.
+    fn now(&self) -> Stamp {
+        let nanos = Instant::now()
+            .saturating_duration_since(self.epoch)
+            .as_nanos();
+        Stamp(u64::try_from(nanos).unwrap_or(u64::MAX))
+    }
+
     /// Effective idle limit of an entry.
     fn idle_limit(&self, e: &Entry<X::Conn>, learned: Option<Duration>) -> (Duration, CloseReason) {
         let mut limit = (self.cfg.idle_timeout, CloseReason::IdleExpired);
@@ -1377,7 +1406,7 @@ impl<X: Connector> Inner<X> {
         ks: &mut KeyState<X>,
         idle: &mut IdleQueue<X::Key>,
         total: &mut usize,
-        now: Instant,
+        now: Stamp,
         fx: &mut Effects<X>,
     ) {
         let mut i = 0;
@@ -1386,7 +1415,7 @@ impl<X: Connector> Inner<X> {
             let aged = self
                 .cfg
                 .max_lifetime
-                .is_some_and(|l| now.saturating_duration_since(e.created) >= l);
+                .is_some_and(|l| now.since(e.created) >= l);
             if aged && e.draining.is_none() {
                 e.draining = Some(CloseReason::MaxLifetime);
             }
@@ -1396,7 +1425,7 @@ impl<X: Connector> Inner<X> {
                     Some(r)
                 } else if e.conn.as_ref().is_some_and(|c| !c.is_open()) {
                     Some(CloseReason::StaleAtCheckout)
-                } else if now.saturating_duration_since(e.idle_since) >= limit {
+                } else if now.since(e.idle_since) >= limit {
                     Some(why)
                 } else if e.remaining == Some(0) {
                     Some(CloseReason::MaxRequests)
@@ -1688,7 +1717,7 @@ impl<X: Connector> Inner<X> {
             if let Err(Ok(mut lease)) = w.tx.send(Ok(lease)) {
                 // The waiter left between our check and the send: undo the grant.
                 let conn = lease.disarm();
-                undo_grant(ks, idle, key, lease.id, conn, Instant::now());
+                undo_grant(ks, idle, key, lease.id, conn, self.now());
                 fx.dead_leases.push(lease);
             }
         }
@@ -1703,7 +1732,7 @@ impl<X: Connector> Inner<X> {
         reason: NewReason,
         result: Result<Connected<X::Conn>, X::Error>,
     ) {
-        let now = Instant::now();
+        let now = self.now();
         let mut fx = Effects::new();
         let mut failed = false;
         let mut opened = false;
@@ -1855,7 +1884,7 @@ impl<X: Connector> Inner<X> {
         how: Release,
         counted: bool,
     ) {
-        let now = Instant::now();
+        let now = self.now();
         let mut fx = Effects::new();
         {
             let mut st = self.state.lock();
@@ -1956,7 +1985,7 @@ impl<X: Connector> Inner<X> {
     }
 
     fn conn_ended(self: &Arc<Self>, key: &X::Key, id: ConnId, cause: EndCause) {
-        let now = Instant::now();
+        let now = self.now();
         let mut fx = Effects::new();
         {
             let mut st = self.state.lock();
@@ -1975,7 +2004,7 @@ impl<X: Connector> Inner<X> {
                 EndCause::Goaway => CloseReason::Goaway,
                 EndCause::Error | EndCause::Local => CloseReason::Error,
             };
-            let idle_for = now.saturating_duration_since(e.idle_since);
+            let idle_for = now.since(e.idle_since);
             if e.is_idle() && (e.multiplexed || e.conn.is_some()) {
                 let reason = e.draining.unwrap_or(reason);
                 let mut e = ks.conns.swap_remove(pos);
@@ -2065,7 +2094,7 @@ impl<X: Connector> Inner<X> {
 
     /// Periodic expiry. Returns false once the pool is closed and empty.
     fn sweep(self: &Arc<Self>) -> bool {
-        let now = Instant::now();
+        let now = self.now();
         let mut fx = Effects::new();
         let keep_going;
         {
@@ -2074,7 +2103,7 @@ impl<X: Connector> Inner<X> {
             // 1. Past the pool-wide idle timeout, oldest idle first: O(expired), not O(keys),
             //    so a pool with 100k warm keys does not stall checkouts every sweep.
             while let Some((since, slot, _)) = st.idle.oldest() {
-                if now.saturating_duration_since(since) < self.cfg.idle_timeout {
+                if now.since(since) < self.cfg.idle_timeout {
                     break;
                 }
                 let key = st.idle.pop_oldest().expect("oldest() found it");
@@ -2137,7 +2166,7 @@ impl<X: Connector> Inner<X> {
             //    O(forgotten).
             let forget_after = self.cfg.idle_timeout.max(FORGET_AFTER);
             while let Some((_, r)) = st.remembered.peek_lru() {
-                if now.saturating_duration_since(r.touched) < forget_after {
+                if now.since(r.touched) < forget_after {
                     break;
                 }
                 st.remembered.pop_lru();
@@ -2186,7 +2215,7 @@ fn undo_grant<X: Connector>(
     key: &X::Key,
     id: ConnId,
     conn: Option<X::Conn>,
-    now: Instant,
+    now: Stamp,
 ) {
     if let Some(e) = ks.conns.iter_mut().find(|e| e.id == id) {
         e.in_flight -= 1;
@@ -2718,13 +2747,10 @@ mod tests {
                 false
             }
         }
-        assert!(
-            std::mem::size_of::<Entry<C>>() <= 96,
-            "{}",
-            std::mem::size_of::<Entry<C>>()
-        );
+        let entry = std::mem::size_of::<Entry<C>>();
+        assert!(entry <= 80, "a connection's entry is {entry} bytes");
         let slot = std::mem::size_of::<(u64, KeyState<F>)>();
-        assert!(slot <= 184, "a key map slot is {slot} bytes");
+        assert!(slot <= 152, "a key map slot is {slot} bytes");
     }
 
     #[tokio::test(start_paused = true)]
