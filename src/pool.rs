@@ -29,8 +29,9 @@
 //! - The key map (`State::keys`) holds a key only while it has a connection, a dial or a
 //!   waiter. The path that empties a key retires it at once; its first connection lives
 //!   inline in the map's slot (most keys hold one), so a checkout chases no pointer to it.
-//!   The slot is kept small (152 bytes with a `u64` key: 8-byte [`Stamp`]s for instants, `u32`
-//!   counts, the waiter queue boxed and present only while something waits), because at
+//!   The slot is kept small (152 bytes with a `u64` key and a pointer-sized connection handle:
+//!   8-byte [`Stamp`]s for instants, `u32` counts, the waiter queue and a dial's early HTTP/2
+//!   SETTINGS boxed, present only while a request waits or a dial's SETTINGS are pending), because at
 //!   100,000 warm keys whether the map fits the CPU's last-level cache decides what a checkout
 //!   costs.
 //! - What an empty key learned (why it lost its last connection, HTTP/2 or not, a learned idle
@@ -358,8 +359,8 @@ pub const DEFAULT_MAX_IDLE_TOTAL: usize = 4096;
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 /// Default [`PoolConfig::keepalive_margin`].
 pub const DEFAULT_KEEPALIVE_MARGIN: Duration = Duration::from_millis(1000);
-/// Default [`PoolConfig::max_remembered_keys`]: about 4 MiB at most with the gateway's keys
-/// (key, facts and LRU links, about 250 bytes each).
+/// Default [`PoolConfig::max_remembered_keys`]: about 3 MiB at most with the gateway's keys
+/// (an 88-byte key, 40 bytes of facts, LRU links and map slot: about 180 bytes each).
 pub const DEFAULT_MAX_REMEMBERED_KEYS: usize = 16_384;
 
 impl Default for PoolConfig {
@@ -561,8 +562,9 @@ const MIN_LEARNABLE_IDLE: Duration = Duration::from_secs(1);
 /// otherwise shrink reuse for good — so two consecutive idle closes within 20% (or 250 ms) of
 /// each other set it; it then holds for [`LEARNED_IDLE_TTL`] and must be seen again.
 ///
-/// Durations are kept in milliseconds (`u32`, saturating at 49 days), so that it takes 24
-/// bytes of its key's map slot rather than 48 (see [`KeyState`]).
+/// Durations are kept in milliseconds (`u32`, saturating at 49 days) and the instant as a
+/// [`Stamp`], so that it takes 16 bytes of its key's map slot rather than 48 (see
+/// [`KeyState`]).
 #[derive(Clone, Copy, Debug, Default)]
 struct IdleLearning {
     /// The previous idle close's idle time, in ms (0: none yet; a learnable one is ≥ 1 s).
@@ -575,7 +577,7 @@ struct IdleLearning {
 }
 
 /// A pool instant: nanoseconds since the pool started ([`Inner::now`]). It takes 8 bytes where
-/// a `tokio::time::Instant` takes 16, and the key map's slot carries three (see [`KeyState`]).
+/// a `tokio::time::Instant` takes 16, and the key map's slot carries four (see [`KeyState`]).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord)]
 struct Stamp(u64);
 
@@ -645,8 +647,9 @@ struct KeyState<X: Connector> {
     /// chases no pointer to find it.
     conns: SmallVec<[Entry<X::Conn>; 1]>,
     connecting: usize,
-    /// Requests waiting for a connection of the key; `None` when none waits (the common warm
-    /// case), so the slot does not carry an empty queue.
+    /// Requests waiting for a connection of the key, and SETTINGS of dials under way; `None`
+    /// when there are none (the common warm case), so the slot does not carry empty queues and
+    /// a return need not look behind the pointer.
     waiting: Option<Box<Waiting<X>>>,
     /// Learned from the first connection: whether the key's connections are multiplexed.
     multiplexed: Option<bool>,
@@ -1746,17 +1749,21 @@ impl<X: Connector> Inner<X> {
                 .or_insert_with(|| KeyState::new(now));
             ks.connecting -= 1;
             ks.touched = now;
+            // SETTINGS this dial's connection sent before the dial returned (HTTP/2) are this
+            // dial's alone: taken out whatever the outcome, so a failed dial's do not stay.
+            let mut early = None;
+            if let Some(q) = ks.waiting.as_mut() {
+                if let Some(pos) = q.early_settle.iter().position(|(i, _)| *i == id) {
+                    early = Some(q.early_settle.swap_remove(pos).1);
+                }
+                if ks.connecting == 0 {
+                    q.early_settle.clear();
+                }
+            }
+            ks.tidy();
             match result {
                 Ok(c) if !closed => {
-                    let mut announced = c.max_streams.map(saturate_u32);
-                    if let Some(q) = ks.waiting.as_mut() {
-                        if let Some(pos) = q.early_settle.iter().position(|(i, _)| *i == id) {
-                            announced = Some(q.early_settle.swap_remove(pos).1);
-                        }
-                        if ks.connecting == 0 {
-                            q.early_settle.clear();
-                        }
-                    }
+                    let announced = early.or(c.max_streams.map(saturate_u32));
                     opened = true;
                     ks.multiplexed = Some(c.multiplexed);
                     if let Some(m) = announced {
@@ -1903,7 +1910,7 @@ impl<X: Connector> Inner<X> {
             if !counted {
                 e.requests -= 1;
                 if let Some(r) = e.remaining.as_mut() {
-                    *r += 1;
+                    *r = r.saturating_add(1);
                 }
             }
             if !e.multiplexed {
@@ -2221,7 +2228,7 @@ fn undo_grant<X: Connector>(
         e.in_flight -= 1;
         e.requests -= 1;
         if let Some(r) = e.remaining.as_mut() {
-            *r += 1;
+            *r = r.saturating_add(1);
         }
         if !e.multiplexed {
             e.conn = conn;
@@ -2271,6 +2278,8 @@ mod tests {
         delay: Duration,
         watches: Mutex<Vec<Watched>>,
         claim_mux: bool,
+        /// The server's SETTINGS (this stream limit) arrive before the dial returns.
+        settle_early: Option<usize>,
     }
     impl Connector for Arc<Fake> {
         type Key = &'static str;
@@ -2284,6 +2293,9 @@ mod tests {
             let me = self.clone();
             Box::pin(async move {
                 me.dials.fetch_add(1, Ordering::SeqCst);
+                if let Some(n) = me.settle_early {
+                    watch.settled(n);
+                }
                 tokio::time::sleep(me.delay).await;
                 if me.fail.load(Ordering::SeqCst) {
                     return Err(Refused);
@@ -2702,24 +2714,42 @@ mod tests {
         assert!(pool.checkout(&"a", o).await.is_err());
         assert_eq!(waiting_states(&pool), 0, "timed out: no queue left behind");
         held.release(keep());
+    }
 
-        // Waiters told of a failed dial.
+    #[tokio::test(start_paused = true)]
+    async fn a_dials_early_settings_are_applied_or_dropped_with_it() {
+        // The SETTINGS (3 streams) arrive while the dial runs; the dial reports no limit.
         let fake = Fake {
             mux: true,
+            settle_early: Some(3),
             delay: Duration::from_millis(20),
             ..Default::default()
         };
-        fake.fail.store(true, Ordering::SeqCst);
         let (pool, fake, _rec) = setup(fake, PoolConfig::default());
-        let (r1, r2) = tokio::join!(pool.checkout(&"h2", opts()), pool.checkout(&"h2", opts()));
-        assert!(r1.is_err() && r2.is_err());
-        assert_eq!(waiting_states(&pool), 0, "failed: no queue left behind");
-
-        // HTTP/2 SETTINGS that arrive before the dial returns are held, then applied.
-        fake.fail.store(false, Ordering::SeqCst);
-        let l = used(&pool, "h2").await;
-        assert_eq!(waiting_states(&pool), 0, "settled: no queue left behind");
-        l.release(keep());
+        let a = used(&pool, "h2").await;
+        let b = used(&pool, "h2").await;
+        let c = used(&pool, "h2").await;
+        assert_eq!(
+            fake.dials.load(Ordering::SeqCst),
+            1,
+            "three streams ride the one connection its early SETTINGS allow"
+        );
+        assert_eq!(waiting_states(&pool), 0, "applied: nothing left waiting");
+        // The connection is full: a fourth request dials, whose SETTINGS come, then it fails
+        // while the first connection stays usable.
+        fake.fail.store(true, Ordering::SeqCst);
+        let r = pool.checkout(&"h2", opts()).await;
+        assert!(matches!(r, Err(CheckoutError::Dial(_))));
+        assert_eq!(fake.dials.load(Ordering::SeqCst), 2);
+        assert_eq!(
+            waiting_states(&pool),
+            0,
+            "a failed dial's early SETTINGS do not keep the key's waiting state"
+        );
+        for l in [a, b, c] {
+            l.release(keep());
+        }
+        assert_eq!(pool.stats().idle, 1);
     }
 
     /// A warm checkout among 100,000 keys costs what the key map's slots cost in cache
