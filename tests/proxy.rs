@@ -8,6 +8,19 @@ use gw::{get, TestGateway};
 use support::{pattern_bytes, Origin, OriginConfig};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+/// Sends `request` as written on a new connection to the proxy and returns everything it
+/// answers until it closes (within 10 s).
+async fn raw_exchange(proxy: std::net::SocketAddr, request: &[u8]) -> String {
+    let mut s = tokio::net::TcpStream::connect(proxy).await.unwrap();
+    s.write_all(request).await.unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut answer))
+        .await
+        .expect("the proxy answers and closes within 10 s")
+        .unwrap();
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
 fn h1() -> OriginConfig {
     OriginConfig::default()
 }
@@ -76,18 +89,8 @@ async fn the_request_target_upstream_is_the_workers_path_and_query() {
         (format!("http://{host}/"), "/"),
         (format!("http://{host}/p#frag"), "/p"),
     ] {
-        let mut s = tokio::net::TcpStream::connect(gw.proxy).await.unwrap();
-        s.write_all(
-            format!("GET {url} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").as_bytes(),
-        )
-        .await
-        .unwrap();
-        let mut answer = Vec::new();
-        tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut answer))
-            .await
-            .expect("the proxy answers and closes")
-            .unwrap();
-        let answer = String::from_utf8_lossy(&answer);
+        let request = format!("GET {url} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+        let answer = raw_exchange(gw.proxy, request.as_bytes()).await;
         assert!(answer.starts_with("HTTP/1.1 200"), "{url}: {answer}");
         let body = &answer[answer.find("\r\n\r\n").unwrap() + 4..];
         let echo: serde_json::Value = serde_json::from_str(body).unwrap();
@@ -834,13 +837,11 @@ async fn a_host_of_dots_only_is_no_host() {
         .unwrap();
     assert_eq!(r.status(), 400);
     assert_eq!(r.headers()["x-edgepool-error"], "fetch_bad_url");
-    let mut s = tokio::net::TcpStream::connect(gw.proxy).await.unwrap();
-    s.write_all(b"GET http://./ HTTP/1.1\r\nHost: .\r\nConnection: close\r\n\r\n")
-        .await
-        .unwrap();
-    let mut got = Vec::new();
-    s.read_to_end(&mut got).await.unwrap();
-    let got = String::from_utf8_lossy(&got);
+    let got = raw_exchange(
+        gw.proxy,
+        b"GET http://./ HTTP/1.1\r\nHost: .\r\nConnection: close\r\n\r\n",
+    )
+    .await;
     assert!(got.starts_with("HTTP/1.1 400"), "{got}");
     gw.stop().await;
 }
@@ -863,14 +864,7 @@ async fn requests_at_the_header_count_limit_pass_and_one_more_is_refused() {
             );
             // `Connection` is one more field: count it in.
             let head = head.replacen(&format!("X-H{}: v\r\n", fields - 1), "", 1);
-            let mut s = tokio::net::TcpStream::connect(gw.proxy).await.unwrap();
-            s.write_all(head.as_bytes()).await.unwrap();
-            let mut resp = Vec::new();
-            tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut resp))
-                .await
-                .expect("answer within 10 s")
-                .unwrap();
-            let resp = String::from_utf8_lossy(&resp);
+            let resp = raw_exchange(gw.proxy, head.as_bytes()).await;
             assert!(
                 resp.starts_with(want),
                 "limit {limit}, {fields} fields: want {want}, got {}",
